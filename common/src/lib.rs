@@ -1,0 +1,28 @@
+//! drover-common: what both sides of the wire share.
+//!
+//! - [`proto`]: the generated `drover.v1` types and services, the only wire types.
+//! - [`ids`]: validation of host ids.
+//! - [`labels`]: label rules and selectors (`region=eu,env=prod`).
+//! - [`grpc`]: client endpoints and the shutdown signal.
+//! - [`logging`]: the tracing subscriber of every binary.
+//! - [`time`]: wall-clock helpers for the unix-epoch fields of the protocol.
+
+pub mod grpc;
+pub mod ids;
+pub mod labels;
+pub mod logging;
+pub mod time;
+
+/// Generated code for the `drover.v1` protobuf package.
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("drover.v1");
+    include!(concat!(env!("OUT_DIR"), "/drover.v1.serde.rs"));
+
+    /// Encoded file descriptor set of `drover.v1`, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/drover_descriptor.bin"));
+}
+
+/// Version of this build, sent by agents in Hello.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,8 @@
+//! gRPC handlers. They validate input, call into the fleet registry and map
+//! errors through [`crate::error::ApiError`].
+
+pub mod agent_control;
+pub mod deployer;
+
+pub use agent_control::AgentControlService;
+pub use deployer::DeployerService;

@@ -1,0 +1,15 @@
+use clap::Parser;
+use drover_coordinator::config::{Args, Config};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cfg = Config::from_args(Args::parse())?;
+    drover_common::logging::init(cfg.log_format);
+    drover_coordinator::server::run(cfg, async {
+        match drover_common::grpc::shutdown_signal().await {
+            Ok(signal) => tracing::info!(signal, "signal received"),
+            Err(e) => tracing::error!(error = %e, "cannot listen for signals"),
+        }
+    })
+    .await
+}

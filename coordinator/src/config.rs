@@ -1,0 +1,202 @@
+//! Coordinator settings: clap flags over an optional TOML file over defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use drover_common::logging::LogFormat;
+use serde::Deserialize;
+
+/// Default API port of a coordinator.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+
+/// Command line of `drover-coordinator`. Every setting may also come from
+/// the `--config` file; a flag wins over the file.
+#[derive(Debug, Parser)]
+#[command(name = "drover-coordinator", version, about = "Drover coordinator: fleet registry and deploy API")]
+pub struct Args {
+    /// TOML file with the same settings as the flags (snake_case keys).
+    #[arg(long, env = "DROVER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address of the gRPC API (AgentControl, Deployer, health, reflection). Port 0 picks a free one.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Directory for the coordinator's state. It also receives `listen.addr`, the bound address.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Name of this coordinator in logs and Welcome messages (default: the host name).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Serve Prometheus metrics over HTTP at this address (`/metrics`).
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// How long a new agent stream may take to send its Hello.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub hello_timeout: Option<Duration>,
+    /// Largest message accepted from a client, in bytes.
+    #[arg(long)]
+    pub max_message_bytes: Option<usize>,
+    /// How long a clean shutdown may take before connections are dropped.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Option<Duration>,
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The `--config` file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    id: Option<String>,
+    metrics_listen: Option<SocketAddr>,
+    #[serde(default, with = "humantime_serde_opt")]
+    hello_timeout: Option<Duration>,
+    max_message_bytes: Option<usize>,
+    #[serde(default, with = "humantime_serde_opt")]
+    shutdown_grace: Option<Duration>,
+    log_format: Option<String>,
+}
+
+/// Durations in the file are written as in the flags: "10s", "500ms".
+mod humantime_serde_opt {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// Resolved settings of a running coordinator.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub id: String,
+    pub metrics_listen: Option<SocketAddr>,
+    pub hello_timeout: Duration,
+    pub max_message_bytes: usize,
+    pub shutdown_grace: Duration,
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Settings for tests and embedding: everything default but the two
+    /// things every coordinator needs.
+    pub fn new(listen: SocketAddr, data_dir: impl Into<PathBuf>) -> Config {
+        Config {
+            listen,
+            data_dir: data_dir.into(),
+            id: default_id(),
+            metrics_listen: None,
+            hello_timeout: Duration::from_secs(10),
+            max_message_bytes: 1024 * 1024,
+            shutdown_grace: Duration::from_secs(5),
+            log_format: LogFormat::Text,
+        }
+    }
+
+    /// Merges flags over the file named by `--config` over defaults.
+    pub fn from_args(args: Args) -> anyhow::Result<Config> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let listen = match args.listen.or(file.listen) {
+            Some(l) => l,
+            None => DEFAULT_LISTEN.parse()?,
+        };
+        let data_dir = args
+            .data_dir
+            .or(file.data_dir)
+            .context("--data-dir (or data_dir in the config file) is required")?;
+        let mut cfg = Config::new(listen, data_dir);
+        if let Some(id) = args.id.or(file.id) {
+            cfg.id = id;
+        }
+        cfg.metrics_listen = args.metrics_listen.or(file.metrics_listen);
+        if let Some(t) = args.hello_timeout.or(file.hello_timeout) {
+            cfg.hello_timeout = t;
+        }
+        if let Some(n) = args.max_message_bytes.or(file.max_message_bytes) {
+            anyhow::ensure!(n >= 4096, "max_message_bytes must be at least 4096, got {n}");
+            cfg.max_message_bytes = n;
+        }
+        if let Some(t) = args.shutdown_grace.or(file.shutdown_grace) {
+            cfg.shutdown_grace = t;
+        }
+        cfg.log_format = match (args.log_format, file.log_format.as_deref()) {
+            (Some(f), _) => f,
+            (None, Some("json")) => LogFormat::Json,
+            (None, Some("text") | None) => LogFormat::Text,
+            (None, Some(other)) => anyhow::bail!("log_format must be \"text\" or \"json\", got {other:?}"),
+        };
+        Ok(cfg)
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+}
+
+fn default_id() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "coordinator".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_file_and_file_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:9000\"\ndata_dir = \"/var/lib/drover\"\nhello_timeout = \"3s\"\nid = \"c1\"\n",
+        )
+        .unwrap();
+        let args = Args::parse_from([
+            "drover-coordinator",
+            "--config",
+            file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:9100",
+        ]);
+        let cfg = Config::from_args(args).unwrap();
+        assert_eq!(cfg.listen, "127.0.0.1:9100".parse().unwrap());
+        assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/drover"));
+        assert_eq!(cfg.hello_timeout, Duration::from_secs(3));
+        assert_eq!(cfg.id, "c1");
+        assert_eq!(cfg.shutdown_grace, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_data_dir_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "lisen = \"127.0.0.1:9000\"\n").unwrap();
+        let args = Args::parse_from(["x", "--config", file.to_str().unwrap()]);
+        let err = format!("{:#}", Config::from_args(args).unwrap_err());
+        assert!(err.contains("lisen"), "{err}");
+        let err = Config::from_args(Args::parse_from(["x"])).unwrap_err();
+        assert!(err.to_string().contains("--data-dir"), "{err}");
+    }
+}

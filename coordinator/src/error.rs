@@ -1,0 +1,31 @@
+//! The one place where coordinator errors become gRPC statuses.
+
+use drover_common::{ids::HostIdError, labels::LabelError};
+use tonic::Status;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidHostId(#[from] HostIdError),
+    #[error("{0}")]
+    InvalidLabel(#[from] LabelError),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        let msg = e.to_string();
+        match e {
+            ApiError::InvalidHostId(_) | ApiError::InvalidLabel(_) | ApiError::Invalid(_) => {
+                Status::invalid_argument(msg)
+            }
+            ApiError::NotFound(_) => Status::not_found(msg),
+            ApiError::Unavailable(_) => Status::unavailable(msg),
+        }
+    }
+}

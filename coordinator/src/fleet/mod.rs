@@ -1,0 +1,6 @@
+//! The fleet: which hosts exist, how they are connected and how healthy they
+//! are. Held in memory only: heartbeats are never written to any store.
+
+mod registry;
+
+pub use registry::{Departure, Registry, SessionHandle};

@@ -1,0 +1,378 @@
+//! In-memory host registry, fed by agent streams and read by the Deployer API.
+//!
+//! Invariants:
+//! - a host has at most one live session; a newer one replaces the older,
+//!   and updates carrying a replaced session's id are ignored;
+//! - `LATE` is never stored: it is derived at read time from the age of the
+//!   last heartbeat, so a frozen agent shows as late without any timer;
+//! - nothing here touches disk.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use drover_common::labels::Selector;
+use drover_common::proto::{
+    ConnectionState, CoordinatorMessage, Heartbeat, Hello, Host, HostMetrics, ServiceHealth,
+    ServiceVersion,
+};
+use drover_common::time::{now_unix_micros, unix_ms};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::metrics::Metrics;
+
+/// A host is late after this many heartbeat intervals without a heartbeat.
+pub const LATE_AFTER_INTERVALS: u32 = 3;
+
+/// The coordinator's end of one agent stream.
+#[derive(Clone)]
+pub struct SessionHandle {
+    pub outbound: mpsc::Sender<Result<CoordinatorMessage, Status>>,
+    pub cancel: CancellationToken,
+}
+
+impl SessionHandle {
+    /// Ends the stream with `status`. If the outbound queue is full the
+    /// status may not reach the agent, but the stream still ends.
+    pub fn close(&self, status: Status) {
+        let _ = self.outbound.try_send(Err(status));
+        self.cancel.cancel();
+    }
+}
+
+/// How a stream ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Departure {
+    /// The agent said Goodbye.
+    Left(String),
+    /// The stream broke: crash, kill, network fault, protocol error.
+    Dropped(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    Connected,
+    Disconnected,
+    Gone,
+}
+
+struct HostEntry {
+    labels: HashMap<String, String>,
+    agent_version: String,
+    services: Vec<ServiceVersion>,
+    session_id: u64,
+    session: Option<SessionHandle>,
+    link: Link,
+    state_reason: String,
+    state_since: SystemTime,
+    connected_at: SystemTime,
+    peer: String,
+    heartbeat_interval: Duration,
+    /// Last heartbeat, or Hello when none came yet on this stream.
+    last_seen: Instant,
+    last_heartbeat_wall: Option<SystemTime>,
+    sequence: u64,
+    dropped: u64,
+    metrics: Option<HostMetrics>,
+    health: Vec<ServiceHealth>,
+}
+
+impl HostEntry {
+    fn state(&self, now: Instant) -> ConnectionState {
+        match self.link {
+            Link::Connected
+                if now.saturating_duration_since(self.last_seen)
+                    > self.heartbeat_interval * LATE_AFTER_INTERVALS =>
+            {
+                ConnectionState::Late
+            }
+            Link::Connected => ConnectionState::Connected,
+            Link::Disconnected => ConnectionState::Disconnected,
+            Link::Gone => ConnectionState::Gone,
+        }
+    }
+
+    fn to_proto(&self, host_id: &str, now: Instant) -> Host {
+        let state = self.state(now);
+        let state_reason = if state == ConnectionState::Late {
+            format!(
+                "no heartbeat for {} ms (interval {} ms)",
+                now.saturating_duration_since(self.last_seen).as_millis(),
+                self.heartbeat_interval.as_millis()
+            )
+        } else {
+            self.state_reason.clone()
+        };
+        Host {
+            host_id: host_id.to_string(),
+            labels: self.labels.clone(),
+            agent_version: self.agent_version.clone(),
+            state: state as i32,
+            state_reason,
+            connected_at_unix_ms: unix_ms(self.connected_at),
+            state_since_unix_ms: unix_ms(self.state_since),
+            last_heartbeat_unix_ms: self.last_heartbeat_wall.map(unix_ms).unwrap_or(0),
+            last_heartbeat_age_ms: now.saturating_duration_since(self.last_seen).as_millis() as u64,
+            heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u32,
+            heartbeat_sequence: self.sequence,
+            dropped_heartbeats: self.dropped,
+            peer_address: self.peer.clone(),
+            services: self.services.clone(),
+            metrics: self.metrics,
+            health: self.health.clone(),
+        }
+    }
+}
+
+/// All hosts this coordinator has seen since it started.
+pub struct Registry {
+    hosts: Mutex<HashMap<String, HostEntry>>,
+    next_session: AtomicU64,
+    metrics: Metrics,
+}
+
+impl Registry {
+    pub fn new(metrics: Metrics) -> Registry {
+        Registry {
+            hosts: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
+            metrics,
+        }
+    }
+
+    /// Registers a validated Hello. Returns the new session id and the
+    /// session it replaced, which the caller must close.
+    pub fn connect(
+        &self,
+        hello: Hello,
+        peer: String,
+        session: SessionHandle,
+    ) -> (u64, Option<SessionHandle>) {
+        let session_id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let now_wall = SystemTime::now();
+        let interval = Duration::from_millis(u64::from(hello.heartbeat_interval_ms.max(1)));
+        let mut hosts = self.hosts.lock().expect("registry lock poisoned");
+        let previous = hosts.get_mut(&hello.host_id).and_then(|e| e.session.take());
+        let entry = HostEntry {
+            labels: hello.labels,
+            agent_version: hello.agent_version,
+            services: hello.services,
+            session_id,
+            session: Some(session),
+            link: Link::Connected,
+            state_reason: String::new(),
+            state_since: now_wall,
+            connected_at: now_wall,
+            peer,
+            heartbeat_interval: interval,
+            last_seen: Instant::now(),
+            last_heartbeat_wall: None,
+            sequence: 0,
+            dropped: 0,
+            metrics: None,
+            health: Vec::new(),
+        };
+        hosts.insert(hello.host_id, entry);
+        drop(hosts);
+        if previous.is_some() {
+            self.metrics.streams_replaced.inc();
+        } else {
+            self.metrics.connected_agents.inc();
+        }
+        (session_id, previous)
+    }
+
+    /// Records a heartbeat of the live session `session_id` of `host_id`.
+    /// Returns false when that session was replaced meanwhile.
+    pub fn heartbeat(&self, host_id: &str, session_id: u64, hb: Heartbeat) -> bool {
+        let lag_micros = now_unix_micros().saturating_sub(hb.sent_at_unix_micros);
+        let mut hosts = self.hosts.lock().expect("registry lock poisoned");
+        let Some(entry) = hosts.get_mut(host_id).filter(|e| e.session_id == session_id) else {
+            return false;
+        };
+        let newly_dropped = hb.dropped_heartbeats.saturating_sub(entry.dropped);
+        entry.last_seen = Instant::now();
+        entry.last_heartbeat_wall = Some(SystemTime::now());
+        entry.sequence = hb.sequence;
+        entry.dropped = hb.dropped_heartbeats;
+        entry.metrics = hb.host;
+        entry.health = hb.services;
+        drop(hosts);
+        self.metrics.heartbeats.inc();
+        self.metrics
+            .heartbeat_lag_seconds
+            .observe(lag_micros as f64 / 1e6);
+        if newly_dropped > 0 {
+            self.metrics.agent_dropped_heartbeats.inc_by(newly_dropped);
+        }
+        true
+    }
+
+    /// Marks the end of session `session_id`. A Goodbye followed by the end
+    /// of the stream stays `GONE`; a replaced session changes nothing.
+    pub fn disconnect(&self, host_id: &str, session_id: u64, how: Departure) {
+        let mut hosts = self.hosts.lock().expect("registry lock poisoned");
+        let Some(entry) = hosts.get_mut(host_id).filter(|e| e.session_id == session_id) else {
+            return;
+        };
+        let was_connected = entry.session.take().is_some();
+        let (link, reason) = match how {
+            Departure::Left(r) => (Link::Gone, r),
+            Departure::Dropped(r) => (Link::Disconnected, r),
+        };
+        if entry.link == Link::Gone && link == Link::Disconnected {
+            // The stream's end after a Goodbye is expected, not a failure.
+        } else if entry.link != link {
+            entry.link = link;
+            entry.state_reason = reason;
+            entry.state_since = SystemTime::now();
+        }
+        drop(hosts);
+        if was_connected {
+            self.metrics.connected_agents.dec();
+        }
+    }
+
+    /// Hosts matching `selector`, sorted by host id.
+    pub fn list(&self, selector: &Selector) -> Vec<Host> {
+        let now = Instant::now();
+        let hosts = self.hosts.lock().expect("registry lock poisoned");
+        let mut out: Vec<Host> = hosts
+            .iter()
+            .filter(|(_, e)| selector.matches(&e.labels))
+            .map(|(id, e)| e.to_proto(id, now))
+            .collect();
+        drop(hosts);
+        out.sort_by(|a, b| a.host_id.cmp(&b.host_id));
+        out
+    }
+
+    pub fn get(&self, host_id: &str) -> Option<Host> {
+        let hosts = self.hosts.lock().expect("registry lock poisoned");
+        hosts.get(host_id).map(|e| e.to_proto(host_id, Instant::now()))
+    }
+
+    /// Closes every live stream with `status` (coordinator shutdown).
+    pub fn close_all(&self, status: Status) {
+        let hosts = self.hosts.lock().expect("registry lock poisoned");
+        for session in hosts.values().filter_map(|e| e.session.as_ref()) {
+            session.close(status.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(host: &str, labels: &[(&str, &str)], interval_ms: u32) -> Hello {
+        Hello {
+            host_id: host.to_string(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            agent_version: "test".into(),
+            services: vec![],
+            heartbeat_interval_ms: interval_ms,
+        }
+    }
+
+    fn session() -> (SessionHandle, mpsc::Receiver<Result<CoordinatorMessage, Status>>) {
+        let (tx, rx) = mpsc::channel(4);
+        (
+            SessionHandle {
+                outbound: tx,
+                cancel: CancellationToken::new(),
+            },
+            rx,
+        )
+    }
+
+    fn state(r: &Registry, host: &str) -> ConnectionState {
+        r.get(host).unwrap().state()
+    }
+
+    #[test]
+    fn heartbeat_updates_host_and_selector_filters() {
+        let r = Registry::new(Metrics::default());
+        let (s1, _rx1) = session();
+        let (s2, _rx2) = session();
+        let (id1, _) = r.connect(hello("a", &[("region", "eu")], 1000), "p".into(), s1);
+        r.connect(hello("b", &[("region", "us")], 1000), "p".into(), s2);
+        let hb = Heartbeat {
+            sequence: 7,
+            sent_at_unix_micros: now_unix_micros(),
+            ..Default::default()
+        };
+        assert!(r.heartbeat("a", id1, hb));
+        let a = r.get("a").unwrap();
+        assert_eq!(a.heartbeat_sequence, 7);
+        assert_eq!(a.state(), ConnectionState::Connected);
+        let eu = r.list(&Selector::parse("region=eu").unwrap());
+        assert_eq!(eu.len(), 1);
+        assert_eq!(eu[0].host_id, "a");
+        assert_eq!(r.list(&Selector::default()).len(), 2);
+    }
+
+    #[test]
+    fn newer_session_replaces_older_and_older_updates_are_ignored() {
+        let r = Registry::new(Metrics::default());
+        let (s1, _rx1) = session();
+        let (s2, _rx2) = session();
+        let (old, none) = r.connect(hello("a", &[], 1000), "p1".into(), s1);
+        assert!(none.is_none());
+        let (new, replaced) = r.connect(hello("a", &[], 1000), "p2".into(), s2);
+        assert!(replaced.is_some());
+        assert!(!r.heartbeat("a", old, Heartbeat::default()));
+        r.disconnect("a", old, Departure::Dropped("old stream ended".into()));
+        assert_eq!(state(&r, "a"), ConnectionState::Connected);
+        assert!(r.heartbeat("a", new, Heartbeat::default()));
+        assert_eq!(r.get("a").unwrap().peer_address, "p2");
+    }
+
+    #[test]
+    fn goodbye_is_gone_and_a_drop_is_disconnected() {
+        let r = Registry::new(Metrics::default());
+        let (s1, _rx1) = session();
+        let (s2, _rx2) = session();
+        let (a, _) = r.connect(hello("a", &[], 1000), "p".into(), s1);
+        let (b, _) = r.connect(hello("b", &[], 1000), "p".into(), s2);
+        r.disconnect("a", a, Departure::Left("agent shutting down".into()));
+        r.disconnect("a", a, Departure::Dropped("stream ended".into()));
+        r.disconnect("b", b, Departure::Dropped("connection reset".into()));
+        let host_a = r.get("a").unwrap();
+        assert_eq!(host_a.state(), ConnectionState::Gone);
+        assert_eq!(host_a.state_reason, "agent shutting down");
+        let host_b = r.get("b").unwrap();
+        assert_eq!(host_b.state(), ConnectionState::Disconnected);
+        assert_eq!(host_b.state_reason, "connection reset");
+    }
+
+    #[test]
+    fn silent_host_turns_late_after_three_intervals() {
+        let r = Registry::new(Metrics::default());
+        let (s1, _rx1) = session();
+        r.connect(hello("a", &[], 10), "p".into(), s1);
+        let later = Instant::now() + Duration::from_millis(31);
+        let hosts = r.hosts.lock().unwrap();
+        let entry = hosts.get("a").unwrap();
+        assert_eq!(entry.state(Instant::now()), ConnectionState::Connected);
+        assert_eq!(entry.state(later), ConnectionState::Late);
+    }
+
+    #[test]
+    fn close_all_sends_the_status_to_every_stream() {
+        let r = Registry::new(Metrics::default());
+        let (s1, mut rx1) = session();
+        let cancel = s1.cancel.clone();
+        r.connect(hello("a", &[], 1000), "p".into(), s1);
+        r.close_all(Status::unavailable("bye"));
+        let err = rx1.try_recv().unwrap().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert!(cancel.is_cancelled());
+    }
+}

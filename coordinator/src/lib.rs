@@ -1,0 +1,17 @@
+//! drover-coordinator: the API server and the fleet registry.
+//!
+//! - [`config`]: flags, config file, defaults.
+//! - [`server`]: binds the port, serves every gRPC service, shuts down cleanly.
+//! - [`api`]: the gRPC handlers (AgentControl streams, Deployer).
+//! - [`fleet`]: the in-memory registry of hosts, fed by agent streams.
+//! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
+//! - [`ctl`]: `droverctl`, the command-line client.
+//! - [`error`]: errors and their mapping to gRPC status codes.
+
+pub mod api;
+pub mod config;
+pub mod ctl;
+pub mod error;
+pub mod fleet;
+pub mod metrics;
+pub mod server;

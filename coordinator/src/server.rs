@@ -1,0 +1,134 @@
+//! Binds the API port, serves every gRPC service on it, and shuts down
+//! cleanly: health turns NOT_SERVING, every agent stream is closed with
+//! UNAVAILABLE (so agents fail over at once), in-flight calls get
+//! `shutdown_grace` to finish.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use drover_common::proto::FILE_DESCRIPTOR_SET;
+use drover_common::proto::agent_control_server::AgentControlServer;
+use drover_common::proto::deployer_server::DeployerServer;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tracing::{info, warn};
+
+use crate::api::{AgentControlService, DeployerService};
+use crate::config::Config;
+use crate::fleet::Registry;
+use crate::metrics::{self, Metrics};
+
+/// File in the data dir holding the API address actually bound (useful
+/// with port 0).
+pub const LISTEN_ADDR_FILE: &str = "listen.addr";
+/// File in the data dir holding the metrics address actually bound.
+pub const METRICS_ADDR_FILE: &str = "metrics.addr";
+
+/// Runs the coordinator until `shutdown` resolves, then stops cleanly.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    let metrics = Metrics::default();
+    let registry = Arc::new(Registry::new(metrics.clone()));
+    let stop = CancellationToken::new();
+
+    let incoming = TcpIncoming::bind(cfg.listen)
+        .with_context(|| format!("binding the API address {}", cfg.listen))?
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(std::time::Duration::from_secs(30)));
+    let addr = incoming.local_addr()?;
+    write_addr_file(&cfg.data_dir.join(LISTEN_ADDR_FILE), addr)?;
+
+    if let Some(metrics_listen) = cfg.metrics_listen {
+        let (listener, metrics_addr) = metrics::bind(metrics_listen)
+            .await
+            .with_context(|| format!("binding the metrics address {metrics_listen}"))?;
+        write_addr_file(&cfg.data_dir.join(METRICS_ADDR_FILE), metrics_addr)?;
+        info!(%metrics_addr, "serving Prometheus metrics at /metrics");
+        tokio::spawn(metrics.clone().serve(listener, stop.clone()));
+    }
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<AgentControlServer<AgentControlService>>()
+        .await;
+    health.set_serving::<DeployerServer<DeployerService>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    // grpcurl before 1.8.8 only speaks v1alpha.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let agent_control = AgentControlService {
+        coordinator_id: cfg.id.clone(),
+        registry: registry.clone(),
+        metrics: metrics.clone(),
+        hello_timeout: cfg.hello_timeout,
+        shutdown: stop.clone(),
+    };
+    let deployer = DeployerService {
+        registry: registry.clone(),
+    };
+
+    let serve_stop = stop.clone();
+    let server = Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            AgentControlServer::new(agent_control)
+                .max_decoding_message_size(cfg.max_message_bytes),
+        )
+        .add_service(DeployerServer::new(deployer).max_decoding_message_size(cfg.max_message_bytes))
+        .serve_with_incoming_shutdown(incoming, async move { serve_stop.cancelled().await });
+    let mut server = tokio::spawn(server);
+    info!(%addr, id = %cfg.id, data_dir = %cfg.data_dir.display(), "coordinator serving");
+
+    tokio::select! {
+        _ = shutdown => {}
+        result = &mut server => {
+            // The server stopped by itself: that is an error worth exiting on.
+            result.context("API server task")??;
+            anyhow::bail!("API server stopped unexpectedly");
+        }
+    }
+
+    info!("shutting down");
+    health
+        .set_not_serving::<AgentControlServer<AgentControlService>>()
+        .await;
+    health
+        .set_not_serving::<DeployerServer<DeployerService>>()
+        .await;
+    registry.close_all(Status::unavailable(format!(
+        "coordinator {} is shutting down; reconnect to another",
+        cfg.id
+    )));
+    stop.cancel();
+    match tokio::time::timeout(cfg.shutdown_grace, server).await {
+        Ok(result) => result.context("API server task")??,
+        Err(_) => warn!(grace = ?cfg.shutdown_grace, "connections still open after the grace period; closing them"),
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// Writes `addr` to `path` atomically, so a reader never sees half of it.
+fn write_addr_file(path: &Path, addr: SocketAddr) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{addr}\n"))
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
