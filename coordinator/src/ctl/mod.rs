@@ -1,1 +1,76 @@
-pub fn run() {}
+//! `droverctl`: the command-line client of CI pipelines and SREs.
+//!
+//! Every command talks gRPC to one coordinator. Output is a readable table
+//! by default and the canonical proto3 JSON (the same as grpcurl prints)
+//! with `--json`. Exit codes: 0 success, 1 any error (printed to stderr).
+
+mod hosts;
+
+use clap::{Parser, Subcommand};
+use drover_common::proto::deployer_client::DeployerClient;
+use tonic::transport::Channel;
+
+#[derive(Debug, Parser)]
+#[command(name = "droverctl", version, about = "Control a Drover fleet")]
+pub struct Cli {
+    /// Coordinator address (host:port or http://host:port).
+    #[arg(long, global = true, env = "DROVER_COORDINATOR", default_value = crate::config::DEFAULT_LISTEN)]
+    pub coordinator: String,
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List hosts with their state, versions and health.
+    Hosts {
+        /// Only hosts whose labels match, e.g. region=eu,env=prod (also key!=value).
+        #[arg(long, short = 'l', default_value = "")]
+        selector: String,
+    },
+    /// Show one host in detail.
+    Host {
+        host_id: String,
+    },
+}
+
+/// Runs one droverctl invocation; output goes to `out`.
+pub async fn run(cli: Cli, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    let channel = connect(&cli.coordinator).await?;
+    let mut deployer = DeployerClient::new(channel);
+    match cli.command {
+        Command::Hosts { selector } => hosts::list(&mut deployer, &selector, cli.json, out).await,
+        Command::Host { host_id } => hosts::show(&mut deployer, &host_id, cli.json, out).await,
+    }
+}
+
+async fn connect(addr: &str) -> anyhow::Result<Channel> {
+    drover_common::grpc::connect(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach coordinator {addr}: {}", source_chain(&e)))
+}
+
+/// Turns a gRPC status into an error line that names the code.
+pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
+}
+
+pub(crate) fn print_json(out: &mut impl std::io::Write, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    serde_json::to_writer_pretty(&mut *out, value)?;
+    writeln!(out)?;
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! Agent settings from the command line.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use drover_common::logging::LogFormat;
+
+use crate::connection::Backoff;
+
+#[derive(Debug, Parser)]
+#[command(name = "drover-agent", version, about = "Drover agent: runs on every server of the fleet")]
+pub struct Args {
+    /// Coordinator address (host:port or http://host:port). Repeat it for every coordinator.
+    #[arg(long = "coordinator", required = true)]
+    pub coordinators: Vec<String>,
+    /// The name this host registers under (default: the host name).
+    #[arg(long)]
+    pub host_id: Option<String>,
+    /// A label of this host, key=value (region=eu, env=prod). Repeatable.
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Directory for releases and the local state journal.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// How often to push a heartbeat.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// First reconnect delay; it doubles (with jitter) up to --reconnect-max.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub reconnect_min: Duration,
+    /// Longest delay between reconnect attempts.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub reconnect_max: Duration,
+    /// Heartbeats queued per coordinator while it reads slowly; older ones are dropped first.
+    #[arg(long, default_value_t = 16)]
+    pub queue_capacity: usize,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    drover_common::labels::parse_label(s).map_err(|e| e.to_string())
+}
+
+/// Resolved agent settings.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub coordinators: Vec<String>,
+    pub host_id: String,
+    pub labels: HashMap<String, String>,
+    pub data_dir: PathBuf,
+    pub heartbeat_interval: Duration,
+    pub backoff: Backoff,
+    pub queue_capacity: usize,
+}
+
+impl AgentConfig {
+    pub fn from_args(args: Args) -> anyhow::Result<AgentConfig> {
+        let host_id = match args.host_id {
+            Some(id) => id,
+            None => nix::unistd::gethostname()?
+                .into_string()
+                .map_err(|_| anyhow::anyhow!("the host name is not UTF-8; pass --host-id"))?,
+        };
+        drover_common::ids::validate_host_id(&host_id)?;
+        let mut labels = HashMap::new();
+        for (k, v) in args.labels {
+            if labels.insert(k.clone(), v).is_some() {
+                anyhow::bail!("label {k:?} is given twice");
+            }
+        }
+        anyhow::ensure!(
+            args.heartbeat_interval >= Duration::from_millis(10),
+            "--heartbeat-interval must be at least 10ms"
+        );
+        anyhow::ensure!(
+            args.reconnect_min <= args.reconnect_max,
+            "--reconnect-min must not exceed --reconnect-max"
+        );
+        anyhow::ensure!(args.queue_capacity > 0, "--queue-capacity must be at least 1");
+        Ok(AgentConfig {
+            coordinators: args.coordinators,
+            host_id,
+            labels,
+            data_dir: args.data_dir,
+            heartbeat_interval: args.heartbeat_interval,
+            backoff: Backoff {
+                min: args.reconnect_min,
+                max: args.reconnect_max,
+            },
+            queue_capacity: args.queue_capacity,
+        })
+    }
+}

@@ -1,0 +1,210 @@
+//! One agent stream to one coordinator, kept up for the agent's lifetime.
+//!
+//! Each attempt connects, sends Hello, then heartbeats; the coordinator
+//! answers Welcome. When the stream breaks the connection waits (jittered
+//! exponential backoff, capped) and tries again, Hello first. On shutdown it
+//! sends Goodbye, half-closes, and waits briefly for the coordinator to end
+//! the stream, so the host shows as gone rather than failed.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use drover_common::proto::agent_control_client::AgentControlClient;
+use drover_common::proto::{AgentMessage, Goodbye, Heartbeat, Hello, agent_message, coordinator_message};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::heartbeat;
+
+/// Reconnect delays: from `min`, doubling with up to 100% jitter, never
+/// above `max`.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+impl Backoff {
+    fn delays(&self) -> impl Iterator<Item = Duration> + use<> {
+        let max = self.max;
+        // Jitter adds up to 100%, so grow to max/2 and let jitter fill the rest.
+        backon::ExponentialBuilder::default()
+            .with_min_delay(self.min.min(max / 2))
+            .with_max_delay(max / 2)
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times()
+            .build()
+            .map(move |d| d.min(max))
+    }
+}
+
+/// Builds the Hello sent at every (re)connect, so it always tells the
+/// current truth about the host's services.
+pub type HelloSource = Arc<dyn Fn() -> Hello + Send + Sync>;
+
+/// How long a leaving agent waits for the coordinator to close the stream.
+const GOODBYE_WAIT: Duration = Duration::from_secs(2);
+
+pub struct Connection {
+    pub coordinator: String,
+    pub hello: HelloSource,
+    pub heartbeats: broadcast::Receiver<Heartbeat>,
+    pub backoff: Backoff,
+    pub shutdown: CancellationToken,
+    /// Heartbeats this connection dropped since the agent started.
+    pub dropped: Arc<AtomicU64>,
+}
+
+enum Ended {
+    /// The agent is shutting down.
+    Shutdown,
+    /// The stream broke; `welcomed` says whether it had been established.
+    Broken { welcomed: bool, reason: String },
+}
+
+impl Connection {
+    /// Keeps a stream up until shutdown.
+    pub async fn run(self) {
+        let mut delays = self.backoff.delays();
+        loop {
+            match self.attempt().await {
+                Ended::Shutdown => return,
+                Ended::Broken { welcomed, reason } => {
+                    if welcomed {
+                        delays = self.backoff.delays();
+                    }
+                    let delay = delays.next().unwrap_or(self.backoff.max);
+                    warn!(coordinator = %self.coordinator, %reason, retry_in = ?delay, "stream down");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn attempt(&self) -> Ended {
+        let broken = |welcomed, reason: String| Ended::Broken { welcomed, reason };
+        let channel = tokio::select! {
+            _ = self.shutdown.cancelled() => return Ended::Shutdown,
+            c = async { drover_common::grpc::endpoint(&self.coordinator)?.connect().await } => c,
+        };
+        let channel = match channel {
+            Ok(c) => c,
+            Err(e) => return broken(false, format!("connect: {}", error_chain(&e))),
+        };
+        let mut client = AgentControlClient::new(channel);
+
+        let (control, control_rx) = mpsc::channel::<AgentMessage>(16);
+        let hello = (self.hello)();
+        control
+            .try_send(AgentMessage {
+                msg: Some(agent_message::Msg::Hello(hello)),
+            })
+            .expect("fresh channel has room");
+        let heartbeats = heartbeat::stream_for(self.heartbeats.resubscribe(), self.dropped.clone())
+            .map(|hb| AgentMessage {
+                msg: Some(agent_message::Msg::Heartbeat(hb)),
+            });
+        let outbound = ReceiverStream::new(control_rx).merge(heartbeats);
+
+        let response = tokio::select! {
+            _ = self.shutdown.cancelled() => return Ended::Shutdown,
+            r = client.connect(outbound) => r,
+        };
+        let mut inbound = match response {
+            Ok(r) => r.into_inner(),
+            Err(status) => return broken(false, describe(&status)),
+        };
+
+        let mut control = Some(control);
+        let mut welcomed = false;
+        let mut leaving_deadline = None;
+        loop {
+            let next = tokio::select! {
+                _ = self.shutdown.cancelled(), if control.is_some() => {
+                    let goodbye = AgentMessage {
+                        msg: Some(agent_message::Msg::Goodbye(Goodbye {
+                            reason: "agent shutting down".into(),
+                        })),
+                    };
+                    if let Some(tx) = control.take() {
+                        let _ = tx.send(goodbye).await;
+                        // Dropping the sender half-closes once heartbeats end too.
+                    }
+                    leaving_deadline = Some(tokio::time::Instant::now() + GOODBYE_WAIT);
+                    continue;
+                }
+                _ = sleep_until_opt(leaving_deadline) => return Ended::Shutdown,
+                next = inbound.message() => next,
+            };
+            match next {
+                Ok(Some(msg)) => match msg.msg {
+                    Some(coordinator_message::Msg::Welcome(w)) => {
+                        welcomed = true;
+                        info!(coordinator = %self.coordinator, coordinator_id = %w.coordinator_id, session = %w.session_id, "connected");
+                    }
+                    Some(coordinator_message::Msg::Command(cmd)) => {
+                        warn!(command_id = %cmd.command_id, "commands are not executed by this agent version yet");
+                    }
+                    Some(coordinator_message::Msg::Ack(ack)) => {
+                        debug!(command_id = %ack.command_id, "ack");
+                    }
+                    None => {}
+                },
+                Ok(None) if leaving_deadline.is_some() => return Ended::Shutdown,
+                Ok(None) => return broken(welcomed, "the coordinator ended the stream".into()),
+                Err(_) if leaving_deadline.is_some() => return Ended::Shutdown,
+                Err(status) => return broken(welcomed, describe(&status)),
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn describe(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_never_passes_the_cap() {
+        let b = Backoff {
+            min: Duration::from_millis(100),
+            max: Duration::from_secs(2),
+        };
+        let delays: Vec<Duration> = b.delays().take(50).collect();
+        assert!(delays.iter().all(|d| *d <= b.max), "{delays:?}");
+        assert!(delays[0] >= Duration::from_millis(100) && delays[0] <= Duration::from_millis(200));
+        assert!(delays[20] >= Duration::from_secs(1), "grows to the cap: {delays:?}");
+        let distinct: std::collections::HashSet<_> = delays[20..].iter().collect();
+        assert!(distinct.len() > 1, "jittered even at the cap: {delays:?}");
+    }
+}

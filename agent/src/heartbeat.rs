@@ -1,0 +1,139 @@
+//! The heartbeat producer and the queue between it and the streams.
+//!
+//! The queue is a `tokio::sync::broadcast` channel: one producer, one
+//! receiver per coordinator stream. The producer never waits; a stream that
+//! falls more than `capacity` heartbeats behind loses the oldest ones and
+//! learns how many (`Lagged(n)`), which it adds to its dropped counter. So a
+//! slow coordinator costs the agent at most `capacity` heartbeats of memory.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use drover_common::proto::{Heartbeat, HostMetrics, ServiceHealth};
+use drover_common::time::now_unix_micros;
+use tokio::sync::broadcast;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+
+/// What goes into a heartbeat besides its sequence and timestamp.
+pub trait HealthSource: Send + 'static {
+    fn sample(&mut self) -> (HostMetrics, Vec<ServiceHealth>);
+}
+
+impl<F> HealthSource for F
+where
+    F: FnMut() -> (HostMetrics, Vec<ServiceHealth>) + Send + 'static,
+{
+    fn sample(&mut self) -> (HostMetrics, Vec<ServiceHealth>) {
+        self()
+    }
+}
+
+/// Starts producing a heartbeat every `interval`, the first after
+/// `first_delay`, until `shutdown`. When the producer stops, the channel
+/// closes and every heartbeat stream ends.
+pub fn spawn_producer(
+    interval: Duration,
+    first_delay: Duration,
+    capacity: usize,
+    mut source: impl HealthSource,
+    shutdown: CancellationToken,
+) -> broadcast::Receiver<Heartbeat> {
+    let (tx, rx) = broadcast::channel(capacity);
+    tokio::spawn(async move {
+        let mut ticker =
+            tokio::time::interval_at(tokio::time::Instant::now() + first_delay, interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sequence = 0u64;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            sequence += 1;
+            let (host, services) = source.sample();
+            let hb = Heartbeat {
+                sequence,
+                sent_at_unix_micros: now_unix_micros(),
+                host: Some(host),
+                services,
+                dropped_heartbeats: 0,
+            };
+            // No receiver (no stream up right now) is fine: the heartbeat is
+            // simply not needed.
+            let _ = tx.send(hb);
+        }
+    });
+    rx
+}
+
+/// The heartbeats one stream sends: each carries the stream's running count
+/// of dropped heartbeats, which `dropped` accumulates across reconnects.
+pub fn stream_for(
+    rx: broadcast::Receiver<Heartbeat>,
+    dropped: Arc<AtomicU64>,
+) -> impl Stream<Item = Heartbeat> + Send + 'static {
+    BroadcastStream::new(rx).filter_map(move |item| match item {
+        Ok(mut hb) => {
+            hb.dropped_heartbeats = dropped.load(Ordering::Relaxed);
+            Some(hb)
+        }
+        Err(BroadcastStreamRecvError::Lagged(n)) => {
+            dropped.fetch_add(n, Ordering::Relaxed);
+            None
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source() -> impl HealthSource {
+        || (HostMetrics::default(), Vec::new())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_keeps_the_newest_and_counts_the_dropped() {
+        let stop = CancellationToken::new();
+        let rx = spawn_producer(
+            Duration::from_millis(10),
+            Duration::ZERO,
+            4,
+            source(),
+            stop.clone(),
+        );
+        let dropped = Arc::new(AtomicU64::new(0));
+        let mut stream = Box::pin(stream_for(rx, dropped.clone()));
+        // Nobody reads for 100 ticks.
+        tokio::time::sleep(Duration::from_millis(995)).await;
+        stop.cancel();
+        let got: Vec<Heartbeat> = stream.as_mut().collect().await;
+        let seqs: Vec<u64> = got.iter().map(|h| h.sequence).collect();
+        assert_eq!(seqs, vec![97, 98, 99, 100], "only the newest 4 remain");
+        assert_eq!(dropped.load(Ordering::Relaxed), 96);
+        assert!(got.iter().all(|h| h.dropped_heartbeats == 96));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fast_reader_drops_nothing() {
+        let stop = CancellationToken::new();
+        let rx = spawn_producer(
+            Duration::from_millis(10),
+            Duration::ZERO,
+            4,
+            source(),
+            stop.clone(),
+        );
+        let dropped = Arc::new(AtomicU64::new(0));
+        let mut stream = Box::pin(stream_for(rx, dropped.clone()));
+        for expected in 1..=50 {
+            let hb = stream.next().await.unwrap();
+            assert_eq!(hb.sequence, expected);
+        }
+        assert_eq!(dropped.load(Ordering::Relaxed), 0);
+    }
+}
