@@ -4,12 +4,14 @@
 //! - [`ids`]: validation of host ids.
 //! - [`labels`]: label rules and selectors (`region=eu,env=prod`).
 //! - [`grpc`]: client endpoints and the shutdown signal.
+//! - [`limits`]: process limits (open files).
 //! - [`logging`]: the tracing subscriber of every binary.
 //! - [`time`]: wall-clock helpers for the unix-epoch fields of the protocol.
 
 pub mod grpc;
 pub mod ids;
 pub mod labels;
+pub mod limits;
 pub mod logging;
 pub mod time;
 

@@ -1,0 +1,34 @@
+//! The end-to-end harness. Tests start the real binaries as child processes
+//! on free loopback ports, each test in its own temp dir:
+//!
+//! - [`TestDir`]: a temp dir per test, kept (and printed) when the test fails.
+//! - [`ChildGuard`]: a child process killed on drop, its output in a log file
+//!   whose tail is printed when the test fails.
+//! - [`Coordinator`], [`Agent`], [`Etcd`]: start one, wait until it serves.
+//! - [`wait_until`]: poll a condition with a deadline; never a bare sleep.
+//! - [`bins`]: where the binaries are (built once per test process).
+
+pub mod bins;
+mod daemons;
+mod etcd;
+mod http;
+mod process;
+pub mod raw;
+mod testdir;
+mod wait;
+
+pub use daemons::{Agent, Coordinator};
+pub use etcd::Etcd;
+pub use http::http_get;
+pub use process::ChildGuard;
+pub use testdir::TestDir;
+pub use wait::{wait_until, wait_until_ok};
+
+/// Finds a tool on PATH, or fails the test saying how to install it.
+pub fn require_tool(name: &str, install_hint: &str) -> std::path::PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("`{name}` is not installed; {install_hint} (scripts/test installs it)"))
+}

@@ -1,0 +1,161 @@
+//! Starting the real coordinator and agent binaries.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use drover_common::proto::deployer_client::DeployerClient;
+use drover_common::proto::{GetHostRequest, Host, ListHostsRequest};
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::{ChildGuard, TestDir, bins, wait_until};
+
+/// How long a daemon may take to come up.
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A running `drover-coordinator` on a free loopback port.
+pub struct Coordinator {
+    pub child: ChildGuard,
+    pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    name: String,
+}
+
+impl Coordinator {
+    /// Starts a coordinator named `name` with its data in `dir/name`.
+    pub async fn start(dir: &TestDir, name: &str, extra: &[&str]) -> Coordinator {
+        Self::start_on(dir, name, "127.0.0.1:0".parse().unwrap(), extra).await
+    }
+
+    /// Starts it on a given address (a restart on the same port).
+    pub async fn start_on(dir: &TestDir, name: &str, listen: SocketAddr, extra: &[&str]) -> Coordinator {
+        let data_dir = dir.sub(name);
+        let addr_file = data_dir.join("listen.addr");
+        let metrics_file = data_dir.join("metrics.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let _ = std::fs::remove_file(&metrics_file);
+        let mut cmd = Command::new(bins::bin("drover-coordinator"));
+        cmd.arg("--listen")
+            .arg(listen.to_string())
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(["--metrics-listen", "127.0.0.1:0", "--id", name])
+            .args(extra);
+        let child = ChildGuard::spawn(name, cmd, &dir.path().join(format!("{name}.log")));
+        let (addr, metrics_addr) = wait_until("the coordinator to write its addresses", START_TIMEOUT, || async {
+            Ok((read_addr(&addr_file)?, read_addr(&metrics_file)?))
+        })
+        .await;
+        let coordinator = Coordinator { child, addr, metrics_addr, data_dir, name: name.to_string() };
+        coordinator.wait_serving().await;
+        coordinator
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Address as agents and droverctl take it.
+    pub fn addr_arg(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub async fn channel(&self) -> Channel {
+        drover_common::grpc::connect(&self.addr_arg())
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {}: {e}", self.name))
+    }
+
+    pub async fn deployer(&self) -> DeployerClient<Channel> {
+        DeployerClient::new(self.channel().await)
+    }
+
+    /// Waits until the standard health check answers SERVING.
+    pub async fn wait_serving(&self) {
+        wait_until("the coordinator to report SERVING", START_TIMEOUT, || async {
+            let channel = drover_common::grpc::connect(&self.addr_arg()).await.map_err(|e| e.to_string())?;
+            let status = HealthClient::new(channel)
+                .check(HealthCheckRequest { service: String::new() })
+                .await
+                .map_err(|e| e.to_string())?
+                .into_inner()
+                .status();
+            if status == ServingStatus::Serving { Ok(()) } else { Err(format!("{status:?}")) }
+        })
+        .await
+    }
+
+    pub async fn hosts(&self, selector: &str) -> Vec<Host> {
+        self.deployer()
+            .await
+            .list_hosts(ListHostsRequest { selector: selector.to_string() })
+            .await
+            .expect("ListHosts")
+            .into_inner()
+            .hosts
+    }
+
+    pub async fn host(&self, host_id: &str) -> Result<Host, tonic::Status> {
+        self.deployer()
+            .await
+            .get_host(GetHostRequest { host_id: host_id.to_string() })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Runs `droverctl --coordinator <this> ARGS`; returns (exit code, stdout, stderr).
+    pub fn droverctl(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(bins::bin("droverctl"))
+            .arg("--coordinator")
+            .arg(self.addr_arg())
+            .args(args)
+            .output()
+            .expect("running droverctl");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+fn read_addr(path: &Path) -> Result<SocketAddr, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    text.trim().parse().map_err(|e| format!("{text:?}: {e}"))
+}
+
+/// A running `drover-agent`.
+pub struct Agent {
+    pub child: ChildGuard,
+    pub host_id: String,
+    pub data_dir: PathBuf,
+}
+
+impl Agent {
+    /// Starts an agent for `host_id` connected to `coordinators`, with
+    /// `extra` flags (labels, intervals, backoff).
+    pub fn start(dir: &TestDir, host_id: &str, coordinators: &[&Coordinator], extra: &[&str]) -> Agent {
+        let addrs: Vec<String> = coordinators.iter().map(|c| c.addr_arg()).collect();
+        Self::start_with_addrs(dir, host_id, &addrs, extra)
+    }
+
+    pub fn start_with_addrs(dir: &TestDir, host_id: &str, coordinators: &[String], extra: &[&str]) -> Agent {
+        let data_dir = dir.sub(&format!("agent-{host_id}"));
+        let mut cmd = Command::new(bins::bin("drover-agent"));
+        for c in coordinators {
+            cmd.arg("--coordinator").arg(c);
+        }
+        cmd.arg("--host-id").arg(host_id).arg("--data-dir").arg(&data_dir).args(extra);
+        let child = ChildGuard::spawn(
+            &format!("agent {host_id}"),
+            cmd,
+            &dir.path().join(format!("agent-{host_id}.log")),
+        );
+        Agent { child, host_id: host_id.to_string(), data_dir }
+    }
+}
