@@ -21,6 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // `AgentControlClient::connect`. Clients are built from a Channel instead.
     tonic_prost_build::configure()
         .build_transport(false)
+        // Small per-stream buffers: see src/codec.rs.
+        .codec_path("crate::codec::DroverCodec")
         .file_descriptor_set_path(&descriptor_path)
         .compile_protos(&protos, &["../proto"])?;
 

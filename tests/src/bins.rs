@@ -13,11 +13,14 @@ use std::sync::OnceLock;
 /// The target directory of the running test (`target/debug` or `target/release`).
 fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test>-<hash>
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .expect("test executable lives in target/<profile>/deps")
-        .to_path_buf()
+    // Tests run from target/<profile>/deps/<test>-<hash>; the harness's own
+    // binaries (drover-bench) from target/<profile>/.
+    let dir = exe.parent().expect("executable has a parent dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("deps has a parent").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 fn build_once() {

@@ -13,6 +13,7 @@ mod daemons;
 mod etcd;
 mod http;
 mod process;
+pub mod procstat;
 pub mod raw;
 mod testdir;
 mod wait;

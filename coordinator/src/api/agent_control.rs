@@ -16,14 +16,14 @@ use drover_common::proto::{
     AgentMessage, CoordinatorMessage, Hello, Welcome, agent_message, coordinator_message,
 };
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::error::ApiError;
-use crate::fleet::{Departure, Registry, SessionHandle};
+use crate::fleet::{Departure, OutboundItem, Registry, SessionHandle};
 use crate::metrics::Metrics;
 
 /// Outbound messages queued per stream before the session waits for the agent.
@@ -152,7 +152,7 @@ impl AgentControl for AgentControlService {
             })),
         };
         // The queue is empty and its receiver alive: this cannot fail.
-        let _ = tx.try_send(Ok(welcome));
+        let _ = tx.try_send(Box::new(Ok(welcome)));
         info!(%host_id, %peer, session_id, labels, "agent connected");
         let session = Session {
             host_id: host_id.clone(),
@@ -166,7 +166,7 @@ impl AgentControl for AgentControlService {
                 .run(inbound)
                 .instrument(info_span!("agent", %host_id, session_id)),
         );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|item| *item))))
     }
 }
 
@@ -175,7 +175,7 @@ struct Session {
     host_id: String,
     session_id: u64,
     registry: Arc<Registry>,
-    outbound: mpsc::Sender<Result<CoordinatorMessage, Status>>,
+    outbound: mpsc::Sender<OutboundItem>,
     cancel: CancellationToken,
 }
 
@@ -228,7 +228,7 @@ impl Session {
         };
         if let Some((departure, status)) = departure {
             if let Some(status) = status {
-                let _ = self.outbound.try_send(Err(status));
+                let _ = self.outbound.try_send(Box::new(Err(status)));
             }
             info!(?departure, "agent stream ended");
             self.registry

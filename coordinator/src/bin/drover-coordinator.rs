@@ -1,4 +1,5 @@
 use clap::Parser;
+
 use drover_coordinator::config::{Args, Config};
 
 #[tokio::main]

@@ -3,4 +3,4 @@
 
 mod registry;
 
-pub use registry::{Departure, Registry, SessionHandle};
+pub use registry::{Departure, OutboundItem, Registry, SessionHandle};

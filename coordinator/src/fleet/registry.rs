@@ -27,10 +27,16 @@ use crate::metrics::Metrics;
 /// A host is late after this many heartbeat intervals without a heartbeat.
 pub const LATE_AFTER_INTERVALS: u32 = 3;
 
+/// One queued message (or closing status) for an agent. Boxed because a
+/// channel allocates its slots in blocks of 32 up front, and an unboxed
+/// `Status` is large: per connected agent that is the difference between
+/// about 6 KiB and 256 bytes.
+pub type OutboundItem = Box<Result<CoordinatorMessage, Status>>;
+
 /// The coordinator's end of one agent stream.
 #[derive(Clone)]
 pub struct SessionHandle {
-    pub outbound: mpsc::Sender<Result<CoordinatorMessage, Status>>,
+    pub outbound: mpsc::Sender<OutboundItem>,
     pub cancel: CancellationToken,
 }
 
@@ -38,7 +44,7 @@ impl SessionHandle {
     /// Ends the stream with `status`. If the outbound queue is full the
     /// status may not reach the agent, but the stream still ends.
     pub fn close(&self, status: Status) {
-        let _ = self.outbound.try_send(Err(status));
+        let _ = self.outbound.try_send(Box::new(Err(status)));
         self.cancel.cancel();
     }
 }
@@ -281,7 +287,7 @@ mod tests {
         }
     }
 
-    fn session() -> (SessionHandle, mpsc::Receiver<Result<CoordinatorMessage, Status>>) {
+    fn session() -> (SessionHandle, mpsc::Receiver<OutboundItem>) {
         let (tx, rx) = mpsc::channel(4);
         (
             SessionHandle {

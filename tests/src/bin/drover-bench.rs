@@ -1,0 +1,160 @@
+//! `drover-bench fleet`: coordinator cost per connected agent.
+//!
+//! For each fleet size it starts a fresh coordinator and a `drover-fleetsim`
+//! with that many virtual agents (one connection and stream each, one
+//! heartbeat a second, phases spread), waits until all are connected, lets
+//! them settle, and then over a measuring window reads from /proc the
+//! coordinator's CPU time and resident memory and from its /metrics the
+//! heartbeat rate and the heartbeat-to-registry lag histogram.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use drover_tests::procstat::{cpu_seconds, rss_bytes};
+use drover_tests::{ChildGuard, Coordinator, TestDir, bins, http_get, wait_until_ok};
+
+#[derive(Parser)]
+#[command(name = "drover-bench", about = "Drover benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Coordinator CPU, memory and heartbeat lag per connected agent.
+    Fleet {
+        /// Fleet sizes to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        agents: Vec<usize>,
+        /// Length of the measuring window.
+        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        window: Duration,
+        /// Time between the last agent connecting and the window.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        settle: Duration,
+    },
+}
+
+struct Scrape {
+    heartbeats: f64,
+    connected: f64,
+    /// Lag histogram: upper bound (seconds) -> cumulative count.
+    lag_buckets: BTreeMap<u64, (f64, f64)>,
+}
+
+async fn scrape(coord: &Coordinator) -> Scrape {
+    let text = http_get(coord.metrics_addr, "/metrics").await;
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let parsed = prometheus_parse::Scrape::parse(lines).expect("parsing /metrics");
+    let mut out = Scrape { heartbeats: 0.0, connected: 0.0, lag_buckets: BTreeMap::new() };
+    for sample in parsed.samples {
+        match (sample.metric.as_str(), sample.value) {
+            ("drover_heartbeats_total", prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v)) => {
+                out.heartbeats = v
+            }
+            ("drover_connected_agents", prometheus_parse::Value::Gauge(v)) => out.connected = v,
+            ("drover_heartbeat_lag_seconds", prometheus_parse::Value::Histogram(buckets)) => {
+                for b in buckets {
+                    out.lag_buckets.insert((b.less_than * 1e9) as u64, (b.less_than, b.count));
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The q-quantile of the observations between two scrapes, interpolated
+/// linearly inside its bucket.
+fn quantile(before: &Scrape, after: &Scrape, q: f64) -> f64 {
+    let deltas: Vec<(f64, f64)> = after
+        .lag_buckets
+        .iter()
+        .map(|(k, (bound, count))| {
+            let prev = before.lag_buckets.get(k).map(|(_, c)| *c).unwrap_or(0.0);
+            (*bound, count - prev)
+        })
+        .collect();
+    let total = deltas.last().map(|(_, c)| *c).unwrap_or(0.0);
+    if total == 0.0 {
+        return f64::NAN;
+    }
+    let target = q * total;
+    let mut lower_bound = 0.0;
+    let mut lower_count = 0.0;
+    for (bound, count) in deltas {
+        if count >= target {
+            if bound.is_infinite() {
+                return lower_bound;
+            }
+            let frac = if count > lower_count { (target - lower_count) / (count - lower_count) } else { 1.0 };
+            return lower_bound + frac * (bound - lower_bound);
+        }
+        lower_bound = bound;
+        lower_count = count;
+    }
+    lower_bound
+}
+
+async fn fleet(agents: usize, window: Duration, settle: Duration) {
+    let dir = TestDir::new();
+    let coord = Coordinator::start(&dir, "coord", &["--log-format", "json"]).await;
+    let pid = coord.child.pid();
+    let rss_idle = rss_bytes(pid);
+    let mut cmd = Command::new(bins::bin("drover-fleetsim"));
+    cmd.args(["--coordinator", &coord.addr_arg(), "--hosts", &agents.to_string()])
+        .args(["--heartbeat-interval", "1s", "--connect-rate", "2000", "--reconnect-max", "5s"]);
+    let sim = ChildGuard::spawn("fleetsim", cmd, &dir.path().join("fleetsim.log"));
+    let started = Instant::now();
+    wait_until_ok("every simulated agent connected", Duration::from_secs(120), || async {
+        scrape(&coord).await.connected as usize == agents
+    })
+    .await;
+    let connect_time = started.elapsed();
+    tokio::time::sleep(settle).await;
+
+    let before = scrape(&coord).await;
+    let cpu_before = cpu_seconds(pid);
+    let sim_cpu_before = cpu_seconds(sim.pid());
+    let t0 = Instant::now();
+    tokio::time::sleep(window).await;
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cpu = (cpu_seconds(pid) - cpu_before) / elapsed;
+    let sim_cpu = (cpu_seconds(sim.pid()) - sim_cpu_before) / elapsed;
+    let after = scrape(&coord).await;
+    let rss = rss_bytes(pid);
+    assert_eq!(after.connected as usize, agents, "agents stayed connected through the window");
+
+    let rate = (after.heartbeats - before.heartbeats) / elapsed;
+    let per_agent_kib = (rss.saturating_sub(rss_idle)) as f64 / agents as f64 / 1024.0;
+    let p50 = quantile(&before, &after, 0.50) * 1e3;
+    let p99 = quantile(&before, &after, 0.99) * 1e3;
+    println!(
+        "agents={agents:>6}  connect_all={:>5.1}s  heartbeats/s={rate:>8.0}  coordinator_cpu={:>5.1}% of one core  \
+         rss={:>6.1} MiB (idle {:.1} MiB)  per_agent={per_agent_kib:>5.1} KiB  lag_p50={p50:.2}ms  lag_p99={p99:.2}ms  \
+         (fleetsim cpu {:.0}% of one core)",
+        connect_time.as_secs_f64(),
+        cpu * 100.0,
+        rss as f64 / (1 << 20) as f64,
+        rss_idle as f64 / (1 << 20) as f64,
+        sim_cpu * 100.0,
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    match Cli::parse().bench {
+        Bench::Fleet { agents, window, settle } => {
+            println!(
+                "fleet benchmark: {} cores, window {window:?}, settle {settle:?}",
+                std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+            );
+            for n in agents {
+                fleet(n, window, settle).await;
+            }
+        }
+    }
+}
