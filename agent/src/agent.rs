@@ -57,9 +57,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     info!(host_id = %cfg.host_id, coordinators = ?cfg.coordinators, "agent started");
     shutdown.cancelled().await;
     info!("shutting down: saying goodbye to every coordinator");
-    if tokio::time::timeout(SHUTDOWN_WAIT, async { while tasks.join_next().await.is_some() {} })
-        .await
-        .is_err()
+    if tokio::time::timeout(SHUTDOWN_WAIT, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
     {
         warn!("some coordinators did not close their streams in time");
     }

@@ -10,7 +10,11 @@ use drover_common::logging::LogFormat;
 use crate::connection::Backoff;
 
 #[derive(Debug, Parser)]
-#[command(name = "drover-agent", version, about = "Drover agent: runs on every server of the fleet")]
+#[command(
+    name = "drover-agent",
+    version,
+    about = "Drover agent: runs on every server of the fleet"
+)]
 pub struct Args {
     /// Coordinator address (host:port or http://host:port). Repeat it for every coordinator.
     #[arg(long = "coordinator", required = true)]
@@ -79,7 +83,10 @@ impl AgentConfig {
             args.reconnect_min <= args.reconnect_max,
             "--reconnect-min must not exceed --reconnect-max"
         );
-        anyhow::ensure!(args.queue_capacity > 0, "--queue-capacity must be at least 1");
+        anyhow::ensure!(
+            args.queue_capacity > 0,
+            "--queue-capacity must be at least 1"
+        );
         Ok(AgentConfig {
             coordinators: args.coordinators,
             host_id,

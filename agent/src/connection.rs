@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use backon::BackoffBuilder;
 use drover_common::proto::agent_control_client::AgentControlClient;
-use drover_common::proto::{AgentMessage, Goodbye, Heartbeat, Hello, agent_message, coordinator_message};
+use drover_common::proto::{
+    AgentMessage, Goodbye, Heartbeat, Hello, agent_message, coordinator_message,
+};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -203,7 +205,10 @@ mod tests {
         let delays: Vec<Duration> = b.delays().take(50).collect();
         assert!(delays.iter().all(|d| *d <= b.max), "{delays:?}");
         assert!(delays[0] >= Duration::from_millis(100) && delays[0] <= Duration::from_millis(200));
-        assert!(delays[20] >= Duration::from_secs(1), "grows to the cap: {delays:?}");
+        assert!(
+            delays[20] >= Duration::from_secs(1),
+            "grows to the cap: {delays:?}"
+        );
         let distinct: std::collections::HashSet<_> = delays[20..].iter().collect();
         assert!(distinct.len() > 1, "jittered even at the cap: {delays:?}");
     }

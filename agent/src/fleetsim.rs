@@ -18,7 +18,11 @@ use crate::connection::{Backoff, Connection, HelloSource};
 use crate::heartbeat;
 
 #[derive(Debug, Parser)]
-#[command(name = "drover-fleetsim", version, about = "Simulate a fleet of Drover agents in one process")]
+#[command(
+    name = "drover-fleetsim",
+    version,
+    about = "Simulate a fleet of Drover agents in one process"
+)]
 pub struct Args {
     /// Coordinator address. Repeat it for every coordinator.
     #[arg(long = "coordinator", required = true)]
@@ -106,7 +110,9 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
                 heartbeat_interval_ms: interval_ms,
             })
         };
-        let phase = args.heartbeat_interval.mul_f64(index as f64 / args.hosts as f64);
+        let phase = args
+            .heartbeat_interval
+            .mul_f64(index as f64 / args.hosts as f64);
         let mut sequence = 0u64;
         let heartbeats = heartbeat::spawn_producer(
             args.heartbeat_interval,

@@ -28,8 +28,8 @@ impl HostSampler {
         let (disk_total_bytes, disk_available_bytes) =
             match nix::sys::statvfs::statvfs(&self.data_dir) {
                 Ok(st) => {
-                    let frag = st.fragment_size() as u64;
-                    (st.blocks() as u64 * frag, st.blocks_available() as u64 * frag)
+                    let frag = st.fragment_size();
+                    (st.blocks() * frag, st.blocks_available() * frag)
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, dir = %self.data_dir.display(), "statvfs failed");

@@ -15,7 +15,11 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 /// Command line of `drover-coordinator`. Every setting may also come from
 /// the `--config` file; a flag wins over the file.
 #[derive(Debug, Parser)]
-#[command(name = "drover-coordinator", version, about = "Drover coordinator: fleet registry and deploy API")]
+#[command(
+    name = "drover-coordinator",
+    version,
+    about = "Drover coordinator: fleet registry and deploy API"
+)]
 pub struct Args {
     /// TOML file with the same settings as the flags (snake_case keys).
     #[arg(long, env = "DROVER_CONFIG")]
@@ -125,7 +129,10 @@ impl Config {
             cfg.hello_timeout = t;
         }
         if let Some(n) = args.max_message_bytes.or(file.max_message_bytes) {
-            anyhow::ensure!(n >= 4096, "max_message_bytes must be at least 4096, got {n}");
+            anyhow::ensure!(
+                n >= 4096,
+                "max_message_bytes must be at least 4096, got {n}"
+            );
             cfg.max_message_bytes = n;
         }
         if let Some(t) = args.shutdown_grace.or(file.shutdown_grace) {
@@ -135,7 +142,9 @@ impl Config {
             (Some(f), _) => f,
             (None, Some("json")) => LogFormat::Json,
             (None, Some("text") | None) => LogFormat::Text,
-            (None, Some(other)) => anyhow::bail!("log_format must be \"text\" or \"json\", got {other:?}"),
+            (None, Some(other)) => {
+                anyhow::bail!("log_format must be \"text\" or \"json\", got {other:?}")
+            }
         };
         Ok(cfg)
     }

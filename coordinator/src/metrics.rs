@@ -56,11 +56,7 @@ impl Default for Metrics {
             "Agent streams open now",
             connected_agents.clone(),
         );
-        registry.register(
-            "heartbeats",
-            "Heartbeats received",
-            heartbeats.clone(),
-        );
+        registry.register("heartbeats", "Heartbeats received", heartbeats.clone());
         registry.register(
             "heartbeat_lag_seconds",
             "Time from an agent producing a heartbeat to the registry holding it",
@@ -125,10 +121,11 @@ impl Metrics {
             };
             let metrics = self.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let metrics = metrics.clone();
-                    async move { Ok::<_, Infallible>(metrics.respond(req.uri().path())) }
-                });
+                let service =
+                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let metrics = metrics.clone();
+                        async move { Ok::<_, Infallible>(metrics.respond(req.uri().path())) }
+                    });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
                     .await
@@ -142,7 +139,10 @@ impl Metrics {
     fn respond(&self, path: &str) -> Response<Full<Bytes>> {
         let (status, body) = match path {
             "/metrics" => (StatusCode::OK, self.encode()),
-            _ => (StatusCode::NOT_FOUND, "only /metrics is served here\n".to_string()),
+            _ => (
+                StatusCode::NOT_FOUND,
+                "only /metrics is served here\n".to_string(),
+            ),
         };
         Response::builder()
             .status(status)

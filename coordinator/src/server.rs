@@ -57,7 +57,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     health
         .set_serving::<AgentControlServer<AgentControlService>>()
         .await;
-    health.set_serving::<DeployerServer<DeployerService>>().await;
+    health
+        .set_serving::<DeployerServer<DeployerService>>()
+        .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -87,8 +89,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
-            AgentControlServer::new(agent_control)
-                .max_decoding_message_size(cfg.max_message_bytes),
+            AgentControlServer::new(agent_control).max_decoding_message_size(cfg.max_message_bytes),
         )
         .add_service(DeployerServer::new(deployer).max_decoding_message_size(cfg.max_message_bytes))
         .serve_with_incoming_shutdown(incoming, async move { serve_stop.cancelled().await });
@@ -118,7 +119,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     stop.cancel();
     match tokio::time::timeout(cfg.shutdown_grace, server).await {
         Ok(result) => result.context("API server task")??,
-        Err(_) => warn!(grace = ?cfg.shutdown_grace, "connections still open after the grace period; closing them"),
+        Err(_) => {
+            warn!(grace = ?cfg.shutdown_grace, "connections still open after the grace period; closing them")
+        }
     }
     info!("stopped");
     Ok(())

@@ -33,7 +33,12 @@ impl Coordinator {
     }
 
     /// Starts it on a given address (a restart on the same port).
-    pub async fn start_on(dir: &TestDir, name: &str, listen: SocketAddr, extra: &[&str]) -> Coordinator {
+    pub async fn start_on(
+        dir: &TestDir,
+        name: &str,
+        listen: SocketAddr,
+        extra: &[&str],
+    ) -> Coordinator {
         let data_dir = dir.sub(name);
         let addr_file = data_dir.join("listen.addr");
         let metrics_file = data_dir.join("metrics.addr");
@@ -47,11 +52,19 @@ impl Coordinator {
             .args(["--metrics-listen", "127.0.0.1:0", "--id", name])
             .args(extra);
         let child = ChildGuard::spawn(name, cmd, &dir.path().join(format!("{name}.log")));
-        let (addr, metrics_addr) = wait_until("the coordinator to write its addresses", START_TIMEOUT, || async {
-            Ok((read_addr(&addr_file)?, read_addr(&metrics_file)?))
-        })
+        let (addr, metrics_addr) = wait_until(
+            "the coordinator to write its addresses",
+            START_TIMEOUT,
+            || async { Ok((read_addr(&addr_file)?, read_addr(&metrics_file)?)) },
+        )
         .await;
-        let coordinator = Coordinator { child, addr, metrics_addr, data_dir, name: name.to_string() };
+        let coordinator = Coordinator {
+            child,
+            addr,
+            metrics_addr,
+            data_dir,
+            name: name.to_string(),
+        };
         coordinator.wait_serving().await;
         coordinator
     }
@@ -77,23 +90,37 @@ impl Coordinator {
 
     /// Waits until the standard health check answers SERVING.
     pub async fn wait_serving(&self) {
-        wait_until("the coordinator to report SERVING", START_TIMEOUT, || async {
-            let channel = drover_common::grpc::connect(&self.addr_arg()).await.map_err(|e| e.to_string())?;
-            let status = HealthClient::new(channel)
-                .check(HealthCheckRequest { service: String::new() })
-                .await
-                .map_err(|e| e.to_string())?
-                .into_inner()
-                .status();
-            if status == ServingStatus::Serving { Ok(()) } else { Err(format!("{status:?}")) }
-        })
+        wait_until(
+            "the coordinator to report SERVING",
+            START_TIMEOUT,
+            || async {
+                let channel = drover_common::grpc::connect(&self.addr_arg())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let status = HealthClient::new(channel)
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .into_inner()
+                    .status();
+                if status == ServingStatus::Serving {
+                    Ok(())
+                } else {
+                    Err(format!("{status:?}"))
+                }
+            },
+        )
         .await
     }
 
     pub async fn hosts(&self, selector: &str) -> Vec<Host> {
         self.deployer()
             .await
-            .list_hosts(ListHostsRequest { selector: selector.to_string() })
+            .list_hosts(ListHostsRequest {
+                selector: selector.to_string(),
+            })
             .await
             .expect("ListHosts")
             .into_inner()
@@ -103,7 +130,9 @@ impl Coordinator {
     pub async fn host(&self, host_id: &str) -> Result<Host, tonic::Status> {
         self.deployer()
             .await
-            .get_host(GetHostRequest { host_id: host_id.to_string() })
+            .get_host(GetHostRequest {
+                host_id: host_id.to_string(),
+            })
             .await
             .map(|r| r.into_inner())
     }
@@ -139,23 +168,41 @@ pub struct Agent {
 impl Agent {
     /// Starts an agent for `host_id` connected to `coordinators`, with
     /// `extra` flags (labels, intervals, backoff).
-    pub fn start(dir: &TestDir, host_id: &str, coordinators: &[&Coordinator], extra: &[&str]) -> Agent {
+    pub fn start(
+        dir: &TestDir,
+        host_id: &str,
+        coordinators: &[&Coordinator],
+        extra: &[&str],
+    ) -> Agent {
         let addrs: Vec<String> = coordinators.iter().map(|c| c.addr_arg()).collect();
         Self::start_with_addrs(dir, host_id, &addrs, extra)
     }
 
-    pub fn start_with_addrs(dir: &TestDir, host_id: &str, coordinators: &[String], extra: &[&str]) -> Agent {
+    pub fn start_with_addrs(
+        dir: &TestDir,
+        host_id: &str,
+        coordinators: &[String],
+        extra: &[&str],
+    ) -> Agent {
         let data_dir = dir.sub(&format!("agent-{host_id}"));
         let mut cmd = Command::new(bins::bin("drover-agent"));
         for c in coordinators {
             cmd.arg("--coordinator").arg(c);
         }
-        cmd.arg("--host-id").arg(host_id).arg("--data-dir").arg(&data_dir).args(extra);
+        cmd.arg("--host-id")
+            .arg(host_id)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(extra);
         let child = ChildGuard::spawn(
             &format!("agent {host_id}"),
             cmd,
             &dir.path().join(format!("agent-{host_id}.log")),
         );
-        Agent { child, host_id: host_id.to_string(), data_dir }
+        Agent {
+            child,
+            host_id: host_id.to_string(),
+            data_dir,
+        }
     }
 }

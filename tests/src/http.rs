@@ -20,7 +20,16 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> String {
         .body(Empty::<Bytes>::new())
         .expect("valid request");
     let response = sender.send_request(request).await.expect("HTTP request");
-    assert!(response.status().is_success(), "GET {path}: {}", response.status());
-    let body = response.into_body().collect().await.expect("HTTP body").to_bytes();
+    assert!(
+        response.status().is_success(),
+        "GET {path}: {}",
+        response.status()
+    );
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("HTTP body")
+        .to_bytes();
     String::from_utf8_lossy(&body).into_owned()
 }

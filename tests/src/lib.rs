@@ -31,5 +31,7 @@ pub fn require_tool(name: &str, install_hint: &str) -> std::path::PathBuf {
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))
         .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("`{name}` is not installed; {install_hint} (scripts/test installs it)"))
+        .unwrap_or_else(|| {
+            panic!("`{name}` is not installed; {install_hint} (scripts/test installs it)")
+        })
 }

@@ -41,7 +41,8 @@ impl ChildGuard {
     }
 
     pub fn signal(&self, signal: Signal) {
-        kill(self.pid(), signal).unwrap_or_else(|e| panic!("sending {signal} to {}: {e}", self.name));
+        kill(self.pid(), signal)
+            .unwrap_or_else(|e| panic!("sending {signal} to {}: {e}", self.name));
     }
 
     /// The exit status if the child has exited, without waiting.
@@ -82,7 +83,11 @@ impl Drop for ChildGuard {
             let log = self.log();
             let lines: Vec<&str> = log.lines().collect();
             let tail = &lines[lines.len().saturating_sub(40)..];
-            eprintln!("---- last lines of {} ({}) ----", self.name, self.log.display());
+            eprintln!(
+                "---- last lines of {} ({}) ----",
+                self.name,
+                self.log.display()
+            );
             for line in tail {
                 eprintln!("{line}");
             }

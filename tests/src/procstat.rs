@@ -4,7 +4,8 @@ use nix::unistd::{Pid, SysconfVar, sysconf};
 
 /// CPU seconds (user + system) the process has used so far.
 pub fn cpu_seconds(pid: Pid) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("reading /proc/PID/stat");
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("reading /proc/PID/stat");
     // Fields after the command name (which may hold spaces) start at ") ".
     let rest = &stat[stat.rfind(')').expect("stat has a command") + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -16,7 +17,8 @@ pub fn cpu_seconds(pid: Pid) -> f64 {
 
 /// Resident set size in bytes.
 pub fn rss_bytes(pid: Pid) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("reading /proc/PID/status");
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("reading /proc/PID/status");
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))

@@ -18,7 +18,11 @@ pub struct RawStream {
 impl RawStream {
     /// Opens `AgentControl/Connect` and sends `first`. Fails with the status
     /// the coordinator answered.
-    pub async fn open(addr: &str, first: AgentMessage, max_message_bytes: usize) -> Result<RawStream, Status> {
+    pub async fn open(
+        addr: &str,
+        first: AgentMessage,
+        max_message_bytes: usize,
+    ) -> Result<RawStream, Status> {
         let channel = drover_common::grpc::connect(addr)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
@@ -28,7 +32,10 @@ impl RawStream {
         let (tx, rx) = mpsc::channel(16);
         tx.send(first).await.expect("fresh channel");
         let inbound = client.connect(ReceiverStream::new(rx)).await?.into_inner();
-        Ok(RawStream { outbound: tx, inbound })
+        Ok(RawStream {
+            outbound: tx,
+            inbound,
+        })
     }
 
     /// The next message, or the status that ended the stream; panics after
@@ -44,7 +51,10 @@ pub fn hello(host_id: &str, labels: &[(&str, &str)]) -> AgentMessage {
     AgentMessage {
         msg: Some(agent_message::Msg::Hello(Hello {
             host_id: host_id.to_string(),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             agent_version: "raw-test".into(),
             services: vec![],
             heartbeat_interval_ms: 1000,

@@ -40,7 +40,10 @@ impl Drop for TestDir {
         if std::thread::panicking()
             && let Some(dir) = self.dir.take()
         {
-            eprintln!("test failed; its files are kept in {}", dir.keep().display());
+            eprintln!(
+                "test failed; its files are kept in {}",
+                dir.keep().display()
+            );
         }
     }
 }

@@ -32,7 +32,13 @@ where
 {
     wait_until(what, timeout, || {
         let fut = check();
-        async move { if fut.await { Ok(()) } else { Err("condition false".to_string()) } }
+        async move {
+            if fut.await {
+                Ok(())
+            } else {
+                Err("condition false".to_string())
+            }
+        }
     })
     .await
 }

@@ -22,33 +22,53 @@ async fn refused(addr: &str, first: AgentMessage) -> tonic::Status {
 async fn bad_streams_get_a_clear_status_and_no_other_agent_notices() {
     let dir = TestDir::new();
     let coord = Coordinator::start(&dir, "coord", &["--hello-timeout", "1s"]).await;
-    let _bystander = Agent::start(&dir, "bystander", &[&coord], &["--heartbeat-interval", "200ms"]);
-    let before = wait_until("the bystander to connect", Duration::from_secs(20), || async {
-        match coord.host("bystander").await {
-            Ok(h) if h.heartbeat_sequence >= 2 => Ok(h),
-            other => Err(format!("{other:?}")),
-        }
-    })
+    let _bystander = Agent::start(
+        &dir,
+        "bystander",
+        &[&coord],
+        &["--heartbeat-interval", "200ms"],
+    );
+    let before = wait_until(
+        "the bystander to connect",
+        Duration::from_secs(20),
+        || async {
+            match coord.host("bystander").await {
+                Ok(h) if h.heartbeat_sequence >= 2 => Ok(h),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
     .await;
     let addr = coord.addr_arg();
 
     // The first message is not a Hello.
     let s = refused(&addr, raw::heartbeat(1)).await;
     assert_eq!(s.code(), Code::InvalidArgument);
-    assert_eq!(s.message(), "the first message on a Connect stream must be Hello, got Heartbeat");
+    assert_eq!(
+        s.message(),
+        "the first message on a Connect stream must be Hello, got Heartbeat"
+    );
 
-    let goodbye = AgentMessage { msg: Some(agent_message::Msg::Goodbye(Goodbye::default())) };
+    let goodbye = AgentMessage {
+        msg: Some(agent_message::Msg::Goodbye(Goodbye::default())),
+    };
     let s = refused(&addr, goodbye).await;
     assert_eq!(s.code(), Code::InvalidArgument);
     assert!(s.message().ends_with("got Goodbye"), "{}", s.message());
 
     // Empty and over-long host ids, and a bad character.
     let s = refused(&addr, raw::hello("", &[])).await;
-    assert_eq!((s.code(), s.message()), (Code::InvalidArgument, "host id is empty"));
+    assert_eq!(
+        (s.code(), s.message()),
+        (Code::InvalidArgument, "host id is empty")
+    );
     let long = "h".repeat(300);
     let s = refused(&addr, raw::hello(&long, &[])).await;
     assert_eq!(s.code(), Code::InvalidArgument);
-    assert_eq!(s.message(), "host id is 300 characters long; the limit is 253");
+    assert_eq!(
+        s.message(),
+        "host id is 300 characters long; the limit is 253"
+    );
     let s = refused(&addr, raw::hello("web/1", &[])).await;
     assert_eq!(s.code(), Code::InvalidArgument);
     assert!(s.message().contains("'/'"), "{}", s.message());
@@ -56,35 +76,67 @@ async fn bad_streams_get_a_clear_status_and_no_other_agent_notices() {
     // Labels that are not key=value pairs of the allowed shape.
     let s = refused(&addr, raw::hello("web-9", &[("", "eu")])).await;
     assert_eq!(s.code(), Code::InvalidArgument);
-    assert!(s.message().contains("label key \"\" is invalid"), "{}", s.message());
+    assert!(
+        s.message().contains("label key \"\" is invalid"),
+        "{}",
+        s.message()
+    );
     let s = refused(&addr, raw::hello("web-9", &[("region", "eu west")])).await;
     assert_eq!(s.code(), Code::InvalidArgument);
-    assert!(s.message().contains("label value \"eu west\" of key \"region\""), "{}", s.message());
+    assert!(
+        s.message()
+            .contains("label value \"eu west\" of key \"region\""),
+        "{}",
+        s.message()
+    );
 
     // A message over the coordinator's limit (1 MiB by default).
     let huge = "x".repeat(2 << 20);
     let s = refused(&addr, raw::hello("web-9", &[("blob", &huge)])).await;
     assert_eq!(s.code(), Code::OutOfRange);
-    assert!(s.message().contains("too large") && s.message().contains("the limit is: 1048576"), "{}", s.message());
+    assert!(
+        s.message().contains("too large") && s.message().contains("the limit is: 1048576"),
+        "{}",
+        s.message()
+    );
 
     // A stream that never says Hello.
     let status = silent_stream_status(&addr).await;
     assert_eq!(status.code(), Code::DeadlineExceeded);
-    assert!(status.message().contains("first message on a Connect stream must be Hello"), "{}", status.message());
+    assert!(
+        status
+            .message()
+            .contains("first message on a Connect stream must be Hello"),
+        "{}",
+        status.message()
+    );
 
     // None of it registered anything, and the bystander never reconnected.
     let hosts = coord.hosts("").await;
-    assert_eq!(hosts.iter().map(|h| h.host_id.as_str()).collect::<Vec<_>>(), ["bystander"]);
+    assert_eq!(
+        hosts.iter().map(|h| h.host_id.as_str()).collect::<Vec<_>>(),
+        ["bystander"]
+    );
     let seq_then = coord.host("bystander").await.unwrap().heartbeat_sequence;
-    wait_until_ok("the bystander's heartbeats to keep coming", Duration::from_secs(5), || async {
-        coord.host("bystander").await.unwrap().heartbeat_sequence > seq_then
-    })
+    wait_until_ok(
+        "the bystander's heartbeats to keep coming",
+        Duration::from_secs(5),
+        || async { coord.host("bystander").await.unwrap().heartbeat_sequence > seq_then },
+    )
     .await;
     let after = coord.host("bystander").await.unwrap();
     assert_eq!(after.state(), ConnectionState::Connected);
-    assert_eq!(after.connected_at_unix_ms, before.connected_at_unix_ms, "it never reconnected");
+    assert_eq!(
+        after.connected_at_unix_ms, before.connected_at_unix_ms,
+        "it never reconnected"
+    );
     let metrics = coord_metrics(&coord).await;
-    for (reason, count) in [("invalid_hello", 5), ("not_hello", 2), ("bad_message", 1), ("hello_timeout", 1)] {
+    for (reason, count) in [
+        ("invalid_hello", 5),
+        ("not_hello", 2),
+        ("bad_message", 1),
+        ("hello_timeout", 1),
+    ] {
         let line = format!("drover_streams_rejected_total{{reason=\"{reason}\"}} {count}\n");
         assert!(metrics.contains(&line), "{line} in {metrics}");
     }
@@ -97,7 +149,10 @@ async fn silent_stream_status(addr: &str) -> tonic::Status {
     let (_tx, rx) = tokio::sync::mpsc::channel::<AgentMessage>(1);
     let mut client = AgentControlClient::new(channel);
     let call = client.connect(tokio_stream::wrappers::ReceiverStream::new(rx));
-    match tokio::time::timeout(Duration::from_secs(10), call).await.expect("answer within 10s") {
+    match tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("answer within 10s")
+    {
         Err(s) => s,
         Ok(mut resp) => resp.get_mut().message().await.expect_err("refused"),
     }
@@ -112,8 +167,13 @@ async fn an_oversized_message_after_hello_ends_only_that_stream() {
     let dir = TestDir::new();
     let coord = Coordinator::start(&dir, "coord", &[]).await;
     let addr = coord.addr_arg();
-    let mut stream = RawStream::open(&addr, raw::hello("big", &[]), 8 << 20).await.unwrap();
-    assert!(stream.next(Duration::from_secs(5)).await.unwrap().is_some(), "welcome");
+    let mut stream = RawStream::open(&addr, raw::hello("big", &[]), 8 << 20)
+        .await
+        .unwrap();
+    assert!(
+        stream.next(Duration::from_secs(5)).await.unwrap().is_some(),
+        "welcome"
+    );
     let mut hb = raw::heartbeat(1);
     if let Some(agent_message::Msg::Heartbeat(h)) = &mut hb.msg {
         h.services.push(drover_common::proto::ServiceHealth {
@@ -124,10 +184,18 @@ async fn an_oversized_message_after_hello_ends_only_that_stream() {
     stream.outbound.send(hb).await.unwrap();
     let status = stream.next(Duration::from_secs(5)).await.unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
-    let host = wait_until("the host to be disconnected", Duration::from_secs(5), || async {
-        let h = coord.host("big").await.unwrap();
-        if h.state() == ConnectionState::Disconnected { Ok(h) } else { Err(format!("{h:?}")) }
-    })
+    let host = wait_until(
+        "the host to be disconnected",
+        Duration::from_secs(5),
+        || async {
+            let h = coord.host("big").await.unwrap();
+            if h.state() == ConnectionState::Disconnected {
+                Ok(h)
+            } else {
+                Err(format!("{h:?}"))
+            }
+        },
+    )
     .await;
     assert!(host.state_reason.contains("too large"), "{host:?}");
 }
@@ -160,14 +228,24 @@ async fn bad_api_requests_get_invalid_argument() {
     let coord = Coordinator::start(&dir, "coord", &[]).await;
     let mut api = coord.deployer().await;
     let err = api
-        .list_hosts(drover_common::proto::ListHostsRequest { selector: "region".into() })
+        .list_hosts(drover_common::proto::ListHostsRequest {
+            selector: "region".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert_eq!(err.message(), "selector term \"region\" is not key=value or key!=value");
+    assert_eq!(
+        err.message(),
+        "selector term \"region\" is not key=value or key!=value"
+    );
     let err = api
-        .get_host(drover_common::proto::GetHostRequest { host_id: String::new() })
+        .get_host(drover_common::proto::GetHostRequest {
+            host_id: String::new(),
+        })
         .await
         .unwrap_err();
-    assert_eq!((err.code(), err.message()), (Code::InvalidArgument, "host id is empty"));
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::InvalidArgument, "host id is empty")
+    );
 }

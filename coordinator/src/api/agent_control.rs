@@ -16,8 +16,8 @@ use drover_common::proto::{
     AgentMessage, CoordinatorMessage, Hello, Welcome, agent_message, coordinator_message,
 };
 use tokio::sync::mpsc;
-use tokio_stream::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info, info_span, warn};
@@ -166,7 +166,9 @@ impl AgentControl for AgentControlService {
                 .run(inbound)
                 .instrument(info_span!("agent", %host_id, session_id)),
         );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|item| *item))))
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(rx).map(|item| *item),
+        )))
     }
 }
 
@@ -187,12 +189,16 @@ impl Session {
                 next = inbound.message() => next,
             };
             match next {
-                Ok(Some(AgentMessage { msg: Some(agent_message::Msg::Heartbeat(hb)) })) => {
+                Ok(Some(AgentMessage {
+                    msg: Some(agent_message::Msg::Heartbeat(hb)),
+                })) => {
                     if !self.registry.heartbeat(&self.host_id, self.session_id, hb) {
                         break None; // replaced; the registry closed us
                     }
                 }
-                Ok(Some(AgentMessage { msg: Some(agent_message::Msg::Goodbye(bye)) })) => {
+                Ok(Some(AgentMessage {
+                    msg: Some(agent_message::Msg::Goodbye(bye)),
+                })) => {
                     let reason = if bye.reason.is_empty() {
                         "agent said goodbye".to_string()
                     } else {
@@ -205,7 +211,9 @@ impl Session {
                         Departure::Left(reason),
                     );
                 }
-                Ok(Some(AgentMessage { msg: Some(agent_message::Msg::CommandUpdate(update)) })) => {
+                Ok(Some(AgentMessage {
+                    msg: Some(agent_message::Msg::CommandUpdate(update)),
+                })) => {
                     tracing::debug!(command_id = update.command_id, "command update");
                 }
                 Ok(Some(other)) => {
@@ -213,10 +221,16 @@ impl Session {
                         "unexpected {} after Hello on a Connect stream",
                         kind_of(&other.msg)
                     ));
-                    break Some((Departure::Dropped(status.message().to_string()), Some(status)));
+                    break Some((
+                        Departure::Dropped(status.message().to_string()),
+                        Some(status),
+                    ));
                 }
                 Ok(None) => {
-                    break Some((Departure::Dropped("stream closed by the agent".into()), None));
+                    break Some((
+                        Departure::Dropped("stream closed by the agent".into()),
+                        None,
+                    ));
                 }
                 Err(status) => {
                     // Decoding errors (an oversized message, say) are told to
@@ -264,15 +278,33 @@ mod tests {
         assert!(validate_hello(&hello()).is_ok());
         let mut h = hello();
         h.host_id.clear();
-        assert_eq!(validate_hello(&h).unwrap_err().to_string(), "host id is empty");
+        assert_eq!(
+            validate_hello(&h).unwrap_err().to_string(),
+            "host id is empty"
+        );
         let mut h = hello();
         h.labels.insert("bad key".into(), "x".into());
-        assert!(validate_hello(&h).unwrap_err().to_string().contains("bad key"));
+        assert!(
+            validate_hello(&h)
+                .unwrap_err()
+                .to_string()
+                .contains("bad key")
+        );
         let mut h = hello();
         h.heartbeat_interval_ms = 0;
-        assert!(validate_hello(&h).unwrap_err().to_string().contains("heartbeat_interval_ms"));
+        assert!(
+            validate_hello(&h)
+                .unwrap_err()
+                .to_string()
+                .contains("heartbeat_interval_ms")
+        );
         let mut h = hello();
         h.agent_version = "v".repeat(65);
-        assert!(validate_hello(&h).unwrap_err().to_string().contains("agent_version"));
+        assert!(
+            validate_hello(&h)
+                .unwrap_err()
+                .to_string()
+                .contains("agent_version")
+        );
     }
 }

@@ -26,22 +26,45 @@ pub async fn list(
         return print_json(out, &response);
     }
     if response.hosts.is_empty() {
-        writeln!(out, "no hosts{}", if selector.is_empty() { String::new() } else { format!(" match {selector}") })?;
+        writeln!(
+            out,
+            "no hosts{}",
+            if selector.is_empty() {
+                String::new()
+            } else {
+                format!(" match {selector}")
+            }
+        )?;
         return Ok(());
     }
     let mut table = Table::new();
     table.load_preset(presets::NOTHING).set_header([
-        "HOST", "STATE", "HEARTBEAT", "CPU", "MEM", "DISK FREE", "SERVICES", "LABELS", "AGENT",
+        "HOST",
+        "STATE",
+        "HEARTBEAT",
+        "CPU",
+        "MEM",
+        "DISK FREE",
+        "SERVICES",
+        "LABELS",
+        "AGENT",
     ]);
     for h in &response.hosts {
         table.add_row([
             h.host_id.clone(),
             state_name(h),
             heartbeat_age(h),
-            h.metrics.map(|m| format!("{:.0}%", m.cpu_usage * 100.0)).unwrap_or_else(dash),
+            h.metrics
+                .map(|m| format!("{:.0}%", m.cpu_usage * 100.0))
+                .unwrap_or_else(dash),
             h.metrics
                 .filter(|m| m.memory_total_bytes > 0)
-                .map(|m| format!("{:.0}%", 100.0 * m.memory_used_bytes as f64 / m.memory_total_bytes as f64))
+                .map(|m| {
+                    format!(
+                        "{:.0}%",
+                        100.0 * m.memory_used_bytes as f64 / m.memory_total_bytes as f64
+                    )
+                })
                 .unwrap_or_else(dash),
             h.metrics
                 .filter(|m| m.disk_total_bytes > 0)
@@ -73,14 +96,34 @@ pub async fn show(
         return print_json(out, &h);
     }
     writeln!(out, "host:        {}", h.host_id)?;
-    writeln!(out, "state:       {}{}", state_name(&h), if h.state_reason.is_empty() { String::new() } else { format!(" ({})", h.state_reason) })?;
-    writeln!(out, "heartbeat:   {} (every {} ms, #{}, {} dropped)", heartbeat_age(&h), h.heartbeat_interval_ms, h.heartbeat_sequence, h.dropped_heartbeats)?;
-    writeln!(out, "agent:       {} from {}", h.agent_version, h.peer_address)?;
+    writeln!(
+        out,
+        "state:       {}{}",
+        state_name(&h),
+        if h.state_reason.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", h.state_reason)
+        }
+    )?;
+    writeln!(
+        out,
+        "heartbeat:   {} (every {} ms, #{}, {} dropped)",
+        heartbeat_age(&h),
+        h.heartbeat_interval_ms,
+        h.heartbeat_sequence,
+        h.dropped_heartbeats
+    )?;
+    writeln!(
+        out,
+        "agent:       {} from {}",
+        h.agent_version, h.peer_address
+    )?;
     writeln!(out, "labels:      {}", labels(&h))?;
     if let Some(m) = h.metrics {
         writeln!(
             out,
-            "host:        cpu {:.0}% of {} cores, load {:.2}, mem {} of {}, disk {} free of {}",
+            "resources:   cpu {:.0}% of {} cores, load {:.2}, mem {} of {}, disk {} free of {}",
             m.cpu_usage * 100.0,
             m.cpu_cores,
             m.load_average_1m,
@@ -91,13 +134,26 @@ pub async fn show(
         )?;
     }
     for s in &h.services {
-        writeln!(out, "service:     {} current {} previous {}", s.service, short(&s.current_artifact), short(&s.previous_artifact))?;
+        writeln!(
+            out,
+            "service:     {} current {} previous {}",
+            s.service,
+            short(&s.current_artifact),
+            short(&s.previous_artifact)
+        )?;
     }
     for s in &h.health {
         writeln!(
             out,
             "health:      {} ready={} live={} restarts={} requests={} errors={} p50={:.1}ms p99={:.1}ms",
-            s.service, s.ready, s.live, s.restarts, s.request_count, s.error_count, s.latency_p50_ms, s.latency_p99_ms
+            s.service,
+            s.ready,
+            s.live,
+            s.restarts,
+            s.request_count,
+            s.error_count,
+            s.latency_p50_ms,
+            s.latency_p99_ms
         )?;
     }
     Ok(())
@@ -123,7 +179,11 @@ fn heartbeat_age(h: &Host) -> String {
 }
 
 fn short(digest: &str) -> &str {
-    if digest.is_empty() { "-" } else { &digest[..digest.len().min(12)] }
+    if digest.is_empty() {
+        "-"
+    } else {
+        &digest[..digest.len().min(12)]
+    }
 }
 
 fn services(h: &Host) -> String {
@@ -140,7 +200,11 @@ fn services(h: &Host) -> String {
 fn labels(h: &Host) -> String {
     let mut pairs: Vec<String> = h.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
     pairs.sort();
-    if pairs.is_empty() { dash() } else { pairs.join(",") }
+    if pairs.is_empty() {
+        dash()
+    } else {
+        pairs.join(",")
+    }
 }
 
 fn bytes(n: u64) -> String {
@@ -151,5 +215,9 @@ fn bytes(n: u64) -> String {
         v /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }

@@ -32,9 +32,7 @@ pub enum Command {
         selector: String,
     },
     /// Show one host in detail.
-    Host {
-        host_id: String,
-    },
+    Host { host_id: String },
 }
 
 /// Runs one droverctl invocation; output goes to `out`.
@@ -69,7 +67,10 @@ fn source_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-pub(crate) fn print_json(out: &mut impl std::io::Write, value: &impl serde::Serialize) -> anyhow::Result<()> {
+pub(crate) fn print_json(
+    out: &mut impl std::io::Write,
+    value: &impl serde::Serialize,
+) -> anyhow::Result<()> {
     serde_json::to_writer_pretty(&mut *out, value).map_err(std::io::Error::from)?;
     writeln!(out)?;
     Ok(())

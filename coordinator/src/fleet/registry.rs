@@ -196,7 +196,10 @@ impl Registry {
     pub fn heartbeat(&self, host_id: &str, session_id: u64, hb: Heartbeat) -> bool {
         let lag_micros = now_unix_micros().saturating_sub(hb.sent_at_unix_micros);
         let mut hosts = self.hosts.lock().expect("registry lock poisoned");
-        let Some(entry) = hosts.get_mut(host_id).filter(|e| e.session_id == session_id) else {
+        let Some(entry) = hosts
+            .get_mut(host_id)
+            .filter(|e| e.session_id == session_id)
+        else {
             return false;
         };
         let newly_dropped = hb.dropped_heartbeats.saturating_sub(entry.dropped);
@@ -221,7 +224,10 @@ impl Registry {
     /// of the stream stays `GONE`; a replaced session changes nothing.
     pub fn disconnect(&self, host_id: &str, session_id: u64, how: Departure) {
         let mut hosts = self.hosts.lock().expect("registry lock poisoned");
-        let Some(entry) = hosts.get_mut(host_id).filter(|e| e.session_id == session_id) else {
+        let Some(entry) = hosts
+            .get_mut(host_id)
+            .filter(|e| e.session_id == session_id)
+        else {
             return;
         };
         let was_connected = entry.session.take().is_some();
@@ -258,7 +264,9 @@ impl Registry {
 
     pub fn get(&self, host_id: &str) -> Option<Host> {
         let hosts = self.hosts.lock().expect("registry lock poisoned");
-        hosts.get(host_id).map(|e| e.to_proto(host_id, Instant::now()))
+        hosts
+            .get(host_id)
+            .map(|e| e.to_proto(host_id, Instant::now()))
     }
 
     /// Closes every live stream with `status` (coordinator shutdown).

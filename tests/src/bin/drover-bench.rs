@@ -49,16 +49,22 @@ async fn scrape(coord: &Coordinator) -> Scrape {
     let text = http_get(coord.metrics_addr, "/metrics").await;
     let lines = text.lines().map(|l| Ok(l.to_string()));
     let parsed = prometheus_parse::Scrape::parse(lines).expect("parsing /metrics");
-    let mut out = Scrape { heartbeats: 0.0, connected: 0.0, lag_buckets: BTreeMap::new() };
+    let mut out = Scrape {
+        heartbeats: 0.0,
+        connected: 0.0,
+        lag_buckets: BTreeMap::new(),
+    };
     for sample in parsed.samples {
         match (sample.metric.as_str(), sample.value) {
-            ("drover_heartbeats_total", prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v)) => {
-                out.heartbeats = v
-            }
+            (
+                "drover_heartbeats_total",
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v),
+            ) => out.heartbeats = v,
             ("drover_connected_agents", prometheus_parse::Value::Gauge(v)) => out.connected = v,
             ("drover_heartbeat_lag_seconds", prometheus_parse::Value::Histogram(buckets)) => {
                 for b in buckets {
-                    out.lag_buckets.insert((b.less_than * 1e9) as u64, (b.less_than, b.count));
+                    out.lag_buckets
+                        .insert((b.less_than * 1e9) as u64, (b.less_than, b.count));
                 }
             }
             _ => {}
@@ -90,7 +96,11 @@ fn quantile(before: &Scrape, after: &Scrape, q: f64) -> f64 {
             if bound.is_infinite() {
                 return lower_bound;
             }
-            let frac = if count > lower_count { (target - lower_count) / (count - lower_count) } else { 1.0 };
+            let frac = if count > lower_count {
+                (target - lower_count) / (count - lower_count)
+            } else {
+                1.0
+            };
             return lower_bound + frac * (bound - lower_bound);
         }
         lower_bound = bound;
@@ -105,13 +115,27 @@ async fn fleet(agents: usize, window: Duration, settle: Duration) {
     let pid = coord.child.pid();
     let rss_idle = rss_bytes(pid);
     let mut cmd = Command::new(bins::bin("drover-fleetsim"));
-    cmd.args(["--coordinator", &coord.addr_arg(), "--hosts", &agents.to_string()])
-        .args(["--heartbeat-interval", "1s", "--connect-rate", "2000", "--reconnect-max", "5s"]);
+    cmd.args([
+        "--coordinator",
+        &coord.addr_arg(),
+        "--hosts",
+        &agents.to_string(),
+    ])
+    .args([
+        "--heartbeat-interval",
+        "1s",
+        "--connect-rate",
+        "2000",
+        "--reconnect-max",
+        "5s",
+    ]);
     let sim = ChildGuard::spawn("fleetsim", cmd, &dir.path().join("fleetsim.log"));
     let started = Instant::now();
-    wait_until_ok("every simulated agent connected", Duration::from_secs(120), || async {
-        scrape(&coord).await.connected as usize == agents
-    })
+    wait_until_ok(
+        "every simulated agent connected",
+        Duration::from_secs(120),
+        || async { scrape(&coord).await.connected as usize == agents },
+    )
     .await;
     let connect_time = started.elapsed();
     tokio::time::sleep(settle).await;
@@ -126,7 +150,10 @@ async fn fleet(agents: usize, window: Duration, settle: Duration) {
     let sim_cpu = (cpu_seconds(sim.pid()) - sim_cpu_before) / elapsed;
     let after = scrape(&coord).await;
     let rss = rss_bytes(pid);
-    assert_eq!(after.connected as usize, agents, "agents stayed connected through the window");
+    assert_eq!(
+        after.connected as usize, agents,
+        "agents stayed connected through the window"
+    );
 
     let rate = (after.heartbeats - before.heartbeats) / elapsed;
     let per_agent_kib = (rss.saturating_sub(rss_idle)) as f64 / agents as f64 / 1024.0;
@@ -147,10 +174,16 @@ async fn fleet(agents: usize, window: Duration, settle: Duration) {
 #[tokio::main]
 async fn main() {
     match Cli::parse().bench {
-        Bench::Fleet { agents, window, settle } => {
+        Bench::Fleet {
+            agents,
+            window,
+            settle,
+        } => {
             println!(
                 "fleet benchmark: {} cores, window {window:?}, settle {settle:?}",
-                std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(0)
             );
             for n in agents {
                 fleet(n, window, settle).await;
