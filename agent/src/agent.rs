@@ -45,7 +45,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
             Connection {
                 coordinator: coordinator.clone(),
                 hello: hello.clone(),
-                heartbeats: heartbeats.resubscribe(),
+                heartbeats: heartbeats.clone(),
                 backoff: cfg.backoff,
                 shutdown: shutdown.clone(),
                 dropped: Arc::new(AtomicU64::new(0)),
@@ -53,7 +53,6 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
             .run(),
         );
     }
-    drop(heartbeats);
     info!(host_id = %cfg.host_id, coordinators = ?cfg.coordinators, "agent started");
     shutdown.cancelled().await;
     info!("shutting down: saying goodbye to every coordinator");

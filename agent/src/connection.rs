@@ -12,16 +12,14 @@ use std::time::Duration;
 
 use backon::BackoffBuilder;
 use drover_common::proto::agent_control_client::AgentControlClient;
-use drover_common::proto::{
-    AgentMessage, Goodbye, Heartbeat, Hello, agent_message, coordinator_message,
-};
-use tokio::sync::{broadcast, mpsc};
+use drover_common::proto::{AgentMessage, Goodbye, Hello, agent_message, coordinator_message};
+use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::heartbeat;
+use crate::heartbeat::{self, HeartbeatFeed};
 
 /// Reconnect delays: from `min`, doubling with up to 100% jitter, never
 /// above `max`.
@@ -56,7 +54,7 @@ const GOODBYE_WAIT: Duration = Duration::from_secs(2);
 pub struct Connection {
     pub coordinator: String,
     pub hello: HelloSource,
-    pub heartbeats: broadcast::Receiver<Heartbeat>,
+    pub heartbeats: HeartbeatFeed,
     pub backoff: Backoff,
     pub shutdown: CancellationToken,
     /// Heartbeats this connection dropped since the agent started.
@@ -111,8 +109,11 @@ impl Connection {
                 msg: Some(agent_message::Msg::Hello(hello)),
             })
             .expect("fresh channel has room");
-        let heartbeats = heartbeat::stream_for(self.heartbeats.resubscribe(), self.dropped.clone())
-            .map(|hb| AgentMessage {
+        let Some(heartbeats) = self.heartbeats.subscribe() else {
+            return Ended::Shutdown; // the producer has stopped
+        };
+        let heartbeats =
+            heartbeat::stream_for(heartbeats, self.dropped.clone()).map(|hb| AgentMessage {
                 msg: Some(agent_message::Msg::Heartbeat(hb)),
             });
         let outbound = ReceiverStream::new(control_rx).merge(heartbeats);

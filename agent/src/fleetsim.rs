@@ -126,7 +126,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
                 Connection {
                     coordinator: coordinator.clone(),
                     hello: hello.clone(),
-                    heartbeats: heartbeats.resubscribe(),
+                    heartbeats: heartbeats.clone(),
                     backoff,
                     shutdown: shutdown.clone(),
                     dropped: Arc::new(AtomicU64::new(0)),

@@ -32,6 +32,22 @@ where
     }
 }
 
+/// Where streams subscribe to heartbeats. It holds the channel weakly: only
+/// the producer keeps it open, so when the producer stops every heartbeat
+/// stream ends, and an idle subscriber handle never counts as a slow reader.
+#[derive(Clone)]
+pub struct HeartbeatFeed {
+    sender: broadcast::WeakSender<Heartbeat>,
+}
+
+impl HeartbeatFeed {
+    /// A receiver of the heartbeats produced from now on; `None` once the
+    /// producer has stopped.
+    pub fn subscribe(&self) -> Option<broadcast::Receiver<Heartbeat>> {
+        self.sender.upgrade().map(|tx| tx.subscribe())
+    }
+}
+
 /// Starts producing a heartbeat every `interval`, the first after
 /// `first_delay`, until `shutdown`. When the producer stops, the channel
 /// closes and every heartbeat stream ends.
@@ -41,13 +57,17 @@ pub fn spawn_producer(
     capacity: usize,
     mut source: impl HealthSource,
     shutdown: CancellationToken,
-) -> broadcast::Receiver<Heartbeat> {
-    let (tx, rx) = broadcast::channel(capacity);
+) -> HeartbeatFeed {
+    let (tx, _) = broadcast::channel(capacity);
+    let feed = HeartbeatFeed {
+        sender: tx.downgrade(),
+    };
     tokio::spawn(async move {
         let mut ticker =
             tokio::time::interval_at(tokio::time::Instant::now() + first_delay, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sequence = 0u64;
+        let mut queue_full = false;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -65,9 +85,23 @@ pub fn spawn_producer(
             // No receiver (no stream up right now) is fine: the heartbeat is
             // simply not needed.
             let _ = tx.send(hb);
+            // `len` counts what the slowest stream has not read yet. A full
+            // queue means the next heartbeat pushes out its oldest one.
+            let full = tx.len() >= capacity;
+            if full != queue_full {
+                queue_full = full;
+                if full {
+                    tracing::warn!(
+                        capacity,
+                        "a coordinator is not reading heartbeats; dropping the oldest"
+                    );
+                } else {
+                    tracing::info!("every coordinator is reading heartbeats again");
+                }
+            }
         }
     });
-    rx
+    feed
 }
 
 /// The heartbeats one stream sends: each carries the stream's running count
@@ -105,7 +139,9 @@ mod tests {
             4,
             source(),
             stop.clone(),
-        );
+        )
+        .subscribe()
+        .unwrap();
         let dropped = Arc::new(AtomicU64::new(0));
         let mut stream = Box::pin(stream_for(rx, dropped.clone()));
         // Nobody reads for 100 ticks.
@@ -127,7 +163,9 @@ mod tests {
             4,
             source(),
             stop.clone(),
-        );
+        )
+        .subscribe()
+        .unwrap();
         let dropped = Arc::new(AtomicU64::new(0));
         let mut stream = Box::pin(stream_for(rx, dropped.clone()));
         for expected in 1..=50 {

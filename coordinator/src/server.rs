@@ -83,6 +83,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
 
     let serve_stop = stop.clone();
     let server = Server::builder()
+        // Flow control sized for many small streams. A 64 KiB stream window
+        // (HTTP/2's default; hyper's is 1 MiB) caps what one stalled agent
+        // stream can park in our buffers. The 1 MiB connection window keeps
+        // h2's small-DATA-frame budget (half the connection window) far above
+        // one stream's backlog, so resuming from a pause does not trip h2's
+        // flood guard (GOAWAY ENHANCE_YOUR_CALM) on a burst of heartbeats.
+        .initial_stream_window_size(64 * 1024)
+        .initial_connection_window_size(1024 * 1024)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_service(health_service)

@@ -294,3 +294,69 @@ async fn a_second_stream_for_the_same_host_replaces_the_first() {
     assert_eq!(host.state(), ConnectionState::Connected);
     assert_eq!(host.labels.get("v").map(String::as_str), Some("2"));
 }
+
+#[tokio::test]
+async fn a_frozen_coordinator_costs_the_agent_a_bounded_queue_and_a_drop_count() {
+    let dir = TestDir::new();
+    let coord = Coordinator::start(&dir, "coord", &[]).await;
+    let agent = Agent::start(
+        &dir,
+        "busy",
+        &[&coord],
+        &["--heartbeat-interval", "10ms", "--queue-capacity", "8"],
+    );
+    let before = wait_until("the agent to connect", Duration::from_secs(20), || async {
+        match coord.host("busy").await {
+            Ok(h) if h.heartbeat_sequence >= 10 => Ok(h),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let rss_before = drover_tests::procstat::rss_bytes(agent.child.pid());
+
+    // Freeze the coordinator: the stream's flow-control window fills, then
+    // the agent's queue, and from then on the oldest heartbeats are dropped.
+    coord.child.signal(Signal::SIGSTOP);
+    wait_until_ok(
+        "the agent to notice its queue is full",
+        Duration::from_secs(30),
+        || async {
+            agent
+                .child
+                .log()
+                .contains("a coordinator is not reading heartbeats; dropping the oldest")
+        },
+    )
+    .await;
+    let rss_frozen = drover_tests::procstat::rss_bytes(agent.child.pid());
+    coord.child.signal(Signal::SIGCONT);
+
+    let after = wait_until(
+        "the drop count to reach the coordinator",
+        Duration::from_secs(10),
+        || async {
+            match coord.host("busy").await {
+                Ok(h) if h.dropped_heartbeats > 0 => Ok(h),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    assert_eq!(after.state(), ConnectionState::Connected);
+    assert_eq!(
+        after.connected_at_unix_ms, before.connected_at_unix_ms,
+        "the stream survived"
+    );
+    assert!(after.heartbeat_sequence > before.heartbeat_sequence + after.dropped_heartbeats);
+    // Growth while frozen is bounded by the queue (8 heartbeats), not by time.
+    let growth = rss_frozen.saturating_sub(rss_before);
+    assert!(
+        growth < 4 << 20,
+        "agent grew by {growth} bytes while the coordinator was frozen"
+    );
+    let metrics = drover_tests::http_get(coord.metrics_addr, "/metrics").await;
+    assert!(
+        !metrics.contains("drover_agent_dropped_heartbeats_total 0\n"),
+        "the coordinator exports the drops: {metrics}"
+    );
+}

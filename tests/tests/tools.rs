@@ -250,11 +250,24 @@ async fn harness_starts_a_real_etcd() {
 #[test]
 fn the_readme_demo_runs_to_the_end() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/demo");
-    let out = Command::new("bash").arg(script).output().expect("running scripts/demo");
+    let out = Command::new("bash")
+        .arg(script)
+        .output()
+        .expect("running scripts/demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("web-us-1  connected"), "{stdout}");
     assert!(stdout.contains("web-eu-1  LATE"), "{stdout}");
-    assert!(stdout.contains("state:       gone (agent shutting down)"), "{stdout}");
-    assert!(stdout.ends_with("==> done; stopping the fleet\n"), "{stdout}");
+    assert!(
+        stdout.contains("state:       gone (agent shutting down)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.ends_with("==> done; stopping the fleet\n"),
+        "{stdout}"
+    );
 }
