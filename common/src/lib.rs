@@ -3,12 +3,14 @@
 //! - [`proto`]: the generated `drover.v1` types and services, the only wire types.
 //! - [`ids`]: validation of host ids.
 //! - [`labels`]: label rules and selectors (`region=eu,env=prod`).
+//! - [`artifact`]: the artifact format: digest, manifest, safe unpack.
 //! - [`codec`]: the protobuf codec of every service, with small buffers.
 //! - [`grpc`]: client endpoints and the shutdown signal.
 //! - [`limits`]: process limits (open files).
 //! - [`logging`]: the tracing subscriber of every binary.
 //! - [`time`]: wall-clock helpers for the unix-epoch fields of the protocol.
 
+pub mod artifact;
 pub mod codec;
 pub mod grpc;
 pub mod ids;

@@ -1,0 +1,399 @@
+//! Safe extraction of an artifact into a release directory.
+//!
+//! Every write goes through a `cap_std::fs::Dir` opened on the destination,
+//! so no entry can write outside it whatever links earlier entries made.
+//! On top of that, each entry is checked and refused with a reason:
+//! absolute paths, `..`, device/fifo/sparse entries, links that leave the
+//! release (checked lexically when created and by real resolution at the
+//! end), and more entries or bytes than the limits. Files are created
+//! exclusively (a duplicate entry is refused, never written through a link),
+//! and modes keep only the permission bits (no setuid/setgid).
+
+use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+
+use cap_std::ambient_authority;
+use cap_std::fs::{Dir, OpenOptions};
+use flate2::read::GzDecoder;
+use tar::EntryType;
+
+use super::manifest::{Manifest, ManifestError};
+use super::MANIFEST_FILE;
+
+/// Size limits of one artifact.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_entries: u64,
+    pub max_unpacked_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_entries: 100_000,
+            max_unpacked_bytes: 8 << 30,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UnpackError {
+    #[error("archive entry {0:?} has an absolute path")]
+    AbsolutePath(PathBuf),
+    #[error("archive entry {0:?} has a '..' component")]
+    ParentDir(PathBuf),
+    #[error("archive entry {path:?} links to {target:?}, outside the release")]
+    LinkEscapes { path: PathBuf, target: PathBuf },
+    #[error("archive entry {path:?} is a {kind}; only files, directories and links are allowed")]
+    SpecialFile { path: PathBuf, kind: &'static str },
+    #[error("archive entry {0:?} appears twice")]
+    Duplicate(PathBuf),
+    #[error("archive has more than {0} entries")]
+    TooManyEntries(u64),
+    #[error("archive unpacks to more than {0} bytes")]
+    TooLarge(u64),
+    #[error("archive has no {MANIFEST_FILE} at its root")]
+    MissingManifest,
+    #[error(transparent)]
+    InvalidManifest(#[from] ManifestError),
+    #[error("archive is not a valid tar.gz: {0}")]
+    Corrupt(io::Error),
+    #[error("writing the release: {0}")]
+    Io(io::Error),
+}
+
+/// Checks an entry path: relative, no `..`. Returns it without `.` parts.
+fn clean_path(raw: &Path) -> Result<PathBuf, UnpackError> {
+    let mut out = PathBuf::new();
+    for c in raw.components() {
+        match c {
+            Component::Normal(part) => out.push(part),
+            Component::CurDir => {}
+            Component::ParentDir => return Err(UnpackError::ParentDir(raw.to_path_buf())),
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(UnpackError::AbsolutePath(raw.to_path_buf()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// True when `target`, read from the directory holding `link`, stays
+/// inside the root (lexically).
+fn link_stays_inside(link: &Path, target: &Path) -> bool {
+    if target.is_absolute() {
+        return false;
+    }
+    let mut depth: i64 = link.components().count() as i64 - 1;
+    for c in target.components() {
+        match c {
+            Component::Normal(_) => depth += 1,
+            Component::ParentDir => depth -= 1,
+            Component::CurDir => {}
+            Component::RootDir | Component::Prefix(_) => return false,
+        }
+        if depth < 0 {
+            return false;
+        }
+    }
+    true
+}
+
+/// Unpacks the tar.gz read from `archive` into `dest`, which must not exist
+/// yet, and returns its validated manifest. On error the caller removes
+/// `dest` (it is a temp dir by convention).
+pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Manifest, UnpackError> {
+    std::fs::create_dir(dest).map_err(UnpackError::Io)?;
+    let root = Dir::open_ambient_dir(dest, ambient_authority()).map_err(UnpackError::Io)?;
+    let mut tar = tar::Archive::new(GzDecoder::new(archive));
+    let mut entries_seen = 0u64;
+    let mut bytes = 0u64;
+    let mut links = Vec::new();
+    for entry in tar.entries().map_err(UnpackError::Corrupt)? {
+        let mut entry = entry.map_err(UnpackError::Corrupt)?;
+        entries_seen += 1;
+        if entries_seen > limits.max_entries {
+            return Err(UnpackError::TooManyEntries(limits.max_entries));
+        }
+        let raw = entry.path().map_err(UnpackError::Corrupt)?.into_owned();
+        let path = clean_path(&raw)?;
+        let kind = entry.header().entry_type();
+        if path.as_os_str().is_empty() {
+            if kind == EntryType::Directory {
+                continue; // "./" itself
+            }
+            return Err(UnpackError::AbsolutePath(raw));
+        }
+        let special = |kind| Err(UnpackError::SpecialFile { path: path.clone(), kind });
+        match kind {
+            EntryType::Directory => {
+                root.create_dir_all(&path).map_err(UnpackError::Io)?;
+            }
+            EntryType::Regular | EntryType::Continuous => {
+                let size = entry.header().size().map_err(UnpackError::Corrupt)?;
+                bytes = bytes.saturating_add(size);
+                if bytes > limits.max_unpacked_bytes {
+                    return Err(UnpackError::TooLarge(limits.max_unpacked_bytes));
+                }
+                if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    root.create_dir_all(parent).map_err(UnpackError::Io)?;
+                }
+                let file = root
+                    .open_with(&path, OpenOptions::new().write(true).create_new(true))
+                    .map_err(|e| match e.kind() {
+                        io::ErrorKind::AlreadyExists => UnpackError::Duplicate(path.clone()),
+                        _ => UnpackError::Io(e),
+                    })?;
+                let mut file = file.into_std();
+                // The entry reader yields at most the header's size.
+                let copied = io::copy(&mut entry, &mut file).map_err(UnpackError::Corrupt)?;
+                if copied != size {
+                    return Err(UnpackError::Corrupt(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("entry {path:?} is truncated"),
+                    )));
+                }
+                let mode = entry.header().mode().unwrap_or(0o644) & 0o777;
+                file.set_permissions(std::fs::Permissions::from_mode(mode))
+                    .map_err(UnpackError::Io)?;
+            }
+            EntryType::Symlink | EntryType::Link => {
+                let target = entry
+                    .link_name()
+                    .map_err(UnpackError::Corrupt)?
+                    .ok_or_else(|| UnpackError::Corrupt(io::Error::other(format!("link {path:?} has no target"))))?
+                    .into_owned();
+                if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    root.create_dir_all(parent).map_err(UnpackError::Io)?;
+                }
+                let made = if kind == EntryType::Symlink {
+                    if !link_stays_inside(&path, &target) {
+                        return Err(UnpackError::LinkEscapes { path, target });
+                    }
+                    root.symlink(&target, &path)
+                } else {
+                    // A hard link names another entry of the archive.
+                    let source = clean_path(&target)
+                        .map_err(|_| UnpackError::LinkEscapes { path: path.clone(), target: target.clone() })?;
+                    root.hard_link(&source, &root, &path)
+                };
+                made.map_err(|e| match e.kind() {
+                    io::ErrorKind::AlreadyExists => UnpackError::Duplicate(path.clone()),
+                    io::ErrorKind::PermissionDenied => {
+                        UnpackError::LinkEscapes { path: path.clone(), target: target.clone() }
+                    }
+                    _ => UnpackError::Io(e),
+                })?;
+                if kind == EntryType::Symlink {
+                    links.push((path, target));
+                }
+            }
+            EntryType::Char => return special("character device"),
+            EntryType::Block => return special("block device"),
+            EntryType::Fifo => return special("fifo"),
+            EntryType::GNUSparse => return special("sparse file"),
+            _ => return special("special entry"),
+        }
+    }
+    // Lexical checks cannot see links through links (`s -> .` and then
+    // `a -> s/../x`); resolve each for real, confined to the release.
+    for (path, target) in links {
+        match root.canonicalize(&path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {} // dangling, but inside
+            Err(_) => return Err(UnpackError::LinkEscapes { path, target }),
+        }
+    }
+    let text = match root.read_to_string(MANIFEST_FILE) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(UnpackError::MissingManifest),
+        Err(e) => return Err(UnpackError::Io(e)),
+    };
+    Ok(Manifest::parse(&text)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MANIFEST: &str = "service = \"hello\"\n[start]\ncommand = \"bin/run\"\n";
+
+    /// Builds a tar.gz from raw headers, so hostile entries can be made.
+    struct Builder {
+        tar: tar::Builder<flate2::write::GzEncoder<Vec<u8>>>,
+    }
+
+    impl Builder {
+        fn new() -> Builder {
+            let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            Builder { tar: tar::Builder::new(gz) }
+        }
+
+        fn raw(mut self, name: &str, kind: EntryType, link: Option<&str>, data: &[u8]) -> Builder {
+            let mut h = tar::Header::new_gnu();
+            // Written byte by byte: set_path refuses the hostile names we want.
+            let field = &mut h.as_old_mut().name;
+            field.fill(0);
+            field[..name.len()].copy_from_slice(name.as_bytes());
+            if let Some(link) = link {
+                let field = &mut h.as_old_mut().linkname;
+                field.fill(0);
+                field[..link.len()].copy_from_slice(link.as_bytes());
+            }
+            h.set_entry_type(kind);
+            h.set_size(data.len() as u64);
+            h.set_mode(0o6755);
+            h.set_cksum();
+            self.tar.append(&h, data).unwrap();
+            self
+        }
+
+        fn file(self, name: &str, data: &[u8]) -> Builder {
+            self.raw(name, EntryType::Regular, None, data)
+        }
+
+        fn manifest(self) -> Builder {
+            self.file("drover.toml", MANIFEST.as_bytes())
+        }
+
+        fn finish(self) -> Vec<u8> {
+            self.tar.into_inner().unwrap().finish().unwrap()
+        }
+    }
+
+    fn try_unpack(archive: Vec<u8>, limits: Limits) -> (tempfile::TempDir, Result<Manifest, UnpackError>) {
+        let dir = tempfile::tempdir().unwrap();
+        let result = unpack(&archive[..], &dir.path().join("release"), &limits);
+        (dir, result)
+    }
+
+    /// Everything under `dir` except the release: must stay empty.
+    fn outside(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "release")
+            .collect()
+    }
+
+    #[test]
+    fn unpacks_files_dirs_and_inside_links() {
+        let archive = Builder::new()
+            .manifest()
+            .raw("bin/", EntryType::Directory, None, b"")
+            .file("bin/run", b"#!/bin/sh\n")
+            .raw("lib/current", EntryType::Symlink, Some("../bin/run"), b"")
+            .raw("bin/run2", EntryType::Link, Some("bin/run"), b"")
+            .finish();
+        let (dir, result) = try_unpack(archive, Limits::default());
+        let manifest = result.unwrap();
+        assert_eq!(manifest.service, "hello");
+        let release = dir.path().join("release");
+        assert_eq!(std::fs::read(release.join("lib/current")).unwrap(), b"#!/bin/sh\n");
+        assert_eq!(std::fs::read(release.join("bin/run2")).unwrap(), b"#!/bin/sh\n");
+        let mode = std::fs::metadata(release.join("bin/run")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o755, "setuid and setgid are dropped");
+    }
+
+    #[test]
+    fn hostile_archives_are_refused_and_nothing_lands_outside() {
+        let cases: Vec<(&str, Vec<u8>, fn(&UnpackError) -> bool)> = vec![
+            ("absolute path", Builder::new().manifest().file("/tmp/evil", b"x").finish(), |e| {
+                matches!(e, UnpackError::AbsolutePath(_))
+            }),
+            ("dot-dot", Builder::new().manifest().file("../evil", b"x").finish(), |e| {
+                matches!(e, UnpackError::ParentDir(_))
+            }),
+            ("nested dot-dot", Builder::new().manifest().file("a/../../evil", b"x").finish(), |e| {
+                matches!(e, UnpackError::ParentDir(_))
+            }),
+            (
+                "absolute symlink",
+                Builder::new().manifest().raw("evil", EntryType::Symlink, Some("/etc"), b"").finish(),
+                |e| matches!(e, UnpackError::LinkEscapes { .. }),
+            ),
+            (
+                "escaping symlink",
+                Builder::new().manifest().raw("a/evil", EntryType::Symlink, Some("../../x"), b"").finish(),
+                |e| matches!(e, UnpackError::LinkEscapes { .. }),
+            ),
+            (
+                "symlink through a symlink",
+                Builder::new()
+                    .manifest()
+                    .raw("s", EntryType::Symlink, Some("."), b"")
+                    .raw("evil", EntryType::Symlink, Some("s/../evil-target"), b"")
+                    .finish(),
+                |e| matches!(e, UnpackError::LinkEscapes { .. }),
+            ),
+            (
+                "write through a symlink to the parent",
+                Builder::new()
+                    .manifest()
+                    .raw("s", EntryType::Symlink, Some("."), b"")
+                    .raw("up", EntryType::Symlink, Some("s/.."), b"")
+                    .file("up/evil", b"x")
+                    .finish(),
+                |e| matches!(e, UnpackError::LinkEscapes { .. } | UnpackError::Io(_)),
+            ),
+            (
+                "escaping hard link",
+                Builder::new().manifest().raw("evil", EntryType::Link, Some("../x"), b"").finish(),
+                |e| matches!(e, UnpackError::LinkEscapes { .. }),
+            ),
+            (
+                "absolute hard link",
+                Builder::new().manifest().raw("evil", EntryType::Link, Some("/etc/passwd"), b"").finish(),
+                |e| matches!(e, UnpackError::LinkEscapes { .. }),
+            ),
+            ("device", Builder::new().manifest().raw("dev", EntryType::Char, None, b"").finish(), |e| {
+                matches!(e, UnpackError::SpecialFile { kind: "character device", .. })
+            }),
+            ("block", Builder::new().manifest().raw("dev", EntryType::Block, None, b"").finish(), |e| {
+                matches!(e, UnpackError::SpecialFile { kind: "block device", .. })
+            }),
+            ("fifo", Builder::new().manifest().raw("p", EntryType::Fifo, None, b"").finish(), |e| {
+                matches!(e, UnpackError::SpecialFile { kind: "fifo", .. })
+            }),
+            (
+                "duplicate through a symlink",
+                Builder::new()
+                    .manifest()
+                    .raw("x", EntryType::Symlink, Some("drover.toml"), b"")
+                    .file("x", b"overwrite")
+                    .finish(),
+                |e| matches!(e, UnpackError::Duplicate(_)),
+            ),
+            ("no manifest", Builder::new().file("bin/run", b"x").finish(), |e| {
+                matches!(e, UnpackError::MissingManifest)
+            }),
+            ("bad manifest", Builder::new().file("drover.toml", b"service = 1").finish(), |e| {
+                matches!(e, UnpackError::InvalidManifest(_))
+            }),
+            ("not gzip", b"definitely not a tarball".to_vec(), |e| matches!(e, UnpackError::Corrupt(_))),
+        ];
+        for (name, archive, expected) in cases {
+            let (dir, result) = try_unpack(archive, Limits::default());
+            let err = result.expect_err(name);
+            assert!(expected(&err), "{name}: got {err:?}");
+            assert_eq!(outside(dir.path()), Vec::<String>::new(), "{name}: wrote outside the release");
+        }
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let many = (0..20).fold(Builder::new().manifest(), |b, i| b.file(&format!("f{i}"), b"x")).finish();
+        let (_d, r) = try_unpack(many, Limits { max_entries: 10, max_unpacked_bytes: 1 << 20 });
+        assert!(matches!(r, Err(UnpackError::TooManyEntries(10))), "{r:?}");
+        let big = Builder::new().manifest().file("big", &vec![7u8; 4096]).finish();
+        let (_d, r) = try_unpack(big, Limits { max_entries: 10, max_unpacked_bytes: 1024 });
+        assert!(matches!(r, Err(UnpackError::TooLarge(1024))), "{r:?}");
+    }
+
+    #[test]
+    fn errors_read_well() {
+        let (_d, r) = try_unpack(Builder::new().manifest().file("../evil", b"x").finish(), Limits::default());
+        assert_eq!(r.unwrap_err().to_string(), "archive entry \"../evil\" has a '..' component");
+    }
+}
