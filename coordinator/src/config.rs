@@ -45,6 +45,9 @@ pub struct Args {
     /// How long a clean shutdown may take before connections are dropped.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub shutdown_grace: Option<Duration>,
+    /// Largest artifact accepted by Upload, in bytes.
+    #[arg(long)]
+    pub max_artifact_bytes: Option<u64>,
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
 }
@@ -62,6 +65,7 @@ struct FileConfig {
     max_message_bytes: Option<usize>,
     #[serde(default, with = "humantime_serde_opt")]
     shutdown_grace: Option<Duration>,
+    max_artifact_bytes: Option<u64>,
     log_format: Option<String>,
 }
 
@@ -87,6 +91,7 @@ pub struct Config {
     pub hello_timeout: Duration,
     pub max_message_bytes: usize,
     pub shutdown_grace: Duration,
+    pub max_artifact_bytes: u64,
     pub log_format: LogFormat,
 }
 
@@ -102,6 +107,7 @@ impl Config {
             hello_timeout: Duration::from_secs(10),
             max_message_bytes: 1024 * 1024,
             shutdown_grace: Duration::from_secs(5),
+            max_artifact_bytes: 2 << 30,
             log_format: LogFormat::Text,
         }
     }
@@ -137,6 +143,9 @@ impl Config {
         }
         if let Some(t) = args.shutdown_grace.or(file.shutdown_grace) {
             cfg.shutdown_grace = t;
+        }
+        if let Some(n) = args.max_artifact_bytes.or(file.max_artifact_bytes) {
+            cfg.max_artifact_bytes = n;
         }
         cfg.log_format = match (args.log_format, file.log_format.as_deref()) {
             (Some(f), _) => f,

@@ -4,6 +4,7 @@
 //! - [`server`]: binds the port, serves every gRPC service, shuts down cleanly.
 //! - [`api`]: the gRPC handlers (AgentControl streams, Deployer).
 //! - [`fleet`]: the in-memory registry of hosts, fed by agent streams.
+//! - [`origin`]: content-addressed artifact blobs (the origin agents pull from).
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
 //! - [`ctl`]: `droverctl`, the command-line client.
 //! - [`error`]: errors and their mapping to gRPC status codes.
@@ -14,4 +15,5 @@ pub mod ctl;
 pub mod error;
 pub mod fleet;
 pub mod metrics;
+pub mod origin;
 pub mod server;

@@ -34,6 +34,9 @@ pub struct Metrics {
     pub agent_dropped_heartbeats: Counter,
     pub streams_replaced: Counter,
     pub streams_rejected: Family<ReasonLabel, Counter>,
+    pub artifact_uploads: Counter,
+    pub artifact_fetches: Counter,
+    pub artifact_fetched_bytes: Counter,
 }
 
 /// Bucket bounds from 50 µs growing by √2 to about 3 s, fine enough to read
@@ -51,6 +54,24 @@ impl Default for Metrics {
         let agent_dropped_heartbeats = Counter::default();
         let streams_replaced = Counter::default();
         let streams_rejected = Family::<ReasonLabel, Counter>::default();
+        let artifact_uploads = Counter::default();
+        let artifact_fetches = Counter::default();
+        let artifact_fetched_bytes = Counter::default();
+        registry.register(
+            "artifact_uploads",
+            "Artifacts stored by uploads",
+            artifact_uploads.clone(),
+        );
+        registry.register(
+            "artifact_fetches",
+            "Fetch calls served (each resume counts)",
+            artifact_fetches.clone(),
+        );
+        registry.register(
+            "artifact_fetched_bytes",
+            "Artifact bytes served",
+            artifact_fetched_bytes.clone(),
+        );
         registry.register(
             "connected_agents",
             "Agent streams open now",
@@ -85,6 +106,9 @@ impl Default for Metrics {
             agent_dropped_heartbeats,
             streams_replaced,
             streams_rejected,
+            artifact_uploads,
+            artifact_fetches,
+            artifact_fetched_bytes,
         }
     }
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use drover_common::proto::FILE_DESCRIPTOR_SET;
 use drover_common::proto::agent_control_server::AgentControlServer;
+use drover_common::proto::artifacts_server::ArtifactsServer;
 use drover_common::proto::deployer_server::DeployerServer;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -18,10 +19,11 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 
-use crate::api::{AgentControlService, DeployerService};
+use crate::api::{AgentControlService, ArtifactsService, DeployerService};
 use crate::config::Config;
 use crate::fleet::Registry;
 use crate::metrics::{self, Metrics};
+use crate::origin::BlobStore;
 
 /// File in the data dir holding the API address actually bound (useful
 /// with port 0).
@@ -34,6 +36,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     let metrics = Metrics::default();
+    let blobs = Arc::new(
+        BlobStore::open(&cfg.data_dir.join("artifacts")).context("opening the artifact store")?,
+    );
     let registry = Arc::new(Registry::new(metrics.clone()));
     let stop = CancellationToken::new();
 
@@ -80,6 +85,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let deployer = DeployerService {
         registry: registry.clone(),
     };
+    let artifacts = ArtifactsService {
+        store: blobs,
+        metrics: metrics.clone(),
+        max_artifact_bytes: cfg.max_artifact_bytes,
+    };
 
     let serve_stop = stop.clone();
     let server = Server::builder()
@@ -100,6 +110,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             AgentControlServer::new(agent_control).max_decoding_message_size(cfg.max_message_bytes),
         )
         .add_service(DeployerServer::new(deployer).max_decoding_message_size(cfg.max_message_bytes))
+        .add_service(
+            ArtifactsServer::new(artifacts).max_decoding_message_size(cfg.max_message_bytes),
+        )
         .serve_with_incoming_shutdown(incoming, async move { serve_stop.cancelled().await });
     let mut server = tokio::spawn(server);
     info!(%addr, id = %cfg.id, data_dir = %cfg.data_dir.display(), "coordinator serving");
@@ -119,6 +132,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .await;
     health
         .set_not_serving::<DeployerServer<DeployerService>>()
+        .await;
+    health
+        .set_not_serving::<ArtifactsServer<ArtifactsService>>()
         .await;
     registry.close_all(Status::unavailable(format!(
         "coordinator {} is shutting down; reconnect to another",

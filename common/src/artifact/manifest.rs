@@ -189,7 +189,9 @@ impl ManifestError {
 }
 
 /// Signals a service may ask to be stopped with.
-pub const STOP_SIGNALS: &[&str] = &["SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2"];
+pub const STOP_SIGNALS: &[&str] = &[
+    "SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2",
+];
 
 impl Manifest {
     /// Parses and validates `drover.toml` text.
@@ -204,16 +206,22 @@ impl Manifest {
 
     pub fn validate(&self) -> Result<(), ManifestError> {
         let mut problems = Vec::new();
-        let mut bad = |field: &str, problem: &str| problems.push((field.to_string(), problem.to_string()));
+        let mut bad =
+            |field: &str, problem: &str| problems.push((field.to_string(), problem.to_string()));
         let service_ok = !self.service.is_empty()
             && self.service.len() <= 63
-            && self.service.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+            && self
+                .service
+                .starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
             && self
                 .service
                 .chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
         if !service_ok {
-            bad("service", "must be 1-63 characters of a-z, 0-9, '-' and '_', starting with a letter or digit");
+            bad(
+                "service",
+                "must be 1-63 characters of a-z, 0-9, '-' and '_', starting with a letter or digit",
+            );
         }
         if self.start.command.trim().is_empty() {
             bad("start.command", "must not be empty");
@@ -221,14 +229,23 @@ impl Manifest {
         if let Some(dir) = &self.start.workdir
             && (dir.starts_with('/') || dir.split('/').any(|c| c == ".."))
         {
-            bad("start.workdir", "must be a path inside the release (relative, no '..')");
+            bad(
+                "start.workdir",
+                "must be a path inside the release (relative, no '..')",
+            );
         }
         if !STOP_SIGNALS.contains(&self.start.stop_signal.as_str()) {
-            bad("start.stop_signal", "must be one of SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2");
+            bad(
+                "start.stop_signal",
+                "must be one of SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2",
+            );
         }
         for (key, _) in &self.start.env {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
-                bad("start.env", "keys must be non-empty and contain no '=' or NUL");
+                bad(
+                    "start.env",
+                    "keys must be non-empty and contain no '=' or NUL",
+                );
             }
         }
         for (field, probe) in [("readiness", &self.readiness), ("liveness", &self.liveness)] {
@@ -248,7 +265,10 @@ impl Manifest {
                 bad(&format!("{field}.failure_threshold"), "must be at least 1");
             }
             if !(100..=599).contains(&probe.expect_status) {
-                bad(&format!("{field}.expect_status"), "must be an HTTP status (100-599)");
+                bad(
+                    &format!("{field}.expect_status"),
+                    "must be an HTTP status (100-599)",
+                );
             }
         }
         if let Some(m) = &self.metrics {
@@ -278,7 +298,11 @@ impl Manifest {
                 }
             }
         }
-        if problems.is_empty() { Ok(()) } else { Err(ManifestError { problems }) }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ManifestError { problems })
+        }
     }
 }
 
@@ -332,7 +356,10 @@ pre_start = { command = ["bin/check"], timeout = "5s" }
         assert_eq!(m.start.stop_signal, "SIGTERM");
         assert_eq!(m.start.stop_grace, Duration::from_secs(10));
         let r = m.readiness.unwrap();
-        assert_eq!(r.check(), Some(ProbeCheck::Http("http://127.0.0.1:${PORT}/healthz")));
+        assert_eq!(
+            r.check(),
+            Some(ProbeCheck::Http("http://127.0.0.1:${PORT}/healthz"))
+        );
         assert_eq!((r.failure_threshold, r.expect_status), (3, 200));
         assert_eq!(m.hooks.pre_start.unwrap().timeout, Duration::from_secs(5));
     }
@@ -353,15 +380,29 @@ failure_threshold = 0
         let fields: Vec<&str> = err.problems.iter().map(|(f, _)| f.as_str()).collect();
         assert_eq!(
             fields,
-            ["service", "start.command", "start.stop_signal", "readiness", "readiness.failure_threshold"]
+            [
+                "service",
+                "start.command",
+                "start.stop_signal",
+                "readiness",
+                "readiness.failure_threshold"
+            ]
         );
-        assert!(err.to_string().starts_with("invalid drover.toml: service: must be"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("invalid drover.toml: service: must be"),
+            "{err}"
+        );
     }
 
     #[test]
     fn syntax_and_unknown_keys_are_reported_with_the_line() {
-        let err = Manifest::parse("service = \"a\"\n[start]\ncommand = \"x\"\ncomand = \"y\"\n").unwrap_err();
-        assert!(err.to_string().contains("comand") && err.to_string().contains("line 4"), "{err}");
+        let err = Manifest::parse("service = \"a\"\n[start]\ncommand = \"x\"\ncomand = \"y\"\n")
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("comand") && err.to_string().contains("line 4"),
+            "{err}"
+        );
         let err = Manifest::parse("service = ").unwrap_err();
         assert!(err.to_string().contains("line 1"), "{err}");
         let err = Manifest::parse("service = \"a\"\n").unwrap_err();
@@ -371,8 +412,14 @@ failure_threshold = 0
     #[test]
     fn expands_variables_from_the_service_environment() {
         let env: BTreeMap<String, String> = [("PORT".to_string(), "8081".to_string())].into();
-        assert_eq!(expand("http://127.0.0.1:${PORT}/x", &env).unwrap(), "http://127.0.0.1:8081/x");
+        assert_eq!(
+            expand("http://127.0.0.1:${PORT}/x", &env).unwrap(),
+            "http://127.0.0.1:8081/x"
+        );
         assert_eq!(expand("$PORT", &env).unwrap(), "8081");
-        assert_eq!(expand("${NOPE}", &env).unwrap_err(), "${NOPE} is not set for this service");
+        assert_eq!(
+            expand("${NOPE}", &env).unwrap_err(),
+            "${NOPE} is not set for this service"
+        );
     }
 }

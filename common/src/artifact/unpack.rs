@@ -18,8 +18,8 @@ use cap_std::fs::{Dir, OpenOptions};
 use flate2::read::GzDecoder;
 use tar::EntryType;
 
-use super::manifest::{Manifest, ManifestError};
 use super::MANIFEST_FILE;
+use super::manifest::{Manifest, ManifestError};
 
 /// Size limits of one artifact.
 #[derive(Debug, Clone, Copy)]
@@ -125,7 +125,12 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Manife
             }
             return Err(UnpackError::AbsolutePath(raw));
         }
-        let special = |kind| Err(UnpackError::SpecialFile { path: path.clone(), kind });
+        let special = |kind| {
+            Err(UnpackError::SpecialFile {
+                path: path.clone(),
+                kind,
+            })
+        };
         match kind {
             EntryType::Directory => {
                 root.create_dir_all(&path).map_err(UnpackError::Io)?;
@@ -162,7 +167,11 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Manife
                 let target = entry
                     .link_name()
                     .map_err(UnpackError::Corrupt)?
-                    .ok_or_else(|| UnpackError::Corrupt(io::Error::other(format!("link {path:?} has no target"))))?
+                    .ok_or_else(|| {
+                        UnpackError::Corrupt(io::Error::other(format!(
+                            "link {path:?} has no target"
+                        )))
+                    })?
                     .into_owned();
                 if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
                     root.create_dir_all(parent).map_err(UnpackError::Io)?;
@@ -174,15 +183,18 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Manife
                     root.symlink(&target, &path)
                 } else {
                     // A hard link names another entry of the archive.
-                    let source = clean_path(&target)
-                        .map_err(|_| UnpackError::LinkEscapes { path: path.clone(), target: target.clone() })?;
+                    let source = clean_path(&target).map_err(|_| UnpackError::LinkEscapes {
+                        path: path.clone(),
+                        target: target.clone(),
+                    })?;
                     root.hard_link(&source, &root, &path)
                 };
                 made.map_err(|e| match e.kind() {
                     io::ErrorKind::AlreadyExists => UnpackError::Duplicate(path.clone()),
-                    io::ErrorKind::PermissionDenied => {
-                        UnpackError::LinkEscapes { path: path.clone(), target: target.clone() }
-                    }
+                    io::ErrorKind::PermissionDenied => UnpackError::LinkEscapes {
+                        path: path.clone(),
+                        target: target.clone(),
+                    },
                     _ => UnpackError::Io(e),
                 })?;
                 if kind == EntryType::Symlink {
@@ -213,6 +225,28 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Manife
     Ok(Manifest::parse(&text)?)
 }
 
+/// Reads and validates the manifest of a tar.gz without unpacking it (the
+/// origin checks uploads with this).
+pub fn read_manifest(archive: impl Read) -> Result<Manifest, UnpackError> {
+    let mut tar = tar::Archive::new(GzDecoder::new(archive));
+    for entry in tar.entries().map_err(UnpackError::Corrupt)? {
+        let mut entry = entry.map_err(UnpackError::Corrupt)?;
+        let path = entry.path().map_err(UnpackError::Corrupt)?.into_owned();
+        if clean_path(&path).is_ok_and(|p| p == Path::new(MANIFEST_FILE))
+            && entry.header().entry_type() == EntryType::Regular
+        {
+            let mut text = String::new();
+            entry
+                .by_ref()
+                .take(1 << 20)
+                .read_to_string(&mut text)
+                .map_err(UnpackError::Corrupt)?;
+            return Ok(Manifest::parse(&text)?);
+        }
+    }
+    Err(UnpackError::MissingManifest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,7 +261,9 @@ mod tests {
     impl Builder {
         fn new() -> Builder {
             let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            Builder { tar: tar::Builder::new(gz) }
+            Builder {
+                tar: tar::Builder::new(gz),
+            }
         }
 
         fn raw(mut self, name: &str, kind: EntryType, link: Option<&str>, data: &[u8]) -> Builder {
@@ -262,7 +298,10 @@ mod tests {
         }
     }
 
-    fn try_unpack(archive: Vec<u8>, limits: Limits) -> (tempfile::TempDir, Result<Manifest, UnpackError>) {
+    fn try_unpack(
+        archive: Vec<u8>,
+        limits: Limits,
+    ) -> (tempfile::TempDir, Result<Manifest, UnpackError>) {
         let dir = tempfile::tempdir().unwrap();
         let result = unpack(&archive[..], &dir.path().join("release"), &limits);
         (dir, result)
@@ -290,32 +329,56 @@ mod tests {
         let manifest = result.unwrap();
         assert_eq!(manifest.service, "hello");
         let release = dir.path().join("release");
-        assert_eq!(std::fs::read(release.join("lib/current")).unwrap(), b"#!/bin/sh\n");
-        assert_eq!(std::fs::read(release.join("bin/run2")).unwrap(), b"#!/bin/sh\n");
-        let mode = std::fs::metadata(release.join("bin/run")).unwrap().permissions().mode();
+        assert_eq!(
+            std::fs::read(release.join("lib/current")).unwrap(),
+            b"#!/bin/sh\n"
+        );
+        assert_eq!(
+            std::fs::read(release.join("bin/run2")).unwrap(),
+            b"#!/bin/sh\n"
+        );
+        let mode = std::fs::metadata(release.join("bin/run"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o7777, 0o755, "setuid and setgid are dropped");
     }
 
     #[test]
     fn hostile_archives_are_refused_and_nothing_lands_outside() {
         let cases: Vec<(&str, Vec<u8>, fn(&UnpackError) -> bool)> = vec![
-            ("absolute path", Builder::new().manifest().file("/tmp/evil", b"x").finish(), |e| {
-                matches!(e, UnpackError::AbsolutePath(_))
-            }),
-            ("dot-dot", Builder::new().manifest().file("../evil", b"x").finish(), |e| {
-                matches!(e, UnpackError::ParentDir(_))
-            }),
-            ("nested dot-dot", Builder::new().manifest().file("a/../../evil", b"x").finish(), |e| {
-                matches!(e, UnpackError::ParentDir(_))
-            }),
+            (
+                "absolute path",
+                Builder::new().manifest().file("/tmp/evil", b"x").finish(),
+                |e| matches!(e, UnpackError::AbsolutePath(_)),
+            ),
+            (
+                "dot-dot",
+                Builder::new().manifest().file("../evil", b"x").finish(),
+                |e| matches!(e, UnpackError::ParentDir(_)),
+            ),
+            (
+                "nested dot-dot",
+                Builder::new()
+                    .manifest()
+                    .file("a/../../evil", b"x")
+                    .finish(),
+                |e| matches!(e, UnpackError::ParentDir(_)),
+            ),
             (
                 "absolute symlink",
-                Builder::new().manifest().raw("evil", EntryType::Symlink, Some("/etc"), b"").finish(),
+                Builder::new()
+                    .manifest()
+                    .raw("evil", EntryType::Symlink, Some("/etc"), b"")
+                    .finish(),
                 |e| matches!(e, UnpackError::LinkEscapes { .. }),
             ),
             (
                 "escaping symlink",
-                Builder::new().manifest().raw("a/evil", EntryType::Symlink, Some("../../x"), b"").finish(),
+                Builder::new()
+                    .manifest()
+                    .raw("a/evil", EntryType::Symlink, Some("../../x"), b"")
+                    .finish(),
                 |e| matches!(e, UnpackError::LinkEscapes { .. }),
             ),
             (
@@ -339,23 +402,60 @@ mod tests {
             ),
             (
                 "escaping hard link",
-                Builder::new().manifest().raw("evil", EntryType::Link, Some("../x"), b"").finish(),
+                Builder::new()
+                    .manifest()
+                    .raw("evil", EntryType::Link, Some("../x"), b"")
+                    .finish(),
                 |e| matches!(e, UnpackError::LinkEscapes { .. }),
             ),
             (
                 "absolute hard link",
-                Builder::new().manifest().raw("evil", EntryType::Link, Some("/etc/passwd"), b"").finish(),
+                Builder::new()
+                    .manifest()
+                    .raw("evil", EntryType::Link, Some("/etc/passwd"), b"")
+                    .finish(),
                 |e| matches!(e, UnpackError::LinkEscapes { .. }),
             ),
-            ("device", Builder::new().manifest().raw("dev", EntryType::Char, None, b"").finish(), |e| {
-                matches!(e, UnpackError::SpecialFile { kind: "character device", .. })
-            }),
-            ("block", Builder::new().manifest().raw("dev", EntryType::Block, None, b"").finish(), |e| {
-                matches!(e, UnpackError::SpecialFile { kind: "block device", .. })
-            }),
-            ("fifo", Builder::new().manifest().raw("p", EntryType::Fifo, None, b"").finish(), |e| {
-                matches!(e, UnpackError::SpecialFile { kind: "fifo", .. })
-            }),
+            (
+                "device",
+                Builder::new()
+                    .manifest()
+                    .raw("dev", EntryType::Char, None, b"")
+                    .finish(),
+                |e| {
+                    matches!(
+                        e,
+                        UnpackError::SpecialFile {
+                            kind: "character device",
+                            ..
+                        }
+                    )
+                },
+            ),
+            (
+                "block",
+                Builder::new()
+                    .manifest()
+                    .raw("dev", EntryType::Block, None, b"")
+                    .finish(),
+                |e| {
+                    matches!(
+                        e,
+                        UnpackError::SpecialFile {
+                            kind: "block device",
+                            ..
+                        }
+                    )
+                },
+            ),
+            (
+                "fifo",
+                Builder::new()
+                    .manifest()
+                    .raw("p", EntryType::Fifo, None, b"")
+                    .finish(),
+                |e| matches!(e, UnpackError::SpecialFile { kind: "fifo", .. }),
+            ),
             (
                 "duplicate through a symlink",
                 Builder::new()
@@ -365,35 +465,81 @@ mod tests {
                     .finish(),
                 |e| matches!(e, UnpackError::Duplicate(_)),
             ),
-            ("no manifest", Builder::new().file("bin/run", b"x").finish(), |e| {
-                matches!(e, UnpackError::MissingManifest)
+            (
+                "no manifest",
+                Builder::new().file("bin/run", b"x").finish(),
+                |e| matches!(e, UnpackError::MissingManifest),
+            ),
+            (
+                "bad manifest",
+                Builder::new().file("drover.toml", b"service = 1").finish(),
+                |e| matches!(e, UnpackError::InvalidManifest(_)),
+            ),
+            ("not gzip", b"definitely not a tarball".to_vec(), |e| {
+                matches!(e, UnpackError::Corrupt(_))
             }),
-            ("bad manifest", Builder::new().file("drover.toml", b"service = 1").finish(), |e| {
-                matches!(e, UnpackError::InvalidManifest(_))
-            }),
-            ("not gzip", b"definitely not a tarball".to_vec(), |e| matches!(e, UnpackError::Corrupt(_))),
         ];
         for (name, archive, expected) in cases {
             let (dir, result) = try_unpack(archive, Limits::default());
             let err = result.expect_err(name);
             assert!(expected(&err), "{name}: got {err:?}");
-            assert_eq!(outside(dir.path()), Vec::<String>::new(), "{name}: wrote outside the release");
+            assert_eq!(
+                outside(dir.path()),
+                Vec::<String>::new(),
+                "{name}: wrote outside the release"
+            );
         }
     }
 
     #[test]
     fn limits_are_enforced() {
-        let many = (0..20).fold(Builder::new().manifest(), |b, i| b.file(&format!("f{i}"), b"x")).finish();
-        let (_d, r) = try_unpack(many, Limits { max_entries: 10, max_unpacked_bytes: 1 << 20 });
+        let many = (0..20)
+            .fold(Builder::new().manifest(), |b, i| {
+                b.file(&format!("f{i}"), b"x")
+            })
+            .finish();
+        let (_d, r) = try_unpack(
+            many,
+            Limits {
+                max_entries: 10,
+                max_unpacked_bytes: 1 << 20,
+            },
+        );
         assert!(matches!(r, Err(UnpackError::TooManyEntries(10))), "{r:?}");
-        let big = Builder::new().manifest().file("big", &vec![7u8; 4096]).finish();
-        let (_d, r) = try_unpack(big, Limits { max_entries: 10, max_unpacked_bytes: 1024 });
+        let big = Builder::new()
+            .manifest()
+            .file("big", &vec![7u8; 4096])
+            .finish();
+        let (_d, r) = try_unpack(
+            big,
+            Limits {
+                max_entries: 10,
+                max_unpacked_bytes: 1024,
+            },
+        );
         assert!(matches!(r, Err(UnpackError::TooLarge(1024))), "{r:?}");
     }
 
     #[test]
+    fn reads_the_manifest_without_unpacking() {
+        let archive = Builder::new().file("bin/run", b"x").manifest().finish();
+        assert_eq!(read_manifest(&archive[..]).unwrap().service, "hello");
+        let archive = Builder::new().file("bin/run", b"x").finish();
+        assert!(matches!(
+            read_manifest(&archive[..]),
+            Err(UnpackError::MissingManifest)
+        ));
+    }
+
+    #[test]
     fn errors_read_well() {
-        let (_d, r) = try_unpack(Builder::new().manifest().file("../evil", b"x").finish(), Limits::default());
-        assert_eq!(r.unwrap_err().to_string(), "archive entry \"../evil\" has a '..' component");
+        let (_d, r) = try_unpack(
+            Builder::new().manifest().file("../evil", b"x").finish(),
+            Limits::default(),
+        );
+        assert_eq!(
+            r.unwrap_err().to_string(),
+            "archive entry \"../evil\" has a '..' component"
+        );
     }
 }

@@ -2,7 +2,9 @@
 //! errors through [`crate::error::ApiError`].
 
 pub mod agent_control;
+pub mod artifacts;
 pub mod deployer;
 
 pub use agent_control::AgentControlService;
+pub use artifacts::ArtifactsService;
 pub use deployer::DeployerService;

@@ -4,9 +4,11 @@
 //! by default and the canonical proto3 JSON (the same as grpcurl prints)
 //! with `--json`. Exit codes: 0 success, 1 any error (printed to stderr).
 
+mod artifacts;
 mod hosts;
 
 use clap::{Parser, Subcommand};
+use drover_common::proto::artifacts_client::ArtifactsClient;
 use drover_common::proto::deployer_client::DeployerClient;
 use tonic::transport::Channel;
 
@@ -33,15 +35,63 @@ pub enum Command {
     },
     /// Show one host in detail.
     Host { host_id: String },
+    /// Artifacts on the origin: push from CI, list, show.
+    #[command(subcommand)]
+    Artifact(ArtifactCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ArtifactCommand {
+    /// Upload a tar.gz; prints its sha256 (the artifact's identity).
+    Push {
+        file: std::path::PathBuf,
+        /// The service it belongs to; must match its drover.toml.
+        #[arg(long)]
+        service: String,
+        /// A version label, for people.
+        #[arg(long, default_value = "")]
+        version: String,
+        /// The commit it was built from.
+        #[arg(long, default_value = "")]
+        git_sha: String,
+    },
+    /// List stored artifacts, newest first.
+    List {
+        #[arg(long, default_value = "")]
+        service: String,
+    },
+    /// Show one artifact.
+    Show { sha256: String },
 }
 
 /// Runs one droverctl invocation; output goes to `out`.
 pub async fn run(cli: Cli, out: &mut impl std::io::Write) -> anyhow::Result<()> {
     let channel = connect(&cli.coordinator).await?;
-    let mut deployer = DeployerClient::new(channel);
+    let mut deployer = DeployerClient::new(channel.clone());
+    let mut origin = ArtifactsClient::new(channel).max_encoding_message_size(1 << 20);
     match cli.command {
         Command::Hosts { selector } => hosts::list(&mut deployer, &selector, cli.json, out).await,
         Command::Host { host_id } => hosts::show(&mut deployer, &host_id, cli.json, out).await,
+        Command::Artifact(ArtifactCommand::Push {
+            file,
+            service,
+            version,
+            git_sha,
+        }) => {
+            let push = artifacts::Push {
+                file: &file,
+                service: &service,
+                version: &version,
+                git_sha: &git_sha,
+            };
+            artifacts::push(&mut origin, push, cli.json, out).await
+        }
+        Command::Artifact(ArtifactCommand::List { service }) => {
+            artifacts::list(&mut origin, &service, cli.json, out).await
+        }
+        Command::Artifact(ArtifactCommand::Show { sha256 }) => {
+            artifacts::show(&mut origin, &sha256, cli.json, out).await
+        }
     }
 }
 

@@ -1,0 +1,275 @@
+//! `drover.v1.Artifacts` on the coordinator: the origin CI uploads to and
+//! agents pull from.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use drover_common::artifact::{Digest, read_manifest};
+use drover_common::proto::artifacts_server::Artifacts;
+use drover_common::proto::{
+    ArtifactInfo, FetchChunk, FetchRequest, ListArtifactsRequest, ListArtifactsResponse,
+    StatRequest, UploadHeader, UploadRequest, upload_request,
+};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::origin::BlobStore;
+
+/// Size of each chunk of a Fetch.
+pub const FETCH_CHUNK: usize = 256 * 1024;
+
+pub struct ArtifactsService {
+    pub store: Arc<BlobStore>,
+    pub metrics: Metrics,
+    pub max_artifact_bytes: u64,
+}
+
+fn parse_digest(s: &str) -> Result<Digest, ApiError> {
+    s.parse::<Digest>()
+        .map_err(|e| ApiError::Invalid(format!("sha256: {e}")))
+}
+
+fn validate_header(h: &UploadHeader, max: u64) -> Result<Digest, ApiError> {
+    let digest = parse_digest(&h.sha256)?;
+    let service_ok = !h.service.is_empty()
+        && h.service.len() <= 63
+        && h.service
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if !service_ok {
+        return Err(ApiError::Invalid(format!(
+            "service {:?} must be 1-63 characters of a-z, 0-9, '-' and '_'",
+            h.service
+        )));
+    }
+    if h.version.len() > 128 || h.version.chars().any(char::is_control) {
+        return Err(ApiError::Invalid(
+            "version must be at most 128 printable characters".into(),
+        ));
+    }
+    if h.git_sha.len() > 64 || !h.git_sha.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(ApiError::Invalid(format!(
+            "git_sha {:?} must be up to 64 hex characters",
+            h.git_sha
+        )));
+    }
+    if h.size_bytes > max {
+        return Err(ApiError::Invalid(format!(
+            "declared size {} bytes is over the limit of {max} bytes",
+            h.size_bytes
+        )));
+    }
+    Ok(digest)
+}
+
+fn io_status(context: &str, e: std::io::Error) -> Status {
+    warn!(error = %e, context, "artifact store I/O failed");
+    Status::internal(format!("{context}: {e}"))
+}
+
+type FetchStream = Pin<Box<dyn Stream<Item = Result<FetchChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Artifacts for ArtifactsService {
+    async fn upload(
+        &self,
+        request: Request<Streaming<UploadRequest>>,
+    ) -> Result<Response<ArtifactInfo>, Status> {
+        let mut stream = request.into_inner();
+        let header = match stream.message().await? {
+            Some(UploadRequest {
+                part: Some(upload_request::Part::Header(h)),
+            }) => h,
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "the first Upload message must be the header",
+                ));
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "the upload ended before its header",
+                ));
+            }
+        };
+        let digest = validate_header(&header, self.max_artifact_bytes)?;
+        if let Some(mut existing) = self
+            .store
+            .info(&digest)
+            .map_err(|e| io_status("reading metadata", e))?
+        {
+            info!(%digest, service = %existing.service, "upload deduplicated: artifact already stored");
+            existing.deduplicated = true;
+            return Ok(Response::new(existing));
+        }
+
+        let mut pending = self
+            .store
+            .begin()
+            .await
+            .map_err(|e| io_status("creating a temp file", e))?;
+        while let Some(msg) = stream.message().await? {
+            match msg.part {
+                Some(upload_request::Part::Chunk(bytes)) => {
+                    if pending.len() + bytes.len() as u64 > self.max_artifact_bytes {
+                        return Err(ApiError::Invalid(format!(
+                            "artifact is larger than the limit of {} bytes; nothing was stored",
+                            self.max_artifact_bytes
+                        ))
+                        .into());
+                    }
+                    pending
+                        .write(&bytes)
+                        .await
+                        .map_err(|e| io_status("writing the upload", e))?;
+                }
+                Some(upload_request::Part::Header(_)) => {
+                    return Err(Status::invalid_argument("the header was sent twice"));
+                }
+                None => {
+                    return Err(Status::invalid_argument(
+                        "an Upload message carried nothing",
+                    ));
+                }
+            }
+        }
+        let (actual, size) = pending.digest();
+        if header.size_bytes != 0 && size != header.size_bytes {
+            return Err(ApiError::Invalid(format!(
+                "declared size {} bytes but {size} bytes arrived; nothing was stored",
+                header.size_bytes
+            ))
+            .into());
+        }
+        if actual != digest {
+            return Err(ApiError::Invalid(format!(
+                "declared sha256 {digest} but the uploaded bytes hash to {actual}; nothing was stored"
+            ))
+            .into());
+        }
+        pending
+            .flush()
+            .await
+            .map_err(|e| io_status("flushing the upload", e))?;
+        let path = pending.path().to_path_buf();
+        let manifest =
+            tokio::task::spawn_blocking(move || std::fs::File::open(path).map(read_manifest))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| io_status("reading the upload", e))?
+                .map_err(|e| {
+                    ApiError::Invalid(format!("not a Drover artifact: {e}; nothing was stored"))
+                })?;
+        if manifest.service != header.service {
+            return Err(ApiError::Invalid(format!(
+                "the upload is for service {:?} but its drover.toml says {:?}; nothing was stored",
+                header.service, manifest.service
+            ))
+            .into());
+        }
+        let info = ArtifactInfo {
+            sha256: digest.hex(),
+            service: header.service,
+            version: header.version,
+            git_sha: header.git_sha,
+            size_bytes: size,
+            uploaded_at_unix_ms: drover_common::time::now_unix_ms(),
+            manifest_version: manifest.version,
+            deduplicated: false,
+        };
+        self.store
+            .commit(pending, &digest, &info)
+            .await
+            .map_err(|e| io_status("storing the upload", e))?;
+        self.metrics.artifact_uploads.inc();
+        info!(%digest, service = %info.service, version = %info.version, size, "artifact stored");
+        Ok(Response::new(info))
+    }
+
+    type FetchStream = FetchStream;
+
+    async fn fetch(&self, request: Request<FetchRequest>) -> Result<Response<FetchStream>, Status> {
+        let req = request.into_inner();
+        let digest = parse_digest(&req.sha256)?;
+        let path = self.store.blob_path(&digest);
+        let mut file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(
+                    ApiError::NotFound(format!("no artifact {digest} on this origin")).into(),
+                );
+            }
+            Err(e) => return Err(io_status("opening the blob", e)),
+        };
+        let size = file
+            .metadata()
+            .await
+            .map_err(|e| io_status("reading blob size", e))?
+            .len();
+        if req.offset > size {
+            return Err(Status::out_of_range(format!(
+                "offset {} is past the end of artifact {digest} ({size} bytes)",
+                req.offset
+            )));
+        }
+        file.seek(std::io::SeekFrom::Start(req.offset))
+            .await
+            .map_err(|e| io_status("seeking the blob", e))?;
+        self.metrics.artifact_fetches.inc();
+        let metrics = self.metrics.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut offset = req.offset;
+            loop {
+                let mut buf = vec![0u8; FETCH_CHUNK];
+                let n = match file.read(&mut buf).await {
+                    Ok(0) => return,
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx.send(Err(io_status("reading the blob", e))).await;
+                        return;
+                    }
+                };
+                buf.truncate(n);
+                metrics.artifact_fetched_bytes.inc_by(n as u64);
+                if tx.send(Ok(FetchChunk { offset, data: buf })).await.is_err() {
+                    return; // the client went away
+                }
+                offset += n as u64;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn stat(&self, request: Request<StatRequest>) -> Result<Response<ArtifactInfo>, Status> {
+        let digest = parse_digest(&request.get_ref().sha256)?;
+        match self
+            .store
+            .info(&digest)
+            .map_err(|e| io_status("reading metadata", e))?
+        {
+            Some(info) => Ok(Response::new(info)),
+            None => Err(ApiError::NotFound(format!("no artifact {digest} on this origin")).into()),
+        }
+    }
+
+    async fn list(
+        &self,
+        request: Request<ListArtifactsRequest>,
+    ) -> Result<Response<ListArtifactsResponse>, Status> {
+        let service = &request.get_ref().service;
+        let mut artifacts = self
+            .store
+            .list()
+            .map_err(|e| io_status("listing artifacts", e))?;
+        if !service.is_empty() {
+            artifacts.retain(|a| &a.service == service);
+        }
+        Ok(Response::new(ListArtifactsResponse { artifacts }))
+    }
+}
