@@ -1,16 +1,31 @@
-//! drover-agent: runs on every server, keeps one stream to each coordinator
-//! and pushes heartbeats with host metrics and service health.
+//! drover-agent: runs on every server, keeps one stream to each coordinator,
+//! pushes heartbeats with host metrics and service health, and executes the
+//! coordinators' commands.
 //!
 //! - [`config`]: flags and defaults.
-//! - [`agent`]: wires sampling, heartbeats and one connection per coordinator; clean shutdown.
-//! - [`connection`]: one coordinator stream: Hello, heartbeats, Goodbye, reconnect with backoff.
+//! - [`agent`]: wires everything; recovery at start; clean shutdown.
+//! - [`connection`]: one coordinator stream: Hello, heartbeats, commands, Goodbye, reconnect.
 //! - [`heartbeat`]: the heartbeat producer and its bounded, drop-oldest queue.
+//! - [`executor`]: Pull, Verify, Restart, Rollback: fenced and idempotent.
+//! - [`pull`]: resumable, verified downloads and unpacking into releases.
+//! - [`releases`]: the on-disk layout of releases and the `current` switch.
+//! - [`state`]: the local state journal (atomic writes).
+//! - [`runtime`]: running services: supervised processes or systemd units.
+//! - [`health`]: probes and Prometheus scrapes of running services.
 //! - [`host_metrics`]: CPU, memory and disk figures of the host.
+//! - [`http`]: the small HTTP/1 client probes and scrapes use.
 //! - [`fleetsim`]: many virtual agents in one process, for benchmarks and tests.
 
 pub mod agent;
 pub mod config;
 pub mod connection;
+pub mod executor;
 pub mod fleetsim;
+pub mod health;
 pub mod heartbeat;
 pub mod host_metrics;
+pub mod http;
+pub mod pull;
+pub mod releases;
+pub mod runtime;
+pub mod state;

@@ -1,6 +1,7 @@
 //! drover-common: what both sides of the wire share.
 //!
 //! - [`proto`]: the generated `drover.v1` types and services, the only wire types.
+//! - [`histogram`]: quantiles from Prometheus histogram buckets.
 //! - [`ids`]: validation of host ids.
 //! - [`labels`]: label rules and selectors (`region=eu,env=prod`).
 //! - [`artifact`]: the artifact format: digest, manifest, safe unpack.
@@ -13,6 +14,7 @@
 pub mod artifact;
 pub mod codec;
 pub mod grpc;
+pub mod histogram;
 pub mod ids;
 pub mod labels;
 pub mod limits;

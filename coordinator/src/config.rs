@@ -48,6 +48,9 @@ pub struct Args {
     /// Largest artifact accepted by Upload, in bytes.
     #[arg(long)]
     pub max_artifact_bytes: Option<u64>,
+    /// Address agents use to reach this coordinator's origin (default: the bound address).
+    #[arg(long)]
+    pub advertise: Option<String>,
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
 }
@@ -66,6 +69,7 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde_opt")]
     shutdown_grace: Option<Duration>,
     max_artifact_bytes: Option<u64>,
+    advertise: Option<String>,
     log_format: Option<String>,
 }
 
@@ -92,6 +96,7 @@ pub struct Config {
     pub max_message_bytes: usize,
     pub shutdown_grace: Duration,
     pub max_artifact_bytes: u64,
+    pub advertise: Option<String>,
     pub log_format: LogFormat,
 }
 
@@ -108,6 +113,7 @@ impl Config {
             max_message_bytes: 1024 * 1024,
             shutdown_grace: Duration::from_secs(5),
             max_artifact_bytes: 2 << 30,
+            advertise: None,
             log_format: LogFormat::Text,
         }
     }
@@ -147,6 +153,7 @@ impl Config {
         if let Some(n) = args.max_artifact_bytes.or(file.max_artifact_bytes) {
             cfg.max_artifact_bytes = n;
         }
+        cfg.advertise = args.advertise.or(file.advertise);
         cfg.log_format = match (args.log_format, file.log_format.as_deref()) {
             (Some(f), _) => f,
             (None, Some("json")) => LogFormat::Json,

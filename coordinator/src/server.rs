@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::api::{AgentControlService, ArtifactsService, DeployerService};
 use crate::config::Config;
-use crate::fleet::Registry;
+use crate::fleet::{PendingCommands, Registry};
 use crate::metrics::{self, Metrics};
 use crate::origin::BlobStore;
 
@@ -40,6 +40,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         BlobStore::open(&cfg.data_dir.join("artifacts")).context("opening the artifact store")?,
     );
     let registry = Arc::new(Registry::new(metrics.clone()));
+    let pending = Arc::new(PendingCommands::default());
     let stop = CancellationToken::new();
 
     let incoming = TcpIncoming::bind(cfg.listen)
@@ -78,12 +79,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let agent_control = AgentControlService {
         coordinator_id: cfg.id.clone(),
         registry: registry.clone(),
+        pending: pending.clone(),
         metrics: metrics.clone(),
         hello_timeout: cfg.hello_timeout,
         shutdown: stop.clone(),
     };
     let deployer = DeployerService {
         registry: registry.clone(),
+        pending,
+        origin_addr: cfg.advertise.clone().unwrap_or_else(|| addr.to_string()),
     };
     let artifacts = ArtifactsService {
         store: blobs,

@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::error::ApiError;
-use crate::fleet::{Departure, OutboundItem, Registry, SessionHandle};
+use crate::fleet::{Departure, OutboundItem, PendingCommands, Registry, SessionHandle};
 use crate::metrics::Metrics;
 
 /// Outbound messages queued per stream before the session waits for the agent.
@@ -36,6 +36,7 @@ const HEARTBEAT_INTERVAL_RANGE_MS: std::ops::RangeInclusive<u32> = 10..=3_600_00
 pub struct AgentControlService {
     pub coordinator_id: String,
     pub registry: Arc<Registry>,
+    pub pending: Arc<PendingCommands>,
     pub metrics: Metrics,
     pub hello_timeout: Duration,
     /// Cancelled when the coordinator shuts down.
@@ -158,6 +159,7 @@ impl AgentControl for AgentControlService {
             host_id: host_id.clone(),
             session_id,
             registry: self.registry.clone(),
+            pending: self.pending.clone(),
             outbound: tx,
             cancel,
         };
@@ -177,6 +179,7 @@ struct Session {
     host_id: String,
     session_id: u64,
     registry: Arc<Registry>,
+    pending: Arc<PendingCommands>,
     outbound: mpsc::Sender<OutboundItem>,
     cancel: CancellationToken,
 }
@@ -214,7 +217,8 @@ impl Session {
                 Ok(Some(AgentMessage {
                     msg: Some(agent_message::Msg::CommandUpdate(update)),
                 })) => {
-                    tracing::debug!(command_id = update.command_id, "command update");
+                    tracing::debug!(command_id = %update.command_id, status = ?update.status(), "command update");
+                    self.pending.deliver(&self.host_id, update);
                 }
                 Ok(Some(other)) => {
                     let status = Status::invalid_argument(format!(

@@ -1,6 +1,8 @@
 //! The fleet: which hosts exist, how they are connected and how healthy they
 //! are. Held in memory only: heartbeats are never written to any store.
 
+mod commands;
 mod registry;
 
+pub use commands::{PendingCommands, is_final};
 pub use registry::{Departure, OutboundItem, Registry, SessionHandle};

@@ -269,6 +269,12 @@ impl Registry {
             .map(|e| e.to_proto(host_id, Instant::now()))
     }
 
+    /// The live stream of `host_id`, if it is connected.
+    pub fn session(&self, host_id: &str) -> Option<SessionHandle> {
+        let hosts = self.hosts.lock().expect("registry lock poisoned");
+        hosts.get(host_id).and_then(|e| e.session.clone())
+    }
+
     /// Closes every live stream with `status` (coordinator shutdown).
     pub fn close_all(&self, status: Status) {
         let hosts = self.hosts.lock().expect("registry lock poisoned");

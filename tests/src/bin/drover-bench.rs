@@ -73,40 +73,11 @@ async fn scrape(coord: &Coordinator) -> Scrape {
     out
 }
 
-/// The q-quantile of the observations between two scrapes, interpolated
-/// linearly inside its bucket.
+/// The q-quantile of the lag observations between two scrapes.
 fn quantile(before: &Scrape, after: &Scrape, q: f64) -> f64 {
-    let deltas: Vec<(f64, f64)> = after
-        .lag_buckets
-        .iter()
-        .map(|(k, (bound, count))| {
-            let prev = before.lag_buckets.get(k).map(|(_, c)| *c).unwrap_or(0.0);
-            (*bound, count - prev)
-        })
-        .collect();
-    let total = deltas.last().map(|(_, c)| *c).unwrap_or(0.0);
-    if total == 0.0 {
-        return f64::NAN;
-    }
-    let target = q * total;
-    let mut lower_bound = 0.0;
-    let mut lower_count = 0.0;
-    for (bound, count) in deltas {
-        if count >= target {
-            if bound.is_infinite() {
-                return lower_bound;
-            }
-            let frac = if count > lower_count {
-                (target - lower_count) / (count - lower_count)
-            } else {
-                1.0
-            };
-            return lower_bound + frac * (bound - lower_bound);
-        }
-        lower_bound = bound;
-        lower_count = count;
-    }
-    lower_bound
+    let snapshot = |s: &Scrape| s.lag_buckets.values().copied().collect::<Vec<_>>();
+    let window = drover_common::histogram::delta(&snapshot(before), &snapshot(after));
+    drover_common::histogram::quantile(&window, q).unwrap_or(f64::NAN)
 }
 
 async fn fleet(agents: usize, window: Duration, settle: Duration) {

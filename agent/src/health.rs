@@ -1,0 +1,330 @@
+//! Health of running services: readiness and liveness probes, and the
+//! service's own Prometheus metrics turned into per-interval figures
+//! (requests, errors, p50/p99 latency) for the heartbeat.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use drover_common::artifact::manifest::{MetricsSpec, Probe, ProbeCheck};
+use drover_common::histogram;
+use drover_common::proto::ServiceHealth;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::runtime::Runtime;
+
+/// Runs one probe check.
+pub async fn probe_once(probe: &Probe, workdir: &std::path::Path) -> Result<(), String> {
+    match probe.check() {
+        Some(ProbeCheck::Http(url)) => {
+            let (status, _) = crate::http::get(url, probe.timeout).await?;
+            if status == probe.expect_status {
+                Ok(())
+            } else {
+                Err(format!("GET {url} answered {status}, expected {}", probe.expect_status))
+            }
+        }
+        Some(ProbeCheck::Tcp(addr)) => tokio::time::timeout(probe.timeout, tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| format!("connect {addr}: no answer within {:?}", probe.timeout))?
+            .map(|_| ())
+            .map_err(|e| format!("connect {addr}: {e}")),
+        Some(ProbeCheck::Exec(cmd)) => {
+            let mut command = tokio::process::Command::new(&cmd[0]);
+            command.args(&cmd[1..]).current_dir(workdir).kill_on_drop(true);
+            let out = tokio::time::timeout(probe.timeout, command.output())
+                .await
+                .map_err(|_| format!("{} did not finish within {:?}", cmd[0], probe.timeout))?
+                .map_err(|e| format!("running {}: {e}", cmd[0]))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!("{} exited with {}", cmd[0], out.status))
+            }
+        }
+        None => Err("the probe names no check".into()),
+    }
+}
+
+/// What to watch for one running service; every URL is already expanded.
+#[derive(Debug, Clone)]
+pub struct Watch {
+    pub readiness: Option<Probe>,
+    pub liveness: Option<Probe>,
+    pub metrics: Option<MetricsSpec>,
+    pub workdir: PathBuf,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Figures {
+    ready: bool,
+    live: bool,
+    last_probe_error: String,
+    requests: u64,
+    errors: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    interval_ms: u32,
+}
+
+struct Watched {
+    figures: Arc<Mutex<Figures>>,
+    stop: CancellationToken,
+}
+
+/// The latest health of every service, read by the heartbeat.
+pub struct HealthBoard {
+    services: Mutex<HashMap<String, Watched>>,
+    runtime: Arc<dyn Runtime>,
+    scrape_interval: Duration,
+}
+
+impl HealthBoard {
+    pub fn new(runtime: Arc<dyn Runtime>, scrape_interval: Duration) -> HealthBoard {
+        HealthBoard { services: Mutex::new(HashMap::new()), runtime, scrape_interval }
+    }
+
+    /// Starts watching `service`, replacing an earlier watch.
+    pub fn watch(&self, service: &str, watch: Watch) {
+        self.unwatch(service);
+        let figures = Arc::new(Mutex::new(Figures::default()));
+        let stop = CancellationToken::new();
+        if let Some(probe) = watch.readiness.clone() {
+            tokio::spawn(probe_loop(service.to_string(), probe, watch.workdir.clone(), figures.clone(), stop.clone(), None));
+        }
+        if let Some(probe) = watch.liveness.clone() {
+            tokio::spawn(probe_loop(
+                service.to_string(),
+                probe,
+                watch.workdir.clone(),
+                figures.clone(),
+                stop.clone(),
+                Some(self.runtime.clone()),
+            ));
+        }
+        if let Some(metrics) = watch.metrics.clone() {
+            tokio::spawn(scrape_loop(metrics, self.scrape_interval, figures.clone(), stop.clone()));
+        }
+        self.services.lock().expect("board lock").insert(service.to_string(), Watched { figures, stop });
+    }
+
+    pub fn unwatch(&self, service: &str) {
+        if let Some(w) = self.services.lock().expect("board lock").remove(service) {
+            w.stop.cancel();
+        }
+    }
+
+    /// Ready: the readiness probe passes, or (without one) the process runs.
+    pub fn is_ready(&self, service: &str, has_probe: bool) -> bool {
+        let running = self.runtime.status(service).running;
+        if !has_probe {
+            return running;
+        }
+        running
+            && self
+                .services
+                .lock()
+                .expect("board lock")
+                .get(service)
+                .is_some_and(|w| w.figures.lock().expect("figures lock").ready)
+    }
+
+    /// Health of every watched service, for a heartbeat.
+    pub fn snapshot(&self) -> Vec<ServiceHealth> {
+        let services = self.services.lock().expect("board lock");
+        let mut out: Vec<ServiceHealth> = services
+            .iter()
+            .map(|(name, w)| {
+                let f = w.figures.lock().expect("figures lock").clone();
+                let status = self.runtime.status(name);
+                ServiceHealth {
+                    service: name.clone(),
+                    ready: status.running && f.ready,
+                    live: status.running && f.live,
+                    restarts: status.restarts,
+                    request_count: f.requests,
+                    error_count: f.errors,
+                    latency_p50_ms: f.p50_ms,
+                    latency_p99_ms: f.p99_ms,
+                    interval_ms: f.interval_ms,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.service.cmp(&b.service));
+        out
+    }
+}
+
+/// Probes forever; readiness sets `ready`, liveness sets `live` and kills
+/// the process after `failure_threshold` failures so it is started again.
+async fn probe_loop(
+    service: String,
+    probe: Probe,
+    workdir: PathBuf,
+    figures: Arc<Mutex<Figures>>,
+    stop: CancellationToken,
+    liveness_runtime: Option<Arc<dyn Runtime>>,
+) {
+    let mut failures = 0u32;
+    loop {
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = probe_once(&probe, &workdir) => r,
+        };
+        {
+            let mut f = figures.lock().expect("figures lock");
+            match &result {
+                Ok(()) => {
+                    failures = 0;
+                    if liveness_runtime.is_some() { f.live = true } else { f.ready = true }
+                }
+                Err(e) => {
+                    failures += 1;
+                    f.last_probe_error = e.clone();
+                    if failures >= probe.failure_threshold {
+                        if liveness_runtime.is_some() { f.live = false } else { f.ready = false }
+                    }
+                }
+            }
+        }
+        if let (Some(runtime), Err(e)) = (&liveness_runtime, &result)
+            && failures >= probe.failure_threshold
+        {
+            warn!(%service, error = %e, "liveness failed; restarting the service");
+            runtime.kill(&service).await;
+            failures = 0;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(probe.interval) => {}
+        }
+    }
+}
+
+/// Cumulative figures of one scrape.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Scraped {
+    pub requests: f64,
+    pub errors: f64,
+    /// (upper bound in seconds, cumulative count), summed over label sets.
+    pub latency: Vec<(f64, f64)>,
+}
+
+fn counter_value(v: &prometheus_parse::Value) -> Option<f64> {
+    match v {
+        prometheus_parse::Value::Counter(x) | prometheus_parse::Value::Untyped(x) | prometheus_parse::Value::Gauge(x) => {
+            Some(*x)
+        }
+        _ => None,
+    }
+}
+
+/// Reads the figures `spec` names out of a Prometheus text exposition.
+pub fn parse_scrape(text: &str, spec: &MetricsSpec) -> Result<Scraped, String> {
+    let parsed = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .map_err(|e| format!("unreadable metrics: {e}"))?;
+    let base = spec.requests.trim_end_matches("_total");
+    let mut out = Scraped::default();
+    let mut buckets: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
+    for sample in &parsed.samples {
+        let name = sample.metric.trim_end_matches("_total");
+        if name == base
+            && let Some(v) = counter_value(&sample.value)
+        {
+            out.requests += v;
+            if let Some(sel) = &spec.errors
+                && sample.labels.get(&sel.label).is_some_and(|l| l.starts_with(&sel.prefix))
+            {
+                out.errors += v;
+            }
+        }
+        if spec.latency.as_deref() == Some(sample.metric.as_str())
+            && let prometheus_parse::Value::Histogram(hist) = &sample.value
+        {
+            for b in hist {
+                let entry = buckets.entry(b.less_than.to_bits()).or_insert((b.less_than, 0.0));
+                entry.1 += b.count;
+            }
+        }
+    }
+    let mut latency: Vec<(f64, f64)> = buckets.into_values().collect();
+    latency.sort_by(|a, b| a.0.total_cmp(&b.0));
+    out.latency = latency;
+    Ok(out)
+}
+
+async fn scrape_loop(spec: MetricsSpec, interval: Duration, figures: Arc<Mutex<Figures>>, stop: CancellationToken) {
+    let mut last: Option<(Instant, Scraped)> = None;
+    let mut warned = false;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let scraped = match crate::http::get(&spec.url, interval.max(Duration::from_millis(500))).await {
+            Ok((200, body)) => parse_scrape(&String::from_utf8_lossy(&body), &spec),
+            Ok((status, _)) => Err(format!("GET {} answered {status}", spec.url)),
+            Err(e) => Err(e),
+        };
+        let scraped = match scraped {
+            Ok(s) => {
+                if warned {
+                    info!(url = %spec.url, "metrics readable again");
+                    warned = false;
+                }
+                s
+            }
+            Err(e) => {
+                if !warned {
+                    warn!(url = %spec.url, error = %e, "cannot scrape the service's metrics");
+                    warned = true;
+                }
+                continue;
+            }
+        };
+        let now = Instant::now();
+        if let Some((at, prev)) = &last {
+            let window = histogram::delta(&prev.latency, &scraped.latency);
+            let mut f = figures.lock().expect("figures lock");
+            // A restarted service starts its counters at zero again.
+            f.requests = (scraped.requests - prev.requests).max(0.0) as u64;
+            f.errors = (scraped.errors - prev.errors).max(0.0) as u64;
+            f.p50_ms = histogram::quantile(&window, 0.5).unwrap_or(0.0) * 1e3;
+            f.p99_ms = histogram::quantile(&window, 0.99).unwrap_or(0.0) * 1e3;
+            f.interval_ms = now.duration_since(*at).as_millis() as u32;
+        }
+        last = Some((now, scraped));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover_common::artifact::manifest::ErrorSelector;
+
+    #[test]
+    fn reads_requests_errors_and_latency() {
+        let text = "# TYPE http_requests counter\n\
+            http_requests_total{code=\"200\"} 90\n\
+            http_requests_total{code=\"503\"} 7\n\
+            http_requests_total{code=\"500\"} 3\n\
+            # TYPE http_request_duration_seconds histogram\n\
+            http_request_duration_seconds_bucket{le=\"0.01\"} 50\n\
+            http_request_duration_seconds_bucket{le=\"0.1\"} 99\n\
+            http_request_duration_seconds_bucket{le=\"+Inf\"} 100\n\
+            http_request_duration_seconds_sum 3.2\n\
+            http_request_duration_seconds_count 100\n";
+        let spec = MetricsSpec {
+            url: "http://x/metrics".into(),
+            requests: "http_requests_total".into(),
+            errors: Some(ErrorSelector { label: "code".into(), prefix: "5".into() }),
+            latency: Some("http_request_duration_seconds".into()),
+        };
+        let s = parse_scrape(text, &spec).unwrap();
+        assert_eq!((s.requests, s.errors), (100.0, 10.0));
+        assert_eq!(s.latency.len(), 3);
+        assert_eq!(s.latency[1], (0.1, 99.0));
+    }
+}

@@ -1,0 +1,219 @@
+//! Pulling an artifact: a resumable, verified download into the cache, then
+//! a safe unpack into the service's releases.
+//!
+//! Bytes stream into `cache/<sha256>.part` and through the hasher; a broken
+//! stream resumes from the part file's length (on the same or the next
+//! source). Only a file whose sha256 matches is renamed to
+//! `cache/<sha256>.tar.gz`; a mismatch deletes it. Unpacking goes to a temp
+//! dir renamed into `releases/<sha256>` when complete.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use drover_common::artifact::{Digest, Hasher, Limits, Manifest, unpack};
+use drover_common::proto::FetchRequest;
+use drover_common::proto::artifacts_client::ArtifactsClient;
+use tokio::io::AsyncWriteExt;
+use tracing::{info, warn};
+
+use crate::releases::Layout;
+
+/// Attempts per pull, over all sources, before giving up.
+const MAX_ATTEMPTS: usize = 6;
+
+#[derive(Debug, Clone)]
+pub struct PullLimits {
+    pub max_artifact_bytes: u64,
+    pub unpack: Limits,
+}
+
+/// Re-hashes what a previous attempt left in the part file.
+fn resume_hasher(part: &Path) -> std::io::Result<Hasher> {
+    let mut hasher = Hasher::default();
+    let mut file = match std::fs::File::open(part) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(hasher),
+        Err(e) => return Err(e),
+    };
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hasher);
+        }
+        hasher.update(&buf[..n]);
+    }
+}
+
+/// Downloads `digest` into the cache (no-op when it is there). Returns the
+/// number of bytes fetched over the network.
+pub async fn download(
+    layout: &Layout,
+    digest: &Digest,
+    sources: &[String],
+    limits: &PullLimits,
+) -> Result<u64, String> {
+    let cached = layout.cached(digest);
+    if cached.exists() {
+        return Ok(0);
+    }
+    if sources.is_empty() {
+        return Err("the Pull command lists no sources".into());
+    }
+    std::fs::create_dir_all(layout.cache_dir()).map_err(|e| e.to_string())?;
+    let part = layout.partial(digest);
+    let mut hasher = {
+        let part2 = part.clone();
+        tokio::task::spawn_blocking(move || resume_hasher(&part2))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("reading {}: {e}", part.display()))?
+    };
+    let mut fetched = 0u64;
+    let mut last_error = String::new();
+    for attempt in 0..MAX_ATTEMPTS {
+        let source = &sources[attempt % sources.len()];
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(200 * attempt as u64)).await;
+            info!(%digest, %source, offset = hasher.len(), "resuming download");
+        }
+        match fetch_into(source, digest, &part, &mut hasher, limits, &mut fetched).await {
+            Ok(()) => {
+                let (actual, size) = hasher.finish();
+                if actual != *digest {
+                    let _ = std::fs::remove_file(&part);
+                    return Err(format!(
+                        "digest mismatch: expected {digest}, the {size} bytes received hash to {actual}; download deleted"
+                    ));
+                }
+                tokio::fs::rename(&part, &cached).await.map_err(|e| e.to_string())?;
+                return Ok(fetched);
+            }
+            Err(e) => {
+                warn!(%digest, %source, error = %e, "download interrupted");
+                last_error = e;
+            }
+        }
+    }
+    Err(format!("download failed after {MAX_ATTEMPTS} attempts: {last_error}"))
+}
+
+async fn fetch_into(
+    source: &str,
+    digest: &Digest,
+    part: &Path,
+    hasher: &mut Hasher,
+    limits: &PullLimits,
+    fetched: &mut u64,
+) -> Result<(), String> {
+    let channel = drover_common::grpc::connect(source).await.map_err(|e| format!("{source}: {e}"))?;
+    let mut client = ArtifactsClient::new(channel).max_decoding_message_size(4 << 20);
+    let offset = hasher.len();
+    let mut stream = client
+        .fetch(FetchRequest { sha256: digest.hex(), offset })
+        .await
+        .map_err(|s| format!("{source}: {:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    let mut file = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(part)
+        .await
+        .map_err(|e| e.to_string())?;
+    loop {
+        let chunk = match stream.message().await {
+            Ok(Some(c)) => c,
+            Ok(None) => break,
+            Err(s) => {
+                file.flush().await.map_err(|e| e.to_string())?;
+                return Err(format!("{source}: {:?}: {}", s.code(), s.message()));
+            }
+        };
+        if chunk.offset != hasher.len() {
+            return Err(format!("{source} sent offset {} while {} was expected", chunk.offset, hasher.len()));
+        }
+        if hasher.len() + chunk.data.len() as u64 > limits.max_artifact_bytes {
+            let _ = std::fs::remove_file(part);
+            *hasher = Hasher::default();
+            return Err(format!("artifact is larger than the limit of {} bytes", limits.max_artifact_bytes));
+        }
+        file.write_all(&chunk.data).await.map_err(|e| e.to_string())?;
+        hasher.update(&chunk.data);
+        *fetched += chunk.data.len() as u64;
+    }
+    file.flush().await.map_err(|e| e.to_string())?;
+    file.sync_all().await.map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Unpacks the cached artifact into `releases/<sha256>` (no-op when the
+/// release is there) and returns its manifest, which must be for `service`.
+pub async fn unpack_release(
+    layout: &Layout,
+    service: &str,
+    digest: &Digest,
+    limits: &PullLimits,
+) -> Result<Manifest, String> {
+    let release = layout.release(service, digest);
+    if release.is_dir() {
+        return read_release_manifest(&release, service);
+    }
+    let releases = layout.releases_dir(service);
+    std::fs::create_dir_all(&releases).map_err(|e| e.to_string())?;
+    let tmp: PathBuf = releases.join(format!(".{}.unpacking-{}", digest.hex(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let archive = layout.cached(digest);
+    let unpack_limits = limits.unpack;
+    let tmp2 = tmp.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&archive).map_err(|e| format!("opening {}: {e}", archive.display()))?;
+        unpack(std::io::BufReader::new(file), &tmp2, &unpack_limits).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let manifest = match result {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(format!("refused to unpack: {e}"));
+        }
+    };
+    if manifest.service != service {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(format!("the artifact is for service {:?}, not {service:?}", manifest.service));
+    }
+    std::fs::rename(&tmp, &release).map_err(|e| e.to_string())?;
+    Ok(manifest)
+}
+
+/// Reads and validates the manifest of an unpacked release.
+pub fn read_release_manifest(release: &Path, service: &str) -> Result<Manifest, String> {
+    let text = std::fs::read_to_string(release.join(drover_common::artifact::MANIFEST_FILE))
+        .map_err(|e| format!("release {} has no readable manifest: {e}", release.display()))?;
+    let manifest = Manifest::parse(&text).map_err(|e| e.to_string())?;
+    if manifest.service != service {
+        return Err(format!("release is for service {:?}, not {service:?}", manifest.service));
+    }
+    Ok(manifest)
+}
+
+/// Re-hashes the cached artifact and re-reads its release's manifest.
+pub async fn verify(layout: &Layout, service: &str, digest: &Digest) -> Result<(), String> {
+    let cached = layout.cached(digest);
+    let (actual, _) = {
+        let cached = cached.clone();
+        tokio::task::spawn_blocking(move || Digest::of_file(&cached))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("artifact {digest} is not on this host ({e}); send Pull first"))?
+    };
+    if actual != *digest {
+        return Err(format!("cached artifact is corrupt: expected {digest}, its bytes hash to {actual}"));
+    }
+    let release = layout.release(service, digest);
+    if !release.is_dir() {
+        return Err(format!("artifact {digest} is cached but not unpacked; send Pull"));
+    }
+    read_release_manifest(&release, service).map(|_| ())
+}

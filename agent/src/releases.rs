@@ -1,0 +1,138 @@
+//! Releases on disk:
+//!
+//! ```text
+//! <data>/cache/<sha256>.tar.gz      verified artifacts (Verify re-hashes these)
+//! <data>/cache/<sha256>.part        a pull in progress (resumed from its length)
+//! <data>/services/<service>/releases/<sha256>/   unpacked releases
+//! <data>/services/<service>/current -> releases/<sha256>   switched atomically
+//! <data>/services/<service>/logs/   the service's output (process runtime)
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use drover_common::artifact::Digest;
+
+/// Paths of one agent's data directory.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub data_dir: PathBuf,
+}
+
+/// Service names become path components: only safe ones are accepted.
+pub fn validate_service(service: &str) -> Result<(), String> {
+    let ok = !service.is_empty()
+        && service.len() <= 63
+        && service.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && service.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("service {service:?} must be 1-63 characters of a-z, 0-9, '-' and '_'"))
+    }
+}
+
+impl Layout {
+    pub fn cache_dir(&self) -> PathBuf {
+        self.data_dir.join("cache")
+    }
+
+    pub fn cached(&self, digest: &Digest) -> PathBuf {
+        self.cache_dir().join(format!("{digest}.tar.gz"))
+    }
+
+    pub fn partial(&self, digest: &Digest) -> PathBuf {
+        self.cache_dir().join(format!("{digest}.part"))
+    }
+
+    pub fn service_dir(&self, service: &str) -> PathBuf {
+        self.data_dir.join("services").join(service)
+    }
+
+    pub fn releases_dir(&self, service: &str) -> PathBuf {
+        self.service_dir(service).join("releases")
+    }
+
+    pub fn release(&self, service: &str, digest: &Digest) -> PathBuf {
+        self.releases_dir(service).join(digest.hex())
+    }
+
+    pub fn current_link(&self, service: &str) -> PathBuf {
+        self.service_dir(service).join("current")
+    }
+
+    pub fn log_dir(&self, service: &str) -> PathBuf {
+        self.service_dir(service).join("logs")
+    }
+
+    /// Points `current` at the release atomically: a new symlink under a
+    /// temp name, renamed over the old one.
+    pub fn switch_current(&self, service: &str, digest: &Digest) -> std::io::Result<()> {
+        let link = self.current_link(service);
+        let tmp = self.service_dir(service).join(".current.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(Path::new("releases").join(digest.hex()), &tmp)?;
+        std::fs::rename(&tmp, &link)?;
+        std::fs::File::open(self.service_dir(service))?.sync_all()
+    }
+
+    /// Removes releases (and their cached archives) beyond the newest
+    /// `keep`, never `protect`ed ones (current and previous). Returns the
+    /// digests removed.
+    pub fn prune(&self, service: &str, releases: &mut Vec<String>, keep: usize, protect: &[Option<&str>]) -> Vec<String> {
+        let mut removed = Vec::new();
+        while releases.len() > keep {
+            let Some(pos) = releases.iter().position(|r| !protect.contains(&Some(r.as_str()))) else {
+                break;
+            };
+            let digest = releases.remove(pos);
+            removed.push(digest);
+        }
+        for hex in &removed {
+            if let Ok(digest) = hex.parse::<Digest>() {
+                let _ = std::fs::remove_dir_all(self.release(service, &digest));
+                let _ = std::fs::remove_file(self.cached(&digest));
+            }
+        }
+        removed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prune_keeps_the_newest_and_never_current_or_previous() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout { data_dir: dir.path().to_path_buf() };
+        let mut releases: Vec<String> = ["a", "b", "c", "d", "e"].iter().map(|s| s.to_string()).collect();
+        // "a" is still the previous release (a rollback target): it stays.
+        let removed = layout.prune("web", &mut releases, 3, &[Some("e"), Some("a")]);
+        assert_eq!(removed, ["b", "c"]);
+        assert_eq!(releases, ["a", "d", "e"]);
+    }
+
+    #[test]
+    fn switch_is_a_rename_of_a_relative_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout { data_dir: dir.path().to_path_buf() };
+        let d1: Digest = "1".repeat(64).parse().unwrap();
+        let d2: Digest = "2".repeat(64).parse().unwrap();
+        for d in [&d1, &d2] {
+            std::fs::create_dir_all(layout.release("web", d)).unwrap();
+        }
+        layout.switch_current("web", &d1).unwrap();
+        layout.switch_current("web", &d2).unwrap();
+        let target = std::fs::read_link(layout.current_link("web")).unwrap();
+        assert_eq!(target, Path::new("releases").join(d2.hex()));
+        assert!(layout.current_link("web").join(".").exists());
+    }
+
+    #[test]
+    fn service_names_are_safe_path_parts() {
+        assert!(validate_service("web-api_2").is_ok());
+        for bad in ["", "../x", "a/b", "Web", ".hidden"] {
+            assert!(validate_service(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! Commands in flight to agents: who waits for which command's final update.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use drover_common::proto::{CommandStatus, CommandUpdate};
+use tokio::sync::oneshot;
+
+/// True for the updates that end a command.
+pub fn is_final(status: CommandStatus) -> bool {
+    matches!(status, CommandStatus::Succeeded | CommandStatus::Failed | CommandStatus::RejectedStale)
+}
+
+#[derive(Default)]
+pub struct PendingCommands {
+    waiters: Mutex<HashMap<(String, String), Vec<oneshot::Sender<CommandUpdate>>>>,
+}
+
+impl PendingCommands {
+    /// Registers interest in the final update of `command_id` on `host_id`.
+    pub fn wait(&self, host_id: &str, command_id: &str) -> oneshot::Receiver<CommandUpdate> {
+        let (tx, rx) = oneshot::channel();
+        self.waiters
+            .lock()
+            .expect("pending lock")
+            .entry((host_id.to_string(), command_id.to_string()))
+            .or_default()
+            .push(tx);
+        rx
+    }
+
+    /// Delivers an update from `host_id`; final ones wake every waiter.
+    pub fn deliver(&self, host_id: &str, update: CommandUpdate) {
+        if !is_final(update.status()) {
+            return;
+        }
+        let waiters = self
+            .waiters
+            .lock()
+            .expect("pending lock")
+            .remove(&(host_id.to_string(), update.command_id.clone()));
+        for tx in waiters.into_iter().flatten() {
+            let _ = tx.send(update.clone());
+        }
+    }
+
+    /// Forgets waiters that gave up (timed out), so the map cannot grow.
+    pub fn forget(&self, host_id: &str, command_id: &str) {
+        let mut waiters = self.waiters.lock().expect("pending lock");
+        let key = (host_id.to_string(), command_id.to_string());
+        if let Some(list) = waiters.get_mut(&key) {
+            list.retain(|tx| !tx.is_closed());
+            if list.is_empty() {
+                waiters.remove(&key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(id: &str, status: CommandStatus) -> CommandUpdate {
+        CommandUpdate { command_id: id.into(), status: status as i32, ..Default::default() }
+    }
+
+    #[tokio::test]
+    async fn final_updates_wake_waiters_and_progress_does_not() {
+        let p = PendingCommands::default();
+        let a = p.wait("h", "c1");
+        let b = p.wait("h", "c1");
+        p.deliver("h", update("c1", CommandStatus::Accepted));
+        p.deliver("other", update("c1", CommandStatus::Succeeded));
+        p.deliver("h", update("c1", CommandStatus::Failed));
+        assert_eq!(a.await.unwrap().status(), CommandStatus::Failed);
+        assert_eq!(b.await.unwrap().status(), CommandStatus::Failed);
+    }
+
+    #[test]
+    fn forgotten_waiters_leave_nothing_behind() {
+        let p = PendingCommands::default();
+        drop(p.wait("h", "c1"));
+        p.forget("h", "c1");
+        assert!(p.waiters.lock().unwrap().is_empty());
+    }
+}
