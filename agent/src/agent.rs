@@ -1,5 +1,6 @@
-//! The agent process: samples the host, produces heartbeats and keeps one
-//! connection per coordinator until shutdown.
+//! The agent process: restores its services, samples the host, produces
+//! heartbeats, executes commands and keeps one connection per coordinator
+//! until shutdown.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -9,10 +10,17 @@ use drover_common::proto::Hello;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::AgentConfig;
-use crate::connection::{Connection, HelloSource};
+use crate::config::{AgentConfig, RuntimeKind};
+use crate::connection::{CommandSink, Connection, HelloSource};
+use crate::executor::{Executor, ExecutorConfig};
+use crate::health::HealthBoard;
 use crate::heartbeat;
 use crate::host_metrics::HostSampler;
+use crate::releases::Layout;
+use crate::runtime::Runtime;
+use crate::runtime::process::ProcessRuntime;
+use crate::runtime::systemd::SystemdRuntime;
+use crate::state::Journal;
 
 /// How long shutdown waits for every connection to say Goodbye.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(3);
@@ -20,23 +28,60 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(3);
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)?;
+    let journal = Journal::open(&cfg.data_dir)?;
+    let runtime: Arc<dyn Runtime> = match cfg.runtime {
+        RuntimeKind::Process => Arc::new(ProcessRuntime::new()),
+        RuntimeKind::Systemd => Arc::new(SystemdRuntime {
+            unit_dir: cfg.systemd_unit_dir.clone(),
+        }),
+    };
+    let board = Arc::new(HealthBoard::new(runtime.clone(), cfg.heartbeat_interval));
+    let executor = Executor::new(
+        ExecutorConfig {
+            layout: Layout {
+                data_dir: cfg.data_dir.clone(),
+            },
+            env: cfg.env.clone(),
+            keep_releases: cfg.keep_releases,
+            limits: cfg.limits.clone(),
+            kill_leftovers: cfg.runtime == RuntimeKind::Process,
+        },
+        journal,
+        runtime.clone(),
+        board.clone(),
+    );
+    executor.recover().await;
+
     let hello: HelloSource = {
         let cfg = cfg.clone();
+        let executor = executor.clone();
         Arc::new(move || Hello {
             host_id: cfg.host_id.clone(),
             labels: cfg.labels.clone(),
             agent_version: drover_common::VERSION.to_string(),
-            // Services and their releases arrive with the executor.
-            services: Vec::new(),
+            services: executor.services(),
             heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u32,
         })
     };
+    let commands: CommandSink = {
+        let executor = executor.clone();
+        Arc::new(move |cmd, reply| {
+            let executor = executor.clone();
+            tokio::spawn(async move { executor.handle(cmd, reply).await });
+        })
+    };
     let mut sampler = HostSampler::new(cfg.data_dir.clone())?;
+    let health = board.clone();
+    let versions = executor.clone();
     let heartbeats = heartbeat::spawn_producer(
         cfg.heartbeat_interval,
         cfg.heartbeat_interval,
         cfg.queue_capacity,
-        move || (sampler.sample(), Vec::new()),
+        move || heartbeat::Sample {
+            host: sampler.sample(),
+            health: health.snapshot(),
+            versions: versions.services(),
+        },
         shutdown.clone(),
     );
     let mut tasks = tokio::task::JoinSet::new();
@@ -49,6 +94,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
                 backoff: cfg.backoff,
                 shutdown: shutdown.clone(),
                 dropped: Arc::new(AtomicU64::new(0)),
+                commands: commands.clone(),
             }
             .run(),
         );
@@ -64,6 +110,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     {
         warn!("some coordinators did not close their streams in time");
     }
+    executor.shutdown().await;
     info!("stopped");
     Ok(())
 }

@@ -40,8 +40,45 @@ pub struct Args {
     /// Heartbeats queued per coordinator while it reads slowly; older ones are dropped first.
     #[arg(long, default_value_t = 16)]
     pub queue_capacity: usize,
+    /// Environment for every service this agent runs, KEY=VALUE (PORT=8081). Repeatable.
+    #[arg(long = "env", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// How services run: supervised by the agent, or as systemd units.
+    #[arg(long, value_enum, default_value_t = RuntimeKind::Process)]
+    pub runtime: RuntimeKind,
+    /// Where the systemd runtime writes its units.
+    #[arg(long, default_value = "/etc/systemd/system")]
+    pub systemd_unit_dir: PathBuf,
+    /// Releases kept per service (never fewer than current and previous).
+    #[arg(long, default_value_t = 3)]
+    pub keep_releases: usize,
+    /// Largest artifact this agent downloads, in bytes.
+    #[arg(long, default_value_t = 2 << 30)]
+    pub max_artifact_bytes: u64,
+    /// Largest unpacked size of one artifact, in bytes.
+    #[arg(long, default_value_t = 8 << 30)]
+    pub max_unpacked_bytes: u64,
+    /// Most entries in one artifact.
+    #[arg(long, default_value_t = 100_000)]
+    pub max_entries: u64,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RuntimeKind {
+    Process,
+    Systemd,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    if k.is_empty() || k.contains('\0') {
+        return Err(format!("{s:?} has an empty or invalid key"));
+    }
+    Ok((k.to_string(), v.to_string()))
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -58,6 +95,11 @@ pub struct AgentConfig {
     pub heartbeat_interval: Duration,
     pub backoff: Backoff,
     pub queue_capacity: usize,
+    pub env: std::collections::BTreeMap<String, String>,
+    pub runtime: RuntimeKind,
+    pub systemd_unit_dir: PathBuf,
+    pub keep_releases: usize,
+    pub limits: crate::pull::PullLimits,
 }
 
 impl AgentConfig {
@@ -98,6 +140,17 @@ impl AgentConfig {
                 max: args.reconnect_max,
             },
             queue_capacity: args.queue_capacity,
+            env: args.env.into_iter().collect(),
+            runtime: args.runtime,
+            systemd_unit_dir: args.systemd_unit_dir,
+            keep_releases: args.keep_releases.max(2),
+            limits: crate::pull::PullLimits {
+                max_artifact_bytes: args.max_artifact_bytes,
+                unpack: drover_common::artifact::Limits {
+                    max_entries: args.max_entries,
+                    max_unpacked_bytes: args.max_unpacked_bytes,
+                },
+            },
         })
     }
 }

@@ -48,6 +48,11 @@ impl Backoff {
 /// current truth about the host's services.
 pub type HelloSource = Arc<dyn Fn() -> Hello + Send + Sync>;
 
+/// Receives each command with the channel its updates go back on. It must
+/// not block: it spawns the work.
+pub type CommandSink =
+    Arc<dyn Fn(drover_common::proto::Command, mpsc::Sender<AgentMessage>) + Send + Sync>;
+
 /// How long a leaving agent waits for the coordinator to close the stream.
 const GOODBYE_WAIT: Duration = Duration::from_secs(2);
 
@@ -59,6 +64,7 @@ pub struct Connection {
     pub shutdown: CancellationToken,
     /// Heartbeats this connection dropped since the agent started.
     pub dropped: Arc<AtomicU64>,
+    pub commands: CommandSink,
 }
 
 enum Ended {
@@ -155,7 +161,10 @@ impl Connection {
                         info!(coordinator = %self.coordinator, coordinator_id = %w.coordinator_id, session = %w.session_id, "connected");
                     }
                     Some(coordinator_message::Msg::Command(cmd)) => {
-                        warn!(command_id = %cmd.command_id, "commands are not executed by this agent version yet");
+                        debug!(command_id = %cmd.command_id, "command received");
+                        if let Some(reply) = &control {
+                            (self.commands)(cmd, reply.clone());
+                        }
                     }
                     Some(coordinator_message::Msg::Ack(ack)) => {
                         debug!(command_id = %ack.command_id, "ack");

@@ -16,8 +16,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use drover_common::artifact::manifest::{Hook, Manifest, Probe, expand};
 use drover_common::artifact::Digest;
+use drover_common::artifact::manifest::{Hook, Manifest, Probe, expand};
 use drover_common::proto::{
     AgentMessage, Command, CommandStatus, CommandUpdate, ServiceVersion, agent_message, command,
 };
@@ -57,11 +57,19 @@ pub struct Outcome {
 
 impl Outcome {
     fn ok(reason: impl Into<String>) -> Outcome {
-        Outcome { status: CommandStatus::Succeeded, reason: reason.into(), output_tail: String::new() }
+        Outcome {
+            status: CommandStatus::Succeeded,
+            reason: reason.into(),
+            output_tail: String::new(),
+        }
     }
 
     fn failed(reason: impl Into<String>) -> Outcome {
-        Outcome { status: CommandStatus::Failed, reason: reason.into(), output_tail: String::new() }
+        Outcome {
+            status: CommandStatus::Failed,
+            reason: reason.into(),
+            output_tail: String::new(),
+        }
     }
 
     fn with_tail(mut self, tail: String) -> Outcome {
@@ -88,7 +96,11 @@ fn update(cmd: &Command, status: CommandStatus, reason: &str, tail: &str) -> Age
             status: status as i32,
             reason: reason.to_string(),
             output_tail: tail.to_string(),
-            progress_percent: if status == CommandStatus::Succeeded { 100 } else { 0 },
+            progress_percent: if status == CommandStatus::Succeeded {
+                100
+            } else {
+                0
+            },
         })),
     }
 }
@@ -98,7 +110,12 @@ fn parse_digest(s: &str) -> Result<Digest, String> {
 }
 
 impl Executor {
-    pub fn new(cfg: ExecutorConfig, journal: Journal, runtime: Arc<dyn Runtime>, board: Arc<HealthBoard>) -> Arc<Executor> {
+    pub fn new(
+        cfg: ExecutorConfig,
+        journal: Journal,
+        runtime: Arc<dyn Runtime>,
+        board: Arc<HealthBoard>,
+    ) -> Arc<Executor> {
         Arc::new(Executor {
             cfg,
             journal: Mutex::new(journal),
@@ -127,50 +144,90 @@ impl Executor {
     }
 
     fn service_lock(&self, service: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.locks.lock().expect("locks lock").entry(service.to_string()).or_default().clone()
+        self.locks
+            .lock()
+            .expect("locks lock")
+            .entry(service.to_string())
+            .or_default()
+            .clone()
     }
 
     fn save(&self, change: impl FnOnce(&mut crate::state::LocalState)) -> Result<(), String> {
         let mut journal = self.journal.lock().expect("journal lock");
         change(&mut journal.state);
-        journal.save().map_err(|e| format!("cannot write the state journal: {e}"))
+        journal
+            .save()
+            .map_err(|e| format!("cannot write the state journal: {e}"))
     }
 
     fn record(&self, service: &str) -> ServiceRecord {
-        self.journal.lock().expect("journal lock").state.services.get(service).cloned().unwrap_or_default()
+        self.journal
+            .lock()
+            .expect("journal lock")
+            .state
+            .services
+            .get(service)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Handles one command from a coordinator; every update goes to `reply`.
     pub async fn handle(self: &Arc<Self>, cmd: Command, reply: mpsc::Sender<AgentMessage>) {
         // 1. Fencing, then 2. a recorded result.
-        let recorded = {
+        enum Gate {
+            Reject(String),
+            Fail(String),
+            Recorded(RecordedResult),
+            Run,
+        }
+        let gate = {
             let mut journal = self.journal.lock().expect("journal lock");
             let highest = journal.state.epochs.get(&cmd.shard).copied().unwrap_or(0);
             if cmd.epoch < highest {
-                let reason = format!(
+                Gate::Reject(format!(
                     "epoch {} is below {highest}, the highest seen for shard {}; a newer leader owns this shard",
                     cmd.epoch, cmd.shard
-                );
-                warn!(command_id = %cmd.command_id, %reason, "rejected stale command");
-                drop(journal);
-                let _ = reply.send(update(&cmd, CommandStatus::RejectedStale, &reason, "")).await;
-                return;
-            }
-            if cmd.epoch > highest {
-                journal.state.epochs.insert(cmd.shard, cmd.epoch);
-                if let Err(e) = journal.save() {
-                    drop(journal);
-                    let reason = format!("cannot persist the shard epoch: {e}");
-                    let _ = reply.send(update(&cmd, CommandStatus::Failed, &reason, "")).await;
-                    return;
+                ))
+            } else {
+                let saved = if cmd.epoch > highest {
+                    journal.state.epochs.insert(cmd.shard, cmd.epoch);
+                    journal
+                        .save()
+                        .map_err(|e| format!("cannot persist the shard epoch: {e}"))
+                } else {
+                    Ok(())
+                };
+                match saved {
+                    Err(e) => Gate::Fail(e),
+                    Ok(()) => match journal.state.result(&cmd.command_id) {
+                        Some(r) => Gate::Recorded(r.clone()),
+                        None => Gate::Run,
+                    },
                 }
             }
-            journal.state.result(&cmd.command_id).cloned()
         };
-        if let Some(r) = recorded {
-            let status = CommandStatus::try_from(r.status).unwrap_or(CommandStatus::Failed);
-            let _ = reply.send(update(&cmd, status, &r.reason, &r.output_tail)).await;
-            return;
+        match gate {
+            Gate::Reject(reason) => {
+                warn!(command_id = %cmd.command_id, %reason, "rejected stale command");
+                let _ = reply
+                    .send(update(&cmd, CommandStatus::RejectedStale, &reason, ""))
+                    .await;
+                return;
+            }
+            Gate::Fail(reason) => {
+                let _ = reply
+                    .send(update(&cmd, CommandStatus::Failed, &reason, ""))
+                    .await;
+                return;
+            }
+            Gate::Recorded(r) => {
+                let status = CommandStatus::try_from(r.status).unwrap_or(CommandStatus::Failed);
+                let _ = reply
+                    .send(update(&cmd, status, &r.reason, &r.output_tail))
+                    .await;
+                return;
+            }
+            Gate::Run => {}
         }
         // 2b. Join a run of the same command already under way.
         let (running, tx) = {
@@ -185,15 +242,25 @@ impl Executor {
             }
         };
         if let Some(mut rx) = running {
-            let _ = reply.send(update(&cmd, CommandStatus::Accepted, "already running", "")).await;
-            let outcome = rx.wait_for(|o| o.is_some()).await.ok().and_then(|o| o.clone());
+            let _ = reply
+                .send(update(&cmd, CommandStatus::Accepted, "already running", ""))
+                .await;
+            let outcome = rx
+                .wait_for(|o| o.is_some())
+                .await
+                .ok()
+                .and_then(|o| o.clone());
             if let Some(o) = outcome {
-                let _ = reply.send(update(&cmd, o.status, &o.reason, &o.output_tail)).await;
+                let _ = reply
+                    .send(update(&cmd, o.status, &o.reason, &o.output_tail))
+                    .await;
             }
             return;
         }
         let tx = tx.expect("set when not running");
-        let _ = reply.send(update(&cmd, CommandStatus::Accepted, "", "")).await;
+        let _ = reply
+            .send(update(&cmd, CommandStatus::Accepted, "", ""))
+            .await;
         let started = Instant::now();
         let outcome = self.execute(&cmd).await;
         info!(command_id = %cmd.command_id, status = ?outcome.status, reason = %outcome.reason, took = ?started.elapsed(), "command finished");
@@ -206,9 +273,19 @@ impl Executor {
         if let Err(e) = self.save(|s| s.record(recorded)) {
             warn!(error = %e, "command result not recorded");
         }
-        self.inflight.lock().expect("inflight lock").remove(&cmd.command_id);
+        self.inflight
+            .lock()
+            .expect("inflight lock")
+            .remove(&cmd.command_id);
         let _ = tx.send(Some(outcome.clone()));
-        let _ = reply.send(update(&cmd, outcome.status, &outcome.reason, &outcome.output_tail)).await;
+        let _ = reply
+            .send(update(
+                &cmd,
+                outcome.status,
+                &outcome.reason,
+                &outcome.output_tail,
+            ))
+            .await;
     }
 
     async fn execute(&self, cmd: &Command) -> Outcome {
@@ -220,7 +297,10 @@ impl Executor {
             Some(command::Action::Verify(v)) => (v.service.clone(), None),
             Some(command::Action::Restart(r)) => (r.service.clone(), None),
             Some(command::Action::Rollback(r)) => (r.service.clone(), None),
-            None => (String::new(), Some(Outcome::failed("the command carries no action"))),
+            None => (
+                String::new(),
+                Some(Outcome::failed("the command carries no action")),
+            ),
         };
         if let Some(o) = result {
             return o;
@@ -243,7 +323,10 @@ impl Executor {
                 Ok(d) => self.activate(&r.service, &d, r.ready_timeout_ms).await,
                 Err(e) => Outcome::failed(e),
             },
-            command::Action::Rollback(r) => self.rollback(&r.service, &r.artifact, r.ready_timeout_ms).await,
+            command::Action::Rollback(r) => {
+                self.rollback(&r.service, &r.artifact, r.ready_timeout_ms)
+                    .await
+            }
         }
     }
 
@@ -271,7 +354,10 @@ impl Executor {
                 }) {
                     return Outcome::failed(e);
                 }
-                Outcome::ok(format!("pulled {digest} ({} {}, {fetched} bytes fetched)", m.service, m.version))
+                Outcome::ok(format!(
+                    "pulled {digest} ({} {}, {fetched} bytes fetched)",
+                    m.service, m.version
+                ))
             }
             Err(e) => {
                 // The archive is fine by digest but unusable: drop it.
@@ -286,7 +372,11 @@ impl Executor {
         let target = if artifact.is_empty() {
             match rec.previous {
                 Some(p) => p,
-                None => return Outcome::failed(format!("{service} has no previous release to roll back to")),
+                None => {
+                    return Outcome::failed(format!(
+                        "{service} has no previous release to roll back to"
+                    ));
+                }
             }
         } else {
             artifact.to_string()
@@ -304,7 +394,12 @@ impl Executor {
     }
 
     /// The runtime spec and health watch of a release.
-    fn spec(&self, service: &str, digest: &Digest, manifest: &Manifest) -> Result<(ServiceSpec, Watch), String> {
+    fn spec(
+        &self,
+        service: &str,
+        digest: &Digest,
+        manifest: &Manifest,
+    ) -> Result<(ServiceSpec, Watch), String> {
         let release = self.cfg.layout.release(service, digest);
         let mut env = self.cfg.env.clone();
         env.insert("DROVER_SERVICE".into(), service.to_string());
@@ -321,8 +416,13 @@ impl Executor {
             .map(|a| expand(a, &env))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("start.args: {e}"))?;
-        let command = expand(&manifest.start.command, &env).map_err(|e| format!("start.command: {e}"))?;
-        let program = if command.starts_with('/') { PathBuf::from(command) } else { release.join(command) };
+        let command =
+            expand(&manifest.start.command, &env).map_err(|e| format!("start.command: {e}"))?;
+        let program = if command.starts_with('/') {
+            PathBuf::from(command)
+        } else {
+            release.join(command)
+        };
         let workdir = match &manifest.start.workdir {
             Some(dir) => release.join(dir),
             None => release.clone(),
@@ -369,10 +469,23 @@ impl Executor {
             spec.release_dir.join(&hook.command[0])
         };
         let mut cmd = tokio::process::Command::new(&program);
-        cmd.args(&hook.command[1..]).envs(&spec.env).current_dir(&spec.workdir).kill_on_drop(true);
+        cmd.args(&hook.command[1..])
+            .envs(&spec.env)
+            .current_dir(&spec.workdir)
+            .kill_on_drop(true);
         let out = match tokio::time::timeout(hook.timeout, cmd.output()).await {
-            Err(_) => return Err(Outcome::failed(format!("{name} hook did not finish within {:?}", hook.timeout))),
-            Ok(Err(e)) => return Err(Outcome::failed(format!("{name} hook {}: {e}", program.display()))),
+            Err(_) => {
+                return Err(Outcome::failed(format!(
+                    "{name} hook did not finish within {:?}",
+                    hook.timeout
+                )));
+            }
+            Ok(Err(e)) => {
+                return Err(Outcome::failed(format!(
+                    "{name} hook {}: {e}",
+                    program.display()
+                )));
+            }
             Ok(Ok(out)) => out,
         };
         if out.status.success() {
@@ -403,7 +516,9 @@ impl Executor {
         };
         let rec = self.record(service);
         let has_probe = watch.readiness.is_some();
-        if rec.current.as_deref() == Some(digest.hex().as_str()) && self.runtime.status(service).running {
+        if rec.current.as_deref() == Some(digest.hex().as_str())
+            && self.runtime.status(service).running
+        {
             let ready = match &watch.readiness {
                 Some(p) => probe_once(p, &watch.workdir).await.is_ok(),
                 None => true,
@@ -439,19 +554,27 @@ impl Executor {
         {
             self.board.unwatch(service);
             if let Err(e) = self.runtime.start(spec.clone()).await {
-                return Outcome::failed(e.to_string()).with_tail(self.runtime.output_tail(service, TAIL_LINES));
+                return Outcome::failed(e.to_string())
+                    .with_tail(self.runtime.output_tail(service, TAIL_LINES));
             }
             restarts_before = self.runtime.status(service).restarts;
             self.board.watch(service, watch.clone());
         }
-        let timeout = if ready_timeout_ms == 0 { DEFAULT_READY_TIMEOUT } else { Duration::from_millis(ready_timeout_ms.into()) };
+        let timeout = if ready_timeout_ms == 0 {
+            DEFAULT_READY_TIMEOUT
+        } else {
+            Duration::from_millis(ready_timeout_ms.into())
+        };
         let started = Instant::now();
         let mut last_error = String::from("no probe ran yet");
         loop {
             let status = self.runtime.status(service);
             if status.restarts > restarts_before {
-                return Outcome::failed(format!("{service} exited while starting ({} restarts)", status.restarts))
-                    .with_tail(self.runtime.output_tail(service, TAIL_LINES));
+                return Outcome::failed(format!(
+                    "{service} exited while starting ({} restarts)",
+                    status.restarts
+                ))
+                .with_tail(self.runtime.output_tail(service, TAIL_LINES));
             }
             if status.running {
                 let ready = match &watch.readiness {
@@ -469,14 +592,23 @@ impl Executor {
                 }
             }
             if started.elapsed() >= timeout {
-                return Outcome::failed(format!("{service} not ready within {timeout:?}: {last_error}"))
-                    .with_tail(self.runtime.output_tail(service, TAIL_LINES));
+                return Outcome::failed(format!(
+                    "{service} not ready within {timeout:?}: {last_error}"
+                ))
+                .with_tail(self.runtime.output_tail(service, TAIL_LINES));
             }
-            let pause = watch.readiness.as_ref().map(|p| p.interval).unwrap_or(Duration::from_millis(100));
+            let pause = watch
+                .readiness
+                .as_ref()
+                .map(|p| p.interval)
+                .unwrap_or(Duration::from_millis(100));
             tokio::time::sleep(pause.min(Duration::from_millis(250))).await;
         }
         let _ = has_probe;
-        for (name, hook) in [("post_start", &manifest.hooks.post_start), ("validate", &manifest.hooks.validate)] {
+        for (name, hook) in [
+            ("post_start", &manifest.hooks.post_start),
+            ("validate", &manifest.hooks.validate),
+        ] {
             if let Some(hook) = hook
                 && let Err(o) = self.run_hook(name, hook, &spec).await
             {
@@ -498,7 +630,10 @@ impl Executor {
         if !removed.is_empty() {
             info!(%service, removed = ?removed, "pruned old releases");
         }
-        Outcome::ok(format!("{service} runs {digest} and is ready after {} ms", started.elapsed().as_millis()))
+        Outcome::ok(format!(
+            "{service} runs {digest} and is ready after {} ms",
+            started.elapsed().as_millis()
+        ))
     }
 
     /// At agent start: stop what a crashed predecessor left running, point
@@ -506,7 +641,12 @@ impl Executor {
     pub async fn recover(&self) {
         let services: Vec<(String, ServiceRecord)> = {
             let journal = self.journal.lock().expect("journal lock");
-            journal.state.services.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+            journal
+                .state
+                .services
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
         };
         for (service, rec) in services {
             if self.cfg.kill_leftovers
@@ -514,12 +654,19 @@ impl Executor {
             {
                 stop_leftover(&self.cfg.layout.service_dir(&service), pgid).await;
             }
-            let Some(current) = rec.current.as_deref().and_then(|c| c.parse::<Digest>().ok()) else {
+            let Some(current) = rec
+                .current
+                .as_deref()
+                .and_then(|c| c.parse::<Digest>().ok())
+            else {
                 continue;
             };
             let release = self.cfg.layout.release(&service, &current);
             let started = async {
-                self.cfg.layout.switch_current(&service, &current).map_err(|e| e.to_string())?;
+                self.cfg
+                    .layout
+                    .switch_current(&service, &current)
+                    .map_err(|e| e.to_string())?;
                 let manifest = pull::read_release_manifest(&release, &service)?;
                 let (spec, watch) = self.spec(&service, &current, &manifest)?;
                 self.runtime.start(spec).await.map_err(|e| e.to_string())?;
@@ -528,13 +675,22 @@ impl Executor {
             }
             .await;
             match started {
-                Ok(()) => info!(%service, release = %current, "service started again after agent start"),
-                Err(e) => warn!(%service, error = %e, "could not start the service after agent start"),
+                Ok(()) => {
+                    info!(%service, release = %current, "service started again after agent start")
+                }
+                Err(e) => {
+                    warn!(%service, error = %e, "could not start the service after agent start")
+                }
             }
         }
         let pgids: Vec<(String, Option<i32>)> = {
             let journal = self.journal.lock().expect("journal lock");
-            journal.state.services.keys().map(|s| (s.clone(), None)).collect()
+            journal
+                .state
+                .services
+                .keys()
+                .map(|s| (s.clone(), None))
+                .collect()
         };
         // The processes started above have new groups; record them.
         let _ = self.save(|s| {

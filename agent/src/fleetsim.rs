@@ -10,11 +10,13 @@ use std::time::Duration;
 
 use clap::Parser;
 use drover_common::logging::LogFormat;
-use drover_common::proto::{Hello, HostMetrics};
+use drover_common::proto::{
+    AgentMessage, Command, CommandStatus, CommandUpdate, Hello, HostMetrics, agent_message,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::connection::{Backoff, Connection, HelloSource};
+use crate::connection::{Backoff, CommandSink, Connection, HelloSource};
 use crate::heartbeat;
 
 #[derive(Debug, Parser)]
@@ -49,8 +51,63 @@ pub struct Args {
     /// Stop after this long (default: run until SIGTERM/SIGINT).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub duration: Option<Duration>,
+    /// How long a virtual agent takes to execute a command.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub command_delay: Duration,
+    /// Share of commands (0.0 to 1.0) that fail, chosen by command id so a
+    /// re-sent command gets the same answer.
+    #[arg(long, default_value_t = 0.0)]
+    pub failure_rate: f64,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// A virtual agent's command executor: fenced by epoch like a real one,
+/// answers after `delay`, fails a deterministic share of commands.
+fn simulated_commands(delay: Duration, failure_rate: f64) -> CommandSink {
+    let epochs: Arc<std::sync::Mutex<HashMap<u32, u64>>> = Arc::default();
+    Arc::new(
+        move |cmd: Command, reply: tokio::sync::mpsc::Sender<AgentMessage>| {
+            let epochs = epochs.clone();
+            tokio::spawn(async move {
+                let update = |status: CommandStatus, reason: &str| AgentMessage {
+                    msg: Some(agent_message::Msg::CommandUpdate(CommandUpdate {
+                        command_id: cmd.command_id.clone(),
+                        shard: cmd.shard,
+                        epoch: cmd.epoch,
+                        status: status as i32,
+                        reason: reason.to_string(),
+                        ..Default::default()
+                    })),
+                };
+                let stale = {
+                    let mut epochs = epochs.lock().expect("epochs lock");
+                    let highest = epochs.entry(cmd.shard).or_insert(0);
+                    let stale = cmd.epoch < *highest;
+                    *highest = (*highest).max(cmd.epoch);
+                    stale
+                };
+                if stale {
+                    let _ = reply
+                        .send(update(CommandStatus::RejectedStale, "stale epoch"))
+                        .await;
+                    return;
+                }
+                let _ = reply.send(update(CommandStatus::Accepted, "")).await;
+                tokio::time::sleep(delay).await;
+                // Stable per command id: a re-sent command gets the same answer.
+                let mut h = std::hash::DefaultHasher::new();
+                std::hash::Hash::hash(&cmd.command_id, &mut h);
+                let roll = (std::hash::Hasher::finish(&h) % 10_000) as f64 / 10_000.0;
+                let final_update = if roll < failure_rate {
+                    update(CommandStatus::Failed, "simulated failure")
+                } else {
+                    update(CommandStatus::Succeeded, "simulated")
+                };
+                let _ = reply.send(final_update).await;
+            });
+        },
+    )
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -88,6 +145,10 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
             stop.cancel();
         });
     }
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.failure_rate),
+        "--failure-rate must be between 0 and 1"
+    );
     let mut tasks = tokio::task::JoinSet::new();
     let start_gap = Duration::from_secs(1) / args.connect_rate;
     let mut pacer = tokio::time::interval(start_gap.max(Duration::from_micros(1)));
@@ -118,7 +179,10 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
             args.heartbeat_interval,
             phase,
             16,
-            move || (synthetic_metrics(index, &mut sequence), Vec::new()),
+            move || heartbeat::Sample {
+                host: synthetic_metrics(index, &mut sequence),
+                ..Default::default()
+            },
             shutdown.clone(),
         );
         for coordinator in &args.coordinators {
@@ -130,6 +194,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
                     backoff,
                     shutdown: shutdown.clone(),
                     dropped: Arc::new(AtomicU64::new(0)),
+                    commands: simulated_commands(args.command_delay, args.failure_rate),
                 }
                 .run(),
             );

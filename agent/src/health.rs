@@ -23,17 +23,25 @@ pub async fn probe_once(probe: &Probe, workdir: &std::path::Path) -> Result<(), 
             if status == probe.expect_status {
                 Ok(())
             } else {
-                Err(format!("GET {url} answered {status}, expected {}", probe.expect_status))
+                Err(format!(
+                    "GET {url} answered {status}, expected {}",
+                    probe.expect_status
+                ))
             }
         }
-        Some(ProbeCheck::Tcp(addr)) => tokio::time::timeout(probe.timeout, tokio::net::TcpStream::connect(addr))
-            .await
-            .map_err(|_| format!("connect {addr}: no answer within {:?}", probe.timeout))?
-            .map(|_| ())
-            .map_err(|e| format!("connect {addr}: {e}")),
+        Some(ProbeCheck::Tcp(addr)) => {
+            tokio::time::timeout(probe.timeout, tokio::net::TcpStream::connect(addr))
+                .await
+                .map_err(|_| format!("connect {addr}: no answer within {:?}", probe.timeout))?
+                .map(|_| ())
+                .map_err(|e| format!("connect {addr}: {e}"))
+        }
         Some(ProbeCheck::Exec(cmd)) => {
             let mut command = tokio::process::Command::new(&cmd[0]);
-            command.args(&cmd[1..]).current_dir(workdir).kill_on_drop(true);
+            command
+                .args(&cmd[1..])
+                .current_dir(workdir)
+                .kill_on_drop(true);
             let out = tokio::time::timeout(probe.timeout, command.output())
                 .await
                 .map_err(|_| format!("{} did not finish within {:?}", cmd[0], probe.timeout))?
@@ -72,6 +80,8 @@ struct Figures {
 struct Watched {
     figures: Arc<Mutex<Figures>>,
     stop: CancellationToken,
+    has_readiness: bool,
+    has_liveness: bool,
 }
 
 /// The latest health of every service, read by the heartbeat.
@@ -83,7 +93,11 @@ pub struct HealthBoard {
 
 impl HealthBoard {
     pub fn new(runtime: Arc<dyn Runtime>, scrape_interval: Duration) -> HealthBoard {
-        HealthBoard { services: Mutex::new(HashMap::new()), runtime, scrape_interval }
+        HealthBoard {
+            services: Mutex::new(HashMap::new()),
+            runtime,
+            scrape_interval,
+        }
     }
 
     /// Starts watching `service`, replacing an earlier watch.
@@ -92,7 +106,14 @@ impl HealthBoard {
         let figures = Arc::new(Mutex::new(Figures::default()));
         let stop = CancellationToken::new();
         if let Some(probe) = watch.readiness.clone() {
-            tokio::spawn(probe_loop(service.to_string(), probe, watch.workdir.clone(), figures.clone(), stop.clone(), None));
+            tokio::spawn(probe_loop(
+                service.to_string(),
+                probe,
+                watch.workdir.clone(),
+                figures.clone(),
+                stop.clone(),
+                None,
+            ));
         }
         if let Some(probe) = watch.liveness.clone() {
             tokio::spawn(probe_loop(
@@ -105,9 +126,23 @@ impl HealthBoard {
             ));
         }
         if let Some(metrics) = watch.metrics.clone() {
-            tokio::spawn(scrape_loop(metrics, self.scrape_interval, figures.clone(), stop.clone()));
+            tokio::spawn(scrape_loop(
+                metrics,
+                self.scrape_interval,
+                figures.clone(),
+                stop.clone(),
+            ));
         }
-        self.services.lock().expect("board lock").insert(service.to_string(), Watched { figures, stop });
+        let watched = Watched {
+            figures,
+            stop,
+            has_readiness: watch.readiness.is_some(),
+            has_liveness: watch.liveness.is_some(),
+        };
+        self.services
+            .lock()
+            .expect("board lock")
+            .insert(service.to_string(), watched);
     }
 
     pub fn unwatch(&self, service: &str) {
@@ -139,10 +174,11 @@ impl HealthBoard {
             .map(|(name, w)| {
                 let f = w.figures.lock().expect("figures lock").clone();
                 let status = self.runtime.status(name);
+                // Without a probe, running is the best evidence there is.
                 ServiceHealth {
                     service: name.clone(),
-                    ready: status.running && f.ready,
-                    live: status.running && f.live,
+                    ready: status.running && (f.ready || !w.has_readiness),
+                    live: status.running && (f.live || !w.has_liveness),
                     restarts: status.restarts,
                     request_count: f.requests,
                     error_count: f.errors,
@@ -178,13 +214,21 @@ async fn probe_loop(
             match &result {
                 Ok(()) => {
                     failures = 0;
-                    if liveness_runtime.is_some() { f.live = true } else { f.ready = true }
+                    if liveness_runtime.is_some() {
+                        f.live = true
+                    } else {
+                        f.ready = true
+                    }
                 }
                 Err(e) => {
                     failures += 1;
                     f.last_probe_error = e.clone();
                     if failures >= probe.failure_threshold {
-                        if liveness_runtime.is_some() { f.live = false } else { f.ready = false }
+                        if liveness_runtime.is_some() {
+                            f.live = false
+                        } else {
+                            f.ready = false
+                        }
                     }
                 }
             }
@@ -214,9 +258,9 @@ pub struct Scraped {
 
 fn counter_value(v: &prometheus_parse::Value) -> Option<f64> {
     match v {
-        prometheus_parse::Value::Counter(x) | prometheus_parse::Value::Untyped(x) | prometheus_parse::Value::Gauge(x) => {
-            Some(*x)
-        }
+        prometheus_parse::Value::Counter(x)
+        | prometheus_parse::Value::Untyped(x)
+        | prometheus_parse::Value::Gauge(x) => Some(*x),
         _ => None,
     }
 }
@@ -235,7 +279,10 @@ pub fn parse_scrape(text: &str, spec: &MetricsSpec) -> Result<Scraped, String> {
         {
             out.requests += v;
             if let Some(sel) = &spec.errors
-                && sample.labels.get(&sel.label).is_some_and(|l| l.starts_with(&sel.prefix))
+                && sample
+                    .labels
+                    .get(&sel.label)
+                    .is_some_and(|l| l.starts_with(&sel.prefix))
             {
                 out.errors += v;
             }
@@ -244,7 +291,9 @@ pub fn parse_scrape(text: &str, spec: &MetricsSpec) -> Result<Scraped, String> {
             && let prometheus_parse::Value::Histogram(hist) = &sample.value
         {
             for b in hist {
-                let entry = buckets.entry(b.less_than.to_bits()).or_insert((b.less_than, 0.0));
+                let entry = buckets
+                    .entry(b.less_than.to_bits())
+                    .or_insert((b.less_than, 0.0));
                 entry.1 += b.count;
             }
         }
@@ -255,7 +304,12 @@ pub fn parse_scrape(text: &str, spec: &MetricsSpec) -> Result<Scraped, String> {
     Ok(out)
 }
 
-async fn scrape_loop(spec: MetricsSpec, interval: Duration, figures: Arc<Mutex<Figures>>, stop: CancellationToken) {
+async fn scrape_loop(
+    spec: MetricsSpec,
+    interval: Duration,
+    figures: Arc<Mutex<Figures>>,
+    stop: CancellationToken,
+) {
     let mut last: Option<(Instant, Scraped)> = None;
     let mut warned = false;
     loop {
@@ -263,11 +317,12 @@ async fn scrape_loop(spec: MetricsSpec, interval: Duration, figures: Arc<Mutex<F
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
-        let scraped = match crate::http::get(&spec.url, interval.max(Duration::from_millis(500))).await {
-            Ok((200, body)) => parse_scrape(&String::from_utf8_lossy(&body), &spec),
-            Ok((status, _)) => Err(format!("GET {} answered {status}", spec.url)),
-            Err(e) => Err(e),
-        };
+        let scraped =
+            match crate::http::get(&spec.url, interval.max(Duration::from_millis(500))).await {
+                Ok((200, body)) => parse_scrape(&String::from_utf8_lossy(&body), &spec),
+                Ok((status, _)) => Err(format!("GET {} answered {status}", spec.url)),
+                Err(e) => Err(e),
+            };
         let scraped = match scraped {
             Ok(s) => {
                 if warned {
@@ -319,7 +374,10 @@ mod tests {
         let spec = MetricsSpec {
             url: "http://x/metrics".into(),
             requests: "http_requests_total".into(),
-            errors: Some(ErrorSelector { label: "code".into(), prefix: "5".into() }),
+            errors: Some(ErrorSelector {
+                label: "code".into(),
+                prefix: "5".into(),
+            }),
             latency: Some("http_request_duration_seconds".into()),
         };
         let s = parse_scrape(text, &spec).unwrap();

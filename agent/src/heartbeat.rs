@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use drover_common::proto::{Heartbeat, HostMetrics, ServiceHealth};
+use drover_common::proto::{Heartbeat, HostMetrics, ServiceHealth, ServiceVersion};
 use drover_common::time::now_unix_micros;
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
@@ -20,14 +20,22 @@ use tokio_util::sync::CancellationToken;
 
 /// What goes into a heartbeat besides its sequence and timestamp.
 pub trait HealthSource: Send + 'static {
-    fn sample(&mut self) -> (HostMetrics, Vec<ServiceHealth>);
+    fn sample(&mut self) -> Sample;
+}
+
+/// One heartbeat's worth of figures.
+#[derive(Debug, Clone, Default)]
+pub struct Sample {
+    pub host: HostMetrics,
+    pub health: Vec<ServiceHealth>,
+    pub versions: Vec<ServiceVersion>,
 }
 
 impl<F> HealthSource for F
 where
-    F: FnMut() -> (HostMetrics, Vec<ServiceHealth>) + Send + 'static,
+    F: FnMut() -> Sample + Send + 'static,
 {
-    fn sample(&mut self) -> (HostMetrics, Vec<ServiceHealth>) {
+    fn sample(&mut self) -> Sample {
         self()
     }
 }
@@ -74,13 +82,14 @@ pub fn spawn_producer(
                 _ = ticker.tick() => {}
             }
             sequence += 1;
-            let (host, services) = source.sample();
+            let sample = source.sample();
             let hb = Heartbeat {
                 sequence,
                 sent_at_unix_micros: now_unix_micros(),
-                host: Some(host),
-                services,
+                host: Some(sample.host),
+                services: sample.health,
                 dropped_heartbeats: 0,
+                versions: sample.versions,
             };
             // No receiver (no stream up right now) is fine: the heartbeat is
             // simply not needed.
@@ -127,7 +136,7 @@ mod tests {
     use super::*;
 
     fn source() -> impl HealthSource {
-        || (HostMetrics::default(), Vec::new())
+        Sample::default
     }
 
     #[tokio::test(start_paused = true)]

@@ -18,7 +18,9 @@ pub async fn get(url: &str, timeout: Duration) -> Result<(u16, Bytes), String> {
 }
 
 async fn get_inner(url: &str) -> Result<(u16, Bytes), String> {
-    let uri: Uri = url.parse().map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
     if uri.scheme_str() != Some("http") {
         return Err(format!("{url}: only http:// is supported"));
     }
@@ -34,10 +36,16 @@ async fn get_inner(url: &str) -> Result<(u16, Bytes), String> {
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let request = hyper::Request::get(path)
         .header("host", format!("{host}:{port}"))
-        .header("user-agent", concat!("drover-agent/", env!("CARGO_PKG_VERSION")))
+        .header(
+            "user-agent",
+            concat!("drover-agent/", env!("CARGO_PKG_VERSION")),
+        )
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
-    let response = sender.send_request(request).await.map_err(|e| format!("GET {url}: {e}"))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("GET {url}: {e}"))?;
     let status = response.status().as_u16();
     let body = Limited::new(response.into_body(), MAX_BODY)
         .collect()

@@ -87,7 +87,9 @@ pub async fn download(
                         "digest mismatch: expected {digest}, the {size} bytes received hash to {actual}; download deleted"
                     ));
                 }
-                tokio::fs::rename(&part, &cached).await.map_err(|e| e.to_string())?;
+                tokio::fs::rename(&part, &cached)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 return Ok(fetched);
             }
             Err(e) => {
@@ -96,7 +98,9 @@ pub async fn download(
             }
         }
     }
-    Err(format!("download failed after {MAX_ATTEMPTS} attempts: {last_error}"))
+    Err(format!(
+        "download failed after {MAX_ATTEMPTS} attempts: {last_error}"
+    ))
 }
 
 async fn fetch_into(
@@ -107,11 +111,16 @@ async fn fetch_into(
     limits: &PullLimits,
     fetched: &mut u64,
 ) -> Result<(), String> {
-    let channel = drover_common::grpc::connect(source).await.map_err(|e| format!("{source}: {e}"))?;
+    let channel = drover_common::grpc::connect(source)
+        .await
+        .map_err(|e| format!("{source}: {e}"))?;
     let mut client = ArtifactsClient::new(channel).max_decoding_message_size(4 << 20);
     let offset = hasher.len();
     let mut stream = client
-        .fetch(FetchRequest { sha256: digest.hex(), offset })
+        .fetch(FetchRequest {
+            sha256: digest.hex(),
+            offset,
+        })
         .await
         .map_err(|s| format!("{source}: {:?}: {}", s.code(), s.message()))?
         .into_inner();
@@ -131,14 +140,23 @@ async fn fetch_into(
             }
         };
         if chunk.offset != hasher.len() {
-            return Err(format!("{source} sent offset {} while {} was expected", chunk.offset, hasher.len()));
+            return Err(format!(
+                "{source} sent offset {} while {} was expected",
+                chunk.offset,
+                hasher.len()
+            ));
         }
         if hasher.len() + chunk.data.len() as u64 > limits.max_artifact_bytes {
             let _ = std::fs::remove_file(part);
             *hasher = Hasher::default();
-            return Err(format!("artifact is larger than the limit of {} bytes", limits.max_artifact_bytes));
+            return Err(format!(
+                "artifact is larger than the limit of {} bytes",
+                limits.max_artifact_bytes
+            ));
         }
-        file.write_all(&chunk.data).await.map_err(|e| e.to_string())?;
+        file.write_all(&chunk.data)
+            .await
+            .map_err(|e| e.to_string())?;
         hasher.update(&chunk.data);
         *fetched += chunk.data.len() as u64;
     }
@@ -161,13 +179,18 @@ pub async fn unpack_release(
     }
     let releases = layout.releases_dir(service);
     std::fs::create_dir_all(&releases).map_err(|e| e.to_string())?;
-    let tmp: PathBuf = releases.join(format!(".{}.unpacking-{}", digest.hex(), std::process::id()));
+    let tmp: PathBuf = releases.join(format!(
+        ".{}.unpacking-{}",
+        digest.hex(),
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&tmp);
     let archive = layout.cached(digest);
     let unpack_limits = limits.unpack;
     let tmp2 = tmp.clone();
     let result = tokio::task::spawn_blocking(move || {
-        let file = std::fs::File::open(&archive).map_err(|e| format!("opening {}: {e}", archive.display()))?;
+        let file = std::fs::File::open(&archive)
+            .map_err(|e| format!("opening {}: {e}", archive.display()))?;
         unpack(std::io::BufReader::new(file), &tmp2, &unpack_limits).map_err(|e| e.to_string())
     })
     .await
@@ -181,7 +204,10 @@ pub async fn unpack_release(
     };
     if manifest.service != service {
         let _ = std::fs::remove_dir_all(&tmp);
-        return Err(format!("the artifact is for service {:?}, not {service:?}", manifest.service));
+        return Err(format!(
+            "the artifact is for service {:?}, not {service:?}",
+            manifest.service
+        ));
     }
     std::fs::rename(&tmp, &release).map_err(|e| e.to_string())?;
     Ok(manifest)
@@ -190,10 +216,18 @@ pub async fn unpack_release(
 /// Reads and validates the manifest of an unpacked release.
 pub fn read_release_manifest(release: &Path, service: &str) -> Result<Manifest, String> {
     let text = std::fs::read_to_string(release.join(drover_common::artifact::MANIFEST_FILE))
-        .map_err(|e| format!("release {} has no readable manifest: {e}", release.display()))?;
+        .map_err(|e| {
+            format!(
+                "release {} has no readable manifest: {e}",
+                release.display()
+            )
+        })?;
     let manifest = Manifest::parse(&text).map_err(|e| e.to_string())?;
     if manifest.service != service {
-        return Err(format!("release is for service {:?}, not {service:?}", manifest.service));
+        return Err(format!(
+            "release is for service {:?}, not {service:?}",
+            manifest.service
+        ));
     }
     Ok(manifest)
 }
@@ -209,11 +243,15 @@ pub async fn verify(layout: &Layout, service: &str, digest: &Digest) -> Result<(
             .map_err(|e| format!("artifact {digest} is not on this host ({e}); send Pull first"))?
     };
     if actual != *digest {
-        return Err(format!("cached artifact is corrupt: expected {digest}, its bytes hash to {actual}"));
+        return Err(format!(
+            "cached artifact is corrupt: expected {digest}, its bytes hash to {actual}"
+        ));
     }
     let release = layout.release(service, digest);
     if !release.is_dir() {
-        return Err(format!("artifact {digest} is cached but not unpacked; send Pull"));
+        return Err(format!(
+            "artifact {digest} is cached but not unpacked; send Pull"
+        ));
     }
     read_release_manifest(&release, service).map(|_| ())
 }

@@ -23,11 +23,15 @@ pub fn validate_service(service: &str) -> Result<(), String> {
     let ok = !service.is_empty()
         && service.len() <= 63
         && service.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && service.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+        && service
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
     if ok {
         Ok(())
     } else {
-        Err(format!("service {service:?} must be 1-63 characters of a-z, 0-9, '-' and '_'"))
+        Err(format!(
+            "service {service:?} must be 1-63 characters of a-z, 0-9, '-' and '_'"
+        ))
     }
 }
 
@@ -78,10 +82,19 @@ impl Layout {
     /// Removes releases (and their cached archives) beyond the newest
     /// `keep`, never `protect`ed ones (current and previous). Returns the
     /// digests removed.
-    pub fn prune(&self, service: &str, releases: &mut Vec<String>, keep: usize, protect: &[Option<&str>]) -> Vec<String> {
+    pub fn prune(
+        &self,
+        service: &str,
+        releases: &mut Vec<String>,
+        keep: usize,
+        protect: &[Option<&str>],
+    ) -> Vec<String> {
         let mut removed = Vec::new();
         while releases.len() > keep {
-            let Some(pos) = releases.iter().position(|r| !protect.contains(&Some(r.as_str()))) else {
+            let Some(pos) = releases
+                .iter()
+                .position(|r| !protect.contains(&Some(r.as_str())))
+            else {
                 break;
             };
             let digest = releases.remove(pos);
@@ -104,8 +117,13 @@ mod tests {
     #[test]
     fn prune_keeps_the_newest_and_never_current_or_previous() {
         let dir = tempfile::tempdir().unwrap();
-        let layout = Layout { data_dir: dir.path().to_path_buf() };
-        let mut releases: Vec<String> = ["a", "b", "c", "d", "e"].iter().map(|s| s.to_string()).collect();
+        let layout = Layout {
+            data_dir: dir.path().to_path_buf(),
+        };
+        let mut releases: Vec<String> = ["a", "b", "c", "d", "e"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         // "a" is still the previous release (a rollback target): it stays.
         let removed = layout.prune("web", &mut releases, 3, &[Some("e"), Some("a")]);
         assert_eq!(removed, ["b", "c"]);
@@ -115,7 +133,9 @@ mod tests {
     #[test]
     fn switch_is_a_rename_of_a_relative_link() {
         let dir = tempfile::tempdir().unwrap();
-        let layout = Layout { data_dir: dir.path().to_path_buf() };
+        let layout = Layout {
+            data_dir: dir.path().to_path_buf(),
+        };
         let d1: Digest = "1".repeat(64).parse().unwrap();
         let d2: Digest = "2".repeat(64).parse().unwrap();
         for d in [&d1, &d2] {

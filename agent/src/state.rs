@@ -45,7 +45,10 @@ pub struct LocalState {
 
 impl LocalState {
     pub fn result(&self, command_id: &str) -> Option<&RecordedResult> {
-        self.results.iter().rev().find(|r| r.command_id == command_id)
+        self.results
+            .iter()
+            .rev()
+            .find(|r| r.command_id == command_id)
     }
 
     pub fn record(&mut self, result: RecordedResult) {
@@ -68,8 +71,12 @@ impl Journal {
     pub fn open(data_dir: &Path) -> anyhow::Result<Journal> {
         let path = data_dir.join("state.json");
         let state = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| anyhow::anyhow!("{} is corrupt: {e}; move it away to start fresh", path.display()))?,
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                anyhow::anyhow!(
+                    "{} is corrupt: {e}; move it away to start fresh",
+                    path.display()
+                )
+            })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => LocalState::default(),
             Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", path.display())),
         };
@@ -103,9 +110,17 @@ mod tests {
         j.state.epochs.insert(3, 42);
         j.state.services.insert(
             "web".into(),
-            ServiceRecord { current: Some("a".repeat(64)), ..Default::default() },
+            ServiceRecord {
+                current: Some("a".repeat(64)),
+                ..Default::default()
+            },
         );
-        j.state.record(RecordedResult { command_id: "c1".into(), status: 3, reason: String::new(), output_tail: String::new() });
+        j.state.record(RecordedResult {
+            command_id: "c1".into(),
+            status: 3,
+            reason: String::new(),
+            output_tail: String::new(),
+        });
         j.save().unwrap();
         let again = Journal::open(dir.path()).unwrap();
         assert_eq!(again.state, j.state);
@@ -117,18 +132,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("state.json"), b"{not json").unwrap();
         let err = Journal::open(dir.path()).err().unwrap().to_string();
-        assert!(err.contains("is corrupt") && err.contains("move it away"), "{err}");
+        assert!(
+            err.contains("is corrupt") && err.contains("move it away"),
+            "{err}"
+        );
     }
 
     #[test]
     fn results_are_bounded_and_latest_wins() {
         let mut s = LocalState::default();
         for i in 0..MAX_RESULTS + 10 {
-            s.record(RecordedResult { command_id: format!("c{i}"), status: 3, reason: String::new(), output_tail: String::new() });
+            s.record(RecordedResult {
+                command_id: format!("c{i}"),
+                status: 3,
+                reason: String::new(),
+                output_tail: String::new(),
+            });
         }
         assert_eq!(s.results.len(), MAX_RESULTS);
         assert!(s.result("c0").is_none());
-        s.record(RecordedResult { command_id: "c20".into(), status: 4, reason: "x".into(), output_tail: String::new() });
+        s.record(RecordedResult {
+            command_id: "c20".into(),
+            status: 4,
+            reason: "x".into(),
+            output_tail: String::new(),
+        });
         assert_eq!(s.result("c20").unwrap().status, 4);
     }
 }

@@ -178,6 +178,29 @@ impl Agent {
         Self::start_with_addrs(dir, host_id, &addrs, extra)
     }
 
+    /// An agent that can run the sample service on `port`.
+    pub fn start_sample(
+        dir: &TestDir,
+        host_id: &str,
+        coordinators: &[&Coordinator],
+        port: u16,
+        extra: &[&str],
+    ) -> Agent {
+        let sample = bins::bin("drover-sample");
+        let port_env = format!("PORT={port}");
+        let bin_env = format!("DROVER_SAMPLE_BIN={}", sample.display());
+        let mut args = vec![
+            "--heartbeat-interval",
+            "200ms",
+            "--env",
+            &port_env,
+            "--env",
+            &bin_env,
+        ];
+        args.extend_from_slice(extra);
+        Self::start(dir, host_id, coordinators, &args)
+    }
+
     pub fn start_with_addrs(
         dir: &TestDir,
         host_id: &str,

@@ -1,24 +1,15 @@
 //! A real etcd (Debian's etcd-server) on free loopback ports.
 
-use std::net::TcpListener;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::{ChildGuard, TestDir, require_tool, wait_until};
+// etcd cannot report the port it bound, so its ports are picked just before it starts.
+use crate::{ChildGuard, TestDir, free_port, require_tool, wait_until};
 
 pub struct Etcd {
     pub child: ChildGuard,
     /// `http://127.0.0.1:PORT`, for etcd clients.
     pub endpoint: String,
-}
-
-/// A port free right now. etcd cannot report the port it bound, so this is
-/// the one place that picks a port before the server binds it.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("binding a free port")
-        .port()
 }
 
 impl Etcd {

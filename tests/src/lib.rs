@@ -8,7 +8,9 @@
 //! - [`wait_until`]: poll a condition with a deadline; never a bare sleep.
 //! - [`bins`]: where the binaries are (built once per test process).
 
+pub mod artifacts;
 pub mod bins;
+pub mod commands;
 mod daemons;
 mod etcd;
 mod http;
@@ -20,10 +22,18 @@ mod wait;
 
 pub use daemons::{Agent, Coordinator};
 pub use etcd::Etcd;
-pub use http::http_get;
+pub use http::{http_get, http_get_status};
 pub use process::ChildGuard;
 pub use testdir::TestDir;
 pub use wait::{wait_until, wait_until_ok};
+
+/// A loopback port free right now, for a service an agent will start.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding a free port")
+        .port()
+}
 
 /// Finds a tool on PATH, or fails the test saying how to install it.
 pub fn require_tool(name: &str, install_hint: &str) -> std::path::PathBuf {

@@ -62,5 +62,6 @@ pub trait Runtime: Send + Sync {
 
 /// Parses a signal name of a manifest (`SIGTERM`).
 pub fn parse_signal(name: &str) -> Result<Signal, String> {
-    name.parse::<Signal>().map_err(|_| format!("unknown signal {name:?}"))
+    name.parse::<Signal>()
+        .map_err(|_| format!("unknown signal {name:?}"))
 }

@@ -56,7 +56,10 @@ async fn terminate(child: &mut Child, pgid: i32, signal: Signal, grace: Duration
     let group = Pid::from_raw(pgid);
     let _ = killpg(group, signal);
     if tokio::time::timeout(grace, child.wait()).await.is_err() {
-        warn!(pgid, "service ignored its stop signal for the grace period; killing it");
+        warn!(
+            pgid,
+            "service ignored its stop signal for the grace period; killing it"
+        );
         let _ = killpg(group, Signal::SIGKILL);
         let _ = child.wait().await;
     }
@@ -64,7 +67,10 @@ async fn terminate(child: &mut Child, pgid: i32, signal: Signal, grace: Duration
     let _ = killpg(group, Signal::SIGKILL);
 }
 
-fn copy_lines(reader: impl AsyncRead + Unpin + Send + 'static, log: Arc<Mutex<FileRotate<AppendCount>>>) {
+fn copy_lines(
+    reader: impl AsyncRead + Unpin + Send + 'static,
+    log: Arc<Mutex<FileRotate<AppendCount>>>,
+) {
     tokio::spawn(async move {
         let mut lines = BufReader::new(reader).lines();
         while let Ok(Some(line)) = lines.next_line().await {
@@ -132,7 +138,11 @@ async fn supervise(spec: ServiceSpec, stop: CancellationToken, status: Arc<Mutex
                 }
             }
             Err(e) => {
-                let _ = writeln!(log.lock().expect("log lock"), "drover-agent: cannot start {}: {e}", spec.program.display());
+                let _ = writeln!(
+                    log.lock().expect("log lock"),
+                    "drover-agent: cannot start {}: {e}",
+                    spec.program.display()
+                );
                 warn!(service = %spec.service, error = %e, "cannot start service");
             }
         }
@@ -164,10 +174,15 @@ impl Runtime for ProcessRuntime {
         let stop = CancellationToken::new();
         let status = Arc::new(Mutex::new(RuntimeStatus::default()));
         let task = tokio::spawn(supervise(spec.clone(), stop.clone(), status.clone()));
-        self.services
-            .lock()
-            .expect("services lock")
-            .insert(spec.service.clone(), Supervised { stop, task, status, spec });
+        self.services.lock().expect("services lock").insert(
+            spec.service.clone(),
+            Supervised {
+                stop,
+                task,
+                status,
+                spec,
+            },
+        );
         Ok(())
     }
 
@@ -197,12 +212,24 @@ impl Runtime for ProcessRuntime {
     }
 
     fn output_tail(&self, service: &str, lines: usize) -> String {
-        let dir = self.services.lock().expect("services lock").get(service).map(|s| s.spec.log_dir.clone());
-        dir.map(|d| tail(&d.join(LOG_FILE), lines)).unwrap_or_default()
+        let dir = self
+            .services
+            .lock()
+            .expect("services lock")
+            .get(service)
+            .map(|s| s.spec.log_dir.clone());
+        dir.map(|d| tail(&d.join(LOG_FILE), lines))
+            .unwrap_or_default()
     }
 
     async fn stop_all(&self) {
-        let names: Vec<String> = self.services.lock().expect("services lock").keys().cloned().collect();
+        let names: Vec<String> = self
+            .services
+            .lock()
+            .expect("services lock")
+            .keys()
+            .cloned()
+            .collect();
         for name in names {
             let _ = self.stop(&name).await;
         }
@@ -223,8 +250,15 @@ mod tests {
     fn spec(dir: &std::path::Path, script: &str) -> ServiceSpec {
         let program = dir.join("run.sh");
         std::fs::write(&program, format!("#!/bin/sh\n{script}\n")).unwrap();
-        std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(&program).unwrap().permissions(), 0o755);
-        std::fs::set_permissions(&program, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        std::os::unix::fs::PermissionsExt::set_mode(
+            &mut std::fs::metadata(&program).unwrap().permissions(),
+            0o755,
+        );
+        std::fs::set_permissions(
+            &program,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
         ServiceSpec {
             service: "t".into(),
             release_dir: dir.to_path_buf(),
@@ -262,7 +296,10 @@ mod tests {
         let pgid = rt.status("t").pgid.unwrap();
         rt.stop("t").await.unwrap();
         assert!(!rt.status("t").running);
-        assert!(nix::sys::signal::killpg(Pid::from_raw(pgid), None).is_err(), "group gone");
+        assert!(
+            nix::sys::signal::killpg(Pid::from_raw(pgid), None).is_err(),
+            "group gone"
+        );
     }
 
     #[tokio::test]

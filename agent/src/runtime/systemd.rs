@@ -41,7 +41,11 @@ fn quote(word: &str) -> String {
 
 /// The unit file for `spec`.
 pub fn render_unit(spec: &ServiceSpec) -> String {
-    let release = spec.release_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let release = spec
+        .release_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let mut exec = quote(&spec.program.to_string_lossy());
     for arg in &spec.args {
         exec.push(' ');
@@ -99,11 +103,15 @@ fn systemctl(args: &[&str]) -> Result<String, RuntimeError> {
 impl Runtime for SystemdRuntime {
     async fn start(&self, spec: ServiceSpec) -> Result<(), RuntimeError> {
         let unit = unit_name(&spec.service);
-        let err = |reason: String| RuntimeError::Start { service: spec.service.clone(), reason };
+        let err = |reason: String| RuntimeError::Start {
+            service: spec.service.clone(),
+            reason,
+        };
         std::fs::create_dir_all(&spec.log_dir).map_err(|e| err(e.to_string()))?;
         let path = self.unit_dir.join(&unit);
         let tmp = path.with_extension("service.tmp");
-        std::fs::write(&tmp, render_unit(&spec)).map_err(|e| err(format!("writing {}: {e}", tmp.display())))?;
+        std::fs::write(&tmp, render_unit(&spec))
+            .map_err(|e| err(format!("writing {}: {e}", tmp.display())))?;
         std::fs::rename(&tmp, &path).map_err(|e| err(e.to_string()))?;
         tokio::task::spawn_blocking(move || {
             systemctl(&["daemon-reload"])?;
@@ -127,11 +135,17 @@ impl Runtime for SystemdRuntime {
 
     async fn kill(&self, service: &str) {
         let unit = unit_name(service);
-        let _ = tokio::task::spawn_blocking(move || systemctl(&["kill", "--signal=SIGKILL", &unit])).await;
+        let _ =
+            tokio::task::spawn_blocking(move || systemctl(&["kill", "--signal=SIGKILL", &unit]))
+                .await;
     }
 
     fn status(&self, service: &str) -> RuntimeStatus {
-        let Ok(out) = systemctl(&["show", "--property=ActiveState,MainPID,NRestarts", &unit_name(service)]) else {
+        let Ok(out) = systemctl(&[
+            "show",
+            "--property=ActiveState,MainPID,NRestarts",
+            &unit_name(service),
+        ]) else {
             return RuntimeStatus::default();
         };
         let mut status = RuntimeStatus::default();
@@ -148,7 +162,8 @@ impl Runtime for SystemdRuntime {
 
     fn output_tail(&self, service: &str, lines: usize) -> String {
         // The log path is in the unit; read it back from there.
-        let unit = std::fs::read_to_string(self.unit_dir.join(unit_name(service))).unwrap_or_default();
+        let unit =
+            std::fs::read_to_string(self.unit_dir.join(unit_name(service))).unwrap_or_default();
         unit.lines()
             .find_map(|l| l.strip_prefix("StandardOutput=append:"))
             .map(|p| tail(std::path::Path::new(p), lines))
@@ -169,7 +184,10 @@ mod tests {
     fn renders_a_quoted_unit() {
         let spec = ServiceSpec {
             service: "web".into(),
-            release_dir: PathBuf::from(format!("/var/lib/drover/services/web/releases/{}", "a".repeat(64))),
+            release_dir: PathBuf::from(format!(
+                "/var/lib/drover/services/web/releases/{}",
+                "a".repeat(64)
+            )),
             program: PathBuf::from("/var/lib/drover/services/web/current/bin/start"),
             args: vec!["--greeting".into(), "hi \"there\" 100% $HOME".into()],
             env: [("PORT".to_string(), "8081".to_string())].into(),
@@ -179,7 +197,10 @@ mod tests {
             log_dir: PathBuf::from("/var/lib/drover/services/web/logs"),
         };
         let unit = render_unit(&spec);
-        assert!(unit.contains("Description=Drover service web (release aaaaaaaaaaaa)"), "{unit}");
+        assert!(
+            unit.contains("Description=Drover service web (release aaaaaaaaaaaa)"),
+            "{unit}"
+        );
         assert!(
             unit.contains(
                 "ExecStart=\"/var/lib/drover/services/web/current/bin/start\" \"--greeting\" \"hi \\\"there\\\" 100%% $$HOME\"\n"
@@ -187,8 +208,14 @@ mod tests {
             "{unit}"
         );
         assert!(unit.contains("Environment=\"PORT=8081\"\n"), "{unit}");
-        assert!(unit.contains("KillSignal=SIGINT\nTimeoutStopSec=7000ms\n"), "{unit}");
-        assert!(unit.contains("StandardOutput=append:/var/lib/drover/services/web/logs/service.log\n"), "{unit}");
+        assert!(
+            unit.contains("KillSignal=SIGINT\nTimeoutStopSec=7000ms\n"),
+            "{unit}"
+        );
+        assert!(
+            unit.contains("StandardOutput=append:/var/lib/drover/services/web/logs/service.log\n"),
+            "{unit}"
+        );
         assert_eq!(unit_name("web"), "drover-svc-web.service");
     }
 }

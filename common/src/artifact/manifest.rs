@@ -240,7 +240,7 @@ impl Manifest {
                 "must be one of SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2",
             );
         }
-        for (key, _) in &self.start.env {
+        for key in self.start.env.keys() {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
                 bad(
                     "start.env",

@@ -1,10 +1,12 @@
 //! The artifact format: a `tar.gz` with `drover.toml` at its root,
 //! identified by the sha256 of the file.
 //!
+//! - [`build`]: writing archives (tools and tests).
 //! - [`digest`]: sha256 identities and hashing while streaming.
 //! - [`manifest`]: `drover.toml`, parsed and validated.
 //! - [`unpack`]: safe extraction into a release directory.
 
+pub mod build;
 pub mod digest;
 pub mod manifest;
 pub mod unpack;

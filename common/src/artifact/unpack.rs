@@ -47,6 +47,8 @@ pub enum UnpackError {
     LinkEscapes { path: PathBuf, target: PathBuf },
     #[error("archive entry {path:?} is a {kind}; only files, directories and links are allowed")]
     SpecialFile { path: PathBuf, kind: &'static str },
+    #[error("archive entry {0:?} lies under something that is not a directory inside the release")]
+    BadParent(PathBuf),
     #[error("archive entry {0:?} appears twice")]
     Duplicate(PathBuf),
     #[error("archive has more than {0} entries")]
@@ -100,6 +102,33 @@ fn link_stays_inside(link: &Path, target: &Path) -> bool {
     true
 }
 
+/// Resolves a symlink confined to the release: escaping is an error,
+/// dangling (inside) is fine.
+fn check_link(root: &Dir, path: &Path, target: &Path) -> Result<(), UnpackError> {
+    match root.canonicalize(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(_) => Err(UnpackError::LinkEscapes {
+            path: path.to_path_buf(),
+            target: target.to_path_buf(),
+        }),
+    }
+}
+
+/// Creates the directories above an entry; a parent that is not a directory
+/// inside the release (a file, or a link leading out) is refused.
+fn create_parents(root: &Dir, path: &Path) -> Result<(), UnpackError> {
+    let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    root.create_dir_all(parent).map_err(|e| match e.kind() {
+        io::ErrorKind::AlreadyExists
+        | io::ErrorKind::PermissionDenied
+        | io::ErrorKind::NotADirectory => UnpackError::BadParent(path.to_path_buf()),
+        _ => UnpackError::Io(e),
+    })
+}
+
 /// Unpacks the tar.gz read from `archive` into `dest`, which must not exist
 /// yet, and returns its validated manifest. On error the caller removes
 /// `dest` (it is a temp dir by convention).
@@ -141,9 +170,7 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Manife
                 if bytes > limits.max_unpacked_bytes {
                     return Err(UnpackError::TooLarge(limits.max_unpacked_bytes));
                 }
-                if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                    root.create_dir_all(parent).map_err(UnpackError::Io)?;
-                }
+                create_parents(&root, &path)?;
                 let file = root
                     .open_with(&path, OpenOptions::new().write(true).create_new(true))
                     .map_err(|e| match e.kind() {
@@ -173,9 +200,7 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Manife
                         )))
                     })?
                     .into_owned();
-                if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                    root.create_dir_all(parent).map_err(UnpackError::Io)?;
-                }
+                create_parents(&root, &path)?;
                 let made = if kind == EntryType::Symlink {
                     if !link_stays_inside(&path, &target) {
                         return Err(UnpackError::LinkEscapes { path, target });
@@ -198,6 +223,10 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Manife
                     _ => UnpackError::Io(e),
                 })?;
                 if kind == EntryType::Symlink {
+                    // Resolve it for real now, so no later entry is written
+                    // through it; the end re-checks links that later entries
+                    // may have redirected.
+                    check_link(&root, &path, &target)?;
                     links.push((path, target));
                 }
             }
@@ -210,12 +239,8 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Manife
     }
     // Lexical checks cannot see links through links (`s -> .` and then
     // `a -> s/../x`); resolve each for real, confined to the release.
-    for (path, target) in links {
-        match root.canonicalize(&path) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {} // dangling, but inside
-            Err(_) => return Err(UnpackError::LinkEscapes { path, target }),
-        }
+    for (path, target) in &links {
+        check_link(&root, path, target)?;
     }
     let text = match root.read_to_string(MANIFEST_FILE) {
         Ok(t) => t,
@@ -253,36 +278,17 @@ mod tests {
 
     const MANIFEST: &str = "service = \"hello\"\n[start]\ncommand = \"bin/run\"\n";
 
-    /// Builds a tar.gz from raw headers, so hostile entries can be made.
-    struct Builder {
-        tar: tar::Builder<flate2::write::GzEncoder<Vec<u8>>>,
-    }
+    /// The archive builder, with the mode these tests use (setuid set on
+    /// purpose: unpacking must drop it).
+    struct Builder(crate::artifact::build::ArchiveBuilder<Vec<u8>>);
 
     impl Builder {
         fn new() -> Builder {
-            let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            Builder {
-                tar: tar::Builder::new(gz),
-            }
+            Builder(crate::artifact::build::ArchiveBuilder::in_memory())
         }
 
-        fn raw(mut self, name: &str, kind: EntryType, link: Option<&str>, data: &[u8]) -> Builder {
-            let mut h = tar::Header::new_gnu();
-            // Written byte by byte: set_path refuses the hostile names we want.
-            let field = &mut h.as_old_mut().name;
-            field.fill(0);
-            field[..name.len()].copy_from_slice(name.as_bytes());
-            if let Some(link) = link {
-                let field = &mut h.as_old_mut().linkname;
-                field.fill(0);
-                field[..link.len()].copy_from_slice(link.as_bytes());
-            }
-            h.set_entry_type(kind);
-            h.set_size(data.len() as u64);
-            h.set_mode(0o6755);
-            h.set_cksum();
-            self.tar.append(&h, data).unwrap();
-            self
+        fn raw(self, name: &str, kind: EntryType, link: Option<&str>, data: &[u8]) -> Builder {
+            Builder(self.0.raw(name, kind, link, 0o6755, data))
         }
 
         fn file(self, name: &str, data: &[u8]) -> Builder {
@@ -294,7 +300,7 @@ mod tests {
         }
 
         fn finish(self) -> Vec<u8> {
-            self.tar.into_inner().unwrap().finish().unwrap()
+            self.0.finish()
         }
     }
 
@@ -346,7 +352,8 @@ mod tests {
 
     #[test]
     fn hostile_archives_are_refused_and_nothing_lands_outside() {
-        let cases: Vec<(&str, Vec<u8>, fn(&UnpackError) -> bool)> = vec![
+        type Expect = fn(&UnpackError) -> bool;
+        let cases: Vec<(&str, Vec<u8>, Expect)> = vec![
             (
                 "absolute path",
                 Builder::new().manifest().file("/tmp/evil", b"x").finish(),
@@ -398,7 +405,7 @@ mod tests {
                     .raw("up", EntryType::Symlink, Some("s/.."), b"")
                     .file("up/evil", b"x")
                     .finish(),
-                |e| matches!(e, UnpackError::LinkEscapes { .. } | UnpackError::Io(_)),
+                |e| matches!(e, UnpackError::LinkEscapes { .. }),
             ),
             (
                 "escaping hard link",

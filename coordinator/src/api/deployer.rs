@@ -8,8 +8,8 @@ use drover_common::ids::validate_host_id;
 use drover_common::labels::Selector;
 use drover_common::proto::deployer_server::Deployer;
 use drover_common::proto::{
-    Command, CommandUpdate, CoordinatorMessage, GetHostRequest, Host, ListHostsRequest, ListHostsResponse,
-    SendCommandRequest, command, coordinator_message,
+    Command, CommandUpdate, CoordinatorMessage, GetHostRequest, Host, ListHostsRequest,
+    ListHostsResponse, SendCommandRequest, command, coordinator_message,
 };
 use tonic::{Request, Response, Status};
 
@@ -27,23 +27,30 @@ pub struct DeployerService {
 
 fn validate_command(cmd: &Command) -> Result<(), ApiError> {
     if cmd.command_id.is_empty() || cmd.command_id.len() > 256 {
-        return Err(ApiError::Invalid("command.command_id must be 1-256 characters".into()));
+        return Err(ApiError::Invalid(
+            "command.command_id must be 1-256 characters".into(),
+        ));
     }
     match &cmd.action {
-        None => Err(ApiError::Invalid("command has no action (pull, verify, restart or rollback)".into())),
-        Some(command::Action::Pull(p)) if p.artifact.is_empty() => {
-            Err(ApiError::Invalid("pull.artifact (a sha256) is required".into()))
-        }
-        Some(command::Action::Restart(r)) if r.artifact.is_empty() => {
-            Err(ApiError::Invalid("restart.artifact (a sha256) is required".into()))
-        }
+        None => Err(ApiError::Invalid(
+            "command has no action (pull, verify, restart or rollback)".into(),
+        )),
+        Some(command::Action::Pull(p)) if p.artifact.is_empty() => Err(ApiError::Invalid(
+            "pull.artifact (a sha256) is required".into(),
+        )),
+        Some(command::Action::Restart(r)) if r.artifact.is_empty() => Err(ApiError::Invalid(
+            "restart.artifact (a sha256) is required".into(),
+        )),
         Some(_) => Ok(()),
     }
 }
 
 #[tonic::async_trait]
 impl Deployer for DeployerService {
-    async fn list_hosts(&self, request: Request<ListHostsRequest>) -> Result<Response<ListHostsResponse>, Status> {
+    async fn list_hosts(
+        &self,
+        request: Request<ListHostsRequest>,
+    ) -> Result<Response<ListHostsResponse>, Status> {
         let selector = Selector::parse(&request.get_ref().selector).map_err(ApiError::from)?;
         let hosts = self.registry.list(&selector);
         Ok(Response::new(ListHostsResponse { hosts }))
@@ -53,15 +60,22 @@ impl Deployer for DeployerService {
         let host_id = &request.get_ref().host_id;
         validate_host_id(host_id).map_err(ApiError::from)?;
         let host = self.registry.get(host_id).ok_or_else(|| {
-            ApiError::NotFound(format!("no host {host_id:?} has connected to this coordinator since it started"))
+            ApiError::NotFound(format!(
+                "no host {host_id:?} has connected to this coordinator since it started"
+            ))
         })?;
         Ok(Response::new(host))
     }
 
-    async fn send_command(&self, request: Request<SendCommandRequest>) -> Result<Response<CommandUpdate>, Status> {
+    async fn send_command(
+        &self,
+        request: Request<SendCommandRequest>,
+    ) -> Result<Response<CommandUpdate>, Status> {
         let req = request.into_inner();
         validate_host_id(&req.host_id).map_err(ApiError::from)?;
-        let mut cmd = req.command.ok_or_else(|| ApiError::Invalid("command is required".into()))?;
+        let mut cmd = req
+            .command
+            .ok_or_else(|| ApiError::Invalid("command is required".into()))?;
         validate_command(&cmd)?;
         if let Some(command::Action::Pull(p)) = &mut cmd.action
             && p.sources.is_empty()
@@ -69,7 +83,10 @@ impl Deployer for DeployerService {
             p.sources.push(self.origin_addr.clone());
         }
         let session = self.registry.session(&req.host_id).ok_or_else(|| {
-            ApiError::Unavailable(format!("host {} is not connected to this coordinator", req.host_id))
+            ApiError::Unavailable(format!(
+                "host {} is not connected to this coordinator",
+                req.host_id
+            ))
         })?;
         let timeout = match req.timeout_ms {
             0 => DEFAULT_COMMAND_TIMEOUT,
@@ -77,10 +94,16 @@ impl Deployer for DeployerService {
         };
         let command_id = cmd.command_id.clone();
         let done = self.pending.wait(&req.host_id, &command_id);
-        let message = CoordinatorMessage { msg: Some(coordinator_message::Msg::Command(cmd)) };
+        let message = CoordinatorMessage {
+            msg: Some(coordinator_message::Msg::Command(cmd)),
+        };
         if session.outbound.send(Box::new(Ok(message))).await.is_err() {
             self.pending.forget(&req.host_id, &command_id);
-            return Err(ApiError::Unavailable(format!("the stream of host {} closed", req.host_id)).into());
+            return Err(ApiError::Unavailable(format!(
+                "the stream of host {} closed",
+                req.host_id
+            ))
+            .into());
         }
         match tokio::time::timeout(timeout, done).await {
             Ok(Ok(update)) => Ok(Response::new(update)),

@@ -8,12 +8,18 @@ use tokio::sync::oneshot;
 
 /// True for the updates that end a command.
 pub fn is_final(status: CommandStatus) -> bool {
-    matches!(status, CommandStatus::Succeeded | CommandStatus::Failed | CommandStatus::RejectedStale)
+    matches!(
+        status,
+        CommandStatus::Succeeded | CommandStatus::Failed | CommandStatus::RejectedStale
+    )
 }
+
+/// (host id, command id).
+type Key = (String, String);
 
 #[derive(Default)]
 pub struct PendingCommands {
-    waiters: Mutex<HashMap<(String, String), Vec<oneshot::Sender<CommandUpdate>>>>,
+    waiters: Mutex<HashMap<Key, Vec<oneshot::Sender<CommandUpdate>>>>,
 }
 
 impl PendingCommands {
@@ -62,7 +68,11 @@ mod tests {
     use super::*;
 
     fn update(id: &str, status: CommandStatus) -> CommandUpdate {
-        CommandUpdate { command_id: id.into(), status: status as i32, ..Default::default() }
+        CommandUpdate {
+            command_id: id.into(),
+            status: status as i32,
+            ..Default::default()
+        }
     }
 
     #[tokio::test]

@@ -209,6 +209,9 @@ impl Registry {
         entry.dropped = hb.dropped_heartbeats;
         entry.metrics = hb.host;
         entry.health = hb.services;
+        if entry.services != hb.versions {
+            entry.services = hb.versions;
+        }
         drop(hosts);
         self.metrics.heartbeats.inc();
         self.metrics

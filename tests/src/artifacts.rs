@@ -1,0 +1,82 @@
+//! Artifacts of the sample service, built for tests and the demo.
+//!
+//! The artifact holds `drover.toml` and `bin/start`, a script that execs the
+//! host's `drover-sample` (the agent passes its path as
+//! `$DROVER_SAMPLE_BIN`), so each version is a small, real tar.gz.
+
+use std::path::{Path, PathBuf};
+
+use drover_common::artifact::Digest;
+use drover_common::artifact::build::ArchiveBuilder;
+
+pub struct BuiltArtifact {
+    pub path: PathBuf,
+    pub digest: String,
+    pub size: u64,
+}
+
+/// The manifest of a sample-service artifact.
+pub fn sample_manifest(service: &str, version: &str, extra_args: &[&str]) -> String {
+    let mut args = vec![
+        "--port".to_string(),
+        "${PORT}".to_string(),
+        "--version-label".to_string(),
+        version.to_string(),
+    ];
+    args.extend(extra_args.iter().map(|a| a.to_string()));
+    let args: Vec<String> = args.iter().map(|a| format!("{a:?}")).collect();
+    format!(
+        r#"service = "{service}"
+version = "{version}"
+
+[start]
+command = "bin/start"
+args = [{args}]
+stop_grace = "2s"
+
+[readiness]
+http = "http://127.0.0.1:${{PORT}}/healthz"
+interval = "100ms"
+timeout = "1s"
+failure_threshold = 1
+
+[metrics]
+url = "http://127.0.0.1:${{PORT}}/metrics"
+requests = "http_requests_total"
+errors = {{ label = "code", prefix = "5" }}
+latency = "http_request_duration_seconds"
+"#,
+        args = args.join(", ")
+    )
+}
+
+const START: &[u8] = b"#!/bin/sh\nexec \"$DROVER_SAMPLE_BIN\" \"$@\"\n";
+
+/// Writes a sample-service artifact to `dir/<version>.tar.gz`.
+pub fn sample_artifact(
+    dir: &Path,
+    service: &str,
+    version: &str,
+    extra_args: &[&str],
+) -> BuiltArtifact {
+    let bytes = ArchiveBuilder::in_memory()
+        .file(
+            "drover.toml",
+            sample_manifest(service, version, extra_args).as_bytes(),
+        )
+        .executable("bin/start", START)
+        .finish();
+    write(dir, &format!("{service}-{version}.tar.gz"), bytes)
+}
+
+/// Writes `bytes` as an artifact file and returns its identity.
+pub fn write(dir: &Path, name: &str, bytes: Vec<u8>) -> BuiltArtifact {
+    let path = dir.join(name);
+    std::fs::write(&path, &bytes).expect("writing the artifact");
+    let (digest, size) = Digest::of_reader(&bytes[..]).expect("hashing");
+    BuiltArtifact {
+        path,
+        digest: digest.hex(),
+        size,
+    }
+}

@@ -1,0 +1,167 @@
+//! `drover-sample`: the service the tests and the demo deploy. It serves
+//! real HTTP and can be made bad on purpose, so every error rate, latency
+//! and crash a test sees is real.
+//!
+//! - `GET /`: "hello from VERSION", or 503 for `--error-rate` of requests,
+//!   after `--latency-ms`.
+//! - `GET /healthz`: 200, or 503 with `--unready`.
+//! - `GET /version`: the version label.
+//! - `GET /metrics`: `http_requests_total{code}` and the
+//!   `http_request_duration_seconds` histogram (OpenMetrics text).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "drover-sample",
+    about = "A sample service for Drover tests and demos"
+)]
+struct Args {
+    #[arg(long)]
+    port: u16,
+    #[arg(long, default_value = "v1")]
+    version_label: String,
+    /// Share of `/` requests answered 503 (spread evenly, not random).
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+    /// Added to every `/` request.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    /// Exit with status 1 this many seconds after start.
+    #[arg(long)]
+    crash_after: Option<f64>,
+    /// /healthz answers 503.
+    #[arg(long)]
+    unready: bool,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabel {
+    code: String,
+}
+
+struct App {
+    args: Args,
+    served: AtomicU64,
+    requests: Family<CodeLabel, Counter>,
+    latency: Histogram,
+    registry: Registry,
+}
+
+impl App {
+    async fn handle(&self, path: &str) -> (StatusCode, String) {
+        match path {
+            "/healthz" if self.args.unready => {
+                (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
+            }
+            "/healthz" => (StatusCode::OK, "ok\n".into()),
+            "/version" => (StatusCode::OK, format!("{}\n", self.args.version_label)),
+            "/metrics" => {
+                let mut out = String::new();
+                prometheus_client::encoding::text::encode(&mut out, &self.registry)
+                    .expect("encoding to a String");
+                (StatusCode::OK, out)
+            }
+            "/" => {
+                let started = Instant::now();
+                if self.args.latency_ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(self.args.latency_ms)).await;
+                }
+                let n = self.served.fetch_add(1, Ordering::Relaxed);
+                let rate = self.args.error_rate;
+                let error = ((n + 1) as f64 * rate).floor() > (n as f64 * rate).floor();
+                let (status, body) = if error {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "injected error\n".to_string(),
+                    )
+                } else {
+                    (
+                        StatusCode::OK,
+                        format!("hello from {}\n", self.args.version_label),
+                    )
+                };
+                self.requests
+                    .get_or_create(&CodeLabel {
+                        code: status.as_u16().to_string(),
+                    })
+                    .inc();
+                self.latency.observe(started.elapsed().as_secs_f64());
+                (status, body)
+            }
+            _ => (StatusCode::NOT_FOUND, "not found\n".into()),
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut registry = Registry::default();
+    let requests = Family::<CodeLabel, Counter>::default();
+    let latency = Histogram::new(
+        [
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0,
+        ]
+        .into_iter(),
+    );
+    registry.register("http_requests", "Requests served", requests.clone());
+    registry.register(
+        "http_request_duration_seconds",
+        "Request latency",
+        latency.clone(),
+    );
+    if let Some(secs) = args.crash_after {
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+            eprintln!("drover-sample: crashing as asked (--crash-after {secs})");
+            std::process::exit(1);
+        });
+    }
+    let addr = SocketAddr::from(([127, 0, 0, 1], args.port));
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    eprintln!("drover-sample {} listening on {addr}", args.version_label);
+    let app = Arc::new(App {
+        args,
+        served: AtomicU64::new(0),
+        requests,
+        latency,
+        registry,
+    });
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let app = app.clone();
+                async move {
+                    let (status, body) = app.handle(req.uri().path()).await;
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .status(status)
+                            .body(Full::new(Bytes::from(body)))
+                            .expect("valid response"),
+                    )
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

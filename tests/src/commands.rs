@@ -1,0 +1,85 @@
+//! Building commands and sending them through a coordinator's SendCommand.
+
+use drover_common::proto::{
+    Command, CommandUpdate, PullCommand, RestartCommand, RollbackCommand, SendCommandRequest,
+    VerifyCommand, command,
+};
+
+use crate::Coordinator;
+
+/// A command in shard 0 at `epoch`.
+pub fn cmd(id: &str, epoch: u64, action: command::Action) -> Command {
+    Command {
+        command_id: id.to_string(),
+        shard: 0,
+        epoch,
+        action: Some(action),
+    }
+}
+
+pub fn pull(service: &str, digest: &str) -> command::Action {
+    command::Action::Pull(PullCommand {
+        service: service.into(),
+        artifact: digest.into(),
+        sources: vec![],
+        size_bytes: 0,
+    })
+}
+
+pub fn verify(service: &str, digest: &str) -> command::Action {
+    command::Action::Verify(VerifyCommand {
+        service: service.into(),
+        artifact: digest.into(),
+    })
+}
+
+pub fn restart(service: &str, digest: &str) -> command::Action {
+    command::Action::Restart(RestartCommand {
+        service: service.into(),
+        artifact: digest.into(),
+        ready_timeout_ms: 20_000,
+    })
+}
+
+/// Rollback to the previous release (`digest` empty) or a named one.
+pub fn rollback(service: &str, digest: &str) -> command::Action {
+    command::Action::Rollback(RollbackCommand {
+        service: service.into(),
+        artifact: digest.into(),
+        ready_timeout_ms: 20_000,
+    })
+}
+
+impl Coordinator {
+    /// Sends `command` to `host_id` and waits for its final update.
+    pub async fn send(
+        &self,
+        host_id: &str,
+        command: Command,
+    ) -> Result<CommandUpdate, tonic::Status> {
+        self.deployer()
+            .await
+            .send_command(SendCommandRequest {
+                host_id: host_id.to_string(),
+                command: Some(command),
+                timeout_ms: 60_000,
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Pushes an artifact with the real `droverctl artifact push`; returns its digest.
+    pub fn push(&self, path: &std::path::Path, service: &str, version: &str) -> String {
+        let (code, out, err) = self.droverctl(&[
+            "artifact",
+            "push",
+            path.to_str().expect("utf-8 path"),
+            "--service",
+            service,
+            "--version",
+            version,
+        ]);
+        assert_eq!(code, 0, "droverctl artifact push failed: {err}");
+        out.trim().to_string()
+    }
+}

@@ -1,0 +1,696 @@
+//! Artifacts end to end: CI pushes with droverctl, agents pull, verify,
+//! restart and roll back for real, with the sample service answering.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use drover_common::proto::{CommandStatus, CommandUpdate, ConnectionState};
+use drover_tests::artifacts::{BuiltArtifact, sample_artifact, sample_manifest, write};
+use drover_tests::commands::{cmd, pull, restart, rollback, verify};
+use drover_tests::{
+    Agent, Coordinator, TestDir, free_port, http_get, http_get_status, wait_until, wait_until_ok,
+};
+
+const SERVICE: &str = "hello";
+
+fn ok(update: &CommandUpdate) {
+    assert_eq!(update.status(), CommandStatus::Succeeded, "{update:?}");
+}
+
+fn failed(update: &CommandUpdate, reason_part: &str) {
+    assert_eq!(update.status(), CommandStatus::Failed, "{update:?}");
+    assert!(
+        update.reason.contains(reason_part),
+        "reason {:?} lacks {reason_part:?}",
+        update.reason
+    );
+}
+
+async fn answers(port: u16) -> String {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_until(
+        "the sample service to answer",
+        Duration::from_secs(10),
+        || async {
+            match http_get_status(addr, "/").await {
+                Ok((200, body)) => Ok(body),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await
+}
+
+async fn fetches(coord: &Coordinator) -> u64 {
+    let text = http_get(coord.metrics_addr, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix("drover_artifact_fetches_total "))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0)
+}
+
+fn artifacts_dir(dir: &TestDir) -> std::path::PathBuf {
+    dir.sub("artifacts")
+}
+
+#[tokio::test]
+async fn push_pull_restart_on_three_agents_then_rollback_without_a_fetch() {
+    let dir = TestDir::new();
+    let coord = Coordinator::start(&dir, "coord", &[]).await;
+    let v1 = sample_artifact(&artifacts_dir(&dir), SERVICE, "v1", &[]);
+    let v2 = sample_artifact(&artifacts_dir(&dir), SERVICE, "v2", &[]);
+    assert_eq!(coord.push(&v1.path, SERVICE, "v1"), v1.digest);
+    assert_eq!(coord.push(&v2.path, SERVICE, "v2"), v2.digest);
+
+    let hosts = ["web-1", "web-2", "web-3"];
+    let ports: Vec<u16> = hosts.iter().map(|_| free_port()).collect();
+    let _agents: Vec<Agent> = hosts
+        .iter()
+        .zip(&ports)
+        .map(|(h, p)| Agent::start_sample(&dir, h, &[&coord], *p, &[]))
+        .collect();
+    wait_until_ok("three agents", Duration::from_secs(20), || async {
+        coord.hosts("").await.len() == 3
+    })
+    .await;
+
+    for (step, version) in [(1, &v1), (2, &v2)] {
+        for host in hosts {
+            ok(&coord
+                .send(
+                    host,
+                    cmd(
+                        &format!("pull-{step}-{host}"),
+                        1,
+                        pull(SERVICE, &version.digest),
+                    ),
+                )
+                .await
+                .unwrap());
+            ok(&coord
+                .send(
+                    host,
+                    cmd(
+                        &format!("restart-{step}-{host}"),
+                        1,
+                        restart(SERVICE, &version.digest),
+                    ),
+                )
+                .await
+                .unwrap());
+        }
+        for port in &ports {
+            assert_eq!(answers(*port).await, format!("hello from v{step}\n"));
+        }
+    }
+    // Heartbeats carry the truth: v2 current, v1 previous, ready.
+    wait_until_ok(
+        "heartbeats to show v2 active and ready",
+        Duration::from_secs(10),
+        || async {
+            coord.hosts("").await.iter().all(|h| {
+                h.services.first().is_some_and(|s| {
+                    s.current_artifact == v2.digest && s.previous_artifact == v1.digest
+                }) && h.health.first().is_some_and(|s| s.ready && s.live)
+            })
+        },
+    )
+    .await;
+
+    let before = fetches(&coord).await;
+    assert_eq!(before, 6, "two pulls on three hosts");
+    for host in hosts {
+        ok(&coord
+            .send(
+                host,
+                cmd(&format!("rollback-{host}"), 1, rollback(SERVICE, "")),
+            )
+            .await
+            .unwrap());
+    }
+    for port in &ports {
+        assert_eq!(answers(*port).await, "hello from v1\n");
+    }
+    assert_eq!(fetches(&coord).await, before, "rollback fetched nothing");
+    let host = coord.host("web-1").await.unwrap();
+    assert_eq!(host.state(), ConnectionState::Connected);
+    wait_until_ok(
+        "heartbeats to show v1 back",
+        Duration::from_secs(10),
+        || async {
+            coord
+                .host("web-1")
+                .await
+                .unwrap()
+                .services
+                .first()
+                .is_some_and(|s| s.current_artifact == v1.digest)
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn heartbeats_report_real_request_errors_and_latency() {
+    let dir = TestDir::new();
+    let coord = Coordinator::start(&dir, "coord", &[]).await;
+    let bad = sample_artifact(
+        &artifacts_dir(&dir),
+        SERVICE,
+        "bad",
+        &["--error-rate", "0.25", "--latency-ms", "20"],
+    );
+    coord.push(&bad.path, SERVICE, "bad");
+    let port = free_port();
+    let _agent = Agent::start_sample(&dir, "web-1", &[&coord], port, &[]);
+    wait_until_ok("the agent", Duration::from_secs(20), || async {
+        coord.host("web-1").await.is_ok()
+    })
+    .await;
+    ok(&coord
+        .send("web-1", cmd("p", 1, pull(SERVICE, &bad.digest)))
+        .await
+        .unwrap());
+    ok(&coord
+        .send("web-1", cmd("r", 1, restart(SERVICE, &bad.digest)))
+        .await
+        .unwrap());
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let health = wait_until(
+        "a heartbeat with traffic figures",
+        Duration::from_secs(20),
+        || async {
+            for _ in 0..8 {
+                let _ = http_get_status(addr, "/").await;
+            }
+            let h = coord.host("web-1").await.unwrap();
+            match h.health.first() {
+                Some(s) if s.request_count >= 4 && s.error_count > 0 => Ok(s.clone()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let rate = health.error_count as f64 / health.request_count as f64;
+    assert!(
+        (0.1..=0.4).contains(&rate),
+        "error rate {rate} from {health:?}"
+    );
+    assert!(
+        health.latency_p50_ms >= 15.0 && health.latency_p99_ms >= health.latency_p50_ms,
+        "{health:?}"
+    );
+}
+
+#[tokio::test]
+async fn corrupt_bytes_fail_verify_and_nothing_is_activated() {
+    let dir = TestDir::new();
+    let coord = Coordinator::start(&dir, "coord", &[]).await;
+    let v1 = sample_artifact(&artifacts_dir(&dir), SERVICE, "v1", &[]);
+    coord.push(&v1.path, SERVICE, "v1");
+    let port = free_port();
+    let agent = Agent::start_sample(&dir, "web-1", &[&coord], port, &[]);
+    wait_until_ok("the agent", Duration::from_secs(20), || async {
+        coord.host("web-1").await.is_ok()
+    })
+    .await;
+
+    // Corrupted on the host after the pull: Verify and Restart refuse it.
+    ok(&coord
+        .send("web-1", cmd("p1", 1, pull(SERVICE, &v1.digest)))
+        .await
+        .unwrap());
+    let cached = agent
+        .data_dir
+        .join("cache")
+        .join(format!("{}.tar.gz", v1.digest));
+    let mut bytes = std::fs::read(&cached).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&cached, &bytes).unwrap();
+    failed(
+        &coord
+            .send("web-1", cmd("v1", 1, verify(SERVICE, &v1.digest)))
+            .await
+            .unwrap(),
+        "cached artifact is corrupt",
+    );
+    failed(
+        &coord
+            .send("web-1", cmd("r1", 1, restart(SERVICE, &v1.digest)))
+            .await
+            .unwrap(),
+        "not activated",
+    );
+    assert!(
+        http_get_status(SocketAddr::from(([127, 0, 0, 1], port)), "/")
+            .await
+            .is_err(),
+        "nothing runs"
+    );
+    assert!(
+        !agent.data_dir.join("services/hello/current").exists(),
+        "nothing was switched"
+    );
+
+    // Corrupted at the origin: the pull's digest check deletes the download.
+    let v2 = sample_artifact(&artifacts_dir(&dir), SERVICE, "v2", &[]);
+    coord.push(&v2.path, SERVICE, "v2");
+    let blob = coord.data_dir.join("artifacts/blobs").join(&v2.digest);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[10] ^= 0xff;
+    std::fs::write(&blob, &bytes).unwrap();
+    failed(
+        &coord
+            .send("web-1", cmd("p2", 1, pull(SERVICE, &v2.digest)))
+            .await
+            .unwrap(),
+        "digest mismatch",
+    );
+    let cache: Vec<String> = std::fs::read_dir(agent.data_dir.join("cache"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !cache.iter().any(|n| n.starts_with(&v2.digest)),
+        "download deleted: {cache:?}"
+    );
+    assert!(
+        !agent
+            .data_dir
+            .join("services/hello/releases")
+            .join(&v2.digest)
+            .exists()
+    );
+}
+
+/// A hostile archive with a valid manifest, so the origin stores it and
+/// only the agent's unpacking stands in the way.
+fn hostile(
+    dir: &TestDir,
+    name: &str,
+    build: impl FnOnce(
+        drover_common::artifact::build::ArchiveBuilder<Vec<u8>>,
+    ) -> drover_common::artifact::build::ArchiveBuilder<Vec<u8>>,
+) -> BuiltArtifact {
+    let builder = drover_common::artifact::build::ArchiveBuilder::in_memory().file(
+        "drover.toml",
+        sample_manifest(SERVICE, name, &[]).as_bytes(),
+    );
+    write(
+        &artifacts_dir(dir),
+        &format!("{name}.tar.gz"),
+        build(builder).finish(),
+    )
+}
+
+#[tokio::test]
+async fn hostile_archives_are_refused_on_pull_and_nothing_lands_outside() {
+    use tar::EntryType::*;
+    let dir = TestDir::new();
+    let coord = Coordinator::start(&dir, "coord", &[]).await;
+    let port = free_port();
+    let agent = Agent::start_sample(
+        &dir,
+        "web-1",
+        &[&coord],
+        port,
+        &["--max-entries", "50", "--max-unpacked-bytes", "100000"],
+    );
+    wait_until_ok("the agent", Duration::from_secs(20), || async {
+        coord.host("web-1").await.is_ok()
+    })
+    .await;
+    let target = dir.path().join("evil-target");
+    let abs = format!("{}/evil-abs", dir.path().display());
+    let cases: Vec<(&str, BuiltArtifact, &str)> = vec![
+        (
+            "abs",
+            hostile(&dir, "abs", |b| b.file(&abs, b"x")),
+            "absolute path",
+        ),
+        (
+            "dotdot",
+            hostile(&dir, "dotdot", |b| b.file("../../../../evil-dotdot", b"x")),
+            "'..' component",
+        ),
+        (
+            "symlink",
+            hostile(&dir, "symlink", |b| {
+                b.raw("evil", Symlink, Some(target.to_str().unwrap()), 0o777, b"")
+            }),
+            "outside the release",
+        ),
+        (
+            "relsymlink",
+            hostile(&dir, "relsymlink", |b| {
+                b.raw("evil", Symlink, Some("../../../../evil-target"), 0o777, b"")
+            }),
+            "outside the release",
+        ),
+        (
+            "chain",
+            hostile(&dir, "chain", |b| {
+                b.raw("s", Symlink, Some("."), 0o777, b"")
+                    .raw("up", Symlink, Some("s/.."), 0o777, b"")
+                    .file("up/evil-chain", b"x")
+            }),
+            "outside the release",
+        ),
+        (
+            "hardlink",
+            hostile(&dir, "hardlink", |b| {
+                b.raw("evil", Link, Some("../../../../evil-target"), 0o644, b"")
+            }),
+            "outside the release",
+        ),
+        (
+            "device",
+            hostile(&dir, "device", |b| b.raw("dev", Char, None, 0o644, b"")),
+            "character device",
+        ),
+        (
+            "fifo",
+            hostile(&dir, "fifo", |b| b.raw("pipe", Fifo, None, 0o644, b"")),
+            "fifo",
+        ),
+        (
+            "many",
+            hostile(&dir, "many", |b| {
+                (0..60).fold(b, |b, i| b.file(&format!("f{i}"), b"x"))
+            }),
+            "more than 50 entries",
+        ),
+        (
+            "big",
+            hostile(&dir, "big", |b| b.file("big", &vec![0u8; 200_000])),
+            "more than 100000 bytes",
+        ),
+    ];
+    for (name, artifact, reason) in &cases {
+        coord.push(&artifact.path, SERVICE, name);
+        let update = coord
+            .send(
+                "web-1",
+                cmd(&format!("pull-{name}"), 1, pull(SERVICE, &artifact.digest)),
+            )
+            .await
+            .unwrap();
+        failed(&update, reason);
+        assert!(
+            update.reason.starts_with("refused to unpack"),
+            "{name}: {update:?}"
+        );
+        let release = agent
+            .data_dir
+            .join("services/hello/releases")
+            .join(&artifact.digest);
+        assert!(!release.exists(), "{name}: no release");
+    }
+    // Nothing escaped anywhere in the test's directory tree.
+    let mut stack = vec![dir.path().to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            assert!(
+                !name.starts_with("evil"),
+                "{} escaped",
+                entry.path().display()
+            );
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    let releases = agent.data_dir.join("services/hello/releases");
+    let left: Vec<_> = std::fs::read_dir(&releases)
+        .map(|r| r.count())
+        .into_iter()
+        .collect();
+    assert_eq!(left, vec![0], "no release and no temp dir left behind");
+}
+
+#[tokio::test]
+async fn the_same_command_twice_gives_one_restart_and_a_lower_epoch_is_stale() {
+    let dir = TestDir::new();
+    let coord = Coordinator::start(&dir, "coord", &[]).await;
+    let v1 = sample_artifact(&artifacts_dir(&dir), SERVICE, "v1", &[]);
+    coord.push(&v1.path, SERVICE, "v1");
+    let port = free_port();
+    let mut agent = Agent::start_sample(&dir, "web-1", &[&coord], port, &[]);
+    wait_until_ok("the agent", Duration::from_secs(20), || async {
+        coord.host("web-1").await.is_ok()
+    })
+    .await;
+
+    ok(&coord
+        .send("web-1", cmd("pull-1", 7, pull(SERVICE, &v1.digest)))
+        .await
+        .unwrap());
+    let first = coord
+        .send("web-1", cmd("restart-1", 7, restart(SERVICE, &v1.digest)))
+        .await
+        .unwrap();
+    ok(&first);
+    let again = coord
+        .send("web-1", cmd("restart-1", 7, restart(SERVICE, &v1.digest)))
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.status, &again.reason),
+        (first.status, &first.reason),
+        "the recorded result"
+    );
+    // A new id for the same release: a no-op success, no restart either.
+    let noop = coord
+        .send("web-1", cmd("restart-2", 7, restart(SERVICE, &v1.digest)))
+        .await
+        .unwrap();
+    ok(&noop);
+    assert!(noop.reason.contains("already active and ready"), "{noop:?}");
+    let log = agent.data_dir.join("services/hello/logs/service.log");
+    let starts = std::fs::read_to_string(&log)
+        .unwrap()
+        .matches("drover-sample v1 listening")
+        .count();
+    assert_eq!(starts, 1, "one start of the service");
+
+    let stale = coord
+        .send("web-1", cmd("restart-3", 6, restart(SERVICE, &v1.digest)))
+        .await
+        .unwrap();
+    assert_eq!(stale.status(), CommandStatus::RejectedStale, "{stale:?}");
+    assert!(stale.reason.contains("epoch 6 is below 7"), "{stale:?}");
+
+    // The highest epoch survives an agent restart.
+    agent.child.signal(nix::sys::signal::Signal::SIGTERM);
+    agent.child.wait_exit(Duration::from_secs(10)).await;
+    let _agent = Agent::start_sample(&dir, "web-1", &[&coord], port, &[]);
+    wait_until_ok("the agent back", Duration::from_secs(20), || async {
+        coord
+            .host("web-1")
+            .await
+            .is_ok_and(|h| h.state() == ConnectionState::Connected)
+    })
+    .await;
+    let stale = coord
+        .send("web-1", cmd("verify-9", 6, verify(SERVICE, &v1.digest)))
+        .await
+        .unwrap();
+    assert_eq!(stale.status(), CommandStatus::RejectedStale, "{stale:?}");
+    assert_eq!(
+        answers(port).await,
+        "hello from v1\n",
+        "the restarted agent started its service again"
+    );
+}
+
+#[tokio::test]
+async fn kill_9_of_the_agent_mid_restart_converges_on_the_truth() {
+    let dir = TestDir::new();
+    let coord = Coordinator::start(&dir, "coord", &[]).await;
+    let v1 = sample_artifact(&artifacts_dir(&dir), SERVICE, "v1", &[]);
+    // v2's pre_start hook signals it has begun, then takes its time, until
+    // the test lets later runs through.
+    let marker = dir.path().join("pre-start-began");
+    let release_hook = dir.path().join("pre-start-quick");
+    let hook = format!(
+        "[ -e {q} ] || {{ touch {m}; sleep 30; }}",
+        q = release_hook.display(),
+        m = marker.display()
+    );
+    let manifest = sample_manifest(SERVICE, "v2", &[])
+        + &format!(
+            "\n[hooks]\npre_start = {{ command = [\"/bin/sh\", \"-c\", {hook:?}], timeout = \"60s\" }}\n"
+        );
+    let v2 = write(
+        &artifacts_dir(&dir),
+        "v2.tar.gz",
+        drover_common::artifact::build::ArchiveBuilder::in_memory()
+            .file("drover.toml", manifest.as_bytes())
+            .executable(
+                "bin/start",
+                b"#!/bin/sh\nexec \"$DROVER_SAMPLE_BIN\" \"$@\"\n",
+            )
+            .finish(),
+    );
+    coord.push(&v1.path, SERVICE, "v1");
+    coord.push(&v2.path, SERVICE, "v2");
+    let port = free_port();
+    let mut agent = Agent::start_sample(&dir, "web-1", &[&coord], port, &[]);
+    wait_until_ok("the agent", Duration::from_secs(20), || async {
+        coord.host("web-1").await.is_ok()
+    })
+    .await;
+    for (id, action) in [
+        ("p1", pull(SERVICE, &v1.digest)),
+        ("r1", restart(SERVICE, &v1.digest)),
+        ("p2", pull(SERVICE, &v2.digest)),
+    ] {
+        ok(&coord.send("web-1", cmd(id, 1, action)).await.unwrap());
+    }
+    assert_eq!(answers(port).await, "hello from v1\n");
+
+    // Start the restart to v2 and kill the agent while its hook runs.
+    let sender = {
+        let addr = coord.addr_arg();
+        let command = cmd("r2", 1, restart(SERVICE, &v2.digest));
+        tokio::spawn(async move {
+            let channel = drover_common::grpc::connect(&addr).await.unwrap();
+            drover_common::proto::deployer_client::DeployerClient::new(channel)
+                .send_command(drover_common::proto::SendCommandRequest {
+                    host_id: "web-1".into(),
+                    command: Some(command),
+                    timeout_ms: 60_000,
+                })
+                .await
+        })
+    };
+    wait_until_ok(
+        "the pre_start hook to begin",
+        Duration::from_secs(20),
+        || async { marker.exists() },
+    )
+    .await;
+    agent.child.signal(nix::sys::signal::Signal::SIGKILL);
+    agent.child.wait_exit(Duration::from_secs(5)).await;
+    drop(agent);
+    sender.abort();
+
+    // Back up: it reports v1 (the switch never happened) and serves it.
+    let _agent = Agent::start_sample(&dir, "web-1", &[&coord], port, &[]);
+    wait_until_ok(
+        "the restarted agent to report v1",
+        Duration::from_secs(20),
+        || async {
+            coord.host("web-1").await.is_ok_and(|h| {
+                h.state() == ConnectionState::Connected
+                    && h.services
+                        .first()
+                        .is_some_and(|s| s.current_artifact == v1.digest)
+            })
+        },
+    )
+    .await;
+    assert_eq!(answers(port).await, "hello from v1\n");
+
+    // The coordinator re-sends the command: it runs now and converges on v2.
+    std::fs::write(&release_hook, b"").unwrap();
+    let update = tokio::time::timeout(
+        Duration::from_secs(60),
+        coord.send("web-1", cmd("r2", 1, restart(SERVICE, &v2.digest))),
+    )
+    .await
+    .expect("the re-sent restart finishes")
+    .unwrap();
+    ok(&update);
+    assert_eq!(answers(port).await, "hello from v2\n");
+    wait_until_ok(
+        "heartbeats to report v2 over v1",
+        Duration::from_secs(10),
+        || async {
+            coord
+                .host("web-1")
+                .await
+                .unwrap()
+                .services
+                .first()
+                .is_some_and(|s| {
+                    s.current_artifact == v2.digest && s.previous_artifact == v1.digest
+                })
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_pull_resumes_from_the_bytes_it_already_has() {
+    let dir = TestDir::new();
+    let coord = Coordinator::start(&dir, "coord", &[]).await;
+    // A larger artifact: a 3 MB incompressible file beside the manifest.
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let noise: Vec<u8> = (0..3_000_000)
+        .map(|_| {
+            // xorshift: bytes gzip cannot shrink.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let big = write(
+        &artifacts_dir(&dir),
+        "big.tar.gz",
+        drover_common::artifact::build::ArchiveBuilder::in_memory()
+            .file(
+                "drover.toml",
+                sample_manifest(SERVICE, "big", &[]).as_bytes(),
+            )
+            .executable(
+                "bin/start",
+                b"#!/bin/sh\nexec \"$DROVER_SAMPLE_BIN\" \"$@\"\n",
+            )
+            .file("data/noise", &noise)
+            .finish(),
+    );
+    coord.push(&big.path, SERVICE, "big");
+    let port = free_port();
+    let agent = Agent::start_sample(&dir, "web-1", &[&coord], port, &[]);
+    wait_until_ok("the agent", Duration::from_secs(20), || async {
+        coord.host("web-1").await.is_ok()
+    })
+    .await;
+    // An earlier pull broke off after the first 1,000,000 bytes.
+    let bytes = std::fs::read(&big.path).unwrap();
+    let cache = agent.data_dir.join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    std::fs::write(
+        cache.join(format!("{}.part", big.digest)),
+        &bytes[..1_000_000],
+    )
+    .unwrap();
+    let served_before = fetched_bytes(&coord).await;
+    ok(&coord
+        .send("web-1", cmd("pull", 1, pull(SERVICE, &big.digest)))
+        .await
+        .unwrap());
+    let served = fetched_bytes(&coord).await - served_before;
+    assert_eq!(
+        served,
+        big.size - 1_000_000,
+        "only the missing bytes were fetched"
+    );
+    ok(&coord
+        .send("web-1", cmd("verify", 1, verify(SERVICE, &big.digest)))
+        .await
+        .unwrap());
+}
+
+async fn fetched_bytes(coord: &Coordinator) -> u64 {
+    let text = http_get(coord.metrics_addr, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix("drover_artifact_fetched_bytes_total "))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0)
+}
