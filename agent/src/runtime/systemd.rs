@@ -39,6 +39,11 @@ fn quote(word: &str) -> String {
     out
 }
 
+/// A path as a unit setting takes it: unquoted, with `%` doubled.
+fn path_value(path: &std::path::Path) -> String {
+    path.to_string_lossy().replace('%', "%%")
+}
+
 /// The unit file for `spec`.
 pub fn render_unit(spec: &ServiceSpec) -> String {
     let release = spec
@@ -62,7 +67,7 @@ pub fn render_unit(spec: &ServiceSpec) -> String {
          ExecStart={exec}\n",
         service = spec.service,
         short = &release[..release.len().min(12)],
-        workdir = quote(&spec.workdir.to_string_lossy()),
+        workdir = path_value(&spec.workdir),
     );
     for (k, v) in &spec.env {
         unit.push_str(&format!("Environment={}\n", quote(&format!("{k}={v}"))));
@@ -79,7 +84,7 @@ pub fn render_unit(spec: &ServiceSpec) -> String {
          WantedBy=multi-user.target\n",
         signal = spec.stop_signal.as_str(),
         grace = spec.stop_grace.as_millis(),
-        log = spec.log_dir.join(LOG_FILE).display(),
+        log = path_value(&spec.log_dir.join(LOG_FILE)),
     ));
     unit
 }
@@ -213,7 +218,8 @@ mod tests {
             "{unit}"
         );
         assert!(
-            unit.contains("StandardOutput=append:/var/lib/drover/services/web/logs/service.log\n"),
+            unit.contains("WorkingDirectory=/var/lib/drover/services/web/current\n")
+                && unit.contains("StandardOutput=append:/var/lib/drover/services/web/logs/service.log\n"),
             "{unit}"
         );
         assert_eq!(unit_name("web"), "drover-svc-web.service");
