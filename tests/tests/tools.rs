@@ -275,14 +275,26 @@ fn the_readme_demo_runs_to_the_end() {
 #[test]
 fn generated_service_units_pass_systemd_analyze_verify() {
     use drover_agent::runtime::{ServiceSpec, systemd};
-    let analyze = require_tool("systemd-analyze", "install Debian's systemd: apt-get install -y systemd");
+    let analyze = require_tool(
+        "systemd-analyze",
+        "install Debian's systemd: apt-get install -y systemd",
+    );
     let dir = TestDir::new();
     let spec = ServiceSpec {
         service: "hello".into(),
         release_dir: dir.sub(&format!("releases/{}", "a".repeat(64))),
         program: bins::bin("drover-sample"),
-        args: vec!["--port".into(), "8081".into(), "--version-label".into(), "it's \"v1\" at 100%".into()],
-        env: [("PORT".to_string(), "8081".to_string()), ("GREETING".to_string(), "hello world".to_string())].into(),
+        args: vec![
+            "--port".into(),
+            "8081".into(),
+            "--version-label".into(),
+            "it's \"v1\" at 100%".into(),
+        ],
+        env: [
+            ("PORT".to_string(), "8081".to_string()),
+            ("GREETING".to_string(), "hello world".to_string()),
+        ]
+        .into(),
         workdir: dir.sub("work"),
         stop_signal: nix::sys::signal::Signal::SIGINT,
         stop_grace: Duration::from_secs(5),
@@ -290,9 +302,17 @@ fn generated_service_units_pass_systemd_analyze_verify() {
     };
     let unit = dir.path().join(systemd::unit_name("hello"));
     std::fs::write(&unit, systemd::render_unit(&spec)).unwrap();
-    let out = Command::new(&analyze).arg("verify").arg(&unit).output().unwrap();
+    let out = Command::new(&analyze)
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}\n{}", systemd::render_unit(&spec));
+    assert!(
+        out.status.success() && stderr.trim().is_empty(),
+        "{stderr}\n{}",
+        systemd::render_unit(&spec)
+    );
 }
 
 #[tokio::test]
@@ -302,20 +322,51 @@ async fn fleetsim_answers_commands_like_an_agent() {
     let dir = TestDir::new();
     let coord = Coordinator::start(&dir, "coord", &[]).await;
     let mut sim = Command::new(bins::bin("drover-fleetsim"));
-    sim.args(["--coordinator", &coord.addr_arg(), "--hosts", "3", "--failure-rate", "0.5", "--command-delay", "50ms"]);
+    sim.args([
+        "--coordinator",
+        &coord.addr_arg(),
+        "--hosts",
+        "3",
+        "--failure-rate",
+        "0.5",
+        "--command-delay",
+        "50ms",
+    ]);
     let _sim = drover_tests::ChildGuard::spawn("fleetsim", sim, &dir.path().join("fleetsim.log"));
-    wait_until_ok("three simulated hosts", Duration::from_secs(20), || async { coord.hosts("").await.len() == 3 }).await;
+    wait_until_ok("three simulated hosts", Duration::from_secs(20), || async {
+        coord.hosts("").await.len() == 3
+    })
+    .await;
     let digest = "a".repeat(64);
     let mut outcomes = Vec::new();
     for i in 0..20 {
-        let update = coord.send("sim-1", cmd(&format!("c{i}"), 5, verify("svc", &digest))).await.unwrap();
-        let again = coord.send("sim-1", cmd(&format!("c{i}"), 5, verify("svc", &digest))).await.unwrap();
-        assert_eq!(update.status, again.status, "a re-sent command gets the same answer");
+        let update = coord
+            .send("sim-1", cmd(&format!("c{i}"), 5, verify("svc", &digest)))
+            .await
+            .unwrap();
+        let again = coord
+            .send("sim-1", cmd(&format!("c{i}"), 5, verify("svc", &digest)))
+            .await
+            .unwrap();
+        assert_eq!(
+            update.status, again.status,
+            "a re-sent command gets the same answer"
+        );
         outcomes.push(update.status());
     }
-    let failed = outcomes.iter().filter(|s| **s == CommandStatus::Failed).count();
+    let failed = outcomes
+        .iter()
+        .filter(|s| **s == CommandStatus::Failed)
+        .count();
     assert!((3..=17).contains(&failed), "about half fail: {outcomes:?}");
-    assert!(outcomes.iter().all(|s| matches!(s, CommandStatus::Failed | CommandStatus::Succeeded)));
-    let stale = coord.send("sim-1", cmd("old", 4, verify("svc", &digest))).await.unwrap();
+    assert!(
+        outcomes
+            .iter()
+            .all(|s| matches!(s, CommandStatus::Failed | CommandStatus::Succeeded))
+    );
+    let stale = coord
+        .send("sim-1", cmd("old", 4, verify("svc", &digest)))
+        .await
+        .unwrap();
     assert_eq!(stale.status(), CommandStatus::RejectedStale);
 }

@@ -219,7 +219,9 @@ mod tests {
         );
         assert!(
             unit.contains("WorkingDirectory=/var/lib/drover/services/web/current\n")
-                && unit.contains("StandardOutput=append:/var/lib/drover/services/web/logs/service.log\n"),
+                && unit.contains(
+                    "StandardOutput=append:/var/lib/drover/services/web/logs/service.log\n"
+                ),
             "{unit}"
         );
         assert_eq!(unit_name("web"), "drover-svc-web.service");

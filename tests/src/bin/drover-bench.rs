@@ -36,6 +36,18 @@ enum Bench {
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         settle: Duration,
     },
+    /// Pull + verify + unpack of a large artifact over loopback, against
+    /// sha256sum plus tar -xzf of the same file.
+    Pull {
+        /// Size of the incompressible payload, in MB.
+        #[arg(long, default_value_t = 200)]
+        size_mb: usize,
+    },
+    /// An idle agent's CPU and memory at one heartbeat a second.
+    AgentIdle {
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        window: Duration,
+    },
 }
 
 struct Scrape {
@@ -142,9 +154,132 @@ async fn fleet(agents: usize, window: Duration, settle: Duration) {
     );
 }
 
+/// Runs a shell command and returns its wall time in seconds.
+fn timed(program: &str, args: &[&str]) -> f64 {
+    let started = Instant::now();
+    let status = Command::new(program)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("running {program}: {e}"));
+    assert!(status.success(), "{program} {args:?} failed");
+    started.elapsed().as_secs_f64()
+}
+
+async fn pull(size_mb: usize) {
+    use drover_common::artifact::build::ArchiveBuilder;
+    use drover_tests::commands::{cmd, pull, verify};
+    let dir = TestDir::new();
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let payload: Vec<u8> = (0..size_mb * 1_000_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let bytes = ArchiveBuilder::in_memory()
+        .file(
+            "drover.toml",
+            drover_tests::artifacts::sample_manifest("bench", "big", &[]).as_bytes(),
+        )
+        .file("data/payload", &payload)
+        .finish();
+    drop(payload);
+    let artifact = drover_tests::artifacts::write(dir.path(), "big.tar.gz", bytes);
+    let path = artifact.path.to_str().expect("utf-8 path").to_string();
+    println!("artifact: {:.1} MB", artifact.size as f64 / 1e6);
+
+    // sha256: ours against sha256sum, on the same (page-cached) file.
+    let _ = timed("sha256sum", &[&path]);
+    let sha256sum = timed("sha256sum", &[&path]);
+    let started = Instant::now();
+    drover_common::artifact::Digest::of_file(&artifact.path).expect("hashing");
+    let ours = started.elapsed().as_secs_f64();
+    let mb = artifact.size as f64 / 1e6;
+    println!(
+        "sha256: drover {:.0} MB/s, sha256sum {:.0} MB/s (ratio {:.2})",
+        mb / ours,
+        mb / sha256sum,
+        sha256sum / ours
+    );
+    let untar_dir = dir.sub("untar");
+    let tar = timed("tar", &["-xzf", &path, "-C", untar_dir.to_str().unwrap()]);
+    let baseline = sha256sum + tar;
+
+    let coord = Coordinator::start(&dir, "coord", &["--max-message-bytes", "4194304"]).await;
+    coord.push(&artifact.path, "bench", "big");
+    let agent =
+        drover_tests::Agent::start(&dir, "bench-1", &[&coord], &["--heartbeat-interval", "1s"]);
+    wait_until_ok("the agent", Duration::from_secs(20), || async {
+        coord.host("bench-1").await.is_ok()
+    })
+    .await;
+    let started = Instant::now();
+    let update = coord
+        .send("bench-1", cmd("pull", 1, pull("bench", &artifact.digest)))
+        .await
+        .expect("pull");
+    let pull_secs = started.elapsed().as_secs_f64();
+    assert_eq!(
+        update.status(),
+        drover_common::proto::CommandStatus::Succeeded,
+        "{update:?}"
+    );
+    let started = Instant::now();
+    let update = coord
+        .send(
+            "bench-1",
+            cmd("verify", 1, verify("bench", &artifact.digest)),
+        )
+        .await
+        .expect("verify");
+    let verify_secs = started.elapsed().as_secs_f64();
+    assert_eq!(
+        update.status(),
+        drover_common::proto::CommandStatus::Succeeded,
+        "{update:?}"
+    );
+    drop(agent);
+    println!(
+        "pull (download + sha256 + unpack) {pull_secs:.2}s, verify (re-hash + manifest) {verify_secs:.2}s; \
+         sha256sum {sha256sum:.2}s + tar -xzf {tar:.2}s = {baseline:.2}s; \
+         ratio pull/baseline {:.2}, (pull+verify)/baseline {:.2}",
+        pull_secs / baseline,
+        (pull_secs + verify_secs) / baseline
+    );
+}
+
+async fn agent_idle(window: Duration) {
+    let dir = TestDir::new();
+    let coord = Coordinator::start(&dir, "coord", &[]).await;
+    let agent =
+        drover_tests::Agent::start(&dir, "idle-1", &[&coord], &["--heartbeat-interval", "1s"]);
+    wait_until_ok("the agent", Duration::from_secs(20), || async {
+        coord
+            .host("idle-1")
+            .await
+            .is_ok_and(|h| h.heartbeat_sequence >= 3)
+    })
+    .await;
+    let pid = agent.child.pid();
+    let cpu_before = cpu_seconds(pid);
+    let t0 = Instant::now();
+    tokio::time::sleep(window).await;
+    let cpu = (cpu_seconds(pid) - cpu_before) / t0.elapsed().as_secs_f64();
+    println!(
+        "idle agent at 1 heartbeat/s: cpu {:.3}% of one core, rss {:.1} MiB",
+        cpu * 100.0,
+        rss_bytes(pid) as f64 / (1 << 20) as f64
+    );
+}
+
 #[tokio::main]
 async fn main() {
     match Cli::parse().bench {
+        Bench::Pull { size_mb } => pull(size_mb).await,
+        Bench::AgentIdle { window } => agent_idle(window).await,
         Bench::Fleet {
             agents,
             window,
