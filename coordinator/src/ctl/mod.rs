@@ -5,6 +5,7 @@
 //! with `--json`. Exit codes: 0 success, 1 any error (printed to stderr).
 
 mod artifacts;
+mod command;
 mod hosts;
 
 use clap::{Parser, Subcommand};
@@ -38,6 +39,8 @@ pub enum Command {
     /// Artifacts on the origin: push from CI, list, show.
     #[command(subcommand)]
     Artifact(ArtifactCommand),
+    /// Send one command (pull, verify, restart, rollback) to one host and wait for its result.
+    Command(command::Send),
 }
 
 #[derive(Debug, Subcommand)]
@@ -89,6 +92,7 @@ pub async fn run(cli: Cli, out: &mut impl std::io::Write) -> anyhow::Result<()> 
         Command::Artifact(ArtifactCommand::List { service }) => {
             artifacts::list(&mut origin, &service, cli.json, out).await
         }
+        Command::Command(send) => command::send(&mut deployer, send, cli.json, out).await,
         Command::Artifact(ArtifactCommand::Show { sha256 }) => {
             artifacts::show(&mut origin, &sha256, cli.json, out).await
         }
