@@ -261,8 +261,16 @@ fn the_readme_demo_runs_to_the_end() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("web-us-1  connected"), "{stdout}");
-    assert_eq!(stdout.matches("answers: hello from v2").count(), 3, "{stdout}");
-    assert_eq!(stdout.matches("answers: hello from v1").count(), 6, "rolled out, then rolled back: {stdout}");
+    assert_eq!(
+        stdout.matches("answers: hello from v2").count(),
+        3,
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout.matches("answers: hello from v1").count(),
+        6,
+        "rolled out, then rolled back: {stdout}"
+    );
     assert!(stdout.contains("web-eu-1  LATE"), "{stdout}");
     assert!(
         stdout.contains("state:       gone (agent shutting down)"),

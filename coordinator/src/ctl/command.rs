@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use drover_common::proto::deployer_client::DeployerClient;
 use drover_common::proto::{
-    Command, CommandStatus, PullCommand, RestartCommand, RollbackCommand, SendCommandRequest, VerifyCommand, command,
+    Command, CommandStatus, PullCommand, RestartCommand, RollbackCommand, SendCommandRequest,
+    VerifyCommand, command,
 };
 use tonic::transport::Channel;
 
@@ -67,24 +68,53 @@ fn millis(d: Duration) -> u32 {
 }
 
 /// Sends the command; exits non-zero unless it succeeded.
-pub async fn send(client: &mut DeployerClient<Channel>, send: Send, json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+pub async fn send(
+    client: &mut DeployerClient<Channel>,
+    send: Send,
+    json: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
     let action = match send.action {
-        Action::Pull { service, artifact } => {
-            command::Action::Pull(PullCommand { service, artifact, sources: vec![], size_bytes: 0 })
+        Action::Pull { service, artifact } => command::Action::Pull(PullCommand {
+            service,
+            artifact,
+            sources: vec![],
+            size_bytes: 0,
+        }),
+        Action::Verify { service, artifact } => {
+            command::Action::Verify(VerifyCommand { service, artifact })
         }
-        Action::Verify { service, artifact } => command::Action::Verify(VerifyCommand { service, artifact }),
-        Action::Restart { service, artifact, ready_timeout } => {
-            command::Action::Restart(RestartCommand { service, artifact, ready_timeout_ms: millis(ready_timeout) })
-        }
-        Action::Rollback { service, artifact, ready_timeout } => {
-            command::Action::Rollback(RollbackCommand { service, artifact, ready_timeout_ms: millis(ready_timeout) })
-        }
+        Action::Restart {
+            service,
+            artifact,
+            ready_timeout,
+        } => command::Action::Restart(RestartCommand {
+            service,
+            artifact,
+            ready_timeout_ms: millis(ready_timeout),
+        }),
+        Action::Rollback {
+            service,
+            artifact,
+            ready_timeout,
+        } => command::Action::Rollback(RollbackCommand {
+            service,
+            artifact,
+            ready_timeout_ms: millis(ready_timeout),
+        }),
     };
-    let command_id = send.id.unwrap_or_else(|| format!("manual-{}", uuid::Uuid::new_v4()));
+    let command_id = send
+        .id
+        .unwrap_or_else(|| format!("manual-{}", uuid::Uuid::new_v4()));
     let update = client
         .send_command(SendCommandRequest {
             host_id: send.host_id.clone(),
-            command: Some(Command { command_id, shard: send.shard, epoch: send.epoch, action: Some(action) }),
+            command: Some(Command {
+                command_id,
+                shard: send.shard,
+                epoch: send.epoch,
+                action: Some(action),
+            }),
             timeout_ms: 0,
         })
         .await
@@ -93,13 +123,22 @@ pub async fn send(client: &mut DeployerClient<Channel>, send: Send, json: bool, 
     if json {
         print_json(out, &update)?;
     } else {
-        writeln!(out, "{}: {:?}: {}", send.host_id, update.status(), update.reason)?;
+        writeln!(
+            out,
+            "{}: {:?}: {}",
+            send.host_id,
+            update.status(),
+            update.reason
+        )?;
         if !update.output_tail.is_empty() {
             writeln!(out, "--- output tail ---\n{}", update.output_tail)?;
         }
     }
     match update.status() {
         CommandStatus::Succeeded => Ok(()),
-        other => Err(anyhow::anyhow!("command {} ended {other:?}", update.command_id)),
+        other => Err(anyhow::anyhow!(
+            "command {} ended {other:?}",
+            update.command_id
+        )),
     }
 }
