@@ -104,7 +104,12 @@ impl Connection {
         };
         let channel = match channel {
             Ok(c) => c,
-            Err(e) => return broken(false, format!("connect: {}", error_chain(&e))),
+            Err(e) => {
+                return broken(
+                    false,
+                    format!("connect: {}", drover_common::grpc::error_chain(&e)),
+                );
+            }
         };
         let mut client = AgentControlClient::new(channel);
 
@@ -189,17 +194,6 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
 
 fn describe(status: &tonic::Status) -> String {
     format!("{:?}: {}", status.code(), status.message())
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -18,9 +18,7 @@ use std::time::{Duration, Instant};
 
 use drover_common::artifact::Digest;
 use drover_common::artifact::manifest::{Hook, Manifest, Probe, expand};
-use drover_common::proto::{
-    AgentMessage, Command, CommandStatus, CommandUpdate, ServiceVersion, agent_message, command,
-};
+use drover_common::proto::{AgentMessage, Command, CommandStatus, ServiceVersion, command};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
@@ -85,24 +83,6 @@ pub struct Executor {
     board: Arc<HealthBoard>,
     inflight: Mutex<HashMap<String, watch::Receiver<Option<Outcome>>>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-}
-
-fn update(cmd: &Command, status: CommandStatus, reason: &str, tail: &str) -> AgentMessage {
-    AgentMessage {
-        msg: Some(agent_message::Msg::CommandUpdate(CommandUpdate {
-            command_id: cmd.command_id.clone(),
-            shard: cmd.shard,
-            epoch: cmd.epoch,
-            status: status as i32,
-            reason: reason.to_string(),
-            output_tail: tail.to_string(),
-            progress_percent: if status == CommandStatus::Succeeded {
-                100
-            } else {
-                0
-            },
-        })),
-    }
 }
 
 fn parse_digest(s: &str) -> Result<Digest, String> {
@@ -210,20 +190,20 @@ impl Executor {
             Gate::Reject(reason) => {
                 warn!(command_id = %cmd.command_id, %reason, "rejected stale command");
                 let _ = reply
-                    .send(update(&cmd, CommandStatus::RejectedStale, &reason, ""))
+                    .send(cmd.update(CommandStatus::RejectedStale, &reason, ""))
                     .await;
                 return;
             }
             Gate::Fail(reason) => {
                 let _ = reply
-                    .send(update(&cmd, CommandStatus::Failed, &reason, ""))
+                    .send(cmd.update(CommandStatus::Failed, &reason, ""))
                     .await;
                 return;
             }
             Gate::Recorded(r) => {
                 let status = CommandStatus::try_from(r.status).unwrap_or(CommandStatus::Failed);
                 let _ = reply
-                    .send(update(&cmd, status, &r.reason, &r.output_tail))
+                    .send(cmd.update(status, &r.reason, &r.output_tail))
                     .await;
                 return;
             }
@@ -243,7 +223,7 @@ impl Executor {
         };
         if let Some(mut rx) = running {
             let _ = reply
-                .send(update(&cmd, CommandStatus::Accepted, "already running", ""))
+                .send(cmd.update(CommandStatus::Accepted, "already running", ""))
                 .await;
             let outcome = rx
                 .wait_for(|o| o.is_some())
@@ -252,14 +232,14 @@ impl Executor {
                 .and_then(|o| o.clone());
             if let Some(o) = outcome {
                 let _ = reply
-                    .send(update(&cmd, o.status, &o.reason, &o.output_tail))
+                    .send(cmd.update(o.status, &o.reason, &o.output_tail))
                     .await;
             }
             return;
         }
         let tx = tx.expect("set when not running");
         let _ = reply
-            .send(update(&cmd, CommandStatus::Accepted, "", ""))
+            .send(cmd.update(CommandStatus::Accepted, "", ""))
             .await;
         let started = Instant::now();
         let outcome = self.execute(&cmd).await;
@@ -279,12 +259,7 @@ impl Executor {
             .remove(&cmd.command_id);
         let _ = tx.send(Some(outcome.clone()));
         let _ = reply
-            .send(update(
-                &cmd,
-                outcome.status,
-                &outcome.reason,
-                &outcome.output_tail,
-            ))
+            .send(cmd.update(outcome.status, &outcome.reason, &outcome.output_tail))
             .await;
     }
 

@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use drover_common::logging::LogFormat;
-use drover_common::proto::{
-    AgentMessage, Command, CommandStatus, CommandUpdate, Hello, HostMetrics, agent_message,
-};
+use drover_common::proto::{AgentMessage, Command, CommandStatus, Hello, HostMetrics};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -70,16 +68,7 @@ fn simulated_commands(delay: Duration, failure_rate: f64) -> CommandSink {
         move |cmd: Command, reply: tokio::sync::mpsc::Sender<AgentMessage>| {
             let epochs = epochs.clone();
             tokio::spawn(async move {
-                let update = |status: CommandStatus, reason: &str| AgentMessage {
-                    msg: Some(agent_message::Msg::CommandUpdate(CommandUpdate {
-                        command_id: cmd.command_id.clone(),
-                        shard: cmd.shard,
-                        epoch: cmd.epoch,
-                        status: status as i32,
-                        reason: reason.to_string(),
-                        ..Default::default()
-                    })),
-                };
+                let update = |status: CommandStatus, reason: &str| cmd.update(status, reason, "");
                 let stale = {
                     let mut epochs = epochs.lock().expect("epochs lock");
                     let highest = epochs.entry(cmd.shard).or_insert(0);

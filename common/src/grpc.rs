@@ -36,3 +36,15 @@ pub async fn shutdown_signal() -> std::io::Result<&'static str> {
         _ = int.recv() => "SIGINT",
     })
 }
+
+/// An error and all its sources on one line: "connect: transport error: refused".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

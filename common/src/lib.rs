@@ -27,6 +27,32 @@ pub mod proto {
     tonic::include_proto!("drover.v1");
     include!(concat!(env!("OUT_DIR"), "/drover.v1.serde.rs"));
 
+    impl Command {
+        /// The agent's update about this command, ready to send.
+        pub fn update(
+            &self,
+            status: CommandStatus,
+            reason: &str,
+            output_tail: &str,
+        ) -> AgentMessage {
+            AgentMessage {
+                msg: Some(agent_message::Msg::CommandUpdate(CommandUpdate {
+                    command_id: self.command_id.clone(),
+                    shard: self.shard,
+                    epoch: self.epoch,
+                    status: status as i32,
+                    reason: reason.to_string(),
+                    output_tail: output_tail.to_string(),
+                    progress_percent: if status == CommandStatus::Succeeded {
+                        100
+                    } else {
+                        0
+                    },
+                })),
+            }
+        }
+    }
+
     /// Encoded file descriptor set of `drover.v1`, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/drover_descriptor.bin"));

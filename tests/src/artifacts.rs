@@ -80,3 +80,17 @@ pub fn write(dir: &Path, name: &str, bytes: Vec<u8>) -> BuiltArtifact {
         size,
     }
 }
+
+/// `len` pseudo-random bytes (xorshift): data gzip cannot shrink, for
+/// artifacts of a known size.
+pub fn noise(len: usize) -> Vec<u8> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

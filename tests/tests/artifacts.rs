@@ -49,6 +49,19 @@ async fn fetches(coord: &Coordinator) -> u64 {
         .unwrap_or(0)
 }
 
+/// A coordinator and one agent, web-1, that can run the sample service on
+/// the returned port; connected.
+async fn one_agent(dir: &TestDir, extra: &[&str]) -> (Coordinator, Agent, u16) {
+    let coord = Coordinator::start(dir, "coord", &[]).await;
+    let port = free_port();
+    let agent = Agent::start_sample(dir, "web-1", &[&coord], port, extra);
+    wait_until_ok("the agent", Duration::from_secs(20), || async {
+        coord.host("web-1").await.is_ok()
+    })
+    .await;
+    (coord, agent, port)
+}
+
 fn artifacts_dir(dir: &TestDir) -> std::path::PathBuf {
     dir.sub("artifacts")
 }
@@ -153,7 +166,7 @@ async fn push_pull_restart_on_three_agents_then_rollback_without_a_fetch() {
 #[tokio::test]
 async fn heartbeats_report_real_request_errors_and_latency() {
     let dir = TestDir::new();
-    let coord = Coordinator::start(&dir, "coord", &[]).await;
+    let (coord, _agent, port) = one_agent(&dir, &[]).await;
     let bad = sample_artifact(
         &artifacts_dir(&dir),
         SERVICE,
@@ -161,12 +174,6 @@ async fn heartbeats_report_real_request_errors_and_latency() {
         &["--error-rate", "0.25", "--latency-ms", "20"],
     );
     coord.push(&bad.path, SERVICE, "bad");
-    let port = free_port();
-    let _agent = Agent::start_sample(&dir, "web-1", &[&coord], port, &[]);
-    wait_until_ok("the agent", Duration::from_secs(20), || async {
-        coord.host("web-1").await.is_ok()
-    })
-    .await;
     ok(&coord
         .send("web-1", cmd("p", 1, pull(SERVICE, &bad.digest)))
         .await
@@ -205,15 +212,9 @@ async fn heartbeats_report_real_request_errors_and_latency() {
 #[tokio::test]
 async fn corrupt_bytes_fail_verify_and_nothing_is_activated() {
     let dir = TestDir::new();
-    let coord = Coordinator::start(&dir, "coord", &[]).await;
+    let (coord, agent, port) = one_agent(&dir, &[]).await;
     let v1 = sample_artifact(&artifacts_dir(&dir), SERVICE, "v1", &[]);
     coord.push(&v1.path, SERVICE, "v1");
-    let port = free_port();
-    let agent = Agent::start_sample(&dir, "web-1", &[&coord], port, &[]);
-    wait_until_ok("the agent", Duration::from_secs(20), || async {
-        coord.host("web-1").await.is_ok()
-    })
-    .await;
 
     // Corrupted on the host after the pull: Verify and Restart refuse it.
     ok(&coord
@@ -308,18 +309,10 @@ fn hostile(
 async fn hostile_archives_are_refused_on_pull_and_nothing_lands_outside() {
     use tar::EntryType::*;
     let dir = TestDir::new();
-    let coord = Coordinator::start(&dir, "coord", &[]).await;
-    let port = free_port();
-    let agent = Agent::start_sample(
+    let (coord, agent, _port) = one_agent(
         &dir,
-        "web-1",
-        &[&coord],
-        port,
         &["--max-entries", "50", "--max-unpacked-bytes", "100000"],
-    );
-    wait_until_ok("the agent", Duration::from_secs(20), || async {
-        coord.host("web-1").await.is_ok()
-    })
+    )
     .await;
     let target = dir.path().join("evil-target");
     let abs = format!("{}/evil-abs", dir.path().display());
@@ -434,15 +427,9 @@ async fn hostile_archives_are_refused_on_pull_and_nothing_lands_outside() {
 #[tokio::test]
 async fn the_same_command_twice_gives_one_restart_and_a_lower_epoch_is_stale() {
     let dir = TestDir::new();
-    let coord = Coordinator::start(&dir, "coord", &[]).await;
+    let (coord, mut agent, port) = one_agent(&dir, &[]).await;
     let v1 = sample_artifact(&artifacts_dir(&dir), SERVICE, "v1", &[]);
     coord.push(&v1.path, SERVICE, "v1");
-    let port = free_port();
-    let mut agent = Agent::start_sample(&dir, "web-1", &[&coord], port, &[]);
-    wait_until_ok("the agent", Duration::from_secs(20), || async {
-        coord.host("web-1").await.is_ok()
-    })
-    .await;
 
     ok(&coord
         .send("web-1", cmd("pull-1", 7, pull(SERVICE, &v1.digest)))
@@ -509,7 +496,7 @@ async fn the_same_command_twice_gives_one_restart_and_a_lower_epoch_is_stale() {
 #[tokio::test]
 async fn kill_9_of_the_agent_mid_restart_converges_on_the_truth() {
     let dir = TestDir::new();
-    let coord = Coordinator::start(&dir, "coord", &[]).await;
+    let (coord, mut agent, port) = one_agent(&dir, &[]).await;
     let v1 = sample_artifact(&artifacts_dir(&dir), SERVICE, "v1", &[]);
     // v2's pre_start hook signals it has begun, then takes its time, until
     // the test lets later runs through.
@@ -537,12 +524,6 @@ async fn kill_9_of_the_agent_mid_restart_converges_on_the_truth() {
     );
     coord.push(&v1.path, SERVICE, "v1");
     coord.push(&v2.path, SERVICE, "v2");
-    let port = free_port();
-    let mut agent = Agent::start_sample(&dir, "web-1", &[&coord], port, &[]);
-    wait_until_ok("the agent", Duration::from_secs(20), || async {
-        coord.host("web-1").await.is_ok()
-    })
-    .await;
     for (id, action) in [
         ("p1", pull(SERVICE, &v1.digest)),
         ("r1", restart(SERVICE, &v1.digest)),
@@ -627,18 +608,9 @@ async fn kill_9_of_the_agent_mid_restart_converges_on_the_truth() {
 #[tokio::test]
 async fn a_pull_resumes_from_the_bytes_it_already_has() {
     let dir = TestDir::new();
-    let coord = Coordinator::start(&dir, "coord", &[]).await;
+    let (coord, agent, _port) = one_agent(&dir, &[]).await;
     // A larger artifact: a 3 MB incompressible file beside the manifest.
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    let noise: Vec<u8> = (0..3_000_000)
-        .map(|_| {
-            // xorshift: bytes gzip cannot shrink.
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let noise = drover_tests::artifacts::noise(3_000_000);
     let big = write(
         &artifacts_dir(&dir),
         "big.tar.gz",
@@ -655,12 +627,6 @@ async fn a_pull_resumes_from_the_bytes_it_already_has() {
             .finish(),
     );
     coord.push(&big.path, SERVICE, "big");
-    let port = free_port();
-    let agent = Agent::start_sample(&dir, "web-1", &[&coord], port, &[]);
-    wait_until_ok("the agent", Duration::from_secs(20), || async {
-        coord.host("web-1").await.is_ok()
-    })
-    .await;
     // An earlier pull broke off after the first 1,000,000 bytes.
     let bytes = std::fs::read(&big.path).unwrap();
     let cache = agent.data_dir.join("cache");

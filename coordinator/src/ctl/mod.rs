@@ -100,25 +100,17 @@ pub async fn run(cli: Cli, out: &mut impl std::io::Write) -> anyhow::Result<()> 
 }
 
 async fn connect(addr: &str) -> anyhow::Result<Channel> {
-    drover_common::grpc::connect(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach coordinator {addr}: {}", source_chain(&e)))
+    drover_common::grpc::connect(addr).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach coordinator {addr}: {}",
+            drover_common::grpc::error_chain(&e)
+        )
+    })
 }
 
 /// Turns a gRPC status into an error line that names the code.
 pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", status.code(), status.message())
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        next = s.source();
-    }
-    out
 }
 
 pub(crate) fn print_json(

@@ -170,15 +170,7 @@ async fn pull(size_mb: usize) {
     use drover_common::artifact::build::ArchiveBuilder;
     use drover_tests::commands::{cmd, pull, verify};
     let dir = TestDir::new();
-    let mut x = 0x2545_F491_4F6C_DD1Du64;
-    let payload: Vec<u8> = (0..size_mb * 1_000_000)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let payload = drover_tests::artifacts::noise(size_mb * 1_000_000);
     let bytes = ArchiveBuilder::in_memory()
         .file(
             "drover.toml",
