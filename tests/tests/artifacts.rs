@@ -182,17 +182,23 @@ async fn heartbeats_report_real_request_errors_and_latency() {
         .send("web-1", cmd("r", 1, restart(SERVICE, &bad.digest)))
         .await
         .unwrap());
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut load = std::process::Command::new(drover_tests::bins::bin("drover-load"));
+    load.args([
+        "--url",
+        &format!("http://127.0.0.1:{port}/"),
+        "--rps",
+        "40",
+        "--duration",
+        "30s",
+    ]);
+    let _load = drover_tests::ChildGuard::spawn("load", load, &dir.path().join("load.log"));
     let health = wait_until(
         "a heartbeat with traffic figures",
         Duration::from_secs(20),
         || async {
-            for _ in 0..8 {
-                let _ = http_get_status(addr, "/").await;
-            }
             let h = coord.host("web-1").await.unwrap();
             match h.health.first() {
-                Some(s) if s.request_count >= 4 && s.error_count > 0 => Ok(s.clone()),
+                Some(s) if s.request_count >= 10 && s.error_count > 0 => Ok(s.clone()),
                 other => Err(format!("{other:?}")),
             }
         },
@@ -659,4 +665,115 @@ async fn fetched_bytes(coord: &Coordinator) -> u64 {
         .find_map(|l| l.strip_prefix("drover_artifact_fetched_bytes_total "))
         .map(|v| v.trim().parse().unwrap())
         .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn failing_hooks_crashes_and_retention_are_reported_truthfully() {
+    let dir = TestDir::new();
+    let (coord, agent, port) = one_agent(&dir, &["--keep-releases", "3"]).await;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+
+    // A validate hook that fails: the restart fails with the hook's output.
+    let manifest = sample_manifest(SERVICE, "badcheck", &[])
+        + "\n[hooks]\nvalidate = { command = [\"/bin/sh\", \"-c\", \"echo smoke test: 3 of 5 checks failed; exit 1\"] }\n";
+    let badcheck = write(
+        &artifacts_dir(&dir),
+        "badcheck.tar.gz",
+        drover_common::artifact::build::ArchiveBuilder::in_memory()
+            .file("drover.toml", manifest.as_bytes())
+            .executable(
+                "bin/start",
+                b"#!/bin/sh\nexec \"$DROVER_SAMPLE_BIN\" \"$@\"\n",
+            )
+            .finish(),
+    );
+    coord.push(&badcheck.path, SERVICE, "badcheck");
+    ok(&coord
+        .send("web-1", cmd("p-bad", 1, pull(SERVICE, &badcheck.digest)))
+        .await
+        .unwrap());
+    let update = coord
+        .send("web-1", cmd("r-bad", 1, restart(SERVICE, &badcheck.digest)))
+        .await
+        .unwrap();
+    failed(&update, "validate hook failed");
+    assert!(
+        update.output_tail.contains("3 of 5 checks failed"),
+        "{update:?}"
+    );
+
+    // A version that crashes: restarts are counted and reported.
+    let crashy = sample_artifact(
+        &artifacts_dir(&dir),
+        SERVICE,
+        "crashy",
+        &["--crash-after", "1"],
+    );
+    coord.push(&crashy.path, SERVICE, "crashy");
+    ok(&coord
+        .send("web-1", cmd("p-crash", 1, pull(SERVICE, &crashy.digest)))
+        .await
+        .unwrap());
+    ok(&coord
+        .send("web-1", cmd("r-crash", 1, restart(SERVICE, &crashy.digest)))
+        .await
+        .unwrap());
+    wait_until_ok(
+        "heartbeats to count the crash restarts",
+        Duration::from_secs(20),
+        || async {
+            coord
+                .host("web-1")
+                .await
+                .unwrap()
+                .health
+                .first()
+                .is_some_and(|h| h.restarts >= 2)
+        },
+    )
+    .await;
+
+    // Versions that never start in time: not ready, with the reason.
+    let unready = sample_artifact(&artifacts_dir(&dir), SERVICE, "unready", &["--unready"]);
+    coord.push(&unready.path, SERVICE, "unready");
+    ok(&coord
+        .send("web-1", cmd("p-unready", 1, pull(SERVICE, &unready.digest)))
+        .await
+        .unwrap());
+    let mut short = cmd("r-unready", 1, restart(SERVICE, &unready.digest));
+    if let Some(drover_common::proto::command::Action::Restart(r)) = &mut short.action {
+        r.ready_timeout_ms = 1500;
+    }
+    let update = coord.send("web-1", short).await.unwrap();
+    failed(&update, "not ready within 1.5s");
+    assert!(update.reason.contains("answered 503"), "{update:?}");
+
+    // Good versions again: only the newest three releases stay on disk.
+    let mut digests = Vec::new();
+    for v in ["g1", "g2", "g3"] {
+        let a = sample_artifact(&artifacts_dir(&dir), SERVICE, v, &[]);
+        coord.push(&a.path, SERVICE, v);
+        ok(&coord
+            .send("web-1", cmd(&format!("p-{v}"), 1, pull(SERVICE, &a.digest)))
+            .await
+            .unwrap());
+        ok(&coord
+            .send(
+                "web-1",
+                cmd(&format!("r-{v}"), 1, restart(SERVICE, &a.digest)),
+            )
+            .await
+            .unwrap());
+        digests.push(a.digest);
+    }
+    assert_eq!(answers(port).await, "hello from g3\n");
+    let mut left: Vec<String> = std::fs::read_dir(agent.data_dir.join("services/hello/releases"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    let mut expected = digests.clone();
+    expected.sort();
+    assert_eq!(left, expected, "older releases pruned");
+    assert!(http_get_status(addr, "/version").await.is_ok());
 }
