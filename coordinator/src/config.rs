@@ -51,6 +51,9 @@ pub struct Args {
     /// Address agents use to reach this coordinator's origin (default: the bound address).
     #[arg(long)]
     pub advertise: Option<String>,
+    /// Prefix of every key this coordinator writes to its store.
+    #[arg(long)]
+    pub key_prefix: Option<String>,
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
 }
@@ -70,6 +73,7 @@ struct FileConfig {
     shutdown_grace: Option<Duration>,
     max_artifact_bytes: Option<u64>,
     advertise: Option<String>,
+    key_prefix: Option<String>,
     log_format: Option<String>,
 }
 
@@ -97,6 +101,7 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub max_artifact_bytes: u64,
     pub advertise: Option<String>,
+    pub key_prefix: String,
     pub log_format: LogFormat,
 }
 
@@ -114,6 +119,7 @@ impl Config {
             shutdown_grace: Duration::from_secs(5),
             max_artifact_bytes: 2 << 30,
             advertise: None,
+            key_prefix: "/drover".into(),
             log_format: LogFormat::Text,
         }
     }
@@ -154,6 +160,13 @@ impl Config {
             cfg.max_artifact_bytes = n;
         }
         cfg.advertise = args.advertise.or(file.advertise);
+        if let Some(prefix) = args.key_prefix.or(file.key_prefix) {
+            anyhow::ensure!(
+                prefix.starts_with('/') && !prefix.ends_with('/'),
+                "key_prefix must start with '/' and not end with one, got {prefix:?}"
+            );
+            cfg.key_prefix = prefix;
+        }
         cfg.log_format = match (args.log_format, file.log_format.as_deref()) {
             (Some(f), _) => f,
             (None, Some("json")) => LogFormat::Json,

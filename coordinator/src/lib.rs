@@ -5,6 +5,7 @@
 //! - [`api`]: the gRPC handlers (AgentControl streams, Deployer).
 //! - [`fleet`]: the in-memory registry of hosts, fed by agent streams.
 //! - [`origin`]: content-addressed artifact blobs (the origin agents pull from).
+//! - [`store`]: durable state behind one trait (embedded redb now; etcd later).
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
 //! - [`ctl`]: `droverctl`, the command-line client.
 //! - [`error`]: errors and their mapping to gRPC status codes.
@@ -17,3 +18,4 @@ pub mod fleet;
 pub mod metrics;
 pub mod origin;
 pub mod server;
+pub mod store;

@@ -24,6 +24,8 @@ use crate::config::Config;
 use crate::fleet::{PendingCommands, Registry};
 use crate::metrics::{self, Metrics};
 use crate::origin::BlobStore;
+use crate::store::Store;
+use crate::store::embedded::EmbeddedStore;
 
 /// File in the data dir holding the API address actually bound (useful
 /// with port 0).
@@ -36,8 +38,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     let metrics = Metrics::default();
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&cfg.data_dir)?);
     let blobs = Arc::new(
-        BlobStore::open(&cfg.data_dir.join("artifacts")).context("opening the artifact store")?,
+        BlobStore::open(
+            &cfg.data_dir.join("artifacts"),
+            store.clone(),
+            &cfg.key_prefix,
+        )
+        .context("opening the artifact store")?,
     );
     let registry = Arc::new(Registry::new(metrics.clone()));
     let pending = Arc::new(PendingCommands::default());

@@ -101,6 +101,7 @@ impl Artifacts for ArtifactsService {
         if let Some(mut existing) = self
             .store
             .info(&digest)
+            .await
             .map_err(|e| io_status("reading metadata", e))?
         {
             info!(%digest, service = %existing.service, "upload deduplicated: artifact already stored");
@@ -251,6 +252,7 @@ impl Artifacts for ArtifactsService {
         match self
             .store
             .info(&digest)
+            .await
             .map_err(|e| io_status("reading metadata", e))?
         {
             Some(info) => Ok(Response::new(info)),
@@ -266,6 +268,7 @@ impl Artifacts for ArtifactsService {
         let mut artifacts = self
             .store
             .list()
+            .await
             .map_err(|e| io_status("listing artifacts", e))?;
         if !service.is_empty() {
             artifacts.retain(|a| &a.service == service);

@@ -2,22 +2,31 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use drover_common::artifact::{Digest, Hasher};
 use drover_common::proto::ArtifactInfo;
+use prost::Message;
 use tokio::io::AsyncWriteExt;
+
+use crate::store::{Op, Store, Txn};
 
 pub struct BlobStore {
     root: PathBuf,
+    store: Arc<dyn Store>,
+    /// `<prefix>/artifacts/`: one key per artifact, its ArtifactInfo.
+    meta_prefix: String,
+}
+
+fn store_error(e: crate::store::StoreError) -> io::Error {
+    io::Error::other(e.to_string())
 }
 
 impl BlobStore {
     /// Opens (creating) the store under `root`, discarding uploads that a
     /// previous run left unfinished.
-    pub fn open(root: &Path) -> io::Result<BlobStore> {
-        for sub in ["blobs", "meta"] {
-            std::fs::create_dir_all(root.join(sub))?;
-        }
+    pub fn open(root: &Path, store: Arc<dyn Store>, key_prefix: &str) -> io::Result<BlobStore> {
+        std::fs::create_dir_all(root.join("blobs"))?;
         let tmp = root.join("tmp");
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
@@ -25,6 +34,8 @@ impl BlobStore {
         std::fs::create_dir_all(&tmp)?;
         Ok(BlobStore {
             root: root.to_path_buf(),
+            store,
+            meta_prefix: format!("{key_prefix}/artifacts/"),
         })
     }
 
@@ -32,33 +43,36 @@ impl BlobStore {
         self.root.join("blobs").join(digest.hex())
     }
 
-    fn meta_path(&self, digest: &Digest) -> PathBuf {
-        self.root
-            .join("meta")
-            .join(format!("{}.json", digest.hex()))
+    fn meta_key(&self, digest: &Digest) -> String {
+        format!("{}{}", self.meta_prefix, digest.hex())
     }
 
     /// Metadata of a stored artifact, if there is one.
-    pub fn info(&self, digest: &Digest) -> io::Result<Option<ArtifactInfo>> {
-        match std::fs::read(self.meta_path(digest)) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
+    pub async fn info(&self, digest: &Digest) -> io::Result<Option<ArtifactInfo>> {
+        match self
+            .store
+            .get(&self.meta_key(digest))
+            .await
+            .map_err(store_error)?
+        {
+            Some(kv) => ArtifactInfo::decode(kv.value.as_slice())
                 .map(Some)
                 .map_err(io::Error::other),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
+            None => Ok(None),
         }
     }
 
     /// Every stored artifact, newest first.
-    pub fn list(&self) -> io::Result<Vec<ArtifactInfo>> {
-        let mut out = Vec::new();
-        for entry in std::fs::read_dir(self.root.join("meta"))? {
-            let path = entry?.path();
-            if path.extension().is_some_and(|e| e == "json") {
-                let bytes = std::fs::read(&path)?;
-                out.push(serde_json::from_slice::<ArtifactInfo>(&bytes).map_err(io::Error::other)?);
-            }
-        }
+    pub async fn list(&self) -> io::Result<Vec<ArtifactInfo>> {
+        let (kvs, _) = self
+            .store
+            .range(&self.meta_prefix)
+            .await
+            .map_err(store_error)?;
+        let mut out = kvs
+            .iter()
+            .map(|kv| ArtifactInfo::decode(kv.value.as_slice()).map_err(io::Error::other))
+            .collect::<io::Result<Vec<_>>>()?;
         out.sort_by(|a, b| {
             b.uploaded_at_unix_ms
                 .cmp(&a.uploaded_at_unix_ms)
@@ -79,7 +93,8 @@ impl BlobStore {
     }
 
     /// Makes a fully written, digest-checked upload visible: fsync, rename
-    /// into `blobs/`, then the metadata (atomically too).
+    /// into `blobs/`, then the metadata in the store. A blob without
+    /// metadata (a crash in between) is simply uploaded again.
     pub async fn commit(
         &self,
         mut pending: PendingBlob,
@@ -91,17 +106,17 @@ impl BlobStore {
         file.sync_all().await?;
         drop(file);
         tokio::fs::rename(&pending.path, self.blob_path(digest)).await?;
-        let meta = serde_json::to_vec_pretty(info).map_err(io::Error::other)?;
-        let tmp = self.root.join("tmp").join(format!("{}.json", digest.hex()));
-        tokio::fs::write(&tmp, meta).await?;
-        tokio::fs::File::open(&tmp).await?.sync_all().await?;
-        tokio::fs::rename(&tmp, self.meta_path(digest)).await?;
-        for dir in ["blobs", "meta"] {
-            tokio::fs::File::open(self.root.join(dir))
-                .await?
-                .sync_all()
-                .await?;
-        }
+        tokio::fs::File::open(self.root.join("blobs"))
+            .await?
+            .sync_all()
+            .await?;
+        self.store
+            .txn(Txn {
+                success: vec![Op::put(self.meta_key(digest), info.encode_to_vec())],
+                ..Default::default()
+            })
+            .await
+            .map_err(store_error)?;
         Ok(())
     }
 }

@@ -1,0 +1,520 @@
+//! The embedded backend: one redb file in the data dir, for a single
+//! coordinator. redb holds an exclusive lock on the file, so two
+//! coordinators can never share a data dir. Every transaction is one redb
+//! write transaction (durable on commit) that bumps the global revision.
+//! Watches are live (events after the call); leases live in memory and end
+//! with the process, so keys bound to leases are deleted when the store
+//! opens.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use redb::{
+    Database, DatabaseError, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
+use tokio::sync::broadcast;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::BroadcastStream;
+
+use super::{
+    Compare, KeyValue, LeaseId, Op, Result, Revision, Store, StoreError, Txn, TxnResult,
+    WatchEvent, WatchStream,
+};
+
+const VALUES: TableDefinition<&str, &[u8]> = TableDefinition::new("values");
+/// key -> (create_revision, mod_revision, lease)
+const META: TableDefinition<&str, (u64, u64, u64)> = TableDefinition::new("meta");
+const STATE: TableDefinition<&str, u64> = TableDefinition::new("state");
+const REVISION: &str = "revision";
+
+/// File name of the store inside the data dir.
+pub const FILE: &str = "store.redb";
+
+struct Lease {
+    ttl: Duration,
+    deadline: Instant,
+}
+
+struct Inner {
+    db: Database,
+    events: broadcast::Sender<WatchEvent>,
+    leases: Mutex<HashMap<LeaseId, Lease>>,
+    next_lease: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    inner: Arc<Inner>,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn read_kv(
+    values: &impl ReadableTable<&'static str, &'static [u8]>,
+    meta: &impl ReadableTable<&'static str, (u64, u64, u64)>,
+    key: &str,
+) -> Result<Option<KeyValue>> {
+    let Some(value) = values.get(key).map_err(backend)? else {
+        return Ok(None);
+    };
+    let (create_revision, mod_revision, lease) = meta
+        .get(key)
+        .map_err(backend)?
+        .map(|m| m.value())
+        .unwrap_or((0, 0, 0));
+    Ok(Some(KeyValue {
+        key: key.to_string(),
+        value: value.value().to_vec(),
+        create_revision,
+        mod_revision,
+        lease,
+    }))
+}
+
+impl EmbeddedStore {
+    /// Opens (creating) the store in `data_dir`. Fails with
+    /// [`StoreError::Locked`] when another coordinator has it open.
+    pub fn open(data_dir: &Path) -> Result<EmbeddedStore> {
+        let path = data_dir.join(FILE);
+        let db = Database::create(&path).map_err(|e| match e {
+            DatabaseError::DatabaseAlreadyOpen => {
+                StoreError::Locked(data_dir.display().to_string())
+            }
+            other => backend(format!("opening {}: {other}", path.display())),
+        })?;
+        let (events, _) = broadcast::channel(4096);
+        let store = EmbeddedStore {
+            inner: Arc::new(Inner {
+                db,
+                events,
+                leases: Mutex::new(HashMap::new()),
+                next_lease: AtomicU64::new(1),
+            }),
+        };
+        store.delete_leased_keys()?;
+        tokio::spawn(expire_leases(Arc::downgrade(&store.inner)));
+        Ok(store)
+    }
+
+    /// Leases end with the process that held them: drop their keys.
+    fn delete_leased_keys(&self) -> Result<()> {
+        let txn = self.inner.db.begin_write().map_err(backend)?;
+        let leased: Vec<String> = {
+            let meta = txn.open_table(META).map_err(backend)?;
+            meta.iter()
+                .map_err(backend)?
+                .filter_map(|e| e.ok())
+                .filter(|(_, m)| m.value().2 != 0)
+                .map(|(k, _)| k.value().to_string())
+                .collect()
+        };
+        {
+            txn.open_table(VALUES).map_err(backend)?;
+            txn.open_table(STATE).map_err(backend)?;
+        }
+        if !leased.is_empty() {
+            let revision = next_revision(&txn)?;
+            for key in &leased {
+                delete(&txn, key)?;
+            }
+            set_revision(&txn, revision)?;
+        }
+        txn.commit().map_err(backend)
+    }
+
+    fn apply(&self, txn_spec: Txn) -> Result<(TxnResult, Vec<WatchEvent>)> {
+        let txn = self.inner.db.begin_write().map_err(backend)?;
+        let holds = {
+            let values = txn.open_table(VALUES).map_err(backend)?;
+            let meta = txn.open_table(META).map_err(backend)?;
+            let mut holds = true;
+            for c in &txn_spec.compares {
+                let ok = match c {
+                    Compare::Exists(k) => values.get(k.as_str()).map_err(backend)?.is_some(),
+                    Compare::Missing(k) => values.get(k.as_str()).map_err(backend)?.is_none(),
+                    Compare::CreateRevision(k, rev) => {
+                        meta.get(k.as_str())
+                            .map_err(backend)?
+                            .map(|m| m.value().0)
+                            .unwrap_or(0)
+                            == *rev
+                    }
+                    Compare::ModRevision(k, rev) => {
+                        meta.get(k.as_str())
+                            .map_err(backend)?
+                            .map(|m| m.value().1)
+                            .unwrap_or(0)
+                            == *rev
+                    }
+                    Compare::Value(k, v) => values
+                        .get(k.as_str())
+                        .map_err(backend)?
+                        .is_some_and(|x| x.value() == v.as_slice()),
+                };
+                if !ok {
+                    holds = false;
+                    break;
+                }
+            }
+            holds
+        };
+        let ops = if holds {
+            &txn_spec.success
+        } else {
+            &txn_spec.failure
+        };
+        let current = current_revision(&txn)?;
+        if ops.is_empty() {
+            txn.abort().map_err(backend)?;
+            return Ok((
+                TxnResult {
+                    succeeded: holds,
+                    revision: current,
+                },
+                Vec::new(),
+            ));
+        }
+        let revision = current + 1;
+        let mut events = Vec::new();
+        for op in ops {
+            match op {
+                Op::Put { key, value, lease } => {
+                    if *lease != 0
+                        && !self
+                            .inner
+                            .leases
+                            .lock()
+                            .expect("leases lock")
+                            .contains_key(lease)
+                    {
+                        txn.abort().map_err(backend)?;
+                        return Err(StoreError::NoLease(*lease));
+                    }
+                    let mut values = txn.open_table(VALUES).map_err(backend)?;
+                    let mut meta = txn.open_table(META).map_err(backend)?;
+                    let create = meta
+                        .get(key.as_str())
+                        .map_err(backend)?
+                        .map(|m| m.value().0)
+                        .unwrap_or(revision);
+                    values
+                        .insert(key.as_str(), value.as_slice())
+                        .map_err(backend)?;
+                    meta.insert(key.as_str(), (create, revision, *lease))
+                        .map_err(backend)?;
+                    events.push(WatchEvent::Put(KeyValue {
+                        key: key.clone(),
+                        value: value.clone(),
+                        create_revision: create,
+                        mod_revision: revision,
+                        lease: *lease,
+                    }));
+                }
+                Op::Delete(key) => {
+                    if delete(&txn, key)? {
+                        events.push(WatchEvent::Delete {
+                            key: key.clone(),
+                            revision,
+                        });
+                    }
+                }
+                Op::DeletePrefix(prefix) => {
+                    let keys: Vec<String> = {
+                        let values = txn.open_table(VALUES).map_err(backend)?;
+                        values
+                            .range(prefix.as_str()..)
+                            .map_err(backend)?
+                            .filter_map(|e| e.ok())
+                            .map(|(k, _)| k.value().to_string())
+                            .take_while(|k| k.starts_with(prefix.as_str()))
+                            .collect()
+                    };
+                    for key in keys {
+                        delete(&txn, &key)?;
+                        events.push(WatchEvent::Delete { key, revision });
+                    }
+                }
+            }
+        }
+        set_revision(&txn, revision)?;
+        txn.commit().map_err(backend)?;
+        Ok((
+            TxnResult {
+                succeeded: holds,
+                revision,
+            },
+            events,
+        ))
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&EmbeddedStore) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(backend)?
+    }
+
+    fn publish(&self, events: Vec<WatchEvent>) {
+        for e in events {
+            let _ = self.inner.events.send(e);
+        }
+    }
+}
+
+fn current_revision(txn: &WriteTransaction) -> Result<Revision> {
+    let state = txn.open_table(STATE).map_err(backend)?;
+    Ok(state
+        .get(REVISION)
+        .map_err(backend)?
+        .map(|v| v.value())
+        .unwrap_or(0))
+}
+
+fn next_revision(txn: &WriteTransaction) -> Result<Revision> {
+    Ok(current_revision(txn)? + 1)
+}
+
+fn set_revision(txn: &WriteTransaction, revision: Revision) -> Result<()> {
+    let mut state = txn.open_table(STATE).map_err(backend)?;
+    state.insert(REVISION, revision).map_err(backend)?;
+    Ok(())
+}
+
+/// Deletes one key; true when it existed.
+fn delete(txn: &WriteTransaction, key: &str) -> Result<bool> {
+    let mut values = txn.open_table(VALUES).map_err(backend)?;
+    let mut meta = txn.open_table(META).map_err(backend)?;
+    let existed = values.remove(key).map_err(backend)?.is_some();
+    meta.remove(key).map_err(backend)?;
+    Ok(existed)
+}
+
+async fn expire_leases(inner: Weak<Inner>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let Some(inner) = inner.upgrade() else { return };
+        let store = EmbeddedStore { inner };
+        let expired: Vec<LeaseId> = {
+            let leases = store.inner.leases.lock().expect("leases lock");
+            let now = Instant::now();
+            leases
+                .iter()
+                .filter(|(_, l)| l.deadline <= now)
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        for id in expired {
+            tracing::debug!(lease = id, "lease expired");
+            let _ = store.revoke(id).await;
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for EmbeddedStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
+        let key = key.to_string();
+        self.blocking(move |s| {
+            let txn = s.inner.db.begin_read().map_err(backend)?;
+            let values = match txn.open_table(VALUES) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(backend(e)),
+            };
+            let meta = txn.open_table(META).map_err(backend)?;
+            read_kv(&values, &meta, &key)
+        })
+        .await
+    }
+
+    async fn range(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision)> {
+        let prefix = prefix.to_string();
+        self.blocking(move |s| {
+            let txn = s.inner.db.begin_read().map_err(backend)?;
+            let revision = match txn.open_table(STATE) {
+                Ok(t) => t
+                    .get(REVISION)
+                    .map_err(backend)?
+                    .map(|v| v.value())
+                    .unwrap_or(0),
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok((Vec::new(), 0)),
+                Err(e) => return Err(backend(e)),
+            };
+            let values = txn.open_table(VALUES).map_err(backend)?;
+            let meta = txn.open_table(META).map_err(backend)?;
+            let mut out = Vec::new();
+            for entry in values.range(prefix.as_str()..).map_err(backend)? {
+                let (k, v) = entry.map_err(backend)?;
+                let key = k.value();
+                if !key.starts_with(prefix.as_str()) {
+                    break;
+                }
+                let (create_revision, mod_revision, lease) = meta
+                    .get(key)
+                    .map_err(backend)?
+                    .map(|m| m.value())
+                    .unwrap_or((0, 0, 0));
+                out.push(KeyValue {
+                    key: key.to_string(),
+                    value: v.value().to_vec(),
+                    create_revision,
+                    mod_revision,
+                    lease,
+                });
+            }
+            Ok((out, revision))
+        })
+        .await
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnResult> {
+        let (result, events) = self.blocking(move |s| s.apply(txn)).await?;
+        self.publish(events);
+        Ok(result)
+    }
+
+    async fn watch(&self, prefix: &str) -> Result<WatchStream> {
+        let prefix = prefix.to_string();
+        let rx = self.inner.events.subscribe();
+        Ok(Box::pin(BroadcastStream::new(rx).filter_map(
+            move |e| match e {
+                Ok(event) => {
+                    let key = match &event {
+                        WatchEvent::Put(kv) => &kv.key,
+                        WatchEvent::Delete { key, .. } => key,
+                    };
+                    key.starts_with(&prefix).then_some(event)
+                }
+                Err(_) => None,
+            },
+        )))
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
+        let id = self.inner.next_lease.fetch_add(1, Ordering::Relaxed);
+        self.inner.leases.lock().expect("leases lock").insert(
+            id,
+            Lease {
+                ttl,
+                deadline: Instant::now() + ttl,
+            },
+        );
+        Ok(id)
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
+        let mut leases = self.inner.leases.lock().expect("leases lock");
+        match leases.get_mut(&lease) {
+            Some(l) if l.deadline > Instant::now() => {
+                l.deadline = Instant::now() + l.ttl;
+                Ok(())
+            }
+            _ => Err(StoreError::NoLease(lease)),
+        }
+    }
+
+    async fn revoke(&self, lease: LeaseId) -> Result<()> {
+        if self
+            .inner
+            .leases
+            .lock()
+            .expect("leases lock")
+            .remove(&lease)
+            .is_none()
+        {
+            return Err(StoreError::NoLease(lease));
+        }
+        let events = self
+            .blocking(move |s| {
+                let txn = s.inner.db.begin_write().map_err(backend)?;
+                let keys: Vec<String> = {
+                    let meta = txn.open_table(META).map_err(backend)?;
+                    meta.iter()
+                        .map_err(backend)?
+                        .filter_map(|e| e.ok())
+                        .filter(|(_, m)| m.value().2 == lease)
+                        .map(|(k, _)| k.value().to_string())
+                        .collect()
+                };
+                if keys.is_empty() {
+                    txn.abort().map_err(backend)?;
+                    return Ok(Vec::new());
+                }
+                let revision = next_revision(&txn)?;
+                let mut events = Vec::new();
+                for key in keys {
+                    delete(&txn, &key)?;
+                    events.push(WatchEvent::Delete { key, revision });
+                }
+                set_revision(&txn, revision)?;
+                txn.commit().map_err(backend)?;
+                Ok(events)
+            })
+            .await?;
+        self.publish(events);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn passes_the_behaviour_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        super::super::suite::run(&store).await;
+    }
+
+    #[tokio::test]
+    async fn data_and_revision_survive_a_reopen_and_leased_keys_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = EmbeddedStore::open(dir.path()).unwrap();
+            let lease = store.grant_lease(Duration::from_secs(60)).await.unwrap();
+            store
+                .txn(Txn {
+                    success: vec![Op::put("/a", "1")],
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let r = store
+                .txn(Txn {
+                    success: vec![Op::Put {
+                        key: "/leased".into(),
+                        value: b"x".to_vec(),
+                        lease,
+                    }],
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            assert_eq!(r.revision, 2);
+        }
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let a = store.get("/a").await.unwrap().unwrap();
+        assert_eq!((a.value.as_slice(), a.create_revision), (&b"1"[..], 1));
+        assert!(store.get("/leased").await.unwrap().is_none());
+        let (_, revision) = store.range("/").await.unwrap();
+        assert_eq!(revision, 3, "the lease cleanup is a revision too");
+    }
+
+    #[tokio::test]
+    async fn a_second_open_of_the_same_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = EmbeddedStore::open(dir.path()).unwrap();
+        let err = EmbeddedStore::open(dir.path()).err().unwrap();
+        assert!(matches!(err, StoreError::Locked(_)), "{err}");
+        assert!(err.to_string().contains("in use by another coordinator"));
+    }
+}

@@ -1,0 +1,42 @@
+//! The embedded store: one coordinator per data dir, and what it holds
+//! survives a crash.
+
+use std::process::Command;
+use std::time::Duration;
+
+use drover_tests::artifacts::sample_artifact;
+use drover_tests::{Coordinator, TestDir, bins};
+use nix::sys::signal::Signal;
+
+#[tokio::test]
+async fn a_second_coordinator_on_the_same_data_dir_is_refused() {
+    let dir = TestDir::new();
+    let first = Coordinator::start(&dir, "coord", &[]).await;
+    let out = Command::new(bins::bin("drover-coordinator"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&first.data_dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is in use by another coordinator"),
+        "{stderr}"
+    );
+    first.wait_serving().await;
+}
+
+#[tokio::test]
+async fn artifact_metadata_survives_a_kill_9_of_the_coordinator() {
+    let dir = TestDir::new();
+    let mut coord = Coordinator::start(&dir, "coord", &[]).await;
+    let v1 = sample_artifact(dir.path(), "hello", "v1", &[]);
+    coord.push(&v1.path, "hello", "v1");
+    coord.child.signal(Signal::SIGKILL);
+    coord.child.wait_exit(Duration::from_secs(5)).await;
+    drop(coord);
+    let coord = Coordinator::start(&dir, "coord", &[]).await;
+    let (code, out, err) = coord.droverctl(&["artifact", "show", &v1.digest]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("service:   hello"), "{out}");
+}
