@@ -19,21 +19,7 @@ pub struct Layout {
 }
 
 /// Service names become path components: only safe ones are accepted.
-pub fn validate_service(service: &str) -> Result<(), String> {
-    let ok = !service.is_empty()
-        && service.len() <= 63
-        && service.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && service
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "service {service:?} must be 1-63 characters of a-z, 0-9, '-' and '_'"
-        ))
-    }
-}
+pub use drover_common::ids::validate_service;
 
 impl Layout {
     pub fn cache_dir(&self) -> PathBuf {
@@ -146,13 +132,5 @@ mod tests {
         let target = std::fs::read_link(layout.current_link("web")).unwrap();
         assert_eq!(target, Path::new("releases").join(d2.hex()));
         assert!(layout.current_link("web").join(".").exists());
-    }
-
-    #[test]
-    fn service_names_are_safe_path_parts() {
-        assert!(validate_service("web-api_2").is_ok());
-        for bad in ["", "../x", "a/b", "Web", ".hidden"] {
-            assert!(validate_service(bad).is_err(), "{bad}");
-        }
     }
 }

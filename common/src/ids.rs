@@ -38,6 +38,36 @@ pub fn validate_host_id(id: &str) -> Result<(), HostIdError> {
     Ok(())
 }
 
+/// Checks a service name (also a path component on hosts): 1 to 63
+/// characters of `[a-z0-9_-]`, starting with a letter or digit.
+pub fn validate_service(name: &str) -> Result<(), String> {
+    validate_lower_name(name, true).map_err(|why| format!("service {name:?} {why}"))
+}
+
+/// Checks a pipeline name: 1 to 63 characters of `[a-z0-9-]`, starting with
+/// a letter or digit.
+pub fn validate_pipeline_name(name: &str) -> Result<(), String> {
+    validate_lower_name(name, false).map_err(|why| format!("pipeline name {name:?} {why}"))
+}
+
+fn validate_lower_name(name: &str, underscore: bool) -> Result<(), &'static str> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name.chars().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || (underscore && c == '_')
+        });
+    match (ok, underscore) {
+        (true, _) => Ok(()),
+        (false, true) => {
+            Err("must be 1-63 characters of a-z, 0-9, '-' and '_', starting with a letter or digit")
+        }
+        (false, false) => {
+            Err("must be 1-63 characters of a-z, 0-9 and '-', starting with a letter or digit")
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -47,6 +77,16 @@ mod tests {
         for id in ["web-1", "a", "web-1.eu-west.example.com", "db_2"] {
             assert_eq!(validate_host_id(id), Ok(()), "{id}");
         }
+    }
+
+    #[test]
+    fn service_and_pipeline_names() {
+        assert!(validate_service("web-api_2").is_ok());
+        assert!(validate_pipeline_name("web-prod").is_ok());
+        for bad in ["", "../x", "a/b", "Web", ".hidden", &"a".repeat(64)] {
+            assert!(validate_service(bad).is_err(), "{bad}");
+        }
+        assert!(validate_pipeline_name("web_prod").is_err());
     }
 
     #[test]

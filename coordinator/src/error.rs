@@ -15,6 +15,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error(transparent)]
+    Pipeline(#[from] crate::deploy::pipeline::PipelineError),
 }
 
 impl From<ApiError> for Status {
@@ -26,6 +28,16 @@ impl From<ApiError> for Status {
             }
             ApiError::NotFound(_) => Status::not_found(msg),
             ApiError::Unavailable(_) => Status::unavailable(msg),
+            ApiError::Pipeline(e) => {
+                use crate::deploy::pipeline::PipelineError as P;
+                match e {
+                    P::Invalid(_) => Status::invalid_argument(msg),
+                    P::Exists(_) => Status::already_exists(msg),
+                    P::NotFound(_) => Status::not_found(msg),
+                    P::Conflict { .. } => Status::failed_precondition(msg),
+                    P::Store(_) | P::Corrupt(..) => Status::internal(msg),
+                }
+            }
         }
     }
 }

@@ -7,12 +7,14 @@
 //! - [`origin`]: content-addressed artifact blobs (the origin agents pull from).
 //! - [`store`]: durable state behind one trait (embedded redb now; etcd later).
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
+//! - [`deploy`]: pipelines (and, next, the deploy state machine).
 //! - [`ctl`]: `droverctl`, the command-line client.
 //! - [`error`]: errors and their mapping to gRPC status codes.
 
 pub mod api;
 pub mod config;
 pub mod ctl;
+pub mod deploy;
 pub mod error;
 pub mod fleet;
 pub mod metrics;

@@ -21,6 +21,7 @@ use tracing::{info, warn};
 
 use crate::api::{AgentControlService, ArtifactsService, DeployerService};
 use crate::config::Config;
+use crate::deploy::pipeline::Pipelines;
 use crate::fleet::{PendingCommands, Registry};
 use crate::metrics::{self, Metrics};
 use crate::origin::BlobStore;
@@ -95,6 +96,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let deployer = DeployerService {
         registry: registry.clone(),
         pending,
+        pipelines: Arc::new(Pipelines::new(store.clone(), &cfg.key_prefix)),
         origin_addr: cfg.advertise.clone().unwrap_or_else(|| addr.to_string()),
     };
     let artifacts = ArtifactsService {

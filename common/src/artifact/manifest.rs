@@ -208,20 +208,8 @@ impl Manifest {
         let mut problems = Vec::new();
         let mut bad =
             |field: &str, problem: &str| problems.push((field.to_string(), problem.to_string()));
-        let service_ok = !self.service.is_empty()
-            && self.service.len() <= 63
-            && self
-                .service
-                .starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-            && self
-                .service
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
-        if !service_ok {
-            bad(
-                "service",
-                "must be 1-63 characters of a-z, 0-9, '-' and '_', starting with a letter or digit",
-            );
+        if let Err(e) = crate::ids::validate_service(&self.service) {
+            bad("service", &e);
         }
         if self.start.command.trim().is_empty() {
             bad("start.command", "must not be empty");
@@ -390,7 +378,7 @@ failure_threshold = 0
         );
         assert!(
             err.to_string()
-                .starts_with("invalid drover.toml: service: must be"),
+                .starts_with("invalid drover.toml: service: service \"Hello World\" must be"),
             "{err}"
         );
     }

@@ -37,17 +37,7 @@ fn parse_digest(s: &str) -> Result<Digest, ApiError> {
 
 fn validate_header(h: &UploadHeader, max: u64) -> Result<Digest, ApiError> {
     let digest = parse_digest(&h.sha256)?;
-    let service_ok = !h.service.is_empty()
-        && h.service.len() <= 63
-        && h.service
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
-    if !service_ok {
-        return Err(ApiError::Invalid(format!(
-            "service {:?} must be 1-63 characters of a-z, 0-9, '-' and '_'",
-            h.service
-        )));
-    }
+    drover_common::ids::validate_service(&h.service).map_err(ApiError::Invalid)?;
     if h.version.len() > 128 || h.version.chars().any(char::is_control) {
         return Err(ApiError::Invalid(
             "version must be at most 128 printable characters".into(),

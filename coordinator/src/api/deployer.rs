@@ -1,5 +1,5 @@
-//! `drover.v1.Deployer`: the API of CI and SREs. Hosts and single commands
-//! for now.
+//! `drover.v1.Deployer`: the API of CI and SREs: hosts, single commands and
+//! pipelines (deploys next).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,11 +8,14 @@ use drover_common::ids::validate_host_id;
 use drover_common::labels::Selector;
 use drover_common::proto::deployer_server::Deployer;
 use drover_common::proto::{
-    Command, CommandUpdate, CoordinatorMessage, GetHostRequest, Host, ListHostsRequest,
-    ListHostsResponse, SendCommandRequest, command, coordinator_message,
+    Command, CommandUpdate, CoordinatorMessage, CreatePipelineRequest, GetHostRequest,
+    GetPipelineRequest, Host, ListHostsRequest, ListHostsResponse, ListPipelinesRequest,
+    ListPipelinesResponse, Pipeline, SendCommandRequest, UpdatePipelineRequest, command,
+    coordinator_message,
 };
 use tonic::{Request, Response, Status};
 
+use crate::deploy::pipeline::Pipelines;
 use crate::error::ApiError;
 use crate::fleet::{PendingCommands, Registry};
 
@@ -23,6 +26,7 @@ pub struct DeployerService {
     pub pending: Arc<PendingCommands>,
     /// Where agents fetch artifacts from this origin (Pull sources default).
     pub origin_addr: String,
+    pub pipelines: Arc<Pipelines>,
 }
 
 fn validate_command(cmd: &Command) -> Result<(), ApiError> {
@@ -116,5 +120,55 @@ impl Deployer for DeployerService {
                 )))
             }
         }
+    }
+
+    async fn create_pipeline(
+        &self,
+        request: Request<CreatePipelineRequest>,
+    ) -> Result<Response<Pipeline>, Status> {
+        let spec = request
+            .into_inner()
+            .pipeline
+            .ok_or_else(|| ApiError::Invalid("pipeline is required".into()))?;
+        let p = self.pipelines.create(spec).await.map_err(ApiError::from)?;
+        tracing::info!(pipeline = %p.name, version = p.version, "pipeline created");
+        Ok(Response::new(p))
+    }
+
+    async fn update_pipeline(
+        &self,
+        request: Request<UpdatePipelineRequest>,
+    ) -> Result<Response<Pipeline>, Status> {
+        let req = request.into_inner();
+        let spec = req
+            .pipeline
+            .ok_or_else(|| ApiError::Invalid("pipeline is required".into()))?;
+        let p = self
+            .pipelines
+            .update(spec, req.expected_version)
+            .await
+            .map_err(ApiError::from)?;
+        tracing::info!(pipeline = %p.name, version = p.version, "pipeline updated");
+        Ok(Response::new(p))
+    }
+
+    async fn get_pipeline(
+        &self,
+        request: Request<GetPipelineRequest>,
+    ) -> Result<Response<Pipeline>, Status> {
+        let p = self
+            .pipelines
+            .get(&request.get_ref().name)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(p))
+    }
+
+    async fn list_pipelines(
+        &self,
+        _: Request<ListPipelinesRequest>,
+    ) -> Result<Response<ListPipelinesResponse>, Status> {
+        let pipelines = self.pipelines.list().await.map_err(ApiError::from)?;
+        Ok(Response::new(ListPipelinesResponse { pipelines }))
     }
 }

@@ -7,6 +7,7 @@
 mod artifacts;
 mod command;
 mod hosts;
+mod pipelines;
 
 use clap::{Parser, Subcommand};
 use drover_common::proto::artifacts_client::ArtifactsClient;
@@ -41,6 +42,22 @@ pub enum Command {
     Artifact(ArtifactCommand),
     /// Send one command (pull, verify, restart, rollback) to one host and wait for its result.
     Command(command::Send),
+    /// Pipelines: apply a TOML spec, get, list.
+    #[command(subcommand)]
+    Pipeline(PipelineCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PipelineCommand {
+    /// Create the pipeline in the file, or update it if it exists.
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: std::path::PathBuf,
+    },
+    /// Show one pipeline.
+    Get { name: String },
+    /// List pipelines.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,6 +110,15 @@ pub async fn run(cli: Cli, out: &mut impl std::io::Write) -> anyhow::Result<()> 
             artifacts::list(&mut origin, &service, cli.json, out).await
         }
         Command::Command(send) => command::send(&mut deployer, send, cli.json, out).await,
+        Command::Pipeline(PipelineCommand::Apply { file }) => {
+            pipelines::apply(&mut deployer, &file, cli.json, out).await
+        }
+        Command::Pipeline(PipelineCommand::Get { name }) => {
+            pipelines::get(&mut deployer, &name, cli.json, out).await
+        }
+        Command::Pipeline(PipelineCommand::List) => {
+            pipelines::list(&mut deployer, cli.json, out).await
+        }
         Command::Artifact(ArtifactCommand::Show { sha256 }) => {
             artifacts::show(&mut origin, &sha256, cli.json, out).await
         }

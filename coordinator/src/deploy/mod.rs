@@ -1,0 +1,4 @@
+//! Deploy orchestration: pipelines (what to roll out where, and how) and,
+//! next, the deploy state machine that drives them.
+
+pub mod pipeline;

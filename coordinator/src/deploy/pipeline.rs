@@ -1,0 +1,395 @@
+//! Pipelines: validation (every problem names its field), defaults, and
+//! their records in the store under `<prefix>/pipelines/<name>`.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use drover_common::ids::{validate_pipeline_name, validate_service};
+use drover_common::labels::Selector;
+use drover_common::proto::{HealthGate, InconclusivePolicy, Pipeline};
+use prost::Message;
+
+use crate::store::{Compare, Op, Store, StoreError, Txn};
+
+/// Most stages in one pipeline.
+pub const MAX_STAGES: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("invalid pipeline: {}", .0.join("; "))]
+    Invalid(Vec<String>),
+    #[error("pipeline {0:?} already exists; update it instead")]
+    Exists(String),
+    #[error("no pipeline {0:?}")]
+    NotFound(String),
+    #[error("pipeline {name:?} is at version {actual}, not {expected}; read it again and retry")]
+    Conflict {
+        name: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("stored pipeline {0:?} is unreadable: {1}")]
+    Corrupt(String, String),
+}
+
+/// Fills defaults the spec left at zero (gate samples, bad samples,
+/// inconclusive policy, max unavailable).
+pub fn with_defaults(mut p: Pipeline) -> Pipeline {
+    for stage in &mut p.stages {
+        if stage.max_unavailable == 0 {
+            stage.max_unavailable = 1;
+        }
+        let gate = stage.gate.get_or_insert_with(HealthGate::default);
+        if gate.bad_samples == 0 {
+            gate.bad_samples = 3;
+        }
+        if gate.samples == 0 {
+            gate.samples = 5;
+        }
+        if gate.inconclusive == InconclusivePolicy::Unspecified as i32 {
+            gate.inconclusive = InconclusivePolicy::Fail as i32;
+        }
+    }
+    p
+}
+
+/// Every problem of a pipeline spec, each naming its field.
+pub fn validate(p: &Pipeline) -> Result<(), PipelineError> {
+    let mut problems = Vec::new();
+    if let Err(e) = validate_pipeline_name(&p.name) {
+        problems.push(format!("name: {e}"));
+    }
+    if let Err(e) = validate_service(&p.service) {
+        problems.push(format!("service: {e}"));
+    }
+    if p.stages.is_empty() {
+        problems.push("stages: at least one stage is required".into());
+    }
+    if p.stages.len() > MAX_STAGES {
+        problems.push(format!("stages: at most {MAX_STAGES} stages"));
+    }
+    let mut names = HashSet::new();
+    for (i, s) in p.stages.iter().enumerate() {
+        let at = |field: &str| format!("stages[{i}].{field}");
+        if let Err(e) = validate_pipeline_name(&s.name) {
+            problems.push(format!(
+                "{}: {}",
+                at("name"),
+                e.replace("pipeline name", "stage name")
+            ));
+        }
+        if !names.insert(s.name.as_str()) {
+            problems.push(format!(
+                "{}: {:?} is used by an earlier stage",
+                at("name"),
+                s.name
+            ));
+        }
+        match Selector::parse(&s.selector) {
+            Ok(sel) if sel.is_empty() => problems.push(format!(
+                "{}: must select some hosts (e.g. env=prod)",
+                at("selector")
+            )),
+            Ok(_) => {}
+            Err(e) => problems.push(format!("{}: {e}", at("selector"))),
+        }
+        match (s.batch_size, s.batch_percent) {
+            (0, 0) => problems.push(format!(
+                "{}: give batch_size or batch_percent",
+                at("batch_size")
+            )),
+            (n, 0) if n > 0 => {}
+            (0, pct) if (1..=100).contains(&pct) => {}
+            (0, _) => problems.push(format!(
+                "{}: must be between 1 and 100",
+                at("batch_percent")
+            )),
+            _ => problems.push(format!(
+                "{}: give batch_size or batch_percent, not both",
+                at("batch_size")
+            )),
+        }
+        if let Some(g) = &s.gate {
+            for (name, v) in [
+                ("max_error_rate", g.max_error_rate),
+                ("max_error_rate_ratio", g.max_error_rate_ratio),
+                ("max_p99_ms", g.max_p99_ms),
+                ("max_p99_ratio", g.max_p99_ratio),
+            ] {
+                if !v.is_finite() || v < 0.0 {
+                    problems.push(format!(
+                        "{}: must be zero (no limit) or positive",
+                        at(&format!("gate.{name}"))
+                    ));
+                }
+            }
+            if g.max_error_rate > 1.0 {
+                problems.push(format!(
+                    "{}: is a share, at most 1.0",
+                    at("gate.max_error_rate")
+                ));
+            }
+            if g.bad_samples > g.samples && g.samples > 0 {
+                problems.push(format!(
+                    "{}: cannot exceed gate.samples ({})",
+                    at("gate.bad_samples"),
+                    g.samples
+                ));
+            }
+            if InconclusivePolicy::try_from(g.inconclusive).is_err() {
+                problems.push(format!(
+                    "{}: unknown policy {}",
+                    at("gate.inconclusive"),
+                    g.inconclusive
+                ));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(PipelineError::Invalid(problems))
+    }
+}
+
+/// Pipeline records in the store.
+pub struct Pipelines {
+    store: Arc<dyn Store>,
+    prefix: String,
+}
+
+impl Pipelines {
+    pub fn new(store: Arc<dyn Store>, key_prefix: &str) -> Pipelines {
+        Pipelines {
+            store,
+            prefix: format!("{key_prefix}/pipelines/"),
+        }
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    fn decode(name: &str, bytes: &[u8], version: u64) -> Result<Pipeline, PipelineError> {
+        let mut p = Pipeline::decode(bytes)
+            .map_err(|e| PipelineError::Corrupt(name.to_string(), e.to_string()))?;
+        p.version = version;
+        Ok(p)
+    }
+
+    pub async fn create(&self, spec: Pipeline) -> Result<Pipeline, PipelineError> {
+        let mut p = with_defaults(spec);
+        validate(&p)?;
+        p.updated_at_unix_ms = drover_common::time::now_unix_ms();
+        p.version = 0;
+        let key = self.key(&p.name);
+        let r = self
+            .store
+            .txn(Txn {
+                compares: vec![Compare::Missing(key.clone())],
+                success: vec![Op::put(key, p.encode_to_vec())],
+                failure: vec![],
+            })
+            .await?;
+        if !r.succeeded {
+            return Err(PipelineError::Exists(p.name));
+        }
+        p.version = r.revision;
+        Ok(p)
+    }
+
+    /// Replaces a pipeline; with `expected_version` set, only if it is still
+    /// at that version.
+    pub async fn update(
+        &self,
+        spec: Pipeline,
+        expected_version: u64,
+    ) -> Result<Pipeline, PipelineError> {
+        let mut p = with_defaults(spec);
+        validate(&p)?;
+        let key = self.key(&p.name);
+        let current = self
+            .store
+            .get(&key)
+            .await?
+            .ok_or_else(|| PipelineError::NotFound(p.name.clone()))?;
+        if expected_version != 0 && current.mod_revision != expected_version {
+            return Err(PipelineError::Conflict {
+                name: p.name,
+                expected: expected_version,
+                actual: current.mod_revision,
+            });
+        }
+        p.updated_at_unix_ms = drover_common::time::now_unix_ms();
+        p.version = 0;
+        let r = self
+            .store
+            .txn(Txn {
+                compares: vec![Compare::ModRevision(key.clone(), current.mod_revision)],
+                success: vec![Op::put(key.clone(), p.encode_to_vec())],
+                failure: vec![],
+            })
+            .await?;
+        if !r.succeeded {
+            let actual = self
+                .store
+                .get(&key)
+                .await?
+                .map(|kv| kv.mod_revision)
+                .unwrap_or(0);
+            return Err(PipelineError::Conflict {
+                name: p.name,
+                expected: current.mod_revision,
+                actual,
+            });
+        }
+        p.version = r.revision;
+        Ok(p)
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Pipeline, PipelineError> {
+        let kv = self
+            .store
+            .get(&self.key(name))
+            .await?
+            .ok_or_else(|| PipelineError::NotFound(name.to_string()))?;
+        Self::decode(name, &kv.value, kv.mod_revision)
+    }
+
+    pub async fn list(&self) -> Result<Vec<Pipeline>, PipelineError> {
+        let (kvs, _) = self.store.range(&self.prefix).await?;
+        kvs.iter()
+            .map(|kv| {
+                Self::decode(
+                    kv.key.trim_start_matches(&self.prefix),
+                    &kv.value,
+                    kv.mod_revision,
+                )
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::embedded::EmbeddedStore;
+    use drover_common::proto::Stage;
+
+    fn stage(name: &str) -> Stage {
+        Stage {
+            name: name.into(),
+            selector: format!("env={name}"),
+            batch_percent: 10,
+            ..Default::default()
+        }
+    }
+
+    fn pipeline() -> Pipeline {
+        Pipeline {
+            name: "hello-prod".into(),
+            service: "hello".into(),
+            stages: vec![stage("staging"), stage("prod")],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_fill_the_gate() {
+        let p = with_defaults(pipeline());
+        let g = p.stages[0].gate.unwrap();
+        assert_eq!(
+            (g.bad_samples, g.samples, g.inconclusive()),
+            (3, 5, InconclusivePolicy::Fail)
+        );
+        assert_eq!(p.stages[0].max_unavailable, 1);
+        assert!(validate(&p).is_ok());
+    }
+
+    #[test]
+    fn every_problem_names_its_field() {
+        let mut p = pipeline();
+        p.name = "Hello".into();
+        p.stages[0].selector = "".into();
+        p.stages[1].name = "staging".into();
+        p.stages[1].batch_size = 3;
+        p.stages[0].batch_percent = 101;
+        p.stages[0].gate = Some(HealthGate {
+            max_error_rate: -1.0,
+            bad_samples: 9,
+            samples: 5,
+            ..Default::default()
+        });
+        let PipelineError::Invalid(problems) = validate(&p).unwrap_err() else {
+            panic!()
+        };
+        let fields: Vec<&str> = problems
+            .iter()
+            .map(|p| p.split(':').next().unwrap())
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "name",
+                "stages[0].selector",
+                "stages[0].batch_percent",
+                "stages[0].gate.max_error_rate",
+                "stages[0].gate.bad_samples",
+                "stages[1].name",
+                "stages[1].batch_size",
+            ],
+            "{problems:?}"
+        );
+        let mut empty = pipeline();
+        empty.stages.clear();
+        assert!(
+            validate(&empty)
+                .unwrap_err()
+                .to_string()
+                .contains("stages: at least one stage")
+        );
+    }
+
+    #[tokio::test]
+    async fn create_update_get_list_with_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let pipelines = Pipelines::new(store, "/drover");
+        let created = pipelines.create(pipeline()).await.unwrap();
+        assert!(created.version > 0);
+        assert!(matches!(
+            pipelines.create(pipeline()).await,
+            Err(PipelineError::Exists(_))
+        ));
+        let mut changed = pipeline();
+        changed.stages[1].batch_percent = 50;
+        let updated = pipelines
+            .update(changed.clone(), created.version)
+            .await
+            .unwrap();
+        assert!(updated.version > created.version);
+        let stale = pipelines
+            .update(changed, created.version)
+            .await
+            .unwrap_err();
+        assert!(matches!(stale, PipelineError::Conflict { .. }), "{stale}");
+        let got = pipelines.get("hello-prod").await.unwrap();
+        assert_eq!(
+            (got.version, got.stages[1].batch_percent),
+            (updated.version, 50)
+        );
+        assert_eq!(pipelines.list().await.unwrap().len(), 1);
+        assert!(matches!(
+            pipelines.get("nope").await,
+            Err(PipelineError::NotFound(_))
+        ));
+        let mut unknown = pipeline();
+        unknown.name = "other".into();
+        assert!(matches!(
+            pipelines.update(unknown, 0).await,
+            Err(PipelineError::NotFound(_))
+        ));
+    }
+}
