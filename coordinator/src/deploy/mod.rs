@@ -1,4 +1,5 @@
 //! Deploy orchestration: pipelines (what to roll out where, and how) and,
 //! next, the deploy state machine that drives them.
 
+pub mod machine;
 pub mod pipeline;
