@@ -17,6 +17,8 @@ pub enum ApiError {
     Unavailable(String),
     #[error(transparent)]
     Pipeline(#[from] crate::deploy::pipeline::PipelineError),
+    #[error(transparent)]
+    Deploy(#[from] crate::deploy::deployments::DeployError),
 }
 
 impl From<ApiError> for Status {
@@ -28,6 +30,16 @@ impl From<ApiError> for Status {
             }
             ApiError::NotFound(_) => Status::not_found(msg),
             ApiError::Unavailable(_) => Status::unavailable(msg),
+            ApiError::Deploy(e) => {
+                use crate::deploy::deployments::DeployError as D;
+                match e {
+                    D::Invalid(_) => Status::invalid_argument(msg),
+                    D::NotFound(_) => Status::not_found(msg),
+                    D::Conflict(_) => Status::failed_precondition(msg),
+                    D::Pipeline(p) => Status::from(ApiError::Pipeline(p)),
+                    D::Store(_) => Status::internal(msg),
+                }
+            }
             ApiError::Pipeline(e) => {
                 use crate::deploy::pipeline::PipelineError as P;
                 match e {

@@ -21,6 +21,7 @@ use tracing::{info, warn};
 
 use crate::api::{AgentControlService, ArtifactsService, DeployerService};
 use crate::config::Config;
+use crate::deploy::deployments::Deployments;
 use crate::deploy::pipeline::Pipelines;
 use crate::fleet::{PendingCommands, Registry};
 use crate::metrics::{self, Metrics};
@@ -93,14 +94,26 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         hello_timeout: cfg.hello_timeout,
         shutdown: stop.clone(),
     };
+    let origin_addr = cfg.advertise.clone().unwrap_or_else(|| addr.to_string());
+    let pipelines = Arc::new(Pipelines::new(store.clone(), &cfg.key_prefix));
+    let deployments = Deployments::new(
+        store.clone(),
+        registry.clone(),
+        pending.clone(),
+        pipelines.clone(),
+        blobs.clone(),
+        origin_addr.clone(),
+        &cfg.key_prefix,
+    );
     let deployer = DeployerService {
         registry: registry.clone(),
         pending,
-        pipelines: Arc::new(Pipelines::new(store.clone(), &cfg.key_prefix)),
-        origin_addr: cfg.advertise.clone().unwrap_or_else(|| addr.to_string()),
+        pipelines,
+        deployments: deployments.clone(),
+        origin_addr,
     };
     let artifacts = ArtifactsService {
-        store: blobs,
+        store: blobs.clone(),
         metrics: metrics.clone(),
         max_artifact_bytes: cfg.max_artifact_bytes,
     };
@@ -130,6 +143,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .serve_with_incoming_shutdown(incoming, async move { serve_stop.cancelled().await });
     let mut server = tokio::spawn(server);
     info!(%addr, id = %cfg.id, data_dir = %cfg.data_dir.display(), "coordinator serving");
+    let resumed = deployments.resume_all().await?;
+    if resumed > 0 {
+        info!(resumed, "resumed unfinished deploys");
+    }
 
     tokio::select! {
         _ = shutdown => {}

@@ -8,16 +8,20 @@ use drover_common::ids::validate_host_id;
 use drover_common::labels::Selector;
 use drover_common::proto::deployer_server::Deployer;
 use drover_common::proto::{
-    Command, CommandUpdate, CoordinatorMessage, CreatePipelineRequest, GetHostRequest,
-    GetPipelineRequest, Host, ListHostsRequest, ListHostsResponse, ListPipelinesRequest,
-    ListPipelinesResponse, Pipeline, SendCommandRequest, UpdatePipelineRequest, command,
-    coordinator_message,
+    Command, CommandUpdate, CreatePipelineRequest, Deploy, DeployEvent, DeployRef, GetHostRequest,
+    GetPipelineRequest, Host, ListDeploysRequest, ListDeploysResponse, ListHostsRequest,
+    ListHostsResponse, ListPipelinesRequest, ListPipelinesResponse, Pipeline, SendCommandRequest,
+    StartDeployRequest, UpdatePipelineRequest, command,
 };
+use tokio_stream::Stream;
+
+use crate::deploy::deployments::Deployments;
+use crate::deploy::machine::Event;
 use tonic::{Request, Response, Status};
 
 use crate::deploy::pipeline::Pipelines;
 use crate::error::ApiError;
-use crate::fleet::{PendingCommands, Registry};
+use crate::fleet::{PendingCommands, Registry, SendError};
 
 const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -27,6 +31,17 @@ pub struct DeployerService {
     /// Where agents fetch artifacts from this origin (Pull sources default).
     pub origin_addr: String,
     pub pipelines: Arc<Pipelines>,
+    pub deployments: Arc<Deployments>,
+}
+
+type WatchStream = std::pin::Pin<Box<dyn Stream<Item = Result<DeployEvent, Status>> + Send>>;
+
+fn who(r: &DeployRef) -> &str {
+    if r.requester.is_empty() {
+        "someone"
+    } else {
+        &r.requester
+    }
 }
 
 fn validate_command(cmd: &Command) -> Result<(), ApiError> {
@@ -86,39 +101,20 @@ impl Deployer for DeployerService {
         {
             p.sources.push(self.origin_addr.clone());
         }
-        let session = self.registry.session(&req.host_id).ok_or_else(|| {
-            ApiError::Unavailable(format!(
-                "host {} is not connected to this coordinator",
-                req.host_id
-            ))
-        })?;
         let timeout = match req.timeout_ms {
             0 => DEFAULT_COMMAND_TIMEOUT,
             ms => Duration::from_millis(ms.into()),
         };
-        let command_id = cmd.command_id.clone();
-        let done = self.pending.wait(&req.host_id, &command_id);
-        let message = CoordinatorMessage {
-            msg: Some(coordinator_message::Msg::Command(cmd)),
-        };
-        if session.outbound.send(Box::new(Ok(message))).await.is_err() {
-            self.pending.forget(&req.host_id, &command_id);
-            return Err(ApiError::Unavailable(format!(
-                "the stream of host {} closed",
-                req.host_id
-            ))
-            .into());
-        }
-        match tokio::time::timeout(timeout, done).await {
-            Ok(Ok(update)) => Ok(Response::new(update)),
-            Ok(Err(_)) => Err(Status::internal("the command's waiter was dropped")),
-            Err(_) => {
-                self.pending.forget(&req.host_id, &command_id);
-                Err(Status::deadline_exceeded(format!(
-                    "no final result from host {} within {timeout:?}; the command may still finish: send the same command_id again to get its result",
-                    req.host_id
-                )))
+        match self
+            .pending
+            .send(&self.registry, &req.host_id, cmd, timeout)
+            .await
+        {
+            Ok(update) => Ok(Response::new(update)),
+            Err(e @ (SendError::NotConnected(_) | SendError::StreamClosed(_))) => {
+                Err(Status::unavailable(e.to_string()))
             }
+            Err(e @ SendError::Timeout(..)) => Err(Status::deadline_exceeded(e.to_string())),
         }
     }
 
@@ -170,5 +166,164 @@ impl Deployer for DeployerService {
     ) -> Result<Response<ListPipelinesResponse>, Status> {
         let pipelines = self.pipelines.list().await.map_err(ApiError::from)?;
         Ok(Response::new(ListPipelinesResponse { pipelines }))
+    }
+
+    async fn start_deploy(
+        &self,
+        request: Request<StartDeployRequest>,
+    ) -> Result<Response<Deploy>, Status> {
+        let rec = self
+            .deployments
+            .start(request.into_inner())
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(rec.to_proto()))
+    }
+
+    async fn get_deploy(&self, request: Request<DeployRef>) -> Result<Response<Deploy>, Status> {
+        let (rec, _) = self
+            .deployments
+            .load(&request.get_ref().id)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(rec.to_proto()))
+    }
+
+    async fn list_deploys(
+        &self,
+        request: Request<ListDeploysRequest>,
+    ) -> Result<Response<ListDeploysResponse>, Status> {
+        let deploys = self
+            .deployments
+            .list(&request.get_ref().pipeline)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(ListDeploysResponse {
+            deploys: deploys.iter().map(|r| r.to_proto()).collect(),
+        }))
+    }
+
+    type WatchDeployStream = WatchStream;
+
+    async fn watch_deploy(
+        &self,
+        request: Request<DeployRef>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let id = request.into_inner().id;
+        // Subscribe before reading, so no change falls between the two.
+        let mut events = self.deployments.subscribe(&id);
+        let (rec, _) = self.deployments.load(&id).await.map_err(ApiError::from)?;
+        let first = DeployEvent {
+            deploy: Some(rec.to_proto()),
+            message: "current state".into(),
+        };
+        let done = rec.machine.phase.is_terminal();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            if tx.send(Ok(first)).await.is_err() || done {
+                return;
+            }
+            loop {
+                match events.recv().await {
+                    Ok(event) => {
+                        let terminal = event.deploy.as_ref().is_some_and(|d| {
+                            matches!(
+                                d.phase(),
+                                drover_common::proto::DeployPhase::Complete
+                                    | drover_common::proto::DeployPhase::Failed
+                                    | drover_common::proto::DeployPhase::RolledBack
+                                    | drover_common::proto::DeployPhase::Aborted
+                            )
+                        });
+                        if tx.send(Ok(event)).await.is_err() || terminal {
+                            return;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn pause_deploy(&self, request: Request<DeployRef>) -> Result<Response<Deploy>, Status> {
+        let r = request.into_inner();
+        let rec = self
+            .deployments
+            .control(&r.id, Event::Pause, who(&r))
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(rec.to_proto()))
+    }
+
+    async fn resume_deploy(&self, request: Request<DeployRef>) -> Result<Response<Deploy>, Status> {
+        let r = request.into_inner();
+        let rec = self
+            .deployments
+            .control(&r.id, Event::Resume, who(&r))
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(rec.to_proto()))
+    }
+
+    async fn approve_deploy(
+        &self,
+        request: Request<DeployRef>,
+    ) -> Result<Response<Deploy>, Status> {
+        let r = request.into_inner();
+        let rec = self
+            .deployments
+            .control(&r.id, Event::Approve, who(&r))
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(rec.to_proto()))
+    }
+
+    async fn abort_deploy(&self, request: Request<DeployRef>) -> Result<Response<Deploy>, Status> {
+        let r = request.into_inner();
+        let reason = format!(
+            "aborted by {}{}",
+            who(&r),
+            if r.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", r.reason)
+            }
+        );
+        let event = Event::Abort {
+            rollback: r.rollback,
+            reason,
+        };
+        let rec = self
+            .deployments
+            .control(&r.id, event, who(&r))
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(rec.to_proto()))
+    }
+
+    async fn rollback_deploy(
+        &self,
+        request: Request<DeployRef>,
+    ) -> Result<Response<Deploy>, Status> {
+        let r = request.into_inner();
+        let reason = format!(
+            "rolled back by {}{}",
+            who(&r),
+            if r.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", r.reason)
+            }
+        );
+        let rec = self
+            .deployments
+            .control(&r.id, Event::Rollback(reason), who(&r))
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(rec.to_proto()))
     }
 }

@@ -18,7 +18,10 @@ async fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<drover_coordinator::ctl::deploys::DeployEnded>() {
+                Some(ended) => ExitCode::from(ended.exit_code()),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -6,6 +6,7 @@
 
 mod artifacts;
 mod command;
+pub mod deploys;
 mod hosts;
 mod pipelines;
 
@@ -45,6 +46,75 @@ pub enum Command {
     /// Pipelines: apply a TOML spec, get, list.
     #[command(subcommand)]
     Pipeline(PipelineCommand),
+    /// Deploys: start (and wait), status, list, watch, pause, resume, approve, abort, rollback.
+    #[command(subcommand)]
+    Deploy(DeployCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeployCommand {
+    /// Start a deploy; with --wait, follow it and exit 0 (COMPLETE), 2 (ROLLED_BACK) or 1.
+    Start {
+        #[arg(long)]
+        pipeline: String,
+        /// sha256 of a pushed artifact.
+        #[arg(long)]
+        artifact: String,
+        /// Retrying with the same key returns the same deploy.
+        #[arg(long, default_value = "")]
+        idempotency_key: String,
+        #[arg(long, default_value = "")]
+        git_sha: String,
+        #[arg(long, env = "USER", default_value = "droverctl")]
+        requester: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    Status {
+        id: String,
+    },
+    List {
+        #[arg(long, default_value = "")]
+        pipeline: String,
+    },
+    /// Follow a deploy to its end (exit codes as start --wait).
+    Watch {
+        id: String,
+    },
+    /// Pause after the batch in flight.
+    Pause(Control),
+    Resume(Control),
+    /// Let a stage that requires approval start.
+    Approve(Control),
+    /// Stop where it is (--rollback: and roll back what changed).
+    Abort {
+        #[command(flatten)]
+        control: Control,
+        #[arg(long)]
+        rollback: bool,
+    },
+    /// Return every touched host to the last known-good release now.
+    Rollback(Control),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Control {
+    pub id: String,
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    #[arg(long, env = "USER", default_value = "droverctl")]
+    pub requester: String,
+}
+
+impl Control {
+    fn to_ref(&self, rollback: bool) -> drover_common::proto::DeployRef {
+        drover_common::proto::DeployRef {
+            id: self.id.clone(),
+            requester: self.requester.clone(),
+            reason: self.reason.clone(),
+            rollback,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -119,6 +189,7 @@ pub async fn run(cli: Cli, out: &mut impl std::io::Write) -> anyhow::Result<()> 
         Command::Pipeline(PipelineCommand::List) => {
             pipelines::list(&mut deployer, cli.json, out).await
         }
+        Command::Deploy(cmd) => deploy(&mut deployer, cmd, cli.json, out).await,
         Command::Artifact(ArtifactCommand::Show { sha256 }) => {
             artifacts::show(&mut origin, &sha256, cli.json, out).await
         }
@@ -132,6 +203,90 @@ async fn connect(addr: &str) -> anyhow::Result<Channel> {
             drover_common::grpc::error_chain(&e)
         )
     })
+}
+
+async fn deploy(
+    client: &mut DeployerClient<Channel>,
+    cmd: DeployCommand,
+    json: bool,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
+    use drover_common::proto::StartDeployRequest;
+    let control =
+        |d: drover_common::proto::Deploy, out: &mut dyn std::io::Write| -> anyhow::Result<()> {
+            if json {
+                serde_json::to_writer_pretty(&mut *out, &d).map_err(std::io::Error::from)?;
+                writeln!(out)?;
+            } else {
+                writeln!(out, "{} {}", d.id, deploys::phase_name(d.phase()))?;
+            }
+            Ok(())
+        };
+    match cmd {
+        DeployCommand::Start {
+            pipeline,
+            artifact,
+            idempotency_key,
+            git_sha,
+            requester,
+            wait,
+        } => {
+            let req = StartDeployRequest {
+                pipeline,
+                artifact,
+                idempotency_key,
+                requester,
+                git_sha,
+            };
+            deploys::start(client, req, wait, json, out).await
+        }
+        DeployCommand::Status { id } => deploys::status(client, &id, json, out).await,
+        DeployCommand::List { pipeline } => deploys::list(client, &pipeline, json, out).await,
+        DeployCommand::Watch { id } => deploys::watch(client, &id, json, out).await,
+        DeployCommand::Pause(c) => control(
+            client
+                .pause_deploy(c.to_ref(false))
+                .await
+                .map_err(status_error)?
+                .into_inner(),
+            out,
+        ),
+        DeployCommand::Resume(c) => control(
+            client
+                .resume_deploy(c.to_ref(false))
+                .await
+                .map_err(status_error)?
+                .into_inner(),
+            out,
+        ),
+        DeployCommand::Approve(c) => control(
+            client
+                .approve_deploy(c.to_ref(false))
+                .await
+                .map_err(status_error)?
+                .into_inner(),
+            out,
+        ),
+        DeployCommand::Abort {
+            control: c,
+            rollback,
+        } => control(
+            client
+                .abort_deploy(c.to_ref(rollback))
+                .await
+                .map_err(status_error)?
+                .into_inner(),
+            out,
+        ),
+        DeployCommand::Rollback(c) => control(
+            client
+                .rollback_deploy(c.to_ref(false))
+                .await
+                .map_err(status_error)?
+                .into_inner(),
+            out,
+        ),
+    }
 }
 
 /// Turns a gRPC status into an error line that names the code.

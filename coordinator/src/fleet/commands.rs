@@ -3,8 +3,27 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use drover_common::proto::{CommandStatus, CommandUpdate};
+use std::time::Duration;
+
+use drover_common::proto::{
+    Command, CommandStatus, CommandUpdate, CoordinatorMessage, coordinator_message,
+};
 use tokio::sync::oneshot;
+
+use super::Registry;
+
+/// Why a command got no final update.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    #[error("host {0} is not connected to this coordinator")]
+    NotConnected(String),
+    #[error("the stream of host {0} closed")]
+    StreamClosed(String),
+    #[error(
+        "no final result from host {0} within {1:?}; the command may still finish: send the same command_id again to get its result"
+    )]
+    Timeout(String, Duration),
+}
 
 /// True for the updates that end a command.
 pub fn is_final(status: CommandStatus) -> bool {
@@ -47,6 +66,38 @@ impl PendingCommands {
             .remove(&(host_id.to_string(), update.command_id.clone()));
         for tx in waiters.into_iter().flatten() {
             let _ = tx.send(update.clone());
+        }
+    }
+
+    /// Sends `command` to `host_id` over its stream and waits up to
+    /// `timeout` for the final update.
+    pub async fn send(
+        &self,
+        registry: &Registry,
+        host_id: &str,
+        command: Command,
+        timeout: Duration,
+    ) -> Result<CommandUpdate, SendError> {
+        let session = registry
+            .session(host_id)
+            .ok_or_else(|| SendError::NotConnected(host_id.to_string()))?;
+        let command_id = command.command_id.clone();
+        let done = self.wait(host_id, &command_id);
+        let message = CoordinatorMessage {
+            msg: Some(coordinator_message::Msg::Command(command)),
+        };
+        if session.outbound.send(Box::new(Ok(message))).await.is_err() {
+            self.forget(host_id, &command_id);
+            return Err(SendError::StreamClosed(host_id.to_string()));
+        }
+        match tokio::time::timeout(timeout, done).await {
+            Ok(Ok(update)) => Ok(update),
+            // The waiter is dropped only when the host's stream went away.
+            Ok(Err(_)) => Err(SendError::StreamClosed(host_id.to_string())),
+            Err(_) => {
+                self.forget(host_id, &command_id);
+                Err(SendError::Timeout(host_id.to_string(), timeout))
+            }
         }
     }
 

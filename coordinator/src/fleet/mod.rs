@@ -4,5 +4,5 @@
 mod commands;
 mod registry;
 
-pub use commands::{PendingCommands, is_final};
+pub use commands::{PendingCommands, SendError, is_final};
 pub use registry::{Departure, OutboundItem, Registry, SessionHandle};

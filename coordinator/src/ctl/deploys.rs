@@ -1,0 +1,269 @@
+//! `droverctl deploy ...`: start (and wait), status, list, watch, and the
+//! controls. `start --wait` and `watch` exit 0 on COMPLETE, 2 on
+//! ROLLED_BACK and 1 on any other end, so CI can branch on them.
+
+use std::io::{IsTerminal, Write};
+
+use comfy_table::{Table, presets};
+use drover_common::proto::deployer_client::DeployerClient;
+use drover_common::proto::{
+    Deploy, DeployPhase, DeployRef, HostOutcome, ListDeploysRequest, StartDeployRequest,
+};
+use indicatif::{ProgressBar, ProgressStyle};
+use tonic::transport::Channel;
+
+use super::{print_json, status_error};
+
+/// How a finished deploy maps to droverctl's exit code.
+#[derive(Debug)]
+pub struct DeployEnded {
+    pub phase: DeployPhase,
+    pub reason: String,
+}
+
+impl std::fmt::Display for DeployEnded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "deploy ended {}: {}",
+            phase_name(self.phase),
+            self.reason
+        )
+    }
+}
+
+impl std::error::Error for DeployEnded {}
+
+impl DeployEnded {
+    pub fn exit_code(&self) -> u8 {
+        if self.phase == DeployPhase::RolledBack {
+            2
+        } else {
+            1
+        }
+    }
+}
+
+pub fn phase_name(p: DeployPhase) -> &'static str {
+    match p {
+        DeployPhase::Unspecified => "UNKNOWN",
+        DeployPhase::Pending => "PENDING",
+        DeployPhase::Rolling => "ROLLING",
+        DeployPhase::AwaitingApproval => "AWAITING_APPROVAL",
+        DeployPhase::Paused => "PAUSED",
+        DeployPhase::Complete => "COMPLETE",
+        DeployPhase::Failed => "FAILED",
+        DeployPhase::RollingBack => "ROLLING_BACK",
+        DeployPhase::RolledBack => "ROLLED_BACK",
+        DeployPhase::Aborted => "ABORTED",
+    }
+}
+
+fn terminal(p: DeployPhase) -> bool {
+    matches!(
+        p,
+        DeployPhase::Complete
+            | DeployPhase::Failed
+            | DeployPhase::RolledBack
+            | DeployPhase::Aborted
+    )
+}
+
+fn updated(d: &Deploy) -> (u64, u64) {
+    let all = d.batches.iter().flat_map(|b| &b.hosts).count() as u64;
+    let done = d
+        .batches
+        .iter()
+        .flat_map(|b| &b.hosts)
+        .filter(|h| h.outcome() == HostOutcome::Updated)
+        .count() as u64;
+    (done, all)
+}
+
+fn summary(d: &Deploy) -> String {
+    let (done, all) = updated(d);
+    let mut line = format!(
+        "{} {} stage {} batch {} ({done}/{all} hosts updated)",
+        d.id,
+        phase_name(d.phase()),
+        d.stage,
+        d.batch
+    );
+    if !d.reason.is_empty() {
+        line.push_str(&format!(": {}", d.reason));
+    }
+    line
+}
+
+/// Exit status of a finished deploy: Ok for COMPLETE.
+fn outcome(d: &Deploy) -> anyhow::Result<()> {
+    match d.phase() {
+        DeployPhase::Complete => Ok(()),
+        phase => Err(DeployEnded {
+            phase,
+            reason: d.reason.clone(),
+        }
+        .into()),
+    }
+}
+
+pub async fn start(
+    client: &mut DeployerClient<Channel>,
+    req: StartDeployRequest,
+    wait: bool,
+    json: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let d = client
+        .start_deploy(req)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if !wait {
+        return if json {
+            print_json(out, &d)
+        } else {
+            writeln!(out, "{}", d.id).map_err(Into::into)
+        };
+    }
+    watch(client, &d.id, json, out).await
+}
+
+/// Follows a deploy to its end: a progress bar on a terminal, plain lines otherwise.
+pub async fn watch(
+    client: &mut DeployerClient<Channel>,
+    id: &str,
+    json: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let mut stream = client
+        .watch_deploy(DeployRef {
+            id: id.to_string(),
+            ..Default::default()
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let bar = if !json && std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} hosts")
+                .expect("static template")
+                .progress_chars("=> "),
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut last_line = String::new();
+    let mut last = None;
+    while let Some(event) = stream.message().await.map_err(status_error)? {
+        let Some(d) = event.deploy else { continue };
+        if json {
+            print_json(out, &d)?;
+        } else {
+            let (done, all) = updated(&d);
+            bar.set_length(all);
+            bar.set_position(done);
+            bar.set_message(format!("{} {}", d.id, phase_name(d.phase())));
+            let line = summary(&d);
+            if line != last_line && bar.is_hidden() {
+                writeln!(out, "{line}")?;
+            }
+            last_line = line;
+        }
+        let end = terminal(d.phase());
+        last = Some(d);
+        if end {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    let d = last.ok_or_else(|| anyhow::anyhow!("the watch ended before any update"))?;
+    if !json && !bar.is_hidden() {
+        writeln!(out, "{}", summary(&d))?;
+    }
+    if !terminal(d.phase()) {
+        anyhow::bail!(
+            "the watch ended while the deploy was {}",
+            phase_name(d.phase())
+        );
+    }
+    outcome(&d)
+}
+
+pub async fn status(
+    client: &mut DeployerClient<Channel>,
+    id: &str,
+    json: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let d = client
+        .get_deploy(DeployRef {
+            id: id.to_string(),
+            ..Default::default()
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if json {
+        return print_json(out, &d);
+    }
+    writeln!(out, "{}", summary(&d))?;
+    writeln!(
+        out,
+        "pipeline {} service {} artifact {} (replacing {})",
+        d.pipeline,
+        d.service,
+        &d.artifact[..12.min(d.artifact.len())],
+        if d.known_good.is_empty() {
+            "nothing"
+        } else {
+            &d.known_good[..12]
+        }
+    )?;
+    for a in &d.approvals {
+        writeln!(out, "approval: {a}")?;
+    }
+    let mut table = Table::new();
+    table
+        .load_preset(presets::NOTHING)
+        .set_header(["STAGE", "BATCH", "HOSTS", "VERDICT"]);
+    for b in &d.batches {
+        let hosts: Vec<String> = b
+            .hosts
+            .iter()
+            .map(|h| format!("{}:{:?}", h.host_id, h.outcome()))
+            .collect();
+        table.add_row([
+            b.stage.to_string(),
+            b.index.to_string(),
+            hosts.join(" "),
+            b.verdict.clone(),
+        ]);
+    }
+    writeln!(out, "{table}")?;
+    Ok(())
+}
+
+pub async fn list(
+    client: &mut DeployerClient<Channel>,
+    pipeline: &str,
+    json: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let r = client
+        .list_deploys(ListDeploysRequest {
+            pipeline: pipeline.to_string(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if json {
+        return print_json(out, &r);
+    }
+    for d in &r.deploys {
+        writeln!(out, "{}", summary(d))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,818 @@
+//! Running deploys: start (idempotent, one active per pipeline), the task
+//! that drives each deploy's state machine, controls, and watches.
+//!
+//! The task is restart-safe by construction: each step reads the record,
+//! does what its phase calls for (run the batch in flight, roll back, or
+//! wait), and writes the result with a compare-and-swap on the record's
+//! revision. Commands carry deterministic ids (`<deploy>/<stage>.<batch>/
+//! <host>/<verb>`), so a step repeated after a crash is answered from the
+//! agents' recorded results instead of restarting anything twice.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use drover_common::labels::Selector;
+use drover_common::proto::{
+    Command, CommandStatus, ConnectionState, DeployEvent, HealthGate, HostOutcome,
+    InconclusivePolicy, PullCommand, RestartCommand, RollbackCommand, StartDeployRequest, command,
+};
+use tokio::sync::{Notify, broadcast};
+use tracing::{info, warn};
+
+use super::gate::{Sample, Verdict, judge};
+use super::machine::{Event, Machine, Phase};
+use super::pipeline::{PipelineError, Pipelines};
+use super::record::{DeployRecord, batches};
+use crate::fleet::{PendingCommands, Registry};
+use crate::origin::BlobStore;
+use crate::store::{Compare, Op, Store, StoreError, Txn};
+
+/// Hosts rolled back at once.
+const ROLLBACK_PARALLELISM: usize = 16;
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+struct Live {
+    events: broadcast::Sender<DeployEvent>,
+    wake: Arc<Notify>,
+}
+
+pub struct Deployments {
+    store: Arc<dyn Store>,
+    registry: Arc<Registry>,
+    pending: Arc<PendingCommands>,
+    pipelines: Arc<Pipelines>,
+    blobs: Arc<BlobStore>,
+    origin: String,
+    prefix: String,
+    live: Mutex<HashMap<String, Live>>,
+}
+
+fn encode(rec: &DeployRecord) -> Vec<u8> {
+    serde_json::to_vec(rec).expect("a deploy record always serializes")
+}
+
+impl Deployments {
+    pub fn new(
+        store: Arc<dyn Store>,
+        registry: Arc<Registry>,
+        pending: Arc<PendingCommands>,
+        pipelines: Arc<Pipelines>,
+        blobs: Arc<BlobStore>,
+        origin: String,
+        key_prefix: &str,
+    ) -> Arc<Deployments> {
+        Arc::new(Deployments {
+            store,
+            registry,
+            pending,
+            pipelines,
+            blobs,
+            origin,
+            prefix: key_prefix.to_string(),
+            live: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn deploy_key(&self, id: &str) -> String {
+        format!("{}/deploys/{id}", self.prefix)
+    }
+    fn active_key(&self, pipeline: &str) -> String {
+        format!("{}/active/{pipeline}", self.prefix)
+    }
+    fn idem_key(&self, pipeline: &str, key: &str) -> String {
+        format!("{}/idempotency/{pipeline}/{key}", self.prefix)
+    }
+    fn known_good_key(&self, pipeline: &str) -> String {
+        format!("{}/known-good/{pipeline}", self.prefix)
+    }
+
+    /// The record and its store revision.
+    pub async fn load(&self, id: &str) -> Result<(DeployRecord, u64), DeployError> {
+        let kv = self
+            .store
+            .get(&self.deploy_key(id))
+            .await?
+            .ok_or_else(|| DeployError::NotFound(format!("no deploy {id:?}")))?;
+        let rec = serde_json::from_slice(&kv.value)
+            .map_err(|e| DeployError::Invalid(format!("deploy {id} is unreadable: {e}")))?;
+        Ok((rec, kv.mod_revision))
+    }
+
+    pub async fn list(&self, pipeline: &str) -> Result<Vec<DeployRecord>, DeployError> {
+        let (kvs, _) = self
+            .store
+            .range(&format!("{}/deploys/", self.prefix))
+            .await?;
+        let mut out: Vec<DeployRecord> = kvs
+            .iter()
+            .filter_map(|kv| serde_json::from_slice::<DeployRecord>(&kv.value).ok())
+            .filter(|r| pipeline.is_empty() || r.pipeline == pipeline)
+            .collect();
+        out.sort_by_key(|r| std::cmp::Reverse(r.created_at_unix_ms));
+        Ok(out)
+    }
+
+    fn live(&self, id: &str) -> (broadcast::Sender<DeployEvent>, Arc<Notify>) {
+        let mut live = self.live.lock().expect("live lock");
+        let entry = live.entry(id.to_string()).or_insert_with(|| Live {
+            events: broadcast::channel(256).0,
+            wake: Arc::new(Notify::new()),
+        });
+        (entry.events.clone(), entry.wake.clone())
+    }
+
+    /// Subscribes to a deploy's changes.
+    pub fn subscribe(&self, id: &str) -> broadcast::Receiver<DeployEvent> {
+        self.live(id).0.subscribe()
+    }
+
+    fn publish(&self, rec: &DeployRecord, message: String) {
+        let (events, _) = self.live(&rec.id);
+        let _ = events.send(DeployEvent {
+            deploy: Some(rec.to_proto()),
+            message,
+        });
+    }
+
+    /// Writes `rec` if the record is still at `revision`; returns the new
+    /// revision. When the deploy reaches a terminal phase the pipeline's
+    /// active marker goes in the same transaction (and the known-good
+    /// release after a Complete).
+    async fn save(
+        &self,
+        rec: &mut DeployRecord,
+        revision: u64,
+    ) -> Result<Option<u64>, DeployError> {
+        rec.updated_at_unix_ms = drover_common::time::now_unix_ms();
+        let key = self.deploy_key(&rec.id);
+        let mut success = vec![Op::put(key.clone(), encode(rec))];
+        if rec.machine.phase.is_terminal() {
+            success.push(Op::Delete(self.active_key(&rec.pipeline)));
+        }
+        if rec.machine.phase == Phase::Complete {
+            success.push(Op::put(
+                self.known_good_key(&rec.pipeline),
+                rec.artifact.clone(),
+            ));
+        }
+        let r = self
+            .store
+            .txn(Txn {
+                compares: vec![Compare::ModRevision(key, revision)],
+                success,
+                failure: vec![],
+            })
+            .await?;
+        Ok(r.succeeded.then_some(r.revision))
+    }
+
+    /// Applies `event` to the stored deploy (retrying on concurrent writes).
+    /// A refused event changes nothing and is reported.
+    pub async fn control(
+        self: &Arc<Self>,
+        id: &str,
+        event: Event,
+        who: &str,
+    ) -> Result<DeployRecord, DeployError> {
+        loop {
+            let (mut rec, revision) = self.load(id).await?;
+            let (machine, _) = rec
+                .machine
+                .apply(event.clone())
+                .map_err(|e| DeployError::Conflict(e.to_string()))?;
+            if event == Event::Approve {
+                rec.approvals.push(format!(
+                    "{who} approved stage {}",
+                    rec.snapshot.stages[rec.machine.stage].name
+                ));
+            }
+            rec.machine = machine;
+            if self.save(&mut rec, revision).await?.is_some() {
+                let message = format!("{who}: {event:?} -> {:?}", rec.machine.phase);
+                info!(deploy = %id, %message, "deploy control");
+                self.publish(&rec, message);
+                self.live(id).1.notify_one();
+                return Ok(rec);
+            }
+        }
+    }
+
+    /// Starts a deploy of `artifact` through `pipeline`.
+    pub async fn start(
+        self: &Arc<Self>,
+        req: StartDeployRequest,
+    ) -> Result<DeployRecord, DeployError> {
+        let pipeline = self.pipelines.get(&req.pipeline).await?;
+        let digest: drover_common::artifact::Digest = req
+            .artifact
+            .parse()
+            .map_err(|e| DeployError::Invalid(format!("artifact: {e}")))?;
+        let info = self
+            .blobs
+            .info(&digest)
+            .await
+            .map_err(|e| DeployError::Invalid(e.to_string()))?
+            .ok_or_else(|| {
+                DeployError::Invalid(format!(
+                    "artifact {digest} is not on the origin; push it first"
+                ))
+            })?;
+        if info.service != pipeline.service {
+            return Err(DeployError::Invalid(format!(
+                "artifact {digest} is for service {:?}, pipeline {} deploys {:?}",
+                info.service, pipeline.name, pipeline.service
+            )));
+        }
+        if req.idempotency_key.len() > 128 {
+            return Err(DeployError::Invalid(
+                "idempotency_key is longer than 128 characters".into(),
+            ));
+        }
+        if !req.idempotency_key.is_empty()
+            && let Some(kv) = self
+                .store
+                .get(&self.idem_key(&pipeline.name, &req.idempotency_key))
+                .await?
+        {
+            let id = String::from_utf8_lossy(&kv.value).into_owned();
+            return Ok(self.load(&id).await?.0);
+        }
+        if let Some(kv) = self.store.get(&self.active_key(&pipeline.name)).await? {
+            return Err(DeployError::Conflict(format!(
+                "pipeline {} already has an active deploy: {}",
+                pipeline.name,
+                String::from_utf8_lossy(&kv.value)
+            )));
+        }
+        // Resolve the hosts now and record them: a stage's hosts are the
+        // connected hosts its selector matches, each in its first stage only.
+        let mut taken = std::collections::HashSet::new();
+        let mut plan = Vec::new();
+        for stage in &pipeline.stages {
+            let selector = Selector::parse(&stage.selector)
+                .map_err(|e| DeployError::Invalid(e.to_string()))?;
+            let hosts: Vec<String> = self
+                .registry
+                .list(&selector)
+                .into_iter()
+                .filter(|h| h.state() == ConnectionState::Connected)
+                .map(|h| h.host_id)
+                .filter(|h| taken.insert(h.clone()))
+                .collect();
+            plan.push(batches(&hosts, stage.batch_size, stage.batch_percent));
+        }
+        if plan.iter().all(|s| s.is_empty()) {
+            return Err(DeployError::Invalid(format!(
+                "no connected host matches any stage of pipeline {}",
+                pipeline.name
+            )));
+        }
+        let known_good = self
+            .store
+            .get(&self.known_good_key(&pipeline.name))
+            .await?
+            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+            .unwrap_or_default();
+        let machine = Machine::new(
+            plan.iter().map(Vec::len).collect(),
+            pipeline
+                .stages
+                .iter()
+                .map(|s| s.requires_approval)
+                .collect(),
+            !known_good.is_empty() && known_good != digest.hex(),
+        );
+        let now = drover_common::time::now_unix_ms();
+        let id = format!(
+            "{}-{}",
+            pipeline.name,
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let mut rec = DeployRecord {
+            id: id.clone(),
+            pipeline: pipeline.name.clone(),
+            service: pipeline.service.clone(),
+            artifact: digest.hex(),
+            known_good,
+            machine,
+            plan,
+            results: Default::default(),
+            verdicts: Default::default(),
+            touched: Vec::new(),
+            requester: req.requester,
+            git_sha: if req.git_sha.is_empty() {
+                info.git_sha
+            } else {
+                req.git_sha
+            },
+            idempotency_key: req.idempotency_key.clone(),
+            approvals: Vec::new(),
+            created_at_unix_ms: now,
+            updated_at_unix_ms: now,
+            snapshot: pipeline.clone(),
+        };
+        let (machine, _) = rec
+            .machine
+            .apply(Event::Start)
+            .expect("a new deploy starts");
+        rec.machine = machine;
+        let mut compares = vec![Compare::Missing(self.active_key(&pipeline.name))];
+        let mut success = vec![
+            Op::put(self.deploy_key(&id), encode(&rec)),
+            Op::put(self.active_key(&pipeline.name), id.clone()),
+        ];
+        if !req.idempotency_key.is_empty() {
+            let key = self.idem_key(&pipeline.name, &req.idempotency_key);
+            compares.push(Compare::Missing(key.clone()));
+            success.push(Op::put(key, id.clone()));
+        }
+        let r = self
+            .store
+            .txn(Txn {
+                compares,
+                success,
+                failure: vec![],
+            })
+            .await?;
+        if !r.succeeded {
+            // Lost a race with another start: answer as if we had been second.
+            return Box::pin(self.start(StartDeployRequest {
+                pipeline: pipeline.name,
+                artifact: rec.artifact,
+                idempotency_key: req.idempotency_key,
+                requester: rec.requester,
+                git_sha: rec.git_sha,
+            }))
+            .await;
+        }
+        info!(deploy = %id, pipeline = %rec.pipeline, artifact = %rec.artifact, "deploy started");
+        self.publish(&rec, "started".into());
+        self.spawn(id);
+        Ok(rec)
+    }
+
+    /// Resumes every deploy that is not finished (coordinator start).
+    pub async fn resume_all(self: &Arc<Self>) -> Result<usize, DeployError> {
+        let live: Vec<String> = self
+            .list("")
+            .await?
+            .into_iter()
+            .filter(|r| !r.machine.phase.is_terminal())
+            .map(|r| r.id)
+            .collect();
+        for id in &live {
+            info!(deploy = %id, "resuming deploy");
+            self.spawn(id.clone());
+        }
+        Ok(live.len())
+    }
+
+    fn spawn(self: &Arc<Self>, id: String) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.drive(&id).await {
+                warn!(deploy = %id, error = %e, "deploy task stopped");
+            }
+        });
+    }
+
+    /// Drives one deploy until it is finished.
+    async fn drive(self: &Arc<Self>, id: &str) -> Result<(), DeployError> {
+        let wake = self.live(id).1;
+        loop {
+            let (rec, _) = self.load(id).await?;
+            let event = match rec.machine.phase {
+                Phase::Rolling => {
+                    self.run_batch(id, rec.machine.stage, rec.machine.batch)
+                        .await?
+                }
+                Phase::RollingBack => self.roll_back(id).await?,
+                Phase::Pending => Event::Start,
+                Phase::Paused | Phase::AwaitingApproval => {
+                    wake.notified().await;
+                    continue;
+                }
+                _ => return Ok(()),
+            };
+            // Apply the outcome to the state as it is now (a control may
+            // have changed it meanwhile; then the outcome may be refused).
+            loop {
+                let (mut rec, revision) = self.load(id).await?;
+                let Ok((machine, _)) = rec.machine.apply(event.clone()) else {
+                    break;
+                };
+                let message = format!("{event:?}");
+                rec.machine = machine;
+                if self.save(&mut rec, revision).await?.is_some() {
+                    self.publish(&rec, message);
+                    break;
+                }
+            }
+        }
+    }
+
+    fn command(
+        id: &str,
+        stage: usize,
+        batch: usize,
+        host: &str,
+        verb: &str,
+        action: command::Action,
+    ) -> Command {
+        Command {
+            command_id: format!("{id}/{stage}.{batch}/{host}/{verb}"),
+            shard: 0,
+            epoch: 0,
+            action: Some(action),
+        }
+    }
+
+    /// Pulls and restarts the batch's hosts, then judges it.
+    async fn run_batch(
+        self: &Arc<Self>,
+        id: &str,
+        stage: usize,
+        batch: usize,
+    ) -> Result<Event, DeployError> {
+        let (rec, _) = self.load(id).await?;
+        let spec = rec.snapshot.stages[stage].clone();
+        let hosts = rec.plan[stage][batch].clone();
+        let service = rec.service.clone();
+        let artifact = rec.artifact.clone();
+        let stuck = Duration::from_millis(u64::from(spec.stuck_timeout_ms.max(1000)));
+        // Restarts of each host before the batch, to count crash loops after.
+        let restarts_before: HashMap<String, u32> = hosts
+            .iter()
+            .map(|h| {
+                (
+                    h.clone(),
+                    self.service_health(h, &service)
+                        .map(|s| s.restarts)
+                        .unwrap_or(0),
+                )
+            })
+            .collect();
+        // Record the hosts as touched before anything can switch them.
+        self.update(id, |rec| {
+            for h in &hosts {
+                if !rec.touched.contains(h) {
+                    rec.touched.push(h.clone());
+                }
+            }
+        })
+        .await?;
+        let max_unavailable = spec.max_unavailable.max(1) as usize;
+        let mut outcomes = Vec::new();
+        for chunk in hosts.chunks(max_unavailable) {
+            let mut tasks = tokio::task::JoinSet::new();
+            for host in chunk {
+                let this = self.clone();
+                let (id, host, service, artifact) = (
+                    id.to_string(),
+                    host.clone(),
+                    service.clone(),
+                    artifact.clone(),
+                );
+                tasks.spawn(async move {
+                    let pull = command::Action::Pull(PullCommand {
+                        service: service.clone(),
+                        artifact: artifact.clone(),
+                        sources: vec![this.origin.clone()],
+                        size_bytes: 0,
+                    });
+                    let result = this
+                        .send_patiently(
+                            &host,
+                            Self::command(&id, stage, batch, &host, "pull", pull),
+                            COMMAND_TIMEOUT,
+                            stuck,
+                        )
+                        .await;
+                    let pulled = match result {
+                        Ok(u) if u.status() == CommandStatus::Succeeded => Ok(()),
+                        Ok(u) => Err(format!("pull: {}", u.reason)),
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = pulled {
+                        return (host, Err(e));
+                    }
+                    let restart = command::Action::Restart(RestartCommand {
+                        service,
+                        artifact,
+                        ready_timeout_ms: stuck.as_millis() as u32,
+                    });
+                    let result = this
+                        .send_patiently(
+                            &host,
+                            Self::command(&id, stage, batch, &host, "restart", restart),
+                            stuck + COMMAND_TIMEOUT,
+                            stuck,
+                        )
+                        .await;
+                    let outcome = match result {
+                        Ok(u) if u.status() == CommandStatus::Succeeded => Ok(()),
+                        Ok(u) => Err(format!("restart: {}", u.reason)),
+                        Err(e) => Err(e),
+                    };
+                    (host, outcome)
+                });
+            }
+            while let Some(done) = tasks.join_next().await {
+                outcomes.push(done.expect("host task does not panic"));
+            }
+        }
+        let failed: Vec<(String, String)> = outcomes
+            .iter()
+            .filter_map(|(h, o)| o.as_ref().err().map(|e| (h.clone(), e.clone())))
+            .collect();
+        self.update(id, |rec| {
+            for (host, outcome) in &outcomes {
+                match outcome {
+                    Ok(()) => rec.set_result(host, HostOutcome::Updated, ""),
+                    Err(e) => rec.set_result(host, HostOutcome::Failed, e.clone()),
+                }
+            }
+        })
+        .await?;
+        // Failed hosts are excluded and charged to the stage's budget.
+        let (rec, _) = self.load(id).await?;
+        let stage_failed = rec.plan[stage]
+            .iter()
+            .flatten()
+            .filter(|h| {
+                rec.results
+                    .get(*h)
+                    .is_some_and(|r| r.outcome == HostOutcome::Failed as i32)
+            })
+            .count();
+        if stage_failed as u32 > spec.failure_budget {
+            let detail: Vec<String> = failed.iter().map(|(h, e)| format!("{h}: {e}")).collect();
+            let reason = format!(
+                "{stage_failed} hosts failed in stage {} (budget {}): {}",
+                spec.name,
+                spec.failure_budget,
+                detail.join("; ")
+            );
+            self.set_verdict(id, stage, batch, &reason).await?;
+            return Ok(Event::BatchFailed(reason));
+        }
+        tokio::time::sleep(Duration::from_millis(spec.settle_ms.into())).await;
+        let updated: Vec<String> = hosts
+            .iter()
+            .filter(|h| !failed.iter().any(|(f, _)| f == *h))
+            .cloned()
+            .collect();
+        let baseline: Vec<String> = rec.plan[stage]
+            .iter()
+            .flatten()
+            .filter(|h| !rec.touched.contains(h))
+            .cloned()
+            .collect();
+        let verdict = self
+            .judge_batch(
+                &spec.gate.unwrap_or_default(),
+                &service,
+                &updated,
+                &baseline,
+                &restarts_before,
+            )
+            .await;
+        match verdict {
+            Ok(()) => {
+                self.set_verdict(id, stage, batch, "passed").await?;
+                Ok(Event::BatchPassed)
+            }
+            Err(reason) => {
+                self.set_verdict(id, stage, batch, &reason).await?;
+                if reason.starts_with("paused:") {
+                    Ok(Event::Pause)
+                } else {
+                    Ok(Event::BatchFailed(reason))
+                }
+            }
+        }
+    }
+
+    /// Sends a command, waiting up to `patience` for a disconnected host to
+    /// come back (the stated policy for hosts that drop mid-batch: they get
+    /// the stuck timeout to return, then they are failed and charged to the
+    /// budget). Re-sending is safe: command ids are deterministic.
+    async fn send_patiently(
+        &self,
+        host: &str,
+        cmd: Command,
+        timeout: Duration,
+        patience: Duration,
+    ) -> Result<drover_common::proto::CommandUpdate, String> {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            match self
+                .pending
+                .send(&self.registry, host, cmd.clone(), timeout)
+                .await
+            {
+                Ok(u) => return Ok(u),
+                Err(
+                    e @ (crate::fleet::SendError::NotConnected(_)
+                    | crate::fleet::SendError::StreamClosed(_)),
+                ) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(e.to_string());
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    fn service_health(
+        &self,
+        host: &str,
+        service: &str,
+    ) -> Option<drover_common::proto::ServiceHealth> {
+        self.registry
+            .get(host)
+            .and_then(|h| h.health.into_iter().find(|s| s.service == service))
+    }
+
+    /// Samples the batch against the baseline once per heartbeat interval:
+    /// K consecutive bad samples fail it; after `samples`, it passes (or the
+    /// inconclusive policy decides when no sample was conclusive).
+    async fn judge_batch(
+        &self,
+        gate: &HealthGate,
+        service: &str,
+        batch: &[String],
+        baseline: &[String],
+        restarts_before: &HashMap<String, u32>,
+    ) -> Result<(), String> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let interval = batch
+            .iter()
+            .filter_map(|h| self.registry.get(h))
+            .map(|h| h.heartbeat_interval_ms)
+            .max()
+            .unwrap_or(1000);
+        let mut bad_streak = 0u32;
+        let mut conclusive = 0u32;
+        let mut last_reason = String::new();
+        for _ in 0..gate.samples.max(1) {
+            tokio::time::sleep(Duration::from_millis(interval.into())).await;
+            let mut b = Sample::default();
+            for h in batch {
+                b.add(
+                    self.service_health(h, service).as_ref(),
+                    restarts_before.get(h).copied().unwrap_or(0),
+                );
+            }
+            let mut base = Sample::default();
+            for h in baseline {
+                base.add(self.service_health(h, service).as_ref(), u32::MAX);
+            }
+            match judge(gate, &b, (!baseline.is_empty()).then_some(&base)) {
+                Verdict::Good => {
+                    bad_streak = 0;
+                    conclusive += 1;
+                }
+                Verdict::Bad(reason) => {
+                    bad_streak += 1;
+                    conclusive += 1;
+                    last_reason = reason;
+                    if bad_streak >= gate.bad_samples.max(1) {
+                        return Err(format!(
+                            "health gate failed {bad_streak} samples in a row: {last_reason}"
+                        ));
+                    }
+                }
+                Verdict::Inconclusive(reason) => last_reason = reason,
+            }
+        }
+        if conclusive > 0 {
+            return Ok(());
+        }
+        match gate.inconclusive() {
+            InconclusivePolicy::Pass => Ok(()),
+            InconclusivePolicy::Pause => {
+                Err(format!("paused: inconclusive health gate ({last_reason})"))
+            }
+            _ => Err(format!("inconclusive health gate: {last_reason}")),
+        }
+    }
+
+    /// Returns every touched host to the known-good release, most recently
+    /// updated first, in parallel up to a cap. Never downloads: the agents
+    /// still hold the release.
+    async fn roll_back(self: &Arc<Self>, id: &str) -> Result<Event, DeployError> {
+        let (rec, _) = self.load(id).await?;
+        let mut hosts = rec.touched.clone();
+        hosts.reverse();
+        let mut failures = Vec::new();
+        for chunk in hosts.chunks(ROLLBACK_PARALLELISM) {
+            let mut tasks = tokio::task::JoinSet::new();
+            for host in chunk {
+                let this = self.clone();
+                let (id, host, service, target) = (
+                    id.to_string(),
+                    host.clone(),
+                    rec.service.clone(),
+                    rec.known_good.clone(),
+                );
+                tasks.spawn(async move {
+                    let action = command::Action::Rollback(RollbackCommand {
+                        service,
+                        artifact: target,
+                        ready_timeout_ms: 60_000,
+                    });
+                    let cmd = Command {
+                        command_id: format!("{id}/rollback/{host}"),
+                        shard: 0,
+                        epoch: 0,
+                        action: Some(action),
+                    };
+                    let result = this
+                        .send_patiently(&host, cmd, COMMAND_TIMEOUT, Duration::from_secs(60))
+                        .await;
+                    let outcome = match result {
+                        Ok(u) if u.status() == CommandStatus::Succeeded => Ok(()),
+                        Ok(u) => Err(u.reason),
+                        Err(e) => Err(e),
+                    };
+                    (host, outcome)
+                });
+            }
+            let mut results = Vec::new();
+            while let Some(done) = tasks.join_next().await {
+                results.push(done.expect("rollback task does not panic"));
+            }
+            self.update(id, |rec| {
+                for (host, outcome) in &results {
+                    match outcome {
+                        Ok(()) => rec.set_result(host, HostOutcome::RolledBack, "rolled back"),
+                        Err(e) => {
+                            rec.set_result(host, HostOutcome::Failed, format!("rollback: {e}"))
+                        }
+                    }
+                }
+            })
+            .await?;
+            failures.extend(
+                results
+                    .into_iter()
+                    .filter_map(|(h, o)| o.err().map(|e| format!("{h}: {e}"))),
+            );
+        }
+        Ok(if failures.is_empty() {
+            Event::RollbackDone
+        } else {
+            Event::RollbackFailed(failures.join("; "))
+        })
+    }
+
+    async fn set_verdict(
+        &self,
+        id: &str,
+        stage: usize,
+        batch: usize,
+        verdict: &str,
+    ) -> Result<(), DeployError> {
+        self.update(id, |rec| {
+            rec.verdicts
+                .insert(format!("{stage}/{batch}"), verdict.to_string());
+        })
+        .await
+    }
+
+    /// Changes the record (not its phase) with compare-and-swap, publishing it.
+    async fn update(
+        &self,
+        id: &str,
+        change: impl Fn(&mut DeployRecord),
+    ) -> Result<(), DeployError> {
+        loop {
+            let (mut rec, revision) = self.load(id).await?;
+            change(&mut rec);
+            if self.save(&mut rec, revision).await?.is_some() {
+                self.publish(&rec, "progress".into());
+                return Ok(());
+            }
+        }
+    }
+}
