@@ -234,3 +234,258 @@ async fn starts_are_idempotent_and_one_deploy_runs_per_pipeline() {
         .into_inner();
     assert_eq!(done.phase(), DeployPhase::Complete);
 }
+
+async fn get(coord: &Coordinator, id: &str) -> drover_common::proto::Deploy {
+    coord
+        .deployer()
+        .await
+        .get_deploy(DeployRef {
+            id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn starts_of(dir: &TestDir, host: &str, version: &str) -> usize {
+    let log = dir
+        .path()
+        .join(format!("agent-{host}/services/hello/logs/service.log"));
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches(&format!("drover-sample {version} listening"))
+        .count()
+}
+
+#[tokio::test]
+async fn a_coordinator_killed_mid_rollout_and_mid_rollback_finishes_the_deploy_after_restart() {
+    let mut f = fleet(4).await;
+    let spec = f.dir.path().join("slow.toml");
+    std::fs::write(
+        &spec,
+        PIPELINE
+            .replace("batch_size = 2", "batch_size = 1")
+            .replace("settle_ms = 0", "settle_ms = 300"),
+    )
+    .unwrap();
+    assert_eq!(
+        f.coord
+            .droverctl(&["pipeline", "apply", "-f", spec.to_str().unwrap()])
+            .0,
+        0
+    );
+    let v1 = f.push("v1", &[]);
+    assert_eq!(f.deploy(&v1).0, 0);
+    let v2 = f.push("v2", &[]);
+    let mut api = f.coord.deployer().await;
+    let id = api
+        .start_deploy(StartDeployRequest {
+            pipeline: "hello-prod".into(),
+            artifact: v2.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+
+    // Kill it in the middle of the rollout (batch 2 of 4 in flight).
+    wait_until_ok("the second batch", Duration::from_secs(30), || async {
+        get(&f.coord, &id).await.batch >= 1
+    })
+    .await;
+    let addr = f.coord.addr;
+    f.coord.child.signal(nix::sys::signal::Signal::SIGKILL);
+    f.coord.child.wait_exit(Duration::from_secs(5)).await;
+    f.coord = Coordinator::start_on(&f.dir, "coord", addr, &[]).await;
+    let (code, out, err) = f.coord.droverctl(&["deploy", "watch", &id]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(f.versions().await, ["v2", "v2", "v2", "v2"]);
+    for (host, _) in &f.ports {
+        assert_eq!(
+            starts_of(&f.dir, host, "v2"),
+            1,
+            "{host} restarted exactly once"
+        );
+    }
+
+    // A bad version, and a kill while it rolls back.
+    let bad = f.push("bad", &["--error-rate", "0.5"]);
+    let mut api = f.coord.deployer().await;
+    let id = api
+        .start_deploy(StartDeployRequest {
+            pipeline: "hello-prod".into(),
+            artifact: bad,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    wait_until_ok("the rollback to begin", Duration::from_secs(30), || async {
+        matches!(
+            get(&f.coord, &id).await.phase(),
+            DeployPhase::RollingBack | DeployPhase::RolledBack
+        )
+    })
+    .await;
+    f.coord.child.signal(nix::sys::signal::Signal::SIGKILL);
+    f.coord.child.wait_exit(Duration::from_secs(5)).await;
+    f.coord = Coordinator::start_on(&f.dir, "coord", addr, &[]).await;
+    let (code, out, err) = f.coord.droverctl(&["deploy", "watch", &id]);
+    assert_eq!(code, 2, "ends ROLLED_BACK: {out}\n{err}");
+    assert_eq!(f.versions().await, ["v2", "v2", "v2", "v2"]);
+    assert_eq!(
+        starts_of(&f.dir, "web-0", "bad"),
+        1,
+        "the bad version started once on the first host"
+    );
+    assert_eq!(
+        starts_of(&f.dir, "web-1", "bad"),
+        0,
+        "and never reached the second"
+    );
+}
+
+#[tokio::test]
+async fn pause_resume_approve_abort_and_rollback_after_complete() {
+    let f = fleet(2).await;
+    let spec = f.dir.path().join("gated.toml");
+    std::fs::write(
+        &spec,
+        PIPELINE
+            .replace("batch_size = 2", "batch_size = 1")
+            .replace("settle_ms = 0", "settle_ms = 300")
+            .replace(
+                "[[stages]]\nname = \"prod\"",
+                "[[stages]]\nname = \"prod\"\nrequires_approval = true",
+            ),
+    )
+    .unwrap();
+    assert_eq!(
+        f.coord
+            .droverctl(&["pipeline", "apply", "-f", spec.to_str().unwrap()])
+            .0,
+        0
+    );
+    let v1 = f.push("v1", &[]);
+    let mut api = f.coord.deployer().await;
+    let start = |artifact: &str| StartDeployRequest {
+        pipeline: "hello-prod".into(),
+        artifact: artifact.into(),
+        ..Default::default()
+    };
+    let id = api.start_deploy(start(&v1)).await.unwrap().into_inner().id;
+    assert_eq!(
+        get(&f.coord, &id).await.phase(),
+        DeployPhase::AwaitingApproval,
+        "the stage waits for approval"
+    );
+    let (code, out, _) = f.coord.droverctl(&["deploy", "pause", &id]);
+    assert_eq!((code, out.trim().ends_with("PAUSED")), (0, true), "{out}");
+    let (code, out, _) = f.coord.droverctl(&["deploy", "resume", &id]);
+    assert_eq!(
+        (code, out.trim().ends_with("AWAITING_APPROVAL")),
+        (0, true),
+        "resume returns to the approval: {out}"
+    );
+    let (code, _, err) = f.coord.droverctl(&["deploy", "resume", &id]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("FailedPrecondition") && err.contains("cannot resume"),
+        "{err}"
+    );
+    let (code, _, _) = f
+        .coord
+        .droverctl(&["deploy", "approve", &id, "--requester", "alice"]);
+    assert_eq!(code, 0);
+    // Pause after the batch in flight, then resume to the end.
+    let (code, _, _) = f.coord.droverctl(&["deploy", "pause", &id]);
+    assert_eq!(code, 0);
+    wait_until_ok(
+        "the pause to take effect after the batch",
+        Duration::from_secs(30),
+        || async { get(&f.coord, &id).await.phase() == DeployPhase::Paused },
+    )
+    .await;
+    let paused = get(&f.coord, &id).await;
+    assert_eq!(paused.batch, 1, "paused between batches");
+    assert!(
+        paused.approvals[0].contains("alice approved stage prod"),
+        "{:?}",
+        paused.approvals
+    );
+    assert_eq!(f.coord.droverctl(&["deploy", "resume", &id]).0, 0);
+    assert_eq!(f.coord.droverctl(&["deploy", "watch", &id]).0, 0);
+    assert_eq!(f.versions().await, ["v1", "v1"]);
+
+    // v2 completes; then a rollback straight back to v1.
+    let v2 = f.push("v2", &[]);
+    let id2 = api.start_deploy(start(&v2)).await.unwrap().into_inner().id;
+    assert_eq!(f.coord.droverctl(&["deploy", "approve", &id2]).0, 0);
+    assert_eq!(f.coord.droverctl(&["deploy", "watch", &id2]).0, 0);
+    assert_eq!(f.versions().await, ["v2", "v2"]);
+    let (code, _, _) = f
+        .coord
+        .droverctl(&["deploy", "rollback", &id2, "--reason", "bad in prod"]);
+    assert_eq!(code, 0);
+    assert_eq!(f.coord.droverctl(&["deploy", "watch", &id2]).0, 2);
+    assert_eq!(f.versions().await, ["v1", "v1"]);
+
+    // Abort stops where it is.
+    let v3 = f.push("v3", &[]);
+    let id3 = api.start_deploy(start(&v3)).await.unwrap().into_inner().id;
+    let (code, out, _) = f
+        .coord
+        .droverctl(&["deploy", "abort", &id3, "--reason", "wrong build"]);
+    assert_eq!((code, out.trim().ends_with("ABORTED")), (0, true), "{out}");
+    let aborted = get(&f.coord, &id3).await;
+    assert!(aborted.reason.contains("wrong build"), "{aborted:?}");
+    assert_eq!(f.versions().await, ["v1", "v1"], "nothing changed");
+    // The pipeline is free again.
+    assert!(api.start_deploy(start(&v3)).await.is_ok());
+}
+
+#[tokio::test]
+async fn failing_readiness_crash_loops_and_latency_regressions_are_caught_at_the_first_batch() {
+    let f = fleet(4).await;
+    let spec = f.dir.path().join("strict.toml");
+    std::fs::write(
+        &spec,
+        PIPELINE
+            .replace("stuck_timeout_ms = 20000", "stuck_timeout_ms = 3000")
+            .replace(
+                "max_error_rate = 0.05,",
+                "max_error_rate = 0.05, max_p99_ms = 60,",
+            ),
+    )
+    .unwrap();
+    assert_eq!(
+        f.coord
+            .droverctl(&["pipeline", "apply", "-f", spec.to_str().unwrap()])
+            .0,
+        0
+    );
+    let v1 = f.push("v1", &[]);
+    assert_eq!(f.deploy(&v1).0, 0);
+    for (version, args, why) in [
+        ("unready", vec!["--unready"], "not ready"),
+        ("crashy", vec!["--crash-after", "0.5"], "restart"),
+        ("slow", vec!["--latency-ms", "150"], "p99"),
+    ] {
+        let digest = f.push(version, &args);
+        let (code, out, err) = f.deploy(&digest);
+        assert_eq!(code, 2, "{version} is rolled back: {out}\n{err}");
+        assert!(
+            err.contains(why),
+            "{version}: the reason names {why:?}: {err}"
+        );
+        assert_eq!(f.versions().await, ["v1", "v1", "v1", "v1"], "{version}");
+        assert_eq!(
+            starts_of(&f.dir, "web-2", version),
+            0,
+            "{version} never reached the second batch"
+        );
+    }
+}

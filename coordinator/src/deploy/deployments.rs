@@ -49,6 +49,8 @@ pub enum DeployError {
 struct Live {
     events: broadcast::Sender<DeployEvent>,
     wake: Arc<Notify>,
+    /// A task drives this deploy now (at most one).
+    driven: bool,
 }
 
 pub struct Deployments {
@@ -132,6 +134,7 @@ impl Deployments {
         let entry = live.entry(id.to_string()).or_insert_with(|| Live {
             events: broadcast::channel(256).0,
             wake: Arc::new(Notify::new()),
+            driven: false,
         });
         (entry.events.clone(), entry.wake.clone())
     }
@@ -170,6 +173,14 @@ impl Deployments {
                 rec.artifact.clone(),
             ));
         }
+        if rec.machine.phase == Phase::RolledBack && !rec.known_good.is_empty() {
+            // Rolled back (also after COMPLETE): the release we returned to is
+            // the known good again.
+            success.push(Op::put(
+                self.known_good_key(&rec.pipeline),
+                rec.known_good.clone(),
+            ));
+        }
         let r = self
             .store
             .txn(Txn {
@@ -191,6 +202,7 @@ impl Deployments {
     ) -> Result<DeployRecord, DeployError> {
         loop {
             let (mut rec, revision) = self.load(id).await?;
+            let was_terminal = rec.machine.phase.is_terminal();
             let (machine, _) = rec
                 .machine
                 .apply(event.clone())
@@ -207,6 +219,10 @@ impl Deployments {
                 info!(deploy = %id, %message, "deploy control");
                 self.publish(&rec, message);
                 self.live(id).1.notify_one();
+                if was_terminal && !rec.machine.phase.is_terminal() {
+                    // A rollback after COMPLETE: the deploy needs a driver again.
+                    self.spawn(id.to_string());
+                }
                 return Ok(rec);
             }
         }
@@ -382,11 +398,24 @@ impl Deployments {
         Ok(live.len())
     }
 
+    /// Starts the task that drives `id`, unless one already does.
     fn spawn(self: &Arc<Self>, id: String) {
+        {
+            self.live(&id);
+            let mut live = self.live.lock().expect("live lock");
+            let entry = live.get_mut(&id).expect("just created");
+            if entry.driven {
+                return;
+            }
+            entry.driven = true;
+        }
         let this = self.clone();
         tokio::spawn(async move {
             if let Err(e) = this.drive(&id).await {
                 warn!(deploy = %id, error = %e, "deploy task stopped");
+            }
+            if let Some(entry) = this.live.lock().expect("live lock").get_mut(&id) {
+                entry.driven = false;
             }
         });
     }
@@ -674,7 +703,13 @@ impl Deployments {
         let mut bad_streak = 0u32;
         let mut conclusive = 0u32;
         let mut last_reason = String::new();
-        for _ in 0..gate.samples.max(1) {
+        // A window that ends in a bad streak is extended until the streak
+        // resolves: K bad in a row fails, a good sample clears it.
+        let mut taken = 0u32;
+        while taken < gate.samples.max(1)
+            || (bad_streak > 0 && taken < gate.samples.max(1) + gate.bad_samples.max(1))
+        {
+            taken += 1;
             tokio::time::sleep(Duration::from_millis(interval.into())).await;
             let mut b = Sample::default();
             for h in batch {

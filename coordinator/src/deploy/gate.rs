@@ -53,17 +53,19 @@ pub enum Verdict {
 
 /// Judges one sample of a batch.
 pub fn judge(gate: &HealthGate, batch: &Sample, baseline: Option<&Sample>) -> Verdict {
-    if batch.not_ready > 0 {
-        return Verdict::Bad(format!(
-            "{} of {} hosts not ready",
-            batch.not_ready, batch.hosts
-        ));
-    }
+    // Restarts first: a crash loop also makes hosts unready, but the
+    // restarts say why.
     let max_restarts = gate.max_restarts * batch.hosts as u32;
     if batch.restarts > max_restarts {
         return Verdict::Bad(format!(
             "{} restarts (crash loop?), at most {max_restarts} allowed",
             batch.restarts
+        ));
+    }
+    if batch.not_ready > 0 {
+        return Verdict::Bad(format!(
+            "{} of {} hosts not ready",
+            batch.not_ready, batch.hosts
         ));
     }
     if batch.requests < u64::from(gate.min_requests.max(1)) {
