@@ -8,10 +8,11 @@ use drover_common::ids::validate_host_id;
 use drover_common::labels::Selector;
 use drover_common::proto::deployer_server::Deployer;
 use drover_common::proto::{
-    Command, CommandUpdate, CreatePipelineRequest, Deploy, DeployEvent, DeployRef, GetHostRequest,
-    GetPipelineRequest, Host, ListDeploysRequest, ListDeploysResponse, ListHostsRequest,
-    ListHostsResponse, ListPipelinesRequest, ListPipelinesResponse, Pipeline, SendCommandRequest,
-    StartDeployRequest, UpdatePipelineRequest, command,
+    Command, CommandUpdate, CreatePipelineRequest, Deploy, DeployEvent, DeployRef, GetAuditRequest,
+    GetAuditResponse, GetHostRequest, GetPipelineRequest, Host, ListDeploysRequest,
+    ListDeploysResponse, ListHostsRequest, ListHostsResponse, ListPipelinesRequest,
+    ListPipelinesResponse, Pipeline, SendCommandRequest, StartDeployRequest, UpdatePipelineRequest,
+    WhatWasRunningRequest, WhatWasRunningResponse, command,
 };
 use tokio_stream::Stream;
 
@@ -325,5 +326,38 @@ impl Deployer for DeployerService {
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(rec.to_proto()))
+    }
+
+    async fn get_audit(
+        &self,
+        request: Request<GetAuditRequest>,
+    ) -> Result<Response<GetAuditResponse>, Status> {
+        let r = request.into_inner();
+        drover_common::ids::validate_service(&r.service).map_err(ApiError::Invalid)?;
+        let events = self
+            .deployments
+            .audit_log(&r.service, r.since_unix_ms, r.until_unix_ms)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(GetAuditResponse { events }))
+    }
+
+    async fn what_was_running(
+        &self,
+        request: Request<WhatWasRunningRequest>,
+    ) -> Result<Response<WhatWasRunningResponse>, Status> {
+        let r = request.into_inner();
+        drover_common::ids::validate_service(&r.service).map_err(ApiError::Invalid)?;
+        let at = if r.at_unix_ms == 0 {
+            drover_common::time::now_unix_ms()
+        } else {
+            r.at_unix_ms
+        };
+        let answer = self
+            .deployments
+            .what_was_running(&r.service, at)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(answer))
     }
 }

@@ -5,6 +5,7 @@
 //! with `--json`. Exit codes: 0 success, 1 any error (printed to stderr).
 
 mod artifacts;
+mod audit;
 mod command;
 pub mod deploys;
 mod hosts;
@@ -49,6 +50,22 @@ pub enum Command {
     /// Deploys: start (and wait), status, list, watch, pause, resume, approve, abort, rollback.
     #[command(subcommand)]
     Deploy(DeployCommand),
+    /// The audit log of a service: every deploy, batch, approval and rollback, and why.
+    Audit {
+        #[arg(long)]
+        service: String,
+        /// Only the last DURATION (e.g. 24h).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+    },
+    /// What ran for a service at a time (default: now).
+    Running {
+        #[arg(long)]
+        service: String,
+        /// RFC 3339 time, e.g. 2026-11-21T10:00:00Z.
+        #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+        at: Option<std::time::SystemTime>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -190,6 +207,12 @@ pub async fn run(cli: Cli, out: &mut impl std::io::Write) -> anyhow::Result<()> 
             pipelines::list(&mut deployer, cli.json, out).await
         }
         Command::Deploy(cmd) => deploy(&mut deployer, cmd, cli.json, out).await,
+        Command::Audit { service, since } => {
+            audit::log(&mut deployer, &service, since, cli.json, out).await
+        }
+        Command::Running { service, at } => {
+            audit::running(&mut deployer, &service, at, cli.json, out).await
+        }
         Command::Artifact(ArtifactCommand::Show { sha256 }) => {
             artifacts::show(&mut origin, &sha256, cli.json, out).await
         }

@@ -14,9 +14,11 @@ use std::time::Duration;
 
 use drover_common::labels::Selector;
 use drover_common::proto::{
-    Command, CommandStatus, ConnectionState, DeployEvent, HealthGate, HostOutcome,
-    InconclusivePolicy, PullCommand, RestartCommand, RollbackCommand, StartDeployRequest, command,
+    AuditEvent, Command, CommandStatus, ConnectionState, DeployEvent, HealthGate, HostOutcome,
+    InconclusivePolicy, PullCommand, RestartCommand, RollbackCommand, StartDeployRequest,
+    WhatWasRunningResponse, command,
 };
+use prost::Message;
 use tokio::sync::{Notify, broadcast};
 use tracing::{info, warn};
 
@@ -102,6 +104,148 @@ impl Deployments {
     fn known_good_key(&self, pipeline: &str) -> String {
         format!("{}/known-good/{pipeline}", self.prefix)
     }
+    fn audit_prefix(&self, service: &str) -> String {
+        format!("{}/audit/{service}/", self.prefix)
+    }
+    /// Sorted by time: the timestamp is zero-padded.
+    fn audit_key(&self, e: &AuditEvent, n: usize) -> String {
+        format!(
+            "{}{:016}-{}-{n}",
+            self.audit_prefix(&e.service),
+            e.at_unix_ms,
+            e.deploy_id
+        )
+    }
+
+    fn audit(rec: &DeployRecord, kind: &str, actor: &str, message: String) -> AuditEvent {
+        AuditEvent {
+            at_unix_ms: drover_common::time::now_unix_ms(),
+            service: rec.service.clone(),
+            pipeline: rec.pipeline.clone(),
+            deploy_id: rec.id.clone(),
+            kind: kind.to_string(),
+            actor: actor.to_string(),
+            artifact: rec.artifact.clone(),
+            git_sha: rec.git_sha.clone(),
+            message,
+            pipeline_version: rec.snapshot.version,
+        }
+    }
+
+    /// The audit entries of a transition from `before` to `rec`'s phase.
+    fn transition_audit(
+        before: Phase,
+        rec: &DeployRecord,
+        event: &Event,
+        actor: &str,
+    ) -> Vec<AuditEvent> {
+        let mut out = Vec::new();
+        let m = &rec.machine;
+        match event {
+            Event::Pause => out.push(Self::audit(rec, "paused", actor, "pause requested".into())),
+            Event::Resume => out.push(Self::audit(rec, "resumed", actor, "resumed".into())),
+            Event::Approve => out.push(Self::audit(
+                rec,
+                "approved",
+                actor,
+                format!(
+                    "approved stage {}",
+                    rec.snapshot.stages[m.stage.min(rec.snapshot.stages.len() - 1)].name
+                ),
+            )),
+            Event::Abort { reason, .. } => {
+                out.push(Self::audit(rec, "aborted", actor, reason.clone()))
+            }
+            Event::Rollback(reason) => {
+                out.push(Self::audit(rec, "rollback", actor, reason.clone()))
+            }
+            Event::BatchPassed | Event::BatchFailed(_) => {
+                let message = match event {
+                    Event::BatchFailed(r) => format!("batch failed: {r}"),
+                    _ => "batch passed".into(),
+                };
+                out.push(Self::audit(rec, "batch", actor, message));
+            }
+            _ => {}
+        }
+        if m.phase != before {
+            match m.phase {
+                Phase::RollingBack
+                    if !matches!(event, Event::Rollback(_) | Event::Abort { .. }) =>
+                {
+                    out.push(Self::audit(
+                        rec,
+                        "rollback",
+                        actor,
+                        format!("automatic rollback to {}: {}", rec.known_good, m.reason),
+                    ))
+                }
+                Phase::Complete => out.push(Self::audit(
+                    rec,
+                    "complete",
+                    actor,
+                    format!("{} runs everywhere", rec.artifact),
+                )),
+                Phase::RolledBack => out.push(Self::audit(
+                    rec,
+                    "rolled_back",
+                    actor,
+                    format!("back on {}: {}", rec.known_good, m.reason),
+                )),
+                Phase::Failed => out.push(Self::audit(rec, "failed", actor, m.reason.clone())),
+                _ => {}
+            }
+        }
+        out
+    }
+
+    pub async fn audit_log(
+        &self,
+        service: &str,
+        since: u64,
+        until: u64,
+    ) -> Result<Vec<AuditEvent>, DeployError> {
+        let (kvs, _) = self.store.range(&self.audit_prefix(service)).await?;
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| AuditEvent::decode(kv.value.as_slice()).ok())
+            .filter(|e| e.at_unix_ms >= since && (until == 0 || e.at_unix_ms <= until))
+            .collect())
+    }
+
+    /// What ran for `service` at `at`, from the audit log.
+    pub async fn what_was_running(
+        &self,
+        service: &str,
+        at: u64,
+    ) -> Result<WhatWasRunningResponse, DeployError> {
+        let mut answer = WhatWasRunningResponse::default();
+        let mut open: Vec<String> = Vec::new();
+        for e in self.audit_log(service, 0, at).await? {
+            match e.kind.as_str() {
+                "started" => open.push(e.deploy_id.clone()),
+                "complete" => {
+                    answer.artifact = e.artifact.clone();
+                    answer.since_unix_ms = e.at_unix_ms;
+                    answer.deploy_id = e.deploy_id.clone();
+                    open.retain(|d| d != &e.deploy_id);
+                }
+                "rolled_back" => {
+                    // The message names the release returned to.
+                    if let Some(rest) = e.message.strip_prefix("back on ") {
+                        answer.artifact = rest.split(':').next().unwrap_or_default().to_string();
+                        answer.since_unix_ms = e.at_unix_ms;
+                        answer.deploy_id = e.deploy_id.clone();
+                    }
+                    open.retain(|d| d != &e.deploy_id);
+                }
+                "failed" | "aborted" => open.retain(|d| d != &e.deploy_id),
+                _ => {}
+            }
+        }
+        answer.in_progress_deploy_id = open.pop().unwrap_or_default();
+        Ok(answer)
+    }
 
     /// The record and its store revision.
     pub async fn load(&self, id: &str) -> Result<(DeployRecord, u64), DeployError> {
@@ -160,10 +304,15 @@ impl Deployments {
         &self,
         rec: &mut DeployRecord,
         revision: u64,
+        audit: Vec<AuditEvent>,
     ) -> Result<Option<u64>, DeployError> {
         rec.updated_at_unix_ms = drover_common::time::now_unix_ms();
+        rec.writes += 1;
         let key = self.deploy_key(&rec.id);
         let mut success = vec![Op::put(key.clone(), encode(rec))];
+        for (n, event) in audit.iter().enumerate() {
+            success.push(Op::put(self.audit_key(event, n), event.encode_to_vec()));
+        }
         if rec.machine.phase.is_terminal() {
             success.push(Op::Delete(self.active_key(&rec.pipeline)));
         }
@@ -213,8 +362,10 @@ impl Deployments {
                     rec.snapshot.stages[rec.machine.stage].name
                 ));
             }
+            let before = rec.machine.phase;
             rec.machine = machine;
-            if self.save(&mut rec, revision).await?.is_some() {
+            let audit = Self::transition_audit(before, &rec, &event, who);
+            if self.save(&mut rec, revision, audit).await?.is_some() {
                 let message = format!("{who}: {event:?} -> {:?}", rec.machine.phase);
                 info!(deploy = %id, %message, "deploy control");
                 self.publish(&rec, message);
@@ -341,6 +492,7 @@ impl Deployments {
             created_at_unix_ms: now,
             updated_at_unix_ms: now,
             snapshot: pipeline.clone(),
+            writes: 1,
         };
         let (machine, _) = rec
             .machine
@@ -348,9 +500,34 @@ impl Deployments {
             .expect("a new deploy starts");
         rec.machine = machine;
         let mut compares = vec![Compare::Missing(self.active_key(&pipeline.name))];
+        let started = Self::audit(
+            &rec,
+            "started",
+            if rec.requester.is_empty() {
+                "someone"
+            } else {
+                &rec.requester
+            },
+            format!(
+                "deploy of {} (git {}) replacing {} through {} stages",
+                rec.artifact,
+                if rec.git_sha.is_empty() {
+                    "unknown"
+                } else {
+                    &rec.git_sha
+                },
+                if rec.known_good.is_empty() {
+                    "nothing"
+                } else {
+                    &rec.known_good
+                },
+                rec.plan.len()
+            ),
+        );
         let mut success = vec![
             Op::put(self.deploy_key(&id), encode(&rec)),
             Op::put(self.active_key(&pipeline.name), id.clone()),
+            Op::put(self.audit_key(&started, 0), started.encode_to_vec()),
         ];
         if !req.idempotency_key.is_empty() {
             let key = self.idem_key(&pipeline.name, &req.idempotency_key);
@@ -446,8 +623,10 @@ impl Deployments {
                     break;
                 };
                 let message = format!("{event:?}");
+                let before = rec.machine.phase;
                 rec.machine = machine;
-                if self.save(&mut rec, revision).await?.is_some() {
+                let audit = Self::transition_audit(before, &rec, &event, "drover");
+                if self.save(&mut rec, revision, audit).await?.is_some() {
                     self.publish(&rec, message);
                     break;
                 }
@@ -844,7 +1023,7 @@ impl Deployments {
         loop {
             let (mut rec, revision) = self.load(id).await?;
             change(&mut rec);
-            if self.save(&mut rec, revision).await?.is_some() {
+            if self.save(&mut rec, revision, Vec::new()).await?.is_some() {
                 self.publish(&rec, "progress".into());
                 return Ok(());
             }

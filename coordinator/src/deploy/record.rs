@@ -38,6 +38,10 @@ pub struct DeployRecord {
     pub created_at_unix_ms: u64,
     pub updated_at_unix_ms: u64,
     pub snapshot: Pipeline,
+    /// Times this record was written (grows with batches and transitions,
+    /// not with hosts).
+    #[serde(default)]
+    pub writes: u64,
 }
 
 pub fn phase_proto(p: Phase) -> DeployPhase {
@@ -101,6 +105,7 @@ impl DeployRecord {
             updated_at_unix_ms: self.updated_at_unix_ms,
             pipeline_snapshot: Some(self.snapshot.clone()),
             approvals: self.approvals.clone(),
+            store_writes: self.writes,
         }
     }
 
