@@ -60,13 +60,18 @@ pub struct Args {
     pub log_format: LogFormat,
 }
 
+/// What a virtual agent "runs": service → (current, previous) release.
+type Services = Arc<std::sync::Mutex<HashMap<String, (String, String)>>>;
+
 /// A virtual agent's command executor: fenced by epoch like a real one,
-/// answers after `delay`, fails a deterministic share of commands.
-fn simulated_commands(delay: Duration, failure_rate: f64) -> CommandSink {
+/// answers after `delay`, fails a deterministic share of commands, and
+/// switches its simulated services on Restart and Rollback.
+fn simulated_commands(delay: Duration, failure_rate: f64, services: Services) -> CommandSink {
     let epochs: Arc<std::sync::Mutex<HashMap<u32, u64>>> = Arc::default();
     Arc::new(
         move |cmd: Command, reply: tokio::sync::mpsc::Sender<AgentMessage>| {
             let epochs = epochs.clone();
+            let services = services.clone();
             tokio::spawn(async move {
                 let update = |status: CommandStatus, reason: &str| cmd.update(status, reason, "");
                 let stale = {
@@ -91,12 +96,72 @@ fn simulated_commands(delay: Duration, failure_rate: f64) -> CommandSink {
                 let final_update = if roll < failure_rate {
                     update(CommandStatus::Failed, "simulated failure")
                 } else {
+                    let mut running = services.lock().expect("services lock");
+                    match &cmd.action {
+                        Some(drover_common::proto::command::Action::Restart(r)) => {
+                            let entry = running.entry(r.service.clone()).or_default();
+                            if entry.0 != r.artifact {
+                                *entry = (r.artifact.clone(), entry.0.clone());
+                            }
+                        }
+                        Some(drover_common::proto::command::Action::Rollback(r)) => {
+                            let entry = running.entry(r.service.clone()).or_default();
+                            let target = if r.artifact.is_empty() {
+                                entry.1.clone()
+                            } else {
+                                r.artifact.clone()
+                            };
+                            if entry.0 != target {
+                                *entry = (target, entry.0.clone());
+                            }
+                        }
+                        _ => {}
+                    }
                     update(CommandStatus::Succeeded, "simulated")
                 };
                 let _ = reply.send(final_update).await;
             });
         },
     )
+}
+
+/// A virtual agent's heartbeat: synthetic host figures, and every service
+/// it "runs" healthy (steady traffic, no errors) at its current release.
+fn simulated_sample(
+    index: usize,
+    sequence: &mut u64,
+    services: &Services,
+    interval_ms: u32,
+) -> heartbeat::Sample {
+    let running = services.lock().expect("services lock");
+    heartbeat::Sample {
+        host: synthetic_metrics(index, sequence),
+        health: running
+            .keys()
+            .map(|service| drover_common::proto::ServiceHealth {
+                service: service.clone(),
+                ready: true,
+                live: true,
+                restarts: 0,
+                request_count: 100,
+                error_count: 0,
+                latency_p50_ms: 5.0,
+                latency_p99_ms: 20.0,
+                interval_ms,
+            })
+            .collect(),
+        versions: running
+            .iter()
+            .map(
+                |(service, (current, previous))| drover_common::proto::ServiceVersion {
+                    service: service.clone(),
+                    current_artifact: current.clone(),
+                    previous_artifact: previous.clone(),
+                    current_since_unix_ms: 0,
+                },
+            )
+            .collect(),
+    }
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -164,14 +229,14 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
             .heartbeat_interval
             .mul_f64(index as f64 / args.hosts as f64);
         let mut sequence = 0u64;
+        let services: Services = Arc::default();
+        let running = services.clone();
+        let interval_ms = args.heartbeat_interval.as_millis() as u32;
         let heartbeats = heartbeat::spawn_producer(
             args.heartbeat_interval,
             phase,
             16,
-            move || heartbeat::Sample {
-                host: synthetic_metrics(index, &mut sequence),
-                ..Default::default()
-            },
+            move || simulated_sample(index, &mut sequence, &running, interval_ms),
             shutdown.clone(),
         );
         for coordinator in &args.coordinators {
@@ -183,7 +248,11 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
                     backoff,
                     shutdown: shutdown.clone(),
                     dropped: Arc::new(AtomicU64::new(0)),
-                    commands: simulated_commands(args.command_delay, args.failure_rate),
+                    commands: simulated_commands(
+                        args.command_delay,
+                        args.failure_rate,
+                        services.clone(),
+                    ),
                 }
                 .run(),
             );

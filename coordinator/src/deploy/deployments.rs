@@ -31,7 +31,7 @@ use crate::origin::BlobStore;
 use crate::store::{Compare, Op, Store, StoreError, Txn};
 
 /// Hosts rolled back at once.
-const ROLLBACK_PARALLELISM: usize = 16;
+const ROLLBACK_PARALLELISM: usize = 256;
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
@@ -938,61 +938,62 @@ impl Deployments {
         let (rec, _) = self.load(id).await?;
         let mut hosts = rec.touched.clone();
         hosts.reverse();
-        let mut failures = Vec::new();
-        for chunk in hosts.chunks(ROLLBACK_PARALLELISM) {
-            let mut tasks = tokio::task::JoinSet::new();
-            for host in chunk {
-                let this = self.clone();
-                let (id, host, service, target) = (
-                    id.to_string(),
-                    host.clone(),
-                    rec.service.clone(),
-                    rec.known_good.clone(),
-                );
-                tasks.spawn(async move {
-                    let action = command::Action::Rollback(RollbackCommand {
-                        service,
-                        artifact: target,
-                        ready_timeout_ms: 60_000,
-                    });
-                    let cmd = Command {
-                        command_id: format!("{id}/rollback/{host}"),
-                        shard: 0,
-                        epoch: 0,
-                        action: Some(action),
-                    };
-                    let result = this
-                        .send_patiently(&host, cmd, COMMAND_TIMEOUT, Duration::from_secs(60))
-                        .await;
-                    let outcome = match result {
-                        Ok(u) if u.status() == CommandStatus::Succeeded => Ok(()),
-                        Ok(u) => Err(u.reason),
-                        Err(e) => Err(e),
-                    };
-                    (host, outcome)
+        // Started strictly in order (most recent first), at most
+        // ROLLBACK_PARALLELISM at once; results are written once at the end,
+        // so writes do not grow with hosts. A crash before that write
+        // repeats the rollback, which the agents answer from their records.
+        let permits = Arc::new(tokio::sync::Semaphore::new(ROLLBACK_PARALLELISM));
+        let mut tasks = tokio::task::JoinSet::new();
+        for host in hosts {
+            let permit = permits
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore is never closed");
+            let this = self.clone();
+            let (id, service, target) =
+                (id.to_string(), rec.service.clone(), rec.known_good.clone());
+            tasks.spawn(async move {
+                let _permit = permit;
+                let action = command::Action::Rollback(RollbackCommand {
+                    service,
+                    artifact: target,
+                    ready_timeout_ms: 60_000,
                 });
-            }
-            let mut results = Vec::new();
-            while let Some(done) = tasks.join_next().await {
-                results.push(done.expect("rollback task does not panic"));
-            }
-            self.update(id, |rec| {
-                for (host, outcome) in &results {
-                    match outcome {
-                        Ok(()) => rec.set_result(host, HostOutcome::RolledBack, "rolled back"),
-                        Err(e) => {
-                            rec.set_result(host, HostOutcome::Failed, format!("rollback: {e}"))
-                        }
-                    }
-                }
-            })
-            .await?;
-            failures.extend(
-                results
-                    .into_iter()
-                    .filter_map(|(h, o)| o.err().map(|e| format!("{h}: {e}"))),
-            );
+                let cmd = Command {
+                    command_id: format!("{id}/rollback/{host}"),
+                    shard: 0,
+                    epoch: 0,
+                    action: Some(action),
+                };
+                let outcome = match this
+                    .send_patiently(&host, cmd, COMMAND_TIMEOUT, Duration::from_secs(60))
+                    .await
+                {
+                    Ok(u) if u.status() == CommandStatus::Succeeded => Ok(()),
+                    Ok(u) => Err(u.reason),
+                    Err(e) => Err(e),
+                };
+                (host, outcome)
+            });
         }
+        let mut results = Vec::new();
+        while let Some(done) = tasks.join_next().await {
+            results.push(done.expect("rollback task does not panic"));
+        }
+        self.update(id, |rec| {
+            for (host, outcome) in &results {
+                match outcome {
+                    Ok(()) => rec.set_result(host, HostOutcome::RolledBack, "rolled back"),
+                    Err(e) => rec.set_result(host, HostOutcome::Failed, format!("rollback: {e}")),
+                }
+            }
+        })
+        .await?;
+        let failures: Vec<String> = results
+            .into_iter()
+            .filter_map(|(h, o)| o.err().map(|e| format!("{h}: {e}")))
+            .collect();
         Ok(if failures.is_empty() {
             Event::RollbackDone
         } else {

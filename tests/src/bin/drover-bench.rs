@@ -43,6 +43,15 @@ enum Bench {
         #[arg(long, default_value_t = 200)]
         size_mb: usize,
     },
+    /// Rolling deploys through drover-fleetsim in 10% batches with zero
+    /// settle time (orchestrator overhead end to end), and a rollback.
+    Deploy {
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        hosts: Vec<usize>,
+        /// Heartbeat interval of the simulated hosts (one gate sample waits one).
+        #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+        heartbeat: Duration,
+    },
     /// An idle agent's CPU and memory at one heartbeat a second.
     AgentIdle {
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
@@ -267,9 +276,159 @@ async fn agent_idle(window: Duration) {
     );
 }
 
+/// Follows a deploy to its end; returns its final phase.
+async fn wait_deploy(coord: &Coordinator, id: &str) -> drover_common::proto::DeployPhase {
+    use drover_common::proto::DeployPhase as P;
+    let mut client =
+        drover_common::proto::deployer_client::DeployerClient::new(coord.channel().await)
+            .max_decoding_message_size(64 << 20);
+    let mut stream = client
+        .watch_deploy(drover_common::proto::DeployRef {
+            id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut last = P::Unspecified;
+    while let Some(event) = stream.message().await.expect("watch stream") {
+        if let Some(d) = event.deploy {
+            last = d.phase();
+            if matches!(last, P::Complete | P::Failed | P::RolledBack | P::Aborted) {
+                break;
+            }
+        }
+    }
+    last
+}
+
+async fn deploy_bench(hosts: usize, heartbeat: Duration) {
+    use drover_common::proto::{
+        CreatePipelineRequest, DeployRef, HealthGate, InconclusivePolicy, Pipeline, Stage,
+        StartDeployRequest,
+    };
+    let dir = TestDir::new();
+    let coord = Coordinator::start(&dir, "coord", &["--log-format", "json"]).await;
+    let mut cmd = Command::new(bins::bin("drover-fleetsim"));
+    cmd.args([
+        "--coordinator",
+        &coord.addr_arg(),
+        "--hosts",
+        &hosts.to_string(),
+        "--label",
+        "env=prod",
+    ])
+    .args([
+        "--heartbeat-interval",
+        &format!("{}ms", heartbeat.as_millis()),
+        "--connect-rate",
+        "2000",
+    ]);
+    let _sim = ChildGuard::spawn("fleetsim", cmd, &dir.path().join("fleetsim.log"));
+    wait_until_ok(
+        "every simulated host connected",
+        Duration::from_secs(120),
+        || async { scrape(&coord).await.connected as usize == hosts },
+    )
+    .await;
+    let v1 = drover_tests::artifacts::sample_artifact(dir.path(), "hello", "v1", &[]);
+    let v2 = drover_tests::artifacts::sample_artifact(dir.path(), "hello", "v2", &[]);
+    coord.push(&v1.path, "hello", "v1");
+    coord.push(&v2.path, "hello", "v2");
+    let mut api = drover_common::proto::deployer_client::DeployerClient::new(coord.channel().await)
+        .max_decoding_message_size(64 << 20);
+    let batch = (hosts / 10).max(1) as u32;
+    let pipeline = Pipeline {
+        name: "bench".into(),
+        service: "hello".into(),
+        stages: vec![Stage {
+            name: "prod".into(),
+            selector: "env=prod".into(),
+            batch_percent: 10,
+            max_unavailable: batch,
+            settle_ms: 0,
+            stuck_timeout_ms: 60_000,
+            gate: Some(HealthGate {
+                samples: 1,
+                bad_samples: 1,
+                min_requests: 1,
+                inconclusive: InconclusivePolicy::Pass as i32,
+                max_error_rate: 0.05,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    api.create_pipeline(CreatePipelineRequest {
+        pipeline: Some(pipeline),
+    })
+    .await
+    .expect("pipeline");
+    let run = |artifact: String| {
+        let mut api = api.clone();
+        async move {
+            let started = Instant::now();
+            let d = api
+                .start_deploy(StartDeployRequest {
+                    pipeline: "bench".into(),
+                    artifact,
+                    ..Default::default()
+                })
+                .await
+                .expect("start")
+                .into_inner();
+            (d.id, started)
+        }
+    };
+    let (id1, t1) = run(v1.digest.clone()).await;
+    let phase = wait_deploy(&coord, &id1).await;
+    let first = t1.elapsed();
+    let (id2, t2) = run(v2.digest.clone()).await;
+    let phase2 = wait_deploy(&coord, &id2).await;
+    let second = t2.elapsed();
+    let t3 = Instant::now();
+    api.rollback_deploy(DeployRef {
+        id: id2.clone(),
+        requester: "bench".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("rollback");
+    let phase3 = wait_deploy(&coord, &id2).await;
+    let rollback = t3.elapsed();
+    let writes = api
+        .get_deploy(DeployRef {
+            id: id2,
+            ..Default::default()
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .store_writes;
+    println!(
+        "hosts={hosts:>6} batches=10 ({batch} hosts each): first deploy {:.2}s ({phase:?}), upgrade {:.2}s ({phase2:?}), \
+         rollback of all {hosts} hosts {:.2}s ({phase3:?}); {writes} store writes for the upgrade and its rollback",
+        first.as_secs_f64(),
+        second.as_secs_f64(),
+        rollback.as_secs_f64()
+    );
+}
+
 #[tokio::main]
 async fn main() {
     match Cli::parse().bench {
+        Bench::Deploy { hosts, heartbeat } => {
+            println!(
+                "deploy benchmark: {} cores, simulated heartbeat {heartbeat:?}",
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(0)
+            );
+            for n in hosts {
+                deploy_bench(n, heartbeat).await;
+            }
+        }
         Bench::Pull { size_mb } => pull(size_mb).await,
         Bench::AgentIdle { window } => agent_idle(window).await,
         Bench::Fleet {
