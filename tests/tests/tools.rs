@@ -261,15 +261,19 @@ fn the_readme_demo_runs_to_the_end() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("web-us-1  connected"), "{stdout}");
+    assert_eq!(stdout.matches("answers: v1").count(), 3, "{stdout}");
     assert_eq!(
-        stdout.matches("answers: hello from v2").count(),
-        3,
+        stdout.matches("answers: v2").count(),
+        6,
+        "v2 stays after the bad v3: {stdout}"
+    );
+    assert!(
+        stdout.contains("droverctl exited 2 (2 = rolled back)"),
         "{stdout}"
     );
-    assert_eq!(
-        stdout.matches("answers: hello from v1").count(),
-        6,
-        "rolled out, then rolled back: {stdout}"
+    assert!(
+        stdout.contains("rolled_back") && stdout.contains("error rate"),
+        "the audit says why: {stdout}"
     );
     assert!(stdout.contains("web-eu-1  LATE"), "{stdout}");
     assert!(

@@ -133,12 +133,14 @@ impl Deployments {
     }
 
     /// The audit entries of a transition from `before` to `rec`'s phase.
+    /// `before`: phase, stage and batch before the transition.
     fn transition_audit(
-        before: Phase,
+        before: (Phase, usize, usize),
         rec: &DeployRecord,
         event: &Event,
         actor: &str,
     ) -> Vec<AuditEvent> {
+        let (before, stage, batch) = before;
         let mut out = Vec::new();
         let m = &rec.machine;
         match event {
@@ -160,9 +162,17 @@ impl Deployments {
                 out.push(Self::audit(rec, "rollback", actor, reason.clone()))
             }
             Event::BatchPassed | Event::BatchFailed(_) => {
+                let hosts = rec
+                    .plan
+                    .get(stage)
+                    .and_then(|s| s.get(batch))
+                    .map(|h| h.join(","))
+                    .unwrap_or_default();
                 let message = match event {
-                    Event::BatchFailed(r) => format!("batch failed: {r}"),
-                    _ => "batch passed".into(),
+                    Event::BatchFailed(r) => {
+                        format!("stage {stage} batch {batch} ({hosts}) failed: {r}")
+                    }
+                    _ => format!("stage {stage} batch {batch} ({hosts}) passed"),
                 };
                 out.push(Self::audit(rec, "batch", actor, message));
             }
@@ -362,7 +372,7 @@ impl Deployments {
                     rec.snapshot.stages[rec.machine.stage].name
                 ));
             }
-            let before = rec.machine.phase;
+            let before = (rec.machine.phase, rec.machine.stage, rec.machine.batch);
             rec.machine = machine;
             let audit = Self::transition_audit(before, &rec, &event, who);
             if self.save(&mut rec, revision, audit).await?.is_some() {
@@ -623,7 +633,7 @@ impl Deployments {
                     break;
                 };
                 let message = format!("{event:?}");
-                let before = rec.machine.phase;
+                let before = (rec.machine.phase, rec.machine.stage, rec.machine.batch);
                 rec.machine = machine;
                 let audit = Self::transition_audit(before, &rec, &event, "drover");
                 if self.save(&mut rec, revision, audit).await?.is_some() {
