@@ -142,9 +142,16 @@ async fn a_good_version_rolls_through_every_batch() {
 #[tokio::test]
 async fn a_version_serving_5xx_is_stopped_at_the_first_batch_and_rolled_back() {
     let f = fleet(4).await;
+    let bad = f.push("bad", &["--error-rate", "0.5"]);
+    // A first deploy has nothing to roll back to: it stops as FAILED.
+    let (code, _, err) = f.deploy(&bad);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("FAILED") && err.contains("no known-good release to roll back to"),
+        "{err}"
+    );
     let v1 = f.push("v1", &[]);
     assert_eq!(f.deploy(&v1).0, 0);
-    let bad = f.push("bad", &["--error-rate", "0.5"]);
     let (code, out, err) = f.deploy(&bad);
     assert_eq!(code, 2, "ROLLED_BACK exits 2: {out}\n{err}");
     assert!(

@@ -66,6 +66,16 @@ pub struct Deployments {
     live: Mutex<HashMap<String, Live>>,
 }
 
+/// The batch after (`stage`, `batch`) in `plan`, skipping empty stages.
+fn next_position(plan: &[Vec<Vec<String>>], stage: usize, batch: usize) -> Option<(usize, usize)> {
+    if batch + 1 < plan.get(stage)?.len() {
+        return Some((stage, batch + 1));
+    }
+    (stage + 1..plan.len())
+        .find(|s| !plan[*s].is_empty())
+        .map(|s| (s, 0))
+}
+
 fn encode(rec: &DeployRecord) -> Vec<u8> {
     serde_json::to_vec(rec).expect("a deploy record always serializes")
 }
@@ -694,9 +704,24 @@ impl Deployments {
             }
         })
         .await?;
+        // Every host of the batch downloads first (nothing goes down for a
+        // pull); only hosts holding the verified artifact are restarted, at
+        // most max_unavailable at a time.
+        let pulls = self.pull_batch(id, stage, batch, &hosts, stuck).await;
+        let mut outcomes: Vec<(String, Result<(), String>)> = Vec::new();
+        let ready: Vec<String> = hosts
+            .iter()
+            .filter(|h| match pulls.get(*h) {
+                Some(Err(e)) => {
+                    outcomes.push(((*h).clone(), Err(e.clone())));
+                    false
+                }
+                _ => true,
+            })
+            .cloned()
+            .collect();
         let max_unavailable = spec.max_unavailable.max(1) as usize;
-        let mut outcomes = Vec::new();
-        for chunk in hosts.chunks(max_unavailable) {
+        for chunk in ready.chunks(max_unavailable) {
             let mut tasks = tokio::task::JoinSet::new();
             for host in chunk {
                 let this = self.clone();
@@ -707,42 +732,16 @@ impl Deployments {
                     artifact.clone(),
                 );
                 tasks.spawn(async move {
-                    let pull = command::Action::Pull(PullCommand {
-                        service: service.clone(),
-                        artifact: artifact.clone(),
-                        sources: vec![this.origin.clone()],
-                        size_bytes: 0,
-                    });
-                    let result = this
-                        .send_patiently(
-                            &host,
-                            Self::command(&id, stage, batch, &host, "pull", pull),
-                            COMMAND_TIMEOUT,
-                            stuck,
-                        )
-                        .await;
-                    let pulled = match result {
-                        Ok(u) if u.status() == CommandStatus::Succeeded => Ok(()),
-                        Ok(u) => Err(format!("pull: {}", u.reason)),
-                        Err(e) => Err(e),
-                    };
-                    if let Err(e) = pulled {
-                        return (host, Err(e));
-                    }
                     let restart = command::Action::Restart(RestartCommand {
                         service,
                         artifact,
                         ready_timeout_ms: stuck.as_millis() as u32,
                     });
-                    let result = this
-                        .send_patiently(
-                            &host,
-                            Self::command(&id, stage, batch, &host, "restart", restart),
-                            stuck + COMMAND_TIMEOUT,
-                            stuck,
-                        )
-                        .await;
-                    let outcome = match result {
+                    let cmd = Self::command(&id, stage, batch, &host, "restart", restart);
+                    let outcome = match this
+                        .send_patiently(&host, cmd, stuck + COMMAND_TIMEOUT, stuck)
+                        .await
+                    {
                         Ok(u) if u.status() == CommandStatus::Succeeded => Ok(()),
                         Ok(u) => Err(format!("restart: {}", u.reason)),
                         Err(e) => Err(e),
@@ -753,6 +752,15 @@ impl Deployments {
             while let Some(done) = tasks.join_next().await {
                 outcomes.push(done.expect("host task does not panic"));
             }
+        }
+        // While this batch settles and is judged, the next one downloads.
+        if let Some((next_stage, next_batch)) = next_position(&rec.plan, stage, batch) {
+            let this = self.clone();
+            let (id, next_hosts) = (id.to_string(), rec.plan[next_stage][next_batch].clone());
+            tokio::spawn(async move {
+                this.pull_batch(&id, next_stage, next_batch, &next_hosts, stuck)
+                    .await;
+            });
         }
         let failed: Vec<(String, String)> = outcomes
             .iter()
@@ -824,6 +832,51 @@ impl Deployments {
                 }
             }
         }
+    }
+
+    /// Pulls the artifact onto `hosts` (all at once); per host, Ok or why not.
+    /// Ids are those of the batch, so a prefetch and the batch's own pull
+    /// are one command to the agent.
+    async fn pull_batch(
+        self: &Arc<Self>,
+        id: &str,
+        stage: usize,
+        batch: usize,
+        hosts: &[String],
+        patience: Duration,
+    ) -> HashMap<String, Result<(), String>> {
+        let Ok((rec, _)) = self.load(id).await else {
+            return HashMap::new();
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        for host in hosts {
+            let this = self.clone();
+            let (id, host) = (id.to_string(), host.clone());
+            let pull = command::Action::Pull(PullCommand {
+                service: rec.service.clone(),
+                artifact: rec.artifact.clone(),
+                sources: vec![self.origin.clone()],
+                size_bytes: 0,
+            });
+            tasks.spawn(async move {
+                let cmd = Self::command(&id, stage, batch, &host, "pull", pull);
+                let outcome = match this
+                    .send_patiently(&host, cmd, COMMAND_TIMEOUT, patience)
+                    .await
+                {
+                    Ok(u) if u.status() == CommandStatus::Succeeded => Ok(()),
+                    Ok(u) => Err(format!("pull: {}", u.reason)),
+                    Err(e) => Err(e),
+                };
+                (host, outcome)
+            });
+        }
+        let mut out = HashMap::new();
+        while let Some(done) = tasks.join_next().await {
+            let (host, outcome) = done.expect("pull task does not panic");
+            out.insert(host, outcome);
+        }
+        out
     }
 
     /// Sends a command, waiting up to `patience` for a disconnected host to
