@@ -198,7 +198,7 @@ async fn heartbeats_report_real_request_errors_and_latency() {
         || async {
             let h = coord.host("web-1").await.unwrap();
             match h.health.first() {
-                Some(s) if s.request_count >= 10 && s.error_count > 0 => Ok(s.clone()),
+                Some(s) if s.request_count >= 4 && s.error_count > 0 => Ok(s.clone()),
                 other => Err(format!("{other:?}")),
             }
         },
