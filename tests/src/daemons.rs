@@ -229,3 +229,36 @@ impl Agent {
         }
     }
 }
+
+impl Drop for Agent {
+    /// Services run in their own process groups and outlive a killed agent
+    /// on purpose (the next agent adopts them); a test must not leave them
+    /// behind, so everything whose working directory is inside this agent's
+    /// data dir is killed too.
+    fn drop(&mut self) {
+        self.child.signal_quietly(nix::sys::signal::Signal::SIGKILL);
+        kill_processes_under(&self.data_dir);
+    }
+}
+
+/// SIGKILLs every process whose working directory is under `dir`.
+pub fn kill_processes_under(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if std::fs::read_link(entry.path().join("cwd")).is_ok_and(|cwd| cwd.starts_with(dir)) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}

@@ -45,6 +45,11 @@ impl ChildGuard {
             .unwrap_or_else(|e| panic!("sending {signal} to {}: {e}", self.name));
     }
 
+    /// Sends `signal`, ignoring a child that is already gone.
+    pub fn signal_quietly(&self, signal: Signal) {
+        let _ = kill(self.pid(), signal);
+    }
+
     /// The exit status if the child has exited, without waiting.
     pub fn try_exit(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().expect("try_wait")
