@@ -9,6 +9,9 @@ use drover_common::proto::{HealthGate, ServiceHealth};
 pub struct Sample {
     pub hosts: usize,
     pub not_ready: usize,
+    /// Hosts with no health report for the service yet (no heartbeat since
+    /// the restart): no evidence either way.
+    pub unreported: usize,
     pub requests: u64,
     pub errors: u64,
     /// Worst host's p99.
@@ -22,7 +25,7 @@ impl Sample {
     pub fn add(&mut self, health: Option<&ServiceHealth>, restarts_at_start: u32) {
         self.hosts += 1;
         let Some(h) = health else {
-            self.not_ready += 1;
+            self.unreported += 1;
             return;
         };
         if !h.ready {
@@ -66,6 +69,12 @@ pub fn judge(gate: &HealthGate, batch: &Sample, baseline: Option<&Sample>) -> Ve
         return Verdict::Bad(format!(
             "{} of {} hosts not ready",
             batch.not_ready, batch.hosts
+        ));
+    }
+    if batch.unreported > 0 {
+        return Verdict::Inconclusive(format!(
+            "{} of {} hosts have not reported since their restart",
+            batch.unreported, batch.hosts
         ));
     }
     if batch.requests < u64::from(gate.min_requests.max(1)) {
@@ -133,6 +142,7 @@ mod tests {
         Sample {
             hosts: 1,
             not_ready: 0,
+            unreported: 0,
             requests,
             errors,
             p99_ms: p99,
@@ -169,6 +179,11 @@ mod tests {
         not_ready.not_ready = 1;
         assert!(
             matches!(judge(&gate(), &not_ready, None), Verdict::Bad(r) if r.contains("not ready"))
+        );
+        let mut silent = sample(100, 0, 10.0);
+        silent.unreported = 1;
+        assert!(
+            matches!(judge(&gate(), &silent, None), Verdict::Inconclusive(r) if r.contains("not reported"))
         );
         let mut crashing = sample(100, 0, 10.0);
         crashing.restarts = 2;
