@@ -52,21 +52,32 @@ latency = "http_request_duration_seconds"
 
 const START: &[u8] = b"#!/bin/sh\nexec \"$DROVER_SAMPLE_BIN\" \"$@\"\n";
 
-/// Writes a sample-service artifact to `dir/<version>.tar.gz`.
+/// Writes a sample-service artifact to `dir/<service>-<version>.tar.gz`.
 pub fn sample_artifact(
     dir: &Path,
     service: &str,
     version: &str,
     extra_args: &[&str],
 ) -> BuiltArtifact {
-    let bytes = ArchiveBuilder::in_memory()
-        .file(
-            "drover.toml",
-            sample_manifest(service, version, extra_args).as_bytes(),
-        )
-        .executable("bin/start", START)
-        .finish();
-    write(dir, &format!("{service}-{version}.tar.gz"), bytes)
+    let manifest = sample_manifest(service, version, extra_args);
+    artifact_with(dir, &format!("{service}-{version}.tar.gz"), &manifest, &[])
+}
+
+/// Writes an artifact of the sample service with its own `manifest` and
+/// extra files (path, contents) to `dir/<name>`.
+pub fn artifact_with(
+    dir: &Path,
+    name: &str,
+    manifest: &str,
+    files: &[(&str, &[u8])],
+) -> BuiltArtifact {
+    let builder = ArchiveBuilder::in_memory()
+        .file("drover.toml", manifest.as_bytes())
+        .executable("bin/start", START);
+    let builder = files
+        .iter()
+        .fold(builder, |b, (path, data)| b.file(path, data));
+    write(dir, name, builder.finish())
 }
 
 /// Writes `bytes` as an artifact file and returns its identity.

@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use drover_common::proto::{CommandStatus, CommandUpdate, ConnectionState};
-use drover_tests::artifacts::{BuiltArtifact, sample_artifact, sample_manifest, write};
+use drover_tests::artifacts::{
+    BuiltArtifact, artifact_with, sample_artifact, sample_manifest, write,
+};
 use drover_tests::commands::{cmd, pull, restart, rollback, verify};
 use drover_tests::{
     Agent, Coordinator, TestDir, free_port, http_get, http_get_status, wait_until, wait_until_ok,
@@ -517,17 +519,7 @@ async fn kill_9_of_the_agent_mid_restart_converges_on_the_truth() {
         + &format!(
             "\n[hooks]\npre_start = {{ command = [\"/bin/sh\", \"-c\", {hook:?}], timeout = \"60s\" }}\n"
         );
-    let v2 = write(
-        &artifacts_dir(&dir),
-        "v2.tar.gz",
-        drover_common::artifact::build::ArchiveBuilder::in_memory()
-            .file("drover.toml", manifest.as_bytes())
-            .executable(
-                "bin/start",
-                b"#!/bin/sh\nexec \"$DROVER_SAMPLE_BIN\" \"$@\"\n",
-            )
-            .finish(),
-    );
+    let v2 = artifact_with(&artifacts_dir(&dir), "v2.tar.gz", &manifest, &[]);
     coord.push(&v1.path, SERVICE, "v1");
     coord.push(&v2.path, SERVICE, "v2");
     for (id, action) in [
@@ -617,20 +609,11 @@ async fn a_pull_resumes_from_the_bytes_it_already_has() {
     let (coord, agent, _port) = one_agent(&dir, &[]).await;
     // A larger artifact: a 3 MB incompressible file beside the manifest.
     let noise = drover_tests::artifacts::noise(3_000_000);
-    let big = write(
+    let big = artifact_with(
         &artifacts_dir(&dir),
         "big.tar.gz",
-        drover_common::artifact::build::ArchiveBuilder::in_memory()
-            .file(
-                "drover.toml",
-                sample_manifest(SERVICE, "big", &[]).as_bytes(),
-            )
-            .executable(
-                "bin/start",
-                b"#!/bin/sh\nexec \"$DROVER_SAMPLE_BIN\" \"$@\"\n",
-            )
-            .file("data/noise", &noise)
-            .finish(),
+        &sample_manifest(SERVICE, "big", &[]),
+        &[("data/noise", &noise)],
     );
     coord.push(&big.path, SERVICE, "big");
     // An earlier pull broke off after the first 1,000,000 bytes.
@@ -676,17 +659,7 @@ async fn failing_hooks_crashes_and_retention_are_reported_truthfully() {
     // A validate hook that fails: the restart fails with the hook's output.
     let manifest = sample_manifest(SERVICE, "badcheck", &[])
         + "\n[hooks]\nvalidate = { command = [\"/bin/sh\", \"-c\", \"echo smoke test: 3 of 5 checks failed; exit 1\"] }\n";
-    let badcheck = write(
-        &artifacts_dir(&dir),
-        "badcheck.tar.gz",
-        drover_common::artifact::build::ArchiveBuilder::in_memory()
-            .file("drover.toml", manifest.as_bytes())
-            .executable(
-                "bin/start",
-                b"#!/bin/sh\nexec \"$DROVER_SAMPLE_BIN\" \"$@\"\n",
-            )
-            .finish(),
-    );
+    let badcheck = artifact_with(&artifacts_dir(&dir), "badcheck.tar.gz", &manifest, &[]);
     coord.push(&badcheck.path, SERVICE, "badcheck");
     ok(&coord
         .send("web-1", cmd("p-bad", 1, pull(SERVICE, &badcheck.digest)))

@@ -120,14 +120,7 @@ async fn a_good_version_rolls_through_every_batch() {
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("COMPLETE"), "{out}");
     assert_eq!(f.versions().await, ["v2", "v2", "v2", "v2"]);
-    let deploys = f
-        .coord
-        .deployer()
-        .await
-        .list_deploys(drover_common::proto::ListDeploysRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let deploys = list(&f.coord).await;
     let d = &deploys.deploys[0];
     assert_eq!(d.phase(), DeployPhase::Complete);
     assert_eq!(d.known_good, v1, "it replaced the last known good");
@@ -159,14 +152,7 @@ async fn a_version_serving_5xx_is_stopped_at_the_first_batch_and_rolled_back() {
         "{err}"
     );
     assert_eq!(f.versions().await, ["v1", "v1", "v1", "v1"]);
-    let deploys = f
-        .coord
-        .deployer()
-        .await
-        .list_deploys(drover_common::proto::ListDeploysRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let deploys = list(&f.coord).await;
     let d = &deploys.deploys[0];
     assert_eq!(d.phase(), DeployPhase::RolledBack);
     assert!(
@@ -240,6 +226,17 @@ async fn starts_are_idempotent_and_one_deploy_runs_per_pipeline() {
         .unwrap()
         .into_inner();
     assert_eq!(done.phase(), DeployPhase::Complete);
+}
+
+/// Every deploy, newest first.
+async fn list(coord: &Coordinator) -> drover_common::proto::ListDeploysResponse {
+    coord
+        .deployer()
+        .await
+        .list_deploys(drover_common::proto::ListDeploysRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 async fn get(coord: &Coordinator, id: &str) -> drover_common::proto::Deploy {
