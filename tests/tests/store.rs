@@ -40,3 +40,21 @@ async fn artifact_metadata_survives_a_kill_9_of_the_coordinator() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("service:   hello"), "{out}");
 }
+
+#[tokio::test]
+async fn the_etcd_backend_passes_the_behaviour_suite_against_a_real_etcd() {
+    use drover_coordinator::store::etcd::EtcdStore;
+    let dir = TestDir::new();
+    let etcd = drover_tests::Etcd::start(&dir, "etcd").await;
+    let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint))
+        .await
+        .expect("connecting to etcd");
+    drover_coordinator::store::suite::run(&store).await;
+}
+
+#[tokio::test]
+async fn the_embedded_backend_passes_the_same_suite() {
+    let dir = TestDir::new();
+    let store = drover_coordinator::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
+    drover_coordinator::store::suite::run(&store).await;
+}

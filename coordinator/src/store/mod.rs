@@ -1,12 +1,14 @@
 //! The coordinator's durable state, behind one trait with etcd's semantics:
 //! a global revision, per-key create/mod revisions, compare-and-swap
 //! transactions, prefix reads, watches and leases. Two backends:
-//! [`embedded`] (redb, one coordinator, on disk) and etcd (HA; issue 5).
+//! [`embedded`] (redb, one coordinator, on disk) and [`etcd`] (HA).
 //! Callers are written against [`Store`] only, so both behave the same —
 //! one behaviour suite ([`suite`]) runs against each.
 
 pub mod embedded;
-#[cfg(test)]
+pub mod etcd;
+/// The behaviour suite, public so every backend's tests (and the end-to-end
+/// tests against a real etcd) can run it.
 pub mod suite;
 
 use std::pin::Pin;
