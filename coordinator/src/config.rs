@@ -54,6 +54,13 @@ pub struct Args {
     /// Prefix of every key this coordinator writes to its store.
     #[arg(long)]
     pub key_prefix: Option<String>,
+    /// Where state lives: `embedded` (on disk in --data-dir, one coordinator)
+    /// or `etcd` (--etcd-endpoints).
+    #[arg(long, value_enum)]
+    pub store: Option<StoreKind>,
+    /// etcd client URLs (http://host:2379), comma-separated or repeated.
+    #[arg(long, value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
 }
@@ -74,7 +81,19 @@ struct FileConfig {
     max_artifact_bytes: Option<u64>,
     advertise: Option<String>,
     key_prefix: Option<String>,
+    store: Option<StoreKind>,
+    #[serde(default)]
+    etcd_endpoints: Vec<String>,
     log_format: Option<String>,
+}
+
+/// The backend of the coordinator's state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    #[default]
+    Embedded,
+    Etcd,
 }
 
 /// Durations in the file are written as in the flags: "10s", "500ms".
@@ -102,6 +121,8 @@ pub struct Config {
     pub max_artifact_bytes: u64,
     pub advertise: Option<String>,
     pub key_prefix: String,
+    pub store: StoreKind,
+    pub etcd_endpoints: Vec<String>,
     pub log_format: LogFormat,
 }
 
@@ -120,6 +141,8 @@ impl Config {
             max_artifact_bytes: 2 << 30,
             advertise: None,
             key_prefix: "/drover".into(),
+            store: StoreKind::Embedded,
+            etcd_endpoints: Vec::new(),
             log_format: LogFormat::Text,
         }
     }
@@ -166,6 +189,18 @@ impl Config {
                 "key_prefix must start with '/' and not end with one, got {prefix:?}"
             );
             cfg.key_prefix = prefix;
+        }
+        cfg.store = args.store.or(file.store).unwrap_or_default();
+        cfg.etcd_endpoints = if args.etcd_endpoints.is_empty() {
+            file.etcd_endpoints
+        } else {
+            args.etcd_endpoints
+        };
+        if cfg.store == StoreKind::Etcd {
+            anyhow::ensure!(
+                !cfg.etcd_endpoints.is_empty(),
+                "--store etcd needs --etcd-endpoints"
+            );
         }
         cfg.log_format = match (args.log_format, file.log_format.as_deref()) {
             (Some(f), _) => f,

@@ -21,6 +21,7 @@ use tracing::{info, warn};
 
 use crate::api::{AgentControlService, ArtifactsService, DeployerService};
 use crate::config::Config;
+use crate::config::StoreKind;
 use crate::deploy::deployments::Deployments;
 use crate::deploy::pipeline::Pipelines;
 use crate::fleet::{PendingCommands, Registry};
@@ -28,6 +29,7 @@ use crate::metrics::{self, Metrics};
 use crate::origin::BlobStore;
 use crate::store::Store;
 use crate::store::embedded::EmbeddedStore;
+use crate::store::etcd::EtcdStore;
 
 /// File in the data dir holding the API address actually bound (useful
 /// with port 0).
@@ -40,7 +42,17 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     let metrics = Metrics::default();
-    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&cfg.data_dir)?);
+    let store: Arc<dyn Store> = match cfg.store {
+        StoreKind::Embedded => Arc::new(EmbeddedStore::open(&cfg.data_dir)?),
+        StoreKind::Etcd => Arc::new(
+            EtcdStore::connect(&cfg.etcd_endpoints)
+                .await
+                .with_context(|| {
+                    format!("connecting to etcd at {}", cfg.etcd_endpoints.join(","))
+                })?,
+        ),
+    };
+    info!(store = ?cfg.store, prefix = %cfg.key_prefix, "store open");
     let blobs = Arc::new(
         BlobStore::open(
             &cfg.data_dir.join("artifacts"),

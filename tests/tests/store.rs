@@ -53,8 +53,52 @@ async fn the_etcd_backend_passes_the_behaviour_suite_against_a_real_etcd() {
 }
 
 #[tokio::test]
-async fn the_embedded_backend_passes_the_same_suite() {
+async fn a_coordinator_on_etcd_keeps_its_state_there() {
     let dir = TestDir::new();
-    let store = drover_coordinator::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
-    drover_coordinator::store::suite::run(&store).await;
+    let etcd = drover_tests::Etcd::start(&dir, "etcd").await;
+    let args = [
+        "--store",
+        "etcd",
+        "--etcd-endpoints",
+        etcd.endpoint.as_str(),
+    ];
+    let mut first = Coordinator::start(&dir, "coord-a", &args).await;
+    let spec = dir.path().join("pipeline.toml");
+    std::fs::write(&spec, "name = \"web\"\nservice = \"web\"\n[[stages]]\nname = \"prod\"\nselector = \"env=prod\"\nbatch_size = 1\n").unwrap();
+    assert_eq!(
+        first
+            .droverctl(&["pipeline", "apply", "-f", spec.to_str().unwrap()])
+            .0,
+        0
+    );
+    assert!(
+        !first.data_dir.join("store.redb").exists(),
+        "nothing in the embedded store"
+    );
+    first.child.signal(Signal::SIGKILL);
+    first.child.wait_exit(Duration::from_secs(5)).await;
+    // Another coordinator, another data dir, the same etcd: the pipeline is there.
+    let second = Coordinator::start(&dir, "coord-b", &args).await;
+    let (code, out, err) = second.droverctl(&["pipeline", "get", "web"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("pipeline:  web"), "{out}");
+    let mut client = etcd.client().await.unwrap();
+    let kv = client.get("/drover/pipelines/web", None).await.unwrap();
+    assert_eq!(kv.kvs().len(), 1, "stored under the default prefix");
+}
+
+#[tokio::test]
+async fn the_coordinator_refuses_an_unreachable_etcd_with_a_clear_error() {
+    let out = Command::new(bins::bin("drover-coordinator"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(TestDir::new().path())
+        .args(["--store", "etcd", "--etcd-endpoints", "http://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("connecting to etcd at http://127.0.0.1:1"),
+        "{stderr}"
+    );
 }
