@@ -945,11 +945,15 @@ impl Deployments {
         let mut bad_streak = 0u32;
         let mut conclusive = 0u32;
         let mut last_reason = String::new();
-        // A window that ends in a bad streak is extended until the streak
-        // resolves: K bad in a row fails, a good sample clears it.
+        // The window is `samples` conclusive samples (inconclusive ones, such
+        // as the first intervals after a restart with no traffic counted yet,
+        // do not fill it), up to three times as many attempts. A window that
+        // ends in a bad streak is extended until the streak resolves: K bad
+        // in a row fail, a good sample clears it.
+        let wanted = gate.samples.max(1);
         let mut taken = 0u32;
-        while taken < gate.samples.max(1)
-            || (bad_streak > 0 && taken < gate.samples.max(1) + gate.bad_samples.max(1))
+        while (conclusive < wanted && taken < wanted * 3)
+            || (bad_streak > 0 && taken < wanted * 3 + gate.bad_samples.max(1))
         {
             taken += 1;
             tokio::time::sleep(Duration::from_millis(interval.into())).await;
