@@ -6,6 +6,7 @@
 //! - [`fleet`]: the in-memory registry of hosts, fed by agent streams.
 //! - [`origin`]: content-addressed artifact blobs (the origin agents pull from).
 //! - [`store`]: durable state behind one trait (embedded redb now; etcd later).
+//! - [`ha`]: shards and leader elections (fencing epochs).
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
 //! - [`deploy`]: pipelines (and, next, the deploy state machine).
 //! - [`ctl`]: `droverctl`, the command-line client.
@@ -17,6 +18,7 @@ pub mod ctl;
 pub mod deploy;
 pub mod error;
 pub mod fleet;
+pub mod ha;
 pub mod metrics;
 pub mod origin;
 pub mod server;

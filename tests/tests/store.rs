@@ -102,3 +102,16 @@ async fn the_coordinator_refuses_an_unreachable_etcd_with_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn elections_fence_a_deposed_leader_on_a_real_etcd() {
+    use drover_coordinator::store::etcd::EtcdStore;
+    let dir = TestDir::new();
+    let etcd = drover_tests::Etcd::start(&dir, "etcd").await;
+    let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint))
+        .await
+        .expect("connecting to etcd");
+    // etcd leases count whole seconds.
+    drover_coordinator::ha::election::scenario(std::sync::Arc::new(store), Duration::from_secs(2))
+        .await;
+}

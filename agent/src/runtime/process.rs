@@ -306,10 +306,16 @@ mod tests {
     async fn a_service_ignoring_sigterm_is_killed_after_the_grace() {
         let dir = tempfile::tempdir().unwrap();
         let rt = ProcessRuntime::new();
-        let mut s = spec(dir.path(), "trap '' TERM\nwhile true; do sleep 0.1; done");
+        // The marker says the trap is in place: stopping earlier would race it.
+        let marker = dir.path().join("trap-set");
+        let script = format!(
+            "trap '' TERM\ntouch {}\nwhile true; do sleep 0.1; done",
+            marker.display()
+        );
+        let mut s = spec(dir.path(), &script);
         s.stop_grace = Duration::from_millis(300);
         rt.start(s).await.unwrap();
-        wait_for(|| rt.status("t").running).await;
+        wait_for(|| rt.status("t").running && marker.exists()).await;
         let started = Instant::now();
         rt.stop("t").await.unwrap();
         assert!(started.elapsed() >= Duration::from_millis(300));

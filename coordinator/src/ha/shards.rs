@@ -1,0 +1,33 @@
+//! Pipeline → shard, by a stable hash (the same on every coordinator and
+//! every version: sha256 of the name, not Rust's randomized hasher).
+
+use drover_common::artifact::Digest;
+
+/// Default number of shards.
+pub const DEFAULT_SHARDS: u32 = 16;
+
+pub fn shard_of(pipeline: &str, shards: u32) -> u32 {
+    let (digest, _) = Digest::of_reader(pipeline.as_bytes()).expect("hashing a string cannot fail");
+    let bytes = digest.hex();
+    // The first 8 hex digits are 32 bits of the digest.
+    u32::from_str_radix(&bytes[..8], 16).expect("hex") % shards.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stable_and_spread() {
+        assert_eq!(shard_of("hello-prod", 16), shard_of("hello-prod", 16));
+        // Fixed forever (first 32 bits of sha256, mod shards): changing it
+        // would move every pipeline's leader during an upgrade.
+        assert_eq!(shard_of("hello-prod", 16), 6);
+        let mut used = std::collections::HashSet::new();
+        for i in 0..200 {
+            used.insert(shard_of(&format!("pipeline-{i}"), 16));
+        }
+        assert_eq!(used.len(), 16, "200 pipelines cover all 16 shards");
+        assert_eq!(shard_of("anything", 1), 0);
+    }
+}
