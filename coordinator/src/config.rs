@@ -61,6 +61,12 @@ pub struct Args {
     /// etcd client URLs (http://host:2379), comma-separated or repeated.
     #[arg(long, value_delimiter = ',')]
     pub etcd_endpoints: Vec<String>,
+    /// Number of shards pipelines are spread over (every coordinator must agree).
+    #[arg(long)]
+    pub shards: Option<u32>,
+    /// TTL of shard leader leases; keep-alive every TTL/3.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub lease_ttl: Option<Duration>,
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
 }
@@ -84,6 +90,9 @@ struct FileConfig {
     store: Option<StoreKind>,
     #[serde(default)]
     etcd_endpoints: Vec<String>,
+    shards: Option<u32>,
+    #[serde(default, with = "humantime_serde_opt")]
+    lease_ttl: Option<Duration>,
     log_format: Option<String>,
 }
 
@@ -123,6 +132,8 @@ pub struct Config {
     pub key_prefix: String,
     pub store: StoreKind,
     pub etcd_endpoints: Vec<String>,
+    pub shards: u32,
+    pub lease_ttl: Duration,
     pub log_format: LogFormat,
 }
 
@@ -143,6 +154,8 @@ impl Config {
             key_prefix: "/drover".into(),
             store: StoreKind::Embedded,
             etcd_endpoints: Vec::new(),
+            shards: crate::ha::shards::DEFAULT_SHARDS,
+            lease_ttl: Duration::from_secs(3),
             log_format: LogFormat::Text,
         }
     }
@@ -196,6 +209,17 @@ impl Config {
         } else {
             args.etcd_endpoints
         };
+        if let Some(n) = args.shards.or(file.shards) {
+            anyhow::ensure!(
+                (1..=1024).contains(&n),
+                "shards must be between 1 and 1024, got {n}"
+            );
+            cfg.shards = n;
+        }
+        if let Some(t) = args.lease_ttl.or(file.lease_ttl) {
+            anyhow::ensure!(t >= Duration::from_secs(1), "lease_ttl must be at least 1s");
+            cfg.lease_ttl = t;
+        }
         if cfg.store == StoreKind::Etcd {
             anyhow::ensure!(
                 !cfg.etcd_endpoints.is_empty(),

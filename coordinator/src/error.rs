@@ -38,6 +38,7 @@ impl From<ApiError> for Status {
                     D::Conflict(_) => Status::failed_precondition(msg),
                     D::Pipeline(p) => Status::from(ApiError::Pipeline(p)),
                     D::Store(_) => Status::internal(msg),
+                    D::NotLeader(_) => Status::unavailable(msg),
                 }
             }
             ApiError::Pipeline(e) => {

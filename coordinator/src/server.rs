@@ -22,9 +22,10 @@ use tracing::{info, warn};
 use crate::api::{AgentControlService, ArtifactsService, DeployerService};
 use crate::config::Config;
 use crate::config::StoreKind;
-use crate::deploy::deployments::Deployments;
+use crate::deploy::deployments::{Deployments, Parts};
 use crate::deploy::pipeline::Pipelines;
 use crate::fleet::{PendingCommands, Registry};
+use crate::ha::leases::{ShardEvent, ShardLeases};
 use crate::metrics::{self, Metrics};
 use crate::origin::BlobStore;
 use crate::store::Store;
@@ -108,15 +109,26 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     };
     let origin_addr = cfg.advertise.clone().unwrap_or_else(|| addr.to_string());
     let pipelines = Arc::new(Pipelines::new(store.clone(), &cfg.key_prefix));
-    let deployments = Deployments::new(
+    // Leadership of every shard this coordinator can win: with one
+    // coordinator, all of them, taken before the API serves.
+    let leases = ShardLeases::new(
         store.clone(),
-        registry.clone(),
-        pending.clone(),
-        pipelines.clone(),
-        blobs.clone(),
-        origin_addr.clone(),
         &cfg.key_prefix,
+        &cfg.id,
+        cfg.shards,
+        cfg.lease_ttl,
     );
+    leases.campaign_once().await;
+    let deployments = Deployments::new(Parts {
+        store: store.clone(),
+        registry: registry.clone(),
+        pending: pending.clone(),
+        pipelines: pipelines.clone(),
+        blobs: blobs.clone(),
+        origin: origin_addr.clone(),
+        key_prefix: cfg.key_prefix.clone(),
+        leases: leases.clone(),
+    });
     let deployer = DeployerService {
         registry: registry.clone(),
         pending,
@@ -159,6 +171,21 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     if resumed > 0 {
         info!(resumed, "resumed unfinished deploys");
     }
+    // Shards won later (a standby taking over) resume their deploys too.
+    {
+        let mut events = leases.subscribe();
+        let deployments = deployments.clone();
+        tokio::spawn(async move {
+            while let Ok(event) = events.recv().await {
+                if let ShardEvent::Gained(shard) = event
+                    && let Err(e) = deployments.resume_shard(shard).await
+                {
+                    tracing::warn!(shard, error = %e, "could not resume the shard's deploys");
+                }
+            }
+        });
+    }
+    let lease_task = tokio::spawn(leases.clone().run(stop.clone()));
 
     tokio::select! {
         _ = shutdown => {}
@@ -184,6 +211,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         cfg.id
     )));
     stop.cancel();
+    // Resign every shard so a standby takes over at once.
+    let _ = tokio::time::timeout(cfg.shutdown_grace, lease_task).await;
     match tokio::time::timeout(cfg.shutdown_grace, server).await {
         Ok(result) => result.context("API server task")??,
         Err(_) => {

@@ -42,12 +42,13 @@ async fn fleet(n: usize) -> Fleet {
     for i in 0..n {
         let host = format!("web-{i}");
         let port = free_port();
+        let idx = format!("idx={i}");
         agents.push(Agent::start_sample(
             &dir,
             &host,
             &[&coord],
             port,
-            &["--label", "env=prod"],
+            &["--label", "env=prod", "--label", &idx],
         ));
         let mut cmd = Command::new(bins::bin("drover-load"));
         cmd.args(["--url", &format!("http://127.0.0.1:{port}/"), "--rps", "30"]);
@@ -130,6 +131,83 @@ async fn a_good_version_rolls_through_every_batch() {
         "{:?}",
         d.batches
     );
+
+    // The deploy's commands carried its shard leader's epoch, which every
+    // agent now holds: a command below it is refused as stale.
+    let shard = drover_coordinator::ha::shards::shard_of("hello-prod", 16).to_string();
+    let (code, out, err) = f.coord.droverctl(&[
+        "command",
+        "web-0",
+        "--shard",
+        &shard,
+        "--epoch",
+        "0",
+        "verify",
+        "--service",
+        "hello",
+        "--artifact",
+        &v2,
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("RejectedStale") && err.contains("RejectedStale"),
+        "{out}\n{err}"
+    );
+
+    // What ran when, from the audit log.
+    let (code, out, _) = f.coord.droverctl(&["running", "--service", "hello"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with(&format!("hello: {v2} since")), "{out}");
+    let before_v2 = std::time::UNIX_EPOCH + Duration::from_millis(d.created_at_unix_ms - 1);
+    let at = humantime::format_rfc3339_millis(before_v2).to_string();
+    let (code, out, _) = f
+        .coord
+        .droverctl(&["running", "--service", "hello", "--at", &at]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with(&format!("hello: {v1} since")), "{out}");
+
+    // Store writes grow with batches, not hosts: 2 hosts in 2 batches cost
+    // what 4 hosts in 2 batches cost.
+    let half = PIPELINE
+        .replace("name = \"hello-prod\"", "name = \"hello-half\"")
+        .replace(
+            "selector = \"env=prod\"",
+            "selector = \"env=prod,idx!=2,idx!=3\"",
+        )
+        .replace("batch_size = 2", "batch_size = 1");
+    let spec = f.dir.path().join("half.toml");
+    std::fs::write(&spec, half).unwrap();
+    assert_eq!(
+        f.coord
+            .droverctl(&["pipeline", "apply", "-f", spec.to_str().unwrap()])
+            .0,
+        0
+    );
+    let (code, _, err) = f.coord.droverctl(&[
+        "deploy",
+        "start",
+        "--pipeline",
+        "hello-half",
+        "--artifact",
+        &v1,
+        "--wait",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let all = list(&f.coord).await;
+    let small = all
+        .deploys
+        .iter()
+        .find(|x| x.pipeline == "hello-half")
+        .unwrap();
+    let big = all.deploys.iter().find(|x| x.id == d.id).unwrap();
+    let hosts =
+        |x: &drover_common::proto::Deploy| x.batches.iter().map(|b| b.hosts.len()).sum::<usize>();
+    assert_eq!((small.batches.len(), hosts(small)), (2, 2));
+    assert_eq!((big.batches.len(), hosts(big)), (2, 4));
+    assert_eq!(
+        small.store_writes, big.store_writes,
+        "same batches, same writes, whatever the hosts"
+    );
 }
 
 #[tokio::test]
@@ -174,6 +252,30 @@ async fn a_version_serving_5xx_is_stopped_at_the_first_batch_and_rolled_back() {
             .iter()
             .all(|h| h.outcome() == HostOutcome::Pending),
         "the second batch was never touched"
+    );
+
+    // The audit says what happened and why.
+    let (code, out, _) = f.coord.droverctl(&["audit", "--service", "hello"]);
+    assert_eq!(code, 0);
+    let kinds: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains(&d.id))
+        .map(|l| l.split_whitespace().nth(1).unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["started", "batch", "rollback", "rolled_back"],
+        "{out}"
+    );
+    assert!(
+        out.contains("stage 0 batch 0 (web-0,web-1) failed: health gate failed"),
+        "{out}"
+    );
+    assert!(out.contains("automatic rollback to"), "{out}");
+    let (_, out, _) = f.coord.droverctl(&["running", "--service", "hello"]);
+    assert!(
+        out.starts_with(&format!("hello: {v1} since")),
+        "back on v1: {out}"
     );
 }
 

@@ -27,6 +27,8 @@ use super::machine::{Event, Machine, Phase};
 use super::pipeline::{PipelineError, Pipelines};
 use super::record::{DeployRecord, batches};
 use crate::fleet::{PendingCommands, Registry};
+use crate::ha::leases::ShardLeases;
+use crate::ha::shards::shard_of;
 use crate::origin::BlobStore;
 use crate::store::{Compare, Op, Store, StoreError, Txn};
 
@@ -46,6 +48,9 @@ pub enum DeployError {
     Pipeline(#[from] PipelineError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// This coordinator does not (or no longer) lead the pipeline's shard.
+    #[error("{0}")]
+    NotLeader(String),
 }
 
 struct Live {
@@ -53,6 +58,19 @@ struct Live {
     wake: Arc<Notify>,
     /// A task drives this deploy now (at most one).
     driven: bool,
+}
+
+/// What deploys need from the rest of the coordinator.
+pub struct Parts {
+    pub store: Arc<dyn Store>,
+    pub registry: Arc<Registry>,
+    pub pending: Arc<PendingCommands>,
+    pub pipelines: Arc<Pipelines>,
+    pub blobs: Arc<BlobStore>,
+    /// Pull source for agents: this coordinator's origin.
+    pub origin: String,
+    pub key_prefix: String,
+    pub leases: Arc<ShardLeases>,
 }
 
 pub struct Deployments {
@@ -64,6 +82,7 @@ pub struct Deployments {
     origin: String,
     prefix: String,
     live: Mutex<HashMap<String, Live>>,
+    leases: Arc<ShardLeases>,
 }
 
 /// The batch after (`stage`, `batch`) in `plan`, skipping empty stages.
@@ -81,24 +100,17 @@ fn encode(rec: &DeployRecord) -> Vec<u8> {
 }
 
 impl Deployments {
-    pub fn new(
-        store: Arc<dyn Store>,
-        registry: Arc<Registry>,
-        pending: Arc<PendingCommands>,
-        pipelines: Arc<Pipelines>,
-        blobs: Arc<BlobStore>,
-        origin: String,
-        key_prefix: &str,
-    ) -> Arc<Deployments> {
+    pub fn new(parts: Parts) -> Arc<Deployments> {
         Arc::new(Deployments {
-            store,
-            registry,
-            pending,
-            pipelines,
-            blobs,
-            origin,
-            prefix: key_prefix.to_string(),
+            store: parts.store,
+            registry: parts.registry,
+            pending: parts.pending,
+            pipelines: parts.pipelines,
+            blobs: parts.blobs,
+            origin: parts.origin,
+            prefix: parts.key_prefix,
             live: Mutex::new(HashMap::new()),
+            leases: parts.leases,
         })
     }
 
@@ -350,15 +362,51 @@ impl Deployments {
                 rec.known_good.clone(),
             ));
         }
+        let shard = self.shard(&rec.pipeline);
+        let guard = self.fence_guard(shard)?;
         let r = self
             .store
             .txn(Txn {
-                compares: vec![Compare::ModRevision(key, revision)],
+                compares: vec![Compare::ModRevision(key, revision), guard],
                 success,
                 failure: vec![],
             })
             .await?;
+        if !r.succeeded && !self.leases.still_leader(shard).await {
+            return Err(self.not_leader(shard).await);
+        }
         Ok(r.succeeded.then_some(r.revision))
+    }
+
+    fn shard(&self, pipeline: &str) -> u32 {
+        shard_of(pipeline, self.leases.shards)
+    }
+
+    /// The compare every write for `shard` carries: only its leader's land.
+    fn fence_guard(&self, shard: u32) -> Result<Compare, DeployError> {
+        self.leases.guard(shard).ok_or_else(|| {
+            DeployError::NotLeader(format!("this coordinator does not lead shard {shard}"))
+        })
+    }
+
+    /// The shard and epoch stamped on commands for `pipeline`.
+    fn fence(&self, pipeline: &str) -> Result<(u32, u64), DeployError> {
+        let shard = self.shard(pipeline);
+        let leadership = self.leases.leadership(shard).ok_or_else(|| {
+            DeployError::NotLeader(format!("this coordinator does not lead shard {shard}"))
+        })?;
+        Ok((shard, leadership.epoch))
+    }
+
+    async fn not_leader(&self, shard: u32) -> DeployError {
+        let leader = self
+            .leases
+            .leader_of(shard)
+            .await
+            .unwrap_or_else(|| "nobody yet".into());
+        DeployError::NotLeader(format!(
+            "this coordinator no longer leads shard {shard} (leader: {leader})"
+        ))
     }
 
     /// Applies `event` to the stored deploy (retrying on concurrent writes).
@@ -405,6 +453,7 @@ impl Deployments {
         req: StartDeployRequest,
     ) -> Result<DeployRecord, DeployError> {
         let pipeline = self.pipelines.get(&req.pipeline).await?;
+        self.fence_guard(self.shard(&pipeline.name))?;
         let digest: drover_common::artifact::Digest = req
             .artifact
             .parse()
@@ -519,7 +568,11 @@ impl Deployments {
             .apply(Event::Start)
             .expect("a new deploy starts");
         rec.machine = machine;
-        let mut compares = vec![Compare::Missing(self.active_key(&pipeline.name))];
+        let shard = self.shard(&pipeline.name);
+        let mut compares = vec![
+            Compare::Missing(self.active_key(&pipeline.name)),
+            self.fence_guard(shard)?,
+        ];
         let started = Self::audit(
             &rec,
             "started",
@@ -562,6 +615,9 @@ impl Deployments {
                 failure: vec![],
             })
             .await?;
+        if !r.succeeded && !self.leases.still_leader(shard).await {
+            return Err(self.not_leader(shard).await);
+        }
         if !r.succeeded {
             // Lost a race with another start: answer as if we had been second.
             return Box::pin(self.start(StartDeployRequest {
@@ -577,6 +633,22 @@ impl Deployments {
         self.publish(&rec, "started".into());
         self.spawn(id);
         Ok(rec)
+    }
+
+    /// Resumes the unfinished deploys of `shard` (just won).
+    pub async fn resume_shard(self: &Arc<Self>, shard: u32) -> Result<usize, DeployError> {
+        let live: Vec<String> = self
+            .list("")
+            .await?
+            .into_iter()
+            .filter(|r| !r.machine.phase.is_terminal() && self.shard(&r.pipeline) == shard)
+            .map(|r| r.id)
+            .collect();
+        for id in &live {
+            info!(deploy = %id, shard, "resuming deploy");
+            self.spawn(id.clone());
+        }
+        Ok(live.len())
     }
 
     /// Resumes every deploy that is not finished (coordinator start).
@@ -654,7 +726,9 @@ impl Deployments {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn command(
+        fence: (u32, u64),
         id: &str,
         stage: usize,
         batch: usize,
@@ -664,8 +738,8 @@ impl Deployments {
     ) -> Command {
         Command {
             command_id: format!("{id}/{stage}.{batch}/{host}/{verb}"),
-            shard: 0,
-            epoch: 0,
+            shard: fence.0,
+            epoch: fence.1,
             action: Some(action),
         }
     }
@@ -678,6 +752,7 @@ impl Deployments {
         batch: usize,
     ) -> Result<Event, DeployError> {
         let (rec, _) = self.load(id).await?;
+        let fence = self.fence(&rec.pipeline)?;
         let spec = rec.snapshot.stages[stage].clone();
         let hosts = rec.plan[stage][batch].clone();
         let service = rec.service.clone();
@@ -737,7 +812,7 @@ impl Deployments {
                         artifact,
                         ready_timeout_ms: stuck.as_millis() as u32,
                     });
-                    let cmd = Self::command(&id, stage, batch, &host, "restart", restart);
+                    let cmd = Self::command(fence, &id, stage, batch, &host, "restart", restart);
                     let outcome = match this
                         .send_patiently(&host, cmd, stuck + COMMAND_TIMEOUT, stuck)
                         .await
@@ -845,8 +920,18 @@ impl Deployments {
         hosts: &[String],
         patience: Duration,
     ) -> HashMap<String, Result<(), String>> {
-        let Ok((rec, _)) = self.load(id).await else {
-            return HashMap::new();
+        let fenced = match self.load(id).await {
+            Ok((rec, _)) => self.fence(&rec.pipeline).map(|f| (rec, f)),
+            Err(e) => Err(e),
+        };
+        let (rec, fence) = match fenced {
+            Ok(v) => v,
+            Err(e) => {
+                return hosts
+                    .iter()
+                    .map(|h| (h.clone(), Err(e.to_string())))
+                    .collect();
+            }
         };
         let mut tasks = tokio::task::JoinSet::new();
         for host in hosts {
@@ -859,7 +944,7 @@ impl Deployments {
                 size_bytes: 0,
             });
             tasks.spawn(async move {
-                let cmd = Self::command(&id, stage, batch, &host, "pull", pull);
+                let cmd = Self::command(fence, &id, stage, batch, &host, "pull", pull);
                 let outcome = match this
                     .send_patiently(&host, cmd, COMMAND_TIMEOUT, patience)
                     .await
@@ -1003,6 +1088,7 @@ impl Deployments {
     /// still hold the release.
     async fn roll_back(self: &Arc<Self>, id: &str) -> Result<Event, DeployError> {
         let (rec, _) = self.load(id).await?;
+        let fence = self.fence(&rec.pipeline)?;
         let mut hosts = rec.touched.clone();
         hosts.reverse();
         // Started strictly in order (most recent first), at most
@@ -1029,8 +1115,8 @@ impl Deployments {
                 });
                 let cmd = Command {
                     command_id: format!("{id}/rollback/{host}"),
-                    shard: 0,
-                    epoch: 0,
+                    shard: fence.0,
+                    epoch: fence.1,
                     action: Some(action),
                 };
                 let outcome = match this

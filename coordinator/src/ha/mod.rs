@@ -4,4 +4,5 @@
 //! commands. Wiring these into the coordinator is the rest of issue 5.
 
 pub mod election;
+pub mod leases;
 pub mod shards;
