@@ -77,6 +77,19 @@ async fn fleet(n: usize) -> Fleet {
 }
 
 impl Fleet {
+    /// Applies a pipeline spec with droverctl.
+    fn apply(&self, spec: &str) {
+        let path = self.dir.path().join(format!(
+            "pipeline-{}.toml",
+            drover_common::time::now_unix_micros()
+        ));
+        std::fs::write(&path, spec).unwrap();
+        let (code, _, err) =
+            self.coord
+                .droverctl(&["pipeline", "apply", "-f", path.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+    }
+
     fn push(&self, version: &str, extra: &[&str]) -> String {
         let a = sample_artifact(self.dir.path(), "hello", version, extra);
         self.coord.push(&a.path, "hello", version)
@@ -175,14 +188,7 @@ async fn a_good_version_rolls_through_every_batch() {
             "selector = \"env=prod,idx!=2,idx!=3\"",
         )
         .replace("batch_size = 2", "batch_size = 1");
-    let spec = f.dir.path().join("half.toml");
-    std::fs::write(&spec, half).unwrap();
-    assert_eq!(
-        f.coord
-            .droverctl(&["pipeline", "apply", "-f", spec.to_str().unwrap()])
-            .0,
-        0
-    );
+    f.apply(&half);
     let (code, _, err) = f.coord.droverctl(&[
         "deploy",
         "start",
@@ -367,19 +373,10 @@ fn starts_of(dir: &TestDir, host: &str, version: &str) -> usize {
 #[tokio::test]
 async fn a_coordinator_killed_mid_rollout_and_mid_rollback_finishes_the_deploy_after_restart() {
     let mut f = fleet(4).await;
-    let spec = f.dir.path().join("slow.toml");
-    std::fs::write(
-        &spec,
-        PIPELINE
+    f.apply(
+        &PIPELINE
             .replace("batch_size = 2", "batch_size = 1")
             .replace("settle_ms = 0", "settle_ms = 300"),
-    )
-    .unwrap();
-    assert_eq!(
-        f.coord
-            .droverctl(&["pipeline", "apply", "-f", spec.to_str().unwrap()])
-            .0,
-        0
     );
     let v1 = f.push("v1", &[]);
     assert_eq!(f.deploy(&v1).0, 0);
@@ -457,23 +454,14 @@ async fn a_coordinator_killed_mid_rollout_and_mid_rollback_finishes_the_deploy_a
 #[tokio::test]
 async fn pause_resume_approve_abort_and_rollback_after_complete() {
     let f = fleet(2).await;
-    let spec = f.dir.path().join("gated.toml");
-    std::fs::write(
-        &spec,
-        PIPELINE
+    f.apply(
+        &PIPELINE
             .replace("batch_size = 2", "batch_size = 1")
             .replace("settle_ms = 0", "settle_ms = 300")
             .replace(
                 "[[stages]]\nname = \"prod\"",
                 "[[stages]]\nname = \"prod\"\nrequires_approval = true",
             ),
-    )
-    .unwrap();
-    assert_eq!(
-        f.coord
-            .droverctl(&["pipeline", "apply", "-f", spec.to_str().unwrap()])
-            .0,
-        0
     );
     let v1 = f.push("v1", &[]);
     let mut api = f.coord.deployer().await;
@@ -556,22 +544,13 @@ async fn pause_resume_approve_abort_and_rollback_after_complete() {
 #[tokio::test]
 async fn failing_readiness_crash_loops_and_latency_regressions_are_caught_at_the_first_batch() {
     let f = fleet(4).await;
-    let spec = f.dir.path().join("strict.toml");
-    std::fs::write(
-        &spec,
-        PIPELINE
+    f.apply(
+        &PIPELINE
             .replace("stuck_timeout_ms = 20000", "stuck_timeout_ms = 3000")
             .replace(
                 "max_error_rate = 0.05,",
                 "max_error_rate = 0.05, max_p99_ms = 60,",
             ),
-    )
-    .unwrap();
-    assert_eq!(
-        f.coord
-            .droverctl(&["pipeline", "apply", "-f", spec.to_str().unwrap()])
-            .0,
-        0
     );
     let v1 = f.push("v1", &[]);
     assert_eq!(f.deploy(&v1).0, 0);
