@@ -27,6 +27,18 @@ pub use process::ChildGuard;
 pub use testdir::TestDir;
 pub use wait::{wait_until, wait_until_ok};
 
+/// How many times agent `host` (in `dir`) started version `version` of the
+/// sample service `hello`, counted in the service's log.
+pub fn sample_starts(dir: &TestDir, host: &str, version: &str) -> usize {
+    let log = dir
+        .path()
+        .join(format!("agent-{host}/services/hello/logs/service.log"));
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches(&format!("drover-sample {version} listening"))
+        .count()
+}
+
 /// A loopback port free right now, for a service an agent will start.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -8,7 +8,8 @@ use std::time::Duration;
 use drover_common::proto::{DeployPhase, DeployRef, HostOutcome, StartDeployRequest};
 use drover_tests::artifacts::sample_artifact;
 use drover_tests::{
-    Agent, ChildGuard, Coordinator, TestDir, bins, free_port, http_get_status, wait_until_ok,
+    Agent, ChildGuard, Coordinator, TestDir, bins, free_port, http_get_status, sample_starts,
+    wait_until_ok,
 };
 
 const PIPELINE: &str = r#"
@@ -360,16 +361,6 @@ async fn get(coord: &Coordinator, id: &str) -> drover_common::proto::Deploy {
         .into_inner()
 }
 
-fn starts_of(dir: &TestDir, host: &str, version: &str) -> usize {
-    let log = dir
-        .path()
-        .join(format!("agent-{host}/services/hello/logs/service.log"));
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .matches(&format!("drover-sample {version} listening"))
-        .count()
-}
-
 #[tokio::test]
 async fn a_coordinator_killed_mid_rollout_and_mid_rollback_finishes_the_deploy_after_restart() {
     let mut f = fleet(4).await;
@@ -407,7 +398,7 @@ async fn a_coordinator_killed_mid_rollout_and_mid_rollback_finishes_the_deploy_a
     assert_eq!(f.versions().await, ["v2", "v2", "v2", "v2"]);
     for (host, _) in &f.ports {
         assert_eq!(
-            starts_of(&f.dir, host, "v2"),
+            sample_starts(&f.dir, host, "v2"),
             1,
             "{host} restarted exactly once"
         );
@@ -440,12 +431,12 @@ async fn a_coordinator_killed_mid_rollout_and_mid_rollback_finishes_the_deploy_a
     assert_eq!(code, 2, "ends ROLLED_BACK: {out}\n{err}");
     assert_eq!(f.versions().await, ["v2", "v2", "v2", "v2"]);
     assert_eq!(
-        starts_of(&f.dir, "web-0", "bad"),
+        sample_starts(&f.dir, "web-0", "bad"),
         1,
         "the bad version started once on the first host"
     );
     assert_eq!(
-        starts_of(&f.dir, "web-1", "bad"),
+        sample_starts(&f.dir, "web-1", "bad"),
         0,
         "and never reached the second"
     );
@@ -568,7 +559,7 @@ async fn failing_readiness_crash_loops_and_latency_regressions_are_caught_at_the
         );
         assert_eq!(f.versions().await, ["v1", "v1", "v1", "v1"], "{version}");
         assert_eq!(
-            starts_of(&f.dir, "web-2", version),
+            sample_starts(&f.dir, "web-2", version),
             0,
             "{version} never reached the second batch"
         );

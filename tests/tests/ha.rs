@@ -7,18 +7,10 @@ use std::time::Duration;
 
 use drover_common::proto::{DeployRef, StartDeployRequest};
 use drover_tests::artifacts::sample_artifact;
-use drover_tests::{Agent, ChildGuard, Coordinator, Etcd, TestDir, bins, free_port, wait_until_ok};
+use drover_tests::{
+    Agent, ChildGuard, Coordinator, Etcd, TestDir, bins, free_port, sample_starts, wait_until_ok,
+};
 use nix::sys::signal::Signal;
-
-fn starts(dir: &TestDir, host: &str, version: &str) -> usize {
-    let log = dir
-        .path()
-        .join(format!("agent-{host}/services/hello/logs/service.log"));
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .matches(&format!("drover-sample {version} listening"))
-        .count()
-}
 
 #[tokio::test]
 async fn no_commands_while_etcd_is_down_and_the_deploy_completes_after() {
@@ -89,7 +81,7 @@ async fn no_commands_while_etcd_is_down_and_the_deploy_completes_after() {
         .id;
     // The first host is updated and its batch settles: freeze etcd past the TTL.
     wait_until_ok("the first host on v1", Duration::from_secs(30), || async {
-        starts(&dir, "web-0", "v1") == 1
+        sample_starts(&dir, "web-0", "v1") == 1
     })
     .await;
     etcd.child.signal(Signal::SIGSTOP);
@@ -104,7 +96,7 @@ async fn no_commands_while_etcd_is_down_and_the_deploy_completes_after() {
     let frozen_for = std::time::Instant::now();
     while frozen_for.elapsed() < Duration::from_secs(8) {
         assert_eq!(
-            starts(&dir, "web-1", "v1"),
+            sample_starts(&dir, "web-1", "v1"),
             0,
             "no command reaches a host while etcd is down"
         );
@@ -117,7 +109,10 @@ async fn no_commands_while_etcd_is_down_and_the_deploy_completes_after() {
         "the deploy completes once etcd is back: {out}\n{err}"
     );
     assert_eq!(
-        (starts(&dir, "web-0", "v1"), starts(&dir, "web-1", "v1")),
+        (
+            sample_starts(&dir, "web-0", "v1"),
+            sample_starts(&dir, "web-1", "v1")
+        ),
         (1, 1),
         "each host started once"
     );
