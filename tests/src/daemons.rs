@@ -137,6 +137,22 @@ impl Coordinator {
             .map(|r| r.into_inner())
     }
 
+    /// Waits until `host_id` is in `state`; returns the host as seen then.
+    pub async fn wait_state(
+        &self,
+        host_id: &str,
+        state: drover_common::proto::ConnectionState,
+        timeout: Duration,
+    ) -> Host {
+        wait_until(&format!("{host_id} to be {state:?}"), timeout, || async {
+            match self.host(host_id).await {
+                Ok(h) if h.state() == state => Ok(h),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await
+    }
+
     /// Runs `droverctl --coordinator <this> ARGS`; returns (exit code, stdout, stderr).
     pub fn droverctl(&self, args: &[&str]) -> (i32, String, String) {
         let out = Command::new(bins::bin("droverctl"))

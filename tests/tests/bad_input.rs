@@ -184,19 +184,9 @@ async fn an_oversized_message_after_hello_ends_only_that_stream() {
     stream.outbound.send(hb).await.unwrap();
     let status = stream.next(Duration::from_secs(5)).await.unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
-    let host = wait_until(
-        "the host to be disconnected",
-        Duration::from_secs(5),
-        || async {
-            let h = coord.host("big").await.unwrap();
-            if h.state() == ConnectionState::Disconnected {
-                Ok(h)
-            } else {
-                Err(format!("{h:?}"))
-            }
-        },
-    )
-    .await;
+    let host = coord
+        .wait_state("big", ConnectionState::Disconnected, Duration::from_secs(5))
+        .await;
     assert!(host.state_reason.contains("too large"), "{host:?}");
 }
 

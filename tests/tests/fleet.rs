@@ -92,19 +92,9 @@ async fn frozen_agent_turns_late_then_disconnected_when_killed() {
 
     frozen.child.signal(Signal::SIGSTOP);
     let stopped_at = Instant::now();
-    let late = wait_until(
-        "the frozen host to be late",
-        Duration::from_secs(5),
-        || async {
-            let h = coord.host("frozen").await.unwrap();
-            if h.state() == ConnectionState::Late {
-                Ok(h)
-            } else {
-                Err(format!("{h:?}"))
-            }
-        },
-    )
-    .await;
+    let late = coord
+        .wait_state("frozen", ConnectionState::Late, Duration::from_secs(5))
+        .await;
     // Late means three intervals (600 ms) without a heartbeat; allow one
     // interval of jitter for the heartbeat in flight when it froze.
     let waited = stopped_at.elapsed();
@@ -117,19 +107,13 @@ async fn frozen_agent_turns_late_then_disconnected_when_killed() {
 
     frozen.child.signal(Signal::SIGKILL);
     frozen.child.wait_exit(Duration::from_secs(5)).await;
-    let gone = wait_until(
-        "the killed host to be disconnected",
-        Duration::from_secs(5),
-        || async {
-            let h = coord.host("frozen").await.unwrap();
-            if h.state() == ConnectionState::Disconnected {
-                Ok(h)
-            } else {
-                Err(format!("{h:?}"))
-            }
-        },
-    )
-    .await;
+    let gone = coord
+        .wait_state(
+            "frozen",
+            ConnectionState::Disconnected,
+            Duration::from_secs(5),
+        )
+        .await;
     assert!(
         !gone.state_reason.is_empty(),
         "a disconnected host says why: {gone:?}"
@@ -216,15 +200,9 @@ async fn sigterm_agent_is_gone_and_sigterm_coordinator_stops_cleanly() {
     leaver.child.signal(Signal::SIGTERM);
     let status = leaver.child.wait_exit(Duration::from_secs(10)).await;
     assert!(status.success(), "agent exit status {status:?}");
-    let host = wait_until("the leaver to be gone", Duration::from_secs(5), || async {
-        let h = coord.host("leaver").await.unwrap();
-        if h.state() == ConnectionState::Gone {
-            Ok(h)
-        } else {
-            Err(format!("{h:?}"))
-        }
-    })
-    .await;
+    let host = coord
+        .wait_state("leaver", ConnectionState::Gone, Duration::from_secs(5))
+        .await;
     assert_eq!(host.state_reason, "agent shutting down");
 
     coord.child.signal(Signal::SIGTERM);
