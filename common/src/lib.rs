@@ -27,6 +27,19 @@ pub mod proto {
     tonic::include_proto!("drover.v1");
     include!(concat!(env!("OUT_DIR"), "/drover.v1.serde.rs"));
 
+    impl DeployPhase {
+        /// A deploy in this phase will not change by itself any more.
+        pub fn is_terminal(self) -> bool {
+            matches!(
+                self,
+                DeployPhase::Complete
+                    | DeployPhase::Failed
+                    | DeployPhase::RolledBack
+                    | DeployPhase::Aborted
+            )
+        }
+    }
+
     impl Command {
         /// The agent's update about this command, ready to send.
         pub fn update(

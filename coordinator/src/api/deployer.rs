@@ -227,15 +227,10 @@ impl Deployer for DeployerService {
             loop {
                 match events.recv().await {
                     Ok(event) => {
-                        let terminal = event.deploy.as_ref().is_some_and(|d| {
-                            matches!(
-                                d.phase(),
-                                drover_common::proto::DeployPhase::Complete
-                                    | drover_common::proto::DeployPhase::Failed
-                                    | drover_common::proto::DeployPhase::RolledBack
-                                    | drover_common::proto::DeployPhase::Aborted
-                            )
-                        });
+                        let terminal = event
+                            .deploy
+                            .as_ref()
+                            .is_some_and(|d| d.phase().is_terminal());
                         if tx.send(Ok(event)).await.is_err() || terminal {
                             return;
                         }

@@ -59,16 +59,6 @@ pub fn phase_name(p: DeployPhase) -> &'static str {
     }
 }
 
-fn terminal(p: DeployPhase) -> bool {
-    matches!(
-        p,
-        DeployPhase::Complete
-            | DeployPhase::Failed
-            | DeployPhase::RolledBack
-            | DeployPhase::Aborted
-    )
-}
-
 fn updated(d: &Deploy) -> (u64, u64) {
     let all = d.batches.iter().flat_map(|b| &b.hosts).count() as u64;
     let done = d
@@ -172,7 +162,7 @@ pub async fn watch(
             }
             last_line = line;
         }
-        let end = terminal(d.phase());
+        let end = d.phase().is_terminal();
         last = Some(d);
         if end {
             break;
@@ -183,7 +173,7 @@ pub async fn watch(
     if !json && !bar.is_hidden() {
         writeln!(out, "{}", summary(&d))?;
     }
-    if !terminal(d.phase()) {
+    if !d.phase().is_terminal() {
         anyhow::bail!(
             "the watch ended while the deploy was {}",
             phase_name(d.phase())

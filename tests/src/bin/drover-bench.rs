@@ -294,7 +294,7 @@ async fn wait_deploy(coord: &Coordinator, id: &str) -> drover_common::proto::Dep
     while let Some(event) = stream.message().await.expect("watch stream") {
         if let Some(d) = event.deploy {
             last = d.phase();
-            if matches!(last, P::Complete | P::Failed | P::RolledBack | P::Aborted) {
+            if last.is_terminal() {
                 break;
             }
         }
