@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{AgentConfig, RuntimeKind};
-use crate::connection::{CommandSink, Connection, HelloSource};
+use crate::connection::{CommandSink, Connection, FenceSink, HelloSource};
+use crate::directory::Directory;
 use crate::executor::{Executor, ExecutorConfig};
 use crate::health::HealthBoard;
 use crate::heartbeat;
@@ -84,23 +85,42 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         },
         shutdown.clone(),
     );
+    let fence: FenceSink = {
+        let executor = executor.clone();
+        Arc::new(move |epochs| executor.raise_epochs(epochs))
+    };
+    let (directory, mut discovered) = Directory::new();
+    let directory = Arc::new(directory);
     let mut tasks = tokio::task::JoinSet::new();
-    for coordinator in &cfg.coordinators {
+    let mut connect = |coordinator: String| {
         tasks.spawn(
             Connection {
-                coordinator: coordinator.clone(),
+                coordinator,
                 hello: hello.clone(),
                 heartbeats: heartbeats.clone(),
                 backoff: cfg.backoff,
                 shutdown: shutdown.clone(),
                 dropped: Arc::new(AtomicU64::new(0)),
                 commands: commands.clone(),
+                fence: fence.clone(),
+                directory: Some(directory.clone()),
             }
             .run(),
         );
+    };
+    for coordinator in &cfg.coordinators {
+        if directory.claim(coordinator) {
+            connect(coordinator.clone());
+        }
     }
     info!(host_id = %cfg.host_id, coordinators = ?cfg.coordinators, "agent started");
-    shutdown.cancelled().await;
+    // Coordinators named in a Welcome get a connection too.
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(found) = discovered.recv() => connect(found),
+        }
+    }
     info!("shutting down: saying goodbye to every coordinator");
     if tokio::time::timeout(SHUTDOWN_WAIT, async {
         while tasks.join_next().await.is_some() {}

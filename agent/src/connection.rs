@@ -12,13 +12,17 @@ use std::time::Duration;
 
 use backon::BackoffBuilder;
 use drover_common::proto::agent_control_client::AgentControlClient;
-use drover_common::proto::{AgentMessage, Goodbye, Hello, agent_message, coordinator_message};
+use drover_common::proto::{
+    AgentMessage, CoordinatorMessage, Goodbye, Hello, ShardEpoch, agent_message,
+    coordinator_message,
+};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::directory::Directory;
 use crate::heartbeat::{self, HeartbeatFeed};
 
 /// Reconnect delays: from `min`, doubling with up to 100% jitter, never
@@ -53,6 +57,10 @@ pub type HelloSource = Arc<dyn Fn() -> Hello + Send + Sync>;
 pub type CommandSink =
     Arc<dyn Fn(drover_common::proto::Command, mpsc::Sender<AgentMessage>) + Send + Sync>;
 
+/// Receives the epochs of shards a coordinator leads (Welcome, Fence): the
+/// executor raises and persists its highest epoch for each.
+pub type FenceSink = Arc<dyn Fn(&[ShardEpoch]) + Send + Sync>;
+
 /// How long a leaving agent waits for the coordinator to close the stream.
 const GOODBYE_WAIT: Duration = Duration::from_secs(2);
 
@@ -65,11 +73,17 @@ pub struct Connection {
     /// Heartbeats this connection dropped since the agent started.
     pub dropped: Arc<AtomicU64>,
     pub commands: CommandSink,
+    pub fence: FenceSink,
+    /// Where discovered coordinators are announced (None: only the
+    /// configured ones, as drover-fleetsim does).
+    pub directory: Option<Arc<Directory>>,
 }
 
 enum Ended {
     /// The agent is shutting down.
     Shutdown,
+    /// Another stream of this agent already reaches the same coordinator.
+    Duplicate(String),
     /// The stream broke; `welcomed` says whether it had been established.
     Broken { welcomed: bool, reason: String },
 }
@@ -81,6 +95,10 @@ impl Connection {
         loop {
             match self.attempt().await {
                 Ended::Shutdown => return,
+                Ended::Duplicate(id) => {
+                    info!(coordinator = %self.coordinator, coordinator_id = %id, "another address already reaches this coordinator; closing this one");
+                    return;
+                }
                 Ended::Broken { welcomed, reason } => {
                     if welcomed {
                         delays = self.backoff.delays();
@@ -140,6 +158,30 @@ impl Connection {
 
         let mut control = Some(control);
         let mut welcomed = false;
+        let mut coordinator_id = String::new();
+        let ended = self
+            .read(
+                &mut inbound,
+                &mut control,
+                &mut welcomed,
+                &mut coordinator_id,
+            )
+            .await;
+        if welcomed && let Some(directory) = &self.directory {
+            directory.down(&self.coordinator, &coordinator_id);
+        }
+        ended
+    }
+
+    /// Reads the coordinator's messages until the stream ends.
+    async fn read(
+        &self,
+        inbound: &mut tonic::Streaming<CoordinatorMessage>,
+        control: &mut Option<mpsc::Sender<AgentMessage>>,
+        welcomed: &mut bool,
+        coordinator_id: &mut String,
+    ) -> Ended {
+        let broken = |welcomed, reason: String| Ended::Broken { welcomed, reason };
         let mut leaving_deadline = None;
         loop {
             let next = tokio::select! {
@@ -162,8 +204,22 @@ impl Connection {
             match next {
                 Ok(Some(msg)) => match msg.msg {
                     Some(coordinator_message::Msg::Welcome(w)) => {
-                        welcomed = true;
+                        if let Some(directory) = &self.directory
+                            && !directory.welcomed(
+                                &self.coordinator,
+                                &w.coordinator_id,
+                                &w.coordinators,
+                            )
+                        {
+                            return Ended::Duplicate(w.coordinator_id);
+                        }
+                        *welcomed = true;
+                        *coordinator_id = w.coordinator_id.clone();
+                        (self.fence)(&w.epochs);
                         info!(coordinator = %self.coordinator, coordinator_id = %w.coordinator_id, session = %w.session_id, "connected");
+                    }
+                    Some(coordinator_message::Msg::Fence(f)) => {
+                        (self.fence)(&f.epochs);
                     }
                     Some(coordinator_message::Msg::Command(cmd)) => {
                         debug!(command_id = %cmd.command_id, "command received");
@@ -177,9 +233,9 @@ impl Connection {
                     None => {}
                 },
                 Ok(None) if leaving_deadline.is_some() => return Ended::Shutdown,
-                Ok(None) => return broken(welcomed, "the coordinator ended the stream".into()),
+                Ok(None) => return broken(*welcomed, "the coordinator ended the stream".into()),
                 Err(_) if leaving_deadline.is_some() => return Ended::Shutdown,
-                Err(status) => return broken(welcomed, describe(&status)),
+                Err(status) => return broken(*welcomed, describe(&status)),
             }
         }
     }

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use drover_common::artifact::Digest;
 use drover_common::artifact::manifest::{Hook, Manifest, Probe, expand};
-use drover_common::proto::{AgentMessage, Command, CommandStatus, ServiceVersion, command};
+use drover_common::proto::{
+    AgentMessage, Command, CommandStatus, ServiceVersion, ShardEpoch, command,
+};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
@@ -149,6 +151,24 @@ impl Executor {
             .get(service)
             .cloned()
             .unwrap_or_default()
+    }
+
+    /// Raises the highest epoch of each shard to what a coordinator says its
+    /// leader holds (Welcome, Fence), persisted before anything else can
+    /// run: from then on a deposed leader's commands are rejected-stale.
+    pub fn raise_epochs(&self, epochs: &[ShardEpoch]) {
+        let mut journal = self.journal.lock().expect("journal lock");
+        let mut raised = false;
+        for e in epochs {
+            let highest = journal.state.epochs.entry(e.shard).or_insert(0);
+            if e.epoch > *highest {
+                *highest = e.epoch;
+                raised = true;
+            }
+        }
+        if raised && let Err(e) = journal.save() {
+            warn!(error = %e, "cannot persist the shard epochs");
+        }
     }
 
     /// Handles one command from a coordinator; every update goes to `reply`.

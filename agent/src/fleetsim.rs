@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use clap::Parser;
 use drover_common::logging::LogFormat;
-use drover_common::proto::{AgentMessage, Command, CommandStatus, Hello, HostMetrics};
+use drover_common::proto::{AgentMessage, Command, CommandStatus, Hello, HostMetrics, ShardEpoch};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::connection::{Backoff, CommandSink, Connection, HelloSource};
+use crate::connection::{Backoff, CommandSink, Connection, FenceSink, HelloSource};
 use crate::heartbeat;
 
 #[derive(Debug, Parser)]
@@ -60,14 +60,32 @@ pub struct Args {
     pub log_format: LogFormat,
 }
 
+/// A virtual agent's highest epoch per shard (shared by its connections).
+type Epochs = Arc<std::sync::Mutex<HashMap<u32, u64>>>;
+
+/// Raises a virtual agent's epochs on Welcome and Fence, as a real agent does.
+fn simulated_fence(epochs: Epochs) -> FenceSink {
+    Arc::new(move |raised: &[ShardEpoch]| {
+        let mut epochs = epochs.lock().expect("epochs lock");
+        for e in raised {
+            let highest = epochs.entry(e.shard).or_insert(0);
+            *highest = (*highest).max(e.epoch);
+        }
+    })
+}
+
 /// What a virtual agent "runs": service → (current, previous) release.
 type Services = Arc<std::sync::Mutex<HashMap<String, (String, String)>>>;
 
 /// A virtual agent's command executor: fenced by epoch like a real one,
 /// answers after `delay`, fails a deterministic share of commands, and
 /// switches its simulated services on Restart and Rollback.
-fn simulated_commands(delay: Duration, failure_rate: f64, services: Services) -> CommandSink {
-    let epochs: Arc<std::sync::Mutex<HashMap<u32, u64>>> = Arc::default();
+fn simulated_commands(
+    delay: Duration,
+    failure_rate: f64,
+    services: Services,
+    epochs: Epochs,
+) -> CommandSink {
     Arc::new(
         move |cmd: Command, reply: tokio::sync::mpsc::Sender<AgentMessage>| {
             let epochs = epochs.clone();
@@ -239,6 +257,14 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
             move || simulated_sample(index, &mut sequence, &running, interval_ms),
             shutdown.clone(),
         );
+        let epochs: Epochs = Arc::default();
+        let commands = simulated_commands(
+            args.command_delay,
+            args.failure_rate,
+            services.clone(),
+            epochs.clone(),
+        );
+        let fence = simulated_fence(epochs);
         for coordinator in &args.coordinators {
             tasks.spawn(
                 Connection {
@@ -248,11 +274,9 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
                     backoff,
                     shutdown: shutdown.clone(),
                     dropped: Arc::new(AtomicU64::new(0)),
-                    commands: simulated_commands(
-                        args.command_delay,
-                        args.failure_rate,
-                        services.clone(),
-                    ),
+                    commands: commands.clone(),
+                    fence: fence.clone(),
+                    directory: None,
                 }
                 .run(),
             );

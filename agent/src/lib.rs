@@ -5,6 +5,7 @@
 //! - [`config`]: flags and defaults.
 //! - [`agent`]: wires everything; recovery at start; clean shutdown.
 //! - [`connection`]: one coordinator stream: Hello, heartbeats, commands, Goodbye, reconnect.
+//! - [`directory`]: which coordinators to keep a stream to (configured and discovered).
 //! - [`heartbeat`]: the heartbeat producer and its bounded, drop-oldest queue.
 //! - [`executor`]: Pull, Verify, Restart, Rollback: fenced and idempotent.
 //! - [`pull`]: resumable, verified downloads and unpacking into releases.
@@ -19,6 +20,7 @@
 pub mod agent;
 pub mod config;
 pub mod connection;
+pub mod directory;
 pub mod executor;
 pub mod fleetsim;
 pub mod health;

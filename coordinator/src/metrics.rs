@@ -37,6 +37,15 @@ pub struct Metrics {
     pub artifact_uploads: Counter,
     pub artifact_fetches: Counter,
     pub artifact_fetched_bytes: Counter,
+    /// Shards this coordinator leads now.
+    pub shards_led: Gauge,
+    /// Guarded writes the store refused because this coordinator no longer
+    /// led the shard (fencing at work).
+    pub fenced_writes: Counter,
+    /// Commands agents answered REJECTED_STALE (a newer leader's epoch).
+    pub stale_commands: Counter,
+    /// Requests forwarded to the leader of their pipeline's shard.
+    pub forwarded_requests: Counter,
 }
 
 /// Bucket bounds from 50 µs growing by √2 to about 3 s, fine enough to read
@@ -57,6 +66,30 @@ impl Default for Metrics {
         let artifact_uploads = Counter::default();
         let artifact_fetches = Counter::default();
         let artifact_fetched_bytes = Counter::default();
+        let shards_led = Gauge::default();
+        let fenced_writes = Counter::default();
+        let stale_commands = Counter::default();
+        let forwarded_requests = Counter::default();
+        registry.register(
+            "shards_led",
+            "Shards this coordinator leads now",
+            shards_led.clone(),
+        );
+        registry.register(
+            "fenced_writes",
+            "Writes the store refused because this coordinator no longer led the shard",
+            fenced_writes.clone(),
+        );
+        registry.register(
+            "stale_commands",
+            "Commands agents rejected because a newer leader's epoch had reached them",
+            stale_commands.clone(),
+        );
+        registry.register(
+            "forwarded_requests",
+            "API requests forwarded to the leader of their pipeline's shard",
+            forwarded_requests.clone(),
+        );
         registry.register(
             "artifact_uploads",
             "Artifacts stored by uploads",
@@ -109,6 +142,10 @@ impl Default for Metrics {
             artifact_uploads,
             artifact_fetches,
             artifact_fetched_bytes,
+            shards_led,
+            fenced_writes,
+            stale_commands,
+            forwarded_requests,
         }
     }
 }

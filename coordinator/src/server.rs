@@ -9,16 +9,19 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use drover_common::proto::FILE_DESCRIPTOR_SET;
 use drover_common::proto::agent_control_server::AgentControlServer;
 use drover_common::proto::artifacts_server::ArtifactsServer;
 use drover_common::proto::deployer_server::DeployerServer;
+use drover_common::proto::{
+    CoordinatorMessage, FILE_DESCRIPTOR_SET, Fence, ShardEpoch, coordinator_message,
+};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 
+use crate::api::forward::Forwarder;
 use crate::api::{AgentControlService, ArtifactsService, DeployerService};
 use crate::config::Config;
 use crate::config::StoreKind;
@@ -26,8 +29,9 @@ use crate::deploy::deployments::{Deployments, Parts};
 use crate::deploy::pipeline::Pipelines;
 use crate::fleet::{PendingCommands, Registry};
 use crate::ha::leases::{ShardEvent, ShardLeases};
+use crate::ha::members::Member;
 use crate::metrics::{self, Metrics};
-use crate::origin::BlobStore;
+use crate::origin::{BlobStore, Replicator};
 use crate::store::Store;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::etcd::EtcdStore;
@@ -99,6 +103,22 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    let origin_addr = cfg.advertise.clone().unwrap_or_else(|| addr.to_string());
+    let pipelines = Arc::new(Pipelines::new(store.clone(), &cfg.key_prefix));
+    // Join the coordinators and take this one's fair share of the shards
+    // before the API serves: alone, that is every shard.
+    let leases = ShardLeases::new(
+        store.clone(),
+        &cfg.key_prefix,
+        Member {
+            id: cfg.id.clone(),
+            address: origin_addr.clone(),
+        },
+        cfg.shards,
+        cfg.lease_ttl,
+    );
+    leases.campaign_once().await;
+    metrics.shards_led.set(leases.epochs().len() as i64);
     let agent_control = AgentControlService {
         coordinator_id: cfg.id.clone(),
         registry: registry.clone(),
@@ -106,19 +126,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         metrics: metrics.clone(),
         hello_timeout: cfg.hello_timeout,
         shutdown: stop.clone(),
+        leases: leases.clone(),
     };
-    let origin_addr = cfg.advertise.clone().unwrap_or_else(|| addr.to_string());
-    let pipelines = Arc::new(Pipelines::new(store.clone(), &cfg.key_prefix));
-    // Leadership of every shard this coordinator can win: with one
-    // coordinator, all of them, taken before the API serves.
-    let leases = ShardLeases::new(
-        store.clone(),
-        &cfg.key_prefix,
-        &cfg.id,
-        cfg.shards,
-        cfg.lease_ttl,
-    );
-    leases.campaign_once().await;
     let deployments = Deployments::new(Parts {
         store: store.clone(),
         registry: registry.clone(),
@@ -128,6 +137,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         origin: origin_addr.clone(),
         key_prefix: cfg.key_prefix.clone(),
         leases: leases.clone(),
+        metrics: metrics.clone(),
     });
     let deployer = DeployerService {
         registry: registry.clone(),
@@ -135,11 +145,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         pipelines,
         deployments: deployments.clone(),
         origin_addr,
+        forward: Forwarder::new(leases.clone(), metrics.clone()),
     };
     let artifacts = ArtifactsService {
         store: blobs.clone(),
         metrics: metrics.clone(),
         max_artifact_bytes: cfg.max_artifact_bytes,
+        leases: leases.clone(),
+        replicator: Replicator::default(),
     };
 
     let serve_stop = stop.clone();
@@ -171,15 +184,34 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     if resumed > 0 {
         info!(resumed, "resumed unfinished deploys");
     }
-    // Shards won later (a standby taking over) resume their deploys too.
+    // A shard won later (a standby taking over, a rebalance): every agent
+    // learns its new epoch at once, so a deposed leader's commands are
+    // rejected everywhere, then its deploys resume.
     {
         let mut events = leases.subscribe();
-        let deployments = deployments.clone();
+        let (deployments, leases, registry, metrics) = (
+            deployments.clone(),
+            leases.clone(),
+            registry.clone(),
+            metrics.clone(),
+        );
         tokio::spawn(async move {
             while let Ok(event) = events.recv().await {
-                if let ShardEvent::Gained(shard) = event
-                    && let Err(e) = deployments.resume_shard(shard).await
-                {
+                metrics.shards_led.set(leases.epochs().len() as i64);
+                let ShardEvent::Gained(shard) = event else {
+                    continue;
+                };
+                if let Some(leadership) = leases.leadership(shard) {
+                    registry.broadcast(CoordinatorMessage {
+                        msg: Some(coordinator_message::Msg::Fence(Fence {
+                            epochs: vec![ShardEpoch {
+                                shard,
+                                epoch: leadership.epoch,
+                            }],
+                        })),
+                    });
+                }
+                if let Err(e) = deployments.resume_shard(shard).await {
                     tracing::warn!(shard, error = %e, "could not resume the shard's deploys");
                 }
             }
@@ -211,7 +243,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         cfg.id
     )));
     stop.cancel();
-    // Resign every shard so a standby takes over at once.
+    // End the session (lease revoked): every shard is free for the
+    // standbys at once.
     let _ = tokio::time::timeout(cfg.shutdown_grace, lease_task).await;
     match tokio::time::timeout(cfg.shutdown_grace, server).await {
         Ok(result) => result.context("API server task")??,

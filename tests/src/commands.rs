@@ -7,11 +7,15 @@ use drover_common::proto::{
 
 use crate::Coordinator;
 
-/// A command in shard 0 at `epoch`.
+/// The shard hand-sent test commands use: beyond the elected shards, so no
+/// leader's epoch reaches it and each test controls its epochs.
+pub const TEST_SHARD: u32 = 1000;
+
+/// A command in [`TEST_SHARD`] at `epoch`.
 pub fn cmd(id: &str, epoch: u64, action: command::Action) -> Command {
     Command {
         command_id: id.to_string(),
-        shard: 0,
+        shard: TEST_SHARD,
         epoch,
         action: Some(action),
     }

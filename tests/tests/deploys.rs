@@ -155,7 +155,7 @@ async fn a_good_version_rolls_through_every_batch() {
         "--shard",
         &shard,
         "--epoch",
-        "0",
+        "1",
         "verify",
         "--service",
         "hello",

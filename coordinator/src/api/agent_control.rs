@@ -13,7 +13,8 @@ use drover_common::ids::validate_host_id;
 use drover_common::labels::validate_labels;
 use drover_common::proto::agent_control_server::AgentControl;
 use drover_common::proto::{
-    AgentMessage, CoordinatorMessage, Hello, Welcome, agent_message, coordinator_message,
+    AgentMessage, CommandStatus, CoordinatorMessage, Hello, Welcome, agent_message,
+    coordinator_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -24,6 +25,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::error::ApiError;
 use crate::fleet::{Departure, OutboundItem, PendingCommands, Registry, SessionHandle};
+use crate::ha::leases::ShardLeases;
 use crate::metrics::Metrics;
 
 /// Outbound messages queued per stream before the session waits for the agent.
@@ -41,6 +43,9 @@ pub struct AgentControlService {
     pub hello_timeout: Duration,
     /// Cancelled when the coordinator shuts down.
     pub shutdown: CancellationToken,
+    /// Shards led (their epochs go in Welcome) and the live coordinators
+    /// (their addresses go in Welcome, for discovery).
+    pub leases: Arc<ShardLeases>,
 }
 
 /// Checks everything a Hello carries before it reaches the registry.
@@ -150,6 +155,14 @@ impl AgentControl for AgentControlService {
             msg: Some(coordinator_message::Msg::Welcome(Welcome {
                 coordinator_id: self.coordinator_id.clone(),
                 session_id: session_id.to_string(),
+                coordinators: self
+                    .leases
+                    .members()
+                    .into_iter()
+                    .map(|m| m.address)
+                    .filter(|a| !a.is_empty())
+                    .collect(),
+                epochs: self.leases.epochs(),
             })),
         };
         // The queue is empty and its receiver alive: this cannot fail.
@@ -160,6 +173,7 @@ impl AgentControl for AgentControlService {
             session_id,
             registry: self.registry.clone(),
             pending: self.pending.clone(),
+            metrics: self.metrics.clone(),
             outbound: tx,
             cancel,
         };
@@ -180,6 +194,7 @@ struct Session {
     session_id: u64,
     registry: Arc<Registry>,
     pending: Arc<PendingCommands>,
+    metrics: Metrics,
     outbound: mpsc::Sender<OutboundItem>,
     cancel: CancellationToken,
 }
@@ -218,6 +233,10 @@ impl Session {
                     msg: Some(agent_message::Msg::CommandUpdate(update)),
                 })) => {
                     tracing::debug!(command_id = %update.command_id, status = ?update.status(), "command update");
+                    if update.status() == CommandStatus::RejectedStale {
+                        self.metrics.stale_commands.inc();
+                        warn!(command_id = %update.command_id, shard = update.shard, epoch = update.epoch, reason = %update.reason, "the agent rejected a stale command: a newer leader owns the shard");
+                    }
                     self.pending.deliver(&self.host_id, update);
                 }
                 Ok(Some(other)) => {

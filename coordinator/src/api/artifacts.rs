@@ -18,8 +18,9 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
 use crate::error::ApiError;
+use crate::ha::leases::ShardLeases;
 use crate::metrics::Metrics;
-use crate::origin::BlobStore;
+use crate::origin::{BlobStore, PEER_FETCH, Replicator};
 
 /// Size of each chunk of a Fetch.
 pub const FETCH_CHUNK: usize = 256 * 1024;
@@ -28,6 +29,50 @@ pub struct ArtifactsService {
     pub store: Arc<BlobStore>,
     pub metrics: Metrics,
     pub max_artifact_bytes: u64,
+    /// Live coordinators: where a blob missing here is copied from.
+    pub leases: Arc<ShardLeases>,
+    pub replicator: Replicator,
+}
+
+impl ArtifactsService {
+    /// Copies `digest` from a peer when its metadata exists (it was
+    /// uploaded to another coordinator) but its blob is not here. Requests
+    /// from peers are not passed on, so a blob nobody has ends at once.
+    async fn read_through<T>(&self, digest: &Digest, request: &Request<T>) -> Result<(), Status> {
+        if request.metadata().contains_key(PEER_FETCH) {
+            return Ok(());
+        }
+        if tokio::fs::try_exists(self.store.blob_path(digest))
+            .await
+            .unwrap_or(false)
+        {
+            return Ok(());
+        }
+        if self
+            .store
+            .info(digest)
+            .await
+            .map_err(|e| io_status("reading metadata", e))?
+            .is_none()
+        {
+            return Ok(());
+        }
+        let peers: Vec<String> = self
+            .leases
+            .members()
+            .into_iter()
+            .filter(|m| m.id != self.leases.id() && !m.address.is_empty())
+            .map(|m| m.address)
+            .collect();
+        self.replicator
+            .ensure(&self.store, digest, &peers)
+            .await
+            .map_err(|e| {
+                Status::unavailable(format!(
+                    "artifact {digest} was uploaded to another coordinator and could not be copied here: {e}"
+                ))
+            })
+    }
 }
 
 fn parse_digest(s: &str) -> Result<Digest, ApiError> {
@@ -185,8 +230,9 @@ impl Artifacts for ArtifactsService {
     type FetchStream = FetchStream;
 
     async fn fetch(&self, request: Request<FetchRequest>) -> Result<Response<FetchStream>, Status> {
+        let digest = parse_digest(&request.get_ref().sha256)?;
+        self.read_through(&digest, &request).await?;
         let req = request.into_inner();
-        let digest = parse_digest(&req.sha256)?;
         let path = self.store.blob_path(&digest);
         let mut file = match tokio::fs::File::open(&path).await {
             Ok(f) => f,

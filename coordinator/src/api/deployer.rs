@@ -14,12 +14,13 @@ use drover_common::proto::{
     ListPipelinesResponse, Pipeline, SendCommandRequest, StartDeployRequest, UpdatePipelineRequest,
     WhatWasRunningRequest, WhatWasRunningResponse, command,
 };
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 
 use crate::deploy::deployments::Deployments;
 use crate::deploy::machine::Event;
 use tonic::{Request, Response, Status};
 
+use crate::api::forward::{Forwarder, Route};
 use crate::deploy::pipeline::Pipelines;
 use crate::error::ApiError;
 use crate::fleet::{PendingCommands, Registry, SendError};
@@ -33,6 +34,16 @@ pub struct DeployerService {
     pub origin_addr: String,
     pub pipelines: Arc<Pipelines>,
     pub deployments: Arc<Deployments>,
+    /// Writes for a shard another coordinator leads go to that leader.
+    pub forward: Forwarder,
+}
+
+impl DeployerService {
+    /// The shard of deploy `id`'s pipeline.
+    async fn deploy_shard(&self, id: &str) -> Result<u32, Status> {
+        let (rec, _) = self.deployments.load(id).await.map_err(ApiError::from)?;
+        Ok(self.deployments.shard_of_pipeline(&rec.pipeline))
+    }
 }
 
 type WatchStream = std::pin::Pin<Box<dyn Stream<Item = Result<DeployEvent, Status>> + Send>>;
@@ -97,6 +108,13 @@ impl Deployer for DeployerService {
             .command
             .ok_or_else(|| ApiError::Invalid("command is required".into()))?;
         validate_command(&cmd)?;
+        // A command sent by hand without an epoch carries its shard's
+        // current leader epoch, so agents that know that leader accept it.
+        if cmd.epoch == 0
+            && let Some(epoch) = self.forward.current_epoch(cmd.shard).await
+        {
+            cmd.epoch = epoch;
+        }
         if let Some(command::Action::Pull(p)) = &mut cmd.action
             && p.sources.is_empty()
         {
@@ -173,6 +191,12 @@ impl Deployer for DeployerService {
         &self,
         request: Request<StartDeployRequest>,
     ) -> Result<Response<Deploy>, Status> {
+        let shard = self
+            .deployments
+            .shard_of_pipeline(&request.get_ref().pipeline);
+        if let Route::Leader(mut leader) = self.forward.route(shard, &request).await? {
+            return leader.start_deploy(self.forward.forwarded(request)).await;
+        }
         let rec = self
             .deployments
             .start(request.into_inner())
@@ -211,32 +235,22 @@ impl Deployer for DeployerService {
         request: Request<DeployRef>,
     ) -> Result<Response<WatchStream>, Status> {
         let id = request.into_inner().id;
-        // Subscribe before reading, so no change falls between the two.
-        let mut events = self.deployments.subscribe(&id);
-        let (rec, _) = self.deployments.load(&id).await.map_err(ApiError::from)?;
-        let first = DeployEvent {
-            deploy: Some(rec.to_proto()),
-            message: "current state".into(),
-        };
-        let done = rec.machine.phase.is_terminal();
+        let records = self.deployments.watch(&id).await.map_err(ApiError::from)?;
+        // The stream ends after the first terminal state.
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
-            if tx.send(Ok(first)).await.is_err() || done {
-                return;
-            }
-            loop {
-                match events.recv().await {
-                    Ok(event) => {
-                        let terminal = event
-                            .deploy
-                            .as_ref()
-                            .is_some_and(|d| d.phase().is_terminal());
-                        if tx.send(Ok(event)).await.is_err() || terminal {
-                            return;
-                        }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            let mut records = std::pin::pin!(records);
+            while let Some(rec) = records.next().await {
+                let terminal = rec.machine.phase.is_terminal();
+                let event = DeployEvent {
+                    message: format!(
+                        "{:?} stage {} batch {}",
+                        rec.machine.phase, rec.machine.stage, rec.machine.batch
+                    ),
+                    deploy: Some(rec.to_proto()),
+                };
+                if tx.send(Ok(event)).await.is_err() || terminal {
+                    return;
                 }
             }
         });
@@ -246,6 +260,10 @@ impl Deployer for DeployerService {
     }
 
     async fn pause_deploy(&self, request: Request<DeployRef>) -> Result<Response<Deploy>, Status> {
+        let shard = self.deploy_shard(&request.get_ref().id).await?;
+        if let Route::Leader(mut leader) = self.forward.route(shard, &request).await? {
+            return leader.pause_deploy(self.forward.forwarded(request)).await;
+        }
         let r = request.into_inner();
         let rec = self
             .deployments
@@ -256,6 +274,10 @@ impl Deployer for DeployerService {
     }
 
     async fn resume_deploy(&self, request: Request<DeployRef>) -> Result<Response<Deploy>, Status> {
+        let shard = self.deploy_shard(&request.get_ref().id).await?;
+        if let Route::Leader(mut leader) = self.forward.route(shard, &request).await? {
+            return leader.resume_deploy(self.forward.forwarded(request)).await;
+        }
         let r = request.into_inner();
         let rec = self
             .deployments
@@ -269,6 +291,10 @@ impl Deployer for DeployerService {
         &self,
         request: Request<DeployRef>,
     ) -> Result<Response<Deploy>, Status> {
+        let shard = self.deploy_shard(&request.get_ref().id).await?;
+        if let Route::Leader(mut leader) = self.forward.route(shard, &request).await? {
+            return leader.approve_deploy(self.forward.forwarded(request)).await;
+        }
         let r = request.into_inner();
         let rec = self
             .deployments
@@ -279,6 +305,10 @@ impl Deployer for DeployerService {
     }
 
     async fn abort_deploy(&self, request: Request<DeployRef>) -> Result<Response<Deploy>, Status> {
+        let shard = self.deploy_shard(&request.get_ref().id).await?;
+        if let Route::Leader(mut leader) = self.forward.route(shard, &request).await? {
+            return leader.abort_deploy(self.forward.forwarded(request)).await;
+        }
         let r = request.into_inner();
         let reason = format!(
             "aborted by {}{}",
@@ -305,6 +335,12 @@ impl Deployer for DeployerService {
         &self,
         request: Request<DeployRef>,
     ) -> Result<Response<Deploy>, Status> {
+        let shard = self.deploy_shard(&request.get_ref().id).await?;
+        if let Route::Leader(mut leader) = self.forward.route(shard, &request).await? {
+            return leader
+                .rollback_deploy(self.forward.forwarded(request))
+                .await;
+        }
         let r = request.into_inner();
         let reason = format!(
             "rolled back by {}{}",

@@ -4,6 +4,7 @@
 pub mod agent_control;
 pub mod artifacts;
 pub mod deployer;
+pub mod forward;
 
 pub use agent_control::AgentControlService;
 pub use artifacts::ArtifactsService;

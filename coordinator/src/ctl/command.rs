@@ -54,7 +54,8 @@ pub struct Send {
     /// Command id; the same id again returns the recorded result (default: a new id).
     #[arg(long)]
     pub id: Option<String>,
-    /// Fencing epoch and shard (deploys set them; by hand, leave the defaults).
+    /// Fencing epoch and shard. Epoch 0 (the default): the coordinator
+    /// stamps the shard's current leader epoch, which agents accept.
     #[arg(long, default_value_t = 0)]
     pub epoch: u64,
     #[arg(long, default_value_t = 0)]

@@ -14,12 +14,13 @@ use std::time::Duration;
 
 use drover_common::labels::Selector;
 use drover_common::proto::{
-    AuditEvent, Command, CommandStatus, ConnectionState, DeployEvent, HealthGate, HostOutcome,
+    AuditEvent, Command, CommandStatus, ConnectionState, HealthGate, HostOutcome,
     InconclusivePolicy, PullCommand, RestartCommand, RollbackCommand, StartDeployRequest,
     WhatWasRunningResponse, command,
 };
 use prost::Message;
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::Notify;
+use tokio_stream::StreamExt;
 use tracing::{info, warn};
 
 use super::gate::{Sample, Verdict, judge};
@@ -29,7 +30,9 @@ use super::record::{DeployRecord, batches};
 use crate::fleet::{PendingCommands, Registry};
 use crate::ha::leases::ShardLeases;
 use crate::ha::shards::shard_of;
+use crate::metrics::Metrics;
 use crate::origin::BlobStore;
+use crate::store::WatchEvent;
 use crate::store::{Compare, Op, Store, StoreError, Txn};
 
 /// Hosts rolled back at once.
@@ -54,7 +57,6 @@ pub enum DeployError {
 }
 
 struct Live {
-    events: broadcast::Sender<DeployEvent>,
     wake: Arc<Notify>,
     /// A task drives this deploy now (at most one).
     driven: bool,
@@ -71,6 +73,7 @@ pub struct Parts {
     pub origin: String,
     pub key_prefix: String,
     pub leases: Arc<ShardLeases>,
+    pub metrics: Metrics,
 }
 
 pub struct Deployments {
@@ -83,6 +86,7 @@ pub struct Deployments {
     prefix: String,
     live: Mutex<HashMap<String, Live>>,
     leases: Arc<ShardLeases>,
+    metrics: Metrics,
 }
 
 /// The batch after (`stage`, `batch`) in `plan`, skipping empty stages.
@@ -111,6 +115,7 @@ impl Deployments {
             prefix: parts.key_prefix,
             live: Mutex::new(HashMap::new()),
             leases: parts.leases,
+            metrics: parts.metrics,
         })
     }
 
@@ -305,27 +310,34 @@ impl Deployments {
         Ok(out)
     }
 
-    fn live(&self, id: &str) -> (broadcast::Sender<DeployEvent>, Arc<Notify>) {
+    /// The wake-up of `id`'s driver (controls ring it).
+    fn live(&self, id: &str) -> Arc<Notify> {
         let mut live = self.live.lock().expect("live lock");
         let entry = live.entry(id.to_string()).or_insert_with(|| Live {
-            events: broadcast::channel(256).0,
             wake: Arc::new(Notify::new()),
             driven: false,
         });
-        (entry.events.clone(), entry.wake.clone())
+        entry.wake.clone()
     }
 
-    /// Subscribes to a deploy's changes.
-    pub fn subscribe(&self, id: &str) -> broadcast::Receiver<DeployEvent> {
-        self.live(id).0.subscribe()
-    }
-
-    fn publish(&self, rec: &DeployRecord, message: String) {
-        let (events, _) = self.live(&rec.id);
-        let _ = events.send(DeployEvent {
-            deploy: Some(rec.to_proto()),
-            message,
+    /// The deploy as it is now, then every stored change of it. Served from
+    /// the store, so any coordinator answers and a watch outlives a failover
+    /// of the deploy's leader.
+    pub async fn watch(
+        &self,
+        id: &str,
+    ) -> Result<impl tokio_stream::Stream<Item = DeployRecord> + Send + use<>, DeployError> {
+        let key = self.deploy_key(id);
+        // Watch before reading, so no change falls between the two.
+        let changes = self.store.watch(&key).await?;
+        let (current, revision) = self.load(id).await?;
+        let changes = changes.filter_map(move |event| match event {
+            WatchEvent::Put(kv) if kv.key == key && kv.mod_revision > revision => {
+                serde_json::from_slice::<DeployRecord>(&kv.value).ok()
+            }
+            _ => None,
         });
+        Ok(tokio_stream::once(current).chain(changes))
     }
 
     /// Writes `rec` if the record is still at `revision`; returns the new
@@ -362,7 +374,7 @@ impl Deployments {
                 rec.known_good.clone(),
             ));
         }
-        let shard = self.shard(&rec.pipeline);
+        let shard = self.shard_of_pipeline(&rec.pipeline);
         let guard = self.fence_guard(shard)?;
         let r = self
             .store
@@ -373,12 +385,13 @@ impl Deployments {
             })
             .await?;
         if !r.succeeded && !self.leases.still_leader(shard).await {
-            return Err(self.not_leader(shard).await);
+            return Err(self.fenced(shard).await);
         }
         Ok(r.succeeded.then_some(r.revision))
     }
 
-    fn shard(&self, pipeline: &str) -> u32 {
+    /// The shard `pipeline` belongs to (whose leader runs its deploys).
+    pub fn shard_of_pipeline(&self, pipeline: &str) -> u32 {
         shard_of(pipeline, self.leases.shards)
     }
 
@@ -391,18 +404,26 @@ impl Deployments {
 
     /// The shard and epoch stamped on commands for `pipeline`.
     fn fence(&self, pipeline: &str) -> Result<(u32, u64), DeployError> {
-        let shard = self.shard(pipeline);
+        let shard = self.shard_of_pipeline(pipeline);
         let leadership = self.leases.leadership(shard).ok_or_else(|| {
             DeployError::NotLeader(format!("this coordinator does not lead shard {shard}"))
         })?;
         Ok((shard, leadership.epoch))
     }
 
-    async fn not_leader(&self, shard: u32) -> DeployError {
+    /// A guarded write was refused because another coordinator leads
+    /// `shard` now: counted, and reported naming the leader.
+    async fn fenced(&self, shard: u32) -> DeployError {
+        self.metrics.fenced_writes.inc();
+        warn!(
+            shard,
+            "the store refused our write: we no longer lead the shard"
+        );
         let leader = self
             .leases
             .leader_of(shard)
             .await
+            .map(|m| m.id)
             .unwrap_or_else(|| "nobody yet".into());
         DeployError::NotLeader(format!(
             "this coordinator no longer leads shard {shard} (leader: {leader})"
@@ -436,8 +457,7 @@ impl Deployments {
             if self.save(&mut rec, revision, audit).await?.is_some() {
                 let message = format!("{who}: {event:?} -> {:?}", rec.machine.phase);
                 info!(deploy = %id, %message, "deploy control");
-                self.publish(&rec, message);
-                self.live(id).1.notify_one();
+                self.live(id).notify_one();
                 if was_terminal && !rec.machine.phase.is_terminal() {
                     // A rollback after COMPLETE: the deploy needs a driver again.
                     self.spawn(id.to_string());
@@ -453,7 +473,7 @@ impl Deployments {
         req: StartDeployRequest,
     ) -> Result<DeployRecord, DeployError> {
         let pipeline = self.pipelines.get(&req.pipeline).await?;
-        self.fence_guard(self.shard(&pipeline.name))?;
+        self.fence_guard(self.shard_of_pipeline(&pipeline.name))?;
         let digest: drover_common::artifact::Digest = req
             .artifact
             .parse()
@@ -568,7 +588,7 @@ impl Deployments {
             .apply(Event::Start)
             .expect("a new deploy starts");
         rec.machine = machine;
-        let shard = self.shard(&pipeline.name);
+        let shard = self.shard_of_pipeline(&pipeline.name);
         let mut compares = vec![
             Compare::Missing(self.active_key(&pipeline.name)),
             self.fence_guard(shard)?,
@@ -616,7 +636,7 @@ impl Deployments {
             })
             .await?;
         if !r.succeeded && !self.leases.still_leader(shard).await {
-            return Err(self.not_leader(shard).await);
+            return Err(self.fenced(shard).await);
         }
         if !r.succeeded {
             // Lost a race with another start: answer as if we had been second.
@@ -630,7 +650,6 @@ impl Deployments {
             .await;
         }
         info!(deploy = %id, pipeline = %rec.pipeline, artifact = %rec.artifact, "deploy started");
-        self.publish(&rec, "started".into());
         self.spawn(id);
         Ok(rec)
     }
@@ -641,7 +660,9 @@ impl Deployments {
             .list("")
             .await?
             .into_iter()
-            .filter(|r| !r.machine.phase.is_terminal() && self.shard(&r.pipeline) == shard)
+            .filter(|r| {
+                !r.machine.phase.is_terminal() && self.shard_of_pipeline(&r.pipeline) == shard
+            })
             .map(|r| r.id)
             .collect();
         for id in &live {
@@ -657,7 +678,13 @@ impl Deployments {
             .list("")
             .await?
             .into_iter()
-            .filter(|r| !r.machine.phase.is_terminal())
+            .filter(|r| {
+                !r.machine.phase.is_terminal()
+                    && self
+                        .leases
+                        .leadership(self.shard_of_pipeline(&r.pipeline))
+                        .is_some()
+            })
             .map(|r| r.id)
             .collect();
         for id in &live {
@@ -689,9 +716,24 @@ impl Deployments {
         });
     }
 
-    /// Drives one deploy until it is finished.
+    /// Drives one deploy until it is finished, or until this coordinator
+    /// stops leading its shard (the new leader resumes it from the record).
     async fn drive(self: &Arc<Self>, id: &str) -> Result<(), DeployError> {
-        let wake = self.live(id).1;
+        let (rec, _) = self.load(id).await?;
+        let shard = self.shard_of_pipeline(&rec.pipeline);
+        let leadership = self.leases.leadership(shard).ok_or_else(|| {
+            DeployError::NotLeader(format!("this coordinator does not lead shard {shard}"))
+        })?;
+        tokio::select! {
+            _ = leadership.lost.cancelled() => Err(DeployError::NotLeader(format!(
+                "stopped driving: this coordinator no longer leads shard {shard}; its new leader resumes the deploy"
+            ))),
+            done = self.drive_steps(id) => done,
+        }
+    }
+
+    async fn drive_steps(self: &Arc<Self>, id: &str) -> Result<(), DeployError> {
+        let wake = self.live(id);
         loop {
             let (rec, _) = self.load(id).await?;
             let event = match rec.machine.phase {
@@ -719,7 +761,7 @@ impl Deployments {
                 rec.machine = machine;
                 let audit = Self::transition_audit(before, &rec, &event, "drover");
                 if self.save(&mut rec, revision, audit).await?.is_some() {
-                    self.publish(&rec, message);
+                    info!(deploy = %id, event = %message, phase = ?rec.machine.phase, "deploy step");
                     break;
                 }
             }
@@ -940,7 +982,7 @@ impl Deployments {
             let pull = command::Action::Pull(PullCommand {
                 service: rec.service.clone(),
                 artifact: rec.artifact.clone(),
-                sources: vec![self.origin.clone()],
+                sources: self.pull_sources(),
                 size_bytes: 0,
             });
             tasks.spawn(async move {
@@ -962,6 +1004,18 @@ impl Deployments {
             out.insert(host, outcome);
         }
         out
+    }
+
+    /// Where agents fetch artifacts: this coordinator first (it fetches a
+    /// blob it lacks from its peers), then every other live coordinator.
+    fn pull_sources(&self) -> Vec<String> {
+        let mut sources = vec![self.origin.clone()];
+        for m in self.leases.members() {
+            if !m.address.is_empty() && !sources.contains(&m.address) {
+                sources.push(m.address);
+            }
+        }
+        sources
     }
 
     /// Sends a command, waiting up to `patience` for a disconnected host to
@@ -1168,7 +1222,7 @@ impl Deployments {
         .await
     }
 
-    /// Changes the record (not its phase) with compare-and-swap, publishing it.
+    /// Changes the record (not its phase) with compare-and-swap.
     async fn update(
         &self,
         id: &str,
@@ -1178,7 +1232,6 @@ impl Deployments {
             let (mut rec, revision) = self.load(id).await?;
             change(&mut rec);
             if self.save(&mut rec, revision, Vec::new()).await?.is_some() {
-                self.publish(&rec, "progress".into());
                 return Ok(());
             }
         }

@@ -278,6 +278,24 @@ impl Registry {
         hosts.get(host_id).and_then(|e| e.session.clone())
     }
 
+    /// Queues `message` on every live stream (a Fence after winning shards).
+    /// A full queue gets it as soon as it has room; nothing is dropped.
+    pub fn broadcast(&self, message: CoordinatorMessage) {
+        let sessions: Vec<SessionHandle> = {
+            let hosts = self.hosts.lock().expect("registry lock poisoned");
+            hosts.values().filter_map(|e| e.session.clone()).collect()
+        };
+        for session in sessions {
+            if let Err(mpsc::error::TrySendError::Full(item)) =
+                session.outbound.try_send(Box::new(Ok(message.clone())))
+            {
+                tokio::spawn(async move {
+                    let _ = session.outbound.send(item).await;
+                });
+            }
+        }
+    }
+
     /// Closes every live stream with `status` (coordinator shutdown).
     pub fn close_all(&self, status: Status) {
         let hosts = self.hosts.lock().expect("registry lock poisoned");

@@ -8,39 +8,41 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
-use crate::store::{Compare, LeaseId, Op, Result, Store, Txn};
+use super::session::Session;
+use crate::store::{Compare, Op, Result, Store, Txn};
 
 pub struct Election {
     store: Arc<dyn Store>,
     key: String,
     candidate: String,
-    ttl: Duration,
 }
 
 /// Proof of leadership while `lost` is not cancelled.
 #[derive(Clone)]
 pub struct Leadership {
     pub epoch: u64,
-    pub lease: LeaseId,
-    /// Cancelled the moment leadership can no longer be proven.
+    /// Cancelled the moment leadership can no longer be proven: the
+    /// session's lease is lost, or the shard was resigned.
     pub lost: CancellationToken,
 }
 
 impl Election {
-    pub fn new(store: Arc<dyn Store>, key: String, candidate: String, ttl: Duration) -> Election {
+    pub fn new(store: Arc<dyn Store>, key: String, candidate: String) -> Election {
         Election {
             store,
             key,
             candidate,
-            ttl,
         }
     }
 
-    /// Tries once to become leader. `None`: someone else leads.
-    pub async fn try_acquire(&self) -> Result<Option<Leadership>> {
-        let lease = self.store.grant_lease(self.ttl).await?;
+    /// Tries once to become leader, binding the key to `session`'s lease.
+    /// `None`: someone else leads.
+    pub async fn try_acquire(&self, session: &Session) -> Result<Option<Leadership>> {
+        if session.is_lost() {
+            return Ok(None);
+        }
         let r = self
             .store
             .txn(Txn {
@@ -48,55 +50,19 @@ impl Election {
                 success: vec![Op::Put {
                     key: self.key.clone(),
                     value: self.candidate.clone().into_bytes(),
-                    lease,
+                    lease: session.lease,
                 }],
                 failure: vec![],
             })
             .await?;
         if !r.succeeded {
-            let _ = self.store.revoke(lease).await;
             return Ok(None);
         }
         info!(key = %self.key, candidate = %self.candidate, epoch = r.revision, "became leader");
         Ok(Some(Leadership {
             epoch: r.revision,
-            lease,
-            lost: CancellationToken::new(),
+            lost: session.lost.child_token(),
         }))
-    }
-
-    /// Keeps the lease alive every TTL/3. Leadership is given up (`lost`
-    /// cancelled) as soon as one keep-alive fails or does not answer within
-    /// TTL/3 — well before the lease could expire unnoticed.
-    pub fn keep_alive(&self, leadership: &Leadership) -> tokio::task::JoinHandle<()> {
-        let (store, lease, lost, period) = (
-            self.store.clone(),
-            leadership.lease,
-            leadership.lost.clone(),
-            self.ttl / 3,
-        );
-        let key = self.key.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = lost.cancelled() => return,
-                    _ = tokio::time::sleep(period) => {}
-                }
-                match tokio::time::timeout(period, store.keep_alive(lease)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        warn!(%key, error = %e, "lease lost; stepping down");
-                        lost.cancel();
-                        return;
-                    }
-                    Err(_) => {
-                        warn!(%key, "lease keep-alive unanswered; stepping down");
-                        lost.cancel();
-                        return;
-                    }
-                }
-            }
-        })
     }
 
     /// The compare that fences a leader's writes.
@@ -104,7 +70,8 @@ impl Election {
         Compare::CreateRevision(self.key.clone(), leadership.epoch)
     }
 
-    /// Gives leadership up at once (fair-share rebalancing, shutdown).
+    /// Gives leadership up at once (fair-share rebalancing): the key is
+    /// deleted, so a standby can win the shard on its next campaign.
     pub async fn resign(&self, leadership: &Leadership) -> Result<()> {
         leadership.lost.cancel();
         self.store
@@ -114,7 +81,6 @@ impl Election {
                 failure: vec![],
             })
             .await?;
-        let _ = self.store.revoke(leadership.lease).await;
         Ok(())
     }
 
@@ -133,22 +99,23 @@ impl Election {
 /// redb in unit tests and against a real etcd end to end.
 pub async fn scenario(store: Arc<dyn Store>, ttl: Duration) {
     let key = "/test/elections/shard-3".to_string();
-    let a = Election::new(store.clone(), key.clone(), "coord-a".into(), ttl);
-    let b = Election::new(store.clone(), key.clone(), "coord-b".into(), ttl);
+    let a = Election::new(store.clone(), key.clone(), "coord-a".into());
+    let b = Election::new(store.clone(), key.clone(), "coord-b".into());
+    let session_a = Session::open(store.clone(), ttl).await.unwrap();
+    let session_b = Session::open(store.clone(), ttl).await.unwrap();
     let lead_a = a
-        .try_acquire()
+        .try_acquire(&session_a)
         .await
         .unwrap()
         .expect("the first candidate wins");
     assert!(
-        b.try_acquire().await.unwrap().is_none(),
+        b.try_acquire(&session_b).await.unwrap().is_none(),
         "one leader at a time"
     );
     assert_eq!(
         b.leader().await.unwrap(),
         Some(("coord-a".to_string(), lead_a.epoch))
     );
-    let _keeper = a.keep_alive(&lead_a);
 
     // A guarded write by the leader succeeds.
     let write = |election: &Election, l: &Leadership, value: &str| Txn {
@@ -167,15 +134,19 @@ pub async fn scenario(store: Arc<dyn Store>, ttl: Duration) {
     // Kept alive past several TTLs, it stays leader.
     tokio::time::sleep(ttl * 2).await;
     assert!(!lead_a.lost.is_cancelled());
-    assert!(b.try_acquire().await.unwrap().is_none());
+    assert!(b.try_acquire(&session_b).await.unwrap().is_none());
 
     // The leader freezes (its keep-alives stop) and the lease expires: the
     // standby takes over with a higher epoch, and the old leader's guarded
     // writes are refused.
-    lead_a.lost.cancel();
+    session_a.lost.cancel();
+    assert!(
+        lead_a.lost.is_cancelled(),
+        "leadership ends with its session"
+    );
     let deadline = tokio::time::Instant::now() + ttl * 4 + Duration::from_secs(5);
     let lead_b = loop {
-        if let Some(l) = b.try_acquire().await.unwrap() {
+        if let Some(l) = b.try_acquire(&session_b).await.unwrap() {
             break l;
         }
         assert!(
@@ -205,14 +176,22 @@ pub async fn scenario(store: Arc<dyn Store>, ttl: Duration) {
         b"from b"
     );
 
-    // Resigning hands over at once.
+    // Resigning hands over at once, and the session lives on.
     b.resign(&lead_b).await.unwrap();
+    assert!(!session_b.is_lost());
+    let session_a = Session::open(store.clone(), ttl).await.unwrap();
     let again = a
-        .try_acquire()
+        .try_acquire(&session_a)
         .await
         .unwrap()
         .expect("free after a resignation");
     assert!(again.epoch > lead_b.epoch);
+
+    // Closing a session frees everything bound to it at once.
+    session_a.close().await;
+    assert!(again.lost.is_cancelled());
+    assert_eq!(a.leader().await.unwrap(), None);
+    session_b.close().await;
 }
 
 #[cfg(test)]

@@ -1,19 +1,34 @@
-//! The shards this coordinator leads. It campaigns for every shard it does
-//! not hold (one election each), keeps the leases alive, and notices the
-//! moment a lease can no longer be proven. With one coordinator it simply
-//! leads every shard; fair-share rebalancing between several is issue 5's
-//! next step.
+//! The shards this coordinator leads, and how they are shared.
+//!
+//! One session lease per coordinator (membership + every election key it
+//! holds). Every round — each TTL/3, and at once when a coordinator joins or
+//! leaves or an election key is deleted — it:
+//! 1. opens a new session if the old one was lost (all its shards are lost
+//!    with it: leadership is never carried across sessions);
+//! 2. reads the live members and computes its fair share,
+//!    `ceil(shards / live)`;
+//! 3. resigns the shards it holds beyond the share (its least preferred), so
+//!    work spreads when a coordinator joins;
+//! 4. campaigns for free shards, most preferred first, up to the share, so
+//!    work gathers when one leaves.
+//!
+//! Preference is rendezvous hashing of (coordinator id, shard): stable, and
+//! different coordinators prefer different shards, so they rarely race.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use drover_common::proto::ShardEpoch;
 use tokio::sync::broadcast;
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::election::{Election, Leadership};
-use crate::store::{Compare, Store};
+use super::members::{Member, Members};
+use super::session::Session;
+use crate::store::{Compare, Store, WatchEvent, WatchStream};
 
 /// A change of leadership of one shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,10 +40,14 @@ pub enum ShardEvent {
 pub struct ShardLeases {
     store: Arc<dyn Store>,
     prefix: String,
-    candidate: String,
+    me: Member,
+    members: Members,
     pub shards: u32,
     ttl: Duration,
-    held: Mutex<HashMap<u32, (Arc<Election>, Leadership)>>,
+    session: Mutex<Option<Arc<Session>>>,
+    held: Mutex<BTreeMap<u32, (Arc<Election>, Leadership)>>,
+    /// Live members as of the last round.
+    live: Mutex<Vec<Member>>,
     events: broadcast::Sender<ShardEvent>,
 }
 
@@ -36,23 +55,38 @@ impl ShardLeases {
     pub fn new(
         store: Arc<dyn Store>,
         key_prefix: &str,
-        candidate: &str,
+        me: Member,
         shards: u32,
         ttl: Duration,
     ) -> Arc<ShardLeases> {
         Arc::new(ShardLeases {
+            members: Members::new(store.clone(), key_prefix),
             store,
             prefix: format!("{key_prefix}/elections/shard-"),
-            candidate: candidate.to_string(),
+            me,
             shards: shards.max(1),
             ttl,
-            held: Mutex::new(HashMap::new()),
+            session: Mutex::new(None),
+            held: Mutex::new(BTreeMap::new()),
+            live: Mutex::new(Vec::new()),
             events: broadcast::channel(256).0,
         })
     }
 
+    pub fn id(&self) -> &str {
+        &self.me.id
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<ShardEvent> {
         self.events.subscribe()
+    }
+
+    fn election(&self, shard: u32) -> Election {
+        Election::new(
+            self.store.clone(),
+            format!("{}{shard}", self.prefix),
+            self.me.id.clone(),
+        )
     }
 
     /// Leadership of `shard`, while it can be proven.
@@ -63,6 +97,26 @@ impl ShardLeases {
             .get(&shard)
             .map(|(_, l)| l.clone())
             .filter(|l| !l.lost.is_cancelled())
+    }
+
+    /// The shards held right now with their epochs (Welcome, Fence).
+    pub fn epochs(&self) -> Vec<ShardEpoch> {
+        self.held
+            .lock()
+            .expect("held lock")
+            .iter()
+            .filter(|(_, (_, l))| !l.lost.is_cancelled())
+            .map(|(s, (_, l))| ShardEpoch {
+                shard: *s,
+                epoch: l.epoch,
+            })
+            .collect()
+    }
+
+    /// The live coordinators as of the last round (this one included once
+    /// it has registered).
+    pub fn members(&self) -> Vec<Member> {
+        self.live.lock().expect("live lock").clone()
     }
 
     /// The compare that fences a write for `shard` (None: not the leader).
@@ -91,19 +145,37 @@ impl ShardLeases {
         ours
     }
 
-    /// Who leads `shard`, for error messages and forwarding.
-    pub async fn leader_of(&self, shard: u32) -> Option<String> {
-        let e = Election::new(
-            self.store.clone(),
-            format!("{}{shard}", self.prefix),
-            self.candidate.clone(),
-            self.ttl,
-        );
-        e.leader().await.ok().flatten().map(|(id, _)| id)
+    /// Who leads `shard` (None: nobody right now). The address comes from
+    /// the membership keys.
+    pub async fn leader_of(&self, shard: u32) -> Option<Member> {
+        let (id, _) = self.election(shard).leader().await.ok().flatten()?;
+        if let Some(m) = self.members().into_iter().find(|m| m.id == id) {
+            return Some(m);
+        }
+        let live = self.members.live().await.ok()?;
+        live.into_iter().find(|m| m.id == id).or(Some(Member {
+            id,
+            address: String::new(),
+        }))
     }
 
-    /// One round: drop lost shards, campaign for free ones.
-    pub async fn campaign_once(&self) {
+    /// The epoch of `shard`'s current leader, whoever it is (None: no
+    /// leader, or no such shard).
+    pub async fn current_epoch(&self, shard: u32) -> Option<u64> {
+        self.election(shard)
+            .leader()
+            .await
+            .ok()
+            .flatten()
+            .map(|(_, epoch)| epoch)
+    }
+
+    /// This coordinator's preference for `shard` (higher first).
+    fn preference(&self, shard: u32) -> u64 {
+        super::shards::preference(&self.me.id, shard)
+    }
+
+    fn forget_lost(&self) {
         let lost: Vec<u32> = {
             let mut held = self.held.lock().expect("held lock");
             let lost: Vec<u32> = held
@@ -117,52 +189,170 @@ impl ShardLeases {
             lost
         };
         for s in lost {
+            warn!(shard = s, "lost the shard's leadership");
             let _ = self.events.send(ShardEvent::Lost(s));
         }
-        for shard in 0..self.shards {
-            if self.held.lock().expect("held lock").contains_key(&shard) {
-                continue;
+    }
+
+    /// The current session, or a new one (registered as a member) if there
+    /// is none or it was lost. None while the store is unreachable.
+    async fn ensure_session(&self) -> Option<Arc<Session>> {
+        let current = self.session.lock().expect("session lock").clone();
+        if let Some(s) = current.filter(|s| !s.is_lost()) {
+            return Some(s);
+        }
+        let session = match Session::open(self.store.clone(), self.ttl).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "cannot open a session with the store; leading nothing");
+                return None;
             }
-            let election = Arc::new(Election::new(
-                self.store.clone(),
-                format!("{}{shard}", self.prefix),
-                self.candidate.clone(),
-                self.ttl,
-            ));
-            match election.try_acquire().await {
+        };
+        if let Err(e) = self.members.register(&self.me, &session).await {
+            warn!(error = %e, "cannot register as a member; leading nothing");
+            session.close().await;
+            return None;
+        }
+        info!(id = %self.me.id, address = %self.me.address, lease = session.lease, "joined the coordinators");
+        *self.session.lock().expect("session lock") = Some(session.clone());
+        Some(session)
+    }
+
+    /// One round: forget lost shards, renew the session if needed, resign
+    /// beyond the fair share, campaign up to it.
+    pub async fn campaign_once(&self) {
+        self.forget_lost();
+        let Some(session) = self.ensure_session().await else {
+            return;
+        };
+        self.forget_lost();
+        let live = match self.members.live().await {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "cannot read the membership");
+                return;
+            }
+        };
+        let mut count = live.len();
+        if !live.iter().any(|m| m.id == self.me.id) {
+            count += 1;
+        }
+        *self.live.lock().expect("live lock") = live;
+        let share = self.shards.div_ceil(count.max(1) as u32) as usize;
+
+        // Resign the least preferred shards beyond the share.
+        let mut held: Vec<u32> = self
+            .held
+            .lock()
+            .expect("held lock")
+            .keys()
+            .copied()
+            .collect();
+        if held.len() > share {
+            held.sort_by_key(|s| std::cmp::Reverse(self.preference(*s)));
+            for shard in held.split_off(share) {
+                let entry = self.held.lock().expect("held lock").remove(&shard);
+                if let Some((election, leadership)) = entry {
+                    info!(
+                        shard,
+                        share,
+                        live = count,
+                        "resigning the shard (fair share)"
+                    );
+                    if let Err(e) = election.resign(&leadership).await {
+                        warn!(shard, error = %e, "resigning failed; the lease will free it");
+                    }
+                    let _ = self.events.send(ShardEvent::Lost(shard));
+                }
+            }
+            return;
+        }
+        if held.len() == share {
+            return;
+        }
+
+        // Campaign for free shards, most preferred first, up to the share.
+        let taken: HashSet<u32> = match self.store.range(&self.prefix).await {
+            Ok((kvs, _)) => kvs
+                .iter()
+                .filter_map(|kv| kv.key.strip_prefix(&self.prefix)?.parse().ok())
+                .collect(),
+            Err(e) => {
+                warn!(error = %e, "cannot read the elections");
+                return;
+            }
+        };
+        let mut free: Vec<u32> = (0..self.shards).filter(|s| !taken.contains(s)).collect();
+        free.sort_by_key(|s| std::cmp::Reverse(self.preference(*s)));
+        let mut holding = held.len();
+        for shard in free {
+            if holding >= share {
+                break;
+            }
+            let election = Arc::new(self.election(shard));
+            match election.try_acquire(&session).await {
                 Ok(Some(leadership)) => {
-                    election.keep_alive(&leadership);
                     self.held
                         .lock()
                         .expect("held lock")
                         .insert(shard, (election, leadership));
+                    holding += 1;
                     let _ = self.events.send(ShardEvent::Gained(shard));
                 }
                 Ok(None) => {}
-                Err(e) => warn!(shard, error = %e, "campaign failed"),
+                Err(e) => {
+                    warn!(shard, error = %e, "campaign failed");
+                    return;
+                }
             }
         }
     }
 
-    /// Campaigns every TTL/3 until `stop`; then resigns every shard so a
-    /// standby takes over at once.
+    /// Changes that call for a round at once: a coordinator joining or
+    /// leaving, an election key deleted (resigned or expired).
+    async fn watch_changes(&self) -> Option<WatchStream> {
+        let members = self.store.watch(self.members.prefix()).await.ok()?;
+        let elections = self.store.watch(&self.prefix).await.ok()?;
+        let elections = elections.filter(|e| matches!(e, WatchEvent::Delete { .. }));
+        Some(Box::pin(members.merge(elections)))
+    }
+
+    /// Runs rounds until `stop`; then ends the session, which frees every
+    /// shard at once for the standbys.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut changes: Option<WatchStream> = None;
         loop {
             self.campaign_once().await;
+            if changes.is_none() {
+                changes = self.watch_changes().await;
+            }
+            let session_lost = self
+                .session
+                .lock()
+                .expect("session lock")
+                .as_ref()
+                .filter(|s| !s.is_lost())
+                .map(|s| s.lost.clone());
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tokio::time::sleep(self.ttl / 3) => {}
+                _ = async { session_lost.expect("checked").cancelled().await }, if session_lost.is_some() => {}
+                change = async { changes.as_mut().expect("checked").next().await }, if changes.is_some() => {
+                    if change.is_none() {
+                        changes = None;
+                    }
+                }
             }
         }
-        let held: Vec<(Arc<Election>, Leadership)> = self
-            .held
-            .lock()
-            .expect("held lock")
-            .drain()
-            .map(|(_, v)| v)
+        let session = self.session.lock().expect("session lock").take();
+        let held: Vec<u32> = std::mem::take(&mut *self.held.lock().expect("held lock"))
+            .into_keys()
             .collect();
-        for (election, leadership) in held {
-            let _ = election.resign(&leadership).await;
+        if let Some(session) = session {
+            session.close().await;
+        }
+        for shard in held {
+            let _ = self.events.send(ShardEvent::Lost(shard));
         }
     }
 }

@@ -1,8 +1,10 @@
-//! High availability building blocks: pipelines map to shards, and each
-//! shard has one leader elected through a store lease. The leader's epoch
-//! (the create revision of its election key) fences its writes and its
-//! commands. Wiring these into the coordinator is the rest of issue 5.
+//! High availability: pipelines map to shards; each coordinator holds one
+//! session lease (membership and elections); each shard has one leader
+//! whose epoch (the create revision of its election key) fences its writes
+//! and its commands; shards are shared fairly between live coordinators.
 
 pub mod election;
 pub mod leases;
+pub mod members;
+pub mod session;
 pub mod shards;

@@ -6,11 +6,21 @@ use drover_common::artifact::Digest;
 /// Default number of shards.
 pub const DEFAULT_SHARDS: u32 = 16;
 
+/// The first 64 bits of sha256(`bytes`).
+fn hash64(bytes: &[u8]) -> u64 {
+    let (digest, _) = Digest::of_reader(bytes).expect("hashing bytes in memory cannot fail");
+    u64::from_str_radix(&digest.hex()[..16], 16).expect("hex")
+}
+
 pub fn shard_of(pipeline: &str, shards: u32) -> u32 {
-    let (digest, _) = Digest::of_reader(pipeline.as_bytes()).expect("hashing a string cannot fail");
-    let bytes = digest.hex();
-    // The first 8 hex digits are 32 bits of the digest.
-    u32::from_str_radix(&bytes[..8], 16).expect("hex") % shards.max(1)
+    // The first 32 bits of the digest.
+    ((hash64(pipeline.as_bytes()) >> 32) as u32) % shards.max(1)
+}
+
+/// How much coordinator `member` prefers `shard` (rendezvous hashing):
+/// stable, and different coordinators prefer different shards.
+pub fn preference(member: &str, shard: u32) -> u64 {
+    hash64(format!("{member}/{shard}").as_bytes())
 }
 
 #[cfg(test)]

@@ -92,14 +92,12 @@ impl BlobStore {
         })
     }
 
-    /// Makes a fully written, digest-checked upload visible: fsync, rename
-    /// into `blobs/`, then the metadata in the store. A blob without
-    /// metadata (a crash in between) is simply uploaded again.
-    pub async fn commit(
+    /// Makes a digest-checked copy of a blob whose metadata is already in
+    /// the store visible: fsync, rename into `blobs/`, fsync the directory.
+    pub async fn commit_replica(
         &self,
         mut pending: PendingBlob,
         digest: &Digest,
-        info: &ArtifactInfo,
     ) -> io::Result<()> {
         let mut file = pending.file.take().expect("file present until commit");
         file.flush().await?;
@@ -109,7 +107,19 @@ impl BlobStore {
         tokio::fs::File::open(self.root.join("blobs"))
             .await?
             .sync_all()
-            .await?;
+            .await
+    }
+
+    /// Makes a fully written, digest-checked upload visible: fsync, rename
+    /// into `blobs/`, then the metadata in the store. A blob without
+    /// metadata (a crash in between) is simply uploaded again.
+    pub async fn commit(
+        &self,
+        pending: PendingBlob,
+        digest: &Digest,
+        info: &ArtifactInfo,
+    ) -> io::Result<()> {
+        self.commit_replica(pending, digest).await?;
         self.store
             .txn(Txn {
                 success: vec![Op::put(self.meta_key(digest), info.encode_to_vec())],

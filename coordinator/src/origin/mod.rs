@@ -6,6 +6,11 @@
 //! sees a partial one. Metadata (ArtifactInfo) is in the Store under
 //! `<prefix>/artifacts/<sha256>`, written after the blob.
 
+//! With several coordinators, a blob missing here is copied from a peer the
+//! first time it is fetched (`replicate.rs`).
+
 mod blobs;
+mod replicate;
 
 pub use blobs::{BlobStore, PendingBlob};
+pub use replicate::{PEER_FETCH, Replicator};

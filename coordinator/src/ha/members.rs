@@ -1,0 +1,63 @@
+//! Membership: each live coordinator has a key `<prefix>/members/<id>`
+//! bound to its session lease, holding the address agents and peers use.
+//! A coordinator that dies or freezes drops out when its lease expires.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::session::Session;
+use crate::store::{Op, Result, Store, Txn};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub id: String,
+    /// host:port of its API (agents, droverctl, forwarding, artifact fetches).
+    pub address: String,
+}
+
+pub struct Members {
+    store: Arc<dyn Store>,
+    prefix: String,
+}
+
+impl Members {
+    pub fn new(store: Arc<dyn Store>, key_prefix: &str) -> Members {
+        Members {
+            store,
+            prefix: format!("{key_prefix}/members/"),
+        }
+    }
+
+    /// The prefix the membership keys live under (for watches).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Announces `me` for as long as `session` lives.
+    pub async fn register(&self, me: &Member, session: &Session) -> Result<()> {
+        self.store
+            .txn(Txn {
+                compares: vec![],
+                success: vec![Op::Put {
+                    key: format!("{}{}", self.prefix, me.id),
+                    value: serde_json::to_vec(me).expect("a member serializes"),
+                    lease: session.lease,
+                }],
+                failure: vec![],
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Every live coordinator, ordered by id.
+    pub async fn live(&self) -> Result<Vec<Member>> {
+        let (kvs, _) = self.store.range(&self.prefix).await?;
+        let mut members: Vec<Member> = kvs
+            .iter()
+            .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+            .collect();
+        members.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(members)
+    }
+}

@@ -1,0 +1,109 @@
+//! Blobs this coordinator lacks, fetched from its peers. With several
+//! coordinators an artifact is uploaded to one of them; any other serves it
+//! by copying it once (read-through), verified against its sha256 like an
+//! upload, so agents can pull from whichever coordinator they reach.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use drover_common::artifact::Digest;
+use drover_common::proto::FetchRequest;
+use drover_common::proto::artifacts_client::ArtifactsClient;
+use tracing::{info, warn};
+
+use super::BlobStore;
+
+/// One copy at a time per blob, however many agents ask at once.
+#[derive(Default)]
+pub struct Replicator {
+    in_flight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Replicator {
+    /// Makes sure `digest` is on local disk, fetching it from the first of
+    /// `peers` that has it. Err when none could provide verified bytes.
+    pub async fn ensure(
+        &self,
+        blobs: &BlobStore,
+        digest: &Digest,
+        peers: &[String],
+    ) -> io::Result<()> {
+        let lock = self
+            .in_flight
+            .lock()
+            .expect("in-flight lock")
+            .entry(digest.hex())
+            .or_default()
+            .clone();
+        let _guard = lock.lock().await;
+        let result = self.copy(blobs, digest, peers).await;
+        self.in_flight
+            .lock()
+            .expect("in-flight lock")
+            .remove(&digest.hex());
+        result
+    }
+
+    async fn copy(&self, blobs: &BlobStore, digest: &Digest, peers: &[String]) -> io::Result<()> {
+        if tokio::fs::try_exists(blobs.blob_path(digest)).await? {
+            return Ok(()); // another request copied it meanwhile
+        }
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "no peer coordinator is known");
+        for peer in peers {
+            match self.copy_from(blobs, digest, peer).await {
+                Ok(size) => {
+                    info!(%digest, %peer, size, "artifact copied from a peer coordinator");
+                    return Ok(());
+                }
+                Err(e) => {
+                    warn!(%digest, %peer, error = %e, "could not copy the artifact from this peer");
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    async fn copy_from(&self, blobs: &BlobStore, digest: &Digest, peer: &str) -> io::Result<u64> {
+        let channel = drover_common::grpc::connect(peer)
+            .await
+            .map_err(|e| io::Error::other(format!("connecting: {e}")))?;
+        let mut stream = ArtifactsClient::new(channel)
+            // Peers do not read-through from each other: a blob nobody has
+            // ends here instead of bouncing around.
+            .fetch(peer_request(digest))
+            .await
+            .map_err(|s| io::Error::other(s.message().to_string()))?
+            .into_inner();
+        let mut pending = blobs.begin().await?;
+        while let Some(chunk) = stream
+            .message()
+            .await
+            .map_err(|s| io::Error::other(s.message().to_string()))?
+        {
+            pending.write(&chunk.data).await?;
+        }
+        let (actual, size) = pending.digest();
+        if actual != *digest {
+            return Err(io::Error::other(format!(
+                "the peer's bytes hash to {actual}, not {digest}; discarded"
+            )));
+        }
+        blobs.commit_replica(pending, digest).await?;
+        Ok(size)
+    }
+}
+
+/// Metadata marking a Fetch from a peer coordinator.
+pub const PEER_FETCH: &str = "x-drover-peer-fetch";
+
+fn peer_request(digest: &Digest) -> tonic::Request<FetchRequest> {
+    let mut r = tonic::Request::new(FetchRequest {
+        sha256: digest.hex(),
+        offset: 0,
+    });
+    r.metadata_mut()
+        .insert(PEER_FETCH, tonic::metadata::MetadataValue::from_static("1"));
+    r
+}
