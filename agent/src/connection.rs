@@ -221,6 +221,11 @@ impl Connection {
                     Some(coordinator_message::Msg::Fence(f)) => {
                         (self.fence)(&f.epochs);
                     }
+                    Some(coordinator_message::Msg::Peers(p)) => {
+                        if let Some(directory) = &self.directory {
+                            directory.peers(coordinator_id, &p.coordinators);
+                        }
+                    }
                     Some(coordinator_message::Msg::Command(cmd)) => {
                         debug!(command_id = %cmd.command_id, "command received");
                         if let Some(reply) = &control {

@@ -69,13 +69,19 @@ impl Directory {
                 }
             }
         }
+        self.peers(coordinator_id, peers);
+        true
+    }
+
+    /// `coordinator_id` listed the live coordinators (Welcome, Peers):
+    /// announces the unknown ones.
+    pub fn peers(&self, coordinator_id: &str, peers: &[String]) {
         for peer in peers {
             if self.claim(peer) {
                 info!(coordinator = %peer, via = %coordinator_id, "discovered a coordinator");
                 let _ = self.found.send(peer.clone());
             }
         }
-        true
     }
 
     /// The welcomed stream to `address` ended.

@@ -69,6 +69,16 @@ pub struct Args {
     pub lease_ttl: Option<Duration>,
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Time after start before this coordinator takes a share of the shards
+    /// from ready peers: long enough for agents to reconnect (their
+    /// --reconnect-max), so it never plans a deploy on half a fleet.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub warmup: Option<Duration>,
+    /// Fault injection, never in production: keep acting as a shard leader
+    /// after the lease keep-alive fails, so tests can prove that etcd and
+    /// the agents refuse a deposed leader on their own.
+    #[arg(long, hide = true)]
+    pub fault_ignore_lease_loss: bool,
 }
 
 /// The `--config` file.
@@ -93,6 +103,8 @@ struct FileConfig {
     shards: Option<u32>,
     #[serde(default, with = "humantime_serde_opt")]
     lease_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    warmup: Option<Duration>,
     log_format: Option<String>,
 }
 
@@ -134,7 +146,10 @@ pub struct Config {
     pub etcd_endpoints: Vec<String>,
     pub shards: u32,
     pub lease_ttl: Duration,
+    pub warmup: Duration,
     pub log_format: LogFormat,
+    /// See `--fault-ignore-lease-loss`.
+    pub fault_ignore_lease_loss: bool,
 }
 
 impl Config {
@@ -156,7 +171,9 @@ impl Config {
             etcd_endpoints: Vec::new(),
             shards: crate::ha::shards::DEFAULT_SHARDS,
             lease_ttl: Duration::from_secs(3),
+            warmup: Duration::from_secs(6),
             log_format: LogFormat::Text,
+            fault_ignore_lease_loss: false,
         }
     }
 
@@ -215,6 +232,10 @@ impl Config {
                 "shards must be between 1 and 1024, got {n}"
             );
             cfg.shards = n;
+        }
+        cfg.fault_ignore_lease_loss = args.fault_ignore_lease_loss;
+        if let Some(w) = args.warmup.or(file.warmup) {
+            cfg.warmup = w;
         }
         if let Some(t) = args.lease_ttl.or(file.lease_ttl) {
             anyhow::ensure!(t >= Duration::from_secs(1), "lease_ttl must be at least 1s");

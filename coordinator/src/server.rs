@@ -13,7 +13,7 @@ use drover_common::proto::agent_control_server::AgentControlServer;
 use drover_common::proto::artifacts_server::ArtifactsServer;
 use drover_common::proto::deployer_server::DeployerServer;
 use drover_common::proto::{
-    CoordinatorMessage, FILE_DESCRIPTOR_SET, Fence, ShardEpoch, coordinator_message,
+    CoordinatorMessage, FILE_DESCRIPTOR_SET, Fence, Peers, ShardEpoch, coordinator_message,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -113,9 +113,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         Member {
             id: cfg.id.clone(),
             address: origin_addr.clone(),
+            ready: false,
         },
         cfg.shards,
         cfg.lease_ttl,
+        cfg.warmup,
+        cfg.fault_ignore_lease_loss,
     );
     leases.campaign_once().await;
     metrics.shards_led.set(leases.epochs().len() as i64);
@@ -147,12 +150,22 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         origin_addr,
         forward: Forwarder::new(leases.clone(), metrics.clone()),
     };
+    // Every artifact uploaded to another coordinator is copied here too.
+    let replicator = Arc::new(Replicator::default());
+    {
+        let leases = leases.clone();
+        tokio::spawn(replicator.clone().sync(
+            blobs.clone(),
+            move || leases.peer_addresses(),
+            stop.clone(),
+        ));
+    }
     let artifacts = ArtifactsService {
         store: blobs.clone(),
         metrics: metrics.clone(),
         max_artifact_bytes: cfg.max_artifact_bytes,
         leases: leases.clone(),
-        replicator: Replicator::default(),
+        replicator: replicator.clone(),
     };
 
     let serve_stop = stop.clone();
@@ -198,8 +211,17 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         tokio::spawn(async move {
             while let Ok(event) = events.recv().await {
                 metrics.shards_led.set(leases.epochs().len() as i64);
-                let ShardEvent::Gained(shard) = event else {
-                    continue;
+                let shard = match event {
+                    ShardEvent::Gained(shard) => shard,
+                    ShardEvent::Lost(_) => continue,
+                    ShardEvent::MembersChanged => {
+                        registry.broadcast(CoordinatorMessage {
+                            msg: Some(coordinator_message::Msg::Peers(Peers {
+                                coordinators: leases.addresses(),
+                            })),
+                        });
+                        continue;
+                    }
                 };
                 if let Some(leadership) = leases.leadership(shard) {
                     registry.broadcast(CoordinatorMessage {

@@ -5,11 +5,13 @@
 //! - [`ChildGuard`]: a child process killed on drop, its output in a log file
 //!   whose tail is printed when the test fails.
 //! - [`Coordinator`], [`Agent`], [`Etcd`]: start one, wait until it serves.
+//! - [`Cluster`]: etcd plus several coordinators; leaders, shares, metrics.
 //! - [`wait_until`]: poll a condition with a deadline; never a bare sleep.
 //! - [`bins`]: where the binaries are (built once per test process).
 
 pub mod artifacts;
 pub mod bins;
+pub mod cluster;
 pub mod commands;
 mod daemons;
 mod etcd;
@@ -20,6 +22,7 @@ pub mod raw;
 mod testdir;
 mod wait;
 
+pub use cluster::Cluster;
 pub use daemons::{Agent, Coordinator};
 pub use etcd::Etcd;
 pub use http::{http_get, http_get_status};

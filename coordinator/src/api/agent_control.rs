@@ -155,13 +155,7 @@ impl AgentControl for AgentControlService {
             msg: Some(coordinator_message::Msg::Welcome(Welcome {
                 coordinator_id: self.coordinator_id.clone(),
                 session_id: session_id.to_string(),
-                coordinators: self
-                    .leases
-                    .members()
-                    .into_iter()
-                    .map(|m| m.address)
-                    .filter(|a| !a.is_empty())
-                    .collect(),
+                coordinators: self.leases.addresses(),
                 epochs: self.leases.epochs(),
             })),
         };

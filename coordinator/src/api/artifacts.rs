@@ -31,7 +31,7 @@ pub struct ArtifactsService {
     pub max_artifact_bytes: u64,
     /// Live coordinators: where a blob missing here is copied from.
     pub leases: Arc<ShardLeases>,
-    pub replicator: Replicator,
+    pub replicator: Arc<Replicator>,
 }
 
 impl ArtifactsService {
@@ -57,15 +57,8 @@ impl ArtifactsService {
         {
             return Ok(());
         }
-        let peers: Vec<String> = self
-            .leases
-            .members()
-            .into_iter()
-            .filter(|m| m.id != self.leases.id() && !m.address.is_empty())
-            .map(|m| m.address)
-            .collect();
         self.replicator
-            .ensure(&self.store, digest, &peers)
+            .ensure(&self.store, digest, &self.leases.peer_addresses())
             .await
             .map_err(|e| {
                 Status::unavailable(format!(

@@ -101,8 +101,8 @@ pub async fn scenario(store: Arc<dyn Store>, ttl: Duration) {
     let key = "/test/elections/shard-3".to_string();
     let a = Election::new(store.clone(), key.clone(), "coord-a".into());
     let b = Election::new(store.clone(), key.clone(), "coord-b".into());
-    let session_a = Session::open(store.clone(), ttl).await.unwrap();
-    let session_b = Session::open(store.clone(), ttl).await.unwrap();
+    let session_a = Session::open(store.clone(), ttl, false).await.unwrap();
+    let session_b = Session::open(store.clone(), ttl, false).await.unwrap();
     let lead_a = a
         .try_acquire(&session_a)
         .await
@@ -179,7 +179,7 @@ pub async fn scenario(store: Arc<dyn Store>, ttl: Duration) {
     // Resigning hands over at once, and the session lives on.
     b.resign(&lead_b).await.unwrap();
     assert!(!session_b.is_lost());
-    let session_a = Session::open(store.clone(), ttl).await.unwrap();
+    let session_a = Session::open(store.clone(), ttl, false).await.unwrap();
     let again = a
         .try_acquire(&session_a)
         .await

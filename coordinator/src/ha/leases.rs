@@ -6,7 +6,10 @@
 //! 1. opens a new session if the old one was lost (all its shards are lost
 //!    with it: leadership is never carried across sessions);
 //! 2. reads the live members and computes its fair share,
-//!    `ceil(shards / live)`;
+//!    `ceil(shards / ready members)`; a coordinator still in its warm-up
+//!    (agents have not all reconnected to it yet) counts for nothing and
+//!    leads nothing while a ready peer exists — only a cold cluster (nobody
+//!    ready, e.g. a lone coordinator at start) shares among everyone;
 //! 3. resigns the shards it holds beyond the share (its least preferred), so
 //!    work spreads when a coordinator joins;
 //! 4. campaigns for free shards, most preferred first, up to the share, so
@@ -16,6 +19,7 @@
 //! different coordinators prefer different shards, so they rarely race.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,12 +39,18 @@ use crate::store::{Compare, Store, WatchEvent, WatchStream};
 pub enum ShardEvent {
     Gained(u32),
     Lost(u32),
+    /// A coordinator joined or left (see [`ShardLeases::members`]).
+    MembersChanged,
 }
 
 pub struct ShardLeases {
     store: Arc<dyn Store>,
     prefix: String,
     me: Member,
+    started: std::time::Instant,
+    warmup: Duration,
+    /// Registered as ready (past the warm-up) in the current session.
+    announced_ready: AtomicBool,
     members: Members,
     pub shards: u32,
     ttl: Duration,
@@ -49,6 +59,8 @@ pub struct ShardLeases {
     /// Live members as of the last round.
     live: Mutex<Vec<Member>>,
     events: broadcast::Sender<ShardEvent>,
+    /// Fault injection (`--fault-ignore-lease-loss`).
+    ignore_lease_loss: bool,
 }
 
 impl ShardLeases {
@@ -58,18 +70,24 @@ impl ShardLeases {
         me: Member,
         shards: u32,
         ttl: Duration,
+        warmup: Duration,
+        ignore_lease_loss: bool,
     ) -> Arc<ShardLeases> {
         Arc::new(ShardLeases {
             members: Members::new(store.clone(), key_prefix),
             store,
             prefix: format!("{key_prefix}/elections/shard-"),
             me,
+            started: std::time::Instant::now(),
+            warmup,
+            announced_ready: AtomicBool::new(false),
             shards: shards.max(1),
             ttl,
             session: Mutex::new(None),
             held: Mutex::new(BTreeMap::new()),
             live: Mutex::new(Vec::new()),
             events: broadcast::channel(256).0,
+            ignore_lease_loss,
         })
     }
 
@@ -119,6 +137,24 @@ impl ShardLeases {
         self.live.lock().expect("live lock").clone()
     }
 
+    /// Every live coordinator's address (Welcome, Peers).
+    pub fn addresses(&self) -> Vec<String> {
+        self.members()
+            .into_iter()
+            .map(|m| m.address)
+            .filter(|a| !a.is_empty())
+            .collect()
+    }
+
+    /// Every other live coordinator's address.
+    pub fn peer_addresses(&self) -> Vec<String> {
+        self.members()
+            .into_iter()
+            .filter(|m| m.id != self.me.id && !m.address.is_empty())
+            .map(|m| m.address)
+            .collect()
+    }
+
     /// The compare that fences a write for `shard` (None: not the leader).
     pub fn guard(&self, shard: u32) -> Option<Compare> {
         let held = self.held.lock().expect("held lock");
@@ -156,6 +192,7 @@ impl ShardLeases {
         live.into_iter().find(|m| m.id == id).or(Some(Member {
             id,
             address: String::new(),
+            ready: false,
         }))
     }
 
@@ -201,21 +238,32 @@ impl ShardLeases {
         if let Some(s) = current.filter(|s| !s.is_lost()) {
             return Some(s);
         }
-        let session = match Session::open(self.store.clone(), self.ttl).await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = %e, "cannot open a session with the store; leading nothing");
-                return None;
-            }
-        };
-        if let Err(e) = self.members.register(&self.me, &session).await {
+        let session =
+            match Session::open(self.store.clone(), self.ttl, self.ignore_lease_loss).await {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "cannot open a session with the store; leading nothing");
+                    return None;
+                }
+            };
+        let me = self.me_now();
+        if let Err(e) = self.members.register(&me, &session).await {
             warn!(error = %e, "cannot register as a member; leading nothing");
             session.close().await;
             return None;
         }
+        self.announced_ready.store(me.ready, Ordering::Relaxed);
         info!(id = %self.me.id, address = %self.me.address, lease = session.lease, "joined the coordinators");
         *self.session.lock().expect("session lock") = Some(session.clone());
         Some(session)
+    }
+
+    /// This coordinator's membership record as of now.
+    fn me_now(&self) -> Member {
+        Member {
+            ready: self.started.elapsed() >= self.warmup,
+            ..self.me.clone()
+        }
     }
 
     /// One round: forget lost shards, renew the session if needed, resign
@@ -226,6 +274,16 @@ impl ShardLeases {
             return;
         };
         self.forget_lost();
+        let me = self.me_now();
+        if me.ready && !self.announced_ready.load(Ordering::Relaxed) {
+            match self.members.register(&me, &session).await {
+                Ok(()) => {
+                    info!(id = %me.id, "warm-up over: ready to lead shards");
+                    self.announced_ready.store(true, Ordering::Relaxed);
+                }
+                Err(e) => warn!(error = %e, "cannot announce readiness"),
+            }
+        }
         let live = match self.members.live().await {
             Ok(m) => m,
             Err(e) => {
@@ -233,12 +291,29 @@ impl ShardLeases {
                 return;
             }
         };
-        let mut count = live.len();
-        if !live.iter().any(|m| m.id == self.me.id) {
-            count += 1;
+        let live_count = live.len();
+        let others: Vec<&Member> = live.iter().filter(|m| m.id != me.id).collect();
+        let ready_others = others.iter().filter(|m| m.ready).count();
+        // Coordinators sharing the shards, this one included; 0 while it
+        // warms up next to ready peers (it leads nothing yet).
+        let count = match (me.ready, ready_others) {
+            (true, n) => n + 1,
+            (false, 0) => others.len() + 1, // a cold cluster shares among all
+            (false, _) => 0,
+        };
+        let changed = {
+            let mut known = self.live.lock().expect("live lock");
+            let changed = *known != live;
+            *known = live;
+            changed
+        };
+        if changed {
+            let _ = self.events.send(ShardEvent::MembersChanged);
         }
-        *self.live.lock().expect("live lock") = live;
-        let share = self.shards.div_ceil(count.max(1) as u32) as usize;
+        let share = match count {
+            0 => 0,
+            n => self.shards.div_ceil(n as u32) as usize,
+        };
 
         // Resign the least preferred shards beyond the share.
         let mut held: Vec<u32> = self
@@ -256,7 +331,7 @@ impl ShardLeases {
                     info!(
                         shard,
                         share,
-                        live = count,
+                        live = live_count,
                         "resigning the shard (fair share)"
                     );
                     if let Err(e) = election.resign(&leadership).await {

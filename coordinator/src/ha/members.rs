@@ -14,6 +14,10 @@ pub struct Member {
     pub id: String,
     /// host:port of its API (agents, droverctl, forwarding, artifact fetches).
     pub address: String,
+    /// Past its warm-up: agents have had time to reconnect, so its view of
+    /// the fleet is whole and it may lead shards next to ready peers.
+    #[serde(default)]
+    pub ready: bool,
 }
 
 pub struct Members {

@@ -25,7 +25,14 @@ impl Session {
     /// as soon as one keep-alive fails or does not answer within TTL/3, so
     /// the coordinator steps down well before the lease could expire
     /// unnoticed (at worst 2/3 of the TTL after the last proof).
-    pub async fn open(store: Arc<dyn Store>, ttl: Duration) -> Result<Arc<Session>> {
+    ///
+    /// `ignore_loss` is fault injection for tests: a failed keep-alive is
+    /// logged and ignored, as a leader with a broken clock or a bug would.
+    pub async fn open(
+        store: Arc<dyn Store>,
+        ttl: Duration,
+        ignore_loss: bool,
+    ) -> Result<Arc<Session>> {
         let lease = store.grant_lease(ttl).await?;
         let session = Arc::new(Session {
             store: store.clone(),
@@ -41,6 +48,9 @@ impl Session {
                 }
                 match tokio::time::timeout(period, store.keep_alive(lease)).await {
                     Ok(Ok(())) => {}
+                    Ok(Err(e)) if ignore_loss => {
+                        warn!(lease, error = %e, "fault injection: ignoring the lost lease and acting on");
+                    }
                     Ok(Err(e)) => {
                         warn!(lease, error = %e, "session lease lost; stepping down");
                         lost.cancel();

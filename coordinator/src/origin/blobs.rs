@@ -81,6 +81,14 @@ impl BlobStore {
         Ok(out)
     }
 
+    /// Changes to the artifact metadata (a new upload anywhere).
+    pub async fn watch_metadata(&self) -> io::Result<crate::store::WatchStream> {
+        self.store
+            .watch(&self.meta_prefix)
+            .await
+            .map_err(store_error)
+    }
+
     /// Starts an upload into a temp file.
     pub async fn begin(&self) -> io::Result<PendingBlob> {
         let path = self.root.join("tmp").join(uuid::Uuid::new_v4().to_string());

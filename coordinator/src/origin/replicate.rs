@@ -1,7 +1,11 @@
-//! Blobs this coordinator lacks, fetched from its peers. With several
-//! coordinators an artifact is uploaded to one of them; any other serves it
-//! by copying it once (read-through), verified against its sha256 like an
-//! upload, so agents can pull from whichever coordinator they reach.
+//! Blobs this coordinator lacks, copied from its peers. With several
+//! coordinators an artifact is uploaded to one of them; every other one
+//! copies it as soon as its metadata appears in the store (a watch, plus a
+//! sweep at start and every minute for what was missed while down), and a
+//! Fetch of a blob not copied yet copies it first (read-through). Copies
+//! are verified against the sha256 like uploads. So an artifact survives
+//! the loss of the coordinator it was uploaded to, and agents can pull from
+//! whichever coordinator they reach.
 
 use std::collections::HashMap;
 use std::io;
@@ -92,6 +96,64 @@ impl Replicator {
         }
         blobs.commit_replica(pending, digest).await?;
         Ok(size)
+    }
+}
+
+/// How often the full sweep runs besides the watch.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl Replicator {
+    /// Keeps every blob whose metadata is in the store on local disk, until
+    /// `stop`. `peers` lists the other coordinators' addresses.
+    pub async fn sync(
+        self: Arc<Self>,
+        blobs: Arc<BlobStore>,
+        peers: impl Fn() -> Vec<String> + Send + Sync + 'static,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let mut changes = None;
+        loop {
+            if changes.is_none() {
+                changes = blobs.watch_metadata().await.ok();
+            }
+            self.sweep(&blobs, &peers()).await;
+            let next = async {
+                match changes.as_mut() {
+                    Some(c) => tokio_stream::StreamExt::next(c).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(SWEEP_EVERY) => {}
+                change = next => {
+                    if change.is_none() {
+                        changes = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Copies every blob that has metadata but is not on local disk.
+    async fn sweep(&self, blobs: &BlobStore, peers: &[String]) {
+        if peers.is_empty() {
+            return;
+        }
+        let Ok(all) = blobs.list().await else {
+            return;
+        };
+        for info in all {
+            let Ok(digest) = info.sha256.parse::<Digest>() else {
+                continue;
+            };
+            if !tokio::fs::try_exists(blobs.blob_path(&digest))
+                .await
+                .unwrap_or(true)
+            {
+                let _ = self.ensure(blobs, &digest, peers).await;
+            }
+        }
     }
 }
 

@@ -48,6 +48,9 @@ struct Args {
     /// /healthz answers 503.
     #[arg(long)]
     unready: bool,
+    /// /healthz answers 503 for this many seconds after start.
+    #[arg(long)]
+    ready_after: Option<f64>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -57,6 +60,7 @@ struct CodeLabel {
 
 struct App {
     args: Args,
+    started: std::time::Instant,
     served: AtomicU64,
     requests: Family<CodeLabel, Counter>,
     latency: Histogram,
@@ -66,7 +70,13 @@ struct App {
 impl App {
     async fn handle(&self, path: &str) -> (StatusCode, String) {
         match path {
-            "/healthz" if self.args.unready => {
+            "/healthz"
+                if self.args.unready
+                    || self
+                        .args
+                        .ready_after
+                        .is_some_and(|s| self.started.elapsed().as_secs_f64() < s) =>
+            {
                 (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
             }
             "/healthz" => (StatusCode::OK, "ok\n".into()),
@@ -138,6 +148,7 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("drover-sample {} listening on {addr}", args.version_label);
     let app = Arc::new(App {
         args,
+        started: std::time::Instant::now(),
         served: AtomicU64::new(0),
         requests,
         latency,

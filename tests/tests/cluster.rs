@@ -1,0 +1,379 @@
+//! Three coordinators on a real etcd with real agents: leaders killed and
+//! frozen mid-rollout, coordinators joining and leaving. Every deploy must
+//! end COMPLETE or ROLLED_BACK with every host on the planned version, each
+//! host started once per version, and a deposed leader must be refused by
+//! etcd and by the agents.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use drover_common::proto::{DeployPhase, StartDeployRequest};
+use drover_coordinator::ha::shards::shard_of;
+use drover_tests::artifacts::sample_artifact;
+use drover_tests::cluster::metric;
+use drover_tests::{
+    Agent, Cluster, Coordinator, TestDir, free_port, http_get_status, sample_starts, wait_until,
+    wait_until_ok,
+};
+use nix::sys::signal::Signal;
+
+const PIPELINE: &str = "hello-prod";
+
+fn pipeline_spec(settle_ms: u32) -> String {
+    format!(
+        "name = \"{PIPELINE}\"\nservice = \"hello\"\n[[stages]]\nname = \"prod\"\nselector = \"env=prod\"\n\
+         batch_size = 1\nsettle_ms = {settle_ms}\nstuck_timeout_ms = 3000\n\
+         gate = {{ max_error_rate = 0.05, samples = 2, bad_samples = 2, min_requests = 1, inconclusive = \"INCONCLUSIVE_POLICY_PASS\" }}\n"
+    )
+}
+
+struct Fleet {
+    dir: TestDir,
+    cluster: Cluster,
+    agents: Vec<Agent>,
+    ports: Vec<u16>,
+}
+
+/// `coordinators` coordinators and `hosts` agents that are given only the
+/// first coordinator's address (they discover the rest), the pipeline
+/// applied.
+async fn fleet(coordinators: usize, hosts: usize, settle_ms: u32) -> Fleet {
+    let dir = TestDir::new();
+    let cluster = Cluster::start(&dir, coordinators, "2s", &[]).await;
+    fleet_on(dir, cluster, hosts, settle_ms).await
+}
+
+async fn fleet_on(dir: TestDir, cluster: Cluster, hosts: usize, settle_ms: u32) -> Fleet {
+    let mut agents = Vec::new();
+    let mut ports = Vec::new();
+    for i in 0..hosts {
+        let port = free_port();
+        agents.push(Agent::start_sample(
+            &dir,
+            &format!("web-{i}"),
+            &[cluster.get(0)],
+            port,
+            &["--label", "env=prod", "--reconnect-max", "500ms"],
+        ));
+        ports.push(port);
+    }
+    let f = Fleet {
+        dir,
+        cluster,
+        agents,
+        ports,
+    };
+    f.wait_everyone_sees_every_host().await;
+    f.apply(&pipeline_spec(settle_ms));
+    f
+}
+
+impl Fleet {
+    /// Applies a pipeline spec through the last coordinator.
+    fn apply(&self, spec: &str) {
+        let path = self.dir.path().join(format!(
+            "pipeline-{}.toml",
+            drover_common::time::now_unix_micros()
+        ));
+        std::fs::write(&path, spec).unwrap();
+        let last = self.cluster.coordinators.iter().flatten().last().unwrap();
+        let (code, _, err) = last.droverctl(&["pipeline", "apply", "-f", path.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+    }
+
+    fn shard(&self) -> u32 {
+        shard_of(PIPELINE, 16)
+    }
+
+    /// Every running coordinator lists every agent as connected.
+    async fn wait_everyone_sees_every_host(&self) {
+        let n = self.agents.len();
+        for c in self.cluster.coordinators.iter().flatten() {
+            wait_until_ok(
+                &format!("{} to see all {n} agents", c.name()),
+                Duration::from_secs(30),
+                || async {
+                    c.hosts("env=prod")
+                        .await
+                        .iter()
+                        .all(|h| h.state() == drover_common::proto::ConnectionState::Connected)
+                        && c.hosts("env=prod").await.len() == n
+                },
+            )
+            .await;
+        }
+    }
+
+    /// Pushes a sample version to `via` (not necessarily the shard leader:
+    /// the leader copies the blob from it when agents fetch).
+    fn push(&self, via: &Coordinator, version: &str, extra: &[&str]) -> String {
+        let a = sample_artifact(self.dir.path(), "hello", version, extra);
+        via.push(&a.path, "hello", version)
+    }
+
+    async fn start_deploy(&self, via: &Coordinator, artifact: &str) -> String {
+        via.deployer()
+            .await
+            .start_deploy(StartDeployRequest {
+                pipeline: PIPELINE.into(),
+                artifact: artifact.to_string(),
+                requester: "ci".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|s| panic!("start through {}: {s}", via.name()))
+            .into_inner()
+            .id
+    }
+
+    async fn versions(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for port in &self.ports {
+            let addr = SocketAddr::from(([127, 0, 0, 1], *port));
+            out.push(match http_get_status(addr, "/version").await {
+                Ok((200, body)) => body.trim().to_string(),
+                other => format!("{other:?}"),
+            });
+        }
+        out
+    }
+
+    fn starts(&self, version: &str) -> Vec<usize> {
+        (0..self.agents.len())
+            .map(|i| sample_starts(&self.dir, &format!("web-{i}"), version))
+            .collect()
+    }
+
+    /// Index of the coordinator leading the pipeline's shard now.
+    async fn leader(&self) -> usize {
+        let (id, _) = self.cluster.wait_leader(self.shard(), None).await;
+        self.cluster.index_of(&id)
+    }
+
+    /// Kills the shard's leader, waits for a standby to lead, starts the
+    /// killed one again (it rejoins). Returns (killed, new leader) ids.
+    async fn kill_leader(&mut self) -> (String, String) {
+        let leader = self.leader().await;
+        let killed = self.cluster.get(leader).name().to_string();
+        self.cluster.kill(leader);
+        let (next, _) = self.cluster.wait_leader(self.shard(), Some(&killed)).await;
+        self.cluster.restart(&self.dir, leader).await;
+        (killed, next)
+    }
+}
+
+#[tokio::test]
+async fn kill_9_of_the_shard_leader_at_any_point_of_a_rollout_and_every_deploy_ends_right() {
+    let mut f = fleet(3, 4, 300).await;
+    // CI talks to whichever coordinator it reaches: pushes go to one,
+    // deploys start on another, the leader may be the third.
+    let v1 = f.push(f.cluster.get(2), "v1", &[]);
+    let id = f.start_deploy(f.cluster.get(1), &v1).await;
+    let d = f.cluster.wait_finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(d.phase(), DeployPhase::Complete, "{d:?}");
+    assert_eq!(f.versions().await, ["v1"; 4]);
+
+    // Versions rolled out with the leader killed at a different point each
+    // time (hosts already on the new version before the kill), the last
+    // one twice; a bad one is killed during its rollback.
+    let plan: [(&str, &[&str], usize, usize); 4] = [
+        ("v2", &[], 0, 1),
+        ("v3", &[], 2, 1),
+        ("bad", &["--unready"], 99, 1),
+        ("v4", &[], 1, 2),
+    ];
+    let mut current = "v1";
+    for (version, extra, kill_after, kills) in plan {
+        let digest = f.push(f.cluster.get(0), version, extra);
+        let via = f.leader().await;
+        let via = f.cluster.other_than(via);
+        let id = f.start_deploy(via, &digest).await;
+        for _ in 0..kills {
+            if kill_after == 99 {
+                wait_until_ok(
+                    "the bad version to roll back",
+                    Duration::from_secs(60),
+                    || async {
+                        f.cluster.deploy(&id).await.is_some_and(|d| {
+                            d.phase() == DeployPhase::RollingBack || d.phase().is_terminal()
+                        })
+                    },
+                )
+                .await;
+            } else {
+                wait_until_ok(
+                    &format!("{kill_after} hosts on {version}"),
+                    Duration::from_secs(60),
+                    || async { f.starts(version).iter().sum::<usize>() >= kill_after },
+                )
+                .await;
+            }
+            let (killed, next) = f.kill_leader().await;
+            eprintln!("{version}: killed {killed}, {next} leads the shard now");
+        }
+        let d = f.cluster.wait_finished(&id, Duration::from_secs(90)).await;
+        if extra.is_empty() {
+            assert_eq!(d.phase(), DeployPhase::Complete, "{version}: {d:?}");
+            assert_eq!(f.versions().await, [version; 4], "{version}");
+            assert_eq!(
+                f.starts(version),
+                [1; 4],
+                "{version}: each host started once"
+            );
+            current = version;
+        } else {
+            assert_eq!(d.phase(), DeployPhase::RolledBack, "{version}: {d:?}");
+            assert_eq!(f.versions().await, [current; 4], "{version} rolled back");
+            assert!(
+                f.starts(version).iter().all(|n| *n <= 1),
+                "{version}: no host restarted twice: {:?}",
+                f.starts(version)
+            );
+        }
+    }
+    // Writes reached the leader from the other coordinators.
+    let mut forwarded = 0.0;
+    for i in 0..3 {
+        forwarded += metric(
+            &f.cluster.metrics(i).await,
+            "drover_forwarded_requests_total",
+        );
+    }
+    assert!(forwarded >= 1.0, "deploys were started through non-leaders");
+}
+
+/// The frozen leader is started with `--fault-ignore-lease-loss`: when it
+/// wakes it does not notice on its own that its lease is gone (as a leader
+/// with a bug or a broken clock would not), so whatever it still does must
+/// be refused by etcd and by the agents, and the counters prove it was.
+#[tokio::test]
+async fn a_frozen_leader_is_refused_by_etcd_and_by_the_agents() {
+    let dir = TestDir::new();
+    let cluster = Cluster::start(&dir, 3, "2s", &["--fault-ignore-lease-loss"]).await;
+    let f = fleet_on(dir, cluster, 3, 0).await;
+    // Two hosts in the first batch, restarted one at a time, each ready 3 s
+    // after it starts: the leader is frozen while it waits for web-0.
+    f.apply(
+        &pipeline_spec(0)
+            .replace("batch_size = 1", "batch_size = 2")
+            .replace("stuck_timeout_ms = 3000", "stuck_timeout_ms = 20000"),
+    );
+    let v1 = f.push(f.cluster.get(0), "v1", &["--ready-after", "3"]);
+    let leader = f.leader().await;
+    let frozen = f.cluster.get(leader).name().to_string();
+    let id = f.start_deploy(f.cluster.get(leader), &v1).await;
+    wait_until_ok("web-0 starting v1", Duration::from_secs(30), || async {
+        f.starts("v1")[0] == 1
+    })
+    .await;
+    f.cluster.get(leader).child.signal(Signal::SIGSTOP);
+    let (next, _) = f.cluster.wait_leader(f.shard(), Some(&frozen)).await;
+    // The new leader fences every agent and carries the batch on.
+    wait_until_ok(
+        "the new leader to restart web-1",
+        Duration::from_secs(30),
+        || async { f.starts("v1")[1] == 1 },
+    )
+    .await;
+    f.cluster.get(leader).child.signal(Signal::SIGCONT);
+    // Woken, the old leader goes on with the batch: its restart of web-1
+    // carries its old epoch and the agent refuses it; recording the batch is
+    // a write etcd refuses; then it steps down.
+    wait_until_ok(
+        &format!("{frozen} to be refused by an agent and by etcd"),
+        Duration::from_secs(30),
+        || async {
+            let text = f.cluster.metrics(leader).await;
+            metric(&text, "drover_stale_commands_total") >= 1.0
+                && metric(&text, "drover_fenced_writes_total") >= 1.0
+        },
+    )
+    .await;
+    let refused_by_agents: usize = f
+        .agents
+        .iter()
+        .map(|a| a.child.log().matches("rejected stale command").count())
+        .sum();
+    assert!(
+        refused_by_agents >= 1,
+        "the agents logged the stale command they refused"
+    );
+    let d = f.cluster.wait_finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(
+        d.phase(),
+        DeployPhase::Complete,
+        "{next} finished it: {d:?}"
+    );
+    assert_eq!(f.starts("v1"), [1, 1, 1], "each host started once");
+    assert_eq!(f.versions().await, ["v1"; 3]);
+    assert!(
+        f.cluster.get(leader).child.log().contains("no longer lead"),
+        "the old leader stepped down once etcd refused it"
+    );
+}
+
+#[tokio::test]
+async fn coordinators_joining_and_leaving_rebalance_the_shards_and_no_deploy_stalls() {
+    let mut f = fleet(1, 3, 1500).await;
+    assert_eq!(
+        f.cluster.shares().await.into_iter().collect::<Vec<_>>(),
+        [("c1".to_string(), 16)],
+        "alone, c1 leads every shard"
+    );
+    let v1 = f.push(f.cluster.get(0), "v1", &[]);
+    let id = f.start_deploy(f.cluster.get(0), &v1).await;
+
+    // Two coordinators join mid-deploy: the shards spread.
+    f.cluster.add(&f.dir).await;
+    wait_shares(&f.cluster, &[("c1", 8), ("c2", 8)]).await;
+    f.cluster.add(&f.dir).await;
+    wait_until(
+        "the shards to spread over three",
+        Duration::from_secs(30),
+        || async {
+            let shares = f.cluster.shares().await;
+            let total: usize = shares.values().sum();
+            if shares.len() == 3 && total == 16 && shares.values().all(|n| *n <= 6) {
+                Ok(())
+            } else {
+                Err(format!("{shares:?}"))
+            }
+        },
+    )
+    .await;
+    // Agents learned of the newcomers and connected to them.
+    f.wait_everyone_sees_every_host().await;
+    let d = f.cluster.wait_finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(d.phase(), DeployPhase::Complete, "{d:?}");
+    assert_eq!(f.starts("v1"), [1, 1, 1], "each host started once");
+
+    // One leaves cleanly, one dies: the shards gather on the survivors.
+    let v2 = f.push(f.cluster.get(1), "v2", &[]);
+    let id = f.start_deploy(f.cluster.get(2), &v2).await;
+    f.cluster.get(2).child.signal(Signal::SIGTERM);
+    wait_shares(&f.cluster, &[("c1", 8), ("c2", 8)]).await;
+    f.cluster.kill(2);
+    f.cluster.kill(1);
+    wait_shares(&f.cluster, &[("c1", 16)]).await;
+    let d = f.cluster.wait_finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(d.phase(), DeployPhase::Complete, "{d:?}");
+    assert_eq!(f.starts("v2"), [1, 1, 1], "each host started once");
+}
+
+async fn wait_shares(cluster: &Cluster, want: &[(&str, usize)]) {
+    let want: std::collections::BTreeMap<String, usize> =
+        want.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    wait_until(
+        &format!("shares {want:?}"),
+        Duration::from_secs(30),
+        || async {
+            let shares = cluster.shares().await;
+            if shares == want {
+                Ok(())
+            } else {
+                Err(format!("{shares:?}"))
+            }
+        },
+    )
+    .await;
+}
