@@ -18,7 +18,8 @@ pub struct Cluster {
     extra: Vec<String>,
 }
 
-/// A Prometheus sample of `text` by exact metric name (0 when absent).
+/// A Prometheus sample of `text` by exact metric name; panics when the
+/// page lacks it (a renamed metric must not read as zero).
 pub fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
@@ -26,7 +27,7 @@ pub fn metric(text: &str, name: &str) -> f64 {
             let (n, v) = l.split_once(' ')?;
             (n == name).then(|| v.trim().parse().ok()).flatten()
         })
-        .unwrap_or(0.0)
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
 }
 
 impl Cluster {

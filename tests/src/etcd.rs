@@ -7,47 +7,64 @@ use std::time::Duration;
 use crate::{ChildGuard, TestDir, free_port, require_tool, wait_until};
 
 pub struct Etcd {
-    pub child: ChildGuard,
+    /// `None` while stopped (see [`Etcd::stop`]).
+    pub child: Option<ChildGuard>,
     /// `http://127.0.0.1:PORT`, for etcd clients.
     pub endpoint: String,
+    peer: String,
+    name: String,
+    data: std::path::PathBuf,
+    log: std::path::PathBuf,
 }
 
 impl Etcd {
     /// Starts a one-member etcd cluster with its data in `dir/name` and waits
     /// until it answers a read.
     pub async fn start(dir: &TestDir, name: &str) -> Etcd {
+        let mut etcd = Etcd {
+            child: None,
+            endpoint: format!("http://127.0.0.1:{}", free_port()),
+            peer: format!("http://127.0.0.1:{}", free_port()),
+            name: name.to_string(),
+            data: dir.sub(name).join("data"),
+            log: dir.path().join(format!("{name}.log")),
+        };
+        etcd.run().await;
+        etcd
+    }
+
+    async fn run(&mut self) {
         let etcd = require_tool(
             "etcd",
             "install Debian's etcd-server: apt-get install -y etcd-server",
         );
-        let data = dir.sub(name);
-        let client = format!("http://127.0.0.1:{}", free_port());
-        let peer = format!("http://127.0.0.1:{}", free_port());
+        let fresh = !self.data.exists();
         let mut cmd = Command::new(etcd);
-        cmd.args(["--name", name])
+        cmd.args(["--name", &self.name])
             .arg("--data-dir")
-            .arg(data.join("data"))
+            .arg(&self.data)
             .args([
                 "--listen-client-urls",
-                &client,
+                &self.endpoint,
                 "--advertise-client-urls",
-                &client,
+                &self.endpoint,
             ])
             .args([
                 "--listen-peer-urls",
-                &peer,
+                &self.peer,
                 "--initial-advertise-peer-urls",
-                &peer,
+                &self.peer,
             ])
-            .args(["--initial-cluster", &format!("{name}={peer}")])
-            .args(["--initial-cluster-state", "new", "--log-level", "warn"]);
-        let child = ChildGuard::spawn(name, cmd, &dir.path().join(format!("{name}.log")));
-        let etcd = Etcd {
-            child,
-            endpoint: client,
-        };
+            .args(["--initial-cluster", &format!("{}={}", self.name, self.peer)])
+            .args([
+                "--initial-cluster-state",
+                if fresh { "new" } else { "existing" },
+                "--log-level",
+                "warn",
+            ]);
+        self.child = Some(ChildGuard::spawn(&self.name, cmd, &self.log));
         wait_until("etcd to answer", Duration::from_secs(20), || async {
-            let mut client = etcd.client().await.map_err(|e| e.to_string())?;
+            let mut client = self.client().await.map_err(|e| e.to_string())?;
             client
                 .get("health-probe", None)
                 .await
@@ -55,7 +72,21 @@ impl Etcd {
                 .map_err(|e| e.to_string())
         })
         .await;
-        etcd
+    }
+
+    /// The running etcd process.
+    pub fn process(&self) -> &ChildGuard {
+        self.child.as_ref().expect("etcd is running")
+    }
+
+    /// SIGKILLs etcd (its data stays).
+    pub fn stop(&mut self) {
+        self.child = None;
+    }
+
+    /// Starts etcd again on the same ports and data.
+    pub async fn restart(&mut self) {
+        self.run().await;
     }
 
     pub async fn client(&self) -> Result<etcd_client::Client, etcd_client::Error> {

@@ -377,3 +377,46 @@ async fn wait_shares(cluster: &Cluster, want: &[(&str, usize)]) {
     )
     .await;
 }
+
+/// etcd killed for longer than the lease TTL mid-deploy: every coordinator
+/// steps down (each reports leading no shard), no host is commanded while
+/// etcd is away, and once it is back the deploy completes.
+#[tokio::test]
+async fn no_commands_while_etcd_is_down_and_the_deploy_completes_after() {
+    let mut f = fleet(3, 2, 3000).await;
+    let v1 = f.push(f.cluster.get(0), "v1", &[]);
+    let id = f.start_deploy(f.cluster.get(1), &v1).await;
+    // The first host is updated and its batch settles: etcd goes away.
+    wait_until_ok("web-0 on v1", Duration::from_secs(30), || async {
+        f.starts("v1")[0] == 1
+    })
+    .await;
+    f.cluster.etcd.stop();
+    for i in 0..3 {
+        wait_until_ok(
+            &format!("c{} to step down", i + 1),
+            Duration::from_secs(20),
+            || async { metric(&f.cluster.metrics(i).await, "drover_shards_led") == 0.0 },
+        )
+        .await;
+    }
+    // Long past the settle time and the gate, had anyone kept going.
+    let away = std::time::Instant::now();
+    while away.elapsed() < Duration::from_secs(6) {
+        assert_eq!(
+            f.starts("v1")[1],
+            0,
+            "no command reaches a host while etcd is down"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    f.cluster.etcd.restart().await;
+    let d = f.cluster.wait_finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(d.phase(), DeployPhase::Complete, "{d:?}");
+    assert_eq!(f.starts("v1"), [1, 1], "each host started once");
+    assert!(
+        d.batches.iter().all(|b| b.verdict == "passed"),
+        "{:?}",
+        d.batches
+    );
+}
