@@ -287,6 +287,34 @@ fn the_readme_demo_runs_to_the_end() {
 }
 
 #[test]
+fn dev_cluster_brings_up_etcd_three_coordinators_and_agents_that_find_them_all() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/dev-cluster");
+    let dir = TestDir::new();
+    let out = Command::new("bash")
+        .arg(script)
+        .args(["--agents", "2", "--check", "--dir"])
+        .arg(dir.path())
+        .output()
+        .expect("running scripts/dev-cluster");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for c in ["c1", "c2", "c3"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.trim_start().starts_with(c) && l.contains(" ready ")),
+            "{c} is live and ready: {stdout}"
+        );
+    }
+    assert!(stdout.contains("web-2  connected"), "{stdout}");
+    assert!(stdout.contains("==> check passed"), "{stdout}");
+}
+
+#[test]
 fn generated_service_units_pass_systemd_analyze_verify() {
     use drover_agent::runtime::{ServiceSpec, systemd};
     let analyze = require_tool(

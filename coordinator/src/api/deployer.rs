@@ -8,11 +8,12 @@ use drover_common::ids::validate_host_id;
 use drover_common::labels::Selector;
 use drover_common::proto::deployer_server::Deployer;
 use drover_common::proto::{
-    Command, CommandUpdate, CreatePipelineRequest, Deploy, DeployEvent, DeployRef, GetAuditRequest,
-    GetAuditResponse, GetHostRequest, GetPipelineRequest, Host, ListDeploysRequest,
-    ListDeploysResponse, ListHostsRequest, ListHostsResponse, ListPipelinesRequest,
-    ListPipelinesResponse, Pipeline, SendCommandRequest, StartDeployRequest, UpdatePipelineRequest,
-    WhatWasRunningRequest, WhatWasRunningResponse, command,
+    Command, CommandUpdate, CoordinatorInfo, CreatePipelineRequest, Deploy, DeployEvent, DeployRef,
+    GetAuditRequest, GetAuditResponse, GetHostRequest, GetPipelineRequest, Host,
+    ListCoordinatorsRequest, ListCoordinatorsResponse, ListDeploysRequest, ListDeploysResponse,
+    ListHostsRequest, ListHostsResponse, ListPipelinesRequest, ListPipelinesResponse, Pipeline,
+    SendCommandRequest, StartDeployRequest, UpdatePipelineRequest, WhatWasRunningRequest,
+    WhatWasRunningResponse, command,
 };
 use tokio_stream::{Stream, StreamExt};
 
@@ -357,6 +358,30 @@ impl Deployer for DeployerService {
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(rec.to_proto()))
+    }
+
+    async fn list_coordinators(
+        &self,
+        _: Request<ListCoordinatorsRequest>,
+    ) -> Result<Response<ListCoordinatorsResponse>, Status> {
+        let (members, leaderless) = self
+            .forward
+            .overview()
+            .await
+            .map_err(|e| ApiError::from(crate::deploy::deployments::DeployError::from(e)))?;
+        Ok(Response::new(ListCoordinatorsResponse {
+            coordinators: members
+                .into_iter()
+                .map(|(m, shards)| CoordinatorInfo {
+                    id: m.id,
+                    address: m.address,
+                    ready: m.ready,
+                    shards,
+                })
+                .collect(),
+            shard_count: self.forward.shard_count(),
+            leaderless_shards: leaderless,
+        }))
     }
 
     async fn get_audit(

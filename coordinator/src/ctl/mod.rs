@@ -7,6 +7,7 @@
 mod artifacts;
 mod audit;
 mod command;
+mod coordinators;
 pub mod deploys;
 mod hosts;
 mod pipelines;
@@ -39,6 +40,8 @@ pub enum Command {
     },
     /// Show one host in detail.
     Host { host_id: String },
+    /// The live coordinators and the shards each leads.
+    Coordinators,
     /// Artifacts on the origin: push from CI, list, show.
     #[command(subcommand)]
     Artifact(ArtifactCommand),
@@ -179,6 +182,7 @@ pub async fn run(cli: Cli, out: &mut impl std::io::Write) -> anyhow::Result<()> 
     match cli.command {
         Command::Hosts { selector } => hosts::list(&mut deployer, &selector, cli.json, out).await,
         Command::Host { host_id } => hosts::show(&mut deployer, &host_id, cli.json, out).await,
+        Command::Coordinators => coordinators::list(&mut deployer, cli.json, out).await,
         Command::Artifact(ArtifactCommand::Push {
             file,
             service,

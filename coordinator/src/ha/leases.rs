@@ -207,6 +207,42 @@ impl ShardLeases {
             .map(|(_, epoch)| epoch)
     }
 
+    /// Every live coordinator with the shards it leads, and the shards
+    /// nobody leads, as the store says now.
+    pub async fn overview(
+        &self,
+    ) -> crate::store::Result<(Vec<(Member, Vec<ShardEpoch>)>, Vec<u32>)> {
+        let live = self.members.live().await?;
+        let (kvs, _) = self.store.range(&self.prefix).await?;
+        let mut led: BTreeMap<String, Vec<ShardEpoch>> = BTreeMap::new();
+        let mut leaderless: Vec<u32> = (0..self.shards).collect();
+        for kv in kvs {
+            let Some(shard) = kv
+                .key
+                .strip_prefix(&self.prefix)
+                .and_then(|s| s.parse().ok())
+            else {
+                continue;
+            };
+            leaderless.retain(|s| *s != shard);
+            led.entry(String::from_utf8_lossy(&kv.value).into_owned())
+                .or_default()
+                .push(ShardEpoch {
+                    shard,
+                    epoch: kv.create_revision,
+                });
+        }
+        let out = live
+            .into_iter()
+            .map(|m| {
+                let mut shards = led.remove(&m.id).unwrap_or_default();
+                shards.sort_by_key(|s| s.shard);
+                (m, shards)
+            })
+            .collect();
+        Ok((out, leaderless))
+    }
+
     /// This coordinator's preference for `shard` (higher first).
     fn preference(&self, shard: u32) -> u64 {
         super::shards::preference(&self.me.id, shard)
