@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+mod ha;
+
 use clap::{Parser, Subcommand};
 use drover_tests::procstat::{cpu_seconds, rss_bytes};
 use drover_tests::{ChildGuard, Coordinator, TestDir, bins, http_get, wait_until_ok};
@@ -51,6 +53,24 @@ enum Bench {
         /// Heartbeat interval of the simulated hosts (one gate sample waits one).
         #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
         heartbeat: Duration,
+    },
+    /// Failover time: kill -9 of a shard leader mid-deploy until the deploy
+    /// progresses under a new leader (etcd, three coordinators).
+    Failover {
+        #[arg(long, default_value_t = 20)]
+        trials: usize,
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        #[arg(long, default_value_t = 100)]
+        hosts: usize,
+    },
+    /// etcd writes while agents are connected and nothing changes, and per
+    /// deploy (etcd, three coordinators).
+    EtcdWrites {
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        window: Duration,
     },
     /// An idle agent's CPU and memory at one heartbeat a second.
     AgentIdle {
@@ -430,6 +450,8 @@ async fn main() {
             }
         }
         Bench::Pull { size_mb } => pull(size_mb).await,
+        Bench::Failover { trials, ttl, hosts } => ha::failover(trials, ttl, hosts).await,
+        Bench::EtcdWrites { agents, window } => ha::etcd_writes(agents, window).await,
         Bench::AgentIdle { window } => agent_idle(window).await,
         Bench::Fleet {
             agents,
