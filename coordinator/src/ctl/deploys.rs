@@ -104,11 +104,14 @@ pub async fn start(
     json: bool,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
-    let d = client
-        .start_deploy(req)
-        .await
-        .map_err(status_error)?
-        .into_inner();
+    let d = super::through_failover(|| {
+        let mut client = client.clone();
+        let req = req.clone();
+        async move { client.start_deploy(req).await }
+    })
+    .await
+    .map_err(status_error)?
+    .into_inner();
     if !wait {
         return if json {
             print_json(out, &d)

@@ -271,49 +271,86 @@ async fn deploy(
         DeployCommand::List { pipeline } => deploys::list(client, &pipeline, json, out).await,
         DeployCommand::Watch { id } => deploys::watch(client, &id, json, out).await,
         DeployCommand::Pause(c) => control(
-            client
-                .pause_deploy(c.to_ref(false))
-                .await
-                .map_err(status_error)?
-                .into_inner(),
+            through_failover(|| {
+                let mut client = client.clone();
+                let req = c.to_ref(false);
+                async move { client.pause_deploy(req).await }
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner(),
             out,
         ),
         DeployCommand::Resume(c) => control(
-            client
-                .resume_deploy(c.to_ref(false))
-                .await
-                .map_err(status_error)?
-                .into_inner(),
+            through_failover(|| {
+                let mut client = client.clone();
+                let req = c.to_ref(false);
+                async move { client.resume_deploy(req).await }
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner(),
             out,
         ),
         DeployCommand::Approve(c) => control(
-            client
-                .approve_deploy(c.to_ref(false))
-                .await
-                .map_err(status_error)?
-                .into_inner(),
+            through_failover(|| {
+                let mut client = client.clone();
+                let req = c.to_ref(false);
+                async move { client.approve_deploy(req).await }
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner(),
             out,
         ),
         DeployCommand::Abort {
             control: c,
             rollback,
         } => control(
-            client
-                .abort_deploy(c.to_ref(rollback))
-                .await
-                .map_err(status_error)?
-                .into_inner(),
+            through_failover(|| {
+                let mut client = client.clone();
+                let req = c.to_ref(rollback);
+                async move { client.abort_deploy(req).await }
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner(),
             out,
         ),
         DeployCommand::Rollback(c) => control(
-            client
-                .rollback_deploy(c.to_ref(false))
-                .await
-                .map_err(status_error)?
-                .into_inner(),
+            through_failover(|| {
+                let mut client = client.clone();
+                let req = c.to_ref(false);
+                async move { client.rollback_deploy(req).await }
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner(),
             out,
         ),
     }
+}
+
+/// Calls `call` again while it answers UNAVAILABLE (a coordinator shutting
+/// down, a shard between leaders), for up to about 30 s. Safe for writes:
+/// UNAVAILABLE means the write was not applied, and starts carry their
+/// idempotency key.
+pub(crate) async fn through_failover<T, F, Fut>(call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    use backon::Retryable;
+    call.retry(
+        backon::ExponentialBuilder::default()
+            .with_min_delay(std::time::Duration::from_millis(200))
+            .with_max_delay(std::time::Duration::from_secs(2))
+            .with_max_times(20)
+            .with_jitter(),
+    )
+    .when(|s: &tonic::Status| s.code() == tonic::Code::Unavailable)
+    .notify(|s, after| eprintln!("{}; retrying in {after:?}", s.message()))
+    .await
 }
 
 /// Turns a gRPC status into an error line that names the code.
