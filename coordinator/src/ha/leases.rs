@@ -34,6 +34,20 @@ use super::members::{Member, Members};
 use super::session::Session;
 use crate::store::{Compare, Store, WatchEvent, WatchStream};
 
+/// How many shards `me` should lead among the `live` members: an equal
+/// share among the ready ones (`me` included); among everyone in a cold
+/// cluster (nobody ready); none while `me` warms up next to ready peers.
+pub fn fair_share(shards: u32, me: &Member, live: &[Member]) -> usize {
+    let others = live.iter().filter(|m| m.id != me.id);
+    let ready_others = others.clone().filter(|m| m.ready).count();
+    let sharing = match (me.ready, ready_others) {
+        (true, n) => n + 1,
+        (false, 0) => others.count() + 1,
+        (false, _) => return 0,
+    };
+    shards.div_ceil(sharing as u32) as usize
+}
+
 /// A change of leadership of one shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShardEvent {
@@ -328,15 +342,7 @@ impl ShardLeases {
             }
         };
         let live_count = live.len();
-        let others: Vec<&Member> = live.iter().filter(|m| m.id != me.id).collect();
-        let ready_others = others.iter().filter(|m| m.ready).count();
-        // Coordinators sharing the shards, this one included; 0 while it
-        // warms up next to ready peers (it leads nothing yet).
-        let count = match (me.ready, ready_others) {
-            (true, n) => n + 1,
-            (false, 0) => others.len() + 1, // a cold cluster shares among all
-            (false, _) => 0,
-        };
+        let share = fair_share(self.shards, &me, &live);
         let changed = {
             let mut known = self.live.lock().expect("live lock");
             let changed = *known != live;
@@ -346,10 +352,6 @@ impl ShardLeases {
         if changed {
             let _ = self.events.send(ShardEvent::MembersChanged);
         }
-        let share = match count {
-            0 => 0,
-            n => self.shards.div_ceil(n as u32) as usize,
-        };
 
         // Resign the least preferred shards beyond the share.
         let mut held: Vec<u32> = self
@@ -465,5 +467,118 @@ impl ShardLeases {
         for shard in held {
             let _ = self.events.send(ShardEvent::Lost(shard));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::embedded::EmbeddedStore;
+
+    fn member(id: &str, ready: bool) -> Member {
+        Member {
+            id: id.into(),
+            address: format!("{id}:1"),
+            ready,
+        }
+    }
+
+    #[test]
+    fn fair_share_counts_ready_members_and_cold_clusters() {
+        let (a, b, c) = (member("a", true), member("b", true), member("c", false));
+        // Alone, ready or not: everything.
+        assert_eq!(fair_share(16, &a, std::slice::from_ref(&a)), 16);
+        assert_eq!(fair_share(16, &c, std::slice::from_ref(&c)), 16);
+        // Two ready: half each; a third warming up counts for nothing and
+        // leads nothing.
+        let live = [a.clone(), b.clone(), c.clone()];
+        assert_eq!(fair_share(16, &a, &live), 8);
+        assert_eq!(fair_share(16, &c, &live), 0);
+        // Once ready: ceil(16 / 3).
+        let c = member("c", true);
+        assert_eq!(fair_share(16, &a, &[a.clone(), b.clone(), c.clone()]), 6);
+        // A cold cluster (nobody ready) shares among everyone.
+        let cold = [member("a", false), member("b", false)];
+        assert_eq!(fair_share(16, &cold[0], &cold), 8);
+        // Before its own key is read back, a member counts itself.
+        assert_eq!(fair_share(16, &a, &[b.clone()]), 8);
+        // Shares always cover every shard.
+        for n in 1..=20u32 {
+            let live: Vec<Member> = (0..n).map(|i| member(&format!("m{i}"), true)).collect();
+            assert!(fair_share(16, &live[0], &live) * n as usize >= 16);
+        }
+    }
+
+    async fn leases(store: &Arc<dyn Store>, id: &str, warmup: Duration) -> Arc<ShardLeases> {
+        ShardLeases::new(
+            store.clone(),
+            "/t",
+            Member {
+                id: id.into(),
+                address: format!("{id}:1"),
+                ready: false,
+            },
+            16,
+            Duration::from_secs(3),
+            warmup,
+            false,
+        )
+    }
+
+    fn held(l: &ShardLeases) -> usize {
+        l.epochs().len()
+    }
+
+    #[tokio::test]
+    async fn shards_spread_when_coordinators_join_and_gather_when_one_leaves() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let a = leases(&store, "a", Duration::ZERO).await;
+        a.campaign_once().await;
+        assert_eq!(held(&a), 16, "alone, a leads everything");
+
+        let b = leases(&store, "b", Duration::ZERO).await;
+        for _ in 0..3 {
+            b.campaign_once().await;
+            a.campaign_once().await;
+        }
+        assert_eq!((held(&a), held(&b)), (8, 8));
+
+        let c = leases(&store, "c", Duration::ZERO).await;
+        for _ in 0..3 {
+            c.campaign_once().await;
+            a.campaign_once().await;
+            b.campaign_once().await;
+        }
+        let (ha, hb, hc) = (held(&a), held(&b), held(&c));
+        assert_eq!(ha + hb + hc, 16, "every shard led once");
+        assert!(ha <= 6 && hb <= 6 && hc <= 6, "{ha} {hb} {hc}");
+        let (overview, leaderless) = a.overview().await.unwrap();
+        assert!(leaderless.is_empty());
+        assert_eq!(overview.len(), 3);
+
+        // c leaves (its session ends): a and b take its shards.
+        let stop = CancellationToken::new();
+        stop.cancel();
+        c.clone().run(stop).await;
+        for _ in 0..2 {
+            a.campaign_once().await;
+            b.campaign_once().await;
+        }
+        assert_eq!((held(&a), held(&b)), (8, 8));
+    }
+
+    #[tokio::test]
+    async fn a_coordinator_warming_up_takes_nothing_from_ready_peers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let a = leases(&store, "a", Duration::ZERO).await;
+        a.campaign_once().await;
+        let b = leases(&store, "b", Duration::from_secs(3600)).await;
+        for _ in 0..3 {
+            b.campaign_once().await;
+            a.campaign_once().await;
+        }
+        assert_eq!((held(&a), held(&b)), (16, 0));
     }
 }
