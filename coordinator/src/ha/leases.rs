@@ -501,7 +501,7 @@ mod tests {
         let cold = [member("a", false), member("b", false)];
         assert_eq!(fair_share(16, &cold[0], &cold), 8);
         // Before its own key is read back, a member counts itself.
-        assert_eq!(fair_share(16, &a, &[b.clone()]), 8);
+        assert_eq!(fair_share(16, &a, std::slice::from_ref(&b)), 8);
         // Shares always cover every shard.
         for n in 1..=20u32 {
             let live: Vec<Member> = (0..n).map(|i| member(&format!("m{i}"), true)).collect();
