@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use drover_common::proto::{DeployPhase, StartDeployRequest};
+use drover_common::proto::{DeployPhase, GetAuditRequest, ListDeploysRequest, StartDeployRequest};
 use drover_coordinator::ha::shards::shard_of;
 use drover_tests::artifacts::sample_artifact;
 use drover_tests::cluster::metric;
@@ -231,6 +231,33 @@ async fn kill_9_of_the_shard_leader_at_any_point_of_a_rollout_and_every_deploy_e
             );
         }
     }
+    // Every coordinator answers reads with the same deploys and audit log.
+    let mut views = Vec::new();
+    for i in 0..3 {
+        let mut api = f.cluster.get(i).deployer().await;
+        let deploys = api
+            .list_deploys(ListDeploysRequest {
+                pipeline: PIPELINE.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .deploys;
+        let audit = api
+            .get_audit(GetAuditRequest {
+                service: "hello".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .events;
+        let phases: Vec<(String, DeployPhase)> =
+            deploys.iter().map(|d| (d.id.clone(), d.phase())).collect();
+        views.push((phases, audit.len()));
+    }
+    assert_eq!(views[0].0.len(), 5, "five deploys: {:?}", views[0]);
+    assert!(views.iter().all(|v| *v == views[0]), "{views:?}");
     // Writes reached the leader from the other coordinators.
     let mut forwarded = 0.0;
     for i in 0..3 {

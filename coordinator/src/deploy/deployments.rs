@@ -707,11 +707,27 @@ impl Deployments {
         }
         let this = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = this.drive(&id).await {
-                warn!(deploy = %id, error = %e, "deploy task stopped");
-            }
+            let deposed = match this.drive(&id).await {
+                Ok(()) => false,
+                Err(e) => {
+                    warn!(deploy = %id, error = %e, "deploy task stopped");
+                    matches!(e, DeployError::NotLeader(_))
+                }
+            };
             if let Some(entry) = this.live.lock().expect("live lock").get_mut(&id) {
                 entry.driven = false;
+            }
+            // The shard may have been lost and won again while this task was
+            // winding down (its resume found the deploy still driven).
+            if deposed
+                && let Ok((rec, _)) = this.load(&id).await
+                && !rec.machine.phase.is_terminal()
+                && this
+                    .leases
+                    .leadership(this.shard_of_pipeline(&rec.pipeline))
+                    .is_some()
+            {
+                this.spawn(id);
             }
         });
     }
