@@ -569,6 +569,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_second_coordinator_with_the_same_id_leads_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let first = leases(&store, "a", Duration::ZERO).await;
+        first.campaign_once().await;
+        let twin = leases(&store, "a", Duration::ZERO).await;
+        for _ in 0..3 {
+            twin.campaign_once().await;
+            first.campaign_once().await;
+        }
+        assert_eq!((held(&first), held(&twin)), (16, 0));
+        // Once the first has left, the id is free again.
+        let stop = CancellationToken::new();
+        stop.cancel();
+        first.clone().run(stop).await;
+        twin.campaign_once().await;
+        assert_eq!(held(&twin), 16);
+    }
+
+    #[tokio::test]
     async fn a_coordinator_warming_up_takes_nothing_from_ready_peers() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::session::Session;
-use crate::store::{Op, Result, Store, Txn};
+use crate::store::{Compare, Op, Result, Store, StoreError, Txn};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
@@ -38,20 +38,44 @@ impl Members {
         &self.prefix
     }
 
-    /// Announces `me` for as long as `session` lives.
+    /// Announces `me` for as long as `session` lives. Refused while
+    /// another live session holds the same id (two coordinators sharing an
+    /// id, or this one's previous run whose lease has not expired yet).
     pub async fn register(&self, me: &Member, session: &Session) -> Result<()> {
-        self.store
+        let key = format!("{}{}", self.prefix, me.id);
+        let put = Op::Put {
+            key: key.clone(),
+            value: serde_json::to_vec(me).expect("a member serializes"),
+            lease: session.lease,
+        };
+        let created = self
+            .store
             .txn(Txn {
-                compares: vec![],
-                success: vec![Op::Put {
-                    key: format!("{}{}", self.prefix, me.id),
-                    value: serde_json::to_vec(me).expect("a member serializes"),
-                    lease: session.lease,
-                }],
+                compares: vec![Compare::Missing(key.clone())],
+                success: vec![put.clone()],
                 failure: vec![],
             })
             .await?;
-        Ok(())
+        if created.succeeded {
+            return Ok(());
+        }
+        // Ours already (an update, e.g. ready): overwrite it, still ours.
+        let r = self
+            .store
+            .txn(Txn {
+                compares: vec![Compare::Lease(key.clone(), session.lease)],
+                success: vec![put],
+                failure: vec![],
+            })
+            .await?;
+        if r.succeeded {
+            Ok(())
+        } else {
+            Err(StoreError::Backend(format!(
+                "coordinator id {:?} is held by another live session (a second coordinator with this --id, or this one's previous run until its lease expires)",
+                me.id
+            )))
+        }
     }
 
     /// Every live coordinator, ordered by id.

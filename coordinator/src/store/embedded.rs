@@ -155,6 +155,13 @@ impl EmbeddedStore {
                         .get(k.as_str())
                         .map_err(backend)?
                         .is_some_and(|x| x.value() == v.as_slice()),
+                    Compare::Lease(k, lease) => {
+                        meta.get(k.as_str())
+                            .map_err(backend)?
+                            .map(|m| m.value().2)
+                            .unwrap_or(0)
+                            == *lease
+                    }
                 };
                 if !ok {
                     holds = false;

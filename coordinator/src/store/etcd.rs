@@ -66,6 +66,7 @@ fn compare(c: &Compare) -> EtcdCompare {
             EtcdCompare::mod_revision(k.as_str(), CompareOp::Equal, *r as i64)
         }
         Compare::Value(k, v) => EtcdCompare::value(k.as_str(), CompareOp::Equal, v.clone()),
+        Compare::Lease(k, l) => EtcdCompare::lease(k.as_str(), CompareOp::Equal, *l as i64),
     }
 }
 

@@ -44,6 +44,8 @@ pub enum Compare {
     ModRevision(String, Revision),
     /// The key's value equals.
     Value(String, Vec<u8>),
+    /// The key is bound to this lease (0: no lease, or missing).
+    Lease(String, LeaseId),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

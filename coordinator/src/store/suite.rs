@@ -176,6 +176,14 @@ pub async fn run(store: &dyn Store) {
         })
         .await
         .unwrap();
+    // Compare on the lease a key is bound to.
+    let bound = |lease| Txn {
+        compares: vec![Compare::Lease("/l/k3".into(), lease)],
+        success: vec![Op::put("/l/probe", "x")],
+        ..Default::default()
+    };
+    assert!(store.txn(bound(lease2)).await.unwrap().succeeded);
+    assert!(!store.txn(bound(lease2 + 1)).await.unwrap().succeeded);
     store.revoke(lease2).await.unwrap();
     assert!(
         store.get("/l/k3").await.unwrap().is_none(),
