@@ -154,6 +154,18 @@ impl Coordinator {
     }
 
     /// Runs `droverctl --coordinator <this> ARGS`; returns (exit code, stdout, stderr).
+    /// `droverctl pipeline apply` of `spec` (written to a file in `dir`);
+    /// panics when it fails.
+    pub fn apply_pipeline(&self, dir: &TestDir, spec: &str) {
+        let path = dir.path().join(format!(
+            "pipeline-{}.toml",
+            drover_common::time::now_unix_micros()
+        ));
+        std::fs::write(&path, spec).unwrap();
+        let (code, _, err) = self.droverctl(&["pipeline", "apply", "-f", path.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+    }
+
     pub fn droverctl(&self, args: &[&str]) -> (i32, String, String) {
         let out = Command::new(bins::bin("droverctl"))
             .arg("--coordinator")

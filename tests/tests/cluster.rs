@@ -71,14 +71,8 @@ async fn fleet_on(dir: TestDir, cluster: Cluster, hosts: usize, settle_ms: u32) 
 impl Fleet {
     /// Applies a pipeline spec through the last coordinator.
     fn apply(&self, spec: &str) {
-        let path = self.dir.path().join(format!(
-            "pipeline-{}.toml",
-            drover_common::time::now_unix_micros()
-        ));
-        std::fs::write(&path, spec).unwrap();
         let last = self.cluster.coordinators.iter().flatten().last().unwrap();
-        let (code, _, err) = last.droverctl(&["pipeline", "apply", "-f", path.to_str().unwrap()]);
-        assert_eq!(code, 0, "{err}");
+        last.apply_pipeline(&self.dir, spec);
     }
 
     fn shard(&self) -> u32 {

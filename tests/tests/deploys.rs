@@ -64,10 +64,7 @@ async fn fleet(n: usize) -> Fleet {
         coord.hosts("env=prod").await.len() == n
     })
     .await;
-    let spec = dir.path().join("pipeline.toml");
-    std::fs::write(&spec, PIPELINE).unwrap();
-    let (code, _, err) = coord.droverctl(&["pipeline", "apply", "-f", spec.to_str().unwrap()]);
-    assert_eq!(code, 0, "{err}");
+    coord.apply_pipeline(&dir, PIPELINE);
     Fleet {
         dir,
         coord,
@@ -80,15 +77,7 @@ async fn fleet(n: usize) -> Fleet {
 impl Fleet {
     /// Applies a pipeline spec with droverctl.
     fn apply(&self, spec: &str) {
-        let path = self.dir.path().join(format!(
-            "pipeline-{}.toml",
-            drover_common::time::now_unix_micros()
-        ));
-        std::fs::write(&path, spec).unwrap();
-        let (code, _, err) =
-            self.coord
-                .droverctl(&["pipeline", "apply", "-f", path.to_str().unwrap()]);
-        assert_eq!(code, 0, "{err}");
+        self.coord.apply_pipeline(&self.dir, spec);
     }
 
     fn push(&self, version: &str, extra: &[&str]) -> String {

@@ -232,6 +232,24 @@ async fn connect(addr: &str) -> anyhow::Result<Channel> {
     })
 }
 
+/// One deploy control (pause, resume, ...), retried through a failover.
+async fn steer<F, Fut>(
+    client: &DeployerClient<Channel>,
+    req: drover_common::proto::DeployRef,
+    call: F,
+) -> anyhow::Result<drover_common::proto::Deploy>
+where
+    F: Fn(DeployerClient<Channel>, drover_common::proto::DeployRef) -> Fut,
+    Fut: std::future::Future<
+            Output = Result<tonic::Response<drover_common::proto::Deploy>, tonic::Status>,
+        >,
+{
+    through_failover(|| call(client.clone(), req.clone()))
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(status_error)
+}
+
 async fn deploy(
     client: &mut DeployerClient<Channel>,
     cmd: DeployCommand,
@@ -271,61 +289,41 @@ async fn deploy(
         DeployCommand::List { pipeline } => deploys::list(client, &pipeline, json, out).await,
         DeployCommand::Watch { id } => deploys::watch(client, &id, json, out).await,
         DeployCommand::Pause(c) => control(
-            through_failover(|| {
-                let mut client = client.clone();
-                let req = c.to_ref(false);
-                async move { client.pause_deploy(req).await }
+            steer(client, c.to_ref(false), |mut cl, r| async move {
+                cl.pause_deploy(r).await
             })
-            .await
-            .map_err(status_error)?
-            .into_inner(),
+            .await?,
             out,
         ),
         DeployCommand::Resume(c) => control(
-            through_failover(|| {
-                let mut client = client.clone();
-                let req = c.to_ref(false);
-                async move { client.resume_deploy(req).await }
+            steer(client, c.to_ref(false), |mut cl, r| async move {
+                cl.resume_deploy(r).await
             })
-            .await
-            .map_err(status_error)?
-            .into_inner(),
+            .await?,
             out,
         ),
         DeployCommand::Approve(c) => control(
-            through_failover(|| {
-                let mut client = client.clone();
-                let req = c.to_ref(false);
-                async move { client.approve_deploy(req).await }
+            steer(client, c.to_ref(false), |mut cl, r| async move {
+                cl.approve_deploy(r).await
             })
-            .await
-            .map_err(status_error)?
-            .into_inner(),
+            .await?,
             out,
         ),
         DeployCommand::Abort {
             control: c,
             rollback,
         } => control(
-            through_failover(|| {
-                let mut client = client.clone();
-                let req = c.to_ref(rollback);
-                async move { client.abort_deploy(req).await }
+            steer(client, c.to_ref(rollback), |mut cl, r| async move {
+                cl.abort_deploy(r).await
             })
-            .await
-            .map_err(status_error)?
-            .into_inner(),
+            .await?,
             out,
         ),
         DeployCommand::Rollback(c) => control(
-            through_failover(|| {
-                let mut client = client.clone();
-                let req = c.to_ref(false);
-                async move { client.rollback_deploy(req).await }
+            steer(client, c.to_ref(false), |mut cl, r| async move {
+                cl.rollback_deploy(r).await
             })
-            .await
-            .map_err(status_error)?
-            .into_inner(),
+            .await?,
             out,
         ),
     }

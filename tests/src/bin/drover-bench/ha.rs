@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 
 use drover_common::proto::deployer_client::DeployerClient;
 use drover_common::proto::{
-    CreatePipelineRequest, HealthGate, InconclusivePolicy, ListCoordinatorsRequest, Pipeline,
-    Stage, StartDeployRequest,
+    CreatePipelineRequest, ListCoordinatorsRequest, Pipeline, StartDeployRequest,
 };
 use drover_coordinator::ha::shards::shard_of;
 use drover_tests::{ChildGuard, Cluster, TestDir, bins, wait_until, wait_until_ok};
@@ -77,22 +76,7 @@ async fn api(c: &drover_tests::Coordinator) -> DeployerClient<Channel> {
 }
 
 async fn create_pipeline(c: &drover_tests::Coordinator, batch_percent: u32) {
-    let stage = Stage {
-        name: "prod".into(),
-        selector: "env=prod".into(),
-        batch_percent,
-        settle_ms: 0,
-        stuck_timeout_ms: 60_000,
-        gate: Some(HealthGate {
-            samples: 1,
-            bad_samples: 1,
-            min_requests: 1,
-            inconclusive: InconclusivePolicy::Pass as i32,
-            max_error_rate: 0.05,
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let stage = super::bench_stage(batch_percent, 1);
     api(c)
         .await
         .create_pipeline(CreatePipelineRequest {

@@ -322,11 +322,31 @@ async fn wait_deploy(coord: &Coordinator, id: &str) -> drover_common::proto::Dep
     last
 }
 
+/// The stage every deploy benchmark rolls: all hosts labelled env=prod,
+/// zero settle time, a gate of one sample (orchestrator overhead only).
+fn bench_stage(batch_percent: u32, max_unavailable: u32) -> drover_common::proto::Stage {
+    use drover_common::proto::{HealthGate, InconclusivePolicy, Stage};
+    Stage {
+        name: "prod".into(),
+        selector: "env=prod".into(),
+        batch_percent,
+        max_unavailable,
+        settle_ms: 0,
+        stuck_timeout_ms: 60_000,
+        gate: Some(HealthGate {
+            samples: 1,
+            bad_samples: 1,
+            min_requests: 1,
+            inconclusive: InconclusivePolicy::Pass as i32,
+            max_error_rate: 0.05,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 async fn deploy_bench(hosts: usize, heartbeat: Duration) {
-    use drover_common::proto::{
-        CreatePipelineRequest, DeployRef, HealthGate, InconclusivePolicy, Pipeline, Stage,
-        StartDeployRequest,
-    };
+    use drover_common::proto::{CreatePipelineRequest, DeployRef, Pipeline, StartDeployRequest};
     let dir = TestDir::new();
     let coord = Coordinator::start(&dir, "coord", &["--log-format", "json"]).await;
     let mut cmd = Command::new(bins::bin("drover-fleetsim"));
@@ -361,23 +381,7 @@ async fn deploy_bench(hosts: usize, heartbeat: Duration) {
     let pipeline = Pipeline {
         name: "bench".into(),
         service: "hello".into(),
-        stages: vec![Stage {
-            name: "prod".into(),
-            selector: "env=prod".into(),
-            batch_percent: 10,
-            max_unavailable: batch,
-            settle_ms: 0,
-            stuck_timeout_ms: 60_000,
-            gate: Some(HealthGate {
-                samples: 1,
-                bad_samples: 1,
-                min_requests: 1,
-                inconclusive: InconclusivePolicy::Pass as i32,
-                max_error_rate: 0.05,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }],
+        stages: vec![bench_stage(10, batch)],
         ..Default::default()
     };
     api.create_pipeline(CreatePipelineRequest {
