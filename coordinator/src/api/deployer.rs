@@ -360,6 +360,23 @@ impl Deployer for DeployerService {
         Ok(Response::new(rec.to_proto()))
     }
 
+    async fn promote_deploy(
+        &self,
+        request: Request<DeployRef>,
+    ) -> Result<Response<Deploy>, Status> {
+        let shard = self.deploy_shard(&request.get_ref().id).await?;
+        if let Route::Leader(mut leader) = self.forward.route(shard, &request).await? {
+            return leader.promote_deploy(self.forward.forwarded(request)).await;
+        }
+        let r = request.into_inner();
+        let rec = self
+            .deployments
+            .promote(&r.id, who(&r))
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(rec.to_proto()))
+    }
+
     async fn list_coordinators(
         &self,
         _: Request<ListCoordinatorsRequest>,

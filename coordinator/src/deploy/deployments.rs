@@ -26,7 +26,9 @@ use tracing::{info, warn};
 use super::gate::{Sample, Verdict, judge};
 use super::machine::{Event, Machine, Phase};
 use super::pipeline::{PipelineError, Pipelines};
-use super::record::{DeployRecord, batches};
+use super::record::{DeployRecord, batches, canary_plan};
+
+mod canary;
 use crate::fleet::{PendingCommands, Registry};
 use crate::ha::leases::ShardLeases;
 use crate::ha::shards::shard_of;
@@ -519,6 +521,7 @@ impl Deployments {
         // connected hosts its selector matches, each in its first stage only.
         let mut taken = std::collections::HashSet::new();
         let mut plan = Vec::new();
+        let mut canary_bakes = Vec::new();
         for stage in &pipeline.stages {
             let selector = Selector::parse(&stage.selector)
                 .map_err(|e| DeployError::Invalid(e.to_string()))?;
@@ -530,7 +533,15 @@ impl Deployments {
                 .map(|h| h.host_id)
                 .filter(|h| taken.insert(h.clone()))
                 .collect();
-            plan.push(batches(&hosts, stage.batch_size, stage.batch_percent));
+            let (stage_plan, bakes) = match &stage.canary {
+                Some(c) => canary_plan(&hosts, c, stage.batch_size, stage.batch_percent),
+                None => (
+                    batches(&hosts, stage.batch_size, stage.batch_percent),
+                    Vec::new(),
+                ),
+            };
+            plan.push(stage_plan);
+            canary_bakes.push(bakes);
         }
         if plan.iter().all(|s| s.is_empty()) {
             return Err(DeployError::Invalid(format!(
@@ -582,6 +593,9 @@ impl Deployments {
             updated_at_unix_ms: now,
             snapshot: pipeline.clone(),
             writes: 1,
+            canary_bakes,
+            analyses: Vec::new(),
+            promoted: Vec::new(),
         };
         let (machine, _) = rec
             .machine
@@ -930,18 +944,37 @@ impl Deployments {
             self.set_verdict(id, stage, batch, &reason).await?;
             return Ok(Event::BatchFailed(reason));
         }
-        tokio::time::sleep(Duration::from_millis(spec.settle_ms.into())).await;
-        let updated: Vec<String> = hosts
-            .iter()
-            .filter(|h| !failed.iter().any(|(f, _)| f == *h))
-            .cloned()
-            .collect();
         let baseline: Vec<String> = rec.plan[stage]
             .iter()
             .flatten()
             .filter(|h| !rec.touched.contains(h))
             .cloned()
             .collect();
+        let ok = |h: &&String| {
+            rec.results
+                .get(*h)
+                .is_none_or(|r| r.outcome != HostOutcome::Failed as i32)
+        };
+        if rec.is_canary_step(stage, batch) {
+            let cohort: Vec<String> = rec.plan[stage][..=batch]
+                .iter()
+                .flatten()
+                .filter(ok)
+                .cloned()
+                .collect();
+            return self
+                .bake(canary::Step {
+                    id,
+                    stage,
+                    step: batch,
+                    cohort,
+                    baseline,
+                    service,
+                })
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(spec.settle_ms.into())).await;
+        let updated: Vec<String> = hosts.iter().filter(ok).cloned().collect();
         let verdict = self
             .judge_batch(
                 &spec.gate.unwrap_or_default(),
@@ -959,7 +992,7 @@ impl Deployments {
             Err(reason) => {
                 self.set_verdict(id, stage, batch, &reason).await?;
                 if reason.starts_with("paused:") {
-                    Ok(Event::Pause)
+                    Ok(Event::Hold(reason))
                 } else {
                     Ok(Event::BatchFailed(reason))
                 }
@@ -1236,6 +1269,79 @@ impl Deployments {
                 .insert(format!("{stage}/{batch}"), verdict.to_string());
         })
         .await
+    }
+
+    /// Stores a canary step's analysis with the deploy, with its audit line.
+    async fn record_step_analysis(
+        &self,
+        id: &str,
+        report: drover_common::proto::CanaryAnalysis,
+    ) -> Result<(), DeployError> {
+        loop {
+            let (mut rec, revision) = self.load(id).await?;
+            let verdict = report.verdict().as_str_name().trim_start_matches("ANALYSIS_VERDICT_");
+            let message = format!(
+                "stage {} canary step {} ({} canary, {} baseline hosts, {:.1}s): {verdict}: {}",
+                report.stage,
+                report.step,
+                report.canary_hosts.len(),
+                report.baseline_hosts.len(),
+                report.baked_ms as f64 / 1000.0,
+                report.reason
+            );
+            let audit = vec![Self::audit(&rec, "analysis", "drover", message)];
+            rec.analyses
+                .retain(|a| (a.stage, a.step) != (report.stage, report.step));
+            rec.analyses.push(report.clone());
+            if self.save(&mut rec, revision, audit).await?.is_some() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Passes the canary step in flight (or on hold) by hand.
+    pub async fn promote(self: &Arc<Self>, id: &str, who: &str) -> Result<DeployRecord, DeployError> {
+        loop {
+            let (mut rec, revision) = self.load(id).await?;
+            let (stage, step) = (rec.machine.stage, rec.machine.batch);
+            if !matches!(rec.machine.phase, Phase::Rolling | Phase::Paused)
+                || !rec.is_canary_step(stage, step)
+            {
+                return Err(DeployError::Conflict(format!(
+                    "deploy {id} is {:?} at stage {stage} batch {step}, not in a canary step; nothing to promote",
+                    rec.machine.phase
+                )));
+            }
+            let key = format!("{stage}/{step}");
+            let stage_name = rec.snapshot.stages[stage].name.clone();
+            if !rec.promoted.contains(&key) {
+                rec.promoted.push(key);
+            }
+            rec.approvals
+                .push(format!("{who} promoted canary step {step} of stage {stage_name}"));
+            let mut audit = vec![Self::audit(
+                &rec,
+                "promoted",
+                who,
+                format!("canary step {step} of stage {stage_name} promoted by hand"),
+            )];
+            let held = rec.machine.phase == Phase::Paused;
+            if held {
+                // On hold: the machine moves on now; the driver follows.
+                let before = (rec.machine.phase, stage, step);
+                let (machine, _) = rec
+                    .machine
+                    .apply(Event::Promote)
+                    .map_err(|e| DeployError::Conflict(e.to_string()))?;
+                rec.machine = machine;
+                audit.extend(Self::transition_audit(before, &rec, &Event::Promote, who));
+            }
+            if self.save(&mut rec, revision, audit).await?.is_some() {
+                info!(deploy = %id, %who, stage, step, "canary step promoted");
+                self.live(id).notify_one();
+                return Ok(rec);
+            }
+        }
     }
 
     /// Changes the record (not its phase) with compare-and-swap.

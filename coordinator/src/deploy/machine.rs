@@ -7,6 +7,8 @@
 //! ```text
 //! Pending ─Start→ Rolling(stage s, batch b) ─BatchPassed→ … ─last batch→ Complete
 //!              │            │ pause requested: after the batch → Paused ─Resume→ Rolling
+//!              │            │ Hold (a judgement wants a human): at once → Paused; Resume
+//!              │            │   re-runs the batch, Promote passes it
 //!              │            └ next stage requires approval → AwaitingApproval ─Approve→ Rolling
 //!              └ BatchFailed / budget spent → RollingBack ─RollbackDone→ RolledBack
 //!                                 (no known-good release → Failed)
@@ -76,6 +78,11 @@ pub enum Event {
     BatchPassed,
     /// The batch failed its gate, or the failure budget is spent.
     BatchFailed(String),
+    /// The batch in flight cannot be judged and a human must decide (an
+    /// inconclusive analysis with the pause policy): paused at once.
+    Hold(String),
+    /// A human passes the batch (a canary step) in flight or on hold.
+    Promote,
     Pause,
     Resume,
     Approve,
@@ -113,6 +120,8 @@ fn event_name(e: &Event) -> &'static str {
         Event::Start => "start",
         Event::BatchPassed => "pass a batch",
         Event::BatchFailed(_) => "fail a batch",
+        Event::Hold(_) => "hold a batch",
+        Event::Promote => "promote a batch",
         Event::Pause => "pause",
         Event::Resume => "resume",
         Event::Approve => "approve",
@@ -212,22 +221,16 @@ impl Machine {
         let live = !self.phase.is_terminal() && self.phase != Phase::RollingBack;
         let actions = match (self.phase, event) {
             (Phase::Pending, Event::Start) => m.enter_stage(0),
-            (Phase::Rolling, Event::BatchPassed) => {
-                if m.batch + 1 < m.batches[m.stage] {
-                    m.batch += 1;
-                    m.run_batch()
-                } else {
-                    let next = m.stage + 1;
-                    let pause = std::mem::take(&mut m.pause_requested);
-                    let actions = m.enter_stage(next);
-                    if pause && m.phase == Phase::Rolling {
-                        // Pause between stages too, before the next batch starts.
-                        m.phase = Phase::Paused;
-                        Vec::new()
-                    } else {
-                        actions
-                    }
-                }
+            (Phase::Rolling, Event::BatchPassed | Event::Promote)
+            | (Phase::Paused, Event::Promote) => {
+                m.reason.clear();
+                m.advance()
+            }
+            (Phase::Rolling, Event::Hold(reason)) => {
+                m.phase = Phase::Paused;
+                m.pause_requested = false;
+                m.reason = reason;
+                Vec::new()
             }
             (Phase::Rolling, Event::BatchFailed(reason)) => m.roll_back(reason),
             (Phase::Rolling, Event::Pause) => {
@@ -279,6 +282,24 @@ impl Machine {
         Ok((m, actions))
     }
 
+    /// Past the batch in flight: the next batch, the next stage, or done.
+    fn advance(&mut self) -> Vec<Action> {
+        if self.batch + 1 < self.batches[self.stage] {
+            self.batch += 1;
+            return self.run_batch();
+        }
+        let next = self.stage + 1;
+        let pause = std::mem::take(&mut self.pause_requested);
+        let actions = self.enter_stage(next);
+        if pause && self.phase == Phase::Rolling {
+            // Pause between stages too, before the next batch starts.
+            self.phase = Phase::Paused;
+            Vec::new()
+        } else {
+            actions
+        }
+    }
+
     /// True once the current stage's approval was given (its flag cleared).
     fn approved_stage(&self) -> bool {
         !self.approvals.get(self.stage).copied().unwrap_or(false)
@@ -294,6 +315,8 @@ mod tests {
             Event::Start,
             Event::BatchPassed,
             Event::BatchFailed("5xx".into()),
+            Event::Hold("inconclusive".into()),
+            Event::Promote,
             Event::Pause,
             Event::Resume,
             Event::Approve,
@@ -438,6 +461,23 @@ mod tests {
             a,
             "a restarted coordinator re-issues the batch in flight"
         );
+    }
+
+    #[test]
+    fn hold_pauses_at_once_and_resume_or_promote_continue() {
+        let m = Machine::new(vec![3], vec![false], true);
+        let (m, _) = m.apply(Event::Start).unwrap();
+        let (held, a) = m.apply(Event::Hold("canary inconclusive".into())).unwrap();
+        assert_eq!((held.phase, held.batch, a), (Phase::Paused, 0, vec![]));
+        assert_eq!(held.reason, "canary inconclusive");
+        let (again, a) = held.apply(Event::Resume).unwrap();
+        assert_eq!(a, vec![Action::RunBatch { stage: 0, batch: 0 }], "judged again");
+        assert_eq!(again.phase, Phase::Rolling);
+        let (passed, a) = held.apply(Event::Promote).unwrap();
+        assert_eq!(a, vec![Action::RunBatch { stage: 0, batch: 1 }], "passed by hand");
+        assert!(passed.reason.is_empty());
+        let (m, a) = m.apply(Event::Promote).unwrap();
+        assert_eq!((m.batch, a), (1, vec![Action::RunBatch { stage: 0, batch: 1 }]));
     }
 
     #[test]

@@ -6,7 +6,10 @@ use std::sync::Arc;
 
 use drover_common::ids::{validate_pipeline_name, validate_service};
 use drover_common::labels::Selector;
-use drover_common::proto::{HealthGate, InconclusivePolicy, Pipeline};
+use drover_common::proto::{
+    Analysis, Canary, HealthGate, InconclusiveAction, InconclusivePolicy, MetricCheck,
+    MetricDirection, Pipeline,
+};
 use prost::Message;
 
 use crate::store::{Compare, Op, Store, StoreError, Txn};
@@ -51,8 +54,128 @@ pub fn with_defaults(mut p: Pipeline) -> Pipeline {
         if gate.inconclusive == InconclusivePolicy::Unspecified as i32 {
             gate.inconclusive = InconclusivePolicy::Fail as i32;
         }
+        if let Some(canary) = &mut stage.canary {
+            let a = canary.analysis.get_or_insert_with(Analysis::default);
+            if a.metrics.is_empty() {
+                a.metrics = vec![
+                    MetricCheck {
+                        name: ERROR_RATE.into(),
+                        ..Default::default()
+                    },
+                    MetricCheck {
+                        name: LATENCY_P99.into(),
+                        ..Default::default()
+                    },
+                ];
+            }
+            for m in &mut a.metrics {
+                if m.direction == MetricDirection::Unspecified as i32 {
+                    m.direction = MetricDirection::HigherIsWorse as i32;
+                }
+                if m.tolerance == 0.0 {
+                    m.tolerance = 0.1;
+                }
+            }
+            if a.alpha == 0.0 {
+                a.alpha = 0.05;
+            }
+            if a.min_samples == 0 {
+                a.min_samples = 5;
+            }
+            if a.min_requests == 0 {
+                a.min_requests = 5;
+            }
+            if a.inconclusive == InconclusiveAction::Unspecified as i32 {
+                a.inconclusive = InconclusiveAction::Extend as i32;
+            }
+            if a.max_extensions == 0 {
+                a.max_extensions = 2;
+            }
+        }
     }
     p
+}
+
+/// Longest bake of one canary step.
+pub const MAX_BAKE_MS: u32 = 24 * 3600 * 1000;
+
+/// The problems of a stage's canary, each naming its field.
+fn validate_canary(c: &Canary, at: &dyn Fn(&str) -> String, problems: &mut Vec<String>) {
+    if c.steps.is_empty() {
+        problems.push(format!("{}: at least one step", at("canary.steps")));
+    }
+    let mut last: Option<(u32, u32)> = None;
+    for (k, step) in c.steps.iter().enumerate() {
+        let f = |field: &str| at(&format!("canary.steps[{k}].{field}"));
+        match (step.percent, step.count) {
+            (0, 0) => problems.push(format!("{}: give percent or count", f("percent"))),
+            (p, 0) if !(1..=99).contains(&p) => {
+                problems.push(format!("{}: must be between 1 and 99", f("percent")))
+            }
+            (p, c) if p > 0 && c > 0 => {
+                problems.push(format!("{}: give percent or count, not both", f("percent")))
+            }
+            _ => {}
+        }
+        if let Some((lp, lc)) = last
+            && ((step.percent > 0 && step.percent <= lp) || (step.count > 0 && step.count <= lc))
+        {
+            problems.push(format!("{}: cohorts must grow from step to step", f("percent")));
+        }
+        last = Some((step.percent, step.count));
+        if step.bake_ms == 0 || step.bake_ms > MAX_BAKE_MS {
+            problems.push(format!(
+                "{}: must be between 1 and {MAX_BAKE_MS} ms",
+                f("bake_ms")
+            ));
+        }
+    }
+    let Some(a) = &c.analysis else { return };
+    if !(a.alpha > 0.0 && a.alpha <= 0.5) {
+        problems.push(format!("{}: must be in (0, 0.5]", at("canary.analysis.alpha")));
+    }
+    if InconclusiveAction::try_from(a.inconclusive).is_err() {
+        problems.push(format!(
+            "{}: unknown action {}",
+            at("canary.analysis.inconclusive"),
+            a.inconclusive
+        ));
+    }
+    let mut seen = HashSet::new();
+    for (k, m) in a.metrics.iter().enumerate() {
+        let f = |field: &str| at(&format!("canary.analysis.metrics[{k}].{field}"));
+        if !is_metric_name(&m.name) {
+            problems.push(format!(
+                "{}: {:?} is neither a built-in metric ({ERROR_RATE}, {LATENCY_P99}, {LATENCY_P50}) nor a Prometheus metric name",
+                f("name"),
+                m.name
+            ));
+        }
+        if !seen.insert(m.name.as_str()) {
+            problems.push(format!("{}: {:?} is judged twice", f("name"), m.name));
+        }
+        if MetricDirection::try_from(m.direction).is_err() {
+            problems.push(format!("{}: unknown direction {}", f("direction"), m.direction));
+        }
+        for (name, v) in [("max", m.max), ("max_ratio", m.max_ratio), ("tolerance", m.tolerance)] {
+            if !v.is_finite() || v < 0.0 {
+                problems.push(format!("{}: must be zero or positive", f(name)));
+            }
+        }
+    }
+}
+
+/// Built-in metrics of canary analysis (from heartbeats).
+pub const ERROR_RATE: &str = "error_rate";
+pub const LATENCY_P99: &str = "latency_p99_ms";
+pub const LATENCY_P50: &str = "latency_p50_ms";
+
+/// A built-in metric or a Prometheus metric name (`[a-zA-Z_:][a-zA-Z0-9_:]*`).
+pub fn is_metric_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+        && name.len() <= 200
 }
 
 /// Every problem of a pipeline spec, each naming its field.
@@ -145,6 +268,9 @@ pub fn validate(p: &Pipeline) -> Result<(), PipelineError> {
                     g.inconclusive
                 ));
             }
+        }
+        if let Some(c) = &s.canary {
+            validate_canary(c, &at, &mut problems);
         }
     }
     if problems.is_empty() {

@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use drover_common::proto::{Batch, BatchHost, Deploy, DeployPhase, HostOutcome, Pipeline};
+use drover_common::proto::{
+    Batch, BatchHost, Canary, CanaryAnalysis, Deploy, DeployPhase, HostOutcome, Pipeline,
+};
 use serde::{Deserialize, Serialize};
 
 use super::machine::{Machine, Phase};
@@ -42,6 +44,17 @@ pub struct DeployRecord {
     /// not with hosts).
     #[serde(default)]
     pub writes: u64,
+    /// Per stage, the bake (ms) of each canary step; the stage's first plan
+    /// entries are those steps (step k's entry holds the hosts it adds to
+    /// the cohort).
+    #[serde(default)]
+    pub canary_bakes: Vec<Vec<u32>>,
+    /// The analysis of every canary step judged so far.
+    #[serde(default)]
+    pub analyses: Vec<CanaryAnalysis>,
+    /// "stage/step" of canary steps passed by hand (PromoteDeploy).
+    #[serde(default)]
+    pub promoted: Vec<String>,
 }
 
 pub fn phase_proto(p: Phase) -> DeployPhase {
@@ -106,7 +119,13 @@ impl DeployRecord {
             pipeline_snapshot: Some(self.snapshot.clone()),
             approvals: self.approvals.clone(),
             store_writes: self.writes,
+            analyses: self.analyses.clone(),
         }
+    }
+
+    /// Whether entry `batch` of stage `stage`'s plan is a canary step.
+    pub fn is_canary_step(&self, stage: usize, batch: usize) -> bool {
+        self.canary_bakes.get(stage).is_some_and(|b| batch < b.len())
     }
 
     pub fn set_result(&mut self, host: &str, outcome: HostOutcome, reason: impl Into<String>) {
@@ -133,9 +152,78 @@ pub fn batches(hosts: &[String], size: u32, percent: u32) -> Vec<Vec<String>> {
     hosts.chunks(per).map(|c| c.to_vec()).collect()
 }
 
+/// A stage's plan with a canary: the cohorts of its steps (each entry the
+/// hosts that step adds), then the rest in batches of `size`/`percent`.
+/// Returns the plan and the bake of each canary step. A step whose
+/// cohort would not grow (a small stage) is dropped; at least one host
+/// always stays on the old version as the baseline, so a stage of one host
+/// has no canary.
+pub fn canary_plan(
+    hosts: &[String],
+    canary: &Canary,
+    size: u32,
+    percent: u32,
+) -> (Vec<Vec<String>>, Vec<u32>) {
+    let mut plan = Vec::new();
+    let mut bakes = Vec::new();
+    let mut taken = 0;
+    if hosts.len() >= 2 {
+        for step in &canary.steps {
+            let cohort = if step.count > 0 {
+                step.count as usize
+            } else {
+                (hosts.len() * step.percent as usize).div_ceil(100)
+            }
+            .clamp(1, hosts.len() - 1);
+            if cohort > taken {
+                plan.push(hosts[taken..cohort].to_vec());
+                bakes.push(step.bake_ms);
+                taken = cohort;
+            }
+        }
+    }
+    plan.extend(batches(&hosts[taken..], size, percent));
+    (plan, bakes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use drover_common::proto::CanaryStep;
+
+    #[test]
+    fn canary_cohorts_grow_keep_a_baseline_and_the_rest_rolls_in_batches() {
+        let hosts: Vec<String> = (0..100).map(|i| format!("h{i}")).collect();
+        let step = |percent, count| CanaryStep {
+            percent,
+            count,
+            bake_ms: 1000,
+        };
+        let canary = Canary {
+            steps: vec![step(1, 0), step(5, 0), step(25, 0)],
+            analysis: None,
+        };
+        let (plan, bakes) = canary_plan(&hosts, &canary, 0, 25);
+        assert_eq!(bakes.len(), 3);
+        let sizes: Vec<usize> = plan.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [1, 4, 20, 19, 19, 19, 18]);
+        assert_eq!(plan.concat(), hosts, "every host once, in order");
+
+        // Four hosts: 1%, 5% and 25% are all one host; one step remains.
+        let (plan, bakes) = canary_plan(&hosts[..4], &canary, 1, 0);
+        assert_eq!(bakes.len(), 1);
+        assert_eq!(plan.iter().map(Vec::len).collect::<Vec<_>>(), [1, 1, 1, 1]);
+        // A count past the stage keeps one baseline host.
+        let big = Canary {
+            steps: vec![step(0, 10)],
+            analysis: None,
+        };
+        let (plan, bakes) = canary_plan(&hosts[..3], &big, 1, 0);
+        assert_eq!((bakes.len(), plan[0].len()), (1, 2));
+        // One host: no canary.
+        let (plan, bakes) = canary_plan(&hosts[..1], &canary, 1, 0);
+        assert_eq!((bakes.len(), plan.len()), (0, 1));
+    }
 
     #[test]
     fn batches_by_count_and_percent() {

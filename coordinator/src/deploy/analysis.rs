@@ -1,0 +1,419 @@
+//! Canary analysis as pure judgement: the per-interval observations of the
+//! canary hosts against those of the baseline hosts (the stage's hosts still
+//! on the old version, over the same window), metric by metric.
+//!
+//! Per metric: the minimum-sample rule (too few samples on either side is
+//! inconclusive), an absolute limit and a limit relative to the baseline on
+//! the canary's value over the window, then a one-sided Mann-Whitney U test
+//! of the samples (statrs) that fails the metric only when the difference is
+//! significant *and* larger than the metric's tolerance — a significant but
+//! negligible difference passes. Looks taken while the window is still open
+//! ("interim") use a ten times stricter significance, so judging every
+//! interval does not multiply false alarms; only the final look can pass.
+
+use drover_common::proto::{Analysis, AnalysisVerdict, MetricCheck, MetricDirection, MetricVerdict};
+use statrs::stats_tests::Alternative;
+use statrs::stats_tests::mannwhitneyu::{MannWhitneyUMethod, mannwhitneyu};
+
+use super::pipeline::{ERROR_RATE, LATENCY_P50, LATENCY_P99};
+
+/// One host's figures for one heartbeat interval.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Observation {
+    pub requests: u64,
+    pub errors: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+/// What a bake window collected so far.
+#[derive(Debug, Clone, Default)]
+pub struct Window {
+    pub canary: Vec<Observation>,
+    pub baseline: Vec<Observation>,
+    /// Canary hosts that were not ready at the last look.
+    pub canary_not_ready: Vec<String>,
+    /// Canary hosts that restarted since the step began, with the count.
+    pub canary_restarts: Vec<(String, u32)>,
+}
+
+/// The verdict of a look at a window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Judgement {
+    pub verdict: AnalysisVerdict,
+    pub reason: String,
+    pub metrics: Vec<MetricVerdict>,
+}
+
+/// Smallest baseline value ratios and effects are measured against, so a
+/// near-perfect baseline does not turn noise into a large relative change.
+fn floor_of(metric: &str) -> f64 {
+    match metric {
+        ERROR_RATE => 0.001,
+        LATENCY_P99 | LATENCY_P50 => 1.0,
+        _ => 1e-9,
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 0 {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    }
+}
+
+/// The samples of `metric` in `obs` (host-intervals with enough requests)
+/// and the value over the window, or None for a metric heartbeats do not
+/// carry.
+fn samples(metric: &str, obs: &[Observation], min_requests: u64) -> Option<(Vec<f64>, f64)> {
+    let counted: Vec<&Observation> = obs.iter().filter(|o| o.requests >= min_requests).collect();
+    let values: Vec<f64> = match metric {
+        ERROR_RATE => counted
+            .iter()
+            .map(|o| o.errors as f64 / o.requests as f64)
+            .collect(),
+        LATENCY_P99 => counted.iter().map(|o| o.p99_ms).collect(),
+        LATENCY_P50 => counted.iter().map(|o| o.p50_ms).collect(),
+        _ => return None,
+    };
+    let value = match metric {
+        ERROR_RATE => {
+            let requests: u64 = counted.iter().map(|o| o.requests).sum();
+            let errors: u64 = counted.iter().map(|o| o.errors).sum();
+            if requests == 0 {
+                0.0
+            } else {
+                errors as f64 / requests as f64
+            }
+        }
+        _ => median(&values),
+    };
+    Some((values, value))
+}
+
+/// One-sided p-value that `canary` is worse than `baseline`.
+fn p_worse(canary: &[f64], baseline: &[f64], higher_is_worse: bool) -> f64 {
+    let first = canary.first().or(baseline.first()).copied().unwrap_or(0.0);
+    if canary.iter().chain(baseline).all(|v| *v == first) {
+        return 1.0; // identical samples: no evidence of any difference
+    }
+    let alternative = if higher_is_worse {
+        Alternative::Greater
+    } else {
+        Alternative::Less
+    };
+    match mannwhitneyu(canary, baseline, MannWhitneyUMethod::Automatic, alternative) {
+        Ok((_, p)) if p.is_finite() => p,
+        _ => 1.0,
+    }
+}
+
+fn judge_metric(check: &MetricCheck, a: &Analysis, w: &Window, interim: bool) -> MetricVerdict {
+    let higher_is_worse = check.direction() != MetricDirection::LowerIsWorse;
+    let mut out = MetricVerdict {
+        name: check.name.clone(),
+        p_value: 1.0,
+        ..Default::default()
+    };
+    let min_requests = u64::from(a.min_requests.max(1));
+    let (Some((c, cv)), Some((b, bv))) = (
+        samples(&check.name, &w.canary, min_requests),
+        samples(&check.name, &w.baseline, min_requests),
+    ) else {
+        out.verdict = AnalysisVerdict::Inconclusive as i32;
+        out.reason = format!(
+            "{} is not reported by agents (heartbeats carry {ERROR_RATE}, {LATENCY_P99} and {LATENCY_P50})",
+            check.name
+        );
+        return out;
+    };
+    out.canary_samples = c.len() as u32;
+    out.baseline_samples = b.len() as u32;
+    out.canary_value = cv;
+    out.baseline_value = bv;
+    out.canary_median = median(&c);
+    out.baseline_median = median(&b);
+    let min = a.min_samples.max(1) as usize;
+    let worse = |x: f64, limit: f64| {
+        if higher_is_worse {
+            x > limit
+        } else {
+            x < limit
+        }
+    };
+    let verdict = |out: &mut MetricVerdict, v: AnalysisVerdict, reason: String| {
+        out.verdict = v as i32;
+        out.reason = reason;
+    };
+    if c.len() < min {
+        verdict(
+            &mut out,
+            AnalysisVerdict::Inconclusive,
+            format!("{} canary samples, {min} needed", c.len()),
+        );
+        return out;
+    }
+    if check.max > 0.0 && worse(cv, check.max) {
+        verdict(
+            &mut out,
+            AnalysisVerdict::Fail,
+            format!("{} {} is past the limit {}", check.name, show(&check.name, cv), show(&check.name, check.max)),
+        );
+        return out;
+    }
+    if b.len() < min {
+        verdict(
+            &mut out,
+            AnalysisVerdict::Inconclusive,
+            format!("{} baseline samples, {min} needed", b.len()),
+        );
+        return out;
+    }
+    let floor = floor_of(&check.name);
+    let base = bv.abs().max(floor);
+    if check.max_ratio > 0.0 {
+        let past = if higher_is_worse {
+            cv > base * check.max_ratio
+        } else {
+            cv * check.max_ratio < bv
+        };
+        if past {
+            verdict(
+                &mut out,
+                AnalysisVerdict::Fail,
+                format!(
+                    "{} {} against the baseline's {}: past {}x",
+                    check.name,
+                    show(&check.name, cv),
+                    show(&check.name, bv),
+                    check.max_ratio
+                ),
+            );
+            return out;
+        }
+    }
+    out.p_value = p_worse(&c, &b, higher_is_worse);
+    let p = out.p_value;
+    let effect = if higher_is_worse {
+        (cv - bv) / base
+    } else {
+        (bv - cv) / base
+    };
+    let alpha = if interim { a.alpha / 10.0 } else { a.alpha };
+    if p < alpha && effect > check.tolerance {
+        verdict(
+            &mut out,
+            AnalysisVerdict::Fail,
+            format!(
+                "{} {} against the baseline's {} ({:+.0}%, tolerance {:.0}%), Mann-Whitney p={:.2e} < {alpha}",
+                check.name,
+                show(&check.name, cv),
+                show(&check.name, bv),
+                effect * 100.0,
+                check.tolerance * 100.0,
+                p
+            ),
+        );
+        return out;
+    }
+    verdict(
+        &mut out,
+        AnalysisVerdict::Pass,
+        format!(
+            "{} {} against the baseline's {} (p={:.2})",
+            check.name,
+            show(&check.name, cv),
+            show(&check.name, bv),
+            p
+        ),
+    );
+    out
+}
+
+/// Short human form of a value of `metric`.
+fn show(metric: &str, v: f64) -> String {
+    match metric {
+        ERROR_RATE => format!("{:.2}%", v * 100.0),
+        LATENCY_P99 | LATENCY_P50 => format!("{v:.1} ms"),
+        _ => format!("{v:.3}"),
+    }
+}
+
+/// Judges the window. `interim`: the window is still open (only a failure
+/// counts; a pass needs the final look).
+pub fn judge(a: &Analysis, w: &Window, interim: bool) -> Judgement {
+    if let Some((host, n)) = w.canary_restarts.first() {
+        return Judgement {
+            verdict: AnalysisVerdict::Fail,
+            reason: format!("canary host {host} restarted {n} times (crash loop?)"),
+            metrics: Vec::new(),
+        };
+    }
+    if !w.canary_not_ready.is_empty() {
+        return Judgement {
+            verdict: AnalysisVerdict::Fail,
+            reason: format!("canary hosts not ready: {}", w.canary_not_ready.join(", ")),
+            metrics: Vec::new(),
+        };
+    }
+    let metrics: Vec<MetricVerdict> = a
+        .metrics
+        .iter()
+        .map(|m| judge_metric(m, a, w, interim))
+        .collect();
+    let first = |v: AnalysisVerdict| metrics.iter().find(|m| m.verdict() == v);
+    let (verdict, reason) = if let Some(m) = first(AnalysisVerdict::Fail) {
+        (AnalysisVerdict::Fail, m.reason.clone())
+    } else if let Some(m) = first(AnalysisVerdict::Inconclusive) {
+        (AnalysisVerdict::Inconclusive, format!("{}: {}", m.name, m.reason))
+    } else {
+        (
+            AnalysisVerdict::Pass,
+            metrics
+                .iter()
+                .map(|m| m.reason.clone())
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    };
+    Judgement {
+        verdict,
+        reason,
+        metrics,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deploy::pipeline::with_defaults;
+    use drover_common::proto::{Canary, CanaryStep, Pipeline, Stage};
+
+    fn analysis() -> Analysis {
+        let p = with_defaults(Pipeline {
+            stages: vec![Stage {
+                canary: Some(Canary {
+                    steps: vec![CanaryStep {
+                        percent: 10,
+                        count: 0,
+                        bake_ms: 1000,
+                    }],
+                    analysis: None,
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        p.stages[0].canary.clone().unwrap().analysis.unwrap()
+    }
+
+    /// `n` intervals of `requests` each with errors spread evenly at `rate`,
+    /// and p99 `p99` (+ a little spread).
+    fn obs(n: usize, requests: u64, rate: f64, p99: f64) -> Vec<Observation> {
+        let mut owed = 0.0;
+        (0..n)
+            .map(|i| {
+                owed += requests as f64 * rate;
+                let errors = owed.floor() as u64;
+                owed -= errors as f64;
+                Observation {
+                    requests,
+                    errors,
+                    p50_ms: p99 / 3.0,
+                    p99_ms: p99 + (i % 5) as f64,
+                }
+            })
+            .collect()
+    }
+
+    fn window(canary: Vec<Observation>, baseline: Vec<Observation>) -> Window {
+        Window {
+            canary,
+            baseline,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn three_percent_errors_against_a_tenth_of_a_percent_fail_even_at_an_interim_look() {
+        let w = window(obs(10, 40, 0.03, 20.0), obs(30, 40, 0.001, 20.0));
+        let j = judge(&analysis(), &w, true);
+        assert_eq!(j.verdict, AnalysisVerdict::Fail, "{j:?}");
+        assert!(j.reason.contains("error_rate"), "{}", j.reason);
+        let m = &j.metrics[0];
+        assert!(m.p_value < 0.005, "{m:?}");
+        assert_eq!((m.canary_samples, m.baseline_samples), (10, 30));
+    }
+
+    #[test]
+    fn a_latency_regression_fails_and_equal_versions_pass() {
+        let slow = window(obs(10, 40, 0.0, 100.0), obs(20, 40, 0.0, 20.0));
+        let j = judge(&analysis(), &slow, false);
+        assert_eq!(j.verdict, AnalysisVerdict::Fail, "{j:?}");
+        assert!(j.reason.contains("latency_p99_ms"), "{}", j.reason);
+
+        let same = window(obs(10, 40, 0.001, 20.0), obs(20, 40, 0.001, 20.0));
+        let j = judge(&analysis(), &same, false);
+        assert_eq!(j.verdict, AnalysisVerdict::Pass, "{j:?}");
+    }
+
+    #[test]
+    fn a_significant_but_tolerated_difference_passes() {
+        // 5% slower, consistently: significant, but within the 10% tolerance.
+        let w = window(obs(30, 40, 0.0, 21.0), obs(30, 40, 0.0, 20.0));
+        let j = judge(&analysis(), &w, false);
+        assert_eq!(j.metrics[1].name, "latency_p99_ms");
+        assert!(j.metrics[1].p_value < 0.05, "{:?}", j.metrics[1]);
+        assert_eq!(j.verdict, AnalysisVerdict::Pass, "{j:?}");
+    }
+
+    #[test]
+    fn too_little_traffic_is_inconclusive() {
+        // Intervals under min_requests do not count as samples.
+        let w = window(obs(10, 2, 0.5, 20.0), obs(30, 40, 0.001, 20.0));
+        let j = judge(&analysis(), &w, false);
+        assert_eq!(j.verdict, AnalysisVerdict::Inconclusive, "{j:?}");
+        assert!(j.reason.contains("0 canary samples, 5 needed"), "{}", j.reason);
+        // Likewise a thin baseline.
+        let w = window(obs(10, 40, 0.0, 20.0), obs(2, 40, 0.0, 20.0));
+        assert_eq!(judge(&analysis(), &w, false).verdict, AnalysisVerdict::Inconclusive);
+    }
+
+    #[test]
+    fn limits_directions_and_hard_failures() {
+        let mut a = analysis();
+        a.metrics[0].max = 0.01;
+        // Over the absolute limit with no usable baseline: still a failure.
+        let w = window(obs(10, 100, 0.02, 20.0), Vec::new());
+        assert_eq!(judge(&a, &w, true).verdict, AnalysisVerdict::Fail);
+        // Lower is worse: a throughput-like metric dropping fails on ratio.
+        a.metrics = vec![MetricCheck {
+            name: LATENCY_P50.into(),
+            direction: MetricDirection::LowerIsWorse as i32,
+            max_ratio: 2.0,
+            tolerance: 0.1,
+            ..Default::default()
+        }];
+        let w = window(obs(10, 40, 0.0, 30.0), obs(10, 40, 0.0, 90.0));
+        let j = judge(&a, &w, false);
+        assert_eq!(j.verdict, AnalysisVerdict::Fail, "{j:?}");
+        // A metric heartbeats do not carry is inconclusive, saying so.
+        a.metrics[0].name = "http_inflight".into();
+        let j = judge(&a, &w, false);
+        assert_eq!(j.verdict, AnalysisVerdict::Inconclusive);
+        assert!(j.reason.contains("not reported"), "{}", j.reason);
+        // Restarts and unready canaries fail outright.
+        let mut w = window(obs(10, 40, 0.0, 20.0), obs(10, 40, 0.0, 20.0));
+        w.canary_not_ready = vec!["web-0".into()];
+        assert!(judge(&analysis(), &w, true).reason.contains("not ready"));
+        w.canary_restarts = vec![("web-0".into(), 2)];
+        assert!(judge(&analysis(), &w, true).reason.contains("restarted 2 times"));
+    }
+}
