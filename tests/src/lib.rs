@@ -6,6 +6,7 @@
 //!   whose tail is printed when the test fails.
 //! - [`Coordinator`], [`Agent`], [`Etcd`]: start one, wait until it serves.
 //! - [`Cluster`]: etcd plus several coordinators; leaders, shares, metrics.
+//! - [`sample_fleet`]: a coordinator and agents running the sample service under load.
 //! - [`wait_until`]: poll a condition with a deadline; never a bare sleep.
 //! - [`bins`]: where the binaries are (built once per test process).
 
@@ -19,6 +20,7 @@ mod http;
 mod process;
 pub mod procstat;
 pub mod raw;
+pub mod sample_fleet;
 mod testdir;
 mod wait;
 

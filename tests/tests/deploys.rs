@@ -1,16 +1,11 @@
 //! Rolling deploys end to end: real agents, the sample service under real
 //! load, health gates, automatic rollback.
 
-use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 
 use drover_common::proto::{DeployPhase, DeployRef, HostOutcome, StartDeployRequest};
-use drover_tests::artifacts::sample_artifact;
-use drover_tests::{
-    Agent, ChildGuard, Coordinator, TestDir, bins, free_port, http_get_status, sample_starts,
-    wait_until_ok,
-};
+use drover_tests::sample_fleet::SampleFleet;
+use drover_tests::{Coordinator, sample_starts, wait_until_ok};
 
 const PIPELINE: &str = r#"
 name = "hello-prod"
@@ -25,89 +20,33 @@ stuck_timeout_ms = 20000
 gate = { max_error_rate = 0.05, samples = 3, bad_samples = 2, min_requests = 1, inconclusive = "INCONCLUSIVE_POLICY_PASS" }
 "#;
 
-struct Fleet {
-    dir: TestDir,
-    coord: Coordinator,
-    _agents: Vec<Agent>,
-    _load: Vec<ChildGuard>,
-    ports: Vec<(String, u16)>,
+/// The sample fleet of `n` hosts under 30 requests a second, with the
+/// pipeline applied.
+async fn fleet(n: usize) -> Fleet {
+    let f = SampleFleet::start(n, 30).await;
+    f.apply(PIPELINE);
+    Fleet(f)
 }
 
-/// A coordinator, `n` agents with env=prod under steady load, the pipeline applied.
-async fn fleet(n: usize) -> Fleet {
-    let dir = TestDir::new();
-    let coord = Coordinator::start(&dir, "coord", &[]).await;
-    let mut agents = Vec::new();
-    let mut load = Vec::new();
-    let mut ports = Vec::new();
-    for i in 0..n {
-        let host = format!("web-{i}");
-        let port = free_port();
-        let idx = format!("idx={i}");
-        agents.push(Agent::start_sample(
-            &dir,
-            &host,
-            &[&coord],
-            port,
-            &["--label", "env=prod", "--label", &idx],
-        ));
-        let mut cmd = Command::new(bins::bin("drover-load"));
-        cmd.args(["--url", &format!("http://127.0.0.1:{port}/"), "--rps", "30"]);
-        load.push(ChildGuard::spawn(
-            &format!("load {host}"),
-            cmd,
-            &dir.path().join(format!("load-{host}.log")),
-        ));
-        ports.push((host, port));
+/// The sample fleet, deploying through `hello-prod`.
+struct Fleet(SampleFleet);
+
+impl std::ops::Deref for Fleet {
+    type Target = SampleFleet;
+    fn deref(&self) -> &SampleFleet {
+        &self.0
     }
-    wait_until_ok("every agent connected", Duration::from_secs(20), || async {
-        coord.hosts("env=prod").await.len() == n
-    })
-    .await;
-    coord.apply_pipeline(&dir, PIPELINE);
-    Fleet {
-        dir,
-        coord,
-        _agents: agents,
-        _load: load,
-        ports,
+}
+
+impl std::ops::DerefMut for Fleet {
+    fn deref_mut(&mut self) -> &mut SampleFleet {
+        &mut self.0
     }
 }
 
 impl Fleet {
-    /// Applies a pipeline spec with droverctl.
-    fn apply(&self, spec: &str) {
-        self.coord.apply_pipeline(&self.dir, spec);
-    }
-
-    fn push(&self, version: &str, extra: &[&str]) -> String {
-        let a = sample_artifact(self.dir.path(), "hello", version, extra);
-        self.coord.push(&a.path, "hello", version)
-    }
-
-    /// `droverctl deploy start --wait`: (exit code, stdout, stderr).
     fn deploy(&self, digest: &str) -> (i32, String, String) {
-        self.coord.droverctl(&[
-            "deploy",
-            "start",
-            "--pipeline",
-            "hello-prod",
-            "--artifact",
-            digest,
-            "--wait",
-        ])
-    }
-
-    async fn versions(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        for (_, port) in &self.ports {
-            let addr = SocketAddr::from(([127, 0, 0, 1], *port));
-            out.push(match http_get_status(addr, "/version").await {
-                Ok((200, body)) => body.trim().to_string(),
-                other => format!("{other:?}"),
-            });
-        }
-        out
+        self.deploy_through("hello-prod", digest)
     }
 }
 

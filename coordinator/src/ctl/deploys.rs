@@ -236,6 +236,56 @@ pub async fn status(
         ]);
     }
     writeln!(out, "{table}")?;
+    for a in &d.analyses {
+        write_analysis(out, a)?;
+    }
+    Ok(())
+}
+
+/// A canary step's verdict and the evidence per metric.
+fn write_analysis(
+    out: &mut impl Write,
+    a: &drover_common::proto::CanaryAnalysis,
+) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "canary stage {} step {}: {} after {:.1}s{} ({} canary, {} baseline hosts): {}",
+        a.stage,
+        a.step,
+        a.verdict()
+            .as_str_name()
+            .trim_start_matches("ANALYSIS_VERDICT_")
+            .to_lowercase(),
+        a.baked_ms as f64 / 1000.0,
+        if a.extensions > 0 {
+            format!(", {} extensions", a.extensions)
+        } else {
+            String::new()
+        },
+        a.canary_hosts.len(),
+        a.baseline_hosts.len(),
+        a.reason
+    )?;
+    let mut table = Table::new();
+    table.load_preset(presets::NOTHING).set_header([
+        "  METRIC", "VERDICT", "CANARY", "BASELINE", "SAMPLES", "P-VALUE",
+    ]);
+    for m in &a.metrics {
+        table.add_row([
+            format!("  {}", m.name),
+            m.verdict()
+                .as_str_name()
+                .trim_start_matches("ANALYSIS_VERDICT_")
+                .to_lowercase(),
+            format!("{:.4}", m.canary_value),
+            format!("{:.4}", m.baseline_value),
+            format!("{}/{}", m.canary_samples, m.baseline_samples),
+            format!("{:.2e}", m.p_value),
+        ]);
+    }
+    if !a.metrics.is_empty() {
+        writeln!(out, "{table}")?;
+    }
     Ok(())
 }
 

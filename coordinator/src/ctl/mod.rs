@@ -115,6 +115,8 @@ pub enum DeployCommand {
     },
     /// Return every touched host to the last known-good release now.
     Rollback(Control),
+    /// Pass the canary step in flight (or on hold) now, skipping the rest of its bake.
+    Promote(Control),
 }
 
 #[derive(Debug, clap::Args)]
@@ -315,6 +317,13 @@ async fn deploy(
         } => control(
             steer(client, c.to_ref(rollback), |mut cl, r| async move {
                 cl.abort_deploy(r).await
+            })
+            .await?,
+            out,
+        ),
+        DeployCommand::Promote(c) => control(
+            steer(client, c.to_ref(false), |mut cl, r| async move {
+                cl.promote_deploy(r).await
             })
             .await?,
             out,

@@ -11,7 +11,10 @@
 //! ("interim") use a ten times stricter significance, so judging every
 //! interval does not multiply false alarms; only the final look can pass.
 
-use drover_common::proto::{Analysis, AnalysisVerdict, MetricCheck, MetricDirection, MetricVerdict};
+use drover_common::proto::{
+    Analysis, AnalysisVerdict, MetricCheck, MetricDirection, MetricVerdict,
+};
+use statrs::statistics::{Data, Median};
 use statrs::stats_tests::Alternative;
 use statrs::stats_tests::mannwhitneyu::{MannWhitneyUMethod, mannwhitneyu};
 
@@ -59,14 +62,7 @@ fn median(values: &[f64]) -> f64 {
     if values.is_empty() {
         return 0.0;
     }
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    if v.len() % 2 == 0 {
-        (v[mid - 1] + v[mid]) / 2.0
-    } else {
-        v[mid]
-    }
+    Data::new(values.to_vec()).median()
 }
 
 /// The samples of `metric` in `obs` (host-intervals with enough requests)
@@ -164,7 +160,12 @@ fn judge_metric(check: &MetricCheck, a: &Analysis, w: &Window, interim: bool) ->
         verdict(
             &mut out,
             AnalysisVerdict::Fail,
-            format!("{} {} is past the limit {}", check.name, show(&check.name, cv), show(&check.name, check.max)),
+            format!(
+                "{} {} is past the limit {}",
+                check.name,
+                show(&check.name, cv),
+                show(&check.name, check.max)
+            ),
         );
         return out;
     }
@@ -272,7 +273,10 @@ pub fn judge(a: &Analysis, w: &Window, interim: bool) -> Judgement {
     let (verdict, reason) = if let Some(m) = first(AnalysisVerdict::Fail) {
         (AnalysisVerdict::Fail, m.reason.clone())
     } else if let Some(m) = first(AnalysisVerdict::Inconclusive) {
-        (AnalysisVerdict::Inconclusive, format!("{}: {}", m.name, m.reason))
+        (
+            AnalysisVerdict::Inconclusive,
+            format!("{}: {}", m.name, m.reason),
+        )
     } else {
         (
             AnalysisVerdict::Pass,
@@ -380,10 +384,17 @@ mod tests {
         let w = window(obs(10, 2, 0.5, 20.0), obs(30, 40, 0.001, 20.0));
         let j = judge(&analysis(), &w, false);
         assert_eq!(j.verdict, AnalysisVerdict::Inconclusive, "{j:?}");
-        assert!(j.reason.contains("0 canary samples, 5 needed"), "{}", j.reason);
+        assert!(
+            j.reason.contains("0 canary samples, 5 needed"),
+            "{}",
+            j.reason
+        );
         // Likewise a thin baseline.
         let w = window(obs(10, 40, 0.0, 20.0), obs(2, 40, 0.0, 20.0));
-        assert_eq!(judge(&analysis(), &w, false).verdict, AnalysisVerdict::Inconclusive);
+        assert_eq!(
+            judge(&analysis(), &w, false).verdict,
+            AnalysisVerdict::Inconclusive
+        );
     }
 
     #[test]
@@ -414,6 +425,10 @@ mod tests {
         w.canary_not_ready = vec!["web-0".into()];
         assert!(judge(&analysis(), &w, true).reason.contains("not ready"));
         w.canary_restarts = vec![("web-0".into(), 2)];
-        assert!(judge(&analysis(), &w, true).reason.contains("restarted 2 times"));
+        assert!(
+            judge(&analysis(), &w, true)
+                .reason
+                .contains("restarted 2 times")
+        );
     }
 }

@@ -517,8 +517,16 @@ impl Deployments {
                 String::from_utf8_lossy(&kv.value)
             )));
         }
+        let known_good = self
+            .store
+            .get(&self.known_good_key(&pipeline.name))
+            .await?
+            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+            .unwrap_or_default();
         // Resolve the hosts now and record them: a stage's hosts are the
         // connected hosts its selector matches, each in its first stage only.
+        // A first deploy has no baseline to judge a canary against (and no
+        // release to roll back to): its stages roll in batches.
         let mut taken = std::collections::HashSet::new();
         let mut plan = Vec::new();
         let mut canary_bakes = Vec::new();
@@ -533,7 +541,8 @@ impl Deployments {
                 .map(|h| h.host_id)
                 .filter(|h| taken.insert(h.clone()))
                 .collect();
-            let (stage_plan, bakes) = match &stage.canary {
+            let (stage_plan, bakes) = match stage.canary.as_ref().filter(|_| !known_good.is_empty())
+            {
                 Some(c) => canary_plan(&hosts, c, stage.batch_size, stage.batch_percent),
                 None => (
                     batches(&hosts, stage.batch_size, stage.batch_percent),
@@ -549,12 +558,6 @@ impl Deployments {
                 pipeline.name
             )));
         }
-        let known_good = self
-            .store
-            .get(&self.known_good_key(&pipeline.name))
-            .await?
-            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
-            .unwrap_or_default();
         let machine = Machine::new(
             plan.iter().map(Vec::len).collect(),
             pipeline
@@ -1279,7 +1282,10 @@ impl Deployments {
     ) -> Result<(), DeployError> {
         loop {
             let (mut rec, revision) = self.load(id).await?;
-            let verdict = report.verdict().as_str_name().trim_start_matches("ANALYSIS_VERDICT_");
+            let verdict = report
+                .verdict()
+                .as_str_name()
+                .trim_start_matches("ANALYSIS_VERDICT_");
             let message = format!(
                 "stage {} canary step {} ({} canary, {} baseline hosts, {:.1}s): {verdict}: {}",
                 report.stage,
@@ -1300,7 +1306,11 @@ impl Deployments {
     }
 
     /// Passes the canary step in flight (or on hold) by hand.
-    pub async fn promote(self: &Arc<Self>, id: &str, who: &str) -> Result<DeployRecord, DeployError> {
+    pub async fn promote(
+        self: &Arc<Self>,
+        id: &str,
+        who: &str,
+    ) -> Result<DeployRecord, DeployError> {
         loop {
             let (mut rec, revision) = self.load(id).await?;
             let (stage, step) = (rec.machine.stage, rec.machine.batch);
@@ -1317,8 +1327,9 @@ impl Deployments {
             if !rec.promoted.contains(&key) {
                 rec.promoted.push(key);
             }
-            rec.approvals
-                .push(format!("{who} promoted canary step {step} of stage {stage_name}"));
+            rec.approvals.push(format!(
+                "{who} promoted canary step {step} of stage {stage_name}"
+            ));
             let mut audit = vec![Self::audit(
                 &rec,
                 "promoted",

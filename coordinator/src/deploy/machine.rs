@@ -471,13 +471,24 @@ mod tests {
         assert_eq!((held.phase, held.batch, a), (Phase::Paused, 0, vec![]));
         assert_eq!(held.reason, "canary inconclusive");
         let (again, a) = held.apply(Event::Resume).unwrap();
-        assert_eq!(a, vec![Action::RunBatch { stage: 0, batch: 0 }], "judged again");
+        assert_eq!(
+            a,
+            vec![Action::RunBatch { stage: 0, batch: 0 }],
+            "judged again"
+        );
         assert_eq!(again.phase, Phase::Rolling);
         let (passed, a) = held.apply(Event::Promote).unwrap();
-        assert_eq!(a, vec![Action::RunBatch { stage: 0, batch: 1 }], "passed by hand");
+        assert_eq!(
+            a,
+            vec![Action::RunBatch { stage: 0, batch: 1 }],
+            "passed by hand"
+        );
         assert!(passed.reason.is_empty());
         let (m, a) = m.apply(Event::Promote).unwrap();
-        assert_eq!((m.batch, a), (1, vec![Action::RunBatch { stage: 0, batch: 1 }]));
+        assert_eq!(
+            (m.batch, a),
+            (1, vec![Action::RunBatch { stage: 0, batch: 1 }])
+        );
     }
 
     #[test]

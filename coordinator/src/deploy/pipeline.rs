@@ -120,7 +120,10 @@ fn validate_canary(c: &Canary, at: &dyn Fn(&str) -> String, problems: &mut Vec<S
         if let Some((lp, lc)) = last
             && ((step.percent > 0 && step.percent <= lp) || (step.count > 0 && step.count <= lc))
         {
-            problems.push(format!("{}: cohorts must grow from step to step", f("percent")));
+            problems.push(format!(
+                "{}: cohorts must grow from step to step",
+                f("percent")
+            ));
         }
         last = Some((step.percent, step.count));
         if step.bake_ms == 0 || step.bake_ms > MAX_BAKE_MS {
@@ -132,7 +135,10 @@ fn validate_canary(c: &Canary, at: &dyn Fn(&str) -> String, problems: &mut Vec<S
     }
     let Some(a) = &c.analysis else { return };
     if !(a.alpha > 0.0 && a.alpha <= 0.5) {
-        problems.push(format!("{}: must be in (0, 0.5]", at("canary.analysis.alpha")));
+        problems.push(format!(
+            "{}: must be in (0, 0.5]",
+            at("canary.analysis.alpha")
+        ));
     }
     if InconclusiveAction::try_from(a.inconclusive).is_err() {
         problems.push(format!(
@@ -155,9 +161,17 @@ fn validate_canary(c: &Canary, at: &dyn Fn(&str) -> String, problems: &mut Vec<S
             problems.push(format!("{}: {:?} is judged twice", f("name"), m.name));
         }
         if MetricDirection::try_from(m.direction).is_err() {
-            problems.push(format!("{}: unknown direction {}", f("direction"), m.direction));
+            problems.push(format!(
+                "{}: unknown direction {}",
+                f("direction"),
+                m.direction
+            ));
         }
-        for (name, v) in [("max", m.max), ("max_ratio", m.max_ratio), ("tolerance", m.tolerance)] {
+        for (name, v) in [
+            ("max", m.max),
+            ("max_ratio", m.max_ratio),
+            ("tolerance", m.tolerance),
+        ] {
             if !v.is_finite() || v < 0.0 {
                 problems.push(format!("{}: must be zero or positive", f(name)));
             }

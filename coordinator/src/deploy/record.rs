@@ -125,7 +125,9 @@ impl DeployRecord {
 
     /// Whether entry `batch` of stage `stage`'s plan is a canary step.
     pub fn is_canary_step(&self, stage: usize, batch: usize) -> bool {
-        self.canary_bakes.get(stage).is_some_and(|b| batch < b.len())
+        self.canary_bakes
+            .get(stage)
+            .is_some_and(|b| batch < b.len())
     }
 
     pub fn set_result(&mut self, host: &str, outcome: HostOutcome, reason: impl Into<String>) {

@@ -70,10 +70,20 @@ impl Deployments {
             }
             let (rec, _) = self.load(s.id).await?;
             if rec.promoted.contains(&key) {
-                let reason = format!("promoted by hand after {:.1}s", started.elapsed().as_secs_f64());
+                let reason = format!(
+                    "promoted by hand after {:.1}s",
+                    started.elapsed().as_secs_f64()
+                );
                 let j = analysis::judge(&analysis, &window, true);
-                self.record_analysis(&s, AnalysisVerdict::Promoted, reason, j.metrics, started, extensions)
-                    .await?;
+                self.record_analysis(
+                    &s,
+                    AnalysisVerdict::Promoted,
+                    reason,
+                    j.metrics,
+                    started,
+                    extensions,
+                )
+                .await?;
                 return Ok(Event::BatchPassed);
             }
             self.observe(&s, &mut window, &mut seen, &restarts_at_start);
@@ -82,14 +92,28 @@ impl Deployments {
             match j.verdict {
                 AnalysisVerdict::Fail => {
                     let reason = format!("canary analysis failed: {}", j.reason);
-                    self.record_analysis(&s, AnalysisVerdict::Fail, j.reason, j.metrics, started, extensions)
-                        .await?;
+                    self.record_analysis(
+                        &s,
+                        AnalysisVerdict::Fail,
+                        j.reason,
+                        j.metrics,
+                        started,
+                        extensions,
+                    )
+                    .await?;
                     return Ok(Event::BatchFailed(reason));
                 }
                 _ if open => continue,
                 AnalysisVerdict::Pass => {
-                    self.record_analysis(&s, AnalysisVerdict::Pass, j.reason, j.metrics, started, extensions)
-                        .await?;
+                    self.record_analysis(
+                        &s,
+                        AnalysisVerdict::Pass,
+                        j.reason,
+                        j.metrics,
+                        started,
+                        extensions,
+                    )
+                    .await?;
                     return Ok(Event::BatchPassed);
                 }
                 _ => {}
@@ -102,9 +126,19 @@ impl Deployments {
                     info!(deploy = %s.id, stage = s.stage, step = s.step, extensions, reason = %j.reason, "canary inconclusive: extending the bake");
                 }
                 InconclusiveAction::Pause => {
-                    let reason = format!("canary analysis inconclusive, waiting for a human (resume to judge again, promote to pass): {}", j.reason);
-                    self.record_analysis(&s, AnalysisVerdict::Inconclusive, j.reason, j.metrics, started, extensions)
-                        .await?;
+                    let reason = format!(
+                        "canary analysis inconclusive, waiting for a human (resume to judge again, promote to pass): {}",
+                        j.reason
+                    );
+                    self.record_analysis(
+                        &s,
+                        AnalysisVerdict::Inconclusive,
+                        j.reason,
+                        j.metrics,
+                        started,
+                        extensions,
+                    )
+                    .await?;
                     return Ok(Event::Hold(reason));
                 }
                 _ => {
@@ -112,8 +146,15 @@ impl Deployments {
                         "canary analysis inconclusive after {extensions} extensions: {}",
                         j.reason
                     );
-                    self.record_analysis(&s, AnalysisVerdict::Inconclusive, j.reason, j.metrics, started, extensions)
-                        .await?;
+                    self.record_analysis(
+                        &s,
+                        AnalysisVerdict::Inconclusive,
+                        j.reason,
+                        j.metrics,
+                        started,
+                        extensions,
+                    )
+                    .await?;
                     return Ok(Event::BatchFailed(reason));
                 }
             }
@@ -148,7 +189,9 @@ impl Deployments {
                     }
                     let before = restarts_at_start.get(host).copied().unwrap_or(0);
                     if health.restarts > before {
-                        window.canary_restarts.push((host.clone(), health.restarts - before));
+                        window
+                            .canary_restarts
+                            .push((host.clone(), health.restarts - before));
                     }
                 }
                 if seen.insert(host.clone(), h.heartbeat_sequence) == Some(h.heartbeat_sequence) {

@@ -1,0 +1,107 @@
+//! A coordinator (embedded store) and agents that run the sample service
+//! under steady real load: what deploy and canary tests roll versions onto.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::artifacts::sample_artifact;
+use crate::{
+    Agent, ChildGuard, Coordinator, TestDir, bins, free_port, http_get_status, wait_until_ok,
+};
+
+pub struct SampleFleet {
+    pub dir: TestDir,
+    pub coord: Coordinator,
+    pub agents: Vec<Agent>,
+    pub load: Vec<ChildGuard>,
+    /// (host id, port of its sample service)
+    pub ports: Vec<(String, u16)>,
+}
+
+impl SampleFleet {
+    /// `n` agents `web-0`.. labelled env=prod and idx=<i>, each service
+    /// under `rps` requests a second (0: no load).
+    pub async fn start(n: usize, rps: u32) -> SampleFleet {
+        let dir = TestDir::new();
+        let coord = Coordinator::start(&dir, "coord", &[]).await;
+        let mut agents = Vec::new();
+        let mut load = Vec::new();
+        let mut ports = Vec::new();
+        for i in 0..n {
+            let host = format!("web-{i}");
+            let port = free_port();
+            let idx = format!("idx={i}");
+            agents.push(Agent::start_sample(
+                &dir,
+                &host,
+                &[&coord],
+                port,
+                &["--label", "env=prod", "--label", &idx],
+            ));
+            if rps > 0 {
+                let mut cmd = Command::new(bins::bin("drover-load"));
+                cmd.args([
+                    "--url",
+                    &format!("http://127.0.0.1:{port}/"),
+                    "--rps",
+                    &rps.to_string(),
+                ]);
+                load.push(ChildGuard::spawn(
+                    &format!("load {host}"),
+                    cmd,
+                    &dir.path().join(format!("load-{host}.log")),
+                ));
+            }
+            ports.push((host, port));
+        }
+        wait_until_ok("every agent connected", Duration::from_secs(20), || async {
+            coord.hosts("env=prod").await.len() == n
+        })
+        .await;
+        SampleFleet {
+            dir,
+            coord,
+            agents,
+            load,
+            ports,
+        }
+    }
+
+    /// Applies a pipeline spec with droverctl.
+    pub fn apply(&self, spec: &str) {
+        self.coord.apply_pipeline(&self.dir, spec);
+    }
+
+    /// Builds and pushes a sample-service version; returns its sha256.
+    pub fn push(&self, version: &str, extra: &[&str]) -> String {
+        let a = sample_artifact(self.dir.path(), "hello", version, extra);
+        self.coord.push(&a.path, "hello", version)
+    }
+
+    /// `droverctl deploy start --wait` on `pipeline`: (exit code, stdout, stderr).
+    pub fn deploy_through(&self, pipeline: &str, digest: &str) -> (i32, String, String) {
+        self.coord.droverctl(&[
+            "deploy",
+            "start",
+            "--pipeline",
+            pipeline,
+            "--artifact",
+            digest,
+            "--wait",
+        ])
+    }
+
+    /// What every host's sample service answers on /version, in host order.
+    pub async fn versions(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (_, port) in &self.ports {
+            let addr = SocketAddr::from(([127, 0, 0, 1], *port));
+            out.push(match http_get_status(addr, "/version").await {
+                Ok((200, body)) => body.trim().to_string(),
+                other => format!("{other:?}"),
+            });
+        }
+        out
+    }
+}

@@ -1,0 +1,286 @@
+//! Canary analysis end to end: real agents, the sample service under real
+//! load, a cohort judged against the live baseline (the hosts still on the
+//! old version) by the statistics of their heartbeats.
+
+use std::time::Duration;
+
+use drover_common::proto::{
+    AnalysisVerdict, Deploy, DeployPhase, DeployRef, ListDeploysRequest, StartDeployRequest,
+};
+use drover_tests::sample_fleet::SampleFleet;
+use drover_tests::{sample_starts, wait_until};
+
+const PIPELINE: &str = "hello-canary";
+
+/// A canary stage over every env=prod host: `steps` (TOML array of
+/// tables), then batches of half the rest; `analysis` extra TOML keys.
+fn spec(steps: &str, analysis: &str) -> String {
+    format!(
+        r#"
+name = "{PIPELINE}"
+service = "hello"
+
+[[stages]]
+name = "prod"
+selector = "env=prod"
+batch_percent = 50
+settle_ms = 0
+stuck_timeout_ms = 20000
+gate = {{ max_error_rate = 0.05, samples = 2, bad_samples = 2, min_requests = 1, inconclusive = "INCONCLUSIVE_POLICY_PASS" }}
+
+[stages.canary]
+steps = {steps}
+
+[stages.canary.analysis]
+{analysis}
+"#
+    )
+}
+
+async fn get(f: &SampleFleet, id: &str) -> Deploy {
+    f.coord
+        .deployer()
+        .await
+        .get_deploy(DeployRef {
+            id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The latest deploy of the pipeline.
+async fn latest(f: &SampleFleet) -> Deploy {
+    f.coord
+        .deployer()
+        .await
+        .list_deploys(ListDeploysRequest {
+            pipeline: PIPELINE.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .deploys
+        .into_iter()
+        .next()
+        .expect("a deploy")
+}
+
+fn starts(f: &SampleFleet, version: &str) -> Vec<usize> {
+    f.ports
+        .iter()
+        .map(|(h, _)| sample_starts(&f.dir, h, version))
+        .collect()
+}
+
+/// Five hosts under 100 requests a second each, v1 (0.1% errors) on all
+/// of them through the canary pipeline (a first deploy: no canary).
+async fn fleet_on_v1(steps: &str, analysis: &str) -> SampleFleet {
+    let f = SampleFleet::start(5, 100).await;
+    f.apply(&spec(steps, analysis));
+    let v1 = f.push("v1", &["--error-rate", "0.001"]);
+    let (code, out, err) = f.deploy_through(PIPELINE, &v1);
+    assert_eq!(code, 0, "v1: {out}\n{err}");
+    assert!(
+        latest(&f).await.analyses.is_empty(),
+        "a first deploy has no canary"
+    );
+    f
+}
+
+#[tokio::test]
+async fn a_bad_canary_fails_its_analysis_inside_the_first_bake_window_and_is_rolled_back() {
+    let f = fleet_on_v1("[{ count = 1, bake_ms = 20000 }]", "").await;
+    for (version, args, metric) in [
+        ("bad", vec!["--error-rate", "0.03"], "error_rate"),
+        (
+            "slow",
+            vec!["--error-rate", "0.001", "--latency-ms", "80"],
+            "latency_p99_ms",
+        ),
+    ] {
+        let digest = f.push(version, &args);
+        let (code, out, err) = f.deploy_through(PIPELINE, &digest);
+        assert_eq!(code, 2, "{version} is rolled back: {out}\n{err}");
+        let d = latest(&f).await;
+        assert_eq!(d.phase(), DeployPhase::RolledBack);
+        let a = &d.analyses[0];
+        assert_eq!(a.verdict(), AnalysisVerdict::Fail, "{version}: {a:?}");
+        assert!(a.reason.contains(metric), "{version}: {}", a.reason);
+        assert!(
+            a.baked_ms < 20_000,
+            "{version}: decided inside the first bake window, after {} ms",
+            a.baked_ms
+        );
+        let m = a.metrics.iter().find(|m| m.name == metric).unwrap();
+        assert_eq!(m.verdict(), AnalysisVerdict::Fail, "{m:?}");
+        assert!(m.canary_samples >= 5 && m.baseline_samples >= 5, "{m:?}");
+        eprintln!(
+            "{version}: rollback decided after {} ms: {}",
+            a.baked_ms, a.reason
+        );
+        assert_eq!(a.canary_hosts, ["web-0"]);
+        assert_eq!(
+            starts(&f, version),
+            [1, 0, 0, 0, 0],
+            "only the canary ran {version}"
+        );
+        assert_eq!(f.versions().await, ["v1"; 5]);
+        // The verdict and its evidence are in the status and the audit.
+        let (_, status, _) = f.coord.droverctl(&["deploy", "status", &d.id]);
+        assert!(
+            status.contains("canary stage 0 step 0: fail") && status.contains(metric),
+            "{status}"
+        );
+        let (_, audit, _) = f.coord.droverctl(&["audit", "--service", "hello"]);
+        assert!(
+            audit.contains("canary step 0") && audit.contains("FAIL"),
+            "{audit}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_healthy_canary_is_promoted_through_every_step() {
+    let f = fleet_on_v1(
+        "[{ count = 1, bake_ms = 2000 }, { count = 2, bake_ms = 2000 }, { percent = 60, bake_ms = 2000 }]",
+        "",
+    )
+    .await;
+    let v2 = f.push("v2", &["--error-rate", "0.001"]);
+    let (code, out, err) = f.deploy_through(PIPELINE, &v2);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let d = latest(&f).await;
+    assert_eq!(d.analyses.len(), 3, "{:?}", d.analyses);
+    for (k, a) in d.analyses.iter().enumerate() {
+        assert_eq!(a.verdict(), AnalysisVerdict::Pass, "step {k}: {a:?}");
+        assert_eq!(a.canary_hosts.len(), k + 1, "cumulative cohorts");
+        assert_eq!(a.baseline_hosts.len(), 4 - k);
+        assert!(a.baked_ms >= 2000, "step {k} baked its window: {a:?}");
+        assert!(a.metrics.iter().all(|m| m.canary_samples >= 5), "{a:?}");
+    }
+    assert_eq!(f.versions().await, ["v2"; 5]);
+    assert_eq!(starts(&f, "v2"), [1; 5]);
+}
+
+#[tokio::test]
+async fn too_little_traffic_is_inconclusive_and_the_policy_is_followed() {
+    // More requests per sample than the load gives: never conclusive.
+    let f = fleet_on_v1(
+        "[{ count = 1, bake_ms = 1500 }]",
+        "min_requests = 100000\ninconclusive = \"INCONCLUSIVE_ACTION_EXTEND\"\nmax_extensions = 1",
+    )
+    .await;
+    // Extend once, then fail: rolled back, saying why.
+    let v2 = f.push("v2", &[]);
+    let (code, out, err) = f.deploy_through(PIPELINE, &v2);
+    assert_eq!(code, 2, "{out}\n{err}");
+    let d = latest(&f).await;
+    let a = &d.analyses[0];
+    assert_eq!(
+        (a.verdict(), a.extensions),
+        (AnalysisVerdict::Inconclusive, 1)
+    );
+    assert!(a.baked_ms >= 3000, "two windows: {a:?}");
+    assert!(
+        d.reason.contains("inconclusive") && d.reason.contains("canary samples"),
+        "{}",
+        d.reason
+    );
+    assert_eq!(f.versions().await, ["v1"; 5]);
+
+    // Pause for a human, who promotes the step by hand.
+    f.apply(&spec(
+        "[{ count = 1, bake_ms = 1500 }]",
+        "min_requests = 100000\ninconclusive = \"INCONCLUSIVE_ACTION_PAUSE\"",
+    ));
+    let v3 = f.push("v3", &[]);
+    let id = f
+        .coord
+        .deployer()
+        .await
+        .start_deploy(StartDeployRequest {
+            pipeline: PIPELINE.into(),
+            artifact: v3,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let held = wait_until(
+        "the deploy held for a human",
+        Duration::from_secs(30),
+        || async {
+            let d = get(&f, &id).await;
+            if d.phase() == DeployPhase::Paused {
+                Ok(d)
+            } else {
+                Err(format!("{:?}", d.phase()))
+            }
+        },
+    )
+    .await;
+    assert!(held.reason.contains("inconclusive"), "{}", held.reason);
+    assert_eq!(held.analyses[0].verdict(), AnalysisVerdict::Inconclusive);
+    let (code, _, err) = f
+        .coord
+        .droverctl(&["deploy", "promote", &id, "--requester", "sre-ana"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = f.coord.droverctl(&["deploy", "watch", &id]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let d = get(&f, &id).await;
+    assert!(
+        d.approvals
+            .iter()
+            .any(|a| a.contains("sre-ana promoted canary step 0")),
+        "{:?}",
+        d.approvals
+    );
+    assert_eq!(f.versions().await, ["v3"; 5]);
+}
+
+#[tokio::test]
+async fn promote_skips_the_rest_of_a_bake() {
+    let f = fleet_on_v1("[{ count = 1, bake_ms = 600000 }]", "").await;
+    let v2 = f.push("v2", &["--error-rate", "0.001"]);
+    let id = f
+        .coord
+        .deployer()
+        .await
+        .start_deploy(StartDeployRequest {
+            pipeline: PIPELINE.into(),
+            artifact: v2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    // Outside a canary step there is nothing to promote.
+    wait_until("the canary running v2", Duration::from_secs(30), || async {
+        if starts(&f, "v2")[0] == 1 {
+            Ok(())
+        } else {
+            Err("not yet".to_string())
+        }
+    })
+    .await;
+    let (code, _, err) = f
+        .coord
+        .droverctl(&["deploy", "promote", &id, "--requester", "sre-bo"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = f.coord.droverctl(&["deploy", "watch", &id]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let d = get(&f, &id).await;
+    let a = &d.analyses[0];
+    assert_eq!(a.verdict(), AnalysisVerdict::Promoted, "{a:?}");
+    assert!(a.baked_ms < 600_000);
+    let (code, _, err) = f.coord.droverctl(&["deploy", "promote", &id]);
+    assert_eq!(code, 1, "a finished deploy has nothing to promote");
+    assert!(
+        err.contains("FailedPrecondition") && err.contains("not in a canary step"),
+        "{err}"
+    );
+}
