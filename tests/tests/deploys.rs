@@ -224,7 +224,7 @@ async fn starts_are_idempotent_and_one_deploy_runs_per_pipeline() {
         artifact: v1.clone(),
         idempotency_key: key.into(),
         requester: "ci".into(),
-        git_sha: String::new(),
+        ..Default::default()
     };
     let first = api
         .start_deploy(start("build-42"))

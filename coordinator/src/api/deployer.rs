@@ -11,9 +11,9 @@ use drover_common::proto::{
     Command, CommandUpdate, CoordinatorInfo, CreatePipelineRequest, Deploy, DeployEvent, DeployRef,
     GetAuditRequest, GetAuditResponse, GetHostRequest, GetPipelineRequest, Host,
     ListCoordinatorsRequest, ListCoordinatorsResponse, ListDeploysRequest, ListDeploysResponse,
-    ListHostsRequest, ListHostsResponse, ListPipelinesRequest, ListPipelinesResponse, Pipeline,
-    SendCommandRequest, StartDeployRequest, UpdatePipelineRequest, WhatWasRunningRequest,
-    WhatWasRunningResponse, command,
+    ListEnvironmentsRequest, ListEnvironmentsResponse, ListHostsRequest, ListHostsResponse,
+    ListPipelinesRequest, ListPipelinesResponse, Pipeline, SendCommandRequest, StartDeployRequest,
+    UpdatePipelineRequest, WhatWasRunningRequest, WhatWasRunningResponse, command,
 };
 use tokio_stream::{Stream, StreamExt};
 
@@ -375,6 +375,18 @@ impl Deployer for DeployerService {
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(rec.to_proto()))
+    }
+
+    async fn list_environments(
+        &self,
+        request: Request<ListEnvironmentsRequest>,
+    ) -> Result<Response<ListEnvironmentsResponse>, Status> {
+        let environments = self
+            .deployments
+            .environments(&request.get_ref().pipeline)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(ListEnvironmentsResponse { environments }))
     }
 
     async fn list_coordinators(

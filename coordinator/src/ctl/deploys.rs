@@ -289,6 +289,43 @@ fn write_analysis(
     Ok(())
 }
 
+/// `droverctl environments --pipeline P`.
+pub async fn environments(
+    client: &mut DeployerClient<Channel>,
+    pipeline: &str,
+    json: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let r = client
+        .list_environments(drover_common::proto::ListEnvironmentsRequest {
+            pipeline: pipeline.to_string(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if json {
+        return print_json(out, &r);
+    }
+    let mut table = Table::new();
+    table
+        .load_preset(presets::NOTHING)
+        .set_header(["STAGE", "ARTIFACT", "DEPLOY", "SINCE", ""]);
+    for e in &r.environments {
+        table.add_row([
+            e.stage.clone(),
+            e.artifact.chars().take(12).collect(),
+            e.deploy_id.clone(),
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.since_unix_ms),
+            )
+            .to_string(),
+            if e.forced { "forced" } else { "" }.to_string(),
+        ]);
+    }
+    writeln!(out, "{table}")?;
+    Ok(())
+}
+
 pub async fn list(
     client: &mut DeployerClient<Channel>,
     pipeline: &str,

@@ -42,6 +42,11 @@ pub enum Command {
     Host { host_id: String },
     /// The live coordinators and the shards each leads.
     Coordinators,
+    /// Which artifact runs in each stage (environment) of a pipeline.
+    Environments {
+        #[arg(long)]
+        pipeline: String,
+    },
     /// Artifacts on the origin: push from CI, list, show.
     #[command(subcommand)]
     Artifact(ArtifactCommand),
@@ -89,6 +94,12 @@ pub enum DeployCommand {
         requester: String,
         #[arg(long)]
         wait: bool,
+        /// Start at this stage; refused unless the artifact passed every earlier stage.
+        #[arg(long, default_value = "")]
+        from_stage: String,
+        /// With --from-stage: go past stages the artifact did not pass (recorded).
+        #[arg(long)]
+        force: bool,
     },
     Status {
         id: String,
@@ -185,6 +196,9 @@ pub async fn run(cli: Cli, out: &mut impl std::io::Write) -> anyhow::Result<()> 
         Command::Hosts { selector } => hosts::list(&mut deployer, &selector, cli.json, out).await,
         Command::Host { host_id } => hosts::show(&mut deployer, &host_id, cli.json, out).await,
         Command::Coordinators => coordinators::list(&mut deployer, cli.json, out).await,
+        Command::Environments { pipeline } => {
+            deploys::environments(&mut deployer, &pipeline, cli.json, out).await
+        }
         Command::Artifact(ArtifactCommand::Push {
             file,
             service,
@@ -277,6 +291,8 @@ async fn deploy(
             git_sha,
             requester,
             wait,
+            from_stage,
+            force,
         } => {
             let req = StartDeployRequest {
                 pipeline,
@@ -284,6 +300,8 @@ async fn deploy(
                 idempotency_key,
                 requester,
                 git_sha,
+                from_stage,
+                force,
             };
             deploys::start(client, req, wait, json, out).await
         }

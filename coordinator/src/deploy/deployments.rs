@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use drover_common::labels::Selector;
 use drover_common::proto::{
-    AuditEvent, Command, CommandStatus, ConnectionState, HealthGate, HostOutcome,
+    AuditEvent, Command, CommandStatus, ConnectionState, Environment, HealthGate, HostOutcome,
     InconclusivePolicy, PullCommand, RestartCommand, RollbackCommand, StartDeployRequest,
     WhatWasRunningResponse, command,
 };
@@ -26,7 +26,7 @@ use tracing::{info, warn};
 use super::gate::{Sample, Verdict, judge};
 use super::machine::{Event, Machine, Phase};
 use super::pipeline::{PipelineError, Pipelines};
-use super::record::{DeployRecord, batches, canary_plan};
+use super::record::{DeployRecord, plan_stage};
 
 mod canary;
 use crate::fleet::{PendingCommands, Registry};
@@ -91,6 +91,12 @@ pub struct Deployments {
     metrics: Metrics,
 }
 
+/// Where a deploy starts, and the stages it was forced past.
+struct FirstStage {
+    index: usize,
+    forced_past: Vec<String>,
+}
+
 /// The batch after (`stage`, `batch`) in `plan`, skipping empty stages.
 fn next_position(plan: &[Vec<Vec<String>>], stage: usize, batch: usize) -> Option<(usize, usize)> {
     if batch + 1 < plan.get(stage)?.len() {
@@ -129,6 +135,14 @@ impl Deployments {
     }
     fn idem_key(&self, pipeline: &str, key: &str) -> String {
         format!("{}/idempotency/{pipeline}/{key}", self.prefix)
+    }
+    /// Present once `artifact` passed stage `stage` of `pipeline`.
+    fn passed_key(&self, pipeline: &str, stage: &str, artifact: &str) -> String {
+        format!("{}/passed/{pipeline}/{stage}/{artifact}", self.prefix)
+    }
+    /// The Environment (what runs) of a stage of a pipeline.
+    fn environment_key(&self, pipeline: &str, stage: &str) -> String {
+        format!("{}/environments/{pipeline}/{stage}", self.prefix)
     }
     fn known_good_key(&self, pipeline: &str) -> String {
         format!("{}/known-good/{pipeline}", self.prefix)
@@ -352,10 +366,18 @@ impl Deployments {
         revision: u64,
         audit: Vec<AuditEvent>,
     ) -> Result<Option<u64>, DeployError> {
-        rec.updated_at_unix_ms = drover_common::time::now_unix_ms();
+        let now = drover_common::time::now_unix_ms();
+        rec.updated_at_unix_ms = now;
         rec.writes += 1;
+        rec.awaiting_since_unix_ms = match rec.machine.phase {
+            Phase::AwaitingApproval if rec.awaiting_since_unix_ms == 0 => now,
+            Phase::AwaitingApproval => rec.awaiting_since_unix_ms,
+            _ => 0,
+        };
+        let ledger = self.environment_ops(rec, now);
         let key = self.deploy_key(&rec.id);
         let mut success = vec![Op::put(key.clone(), encode(rec))];
+        success.extend(ledger);
         for (n, event) in audit.iter().enumerate() {
             success.push(Op::put(self.audit_key(event, n), event.encode_to_vec()));
         }
@@ -527,30 +549,27 @@ impl Deployments {
         // connected hosts its selector matches, each in its first stage only.
         // A first deploy has no baseline to judge a canary against (and no
         // release to roll back to): its stages roll in batches.
+        let first = self.first_stage(&pipeline, &req, &digest).await?;
         let mut taken = std::collections::HashSet::new();
         let mut plan = Vec::new();
         let mut canary_bakes = Vec::new();
-        for stage in &pipeline.stages {
+        let mut waves = Vec::new();
+        for (i, stage) in pipeline.stages.iter().enumerate() {
             let selector = Selector::parse(&stage.selector)
                 .map_err(|e| DeployError::Invalid(e.to_string()))?;
-            let hosts: Vec<String> = self
+            let hosts: Vec<drover_common::proto::Host> = self
                 .registry
                 .list(&selector)
                 .into_iter()
                 .filter(|h| h.state() == ConnectionState::Connected)
-                .map(|h| h.host_id)
-                .filter(|h| taken.insert(h.clone()))
+                .filter(|h| taken.insert(h.host_id.clone()))
+                .filter(|_| i >= first.index)
                 .collect();
-            let (stage_plan, bakes) = match stage.canary.as_ref().filter(|_| !known_good.is_empty())
-            {
-                Some(c) => canary_plan(&hosts, c, stage.batch_size, stage.batch_percent),
-                None => (
-                    batches(&hosts, stage.batch_size, stage.batch_percent),
-                    Vec::new(),
-                ),
-            };
-            plan.push(stage_plan);
-            canary_bakes.push(bakes);
+            let canary = stage.canary.as_ref().filter(|_| !known_good.is_empty());
+            let p = plan_stage(&hosts, stage, canary);
+            plan.push(p.entries);
+            canary_bakes.push(p.canary_bakes);
+            waves.push(p.waves);
         }
         if plan.iter().all(|s| s.is_empty()) {
             return Err(DeployError::Invalid(format!(
@@ -599,7 +618,23 @@ impl Deployments {
             canary_bakes,
             analyses: Vec::new(),
             promoted: Vec::new(),
+            waves,
+            awaiting_since_unix_ms: 0,
+            forced_past: first.forced_past.clone(),
+            passed_stages: Vec::new(),
+            environments_reverted: false,
         };
+        if !first.forced_past.is_empty() {
+            rec.approvals.push(format!(
+                "{} forced the deploy past stages it had not passed: {}",
+                if rec.requester.is_empty() {
+                    "someone"
+                } else {
+                    &rec.requester
+                },
+                first.forced_past.join(", ")
+            ));
+        }
         let (machine, _) = rec
             .machine
             .apply(Event::Start)
@@ -663,12 +698,139 @@ impl Deployments {
                 idempotency_key: req.idempotency_key,
                 requester: rec.requester,
                 git_sha: rec.git_sha,
+                from_stage: req.from_stage,
+                force: req.force,
             }))
             .await;
         }
         info!(deploy = %id, pipeline = %rec.pipeline, artifact = %rec.artifact, "deploy started");
         self.spawn(id);
         Ok(rec)
+    }
+
+    /// The ledger writes a save of `rec` carries: each stage the artifact
+    /// has just passed (the machine moved past it) is marked passed and
+    /// becomes what runs in that environment; after a rollback the
+    /// environments it touched run the known-good release again.
+    fn environment_ops(&self, rec: &mut DeployRecord, now: u64) -> Vec<Op> {
+        let mut ops = Vec::new();
+        let m = &rec.machine;
+        let environment = |stage: &str, artifact: &str, forced: bool| Environment {
+            stage: stage.to_string(),
+            artifact: artifact.to_string(),
+            deploy_id: rec.id.clone(),
+            since_unix_ms: now,
+            forced,
+        };
+        let passed_upto = match m.phase {
+            Phase::Complete => rec.plan.len(),
+            Phase::Rolling | Phase::Paused | Phase::AwaitingApproval => m.stage,
+            _ => 0,
+        };
+        let mut newly = Vec::new();
+        for (i, stage) in rec.snapshot.stages.iter().enumerate().take(passed_upto) {
+            if rec.plan.get(i).is_none_or(Vec::is_empty) || rec.passed_stages.contains(&stage.name)
+            {
+                continue;
+            }
+            ops.push(Op::put(
+                self.passed_key(&rec.pipeline, &stage.name, &rec.artifact),
+                now.to_string(),
+            ));
+            let env = environment(&stage.name, &rec.artifact, !rec.forced_past.is_empty());
+            ops.push(Op::put(
+                self.environment_key(&rec.pipeline, &stage.name),
+                env.encode_to_vec(),
+            ));
+            newly.push(stage.name.clone());
+        }
+        if m.phase == Phase::RolledBack && !rec.environments_reverted && !rec.known_good.is_empty()
+        {
+            for (i, stage) in rec.snapshot.stages.iter().enumerate() {
+                let touched = rec
+                    .plan
+                    .get(i)
+                    .is_some_and(|s| s.iter().flatten().any(|h| rec.touched.contains(h)));
+                if touched {
+                    let env = environment(&stage.name, &rec.known_good, false);
+                    ops.push(Op::put(
+                        self.environment_key(&rec.pipeline, &stage.name),
+                        env.encode_to_vec(),
+                    ));
+                }
+            }
+            rec.environments_reverted = true;
+        }
+        rec.passed_stages.extend(newly);
+        ops
+    }
+
+    /// Which artifact runs in each stage of `pipeline`, in pipeline order.
+    pub async fn environments(&self, pipeline: &str) -> Result<Vec<Environment>, DeployError> {
+        let p = self.pipelines.get(pipeline).await?;
+        let mut out = Vec::new();
+        for stage in &p.stages {
+            if let Some(kv) = self
+                .store
+                .get(&self.environment_key(pipeline, &stage.name))
+                .await?
+            {
+                out.push(Environment::decode(kv.value.as_slice()).map_err(|e| {
+                    DeployError::Invalid(format!(
+                        "stored environment {} is unreadable: {e}",
+                        stage.name
+                    ))
+                })?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Where a deploy of `digest` starts: the first stage, or `from_stage`
+    /// when the artifact passed every stage before it (or `force`).
+    async fn first_stage(
+        &self,
+        pipeline: &drover_common::proto::Pipeline,
+        req: &StartDeployRequest,
+        digest: &drover_common::artifact::Digest,
+    ) -> Result<FirstStage, DeployError> {
+        if req.from_stage.is_empty() {
+            return Ok(FirstStage {
+                index: 0,
+                forced_past: Vec::new(),
+            });
+        }
+        let index = pipeline
+            .stages
+            .iter()
+            .position(|s| s.name == req.from_stage)
+            .ok_or_else(|| {
+                let names: Vec<&str> = pipeline.stages.iter().map(|s| s.name.as_str()).collect();
+                DeployError::Invalid(format!(
+                    "from_stage: pipeline {} has no stage {:?} (its stages: {})",
+                    pipeline.name,
+                    req.from_stage,
+                    names.join(", ")
+                ))
+            })?;
+        let mut unpassed = Vec::new();
+        for stage in &pipeline.stages[..index] {
+            let key = self.passed_key(&pipeline.name, &stage.name, &digest.hex());
+            if self.store.get(&key).await?.is_none() {
+                unpassed.push(stage.name.clone());
+            }
+        }
+        if !unpassed.is_empty() && !req.force {
+            return Err(DeployError::Conflict(format!(
+                "artifact {digest} has not passed {} of pipeline {}; deploy it there first, or force it (recorded)",
+                unpassed.join(", "),
+                pipeline.name
+            )));
+        }
+        Ok(FirstStage {
+            index,
+            forced_past: unpassed,
+        })
     }
 
     /// Resumes the unfinished deploys of `shard` (just won).
@@ -776,9 +938,42 @@ impl Deployments {
                 }
                 Phase::RollingBack => self.roll_back(id).await?,
                 Phase::Pending => Event::Start,
-                Phase::Paused | Phase::AwaitingApproval => {
+                Phase::Paused => {
                     wake.notified().await;
                     continue;
+                }
+                Phase::AwaitingApproval => {
+                    // No deploy waits forever: past the stage's approval
+                    // timeout, its stated outcome applies.
+                    let spec = &rec.snapshot.stages[rec.machine.stage];
+                    let limit = Duration::from_millis(spec.approval_timeout_ms.into());
+                    let waited = Duration::from_millis(
+                        drover_common::time::now_unix_ms()
+                            .saturating_sub(rec.awaiting_since_unix_ms),
+                    );
+                    if rec.awaiting_since_unix_ms == 0 || waited < limit {
+                        let left = limit.saturating_sub(waited).max(Duration::from_millis(10));
+                        tokio::select! {
+                            _ = wake.notified() => {}
+                            _ = tokio::time::sleep(left) => {}
+                        }
+                        continue;
+                    }
+                    let rollback = spec.on_approval_timeout()
+                        == drover_common::proto::ApprovalTimeoutOutcome::Rollback;
+                    Event::Abort {
+                        rollback,
+                        reason: format!(
+                            "nobody approved stage {} within {}; {}",
+                            spec.name,
+                            humantime::format_duration(limit),
+                            if rollback {
+                                "rolling back as the pipeline says"
+                            } else {
+                                "stopped here as the pipeline says (earlier stages keep the new version)"
+                            }
+                        ),
+                    }
                 }
                 _ => return Ok(()),
             };
@@ -976,7 +1171,9 @@ impl Deployments {
                 })
                 .await;
         }
-        tokio::time::sleep(Duration::from_millis(spec.settle_ms.into())).await;
+        // A wave bakes for its own time before its gate judges it.
+        let settle = rec.wave(stage, batch).map_or(spec.settle_ms, |w| w.bake_ms);
+        tokio::time::sleep(Duration::from_millis(settle.into())).await;
         let updated: Vec<String> = hosts.iter().filter(ok).cloned().collect();
         let verdict = self
             .judge_batch(

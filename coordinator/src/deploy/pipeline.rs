@@ -7,8 +7,8 @@ use std::sync::Arc;
 use drover_common::ids::{validate_pipeline_name, validate_service};
 use drover_common::labels::Selector;
 use drover_common::proto::{
-    Analysis, Canary, HealthGate, InconclusiveAction, InconclusivePolicy, MetricCheck,
-    MetricDirection, Pipeline,
+    Analysis, ApprovalTimeoutOutcome, Canary, HealthGate, InconclusiveAction, InconclusivePolicy,
+    MetricCheck, MetricDirection, Pipeline,
 };
 use prost::Message;
 
@@ -54,6 +54,12 @@ pub fn with_defaults(mut p: Pipeline) -> Pipeline {
         if gate.inconclusive == InconclusivePolicy::Unspecified as i32 {
             gate.inconclusive = InconclusivePolicy::Fail as i32;
         }
+        if stage.approval_timeout_ms == 0 {
+            stage.approval_timeout_ms = DEFAULT_APPROVAL_TIMEOUT_MS;
+        }
+        if stage.on_approval_timeout == ApprovalTimeoutOutcome::Unspecified as i32 {
+            stage.on_approval_timeout = ApprovalTimeoutOutcome::Abort as i32;
+        }
         if let Some(canary) = &mut stage.canary {
             let a = canary.analysis.get_or_insert_with(Analysis::default);
             if a.metrics.is_empty() {
@@ -96,7 +102,10 @@ pub fn with_defaults(mut p: Pipeline) -> Pipeline {
     p
 }
 
-/// Longest bake of one canary step.
+/// How long an approval is awaited unless the stage says otherwise.
+pub const DEFAULT_APPROVAL_TIMEOUT_MS: u32 = 24 * 3600 * 1000;
+
+/// Longest bake of one canary step or wave.
 pub const MAX_BAKE_MS: u32 = 24 * 3600 * 1000;
 
 /// The problems of a stage's canary, each naming its field.
@@ -285,6 +294,45 @@ pub fn validate(p: &Pipeline) -> Result<(), PipelineError> {
         }
         if let Some(c) = &s.canary {
             validate_canary(c, &at, &mut problems);
+        }
+        if ApprovalTimeoutOutcome::try_from(s.on_approval_timeout).is_err() {
+            problems.push(format!(
+                "{}: unknown outcome {}",
+                at("on_approval_timeout"),
+                s.on_approval_timeout
+            ));
+        }
+        let mut wave_names = HashSet::new();
+        for (k, w) in s.waves.iter().enumerate() {
+            let f = |field: &str| at(&format!("waves[{k}].{field}"));
+            if w.name.is_empty() || w.name.len() > 63 {
+                problems.push(format!("{}: 1-63 characters", f("name")));
+            } else if !wave_names.insert(w.name.as_str()) {
+                problems.push(format!(
+                    "{}: {:?} is used by an earlier wave",
+                    f("name"),
+                    w.name
+                ));
+            }
+            if w.selectors.is_empty() {
+                problems.push(format!(
+                    "{}: at least one selector (e.g. region=eu)",
+                    f("selectors")
+                ));
+            }
+            for (j, sel) in w.selectors.iter().enumerate() {
+                match Selector::parse(sel) {
+                    Ok(p) if p.is_empty() => problems.push(format!(
+                        "{}: must select some hosts",
+                        f(&format!("selectors[{j}]"))
+                    )),
+                    Ok(_) => {}
+                    Err(e) => problems.push(format!("{}: {e}", f(&format!("selectors[{j}]")))),
+                }
+            }
+            if w.bake_ms > MAX_BAKE_MS {
+                problems.push(format!("{}: at most {MAX_BAKE_MS} ms", f("bake_ms")));
+            }
         }
     }
     if problems.is_empty() {

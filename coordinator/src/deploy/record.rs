@@ -4,8 +4,10 @@
 
 use std::collections::BTreeMap;
 
+use drover_common::labels::Selector;
 use drover_common::proto::{
-    Batch, BatchHost, Canary, CanaryAnalysis, Deploy, DeployPhase, HostOutcome, Pipeline,
+    Batch, BatchHost, Canary, CanaryAnalysis, Deploy, DeployPhase, Host, HostOutcome, Pipeline,
+    Stage,
 };
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +57,29 @@ pub struct DeployRecord {
     /// "stage/step" of canary steps passed by hand (PromoteDeploy).
     #[serde(default)]
     pub promoted: Vec<String>,
+    /// Per stage, its waves: the plan entries right after its canary steps.
+    #[serde(default)]
+    pub waves: Vec<Vec<WaveEntry>>,
+    /// When the deploy began waiting for the approval in front of it (0: it
+    /// is not waiting).
+    #[serde(default)]
+    pub awaiting_since_unix_ms: u64,
+    /// Stages it was started past without having passed them (forced).
+    #[serde(default)]
+    pub forced_past: Vec<String>,
+    /// Stages this deploy's artifact passed (recorded in the store's
+    /// passed/ and environments/ keys in the same write).
+    #[serde(default)]
+    pub passed_stages: Vec<String>,
+    /// The environments were pointed back to the known good (rolled back).
+    #[serde(default)]
+    pub environments_reverted: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WaveEntry {
+    pub name: String,
+    pub bake_ms: u32,
 }
 
 pub fn phase_proto(p: Phase) -> DeployPhase {
@@ -123,6 +148,12 @@ impl DeployRecord {
         }
     }
 
+    /// The wave entry `batch` of stage `stage`'s plan is, if it is one.
+    pub fn wave(&self, stage: usize, batch: usize) -> Option<&WaveEntry> {
+        let first = self.canary_bakes.get(stage).map_or(0, Vec::len);
+        self.waves.get(stage)?.get(batch.checked_sub(first)?)
+    }
+
     /// Whether entry `batch` of stage `stage`'s plan is a canary step.
     pub fn is_canary_step(&self, stage: usize, batch: usize) -> bool {
         self.canary_bakes
@@ -152,6 +183,58 @@ pub fn batches(hosts: &[String], size: u32, percent: u32) -> Vec<Vec<String>> {
         (hosts.len() * percent as usize).div_ceil(100).max(1)
     };
     hosts.chunks(per).map(|c| c.to_vec()).collect()
+}
+
+/// A stage's plan: canary cohorts (when `canary` is given), then waves,
+/// then batches of whatever is left.
+pub struct StagePlan {
+    pub entries: Vec<Vec<String>>,
+    pub canary_bakes: Vec<u32>,
+    pub waves: Vec<WaveEntry>,
+}
+
+/// Plans one stage over its `hosts` (sorted; with their labels).
+pub fn plan_stage(hosts: &[Host], stage: &Stage, canary: Option<&Canary>) -> StagePlan {
+    let ids: Vec<String> = hosts.iter().map(|h| h.host_id.clone()).collect();
+    let (canary_entries, canary_bakes) = match canary {
+        Some(c) => canary_plan(&ids, c, 0, 100),
+        None => (Vec::new(), Vec::new()),
+    };
+    let mut entries: Vec<Vec<String>> = canary_entries
+        .into_iter()
+        .take(canary_bakes.len())
+        .collect();
+    let cohort: std::collections::HashSet<String> = entries.iter().flatten().cloned().collect();
+    let mut rest: Vec<&Host> = hosts
+        .iter()
+        .filter(|h| !cohort.contains(&h.host_id))
+        .collect();
+    let mut waves = Vec::new();
+    for wave in &stage.waves {
+        let selectors: Vec<Selector> = wave
+            .selectors
+            .iter()
+            .filter_map(|s| Selector::parse(s).ok())
+            .collect();
+        let (mine, others): (Vec<&Host>, Vec<&Host>) = rest
+            .into_iter()
+            .partition(|h| selectors.iter().any(|s| s.matches(&h.labels)));
+        rest = others;
+        if !mine.is_empty() {
+            entries.push(mine.iter().map(|h| h.host_id.clone()).collect());
+            waves.push(WaveEntry {
+                name: wave.name.clone(),
+                bake_ms: wave.bake_ms,
+            });
+        }
+    }
+    let rest: Vec<String> = rest.iter().map(|h| h.host_id.clone()).collect();
+    entries.extend(batches(&rest, stage.batch_size, stage.batch_percent));
+    StagePlan {
+        entries,
+        canary_bakes,
+        waves,
+    }
 }
 
 /// A stage's plan with a canary: the cohorts of its steps (each entry the
