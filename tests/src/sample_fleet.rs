@@ -23,6 +23,16 @@ impl SampleFleet {
     /// `n` agents `web-0`.. labelled env=prod and idx=<i>, each service
     /// under `rps` requests a second (0: no load).
     pub async fn start(n: usize, rps: u32) -> SampleFleet {
+        Self::start_with(n, rps, |_| Vec::new()).await
+    }
+
+    /// Like [`SampleFleet::start`], with `extra(i)` more agent flags for
+    /// host `i` (labels such as region=eu, `--env` values).
+    pub async fn start_with(
+        n: usize,
+        rps: u32,
+        extra: impl Fn(usize) -> Vec<String>,
+    ) -> SampleFleet {
         let dir = TestDir::new();
         let coord = Coordinator::start(&dir, "coord", &[]).await;
         let mut agents = Vec::new();
@@ -32,13 +42,10 @@ impl SampleFleet {
             let host = format!("web-{i}");
             let port = free_port();
             let idx = format!("idx={i}");
-            agents.push(Agent::start_sample(
-                &dir,
-                &host,
-                &[&coord],
-                port,
-                &["--label", "env=prod", "--label", &idx],
-            ));
+            let more = extra(i);
+            let mut flags = vec!["--label", "env=prod", "--label", &idx];
+            flags.extend(more.iter().map(String::as_str));
+            agents.push(Agent::start_sample(&dir, &host, &[&coord], port, &flags));
             if rps > 0 {
                 let mut cmd = Command::new(bins::bin("drover-load"));
                 cmd.args([
