@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{AgentConfig, RuntimeKind};
-use crate::connection::{CommandSink, Connection, FenceSink, HelloSource};
+use crate::connection::{CommandSink, Connection, FenceSink, HelloSource, ReportSink};
 use crate::directory::Directory;
 use crate::executor::{Executor, ExecutorConfig};
 use crate::health::HealthBoard;
@@ -89,6 +89,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         let executor = executor.clone();
         Arc::new(move |epochs| executor.raise_epochs(epochs))
     };
+    let report: ReportSink = {
+        let board = board.clone();
+        Arc::new(move |r| board.set_reported(r))
+    };
     let (directory, mut discovered) = Directory::new();
     let directory = Arc::new(directory);
     let mut tasks = tokio::task::JoinSet::new();
@@ -103,6 +107,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
                 dropped: Arc::new(AtomicU64::new(0)),
                 commands: commands.clone(),
                 fence: fence.clone(),
+                report: report.clone(),
                 directory: Some(directory.clone()),
             }
             .run(),

@@ -13,7 +13,7 @@ use std::time::Duration;
 use backon::BackoffBuilder;
 use drover_common::proto::agent_control_client::AgentControlClient;
 use drover_common::proto::{
-    AgentMessage, CoordinatorMessage, Goodbye, Hello, ShardEpoch, agent_message,
+    AgentMessage, CoordinatorMessage, Goodbye, Hello, ReportMetrics, ShardEpoch, agent_message,
     coordinator_message,
 };
 use tokio::sync::mpsc;
@@ -61,6 +61,9 @@ pub type CommandSink =
 /// executor raises and persists its highest epoch for each.
 pub type FenceSink = Arc<dyn Fn(&[ShardEpoch]) + Send + Sync>;
 
+/// Receives the metrics heartbeats must carry (Welcome, ReportMetrics).
+pub type ReportSink = Arc<dyn Fn(&ReportMetrics) + Send + Sync>;
+
 /// How long a leaving agent waits for the coordinator to close the stream.
 const GOODBYE_WAIT: Duration = Duration::from_secs(2);
 
@@ -74,6 +77,7 @@ pub struct Connection {
     pub dropped: Arc<AtomicU64>,
     pub commands: CommandSink,
     pub fence: FenceSink,
+    pub report: ReportSink,
     /// Where discovered coordinators are announced (None: only the
     /// configured ones, as drover-fleetsim does).
     pub directory: Option<Arc<Directory>>,
@@ -216,10 +220,16 @@ impl Connection {
                         *welcomed = true;
                         *coordinator_id = w.coordinator_id.clone();
                         (self.fence)(&w.epochs);
+                        if let Some(r) = &w.report_metrics {
+                            (self.report)(r);
+                        }
                         info!(coordinator = %self.coordinator, coordinator_id = %w.coordinator_id, session = %w.session_id, "connected");
                     }
                     Some(coordinator_message::Msg::Fence(f)) => {
                         (self.fence)(&f.epochs);
+                    }
+                    Some(coordinator_message::Msg::ReportMetrics(r)) => {
+                        (self.report)(&r);
                     }
                     Some(coordinator_message::Msg::Peers(p)) => {
                         if let Some(directory) = &self.directory {

@@ -166,6 +166,7 @@ fn simulated_sample(
                 latency_p50_ms: 5.0,
                 latency_p99_ms: 20.0,
                 interval_ms,
+                metrics: Default::default(),
             })
             .collect(),
         versions: running
@@ -276,6 +277,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
                     dropped: Arc::new(AtomicU64::new(0)),
                     commands: commands.clone(),
                     fence: fence.clone(),
+                    report: Arc::new(|_| {}),
                     directory: None,
                 }
                 .run(),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use drover_common::artifact::manifest::{MetricsSpec, Probe, ProbeCheck};
 use drover_common::histogram;
-use drover_common::proto::ServiceHealth;
+use drover_common::proto::{ReportMetrics, ServiceHealth};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -75,7 +75,12 @@ struct Figures {
     p50_ms: f64,
     p99_ms: f64,
     interval_ms: u32,
+    /// The metrics coordinators asked for: rate/s (counters) or value.
+    metrics: HashMap<String, f64>,
 }
+
+/// Service → the metric names heartbeats must carry (ReportMetrics).
+type Reported = Arc<Mutex<HashMap<String, Vec<String>>>>;
 
 struct Watched {
     figures: Arc<Mutex<Figures>>,
@@ -89,6 +94,7 @@ pub struct HealthBoard {
     services: Mutex<HashMap<String, Watched>>,
     runtime: Arc<dyn Runtime>,
     scrape_interval: Duration,
+    reported: Reported,
 }
 
 impl HealthBoard {
@@ -97,6 +103,17 @@ impl HealthBoard {
             services: Mutex::new(HashMap::new()),
             runtime,
             scrape_interval,
+            reported: Reported::default(),
+        }
+    }
+
+    /// Sets the metrics heartbeats carry per service (a coordinator's
+    /// ReportMetrics replaces the earlier list).
+    pub fn set_reported(&self, report: &ReportMetrics) {
+        let mut reported = self.reported.lock().expect("reported lock");
+        reported.clear();
+        for s in &report.services {
+            reported.insert(s.service.clone(), s.names.clone());
         }
     }
 
@@ -129,6 +146,10 @@ impl HealthBoard {
             tokio::spawn(scrape_loop(
                 metrics,
                 self.scrape_interval,
+                Extra {
+                    service: service.to_string(),
+                    reported: self.reported.clone(),
+                },
                 figures.clone(),
                 stop.clone(),
             ));
@@ -185,6 +206,7 @@ impl HealthBoard {
                     latency_p50_ms: f.p50_ms,
                     latency_p99_ms: f.p99_ms,
                     interval_ms: f.interval_ms,
+                    metrics: f.metrics,
                 }
             })
             .collect();
@@ -254,6 +276,25 @@ pub struct Scraped {
     pub errors: f64,
     /// (upper bound in seconds, cumulative count), summed over label sets.
     pub latency: Vec<(f64, f64)>,
+    /// Asked-for metrics: (value summed over label sets, is a counter).
+    pub extra: HashMap<String, (f64, bool)>,
+}
+
+/// Which extra metrics the scrape of one service reads.
+struct Extra {
+    service: String,
+    reported: Reported,
+}
+
+impl Extra {
+    fn names(&self) -> Vec<String> {
+        self.reported
+            .lock()
+            .expect("reported lock")
+            .get(&self.service)
+            .cloned()
+            .unwrap_or_default()
+    }
 }
 
 fn counter_value(v: &prometheus_parse::Value) -> Option<f64> {
@@ -265,8 +306,9 @@ fn counter_value(v: &prometheus_parse::Value) -> Option<f64> {
     }
 }
 
-/// Reads the figures `spec` names out of a Prometheus text exposition.
-pub fn parse_scrape(text: &str, spec: &MetricsSpec) -> Result<Scraped, String> {
+/// Reads the figures `spec` names, and the `extra` metrics, out of a
+/// Prometheus text exposition.
+pub fn parse_scrape(text: &str, spec: &MetricsSpec, extra: &[String]) -> Result<Scraped, String> {
     let parsed = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
         .map_err(|e| format!("unreadable metrics: {e}"))?;
     let base = spec.requests.trim_end_matches("_total");
@@ -285,6 +327,25 @@ pub fn parse_scrape(text: &str, spec: &MetricsSpec) -> Result<Scraped, String> {
                     .is_some_and(|l| l.starts_with(&sel.prefix))
             {
                 out.errors += v;
+            }
+        }
+        if let Some(want) = extra
+            .iter()
+            .find(|w| *w == &sample.metric || w.trim_end_matches("_total") == name)
+        {
+            // OpenMetrics counters are `<name>_total` under `# TYPE <name>
+            // counter`, which the parser reports untyped: the suffix says it.
+            let value = match &sample.value {
+                prometheus_parse::Value::Counter(x) => Some((*x, true)),
+                prometheus_parse::Value::Untyped(x) => {
+                    Some((*x, sample.metric.ends_with("_total")))
+                }
+                prometheus_parse::Value::Gauge(x) => Some((*x, false)),
+                _ => None,
+            };
+            if let Some((v, counter)) = value {
+                let entry = out.extra.entry(want.clone()).or_insert((0.0, counter));
+                entry.0 += v;
             }
         }
         if spec.latency.as_deref() == Some(sample.metric.as_str())
@@ -307,6 +368,7 @@ pub fn parse_scrape(text: &str, spec: &MetricsSpec) -> Result<Scraped, String> {
 async fn scrape_loop(
     spec: MetricsSpec,
     interval: Duration,
+    extra: Extra,
     figures: Arc<Mutex<Figures>>,
     stop: CancellationToken,
 ) {
@@ -317,12 +379,13 @@ async fn scrape_loop(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
-        let scraped =
-            match crate::http::get(&spec.url, interval.max(Duration::from_millis(500))).await {
-                Ok((200, body)) => parse_scrape(&String::from_utf8_lossy(&body), &spec),
-                Ok((status, _)) => Err(format!("GET {} answered {status}", spec.url)),
-                Err(e) => Err(e),
-            };
+        let scraped = match crate::http::get(&spec.url, interval.max(Duration::from_millis(500)))
+            .await
+        {
+            Ok((200, body)) => parse_scrape(&String::from_utf8_lossy(&body), &spec, &extra.names()),
+            Ok((status, _)) => Err(format!("GET {} answered {status}", spec.url)),
+            Err(e) => Err(e),
+        };
         let scraped = match scraped {
             Ok(s) => {
                 if warned {
@@ -349,6 +412,19 @@ async fn scrape_loop(
             f.p50_ms = histogram::quantile(&window, 0.5).unwrap_or(0.0) * 1e3;
             f.p99_ms = histogram::quantile(&window, 0.99).unwrap_or(0.0) * 1e3;
             f.interval_ms = now.duration_since(*at).as_millis() as u32;
+            let secs = now.duration_since(*at).as_secs_f64().max(1e-3);
+            f.metrics = scraped
+                .extra
+                .iter()
+                .filter_map(|(name, (v, counter))| {
+                    if !counter {
+                        return Some((name.clone(), *v));
+                    }
+                    // A rate needs the previous scrape (and no counter reset).
+                    let (before, _) = prev.extra.get(name)?;
+                    (v >= before).then(|| (name.clone(), (v - before) / secs))
+                })
+                .collect();
         }
         last = Some((now, scraped));
     }
@@ -370,7 +446,10 @@ mod tests {
             http_request_duration_seconds_bucket{le=\"0.1\"} 99\n\
             http_request_duration_seconds_bucket{le=\"+Inf\"} 100\n\
             http_request_duration_seconds_sum 3.2\n\
-            http_request_duration_seconds_count 100\n";
+            http_request_duration_seconds_count 100\n\
+            # TYPE queue_depth gauge\n\
+            queue_depth{shard=\"a\"} 4\n\
+            queue_depth{shard=\"b\"} 6\n";
         let spec = MetricsSpec {
             url: "http://x/metrics".into(),
             requests: "http_requests_total".into(),
@@ -380,8 +459,24 @@ mod tests {
             }),
             latency: Some("http_request_duration_seconds".into()),
         };
-        let s = parse_scrape(text, &spec).unwrap();
+        let extra = vec![
+            "queue_depth".to_string(),
+            "http_requests_total".to_string(),
+            "absent".to_string(),
+        ];
+        let s = parse_scrape(text, &spec, &extra).unwrap();
         assert_eq!((s.requests, s.errors), (100.0, 10.0));
+        assert_eq!(
+            s.extra.get("queue_depth"),
+            Some(&(10.0, false)),
+            "a gauge, summed"
+        );
+        assert_eq!(
+            s.extra.get("http_requests_total"),
+            Some(&(100.0, true)),
+            "a counter"
+        );
+        assert_eq!(s.extra.get("absent"), None);
         assert_eq!(s.latency.len(), 3);
         assert_eq!(s.latency[1], (0.1, 99.0));
     }

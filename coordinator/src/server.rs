@@ -13,7 +13,8 @@ use drover_common::proto::agent_control_server::AgentControlServer;
 use drover_common::proto::artifacts_server::ArtifactsServer;
 use drover_common::proto::deployer_server::DeployerServer;
 use drover_common::proto::{
-    CoordinatorMessage, FILE_DESCRIPTOR_SET, Fence, Peers, ShardEpoch, coordinator_message,
+    CoordinatorMessage, FILE_DESCRIPTOR_SET, Fence, Peers, ReportMetrics, ShardEpoch,
+    coordinator_message,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -26,7 +27,7 @@ use crate::api::{AgentControlService, ArtifactsService, DeployerService};
 use crate::config::Config;
 use crate::config::StoreKind;
 use crate::deploy::deployments::{Deployments, Parts};
-use crate::deploy::pipeline::Pipelines;
+use crate::deploy::pipeline::{Pipelines, report_metrics};
 use crate::fleet::{PendingCommands, Registry};
 use crate::ha::leases::{ShardEvent, ShardLeases};
 use crate::ha::members::Member;
@@ -122,6 +123,17 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     );
     leases.campaign_once().await;
     metrics.shards_led.set(leases.epochs().len() as i64);
+    // The metrics agents must report for canary analyses, kept current as
+    // pipelines change (on any coordinator: a store watch).
+    let report = Arc::new(std::sync::Mutex::new(report_metrics(
+        &pipelines.list().await.unwrap_or_default(),
+    )));
+    tokio::spawn(keep_reporting_current(
+        pipelines.clone(),
+        report.clone(),
+        registry.clone(),
+        stop.clone(),
+    ));
     let agent_control = AgentControlService {
         coordinator_id: cfg.id.clone(),
         registry: registry.clone(),
@@ -130,6 +142,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         hello_timeout: cfg.hello_timeout,
         shutdown: stop.clone(),
         leases: leases.clone(),
+        report,
     };
     let deployments = Deployments::new(Parts {
         store: store.clone(),
@@ -276,6 +289,42 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     }
     info!("stopped");
     Ok(())
+}
+
+/// Recomputes the metrics agents must report whenever a pipeline changes,
+/// and tells every connected agent when the list changed.
+async fn keep_reporting_current(
+    pipelines: Arc<Pipelines>,
+    report: Arc<std::sync::Mutex<ReportMetrics>>,
+    registry: Arc<Registry>,
+    stop: CancellationToken,
+) {
+    use tokio_stream::StreamExt;
+    let Ok(mut changes) = pipelines.watch().await else {
+        warn!("cannot watch pipelines; agents report the metrics known at start");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            change = changes.next() => if change.is_none() { return },
+        }
+        let Ok(all) = pipelines.list().await else {
+            continue;
+        };
+        let now = report_metrics(&all);
+        let changed = {
+            let mut current = report.lock().expect("report lock");
+            let changed = *current != now;
+            *current = now.clone();
+            changed
+        };
+        if changed {
+            registry.broadcast(CoordinatorMessage {
+                msg: Some(coordinator_message::Msg::ReportMetrics(now)),
+            });
+        }
+    }
 }
 
 /// Writes `addr` to `path` atomically, so a reader never sees half of it.

@@ -284,3 +284,28 @@ async fn promote_skips_the_rest_of_a_bake() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_metric_of_the_services_own_page_judges_the_canary() {
+    // Judged on the service's own gauge only (agents report it because the
+    // pipeline names it).
+    let f = fleet_on_v1(
+        "[{ count = 1, bake_ms = 3000 }]",
+        "metrics = [{ name = \"sample_queue_depth\", max_ratio = 3.0 }]",
+    )
+    .await;
+    // v1 runs with an empty queue (depth 0).
+    let v2 = f.push("v2", &["--queue-depth", "0"]);
+    let (code, out, err) = f.deploy_through(PIPELINE, &v2);
+    assert_eq!(code, 0, "the same depth passes: {out}\n{err}");
+    let bad = f.push("backlog", &["--queue-depth", "50"]);
+    let (code, out, err) = f.deploy_through(PIPELINE, &bad);
+    assert_eq!(code, 2, "a backlog fails: {out}\n{err}");
+    let a = &latest(&f).await.analyses[0];
+    assert_eq!(a.verdict(), AnalysisVerdict::Fail, "{a:?}");
+    let m = &a.metrics[0];
+    assert_eq!(m.name, "sample_queue_depth");
+    assert_eq!((m.canary_value, m.baseline_value), (50.0, 0.0), "{m:?}");
+    assert!(m.canary_samples >= 5 && m.baseline_samples >= 5, "{m:?}");
+    assert!(a.reason.contains("past 3x"), "{}", a.reason);
+}

@@ -13,7 +13,7 @@ use drover_common::ids::validate_host_id;
 use drover_common::labels::validate_labels;
 use drover_common::proto::agent_control_server::AgentControl;
 use drover_common::proto::{
-    AgentMessage, CommandStatus, CoordinatorMessage, Hello, Welcome, agent_message,
+    AgentMessage, CommandStatus, CoordinatorMessage, Hello, ReportMetrics, Welcome, agent_message,
     coordinator_message,
 };
 use tokio::sync::mpsc;
@@ -46,6 +46,8 @@ pub struct AgentControlService {
     /// Shards led (their epochs go in Welcome) and the live coordinators
     /// (their addresses go in Welcome, for discovery).
     pub leases: Arc<ShardLeases>,
+    /// The metrics heartbeats must carry (kept current from the pipelines).
+    pub report: Arc<std::sync::Mutex<ReportMetrics>>,
 }
 
 /// Checks everything a Hello carries before it reaches the registry.
@@ -157,6 +159,7 @@ impl AgentControl for AgentControlService {
                 session_id: session_id.to_string(),
                 coordinators: self.leases.addresses(),
                 epochs: self.leases.epochs(),
+                report_metrics: Some(self.report.lock().expect("report lock").clone()),
             })),
         };
         // The queue is empty and its receiver alive: this cannot fail.

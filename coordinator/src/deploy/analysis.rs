@@ -21,12 +21,14 @@ use statrs::stats_tests::mannwhitneyu::{MannWhitneyUMethod, mannwhitneyu};
 use super::pipeline::{ERROR_RATE, LATENCY_P50, LATENCY_P99};
 
 /// One host's figures for one heartbeat interval.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Observation {
     pub requests: u64,
     pub errors: u64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// Metrics of the service's page heartbeats carry on request.
+    pub extra: std::collections::HashMap<String, f64>,
 }
 
 /// What a bake window collected so far.
@@ -66,9 +68,8 @@ fn median(values: &[f64]) -> f64 {
 }
 
 /// The samples of `metric` in `obs` (host-intervals with enough requests)
-/// and the value over the window, or None for a metric heartbeats do not
-/// carry.
-fn samples(metric: &str, obs: &[Observation], min_requests: u64) -> Option<(Vec<f64>, f64)> {
+/// and the value over the window.
+fn samples(metric: &str, obs: &[Observation], min_requests: u64) -> (Vec<f64>, f64) {
     let counted: Vec<&Observation> = obs.iter().filter(|o| o.requests >= min_requests).collect();
     let values: Vec<f64> = match metric {
         ERROR_RATE => counted
@@ -77,7 +78,16 @@ fn samples(metric: &str, obs: &[Observation], min_requests: u64) -> Option<(Vec<
             .collect(),
         LATENCY_P99 => counted.iter().map(|o| o.p99_ms).collect(),
         LATENCY_P50 => counted.iter().map(|o| o.p50_ms).collect(),
-        _ => return None,
+        // Any other metric of the service's page: every interval that
+        // carries it is a sample, whatever its traffic.
+        _ => {
+            let values: Vec<f64> = obs
+                .iter()
+                .filter_map(|o| o.extra.get(metric).copied())
+                .collect();
+            let value = median(&values);
+            return (values, value);
+        }
     };
     let value = match metric {
         ERROR_RATE => {
@@ -91,7 +101,7 @@ fn samples(metric: &str, obs: &[Observation], min_requests: u64) -> Option<(Vec<
         }
         _ => median(&values),
     };
-    Some((values, value))
+    (values, value)
 }
 
 /// One-sided p-value that `canary` is worse than `baseline`.
@@ -119,17 +129,8 @@ fn judge_metric(check: &MetricCheck, a: &Analysis, w: &Window, interim: bool) ->
         ..Default::default()
     };
     let min_requests = u64::from(a.min_requests.max(1));
-    let (Some((c, cv)), Some((b, bv))) = (
-        samples(&check.name, &w.canary, min_requests),
-        samples(&check.name, &w.baseline, min_requests),
-    ) else {
-        out.verdict = AnalysisVerdict::Inconclusive as i32;
-        out.reason = format!(
-            "{} is not reported by agents (heartbeats carry {ERROR_RATE}, {LATENCY_P99} and {LATENCY_P50})",
-            check.name
-        );
-        return out;
-    };
+    let (c, cv) = samples(&check.name, &w.canary, min_requests);
+    let (b, bv) = samples(&check.name, &w.baseline, min_requests);
     out.canary_samples = c.len() as u32;
     out.baseline_samples = b.len() as u32;
     out.canary_value = cv;
@@ -332,6 +333,7 @@ mod tests {
                     errors,
                     p50_ms: p99 / 3.0,
                     p99_ms: p99 + (i % 5) as f64,
+                    extra: Default::default(),
                 }
             })
             .collect()
@@ -415,11 +417,25 @@ mod tests {
         let w = window(obs(10, 40, 0.0, 30.0), obs(10, 40, 0.0, 90.0));
         let j = judge(&a, &w, false);
         assert_eq!(j.verdict, AnalysisVerdict::Fail, "{j:?}");
-        // A metric heartbeats do not carry is inconclusive, saying so.
-        a.metrics[0].name = "http_inflight".into();
+        // A metric of the service's page: judged on the values heartbeats
+        // carry; none carried is inconclusive.
+        a.metrics[0].name = "queue_depth".into();
         let j = judge(&a, &w, false);
         assert_eq!(j.verdict, AnalysisVerdict::Inconclusive);
-        assert!(j.reason.contains("not reported"), "{}", j.reason);
+        assert!(j.reason.contains("0 canary samples"), "{}", j.reason);
+        let with = |n: usize, depth: f64| -> Vec<Observation> {
+            (0..n)
+                .map(|i| Observation {
+                    extra: [("queue_depth".to_string(), depth + (i % 3) as f64)].into(),
+                    ..Default::default()
+                })
+                .collect()
+        };
+        a.metrics[0].direction = MetricDirection::HigherIsWorse as i32;
+        let j = judge(&a, &window(with(10, 50.0), with(10, 5.0)), false);
+        assert_eq!(j.verdict, AnalysisVerdict::Fail, "{j:?}");
+        let j = judge(&a, &window(with(10, 5.0), with(10, 5.0)), false);
+        assert_eq!(j.verdict, AnalysisVerdict::Pass, "{j:?}");
         // Restarts and unready canaries fail outright.
         let mut w = window(obs(10, 40, 0.0, 20.0), obs(10, 40, 0.0, 20.0));
         w.canary_not_ready = vec!["web-0".into()];

@@ -8,7 +8,7 @@ use drover_common::ids::{validate_pipeline_name, validate_service};
 use drover_common::labels::Selector;
 use drover_common::proto::{
     Analysis, ApprovalTimeoutOutcome, Canary, HealthGate, InconclusiveAction, InconclusivePolicy,
-    MetricCheck, MetricDirection, Pipeline,
+    MetricCheck, MetricDirection, Pipeline, ReportMetrics, ServiceMetrics,
 };
 use prost::Message;
 
@@ -457,6 +457,38 @@ impl Pipelines {
                 )
             })
             .collect()
+    }
+
+    /// Changes to any pipeline (for keeping derived views current).
+    pub async fn watch(&self) -> Result<crate::store::WatchStream, PipelineError> {
+        Ok(self.store.watch(&self.prefix).await?)
+    }
+}
+
+/// The metrics agents must report for canary analyses: per service, every
+/// metric a pipeline's analysis names that heartbeats do not carry anyway.
+pub fn report_metrics(pipelines: &[Pipeline]) -> ReportMetrics {
+    let mut per_service: std::collections::BTreeMap<&str, std::collections::BTreeSet<&str>> =
+        Default::default();
+    for p in pipelines {
+        let names = p
+            .stages
+            .iter()
+            .filter_map(|s| s.canary.as_ref()?.analysis.as_ref())
+            .flat_map(|a| a.metrics.iter())
+            .map(|m| m.name.as_str())
+            .filter(|n| ![ERROR_RATE, LATENCY_P99, LATENCY_P50].contains(n));
+        per_service.entry(&p.service).or_default().extend(names);
+    }
+    ReportMetrics {
+        services: per_service
+            .into_iter()
+            .filter(|(_, names)| !names.is_empty())
+            .map(|(service, names)| ServiceMetrics {
+                service: service.to_string(),
+                names: names.into_iter().map(str::to_string).collect(),
+            })
+            .collect(),
     }
 }
 

@@ -48,6 +48,10 @@ struct Args {
     /// /healthz answers 503.
     #[arg(long)]
     unready: bool,
+    /// The value of the gauge `sample_queue_depth` (a metric of the
+    /// service's own that canary analyses can name).
+    #[arg(long, default_value_t = 0)]
+    queue_depth: i64,
     /// /healthz answers 503 for this many seconds after start.
     #[arg(long)]
     ready_after: Option<f64>,
@@ -136,6 +140,9 @@ async fn main() -> anyhow::Result<()> {
         "Request latency",
         latency.clone(),
     );
+    let queue_depth = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+    queue_depth.set(args.queue_depth);
+    registry.register("sample_queue_depth", "Jobs waiting", queue_depth);
     if let Some(secs) = args.crash_after {
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs_f64(secs)).await;

@@ -203,6 +203,7 @@ impl Deployments {
                     errors: health.error_count,
                     p50_ms: health.latency_p50_ms,
                     p99_ms: health.latency_p99_ms,
+                    extra: health.metrics.clone(),
                 };
                 if is_canary {
                     window.canary.push(o);
