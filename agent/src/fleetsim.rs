@@ -58,6 +58,35 @@ pub struct Args {
     pub failure_rate: f64,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Requests each simulated service serves per heartbeat interval.
+    #[arg(long, default_value_t = 100)]
+    pub requests_per_interval: u64,
+    /// SHA256=RATE: hosts running that artifact answer this share of
+    /// requests with errors (a bad version). Repeatable.
+    #[arg(long = "error-rate-of", value_parser = parse_error_rate)]
+    pub error_rates: Vec<(String, f64)>,
+    /// Writes the requests served per artifact so far (JSON, rewritten
+    /// every 100 ms) to this file, to measure what a bad version served.
+    #[arg(long)]
+    pub served_file: Option<std::path::PathBuf>,
+}
+
+fn parse_error_rate(s: &str) -> Result<(String, f64), String> {
+    let (sha, rate) = s.split_once('=').ok_or("expected SHA256=RATE")?;
+    let rate: f64 = rate.parse().map_err(|e| format!("rate: {e}"))?;
+    if !(0.0..=1.0).contains(&rate) {
+        return Err("rate must be between 0 and 1".into());
+    }
+    Ok((sha.to_string(), rate))
+}
+
+/// Simulated traffic: how much each host serves, which artifacts fail how
+/// often, and the requests served per artifact so far.
+#[derive(Clone)]
+struct Traffic {
+    per_interval: u64,
+    error_rates: Arc<HashMap<String, f64>>,
+    served: Arc<std::sync::Mutex<HashMap<String, u64>>>,
 }
 
 /// A virtual agent's highest epoch per shard (shared by its connections).
@@ -144,29 +173,40 @@ fn simulated_commands(
 }
 
 /// A virtual agent's heartbeat: synthetic host figures, and every service
-/// it "runs" healthy (steady traffic, no errors) at its current release.
+/// it "runs" serving steady traffic at its current release (errors at the
+/// rate `--error-rate-of` gives that release, spread evenly).
 fn simulated_sample(
     index: usize,
     sequence: &mut u64,
+    owed_errors: &mut f64,
     services: &Services,
+    traffic: &Traffic,
     interval_ms: u32,
 ) -> heartbeat::Sample {
     let running = services.lock().expect("services lock");
+    let mut served = traffic.served.lock().expect("served lock");
     heartbeat::Sample {
         host: synthetic_metrics(index, sequence),
         health: running
-            .keys()
-            .map(|service| drover_common::proto::ServiceHealth {
-                service: service.clone(),
-                ready: true,
-                live: true,
-                restarts: 0,
-                request_count: 100,
-                error_count: 0,
-                latency_p50_ms: 5.0,
-                latency_p99_ms: 20.0,
-                interval_ms,
-                metrics: Default::default(),
+            .iter()
+            .map(|(service, (current, _))| {
+                let rate = traffic.error_rates.get(current).copied().unwrap_or(0.0);
+                *owed_errors += traffic.per_interval as f64 * rate;
+                let errors = owed_errors.floor();
+                *owed_errors -= errors;
+                *served.entry(current.clone()).or_default() += traffic.per_interval;
+                drover_common::proto::ServiceHealth {
+                    service: service.clone(),
+                    ready: true,
+                    live: true,
+                    restarts: 0,
+                    request_count: traffic.per_interval,
+                    error_count: errors as u64,
+                    latency_p50_ms: 5.0,
+                    latency_p99_ms: 20.0,
+                    interval_ms,
+                    metrics: Default::default(),
+                }
             })
             .collect(),
         versions: running
@@ -180,6 +220,31 @@ fn simulated_sample(
                 },
             )
             .collect(),
+    }
+}
+
+/// How often `--served-file` is rewritten.
+const SERVED_EVERY: Duration = Duration::from_millis(100);
+
+/// Rewrites `path` with the requests served per artifact every 100 ms
+/// (temp file + rename: a reader never sees half of it).
+async fn write_served(
+    path: std::path::PathBuf,
+    served: Arc<std::sync::Mutex<HashMap<String, u64>>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let snapshot = served.lock().expect("served lock").clone();
+        let tmp = path.with_extension("tmp");
+        if let Ok(json) = serde_json::to_vec(&snapshot)
+            && std::fs::write(&tmp, json).is_ok()
+        {
+            let _ = std::fs::rename(&tmp, &path);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(SERVED_EVERY) => {}
+        }
     }
 }
 
@@ -222,6 +287,14 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         (0.0..=1.0).contains(&args.failure_rate),
         "--failure-rate must be between 0 and 1"
     );
+    let traffic = Traffic {
+        per_interval: args.requests_per_interval,
+        error_rates: Arc::new(args.error_rates.iter().cloned().collect()),
+        served: Arc::default(),
+    };
+    if let Some(path) = args.served_file.clone() {
+        tokio::spawn(write_served(path, traffic.served.clone(), shutdown.clone()));
+    }
     let mut tasks = tokio::task::JoinSet::new();
     let start_gap = Duration::from_secs(1) / args.connect_rate;
     let mut pacer = tokio::time::interval(start_gap.max(Duration::from_micros(1)));
@@ -248,14 +321,25 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
             .heartbeat_interval
             .mul_f64(index as f64 / args.hosts as f64);
         let mut sequence = 0u64;
+        let mut owed_errors = 0.0;
         let services: Services = Arc::default();
         let running = services.clone();
         let interval_ms = args.heartbeat_interval.as_millis() as u32;
+        let host_traffic = traffic.clone();
         let heartbeats = heartbeat::spawn_producer(
             args.heartbeat_interval,
             phase,
             16,
-            move || simulated_sample(index, &mut sequence, &running, interval_ms),
+            move || {
+                simulated_sample(
+                    index,
+                    &mut sequence,
+                    &mut owed_errors,
+                    &running,
+                    &host_traffic,
+                    interval_ms,
+                )
+            },
             shutdown.clone(),
         );
         let epochs: Epochs = Arc::default();

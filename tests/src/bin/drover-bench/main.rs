@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+mod canary;
 mod ha;
 
 use clap::{Parser, Subcommand};
@@ -71,6 +72,14 @@ enum Bench {
         agents: usize,
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         window: Duration,
+    },
+    /// Detection time of a bad (3% errors) canary and the share of requests
+    /// it served, on simulated hosts.
+    Canary {
+        #[arg(long, default_value_t = 1000)]
+        hosts: usize,
+        #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+        heartbeat: Duration,
     },
     /// An idle agent's CPU and memory at one heartbeat a second.
     AgentIdle {
@@ -454,6 +463,7 @@ async fn main() {
             }
         }
         Bench::Pull { size_mb } => pull(size_mb).await,
+        Bench::Canary { hosts, heartbeat } => canary::canary(hosts, heartbeat).await,
         Bench::Failover { trials, ttl, hosts } => ha::failover(trials, ttl, hosts).await,
         Bench::EtcdWrites { agents, window } => ha::etcd_writes(agents, window).await,
         Bench::AgentIdle { window } => agent_idle(window).await,
