@@ -283,6 +283,48 @@ async fn promote_skips_the_rest_of_a_bake() {
         err.contains("FailedPrecondition") && err.contains("not in a canary step"),
         "{err}"
     );
+
+    // With manual promotion a step that passed its analysis waits for it.
+    f.apply(&spec(
+        "[{ count = 1, bake_ms = 1500 }]\nmanual_promotion = true",
+        "",
+    ));
+    let v3 = f.push("v3", &["--error-rate", "0.001"]);
+    let id = f
+        .coord
+        .deployer()
+        .await
+        .start_deploy(StartDeployRequest {
+            pipeline: PIPELINE.into(),
+            artifact: v3,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let held = wait_until(
+        "the passed step held for promotion",
+        Duration::from_secs(30),
+        || async {
+            let d = get(&f, &id).await;
+            if d.phase() == DeployPhase::Paused {
+                Ok(d)
+            } else {
+                Err(format!("{:?}", d.phase()))
+            }
+        },
+    )
+    .await;
+    assert_eq!(held.analyses[0].verdict(), AnalysisVerdict::Pass);
+    assert!(
+        held.reason.contains("waiting for promote"),
+        "{}",
+        held.reason
+    );
+    assert_eq!(f.coord.droverctl(&["deploy", "promote", &id]).0, 0);
+    assert_eq!(f.coord.droverctl(&["deploy", "watch", &id]).0, 0);
+    assert_eq!(f.versions().await, ["v3"; 5]);
 }
 
 #[tokio::test]

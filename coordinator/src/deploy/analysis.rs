@@ -310,7 +310,7 @@ mod tests {
                         count: 0,
                         bake_ms: 1000,
                     }],
-                    analysis: None,
+                    ..Default::default()
                 }),
                 ..Default::default()
             }],

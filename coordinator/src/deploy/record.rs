@@ -286,7 +286,7 @@ mod tests {
         };
         let canary = Canary {
             steps: vec![step(1, 0), step(5, 0), step(25, 0)],
-            analysis: None,
+            ..Default::default()
         };
         let (plan, bakes) = canary_plan(&hosts, &canary, 0, 25);
         assert_eq!(bakes.len(), 3);
@@ -301,7 +301,7 @@ mod tests {
         // A count past the stage keeps one baseline host.
         let big = Canary {
             steps: vec![step(0, 10)],
-            analysis: None,
+            ..Default::default()
         };
         let (plan, bakes) = canary_plan(&hosts[..3], &big, 1, 0);
         assert_eq!((bakes.len(), plan[0].len()), (1, 2));

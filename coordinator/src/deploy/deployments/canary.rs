@@ -36,11 +36,12 @@ impl Deployments {
     /// Bakes a canary step and returns its outcome for the state machine.
     pub(super) async fn bake(self: &Arc<Self>, s: Step<'_>) -> Result<Event, DeployError> {
         let (rec, _) = self.load(s.id).await?;
-        let analysis = rec.snapshot.stages[s.stage]
+        let canary = rec.snapshot.stages[s.stage]
             .canary
-            .as_ref()
-            .and_then(|c| c.analysis.clone())
+            .clone()
             .unwrap_or_default();
+        let manual = canary.manual_promotion;
+        let analysis = canary.analysis.unwrap_or_default();
         let bake = Duration::from_millis(rec.canary_bakes[s.stage][s.step].into());
         let key = format!("{}/{}", s.stage, s.step);
         let look_every = s
@@ -114,6 +115,12 @@ impl Deployments {
                         extensions,
                     )
                     .await?;
+                    if manual {
+                        return Ok(Event::Hold(format!(
+                            "canary step {} passed its analysis; waiting for promote (manual promotion)",
+                            s.step
+                        )));
+                    }
                     return Ok(Event::BatchPassed);
                 }
                 _ => {}

@@ -57,7 +57,7 @@ pub async fn canary(hosts: usize, heartbeat: Duration) {
             count: 0,
             bake_ms: 30_000,
         }],
-        analysis: None,
+        ..Default::default()
     });
     let mut api = DeployerClient::new(coord.channel().await).max_decoding_message_size(64 << 20);
     api.create_pipeline(CreatePipelineRequest {
