@@ -351,3 +351,43 @@ async fn a_metric_of_the_services_own_page_judges_the_canary() {
     assert!(m.canary_samples >= 5 && m.baseline_samples >= 5, "{m:?}");
     assert!(a.reason.contains("past 3x"), "{}", a.reason);
 }
+
+#[tokio::test]
+async fn a_rollback_during_a_long_bake_takes_effect_at_once() {
+    let f = fleet_on_v1("[{ count = 1, bake_ms = 600000 }]", "").await;
+    let v2 = f.push("v2", &["--error-rate", "0.001"]);
+    let id = f
+        .coord
+        .deployer()
+        .await
+        .start_deploy(StartDeployRequest {
+            pipeline: PIPELINE.into(),
+            artifact: v2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    wait_until("the canary running v2", Duration::from_secs(30), || async {
+        if starts(&f, "v2")[0] == 1 {
+            Ok(())
+        } else {
+            Err("not yet".to_string())
+        }
+    })
+    .await;
+    let asked = std::time::Instant::now();
+    let (code, _, err) = f
+        .coord
+        .droverctl(&["deploy", "rollback", &id, "--reason", "not today"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = f.coord.droverctl(&["deploy", "watch", &id]);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(30),
+        "rolled back in {:?}, not after the 10-minute bake",
+        asked.elapsed()
+    );
+    assert_eq!(f.versions().await, ["v1"; 5]);
+}

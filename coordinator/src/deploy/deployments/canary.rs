@@ -15,7 +15,7 @@ use tracing::info;
 
 use super::{DeployError, Deployments};
 use crate::deploy::analysis::{self, Observation, Window};
-use crate::deploy::machine::Event;
+use crate::deploy::machine::{Event, Phase};
 
 /// Looks at the window at least this often, whatever the heartbeat interval.
 const MAX_LOOK_INTERVAL: Duration = Duration::from_secs(1);
@@ -70,6 +70,15 @@ impl Deployments {
                 _ = wake.notified() => {}
             }
             let (rec, _) = self.load(s.id).await?;
+            if rec.machine.phase != Phase::Rolling
+                || (rec.machine.stage, rec.machine.batch) != (s.stage, s.step)
+            {
+                // A control (abort, rollback) overtook the step: stop baking
+                // at once. The outcome below is refused by the new phase and
+                // the driver carries on with what the phase calls for.
+                info!(deploy = %s.id, phase = ?rec.machine.phase, "canary bake overtaken by a control");
+                return Ok(Event::BatchPassed);
+            }
             if rec.promoted.contains(&key) {
                 let reason = format!(
                     "promoted by hand after {:.1}s",
