@@ -6,7 +6,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use drover_common::proto::deployer_client::DeployerClient;
-use drover_common::proto::{GetHostRequest, Host, ListHostsRequest};
+use drover_common::proto::{
+    Deploy, DeployPhase, DeployRef, GetHostRequest, Host, ListDeploysRequest, ListHostsRequest,
+    StartDeployRequest,
+};
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -154,6 +157,67 @@ impl Coordinator {
     }
 
     /// Runs `droverctl --coordinator <this> ARGS`; returns (exit code, stdout, stderr).
+    /// A deploy as this coordinator answers it.
+    pub async fn get_deploy(&self, id: &str) -> Deploy {
+        self.deployer()
+            .await
+            .get_deploy(DeployRef {
+                id: id.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|s| panic!("deploy {id}: {s}"))
+            .into_inner()
+    }
+
+    /// The newest deploy of `pipeline`.
+    pub async fn latest_deploy(&self, pipeline: &str) -> Deploy {
+        self.deployer()
+            .await
+            .list_deploys(ListDeploysRequest {
+                pipeline: pipeline.into(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("deploys of {pipeline}: {s}"))
+            .into_inner()
+            .deploys
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| panic!("no deploy of {pipeline}"))
+    }
+
+    /// Starts a deploy (no wait); returns its id.
+    pub async fn start_deploy(&self, pipeline: &str, artifact: &str) -> String {
+        self.deployer()
+            .await
+            .start_deploy(StartDeployRequest {
+                pipeline: pipeline.into(),
+                artifact: artifact.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|s| panic!("start {pipeline}: {s}"))
+            .into_inner()
+            .id
+    }
+
+    /// Waits until deploy `id` is in `phase`; returns it.
+    pub async fn wait_phase(&self, id: &str, phase: DeployPhase) -> Deploy {
+        wait_until(
+            &format!("deploy {id} {phase:?}"),
+            Duration::from_secs(60),
+            || async {
+                let d = self.get_deploy(id).await;
+                if d.phase() == phase {
+                    Ok(d)
+                } else {
+                    Err(format!("{:?}: {}", d.phase(), d.reason))
+                }
+            },
+        )
+        .await
+    }
+
     /// `droverctl pipeline apply` of `spec` (written to a file in `dir`);
     /// panics when it fails.
     pub fn apply_pipeline(&self, dir: &TestDir, spec: &str) {

@@ -99,6 +99,14 @@ impl SampleFleet {
         ])
     }
 
+    /// How many times each host (in order) started `version` of the sample.
+    pub fn starts(&self, version: &str) -> Vec<usize> {
+        self.ports
+            .iter()
+            .map(|(h, _)| crate::sample_starts(&self.dir, h, version))
+            .collect()
+    }
+
     /// What every host's sample service answers on /version, in host order.
     pub async fn versions(&self) -> Vec<String> {
         let mut out = Vec::new();

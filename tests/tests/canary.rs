@@ -4,11 +4,9 @@
 
 use std::time::Duration;
 
-use drover_common::proto::{
-    AnalysisVerdict, Deploy, DeployPhase, DeployRef, ListDeploysRequest, StartDeployRequest,
-};
+use drover_common::proto::{AnalysisVerdict, DeployPhase};
 use drover_tests::sample_fleet::SampleFleet;
-use drover_tests::{sample_starts, wait_until};
+use drover_tests::wait_until;
 
 const PIPELINE: &str = "hello-canary";
 
@@ -37,43 +35,6 @@ steps = {steps}
     )
 }
 
-async fn get(f: &SampleFleet, id: &str) -> Deploy {
-    f.coord
-        .deployer()
-        .await
-        .get_deploy(DeployRef {
-            id: id.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-/// The latest deploy of the pipeline.
-async fn latest(f: &SampleFleet) -> Deploy {
-    f.coord
-        .deployer()
-        .await
-        .list_deploys(ListDeploysRequest {
-            pipeline: PIPELINE.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .deploys
-        .into_iter()
-        .next()
-        .expect("a deploy")
-}
-
-fn starts(f: &SampleFleet, version: &str) -> Vec<usize> {
-    f.ports
-        .iter()
-        .map(|(h, _)| sample_starts(&f.dir, h, version))
-        .collect()
-}
-
 /// Five hosts under 100 requests a second each, v1 (0.1% errors) on all
 /// of them through the canary pipeline (a first deploy: no canary).
 async fn fleet_on_v1(steps: &str, analysis: &str) -> SampleFleet {
@@ -83,7 +44,7 @@ async fn fleet_on_v1(steps: &str, analysis: &str) -> SampleFleet {
     let (code, out, err) = f.deploy_through(PIPELINE, &v1);
     assert_eq!(code, 0, "v1: {out}\n{err}");
     assert!(
-        latest(&f).await.analyses.is_empty(),
+        f.coord.latest_deploy(PIPELINE).await.analyses.is_empty(),
         "a first deploy has no canary"
     );
     f
@@ -103,7 +64,7 @@ async fn a_bad_canary_fails_its_analysis_inside_the_first_bake_window_and_is_rol
         let digest = f.push(version, &args);
         let (code, out, err) = f.deploy_through(PIPELINE, &digest);
         assert_eq!(code, 2, "{version} is rolled back: {out}\n{err}");
-        let d = latest(&f).await;
+        let d = f.coord.latest_deploy(PIPELINE).await;
         assert_eq!(d.phase(), DeployPhase::RolledBack);
         let a = &d.analyses[0];
         assert_eq!(a.verdict(), AnalysisVerdict::Fail, "{version}: {a:?}");
@@ -122,7 +83,7 @@ async fn a_bad_canary_fails_its_analysis_inside_the_first_bake_window_and_is_rol
         );
         assert_eq!(a.canary_hosts, ["web-0"]);
         assert_eq!(
-            starts(&f, version),
+            f.starts(version),
             [1, 0, 0, 0, 0],
             "only the canary ran {version}"
         );
@@ -151,7 +112,7 @@ async fn a_healthy_canary_is_promoted_through_every_step() {
     let v2 = f.push("v2", &["--error-rate", "0.001"]);
     let (code, out, err) = f.deploy_through(PIPELINE, &v2);
     assert_eq!(code, 0, "{out}\n{err}");
-    let d = latest(&f).await;
+    let d = f.coord.latest_deploy(PIPELINE).await;
     assert_eq!(d.analyses.len(), 3, "{:?}", d.analyses);
     for (k, a) in d.analyses.iter().enumerate() {
         assert_eq!(a.verdict(), AnalysisVerdict::Pass, "step {k}: {a:?}");
@@ -161,7 +122,7 @@ async fn a_healthy_canary_is_promoted_through_every_step() {
         assert!(a.metrics.iter().all(|m| m.canary_samples >= 5), "{a:?}");
     }
     assert_eq!(f.versions().await, ["v2"; 5]);
-    assert_eq!(starts(&f, "v2"), [1; 5]);
+    assert_eq!(f.starts("v2"), [1; 5]);
 }
 
 #[tokio::test]
@@ -176,7 +137,7 @@ async fn too_little_traffic_is_inconclusive_and_the_policy_is_followed() {
     let v2 = f.push("v2", &[]);
     let (code, out, err) = f.deploy_through(PIPELINE, &v2);
     assert_eq!(code, 2, "{out}\n{err}");
-    let d = latest(&f).await;
+    let d = f.coord.latest_deploy(PIPELINE).await;
     let a = &d.analyses[0];
     assert_eq!(
         (a.verdict(), a.extensions),
@@ -196,32 +157,8 @@ async fn too_little_traffic_is_inconclusive_and_the_policy_is_followed() {
         "min_requests = 100000\ninconclusive = \"INCONCLUSIVE_ACTION_PAUSE\"",
     ));
     let v3 = f.push("v3", &[]);
-    let id = f
-        .coord
-        .deployer()
-        .await
-        .start_deploy(StartDeployRequest {
-            pipeline: PIPELINE.into(),
-            artifact: v3,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
-    let held = wait_until(
-        "the deploy held for a human",
-        Duration::from_secs(30),
-        || async {
-            let d = get(&f, &id).await;
-            if d.phase() == DeployPhase::Paused {
-                Ok(d)
-            } else {
-                Err(format!("{:?}", d.phase()))
-            }
-        },
-    )
-    .await;
+    let id = f.coord.start_deploy(PIPELINE, &v3).await;
+    let held = f.coord.wait_phase(&id, DeployPhase::Paused).await;
     assert!(held.reason.contains("inconclusive"), "{}", held.reason);
     assert_eq!(held.analyses[0].verdict(), AnalysisVerdict::Inconclusive);
     let (code, _, err) = f
@@ -230,7 +167,7 @@ async fn too_little_traffic_is_inconclusive_and_the_policy_is_followed() {
     assert_eq!(code, 0, "{err}");
     let (code, out, err) = f.coord.droverctl(&["deploy", "watch", &id]);
     assert_eq!(code, 0, "{out}\n{err}");
-    let d = get(&f, &id).await;
+    let d = f.coord.get_deploy(&id).await;
     assert!(
         d.approvals
             .iter()
@@ -245,22 +182,10 @@ async fn too_little_traffic_is_inconclusive_and_the_policy_is_followed() {
 async fn promote_skips_the_rest_of_a_bake() {
     let f = fleet_on_v1("[{ count = 1, bake_ms = 600000 }]", "").await;
     let v2 = f.push("v2", &["--error-rate", "0.001"]);
-    let id = f
-        .coord
-        .deployer()
-        .await
-        .start_deploy(StartDeployRequest {
-            pipeline: PIPELINE.into(),
-            artifact: v2,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
+    let id = f.coord.start_deploy(PIPELINE, &v2).await;
     // Outside a canary step there is nothing to promote.
     wait_until("the canary running v2", Duration::from_secs(30), || async {
-        if starts(&f, "v2")[0] == 1 {
+        if f.starts("v2")[0] == 1 {
             Ok(())
         } else {
             Err("not yet".to_string())
@@ -273,7 +198,7 @@ async fn promote_skips_the_rest_of_a_bake() {
     assert_eq!(code, 0, "{err}");
     let (code, out, err) = f.coord.droverctl(&["deploy", "watch", &id]);
     assert_eq!(code, 0, "{out}\n{err}");
-    let d = get(&f, &id).await;
+    let d = f.coord.get_deploy(&id).await;
     let a = &d.analyses[0];
     assert_eq!(a.verdict(), AnalysisVerdict::Promoted, "{a:?}");
     assert!(a.baked_ms < 600_000);
@@ -290,32 +215,8 @@ async fn promote_skips_the_rest_of_a_bake() {
         "",
     ));
     let v3 = f.push("v3", &["--error-rate", "0.001"]);
-    let id = f
-        .coord
-        .deployer()
-        .await
-        .start_deploy(StartDeployRequest {
-            pipeline: PIPELINE.into(),
-            artifact: v3,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
-    let held = wait_until(
-        "the passed step held for promotion",
-        Duration::from_secs(30),
-        || async {
-            let d = get(&f, &id).await;
-            if d.phase() == DeployPhase::Paused {
-                Ok(d)
-            } else {
-                Err(format!("{:?}", d.phase()))
-            }
-        },
-    )
-    .await;
+    let id = f.coord.start_deploy(PIPELINE, &v3).await;
+    let held = f.coord.wait_phase(&id, DeployPhase::Paused).await;
     assert_eq!(held.analyses[0].verdict(), AnalysisVerdict::Pass);
     assert!(
         held.reason.contains("waiting for promote"),
@@ -343,7 +244,7 @@ async fn a_metric_of_the_services_own_page_judges_the_canary() {
     let bad = f.push("backlog", &["--queue-depth", "50"]);
     let (code, out, err) = f.deploy_through(PIPELINE, &bad);
     assert_eq!(code, 2, "a backlog fails: {out}\n{err}");
-    let a = &latest(&f).await.analyses[0];
+    let a = &f.coord.latest_deploy(PIPELINE).await.analyses[0];
     assert_eq!(a.verdict(), AnalysisVerdict::Fail, "{a:?}");
     let m = &a.metrics[0];
     assert_eq!(m.name, "sample_queue_depth");
@@ -356,21 +257,9 @@ async fn a_metric_of_the_services_own_page_judges_the_canary() {
 async fn a_rollback_during_a_long_bake_takes_effect_at_once() {
     let f = fleet_on_v1("[{ count = 1, bake_ms = 600000 }]", "").await;
     let v2 = f.push("v2", &["--error-rate", "0.001"]);
-    let id = f
-        .coord
-        .deployer()
-        .await
-        .start_deploy(StartDeployRequest {
-            pipeline: PIPELINE.into(),
-            artifact: v2,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
+    let id = f.coord.start_deploy(PIPELINE, &v2).await;
     wait_until("the canary running v2", Duration::from_secs(30), || async {
-        if starts(&f, "v2")[0] == 1 {
+        if f.starts("v2")[0] == 1 {
             Ok(())
         } else {
             Err("not yet".to_string())

@@ -276,19 +276,6 @@ async fn list(coord: &Coordinator) -> drover_common::proto::ListDeploysResponse 
         .into_inner()
 }
 
-async fn get(coord: &Coordinator, id: &str) -> drover_common::proto::Deploy {
-    coord
-        .deployer()
-        .await
-        .get_deploy(DeployRef {
-            id: id.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 #[tokio::test]
 async fn a_coordinator_killed_mid_rollout_and_mid_rollback_finishes_the_deploy_after_restart() {
     let mut f = fleet(4).await;
@@ -314,7 +301,7 @@ async fn a_coordinator_killed_mid_rollout_and_mid_rollback_finishes_the_deploy_a
 
     // Kill it in the middle of the rollout (batch 2 of 4 in flight).
     wait_until_ok("the second batch", Duration::from_secs(30), || async {
-        get(&f.coord, &id).await.batch >= 1
+        f.coord.get_deploy(&id).await.batch >= 1
     })
     .await;
     let addr = f.coord.addr;
@@ -347,7 +334,7 @@ async fn a_coordinator_killed_mid_rollout_and_mid_rollback_finishes_the_deploy_a
         .id;
     wait_until_ok("the rollback to begin", Duration::from_secs(30), || async {
         matches!(
-            get(&f.coord, &id).await.phase(),
+            f.coord.get_deploy(&id).await.phase(),
             DeployPhase::RollingBack | DeployPhase::RolledBack
         )
     })
@@ -391,7 +378,7 @@ async fn pause_resume_approve_abort_and_rollback_after_complete() {
     };
     let id = api.start_deploy(start(&v1)).await.unwrap().into_inner().id;
     assert_eq!(
-        get(&f.coord, &id).await.phase(),
+        f.coord.get_deploy(&id).await.phase(),
         DeployPhase::AwaitingApproval,
         "the stage waits for approval"
     );
@@ -419,10 +406,10 @@ async fn pause_resume_approve_abort_and_rollback_after_complete() {
     wait_until_ok(
         "the pause to take effect after the batch",
         Duration::from_secs(30),
-        || async { get(&f.coord, &id).await.phase() == DeployPhase::Paused },
+        || async { f.coord.get_deploy(&id).await.phase() == DeployPhase::Paused },
     )
     .await;
-    let paused = get(&f.coord, &id).await;
+    let paused = f.coord.get_deploy(&id).await;
     assert_eq!(paused.batch, 1, "paused between batches");
     assert!(
         paused.approvals[0].contains("alice approved stage prod"),
@@ -453,7 +440,7 @@ async fn pause_resume_approve_abort_and_rollback_after_complete() {
         .coord
         .droverctl(&["deploy", "abort", &id3, "--reason", "wrong build"]);
     assert_eq!((code, out.trim().ends_with("ABORTED")), (0, true), "{out}");
-    let aborted = get(&f.coord, &id3).await;
+    let aborted = f.coord.get_deploy(&id3).await;
     assert!(aborted.reason.contains("wrong build"), "{aborted:?}");
     assert_eq!(f.versions().await, ["v1", "v1"], "nothing changed");
     // The pipeline is free again.

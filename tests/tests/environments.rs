@@ -3,9 +3,8 @@
 //! their timeout, the ledger of what passed where (prod refuses what
 //! skipped staging unless forced), and region waves.
 
-use drover_common::proto::{DeployPhase, DeployRef, ListEnvironmentsRequest};
+use drover_common::proto::{DeployPhase, ListEnvironmentsRequest};
 use drover_tests::sample_fleet::SampleFleet;
-use drover_tests::sample_starts;
 
 const PIPELINE: &str = "hello";
 
@@ -46,13 +45,6 @@ async fn environments(f: &SampleFleet) -> Vec<(String, String, bool)> {
         .collect()
 }
 
-fn starts(f: &SampleFleet, version: &str) -> Vec<usize> {
-    f.ports
-        .iter()
-        .map(|(h, _)| sample_starts(&f.dir, h, version))
-        .collect()
-}
-
 /// `droverctl deploy start` (no wait): the deploy id.
 fn start(f: &SampleFleet, digest: &str, extra: &[&str]) -> (i32, String, String) {
     let mut args = vec![
@@ -67,21 +59,6 @@ fn start(f: &SampleFleet, digest: &str, extra: &[&str]) -> (i32, String, String)
     f.coord.droverctl(&args)
 }
 
-async fn phase(f: &SampleFleet, id: &str) -> (DeployPhase, String) {
-    let d = f
-        .coord
-        .deployer()
-        .await
-        .get_deploy(DeployRef {
-            id: id.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    (d.phase(), d.reason)
-}
-
 #[tokio::test]
 async fn approvals_wait_continue_and_time_out_and_prod_refuses_what_skipped_staging() {
     let f = SampleFleet::start(3, 30).await;
@@ -92,13 +69,8 @@ async fn approvals_wait_continue_and_time_out_and_prod_refuses_what_skipped_stag
     let (code, id, err) = start(&f, &v1, &[]);
     assert_eq!(code, 0, "{err}");
     let id = id.trim().to_string();
-    drover_tests::wait_until_ok(
-        "v1 waiting for prod's approval",
-        std::time::Duration::from_secs(30),
-        || async { phase(&f, &id).await.0 == DeployPhase::AwaitingApproval },
-    )
-    .await;
-    assert_eq!(starts(&f, "v1"), [1, 0, 0], "prod waits");
+    f.coord.wait_phase(&id, DeployPhase::AwaitingApproval).await;
+    assert_eq!(f.starts("v1"), [1, 0, 0], "prod waits");
     let (code, _, err) = f
         .coord
         .droverctl(&["deploy", "approve", &id, "--requester", "sre-kim"]);
@@ -118,7 +90,7 @@ async fn approvals_wait_continue_and_time_out_and_prod_refuses_what_skipped_stag
     let v2 = f.push("v2", &[]);
     let (code, out, err) = f.deploy_through(PIPELINE, &v2);
     assert_eq!(code, 1, "aborted by the timeout: {out}\n{err}");
-    let d = latest(&f).await;
+    let d = f.coord.latest_deploy(PIPELINE).await;
     assert_eq!(d.phase(), DeployPhase::Aborted);
     assert!(
         d.reason.contains("nobody approved stage prod within 2s"),
@@ -140,20 +112,11 @@ async fn approvals_wait_continue_and_time_out_and_prod_refuses_what_skipped_stag
     let (code, id, err) = start(&f, &v2, &["--from-stage", "prod"]);
     assert_eq!(code, 0, "{err}");
     let id = id.trim().to_string();
-    drover_tests::wait_until_ok(
-        "v2 waiting for prod's approval",
-        std::time::Duration::from_secs(30),
-        || async { phase(&f, &id).await.0 == DeployPhase::AwaitingApproval },
-    )
-    .await;
+    f.coord.wait_phase(&id, DeployPhase::AwaitingApproval).await;
     assert_eq!(f.coord.droverctl(&["deploy", "approve", &id]).0, 0);
     assert_eq!(f.coord.droverctl(&["deploy", "watch", &id]).0, 0);
     assert_eq!(f.versions().await, ["v2"; 3]);
-    assert_eq!(
-        starts(&f, "v2"),
-        [1, 1, 1],
-        "staging was not deployed again"
-    );
+    assert_eq!(f.starts("v2"), [1, 1, 1], "staging was not deployed again");
 
     // v3 never went to staging: prod refuses it, and nothing runs it.
     let v3 = f.push("v3", &[]);
@@ -163,7 +126,7 @@ async fn approvals_wait_continue_and_time_out_and_prod_refuses_what_skipped_stag
         err.contains("FailedPrecondition") && err.contains("has not passed staging"),
         "{err}"
     );
-    assert_eq!(starts(&f, "v3"), [0, 0, 0]);
+    assert_eq!(f.starts("v3"), [0, 0, 0]);
     // Unless forced, which is recorded.
     let (code, id, err) = start(
         &f,
@@ -172,12 +135,7 @@ async fn approvals_wait_continue_and_time_out_and_prod_refuses_what_skipped_stag
     );
     assert_eq!(code, 0, "{err}");
     let id = id.trim().to_string();
-    drover_tests::wait_until_ok(
-        "v3 waiting for prod's approval",
-        std::time::Duration::from_secs(30),
-        || async { phase(&f, &id).await.0 == DeployPhase::AwaitingApproval },
-    )
-    .await;
+    f.coord.wait_phase(&id, DeployPhase::AwaitingApproval).await;
     assert_eq!(f.coord.droverctl(&["deploy", "approve", &id]).0, 0);
     assert_eq!(f.coord.droverctl(&["deploy", "watch", &id]).0, 0);
     let (_, status, _) = f.coord.droverctl(&["deploy", "status", &id]);
@@ -193,22 +151,6 @@ async fn approvals_wait_continue_and_time_out_and_prod_refuses_what_skipped_stag
         ]
     );
     assert_eq!(f.versions().await, ["v2", "v3", "v3"]);
-}
-
-async fn latest(f: &SampleFleet) -> drover_common::proto::Deploy {
-    f.coord
-        .deployer()
-        .await
-        .list_deploys(drover_common::proto::ListDeploysRequest {
-            pipeline: PIPELINE.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .deploys
-        .into_iter()
-        .next()
-        .expect("a deploy")
 }
 
 const WAVES: &str = r#"
@@ -255,7 +197,7 @@ async fn waves_run_in_order_and_a_failure_in_the_second_rolls_back_the_first() {
     let v1 = f.push("v1", &[]);
     let (code, out, err) = f.deploy_through(PIPELINE, &v1);
     assert_eq!(code, 0, "{out}\n{err}");
-    let d = latest(&f).await;
+    let d = f.coord.latest_deploy(PIPELINE).await;
     let waves: Vec<Vec<String>> = d
         .batches
         .iter()
@@ -270,14 +212,14 @@ async fn waves_run_in_order_and_a_failure_in_the_second_rolls_back_the_first() {
     let v2 = f.push("v2", &["--error-rate", "${BAD}"]);
     let (code, out, err) = f.deploy_through(PIPELINE, &v2);
     assert_eq!(code, 2, "rolled back: {out}\n{err}");
-    let d = latest(&f).await;
+    let d = f.coord.latest_deploy(PIPELINE).await;
     assert_eq!(d.batches[0].verdict, "passed", "eu passed first");
     assert!(
         d.batches[1].verdict.contains("error rate"),
         "{:?}",
         d.batches[1]
     );
-    assert_eq!(starts(&f, "v2"), [1, 1, 1, 1]);
+    assert_eq!(f.starts("v2"), [1, 1, 1, 1]);
     assert_eq!(
         f.versions().await,
         ["v1"; 4],

@@ -79,101 +79,68 @@ impl Deployments {
                 info!(deploy = %s.id, phase = ?rec.machine.phase, "canary bake overtaken by a control");
                 return Ok(Event::BatchPassed);
             }
-            if rec.promoted.contains(&key) {
+            let (verdict, reason, metrics, event) = if rec.promoted.contains(&key) {
+                let j = analysis::judge(&analysis, &window, true);
                 let reason = format!(
                     "promoted by hand after {:.1}s",
                     started.elapsed().as_secs_f64()
                 );
-                let j = analysis::judge(&analysis, &window, true);
-                self.record_analysis(
-                    &s,
+                (
                     AnalysisVerdict::Promoted,
                     reason,
                     j.metrics,
-                    started,
-                    extensions,
+                    Event::BatchPassed,
                 )
-                .await?;
-                return Ok(Event::BatchPassed);
-            }
-            self.observe(&s, &mut window, &mut seen, &restarts_at_start);
-            let open = Instant::now() < deadline;
-            let j = analysis::judge(&analysis, &window, open);
-            match j.verdict {
-                AnalysisVerdict::Fail => {
-                    let reason = format!("canary analysis failed: {}", j.reason);
-                    self.record_analysis(
-                        &s,
-                        AnalysisVerdict::Fail,
-                        j.reason,
-                        j.metrics,
-                        started,
-                        extensions,
-                    )
-                    .await?;
-                    return Ok(Event::BatchFailed(reason));
-                }
-                _ if open => continue,
-                AnalysisVerdict::Pass => {
-                    self.record_analysis(
-                        &s,
-                        AnalysisVerdict::Pass,
-                        j.reason,
-                        j.metrics,
-                        started,
-                        extensions,
-                    )
-                    .await?;
-                    if manual {
-                        return Ok(Event::Hold(format!(
-                            "canary step {} passed its analysis; waiting for promote (manual promotion)",
-                            s.step
-                        )));
+            } else {
+                self.observe(&s, &mut window, &mut seen, &restarts_at_start);
+                let open = Instant::now() < deadline;
+                let j = analysis::judge(&analysis, &window, open);
+                match (j.verdict, open) {
+                    (AnalysisVerdict::Fail, _) => {
+                        let event =
+                            Event::BatchFailed(format!("canary analysis failed: {}", j.reason));
+                        (AnalysisVerdict::Fail, j.reason, j.metrics, event)
                     }
-                    return Ok(Event::BatchPassed);
+                    (_, true) => continue,
+                    (AnalysisVerdict::Pass, false) => {
+                        let event = if manual {
+                            Event::Hold(format!(
+                                "canary step {} passed its analysis; waiting for promote (manual promotion)",
+                                s.step
+                            ))
+                        } else {
+                            Event::BatchPassed
+                        };
+                        (AnalysisVerdict::Pass, j.reason, j.metrics, event)
+                    }
+                    // Inconclusive at the end of the window: the policy decides.
+                    (_, false) => match analysis.inconclusive() {
+                        InconclusiveAction::Extend if extensions < analysis.max_extensions => {
+                            extensions += 1;
+                            deadline += bake;
+                            info!(deploy = %s.id, stage = s.stage, step = s.step, extensions, reason = %j.reason, "canary inconclusive: extending the bake");
+                            continue;
+                        }
+                        InconclusiveAction::Pause => {
+                            let event = Event::Hold(format!(
+                                "canary analysis inconclusive, waiting for a human (resume to judge again, promote to pass): {}",
+                                j.reason
+                            ));
+                            (AnalysisVerdict::Inconclusive, j.reason, j.metrics, event)
+                        }
+                        _ => {
+                            let event = Event::BatchFailed(format!(
+                                "canary analysis inconclusive after {extensions} extensions: {}",
+                                j.reason
+                            ));
+                            (AnalysisVerdict::Inconclusive, j.reason, j.metrics, event)
+                        }
+                    },
                 }
-                _ => {}
-            }
-            // Inconclusive at the end of the window: the policy decides.
-            match analysis.inconclusive() {
-                InconclusiveAction::Extend if extensions < analysis.max_extensions => {
-                    extensions += 1;
-                    deadline += bake;
-                    info!(deploy = %s.id, stage = s.stage, step = s.step, extensions, reason = %j.reason, "canary inconclusive: extending the bake");
-                }
-                InconclusiveAction::Pause => {
-                    let reason = format!(
-                        "canary analysis inconclusive, waiting for a human (resume to judge again, promote to pass): {}",
-                        j.reason
-                    );
-                    self.record_analysis(
-                        &s,
-                        AnalysisVerdict::Inconclusive,
-                        j.reason,
-                        j.metrics,
-                        started,
-                        extensions,
-                    )
-                    .await?;
-                    return Ok(Event::Hold(reason));
-                }
-                _ => {
-                    let reason = format!(
-                        "canary analysis inconclusive after {extensions} extensions: {}",
-                        j.reason
-                    );
-                    self.record_analysis(
-                        &s,
-                        AnalysisVerdict::Inconclusive,
-                        j.reason,
-                        j.metrics,
-                        started,
-                        extensions,
-                    )
-                    .await?;
-                    return Ok(Event::BatchFailed(reason));
-                }
-            }
+            };
+            self.record_analysis(&s, verdict, reason, metrics, started, extensions)
+                .await?;
+            return Ok(event);
         }
     }
 
