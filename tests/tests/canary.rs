@@ -178,12 +178,10 @@ async fn too_little_traffic_is_inconclusive_and_the_policy_is_followed() {
     assert_eq!(f.versions().await, ["v3"; 5]);
 }
 
-#[tokio::test]
-async fn promote_skips_the_rest_of_a_bake() {
-    let f = fleet_on_v1("[{ count = 1, bake_ms = 600000 }]", "").await;
+/// Starts a deploy of a healthy v2 and waits until its canary runs it.
+async fn canary_of_v2_running(f: &SampleFleet) -> String {
     let v2 = f.push("v2", &["--error-rate", "0.001"]);
     let id = f.coord.start_deploy(PIPELINE, &v2).await;
-    // Outside a canary step there is nothing to promote.
     wait_until("the canary running v2", Duration::from_secs(30), || async {
         if f.starts("v2")[0] == 1 {
             Ok(())
@@ -192,6 +190,13 @@ async fn promote_skips_the_rest_of_a_bake() {
         }
     })
     .await;
+    id
+}
+
+#[tokio::test]
+async fn promote_skips_the_rest_of_a_bake() {
+    let f = fleet_on_v1("[{ count = 1, bake_ms = 600000 }]", "").await;
+    let id = canary_of_v2_running(&f).await;
     let (code, _, err) = f
         .coord
         .droverctl(&["deploy", "promote", &id, "--requester", "sre-bo"]);
@@ -256,16 +261,7 @@ async fn a_metric_of_the_services_own_page_judges_the_canary() {
 #[tokio::test]
 async fn a_rollback_during_a_long_bake_takes_effect_at_once() {
     let f = fleet_on_v1("[{ count = 1, bake_ms = 600000 }]", "").await;
-    let v2 = f.push("v2", &["--error-rate", "0.001"]);
-    let id = f.coord.start_deploy(PIPELINE, &v2).await;
-    wait_until("the canary running v2", Duration::from_secs(30), || async {
-        if f.starts("v2")[0] == 1 {
-            Ok(())
-        } else {
-            Err("not yet".to_string())
-        }
-    })
-    .await;
+    let id = canary_of_v2_running(&f).await;
     let asked = std::time::Instant::now();
     let (code, _, err) = f
         .coord
