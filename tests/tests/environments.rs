@@ -151,6 +151,20 @@ async fn approvals_wait_continue_and_time_out_and_prod_refuses_what_skipped_stag
         ]
     );
     assert_eq!(f.versions().await, ["v2", "v3", "v3"]);
+
+    // A bad version caught in staging: staging returns to what it ran (v2),
+    // not to the pipeline's last complete release (v3).
+    let bad = f.push("bad", &["--error-rate", "0.5"]);
+    let (code, out, err) = f.deploy_through(PIPELINE, &bad);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert_eq!(f.versions().await, ["v2", "v3", "v3"]);
+    assert_eq!(
+        environments(&f).await,
+        [
+            ("staging".into(), v2.clone(), false),
+            ("prod".into(), v3.clone(), true)
+        ]
+    );
 }
 
 const WAVES: &str = r#"

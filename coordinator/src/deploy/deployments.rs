@@ -550,6 +550,18 @@ impl Deployments {
         // A first deploy has no baseline to judge a canary against (and no
         // release to roll back to): its stages roll in batches.
         let first = self.first_stage(&pipeline, &req, &digest).await?;
+        // What each environment runs now: where its hosts return on rollback.
+        let mut rollback_targets = Vec::new();
+        for stage in &pipeline.stages {
+            let running = self
+                .store
+                .get(&self.environment_key(&pipeline.name, &stage.name))
+                .await?
+                .and_then(|kv| Environment::decode(kv.value.as_slice()).ok())
+                .map(|e| e.artifact)
+                .unwrap_or_default();
+            rollback_targets.push(running);
+        }
         let mut taken = std::collections::HashSet::new();
         let mut plan = Vec::new();
         let mut canary_bakes = Vec::new();
@@ -623,6 +635,7 @@ impl Deployments {
             forced_past: first.forced_past.clone(),
             passed_stages: Vec::new(),
             environments_reverted: false,
+            rollback_targets,
         };
         if !first.forced_past.is_empty() {
             rec.approvals.push(format!(
@@ -752,7 +765,12 @@ impl Deployments {
                     .get(i)
                     .is_some_and(|s| s.iter().flatten().any(|h| rec.touched.contains(h)));
                 if touched {
-                    let env = environment(&stage.name, &rec.known_good, false);
+                    let target = rec
+                        .rollback_targets
+                        .get(i)
+                        .filter(|t| !t.is_empty() && **t != rec.artifact)
+                        .unwrap_or(&rec.known_good);
+                    let env = environment(&stage.name, target, false);
                     ops.push(Op::put(
                         self.environment_key(&rec.pipeline, &stage.name),
                         env.encode_to_vec(),
@@ -1407,8 +1425,11 @@ impl Deployments {
                 .await
                 .expect("semaphore is never closed");
             let this = self.clone();
-            let (id, service, target) =
-                (id.to_string(), rec.service.clone(), rec.known_good.clone());
+            let (id, service, target) = (
+                id.to_string(),
+                rec.service.clone(),
+                rec.rollback_target(&host).to_string(),
+            );
             tasks.spawn(async move {
                 let _permit = permit;
                 let action = command::Action::Rollback(RollbackCommand {

@@ -74,6 +74,11 @@ pub struct DeployRecord {
     /// The environments were pointed back to the known good (rolled back).
     #[serde(default)]
     pub environments_reverted: bool,
+    /// Per stage, the release its hosts return to on rollback: what ran in
+    /// that environment when the deploy started (empty: the pipeline's
+    /// known good).
+    #[serde(default)]
+    pub rollback_targets: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -152,6 +157,19 @@ impl DeployRecord {
     pub fn wave(&self, stage: usize, batch: usize) -> Option<&WaveEntry> {
         let first = self.canary_bakes.get(stage).map_or(0, Vec::len);
         self.waves.get(stage)?.get(batch.checked_sub(first)?)
+    }
+
+    /// The release `host` returns to on rollback: its stage's environment
+    /// as it was at the start, else the pipeline's known good.
+    pub fn rollback_target(&self, host: &str) -> &str {
+        let stage = self
+            .plan
+            .iter()
+            .position(|s| s.iter().flatten().any(|h| h == host));
+        stage
+            .and_then(|s| self.rollback_targets.get(s))
+            .filter(|t| !t.is_empty() && **t != self.artifact)
+            .map_or(self.known_good.as_str(), String::as_str)
     }
 
     /// Whether entry `batch` of stage `stage`'s plan is a canary step.
