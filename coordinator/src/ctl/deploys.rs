@@ -242,6 +242,13 @@ pub async fn status(
     Ok(())
 }
 
+/// "pass", "fail", "inconclusive", "promoted".
+fn verdict_name(v: drover_common::proto::AnalysisVerdict) -> String {
+    v.as_str_name()
+        .trim_start_matches("ANALYSIS_VERDICT_")
+        .to_lowercase()
+}
+
 /// A canary step's verdict and the evidence per metric.
 fn write_analysis(
     out: &mut impl Write,
@@ -252,10 +259,7 @@ fn write_analysis(
         "canary stage {} step {}: {} after {:.1}s{} ({} canary, {} baseline hosts): {}",
         a.stage,
         a.step,
-        a.verdict()
-            .as_str_name()
-            .trim_start_matches("ANALYSIS_VERDICT_")
-            .to_lowercase(),
+        verdict_name(a.verdict()),
         a.baked_ms as f64 / 1000.0,
         if a.extensions > 0 {
             format!(", {} extensions", a.extensions)
@@ -273,10 +277,7 @@ fn write_analysis(
     for m in &a.metrics {
         table.add_row([
             format!("  {}", m.name),
-            m.verdict()
-                .as_str_name()
-                .trim_start_matches("ANALYSIS_VERDICT_")
-                .to_lowercase(),
+            verdict_name(m.verdict()),
             format!("{:.4}", m.canary_value),
             format!("{:.4}", m.baseline_value),
             format!("{}/{}", m.canary_samples, m.baseline_samples),

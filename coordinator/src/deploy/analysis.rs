@@ -122,87 +122,81 @@ fn p_worse(canary: &[f64], baseline: &[f64], higher_is_worse: bool) -> f64 {
 }
 
 fn judge_metric(check: &MetricCheck, a: &Analysis, w: &Window, interim: bool) -> MetricVerdict {
-    let higher_is_worse = check.direction() != MetricDirection::LowerIsWorse;
+    let min_requests = u64::from(a.min_requests.max(1));
+    let canary = samples(&check.name, &w.canary, min_requests);
+    let baseline = samples(&check.name, &w.baseline, min_requests);
     let mut out = MetricVerdict {
         name: check.name.clone(),
         p_value: 1.0,
+        canary_samples: canary.0.len() as u32,
+        baseline_samples: baseline.0.len() as u32,
+        canary_value: canary.1,
+        baseline_value: baseline.1,
+        canary_median: median(&canary.0),
+        baseline_median: median(&baseline.0),
         ..Default::default()
     };
-    let min_requests = u64::from(a.min_requests.max(1));
-    let (c, cv) = samples(&check.name, &w.canary, min_requests);
-    let (b, bv) = samples(&check.name, &w.baseline, min_requests);
-    out.canary_samples = c.len() as u32;
-    out.baseline_samples = b.len() as u32;
-    out.canary_value = cv;
-    out.baseline_value = bv;
-    out.canary_median = median(&c);
-    out.baseline_median = median(&b);
+    let (verdict, reason) = decide(check, a, interim, &canary, &baseline, &mut out.p_value);
+    out.verdict = verdict as i32;
+    out.reason = reason;
+    out
+}
+
+/// The verdict on one metric from its samples and values, checks in order:
+/// minimum samples, absolute limit, ratio to the baseline, the test with
+/// its tolerance. `p_value` is set when the test runs.
+fn decide(
+    check: &MetricCheck,
+    a: &Analysis,
+    interim: bool,
+    (c, cv): &(Vec<f64>, f64),
+    (b, bv): &(Vec<f64>, f64),
+    p_value: &mut f64,
+) -> (AnalysisVerdict, String) {
+    use AnalysisVerdict::{Fail, Inconclusive, Pass};
+    let (cv, bv) = (*cv, *bv);
+    let name = &check.name;
+    let higher_is_worse = check.direction() != MetricDirection::LowerIsWorse;
     let min = a.min_samples.max(1) as usize;
-    let worse = |x: f64, limit: f64| {
-        if higher_is_worse {
-            x > limit
-        } else {
-            x < limit
-        }
-    };
-    let verdict = |out: &mut MetricVerdict, v: AnalysisVerdict, reason: String| {
-        out.verdict = v as i32;
-        out.reason = reason;
-    };
     if c.len() < min {
-        verdict(
-            &mut out,
-            AnalysisVerdict::Inconclusive,
+        return (
+            Inconclusive,
             format!("{} canary samples, {min} needed", c.len()),
         );
-        return out;
     }
-    if check.max > 0.0 && worse(cv, check.max) {
-        verdict(
-            &mut out,
-            AnalysisVerdict::Fail,
-            format!(
-                "{} {} is past the limit {}",
-                check.name,
-                show(&check.name, cv),
-                show(&check.name, check.max)
-            ),
-        );
-        return out;
+    let past_limit = if higher_is_worse {
+        cv > check.max
+    } else {
+        cv < check.max
+    };
+    if check.max > 0.0 && past_limit {
+        let (v, limit) = (show(name, cv), show(name, check.max));
+        return (Fail, format!("{name} {v} is past the limit {limit}"));
     }
     if b.len() < min {
-        verdict(
-            &mut out,
-            AnalysisVerdict::Inconclusive,
+        return (
+            Inconclusive,
             format!("{} baseline samples, {min} needed", b.len()),
         );
-        return out;
     }
-    let floor = floor_of(&check.name);
-    let base = bv.abs().max(floor);
-    if check.max_ratio > 0.0 {
-        let past = if higher_is_worse {
-            cv > base * check.max_ratio
-        } else {
-            cv * check.max_ratio < bv
-        };
-        if past {
-            verdict(
-                &mut out,
-                AnalysisVerdict::Fail,
-                format!(
-                    "{} {} against the baseline's {}: past {}x",
-                    check.name,
-                    show(&check.name, cv),
-                    show(&check.name, bv),
-                    check.max_ratio
-                ),
-            );
-            return out;
-        }
+    let base = bv.abs().max(floor_of(name));
+    let (c_shown, b_shown) = (show(name, cv), show(name, bv));
+    let past_ratio = if higher_is_worse {
+        cv > base * check.max_ratio
+    } else {
+        cv * check.max_ratio < bv
+    };
+    if check.max_ratio > 0.0 && past_ratio {
+        return (
+            Fail,
+            format!(
+                "{name} {c_shown} against the baseline's {b_shown}: past {}x",
+                check.max_ratio
+            ),
+        );
     }
-    out.p_value = p_worse(&c, &b, higher_is_worse);
-    let p = out.p_value;
+    let p = p_worse(c, b, higher_is_worse);
+    *p_value = p;
     let effect = if higher_is_worse {
         (cv - bv) / base
     } else {
@@ -210,33 +204,19 @@ fn judge_metric(check: &MetricCheck, a: &Analysis, w: &Window, interim: bool) ->
     };
     let alpha = if interim { a.alpha / 10.0 } else { a.alpha };
     if p < alpha && effect > check.tolerance {
-        verdict(
-            &mut out,
-            AnalysisVerdict::Fail,
+        return (
+            Fail,
             format!(
-                "{} {} against the baseline's {} ({:+.0}%, tolerance {:.0}%), Mann-Whitney p={:.2e} < {alpha}",
-                check.name,
-                show(&check.name, cv),
-                show(&check.name, bv),
+                "{name} {c_shown} against the baseline's {b_shown} ({:+.0}%, tolerance {:.0}%), Mann-Whitney p={p:.2e} < {alpha}",
                 effect * 100.0,
                 check.tolerance * 100.0,
-                p
             ),
         );
-        return out;
     }
-    verdict(
-        &mut out,
-        AnalysisVerdict::Pass,
-        format!(
-            "{} {} against the baseline's {} (p={:.2})",
-            check.name,
-            show(&check.name, cv),
-            show(&check.name, bv),
-            p
-        ),
-    );
-    out
+    (
+        Pass,
+        format!("{name} {c_shown} against the baseline's {b_shown} (p={p:.2})"),
+    )
 }
 
 /// Short human form of a value of `metric`.
