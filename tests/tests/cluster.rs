@@ -441,3 +441,31 @@ async fn no_commands_while_etcd_is_down_and_the_deploy_completes_after() {
         d.batches
     );
 }
+
+/// With other coordinators live, an upload is acknowledged only once a
+/// second coordinator holds it: the one that took it can die right after.
+#[tokio::test]
+async fn an_acknowledged_upload_survives_the_loss_of_the_coordinator_that_took_it() {
+    let mut f = fleet(3, 2, 300).await;
+    let v1 = f.push(f.cluster.get(0), "v1", &[]);
+    let holders: Vec<&str> = ["c2", "c3"]
+        .into_iter()
+        .filter(|c| {
+            f.dir
+                .path()
+                .join(format!("{c}/artifacts/blobs/{v1}"))
+                .exists()
+        })
+        .collect();
+    assert!(
+        !holders.is_empty(),
+        "a peer holds the blob when the push returns"
+    );
+    f.cluster.kill(0);
+    // Should c1 have led the pipeline's shard, a standby takes it first.
+    f.cluster.wait_leader(f.shard(), Some("c1")).await;
+    let id = f.start_deploy(f.cluster.get(1), &v1).await;
+    let d = f.cluster.wait_finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(d.phase(), DeployPhase::Complete, "{d:?}");
+    assert_eq!(f.versions().await, ["v1"; 2]);
+}

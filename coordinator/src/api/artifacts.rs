@@ -3,6 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use drover_common::artifact::{Digest, read_manifest};
 use drover_common::proto::artifacts_server::Artifacts;
@@ -35,6 +36,39 @@ pub struct ArtifactsService {
 }
 
 impl ArtifactsService {
+    /// With other coordinators live, an upload is acknowledged only once
+    /// two of them hold it (this one and a peer), so losing one loses no
+    /// acknowledged artifact. Alone, this coordinator's fsynced copy is it.
+    async fn second_copy(&self, digest: &Digest, size: u64) -> Result<(), Status> {
+        let peers = self.leases.peer_addresses();
+        if peers.is_empty() {
+            return Ok(());
+        }
+        // Generous: a copy over the network at 20 MB/s, plus a minute.
+        let limit = Duration::from_secs(60) + Duration::from_secs(size / 20_000_000);
+        let here = tokio::fs::try_exists(self.store.blob_path(digest))
+            .await
+            .unwrap_or(false);
+        let placed = if here {
+            tokio::time::timeout(limit, self.replicator.place_on_peer(digest, size, &peers))
+                .await
+                .map_err(|_| std::io::Error::other(format!("no copy within {limit:?}")))
+                .and_then(|r| r)
+                .map(|_| ())
+        } else {
+            // Deduplicated here but held elsewhere: copying it makes two.
+            tokio::time::timeout(limit, self.replicator.ensure(&self.store, digest, &peers))
+                .await
+                .map_err(|_| std::io::Error::other(format!("no copy within {limit:?}")))
+                .and_then(|r| r)
+        };
+        placed.map_err(|e| {
+            Status::unavailable(format!(
+                "artifact {digest} is stored, but no second coordinator holds a copy yet ({e}); retry the push (it is idempotent)"
+            ))
+        })
+    }
+
     /// Copies `digest` from a peer when its metadata exists (it was
     /// uploaded to another coordinator) but its blob is not here. Requests
     /// from peers are not passed on, so a blob nobody has ends at once.
@@ -134,6 +168,7 @@ impl Artifacts for ArtifactsService {
         {
             info!(%digest, service = %existing.service, "upload deduplicated: artifact already stored");
             existing.deduplicated = true;
+            self.second_copy(&digest, existing.size_bytes).await?;
             return Ok(Response::new(existing));
         }
 
@@ -215,6 +250,7 @@ impl Artifacts for ArtifactsService {
             .commit(pending, &digest, &info)
             .await
             .map_err(|e| io_status("storing the upload", e))?;
+        self.second_copy(&digest, size).await?;
         self.metrics.artifact_uploads.inc();
         info!(%digest, service = %info.service, version = %info.version, size, "artifact stored");
         Ok(Response::new(info))

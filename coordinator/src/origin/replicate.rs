@@ -99,6 +99,51 @@ impl Replicator {
     }
 }
 
+impl Replicator {
+    /// Makes sure one of `peers` holds a verified copy of `digest` (`size`
+    /// bytes) too, so an acknowledged upload survives the loss of this
+    /// coordinator: a Fetch from the blob's end asks a peer to copy it
+    /// (read-through) without sending the bytes back.
+    pub async fn place_on_peer(
+        &self,
+        digest: &Digest,
+        size: u64,
+        peers: &[String],
+    ) -> io::Result<String> {
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "no peer coordinator is live");
+        for peer in peers {
+            let attempt = async {
+                let channel = drover_common::grpc::connect(peer)
+                    .await
+                    .map_err(|e| io::Error::other(format!("connecting: {e}")))?;
+                let mut stream = ArtifactsClient::new(channel)
+                    .fetch(FetchRequest {
+                        sha256: digest.hex(),
+                        offset: size,
+                    })
+                    .await
+                    .map_err(|s| io::Error::other(s.message().to_string()))?
+                    .into_inner();
+                while stream
+                    .message()
+                    .await
+                    .map_err(|s| io::Error::other(s.message().to_string()))?
+                    .is_some()
+                {}
+                Ok::<(), io::Error>(())
+            };
+            match attempt.await {
+                Ok(()) => return Ok(peer.clone()),
+                Err(e) => {
+                    warn!(%digest, %peer, error = %e, "this peer could not take a copy");
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+}
+
 /// How often the full sweep runs besides the watch.
 const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
