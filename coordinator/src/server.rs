@@ -162,6 +162,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         deployments: deployments.clone(),
         origin_addr,
         forward: Forwarder::new(leases.clone(), metrics.clone()),
+        leases: leases.clone(),
     };
     // Every artifact uploaded to another coordinator is copied here too.
     let replicator = Arc::new(Replicator::default());

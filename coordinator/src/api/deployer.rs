@@ -37,6 +37,9 @@ pub struct DeployerService {
     pub deployments: Arc<Deployments>,
     /// Writes for a shard another coordinator leads go to that leader.
     pub forward: Forwarder,
+    /// Shard leadership and membership (epochs for hand-sent commands,
+    /// ListCoordinators).
+    pub leases: Arc<crate::ha::leases::ShardLeases>,
 }
 
 impl DeployerService {
@@ -112,7 +115,7 @@ impl Deployer for DeployerService {
         // A command sent by hand without an epoch carries its shard's
         // current leader epoch, so agents that know that leader accept it.
         if cmd.epoch == 0
-            && let Some(epoch) = self.forward.current_epoch(cmd.shard).await
+            && let Some(epoch) = self.leases.current_epoch(cmd.shard).await
         {
             cmd.epoch = epoch;
         }
@@ -394,7 +397,7 @@ impl Deployer for DeployerService {
         _: Request<ListCoordinatorsRequest>,
     ) -> Result<Response<ListCoordinatorsResponse>, Status> {
         let (members, leaderless) = self
-            .forward
+            .leases
             .overview()
             .await
             .map_err(|e| ApiError::from(crate::deploy::deployments::DeployError::from(e)))?;
@@ -408,7 +411,7 @@ impl Deployer for DeployerService {
                     shards,
                 })
                 .collect(),
-            shard_count: self.forward.shard_count(),
+            shard_count: self.leases.shards,
             leaderless_shards: leaderless,
         }))
     }

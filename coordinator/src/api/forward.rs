@@ -87,28 +87,6 @@ impl Forwarder {
         Ok(Route::Leader(DeployerClient::new(channel)))
     }
 
-    /// The epoch of `shard`'s current leader (None: nobody leads it).
-    pub async fn current_epoch(&self, shard: u32) -> Option<u64> {
-        self.leases.current_epoch(shard).await
-    }
-
-    /// The live coordinators, the shards each leads, the leaderless ones.
-    pub async fn overview(
-        &self,
-    ) -> crate::store::Result<(
-        Vec<(
-            crate::ha::members::Member,
-            Vec<drover_common::proto::ShardEpoch>,
-        )>,
-        Vec<u32>,
-    )> {
-        self.leases.overview().await
-    }
-
-    pub fn shard_count(&self) -> u32 {
-        self.leases.shards
-    }
-
     /// The request as forwarded: the same message, marked.
     pub fn forwarded<T>(&self, request: Request<T>) -> Request<T> {
         let mut out = Request::new(request.into_inner());

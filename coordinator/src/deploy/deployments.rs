@@ -765,12 +765,7 @@ impl Deployments {
                     .get(i)
                     .is_some_and(|s| s.iter().flatten().any(|h| rec.touched.contains(h)));
                 if touched {
-                    let target = rec
-                        .rollback_targets
-                        .get(i)
-                        .filter(|t| !t.is_empty() && **t != rec.artifact)
-                        .unwrap_or(&rec.known_good);
-                    let env = environment(&stage.name, target, false);
+                    let env = environment(&stage.name, rec.stage_rollback_target(i), false);
                     ops.push(Op::put(
                         self.environment_key(&rec.pipeline, &stage.name),
                         env.encode_to_vec(),

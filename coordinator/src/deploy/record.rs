@@ -159,17 +159,22 @@ impl DeployRecord {
         self.waves.get(stage)?.get(batch.checked_sub(first)?)
     }
 
-    /// The release `host` returns to on rollback: its stage's environment
+    /// The release stage `stage` returns to on rollback: its environment
     /// as it was at the start, else the pipeline's known good.
+    pub fn stage_rollback_target(&self, stage: usize) -> &str {
+        self.rollback_targets
+            .get(stage)
+            .filter(|t| !t.is_empty() && **t != self.artifact)
+            .map_or(self.known_good.as_str(), String::as_str)
+    }
+
+    /// The release `host` returns to on rollback (that of its stage).
     pub fn rollback_target(&self, host: &str) -> &str {
         let stage = self
             .plan
             .iter()
             .position(|s| s.iter().flatten().any(|h| h == host));
-        stage
-            .and_then(|s| self.rollback_targets.get(s))
-            .filter(|t| !t.is_empty() && **t != self.artifact)
-            .map_or(self.known_good.as_str(), String::as_str)
+        stage.map_or(self.known_good.as_str(), |s| self.stage_rollback_target(s))
     }
 
     /// Whether entry `batch` of stage `stage`'s plan is a canary step.
