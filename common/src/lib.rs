@@ -10,6 +10,7 @@
 //! - [`limits`]: process limits (open files).
 //! - [`logging`]: the tracing subscriber of every binary.
 //! - [`time`]: wall-clock helpers for the unix-epoch fields of the protocol.
+//! - [`tls`]: mutual TLS: identities, certificate checks, listener, dialer.
 
 pub mod artifact;
 pub mod codec;
@@ -20,6 +21,7 @@ pub mod labels;
 pub mod limits;
 pub mod logging;
 pub mod time;
+pub mod tls;
 
 /// Generated code for the `drover.v1` protobuf package.
 pub mod proto {
