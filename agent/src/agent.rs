@@ -23,6 +23,28 @@ use crate::runtime::process::ProcessRuntime;
 use crate::runtime::systemd::SystemdRuntime;
 use crate::state::Journal;
 
+/// SIGHUP: new certificate files for the connections made afterwards;
+/// streams already open keep working.
+async fn reload_on_sighup(tls: Arc<drover_common::tls::ClientTls>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        warn!("cannot listen for SIGHUP; certificate reloads need a restart");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            got = hup.recv() => if got.is_none() { return },
+        }
+        let _ = drover_common::grpc::notify_systemd("RELOADING=1");
+        match tls.reload() {
+            Ok(()) => info!("SIGHUP: certificates reloaded"),
+            Err(e) => warn!(error = %e, "SIGHUP: certificate reload failed; the previous ones stay in force"),
+        }
+        let _ = drover_common::grpc::notify_systemd("READY=1");
+    }
+}
+
 /// How long shutdown waits for every connection to say Goodbye.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(3);
 
@@ -36,6 +58,23 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
             unit_dir: cfg.systemd_unit_dir.clone(),
         }),
     };
+    let dialer = match &cfg.tls {
+        None => drover_common::tls::client::Dialer::plaintext(),
+        Some(files) => {
+            let tls = drover_common::tls::ClientTls::client(files.clone())?;
+            let own = files.own_identity()?;
+            anyhow::ensure!(
+                own.id.kind == drover_common::tls::identity::Kind::Agent
+                    && own.id.name == cfg.host_id,
+                "{} names {}, but this agent is host {:?}",
+                files.cert.display(),
+                own.id,
+                cfg.host_id
+            );
+            tokio::spawn(reload_on_sighup(tls.clone(), shutdown.clone()));
+            drover_common::tls::client::Dialer::tls(tls)
+        }
+    };
     let board = Arc::new(HealthBoard::new(runtime.clone(), cfg.heartbeat_interval));
     let executor = Executor::new(
         ExecutorConfig {
@@ -46,6 +85,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
             keep_releases: cfg.keep_releases,
             limits: cfg.limits.clone(),
             kill_leftovers: cfg.runtime == RuntimeKind::Process,
+            dialer: dialer.clone(),
         },
         journal,
         runtime.clone(),
@@ -109,6 +149,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
                 fence: fence.clone(),
                 report: report.clone(),
                 directory: Some(directory.clone()),
+                dialer: dialer.clone(),
             }
             .run(),
         );

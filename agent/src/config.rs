@@ -63,6 +63,15 @@ pub struct Args {
     pub max_entries: u64,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// This host's certificate (`droverctl ca issue agent HOST`); with
+    /// --tls-key and --tls-ca every connection is mutual TLS, and only
+    /// coordinator certificates of that CA are accepted. Reloaded on SIGHUP.
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -100,6 +109,8 @@ pub struct AgentConfig {
     pub systemd_unit_dir: PathBuf,
     pub keep_releases: usize,
     pub limits: crate::pull::PullLimits,
+    /// Mutual TLS material; `None`: plaintext.
+    pub tls: Option<drover_common::tls::TlsFiles>,
 }
 
 impl AgentConfig {
@@ -150,6 +161,16 @@ impl AgentConfig {
                     max_entries: args.max_entries,
                     max_unpacked_bytes: args.max_unpacked_bytes,
                 },
+            },
+            tls: match (args.tls_cert, args.tls_key, args.tls_ca) {
+                (None, None, None) => None,
+                (Some(cert), Some(key), Some(ca)) => Some(drover_common::tls::TlsFiles {
+                    cert,
+                    key,
+                    ca,
+                    deny_list: None,
+                }),
+                _ => anyhow::bail!("TLS needs all three of --tls-cert, --tls-key and --tls-ca"),
             },
         })
     }

@@ -81,6 +81,8 @@ pub struct Connection {
     /// Where discovered coordinators are announced (None: only the
     /// configured ones, as drover-fleetsim does).
     pub directory: Option<Arc<Directory>>,
+    /// Plaintext, or mutual TLS with the agent's certificate.
+    pub dialer: drover_common::tls::client::Dialer,
 }
 
 enum Ended {
@@ -122,7 +124,7 @@ impl Connection {
         let broken = |welcomed, reason: String| Ended::Broken { welcomed, reason };
         let channel = tokio::select! {
             _ = self.shutdown.cancelled() => return Ended::Shutdown,
-            c = async { drover_common::grpc::endpoint(&self.coordinator)?.connect().await } => c,
+            c = self.dialer.connect(&self.coordinator) => c,
         };
         let channel = match channel {
             Ok(c) => c,

@@ -45,6 +45,8 @@ pub struct ExecutorConfig {
     pub limits: PullLimits,
     /// Stop what a crashed predecessor left running (process runtime).
     pub kill_leftovers: bool,
+    /// How artifact sources are dialled (the agent's certificate under TLS).
+    pub dialer: drover_common::tls::client::Dialer,
 }
 
 /// The final answer to a command.
@@ -334,7 +336,7 @@ impl Executor {
         if layout.release(service, &digest).is_dir() && layout.cached(&digest).exists() {
             return Outcome::ok(format!("{digest} is already on this host"));
         }
-        let fetched = match pull::download(layout, &digest, sources, &self.cfg.limits).await {
+        let fetched = match pull::download(layout, &digest, sources, &self.cfg.limits, &self.cfg.dialer).await {
             Ok(n) => n,
             Err(e) => return Outcome::failed(e),
         };

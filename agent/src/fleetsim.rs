@@ -363,6 +363,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
                     fence: fence.clone(),
                     report: Arc::new(|_| {}),
                     directory: None,
+                    dialer: drover_common::tls::client::Dialer::plaintext(),
                 }
                 .run(),
             );

@@ -18,6 +18,7 @@ use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
 
 use crate::releases::Layout;
+use drover_common::tls::client::Dialer;
 
 /// Attempts per pull, over all sources, before giving up.
 const MAX_ATTEMPTS: usize = 6;
@@ -53,6 +54,7 @@ pub async fn download(
     digest: &Digest,
     sources: &[String],
     limits: &PullLimits,
+    dialer: &Dialer,
 ) -> Result<u64, String> {
     let cached = layout.cached(digest);
     if cached.exists() {
@@ -78,7 +80,7 @@ pub async fn download(
             tokio::time::sleep(Duration::from_millis(200 * attempt as u64)).await;
             info!(%digest, %source, offset = hasher.len(), "resuming download");
         }
-        match fetch_into(source, digest, &part, &mut hasher, limits, &mut fetched).await {
+        match fetch_into(dialer, source, digest, &part, &mut hasher, limits, &mut fetched).await {
             Ok(()) => {
                 let (actual, size) = hasher.finish();
                 if actual != *digest {
@@ -104,6 +106,7 @@ pub async fn download(
 }
 
 async fn fetch_into(
+    dialer: &Dialer,
     source: &str,
     digest: &Digest,
     part: &Path,
@@ -111,7 +114,8 @@ async fn fetch_into(
     limits: &PullLimits,
     fetched: &mut u64,
 ) -> Result<(), String> {
-    let channel = drover_common::grpc::connect(source)
+    let channel = dialer
+        .connect(source)
         .await
         .map_err(|e| format!("{source}: {e}"))?;
     let mut client = ArtifactsClient::new(channel).max_decoding_message_size(4 << 20);

@@ -74,6 +74,24 @@ pub struct Args {
     /// --reconnect-max), so it never plans a deploy on half a fleet.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub warmup: Option<Duration>,
+    /// This coordinator's certificate (PEM; `droverctl ca issue coordinator ID`).
+    /// With --tls-key and --tls-ca, every connection is mutual TLS.
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// The CA every peer's certificate must chain to.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Certificates refused although valid: serial numbers or spiffe:// ids, one a line (reloaded on SIGHUP).
+    #[arg(long)]
+    pub tls_deny_list: Option<PathBuf>,
+    /// Authorization policy (TOML, reloaded on SIGHUP); default: each built-in role to the group of its name.
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    /// Serve without TLS on a non-loopback address (nobody is authenticated; never in production).
+    #[arg(long)]
+    pub insecure: bool,
     /// Fault injection, never in production: keep acting as a shard leader
     /// after the lease keep-alive fails, so tests can prove that etcd and
     /// the agents refuse a deposed leader on their own.
@@ -106,6 +124,13 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde_opt")]
     warmup: Option<Duration>,
     log_format: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    tls_deny_list: Option<PathBuf>,
+    policy: Option<PathBuf>,
+    #[serde(default)]
+    insecure: bool,
 }
 
 /// The backend of the coordinator's state.
@@ -148,6 +173,12 @@ pub struct Config {
     pub lease_ttl: Duration,
     pub warmup: Duration,
     pub log_format: LogFormat,
+    /// Mutual TLS material; `None`: plaintext (loopback or `--insecure`).
+    pub tls: Option<drover_common::tls::TlsFiles>,
+    /// The authorization policy file (with TLS).
+    pub policy: Option<PathBuf>,
+    /// Plaintext beyond loopback was asked for explicitly.
+    pub insecure: bool,
     /// See `--fault-ignore-lease-loss`.
     pub fault_ignore_lease_loss: bool,
 }
@@ -173,6 +204,9 @@ impl Config {
             lease_ttl: Duration::from_secs(3),
             warmup: Duration::from_secs(6),
             log_format: LogFormat::Text,
+            tls: None,
+            policy: None,
+            insecure: false,
             fault_ignore_lease_loss: false,
         }
     }
@@ -247,6 +281,23 @@ impl Config {
                 "--store etcd needs --etcd-endpoints"
             );
         }
+        cfg.tls = tls_files(
+            args.tls_cert.or(file.tls_cert),
+            args.tls_key.or(file.tls_key),
+            args.tls_ca.or(file.tls_ca),
+            args.tls_deny_list.or(file.tls_deny_list),
+        )?;
+        cfg.policy = args.policy.or(file.policy);
+        cfg.insecure = args.insecure || file.insecure;
+        anyhow::ensure!(
+            cfg.policy.is_none() || cfg.tls.is_some(),
+            "--policy needs TLS (--tls-cert, --tls-key, --tls-ca): without certificates nobody has an identity to authorize"
+        );
+        anyhow::ensure!(
+            cfg.tls.is_some() || cfg.listen.ip().is_loopback() || cfg.insecure,
+            "refusing to serve {} without TLS: give --tls-cert, --tls-key and --tls-ca (or --insecure to accept anyone who can reach the port)",
+            cfg.listen
+        );
         cfg.log_format = match (args.log_format, file.log_format.as_deref()) {
             (Some(f), _) => f,
             (None, Some("json")) => LogFormat::Json,
@@ -256,6 +307,28 @@ impl Config {
             }
         };
         Ok(cfg)
+    }
+}
+
+/// The TLS files: all of cert, key and CA, or none of them.
+pub fn tls_files(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    deny_list: Option<PathBuf>,
+) -> anyhow::Result<Option<drover_common::tls::TlsFiles>> {
+    match (cert, key, ca) {
+        (None, None, None) => {
+            anyhow::ensure!(deny_list.is_none(), "--tls-deny-list needs TLS");
+            Ok(None)
+        }
+        (Some(cert), Some(key), Some(ca)) => Ok(Some(drover_common::tls::TlsFiles {
+            cert,
+            key,
+            ca,
+            deny_list,
+        })),
+        _ => anyhow::bail!("TLS needs all three of --tls-cert, --tls-key and --tls-ca"),
     }
 }
 
@@ -316,5 +389,21 @@ mod tests {
         assert!(err.contains("lisen"), "{err}");
         let err = Config::from_args(Args::parse_from(["x"])).unwrap_err();
         assert!(err.to_string().contains("--data-dir"), "{err}");
+    }
+
+    #[test]
+    fn plaintext_beyond_loopback_needs_insecure() {
+        let args = |extra: &[&str]| {
+            let mut v = vec!["x", "--data-dir", "/tmp/d", "--listen", "0.0.0.0:7070"];
+            v.extend_from_slice(extra);
+            Config::from_args(Args::parse_from(v))
+        };
+        let err = args(&[]).unwrap_err().to_string();
+        assert!(err.contains("without TLS"), "{err}");
+        assert!(args(&["--insecure"]).unwrap().insecure);
+        let err = args(&["--tls-cert", "c.pem"]).unwrap_err().to_string();
+        assert!(err.contains("all three"), "{err}");
+        let cfg = args(&["--tls-cert", "c", "--tls-key", "k", "--tls-ca", "ca"]).unwrap();
+        assert!(cfg.tls.is_some());
     }
 }

@@ -15,6 +15,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error(transparent)]
     Pipeline(#[from] crate::deploy::pipeline::PipelineError),
     #[error(transparent)]
@@ -30,6 +32,7 @@ impl From<ApiError> for Status {
             }
             ApiError::NotFound(_) => Status::not_found(msg),
             ApiError::Unavailable(_) => Status::unavailable(msg),
+            ApiError::PermissionDenied(_) => Status::permission_denied(msg),
             ApiError::Deploy(e) => {
                 use crate::deploy::deployments::DeployError as D;
                 match e {

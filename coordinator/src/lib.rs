@@ -2,17 +2,19 @@
 //!
 //! - [`config`]: flags, config file, defaults.
 //! - [`server`]: binds the port, serves every gRPC service, shuts down cleanly.
-//! - [`api`]: the gRPC handlers (AgentControl streams, Deployer).
+//! - [`api`]: the gRPC handlers (AgentControl streams, Deployer, Artifacts).
 //! - [`fleet`]: the in-memory registry of hosts, fed by agent streams.
 //! - [`origin`]: content-addressed artifact blobs (the origin agents pull from).
-//! - [`store`]: durable state behind one trait (embedded redb now; etcd later).
+//! - [`store`]: durable state behind one trait (embedded redb or etcd).
 //! - [`ha`]: shards and leader elections (fencing epochs).
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
-//! - [`deploy`]: pipelines (and, next, the deploy state machine).
+//! - [`deploy`]: pipelines, the deploy state machine, its driver and analyses.
+//! - [`auth`]: callers' identities (from certificates) and the authorization policy.
 //! - [`ctl`]: `droverctl`, the command-line client.
 //! - [`error`]: errors and their mapping to gRPC status codes.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod ctl;
 pub mod deploy;

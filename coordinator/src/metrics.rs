@@ -46,6 +46,11 @@ pub struct Metrics {
     pub stale_commands: Counter,
     /// Requests forwarded to the leader of their pipeline's shard.
     pub forwarded_requests: Counter,
+    /// Mutual TLS handshakes completed and refused.
+    pub tls_handshakes: Counter,
+    pub tls_handshakes_refused: Counter,
+    /// SIGHUP reloads (certificates, deny list, policy) that failed.
+    pub reload_errors: Counter,
 }
 
 /// Bucket bounds from 50 µs growing by √2 to about 3 s, fine enough to read
@@ -70,6 +75,24 @@ impl Default for Metrics {
         let fenced_writes = Counter::default();
         let stale_commands = Counter::default();
         let forwarded_requests = Counter::default();
+        let tls_handshakes = Counter::default();
+        let tls_handshakes_refused = Counter::default();
+        let reload_errors = Counter::default();
+        registry.register(
+            "tls_handshakes",
+            "Mutual TLS handshakes completed",
+            tls_handshakes.clone(),
+        );
+        registry.register(
+            "tls_handshakes_refused",
+            "TLS handshakes refused (no, expired, revoked or foreign certificate; too slow)",
+            tls_handshakes_refused.clone(),
+        );
+        registry.register(
+            "reload_errors",
+            "SIGHUP reloads of certificates, deny list or policy that failed (the previous ones stay)",
+            reload_errors.clone(),
+        );
         registry.register(
             "shards_led",
             "Shards this coordinator leads now",
@@ -146,11 +169,30 @@ impl Default for Metrics {
             fenced_writes,
             stale_commands,
             forwarded_requests,
+            tls_handshakes,
+            tls_handshakes_refused,
+            reload_errors,
         }
     }
 }
 
 impl Metrics {
+    /// Counts the listener's handshakes.
+    pub fn handshake_observer(&self) -> drover_common::tls::server::HandshakeObserver {
+        let (ok, refused) = (
+            self.tls_handshakes.clone(),
+            self.tls_handshakes_refused.clone(),
+        );
+        Arc::new(move |h| match h {
+            drover_common::tls::server::Handshake::Accepted => {
+                ok.inc();
+            }
+            drover_common::tls::server::Handshake::Refused => {
+                refused.inc();
+            }
+        })
+    }
+
     pub fn reject(&self, reason: &str) {
         self.streams_rejected
             .get_or_create(&ReasonLabel {

@@ -19,7 +19,6 @@ use drover_common::proto::{
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 
 use crate::api::forward::Forwarder;
@@ -71,11 +70,17 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let pending = Arc::new(PendingCommands::default());
     let stop = CancellationToken::new();
 
-    let incoming = TcpIncoming::bind(cfg.listen)
-        .with_context(|| format!("binding the API address {}", cfg.listen))?
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(std::time::Duration::from_secs(30)));
-    let addr = incoming.local_addr()?;
+    let trust = Trust::load(&cfg)?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding the API address {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let incoming = drover_common::tls::server::incoming(
+        listener,
+        trust.server.clone(),
+        metrics.handshake_observer(),
+        stop.clone(),
+    );
     write_addr_file(&cfg.data_dir.join(LISTEN_ADDR_FILE), addr)?;
 
     if let Some(metrics_listen) = cfg.metrics_listen {
@@ -143,6 +148,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         shutdown: stop.clone(),
         leases: leases.clone(),
         report,
+        auth: trust.auth.clone(),
     };
     let deployments = Deployments::new(Parts {
         store: store.clone(),
@@ -161,11 +167,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         pipelines,
         deployments: deployments.clone(),
         origin_addr,
-        forward: Forwarder::new(leases.clone(), metrics.clone()),
+        forward: Forwarder::new(leases.clone(), metrics.clone(), trust.dialer.clone()),
         leases: leases.clone(),
+        auth: trust.auth.clone(),
     };
     // Every artifact uploaded to another coordinator is copied here too.
-    let replicator = Arc::new(Replicator::default());
+    let replicator = Arc::new(Replicator::new(trust.dialer.clone()));
     {
         let leases = leases.clone();
         tokio::spawn(replicator.clone().sync(
@@ -180,6 +187,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         max_artifact_bytes: cfg.max_artifact_bytes,
         leases: leases.clone(),
         replicator: replicator.clone(),
+        auth: trust.auth.clone(),
     };
 
     let serve_stop = stop.clone();
@@ -254,6 +262,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         });
     }
     let lease_task = tokio::spawn(leases.clone().run(stop.clone()));
+    tokio::spawn(trust.clone().reload_on_sighup(metrics.clone(), stop.clone()));
 
     tokio::select! {
         _ = shutdown => {}
@@ -324,6 +333,86 @@ async fn keep_reporting_current(
             registry.broadcast(CoordinatorMessage {
                 msg: Some(coordinator_message::Msg::ReportMetrics(now)),
             });
+        }
+    }
+}
+
+/// This coordinator's TLS material and policy, reloaded together on SIGHUP.
+#[derive(Clone)]
+struct Trust {
+    /// `None`: plaintext (loopback, or `--insecure`).
+    server: Option<Arc<drover_common::tls::ServerTls>>,
+    /// How this coordinator dials its peers (its own certificate as a client).
+    dialer: drover_common::tls::client::Dialer,
+    auth: Arc<crate::auth::Authorizer>,
+}
+
+impl Trust {
+    fn load(cfg: &Config) -> anyhow::Result<Trust> {
+        let Some(files) = &cfg.tls else {
+            if !cfg.listen.ip().is_loopback() {
+                warn!(listen = %cfg.listen, "INSECURE: serving without TLS beyond loopback; anyone who reaches this port can deploy anything");
+            }
+            return Ok(Trust {
+                server: None,
+                dialer: drover_common::tls::client::Dialer::plaintext(),
+                auth: Arc::new(crate::auth::Authorizer::open()),
+            });
+        };
+        let own = files.own_identity().context("the coordinator certificate")?;
+        anyhow::ensure!(
+            own.id.kind == drover_common::tls::identity::Kind::Coordinator,
+            "{} is not a coordinator certificate ({})",
+            files.cert.display(),
+            own.id
+        );
+        let server = drover_common::tls::ServerTls::server(files.clone())?;
+        let client = drover_common::tls::ClientTls::client(files.clone())?;
+        let auth = crate::auth::Authorizer::enforcing(cfg.policy.clone())?;
+        info!(identity = %own.id, policy = ?cfg.policy, "mutual TLS on every connection");
+        Ok(Trust {
+            server: Some(server),
+            dialer: drover_common::tls::client::Dialer::tls(client),
+            auth: Arc::new(auth),
+        })
+    }
+
+    /// SIGHUP: new certificates, deny list and policy for what comes next.
+    /// Existing connections keep the certificates they were made with.
+    async fn reload_on_sighup(self, metrics: Metrics, stop: CancellationToken) {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            warn!("cannot listen for SIGHUP; reloads need a restart");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                got = hup.recv() => if got.is_none() { return },
+            }
+            info!("SIGHUP: reloading certificates, deny list and policy");
+            let _ = drover_common::grpc::notify_systemd("RELOADING=1");
+            if let Some(server) = &self.server
+                && let Err(e) = server.reload()
+            {
+                metrics.reload_errors.inc();
+                warn!(error = %e, "server certificate reload failed; the previous one stays in force");
+            }
+            if let Some(client) = self.dialer.client_tls()
+                && let Err(e) = client.reload()
+            {
+                metrics.reload_errors.inc();
+                warn!(error = %e, "client certificate reload failed; the previous one stays in force");
+            }
+            match self.auth.reload() {
+                Ok(Some(grants)) => info!(grants, "policy reloaded"),
+                Ok(None) => {}
+                Err(e) => {
+                    metrics.reload_errors.inc();
+                    warn!(error = format!("{e:#}"), "policy reload failed; the previous policy stays in force");
+                }
+            }
+            let _ = drover_common::grpc::notify_systemd("READY=1");
         }
     }
 }

@@ -9,7 +9,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -109,12 +108,15 @@ impl AsyncWrite for PeerConn {
     }
 }
 
-/// Counts of the listener's handshakes, for metrics.
-#[derive(Debug, Default)]
-pub struct HandshakeCounts {
-    pub accepted: AtomicU64,
-    pub refused: AtomicU64,
+/// How a TLS handshake ended, for the caller's metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handshake {
+    Accepted,
+    Refused,
 }
+
+/// Told of every handshake's outcome.
+pub type HandshakeObserver = Arc<dyn Fn(Handshake) + Send + Sync>;
 
 /// Accepts connections on `listener` until `stop` and yields them to tonic.
 /// With `tls`, each connection must complete a mutual TLS handshake with
@@ -122,7 +124,7 @@ pub struct HandshakeCounts {
 pub fn incoming(
     listener: TcpListener,
     tls: Option<Arc<ServerTls>>,
-    counts: Arc<HandshakeCounts>,
+    observe: HandshakeObserver,
     stop: CancellationToken,
 ) -> ReceiverStream<io::Result<PeerConn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
@@ -150,7 +152,7 @@ pub fn incoming(
                 continue;
             };
             let acceptor = TlsAcceptor::from(tls.current());
-            let counts = counts.clone();
+            let observe = observe.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
@@ -161,17 +163,17 @@ pub fn incoming(
                             .and_then(|c| c.first())
                             .and_then(|c| PeerCert::from_der(c).ok())
                             .map(Arc::new);
-                        counts.accepted.fetch_add(1, Ordering::Relaxed);
+                        observe(Handshake::Accepted);
                         debug!(%remote, peer = ?cert.as_ref().map(|c| c.id.to_string()), "TLS handshake done");
                         let info = PeerInfo { remote, cert };
                         let _ = tx.send(Ok(PeerConn::Tls(Box::new(stream), info))).await;
                     }
                     Ok(Err(e)) => {
-                        counts.refused.fetch_add(1, Ordering::Relaxed);
+                        observe(Handshake::Refused);
                         warn!(%remote, reason = %e, "TLS handshake refused");
                     }
                     Err(_) => {
-                        counts.refused.fetch_add(1, Ordering::Relaxed);
+                        observe(Handshake::Refused);
                         warn!(%remote, timeout = ?HANDSHAKE_TIMEOUT, "TLS handshake refused: too slow");
                     }
                 }

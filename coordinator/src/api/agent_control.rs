@@ -48,6 +48,8 @@ pub struct AgentControlService {
     pub leases: Arc<ShardLeases>,
     /// The metrics heartbeats must carry (kept current from the pipelines).
     pub report: Arc<std::sync::Mutex<ReportMetrics>>,
+    /// Under TLS, an agent connects only as the host its certificate names.
+    pub auth: Arc<crate::auth::Authorizer>,
 }
 
 /// Checks everything a Hello carries before it reaches the registry.
@@ -126,10 +128,15 @@ impl AgentControl for AgentControlService {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<ConnectStream>, Status> {
-        let peer = request
-            .remote_addr()
-            .map(|a| a.to_string())
+        let info = request
+            .extensions()
+            .get::<drover_common::tls::server::PeerInfo>()
+            .cloned();
+        let peer = info
+            .as_ref()
+            .map(|i| i.remote.to_string())
             .unwrap_or_default();
+        let cert = info.and_then(|i| i.cert);
         let mut inbound = request.into_inner();
         let hello = match self.read_hello(&mut inbound).await {
             Ok(h) => h,
@@ -138,6 +145,28 @@ impl AgentControl for AgentControlService {
                 return Err(status);
             }
         };
+        // Identity comes from the certificate: the Hello's host id must be
+        // the one it names, checked before anything is registered (so an
+        // impostor displaces nobody).
+        if self.auth.enforces() {
+            use drover_common::tls::identity::Kind;
+            let ok = cert
+                .as_ref()
+                .is_some_and(|c| c.id.kind == Kind::Agent && c.id.name == hello.host_id);
+            if !ok {
+                self.metrics.reject("identity");
+                let who = cert
+                    .as_ref()
+                    .map(|c| c.id.to_string())
+                    .unwrap_or_else(|| "a caller without a certificate".into());
+                let status = Status::permission_denied(format!(
+                    "{who} may not connect as agent {:?}: an agent connects only as the host its certificate names",
+                    hello.host_id
+                ));
+                warn!(%peer, message = status.message(), "refused agent stream");
+                return Err(status);
+            }
+        }
         let host_id = hello.host_id.clone();
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let cancel = self.shutdown.child_token();

@@ -15,6 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use crate::auth::{Permission, Scope};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
@@ -33,6 +34,8 @@ pub struct ArtifactsService {
     /// Live coordinators: where a blob missing here is copied from.
     pub leases: Arc<ShardLeases>,
     pub replicator: Arc<Replicator>,
+    /// Who may push and read.
+    pub auth: Arc<crate::auth::Authorizer>,
 }
 
 impl ArtifactsService {
@@ -143,6 +146,8 @@ impl Artifacts for ArtifactsService {
         &self,
         request: Request<Streaming<UploadRequest>>,
     ) -> Result<Response<ArtifactInfo>, Status> {
+        self.auth
+            .caller(&request, Permission::ArtifactsPush, Scope::default())?;
         let mut stream = request.into_inner();
         let header = match stream.message().await? {
             Some(UploadRequest {
@@ -259,6 +264,8 @@ impl Artifacts for ArtifactsService {
     type FetchStream = FetchStream;
 
     async fn fetch(&self, request: Request<FetchRequest>) -> Result<Response<FetchStream>, Status> {
+        self.auth
+            .caller(&request, Permission::ArtifactsRead, Scope::default())?;
         let digest = parse_digest(&request.get_ref().sha256)?;
         self.read_through(&digest, &request).await?;
         let req = request.into_inner();
@@ -313,6 +320,8 @@ impl Artifacts for ArtifactsService {
     }
 
     async fn stat(&self, request: Request<StatRequest>) -> Result<Response<ArtifactInfo>, Status> {
+        self.auth
+            .caller(&request, Permission::ArtifactsRead, Scope::default())?;
         let digest = parse_digest(&request.get_ref().sha256)?;
         match self
             .store
@@ -329,6 +338,8 @@ impl Artifacts for ArtifactsService {
         &self,
         request: Request<ListArtifactsRequest>,
     ) -> Result<Response<ListArtifactsResponse>, Status> {
+        self.auth
+            .caller(&request, Permission::ArtifactsRead, Scope::default())?;
         let service = &request.get_ref().service;
         let mut artifacts = self
             .store

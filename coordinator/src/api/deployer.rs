@@ -1,5 +1,6 @@
 //! `drover.v1.Deployer`: the API of CI and SREs: hosts, single commands and
-//! pipelines (deploys next).
+//! pipelines, deploys and their controls, audit. Every call is authorized
+//! first ([`crate::auth`]); writes go to their shard's leader.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,9 @@ use crate::deploy::machine::Event;
 use tonic::{Request, Response, Status};
 
 use crate::api::forward::{Forwarder, Route};
+use crate::auth::{
+    Authorizer, Permission, Scope, actor_with_note, validate_idempotency_key, validate_text,
+};
 use crate::deploy::pipeline::Pipelines;
 use crate::error::ApiError;
 use crate::fleet::{PendingCommands, Registry, SendError};
@@ -40,23 +44,82 @@ pub struct DeployerService {
     /// Shard leadership and membership (epochs for hand-sent commands,
     /// ListCoordinators).
     pub leases: Arc<crate::ha::leases::ShardLeases>,
+    /// Who may do what.
+    pub auth: Arc<Authorizer>,
+}
+
+/// Where a deploy control applies: its shard, pipeline and current stage.
+struct DeployAt {
+    shard: u32,
+    pipeline: String,
+    stage: String,
 }
 
 impl DeployerService {
-    /// The shard of deploy `id`'s pipeline.
-    async fn deploy_shard(&self, id: &str) -> Result<u32, Status> {
+    /// The shard, pipeline and current stage of deploy `id`.
+    async fn deploy_at(&self, id: &str) -> Result<DeployAt, Status> {
         let (rec, _) = self.deployments.load(id).await.map_err(ApiError::from)?;
-        Ok(self.deployments.shard_of_pipeline(&rec.pipeline))
+        let stage = rec
+            .snapshot
+            .stages
+            .get(rec.machine.stage as usize)
+            .or(rec.snapshot.stages.last())
+            .map(|s| s.name.clone())
+            .unwrap_or_default();
+        Ok(DeployAt {
+            shard: self.deployments.shard_of_pipeline(&rec.pipeline),
+            pipeline: rec.pipeline,
+            stage,
+        })
+    }
+
+    /// Checks `permission` on deploy `r.id` where it stands now, and the
+    /// free-text fields; returns where it is and who asks (identity plus
+    /// note, for the audit).
+    async fn control_at(
+        &self,
+        request: &Request<DeployRef>,
+        permission: Permission,
+    ) -> Result<(DeployAt, String), Status> {
+        let r = request.get_ref();
+        validate_text("requester", &r.requester, 128)?;
+        validate_text("reason", &r.reason, 512)?;
+        let at = self.deploy_at(&r.id).await?;
+        let caller = self.auth.caller(
+            request,
+            permission,
+            Scope {
+                pipeline: Some(&at.pipeline),
+                environment: Some(&at.stage),
+            },
+        )?;
+        Ok((at, actor_with_note(&caller, &r.requester)))
+    }
+
+    /// The shard that fences hand-sent commands for `service`: that of a
+    /// pipeline deploying it, else of the service's name.
+    async fn shard_of_service(&self, service: &str) -> u32 {
+        let pipelines = self.pipelines.list().await.unwrap_or_default();
+        let name = pipelines
+            .iter()
+            .filter(|p| p.service == service)
+            .map(|p| p.name.as_str())
+            .min()
+            .unwrap_or(service);
+        self.deployments.shard_of_pipeline(name)
     }
 }
 
 type WatchStream = std::pin::Pin<Box<dyn Stream<Item = Result<DeployEvent, Status>> + Send>>;
 
-fn who(r: &DeployRef) -> &str {
-    if r.requester.is_empty() {
-        "someone"
-    } else {
-        &r.requester
+/// The service a command acts on.
+fn service_of(cmd: &Command) -> &str {
+    match &cmd.action {
+        Some(command::Action::Pull(p)) => &p.service,
+        Some(command::Action::Verify(v)) => &v.service,
+        Some(command::Action::Restart(r)) => &r.service,
+        Some(command::Action::Rollback(r)) => &r.service,
+        None => "",
     }
 }
 
@@ -76,7 +139,7 @@ fn validate_command(cmd: &Command) -> Result<(), ApiError> {
         Some(command::Action::Restart(r)) if r.artifact.is_empty() => Err(ApiError::Invalid(
             "restart.artifact (a sha256) is required".into(),
         )),
-        Some(_) => Ok(()),
+        Some(_) => drover_common::ids::validate_service(service_of(cmd)).map_err(ApiError::Invalid),
     }
 }
 
@@ -86,12 +149,16 @@ impl Deployer for DeployerService {
         &self,
         request: Request<ListHostsRequest>,
     ) -> Result<Response<ListHostsResponse>, Status> {
+        self.auth
+            .caller(&request, Permission::HostsRead, Scope::default())?;
         let selector = Selector::parse(&request.get_ref().selector).map_err(ApiError::from)?;
         let hosts = self.registry.list(&selector);
         Ok(Response::new(ListHostsResponse { hosts }))
     }
 
     async fn get_host(&self, request: Request<GetHostRequest>) -> Result<Response<Host>, Status> {
+        self.auth
+            .caller(&request, Permission::HostsRead, Scope::default())?;
         let host_id = &request.get_ref().host_id;
         validate_host_id(host_id).map_err(ApiError::from)?;
         let host = self.registry.get(host_id).ok_or_else(|| {
@@ -106,24 +173,52 @@ impl Deployer for DeployerService {
         &self,
         request: Request<SendCommandRequest>,
     ) -> Result<Response<CommandUpdate>, Status> {
-        let req = request.into_inner();
+        let caller = self
+            .auth
+            .caller(&request, Permission::CommandsSend, Scope::default())?;
+        let req = request.get_ref();
         validate_host_id(&req.host_id).map_err(ApiError::from)?;
-        let mut cmd = req
+        let cmd = req
             .command
+            .as_ref()
             .ok_or_else(|| ApiError::Invalid("command is required".into()))?;
-        validate_command(&cmd)?;
-        // A command sent by hand without an epoch carries its shard's
-        // current leader epoch, so agents that know that leader accept it.
-        if cmd.epoch == 0
-            && let Some(epoch) = self.leases.current_epoch(cmd.shard).await
-        {
-            cmd.epoch = epoch;
+        validate_command(cmd)?;
+        // Fenced like a deploy: the leader of the service's shard sends it
+        // with its own epoch; shard, epoch and sources from the caller are
+        // never used.
+        let shard = self.shard_of_service(service_of(cmd)).await;
+        if let Route::Leader(mut leader) = self.forward.route(shard, &request).await? {
+            return leader.send_command(self.forward.forwarded(request)).await;
         }
-        if let Some(command::Action::Pull(p)) = &mut cmd.action
-            && p.sources.is_empty()
-        {
-            p.sources.push(self.origin_addr.clone());
+        let req = request.into_inner();
+        let mut cmd = req.command.expect("checked above");
+        let epoch = self.leases.leadership(shard).map(|l| l.epoch).ok_or_else(|| {
+            ApiError::Unavailable(format!("this coordinator stopped leading shard {shard}; retry"))
+        })?;
+        cmd.shard = shard;
+        cmd.epoch = epoch;
+        if let Some(command::Action::Pull(p)) = &mut cmd.action {
+            p.sources = vec![self.origin_addr.clone()];
+            p.sources.extend(
+                self.leases
+                    .peer_addresses()
+                    .into_iter()
+                    .filter(|a| *a != self.origin_addr),
+            );
         }
+        tracing::info!(
+            actor = %caller.actor(),
+            host = %req.host_id,
+            command = %cmd.command_id,
+            service = service_of(&cmd),
+            shard,
+            epoch,
+            "command sent by hand"
+        );
+        self.deployments
+            .audit_command(service_of(&cmd), &caller.actor(), &req.host_id, &cmd)
+            .await
+            .map_err(ApiError::from)?;
         let timeout = match req.timeout_ms {
             0 => DEFAULT_COMMAND_TIMEOUT,
             ms => Duration::from_millis(ms.into()),
@@ -145,6 +240,20 @@ impl Deployer for DeployerService {
         &self,
         request: Request<CreatePipelineRequest>,
     ) -> Result<Response<Pipeline>, Status> {
+        let name = request
+            .get_ref()
+            .pipeline
+            .as_ref()
+            .map(|p| p.name.clone())
+            .unwrap_or_default();
+        self.auth.caller(
+            &request,
+            Permission::PipelinesWrite,
+            Scope {
+                pipeline: Some(&name),
+                environment: None,
+            },
+        )?;
         let spec = request
             .into_inner()
             .pipeline
@@ -158,6 +267,20 @@ impl Deployer for DeployerService {
         &self,
         request: Request<UpdatePipelineRequest>,
     ) -> Result<Response<Pipeline>, Status> {
+        let name = request
+            .get_ref()
+            .pipeline
+            .as_ref()
+            .map(|p| p.name.clone())
+            .unwrap_or_default();
+        self.auth.caller(
+            &request,
+            Permission::PipelinesWrite,
+            Scope {
+                pipeline: Some(&name),
+                environment: None,
+            },
+        )?;
         let req = request.into_inner();
         let spec = req
             .pipeline
@@ -175,6 +298,14 @@ impl Deployer for DeployerService {
         &self,
         request: Request<GetPipelineRequest>,
     ) -> Result<Response<Pipeline>, Status> {
+        self.auth.caller(
+            &request,
+            Permission::PipelinesRead,
+            Scope {
+                pipeline: Some(&request.get_ref().name),
+                environment: None,
+            },
+        )?;
         let p = self
             .pipelines
             .get(&request.get_ref().name)
@@ -185,9 +316,23 @@ impl Deployer for DeployerService {
 
     async fn list_pipelines(
         &self,
-        _: Request<ListPipelinesRequest>,
+        request: Request<ListPipelinesRequest>,
     ) -> Result<Response<ListPipelinesResponse>, Status> {
-        let pipelines = self.pipelines.list().await.map_err(ApiError::from)?;
+        let caller = self
+            .auth
+            .caller(&request, Permission::PipelinesRead, Scope::default())?;
+        let mut pipelines = self.pipelines.list().await.map_err(ApiError::from)?;
+        // Only what the caller may see.
+        pipelines.retain(|p| {
+            self.auth.allows(
+                &caller,
+                Permission::PipelinesRead,
+                Scope {
+                    pipeline: Some(&p.name),
+                    environment: None,
+                },
+            )
+        });
         Ok(Response::new(ListPipelinesResponse { pipelines }))
     }
 
@@ -195,17 +340,36 @@ impl Deployer for DeployerService {
         &self,
         request: Request<StartDeployRequest>,
     ) -> Result<Response<Deploy>, Status> {
-        let shard = self
-            .deployments
-            .shard_of_pipeline(&request.get_ref().pipeline);
+        let r = request.get_ref();
+        validate_text("requester", &r.requester, 128)?;
+        validate_idempotency_key(&r.idempotency_key)?;
+        validate_text("git_sha", &r.git_sha, 64)?;
+        // Starting is checked against the first stage it would run.
+        let first_stage = if r.from_stage.is_empty() {
+            self.pipelines
+                .get(&r.pipeline)
+                .await
+                .ok()
+                .and_then(|p| p.stages.first().map(|s| s.name.clone()))
+                .unwrap_or_default()
+        } else {
+            r.from_stage.clone()
+        };
+        let caller = self.auth.caller(
+            &request,
+            Permission::DeploysStart,
+            Scope {
+                pipeline: Some(&r.pipeline),
+                environment: Some(&first_stage),
+            },
+        )?;
+        let shard = self.deployments.shard_of_pipeline(&r.pipeline);
         if let Route::Leader(mut leader) = self.forward.route(shard, &request).await? {
             return leader.start_deploy(self.forward.forwarded(request)).await;
         }
-        let rec = self
-            .deployments
-            .start(request.into_inner())
-            .await
-            .map_err(ApiError::from)?;
+        let mut req = request.into_inner();
+        req.requester = actor_with_note(&caller, &req.requester);
+        let rec = self.deployments.start(req).await.map_err(ApiError::from)?;
         Ok(Response::new(rec.to_proto()))
     }
 
@@ -215,6 +379,14 @@ impl Deployer for DeployerService {
             .load(&request.get_ref().id)
             .await
             .map_err(ApiError::from)?;
+        self.auth.caller(
+            &request,
+            Permission::DeploysRead,
+            Scope {
+                pipeline: Some(&rec.pipeline),
+                environment: None,
+            },
+        )?;
         Ok(Response::new(rec.to_proto()))
     }
 
@@ -222,11 +394,24 @@ impl Deployer for DeployerService {
         &self,
         request: Request<ListDeploysRequest>,
     ) -> Result<Response<ListDeploysResponse>, Status> {
-        let deploys = self
+        let caller = self
+            .auth
+            .caller(&request, Permission::DeploysRead, Scope::default())?;
+        let mut deploys = self
             .deployments
             .list(&request.get_ref().pipeline)
             .await
             .map_err(ApiError::from)?;
+        deploys.retain(|d| {
+            self.auth.allows(
+                &caller,
+                Permission::DeploysRead,
+                Scope {
+                    pipeline: Some(&d.pipeline),
+                    environment: None,
+                },
+            )
+        });
         Ok(Response::new(ListDeploysResponse {
             deploys: deploys.iter().map(|r| r.to_proto()).collect(),
         }))
@@ -238,6 +423,15 @@ impl Deployer for DeployerService {
         &self,
         request: Request<DeployRef>,
     ) -> Result<Response<WatchStream>, Status> {
+        let at = self.deploy_at(&request.get_ref().id).await?;
+        self.auth.caller(
+            &request,
+            Permission::DeploysRead,
+            Scope {
+                pipeline: Some(&at.pipeline),
+                environment: None,
+            },
+        )?;
         let id = request.into_inner().id;
         let records = self.deployments.watch(&id).await.map_err(ApiError::from)?;
         // The stream ends after the first terminal state.
@@ -264,28 +458,28 @@ impl Deployer for DeployerService {
     }
 
     async fn pause_deploy(&self, request: Request<DeployRef>) -> Result<Response<Deploy>, Status> {
-        let shard = self.deploy_shard(&request.get_ref().id).await?;
-        if let Route::Leader(mut leader) = self.forward.route(shard, &request).await? {
+        let (at, who) = self.control_at(&request, Permission::DeploysControl).await?;
+        if let Route::Leader(mut leader) = self.forward.route(at.shard, &request).await? {
             return leader.pause_deploy(self.forward.forwarded(request)).await;
         }
         let r = request.into_inner();
         let rec = self
             .deployments
-            .control(&r.id, Event::Pause, who(&r))
+            .control(&r.id, Event::Pause, &who)
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(rec.to_proto()))
     }
 
     async fn resume_deploy(&self, request: Request<DeployRef>) -> Result<Response<Deploy>, Status> {
-        let shard = self.deploy_shard(&request.get_ref().id).await?;
-        if let Route::Leader(mut leader) = self.forward.route(shard, &request).await? {
+        let (at, who) = self.control_at(&request, Permission::DeploysControl).await?;
+        if let Route::Leader(mut leader) = self.forward.route(at.shard, &request).await? {
             return leader.resume_deploy(self.forward.forwarded(request)).await;
         }
         let r = request.into_inner();
         let rec = self
             .deployments
-            .control(&r.id, Event::Resume, who(&r))
+            .control(&r.id, Event::Resume, &who)
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(rec.to_proto()))
@@ -295,28 +489,28 @@ impl Deployer for DeployerService {
         &self,
         request: Request<DeployRef>,
     ) -> Result<Response<Deploy>, Status> {
-        let shard = self.deploy_shard(&request.get_ref().id).await?;
-        if let Route::Leader(mut leader) = self.forward.route(shard, &request).await? {
+        let (at, who) = self.control_at(&request, Permission::DeploysApprove).await?;
+        if let Route::Leader(mut leader) = self.forward.route(at.shard, &request).await? {
             return leader.approve_deploy(self.forward.forwarded(request)).await;
         }
         let r = request.into_inner();
         let rec = self
             .deployments
-            .control(&r.id, Event::Approve, who(&r))
+            .control(&r.id, Event::Approve, &who)
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(rec.to_proto()))
     }
 
     async fn abort_deploy(&self, request: Request<DeployRef>) -> Result<Response<Deploy>, Status> {
-        let shard = self.deploy_shard(&request.get_ref().id).await?;
-        if let Route::Leader(mut leader) = self.forward.route(shard, &request).await? {
+        let (at, who) = self.control_at(&request, Permission::DeploysControl).await?;
+        if let Route::Leader(mut leader) = self.forward.route(at.shard, &request).await? {
             return leader.abort_deploy(self.forward.forwarded(request)).await;
         }
         let r = request.into_inner();
         let reason = format!(
             "aborted by {}{}",
-            who(&r),
+            who,
             if r.reason.is_empty() {
                 String::new()
             } else {
@@ -329,7 +523,7 @@ impl Deployer for DeployerService {
         };
         let rec = self
             .deployments
-            .control(&r.id, event, who(&r))
+            .control(&r.id, event, &who)
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(rec.to_proto()))
@@ -339,8 +533,8 @@ impl Deployer for DeployerService {
         &self,
         request: Request<DeployRef>,
     ) -> Result<Response<Deploy>, Status> {
-        let shard = self.deploy_shard(&request.get_ref().id).await?;
-        if let Route::Leader(mut leader) = self.forward.route(shard, &request).await? {
+        let (at, who) = self.control_at(&request, Permission::DeploysControl).await?;
+        if let Route::Leader(mut leader) = self.forward.route(at.shard, &request).await? {
             return leader
                 .rollback_deploy(self.forward.forwarded(request))
                 .await;
@@ -348,7 +542,7 @@ impl Deployer for DeployerService {
         let r = request.into_inner();
         let reason = format!(
             "rolled back by {}{}",
-            who(&r),
+            who,
             if r.reason.is_empty() {
                 String::new()
             } else {
@@ -357,7 +551,7 @@ impl Deployer for DeployerService {
         );
         let rec = self
             .deployments
-            .control(&r.id, Event::Rollback(reason), who(&r))
+            .control(&r.id, Event::Rollback(reason), &who)
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(rec.to_proto()))
@@ -367,14 +561,14 @@ impl Deployer for DeployerService {
         &self,
         request: Request<DeployRef>,
     ) -> Result<Response<Deploy>, Status> {
-        let shard = self.deploy_shard(&request.get_ref().id).await?;
-        if let Route::Leader(mut leader) = self.forward.route(shard, &request).await? {
+        let (at, who) = self.control_at(&request, Permission::DeploysControl).await?;
+        if let Route::Leader(mut leader) = self.forward.route(at.shard, &request).await? {
             return leader.promote_deploy(self.forward.forwarded(request)).await;
         }
         let r = request.into_inner();
         let rec = self
             .deployments
-            .promote(&r.id, who(&r))
+            .promote(&r.id, &who)
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(rec.to_proto()))
@@ -384,6 +578,14 @@ impl Deployer for DeployerService {
         &self,
         request: Request<ListEnvironmentsRequest>,
     ) -> Result<Response<ListEnvironmentsResponse>, Status> {
+        self.auth.caller(
+            &request,
+            Permission::DeploysRead,
+            Scope {
+                pipeline: Some(&request.get_ref().pipeline),
+                environment: None,
+            },
+        )?;
         let environments = self
             .deployments
             .environments(&request.get_ref().pipeline)
@@ -394,8 +596,10 @@ impl Deployer for DeployerService {
 
     async fn list_coordinators(
         &self,
-        _: Request<ListCoordinatorsRequest>,
+        request: Request<ListCoordinatorsRequest>,
     ) -> Result<Response<ListCoordinatorsResponse>, Status> {
+        self.auth
+            .caller(&request, Permission::HostsRead, Scope::default())?;
         let (members, leaderless) = self
             .leases
             .overview()
@@ -420,6 +624,8 @@ impl Deployer for DeployerService {
         &self,
         request: Request<GetAuditRequest>,
     ) -> Result<Response<GetAuditResponse>, Status> {
+        self.auth
+            .caller(&request, Permission::DeploysRead, Scope::default())?;
         let r = request.into_inner();
         drover_common::ids::validate_service(&r.service).map_err(ApiError::Invalid)?;
         let events = self
@@ -434,6 +640,8 @@ impl Deployer for DeployerService {
         &self,
         request: Request<WhatWasRunningRequest>,
     ) -> Result<Response<WhatWasRunningResponse>, Status> {
+        self.auth
+            .caller(&request, Permission::DeploysRead, Scope::default())?;
         let r = request.into_inner();
         drover_common::ids::validate_service(&r.service).map_err(ApiError::Invalid)?;
         let at = if r.at_unix_ms == 0 {

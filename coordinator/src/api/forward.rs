@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use drover_common::proto::deployer_client::DeployerClient;
+use drover_common::tls::client::Dialer;
 use tonic::transport::Channel;
 use tonic::{Request, Status};
 use tracing::debug;
@@ -20,6 +21,8 @@ pub const FORWARDED_BY: &str = "x-drover-forwarded-by";
 pub struct Forwarder {
     leases: Arc<ShardLeases>,
     metrics: Metrics,
+    /// How leaders are dialled (with this coordinator's certificate under TLS).
+    dialer: Dialer,
     /// One lazily connected channel per leader address.
     channels: Mutex<HashMap<String, Channel>>,
 }
@@ -33,10 +36,11 @@ pub enum Route {
 }
 
 impl Forwarder {
-    pub fn new(leases: Arc<ShardLeases>, metrics: Metrics) -> Forwarder {
+    pub fn new(leases: Arc<ShardLeases>, metrics: Metrics, dialer: Dialer) -> Forwarder {
         Forwarder {
             leases,
             metrics,
+            dialer,
             channels: Mutex::new(HashMap::new()),
         }
     }
@@ -69,14 +73,12 @@ impl Forwarder {
             match channels.get(&leader.address) {
                 Some(c) => c.clone(),
                 None => {
-                    let c = drover_common::grpc::endpoint(&leader.address)
-                        .map_err(|e| {
-                            Status::internal(format!(
-                                "bad address {:?} for leader {}: {e}",
-                                leader.address, leader.id
-                            ))
-                        })?
-                        .connect_lazy();
+                    let c = self.dialer.connect_lazy(&leader.address).map_err(|e| {
+                        Status::internal(format!(
+                            "bad address {:?} for leader {}: {e}",
+                            leader.address, leader.id
+                        ))
+                    })?;
                     channels.insert(leader.address.clone(), c.clone());
                     c
                 }
@@ -87,11 +89,17 @@ impl Forwarder {
         Ok(Route::Leader(DeployerClient::new(channel)))
     }
 
-    /// The request as forwarded: the same message, marked.
+    /// The request as forwarded: the same message, marked, carrying its
+    /// original caller (which the leader believes only from a coordinator
+    /// certificate).
     pub fn forwarded<T>(&self, request: Request<T>) -> Request<T> {
+        let caller = crate::auth::caller_of(&request).ok().and_then(|c| c.header());
         let mut out = Request::new(request.into_inner());
         if let Ok(v) = self.leases.id().parse() {
             out.metadata_mut().insert(FORWARDED_BY, v);
+        }
+        if let Some(v) = caller.and_then(|c| c.parse().ok()) {
+            out.metadata_mut().insert(crate::auth::CALLER_HEADER, v);
         }
         out
     }

@@ -6,6 +6,7 @@
 
 mod artifacts;
 mod audit;
+mod ca;
 mod command;
 mod coordinators;
 pub mod deploys;
@@ -26,6 +27,15 @@ pub struct Cli {
     /// Print machine-readable JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
+    /// CA certificate the coordinator's certificate must chain to (mutual TLS; with --cert and --key).
+    #[arg(long, global = true, env = "DROVER_CACERT")]
+    pub cacert: Option<std::path::PathBuf>,
+    /// Your certificate (`droverctl ca issue user NAME`).
+    #[arg(long, global = true, env = "DROVER_CERT")]
+    pub cert: Option<std::path::PathBuf>,
+    /// Your certificate's private key.
+    #[arg(long, global = true, env = "DROVER_KEY")]
+    pub key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -66,6 +76,9 @@ pub enum Command {
         #[arg(long, value_parser = humantime::parse_duration)]
         since: Option<std::time::Duration>,
     },
+    /// The built-in certificate authority: create it, issue certificates.
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
     /// What ran for a service at a time (default: now).
     Running {
         #[arg(long)]
@@ -189,7 +202,11 @@ pub enum ArtifactCommand {
 
 /// Runs one droverctl invocation; output goes to `out`.
 pub async fn run(cli: Cli, out: &mut impl std::io::Write) -> anyhow::Result<()> {
-    let channel = connect(&cli.coordinator).await?;
+    if let Command::Ca(cmd) = cli.command {
+        return ca::run(cmd, out);
+    }
+    let dialer = dialer(&cli)?;
+    let channel = connect(&dialer, &cli.coordinator).await?;
     let mut deployer = DeployerClient::new(channel.clone());
     let mut origin = ArtifactsClient::new(channel).max_encoding_message_size(1 << 20);
     match cli.command {
@@ -236,11 +253,26 @@ pub async fn run(cli: Cli, out: &mut impl std::io::Write) -> anyhow::Result<()> 
         Command::Artifact(ArtifactCommand::Show { sha256 }) => {
             artifacts::show(&mut origin, &sha256, cli.json, out).await
         }
+        Command::Ca(_) => unreachable!("handled before connecting"),
     }
 }
 
-async fn connect(addr: &str) -> anyhow::Result<Channel> {
-    drover_common::grpc::connect(addr).await.map_err(|e| {
+/// Mutual TLS when --cacert, --cert and --key are given (all three or none).
+fn dialer(cli: &Cli) -> anyhow::Result<drover_common::tls::client::Dialer> {
+    use drover_common::tls::client::Dialer;
+    match crate::config::tls_files(cli.cert.clone(), cli.key.clone(), cli.cacert.clone(), None)
+        .map_err(|_| anyhow::anyhow!("mutual TLS needs all three of --cacert, --cert and --key"))?
+    {
+        None => Ok(Dialer::plaintext()),
+        Some(files) => Ok(Dialer::tls(drover_common::tls::ClientTls::client(files)?)),
+    }
+}
+
+async fn connect(
+    dialer: &drover_common::tls::client::Dialer,
+    addr: &str,
+) -> anyhow::Result<Channel> {
+    dialer.connect(addr).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot reach coordinator {addr}: {}",
             drover_common::grpc::error_chain(&e)

@@ -175,6 +175,54 @@ impl Deployments {
         }
     }
 
+    /// Records a command sent by hand (SendCommand) in the service's audit,
+    /// with the authenticated sender, before it is sent.
+    pub async fn audit_command(
+        &self,
+        service: &str,
+        actor: &str,
+        host: &str,
+        cmd: &drover_common::proto::Command,
+    ) -> Result<(), DeployError> {
+        use drover_common::proto::command::Action;
+        let (action, artifact) = match &cmd.action {
+            Some(Action::Pull(p)) => ("pull", p.artifact.as_str()),
+            Some(Action::Verify(v)) => ("verify", v.artifact.as_str()),
+            Some(Action::Restart(r)) => ("restart", r.artifact.as_str()),
+            Some(Action::Rollback(_)) => ("rollback", ""),
+            None => ("none", ""),
+        };
+        let event = AuditEvent {
+            at_unix_ms: drover_common::time::now_unix_ms(),
+            service: service.to_string(),
+            pipeline: String::new(),
+            deploy_id: String::new(),
+            kind: "command".into(),
+            actor: actor.to_string(),
+            artifact: artifact.to_string(),
+            git_sha: String::new(),
+            message: format!(
+                "{action} sent to host {host} by hand (command {}, shard {}, epoch {})",
+                cmd.command_id, cmd.shard, cmd.epoch
+            ),
+            pipeline_version: 0,
+        };
+        let key = format!(
+            "{}{:016}-command-{}",
+            self.audit_prefix(service),
+            event.at_unix_ms,
+            uuid::Uuid::new_v4().simple()
+        );
+        self.store
+            .txn(Txn {
+                compares: vec![],
+                success: vec![Op::put(key, event.encode_to_vec())],
+                failure: vec![],
+            })
+            .await?;
+        Ok(())
+    }
+
     /// The audit entries of a transition from `before` to `rec`'s phase.
     /// `before`: phase, stage and batch before the transition.
     fn transition_audit(

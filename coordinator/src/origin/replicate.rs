@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use drover_common::artifact::Digest;
 use drover_common::proto::FetchRequest;
 use drover_common::proto::artifacts_client::ArtifactsClient;
+use drover_common::tls::client::Dialer;
 use tracing::{info, warn};
 
 use super::BlobStore;
@@ -22,6 +23,17 @@ use super::BlobStore;
 #[derive(Default)]
 pub struct Replicator {
     in_flight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// How peers are dialled (with this coordinator's certificate under TLS).
+    dialer: Dialer,
+}
+
+impl Replicator {
+    pub fn new(dialer: Dialer) -> Replicator {
+        Replicator {
+            in_flight: Mutex::default(),
+            dialer,
+        }
+    }
 }
 
 impl Replicator {
@@ -70,7 +82,7 @@ impl Replicator {
     }
 
     async fn copy_from(&self, blobs: &BlobStore, digest: &Digest, peer: &str) -> io::Result<u64> {
-        let channel = drover_common::grpc::connect(peer)
+        let channel = self.dialer.connect(peer)
             .await
             .map_err(|e| io::Error::other(format!("connecting: {e}")))?;
         let mut stream = ArtifactsClient::new(channel)
@@ -113,7 +125,7 @@ impl Replicator {
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no peer coordinator is live");
         for peer in peers {
             let attempt = async {
-                let channel = drover_common::grpc::connect(peer)
+                let channel = self.dialer.connect(peer)
                     .await
                     .map_err(|e| io::Error::other(format!("connecting: {e}")))?;
                 let mut stream = ArtifactsClient::new(channel)
