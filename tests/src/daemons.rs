@@ -15,6 +15,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+use crate::pki::Pki;
 use crate::{ChildGuard, TestDir, bins, wait_until};
 
 /// How long a daemon may take to come up.
@@ -27,9 +28,34 @@ pub struct Coordinator {
     pub metrics_addr: SocketAddr,
     pub data_dir: PathBuf,
     name: String,
+    /// The certificate the harness (and `droverctl`) calls it with; `None`:
+    /// plaintext.
+    pub client: Option<crate::pki::Creds>,
 }
 
 impl Coordinator {
+    /// Starts a coordinator with mutual TLS: a coordinator certificate from
+    /// `pki`, and the harness calling it as an admin user.
+    pub async fn start_tls(dir: &TestDir, name: &str, pki: &Pki, extra: &[&str]) -> Coordinator {
+        Self::start_tls_on(dir, name, pki, "127.0.0.1:0".parse().unwrap(), extra).await
+    }
+
+    /// [`Coordinator::start_tls`] on a given address (a restart).
+    pub async fn start_tls_on(
+        dir: &TestDir,
+        name: &str,
+        pki: &Pki,
+        listen: SocketAddr,
+        extra: &[&str],
+    ) -> Coordinator {
+        let own = pki.coordinator(name);
+        let admin = pki.user("harness-admin", &["--role", "admin"]);
+        let mut flags = own.daemon_flags();
+        flags.extend(extra.iter().map(|s| s.to_string()));
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        Self::start_with(dir, name, listen, &flags, Some(admin)).await
+    }
+
     /// Starts a coordinator named `name` with its data in `dir/name`.
     pub async fn start(dir: &TestDir, name: &str, extra: &[&str]) -> Coordinator {
         Self::start_on(dir, name, "127.0.0.1:0".parse().unwrap(), extra).await
@@ -41,6 +67,16 @@ impl Coordinator {
         name: &str,
         listen: SocketAddr,
         extra: &[&str],
+    ) -> Coordinator {
+        Self::start_with(dir, name, listen, extra, None).await
+    }
+
+    async fn start_with(
+        dir: &TestDir,
+        name: &str,
+        listen: SocketAddr,
+        extra: &[&str],
+        client: Option<crate::pki::Creds>,
     ) -> Coordinator {
         let data_dir = dir.sub(name);
         let addr_file = data_dir.join("listen.addr");
@@ -67,6 +103,7 @@ impl Coordinator {
             metrics_addr,
             data_dir,
             name: name.to_string(),
+            client,
         };
         coordinator.wait_serving().await;
         coordinator
@@ -81,8 +118,17 @@ impl Coordinator {
         self.addr.to_string()
     }
 
+    /// How the harness dials this coordinator.
+    pub fn dialer(&self) -> drover_common::tls::client::Dialer {
+        match &self.client {
+            Some(creds) => creds.dialer(),
+            None => drover_common::tls::client::Dialer::plaintext(),
+        }
+    }
+
     pub async fn channel(&self) -> Channel {
-        drover_common::grpc::connect(&self.addr_arg())
+        self.dialer()
+            .connect(&self.addr_arg())
             .await
             .unwrap_or_else(|e| panic!("connecting to {}: {e}", self.name))
     }
@@ -97,7 +143,9 @@ impl Coordinator {
             "the coordinator to report SERVING",
             START_TIMEOUT,
             || async {
-                let channel = drover_common::grpc::connect(&self.addr_arg())
+                let channel = self
+                    .dialer()
+                    .connect(&self.addr_arg())
                     .await
                     .map_err(|e| e.to_string())?;
                 let status = HealthClient::new(channel)
@@ -231,9 +279,23 @@ impl Coordinator {
     }
 
     pub fn droverctl(&self, args: &[&str]) -> (i32, String, String) {
+        self.droverctl_with(self.client.as_ref(), args)
+    }
+
+    /// droverctl as the holder of `creds`.
+    pub fn droverctl_as(&self, creds: &crate::pki::Creds, args: &[&str]) -> (i32, String, String) {
+        self.droverctl_with(Some(creds), args)
+    }
+
+    fn droverctl_with(
+        &self,
+        creds: Option<&crate::pki::Creds>,
+        args: &[&str],
+    ) -> (i32, String, String) {
         let out = Command::new(bins::bin("droverctl"))
             .arg("--coordinator")
             .arg(self.addr_arg())
+            .args(creds.map(|c| c.ctl_flags()).unwrap_or_default())
             .args(args)
             .output()
             .expect("running droverctl");

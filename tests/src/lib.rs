@@ -9,11 +9,14 @@
 //! - [`sample_fleet`]: a coordinator and agents running the sample service under load.
 //! - [`wait_until`]: poll a condition with a deadline; never a bare sleep.
 //! - [`bins`]: where the binaries are (built once per test process).
+//! - [`pki`]: a CA per test (the real `droverctl ca`), certificates and the
+//!   flags that use them; `Coordinator::start_tls` serves mutual TLS.
 
 pub mod artifacts;
 pub mod bins;
 pub mod cluster;
 pub mod commands;
+pub mod pki;
 mod daemons;
 mod etcd;
 mod http;

@@ -54,12 +54,6 @@ pub struct Send {
     /// Command id; the same id again returns the recorded result (default: a new id).
     #[arg(long)]
     pub id: Option<String>,
-    /// Fencing epoch and shard. Epoch 0 (the default): the coordinator
-    /// stamps the shard's current leader epoch, which agents accept.
-    #[arg(long, default_value_t = 0)]
-    pub epoch: u64,
-    #[arg(long, default_value_t = 0)]
-    pub shard: u32,
     #[command(subcommand)]
     pub action: Action,
 }
@@ -112,8 +106,9 @@ pub async fn send(
             host_id: send.host_id.clone(),
             command: Some(Command {
                 command_id,
-                shard: send.shard,
-                epoch: send.epoch,
+                // Stamped by the service's shard leader.
+                shard: 0,
+                epoch: 0,
                 action: Some(action),
             }),
             timeout_ms: 0,

@@ -1,0 +1,380 @@
+//! Trust, end to end with the real binaries and real certificates made by
+//! `droverctl ca`: mutual TLS on every connection, identities from
+//! certificates, refusals at the handshake, authorization by policy.
+
+use std::time::Duration;
+
+use drover_common::proto::agent_control_client::AgentControlClient;
+use drover_common::proto::{AgentMessage, ConnectionState, Hello, agent_message};
+use drover_tests::pki::{Creds, Pki};
+use drover_tests::{Agent, Coordinator, TestDir, http_get, wait_until, wait_until_ok};
+use nix::sys::signal::Signal;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// The serial of the certificate `coord` serves to a new connection.
+async fn served_serial(coord: &Coordinator, creds: &Creds) -> String {
+    use rustls::pki_types::ServerName;
+    let files = drover_common::tls::TlsFiles {
+        cert: creds.cert.clone(),
+        key: creds.key.clone(),
+        ca: creds.ca.clone(),
+        deny_list: None,
+    };
+    let config = files.client_config().unwrap();
+    let tcp = tokio::net::TcpStream::connect(coord.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let der = &tls.get_ref().1.peer_certificates().unwrap()[0];
+    drover_common::tls::identity::PeerCert::from_der(der)
+        .unwrap()
+        .serial
+}
+
+/// Opens an agent stream with `creds` and says Hello as `host`.
+async fn hello_as(coord: &Coordinator, creds: &Creds, host: &str) -> Result<(), tonic::Status> {
+    let channel = creds.dialer().connect(&coord.addr_arg()).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(AgentMessage {
+        msg: Some(agent_message::Msg::Hello(Hello {
+            host_id: host.into(),
+            heartbeat_interval_ms: 1000,
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut inbound = AgentControlClient::new(channel)
+        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    inbound.message().await.map(|_| ())
+}
+
+#[tokio::test]
+async fn every_connection_is_mutual_tls_and_identity_comes_from_the_certificate() {
+    let dir = TestDir::new();
+    let pki = Pki::new(&dir);
+    let deny = dir.path().join("deny.list");
+    std::fs::write(&deny, "# revoked certificates\n").unwrap();
+    let coord = Coordinator::start_tls(
+        &dir,
+        "c1",
+        &pki,
+        &["--tls-deny-list", deny.to_str().unwrap()],
+    )
+    .await;
+    let _web1 = Agent::start(&dir, "web-1", &[&coord], &strs(&pki.agent_flags("web-1")));
+    let host = coord
+        .wait_state("web-1", ConnectionState::Connected, WAIT)
+        .await;
+
+    // No certificate, a certificate that expired, one from another CA:
+    // refused at the handshake, each with a log line that says why.
+    let no_cert = drover_tests::bins::bin("droverctl");
+    let out = std::process::Command::new(&no_cert)
+        .args(["--coordinator", &coord.addr_arg(), "hosts"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let out = std::process::Command::new(&no_cert)
+        .args(["--coordinator", &format!("https://{}", coord.addr), "hosts"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("asks for TLS"), "never plaintext for https://: {err}");
+    let expired = pki.user(
+        "old",
+        &[
+            "--role",
+            "admin",
+            "--not-before",
+            "2020-01-01T00:00:00Z",
+            "--valid-for",
+            "1d",
+        ],
+    );
+    let (code, _, _) = coord.droverctl_as(&expired, &["hosts"]);
+    assert_eq!(code, 1);
+    let foreign = Pki::with_domain(&dir, "other-ca", "evil.test").user("eve", &["--role", "admin"]);
+    let foreign = Creds {
+        ca: pki.ca(),
+        ..foreign
+    };
+    let (code, _, _) = coord.droverctl_as(&foreign, &["hosts"]);
+    assert_eq!(code, 1);
+    wait_until_ok("three refusals in the log", WAIT, || async {
+        let log = coord.child.log();
+        log.contains("TLS handshake refused")
+            && log.contains("expired")
+            && log.contains("UnknownIssuer")
+    })
+    .await;
+
+    // grpcurl with the user's certificate, the way the README shows.
+    let admin = coord.client.clone().unwrap();
+    let grpcurl = drover_tests::require_tool("grpcurl", "scripts/test installs it");
+    let out = std::process::Command::new(grpcurl)
+        .args([
+            "-cacert",
+            admin.ca.to_str().unwrap(),
+            "-cert",
+            admin.cert.to_str().unwrap(),
+            "-key",
+            admin.key.to_str().unwrap(),
+            &coord.addr_arg(),
+            "drover.v1.Deployer/ListHosts",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("web-1"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // An agent certificate for web-2 cannot say Hello as web-1, and the
+    // real web-1 is not displaced.
+    let web2 = pki.agent("web-2");
+    let status = hello_as(&coord, &web2, "web-1").await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("spiffe://drover.test/agent/web-2 may not connect as agent \"web-1\""),
+        "{status:?}"
+    );
+    let still = coord.host("web-1").await.unwrap();
+    assert_eq!(still.state(), ConnectionState::Connected);
+    assert_eq!(still.connected_at_unix_ms, host.connected_at_unix_ms, "the real web-1 kept its stream");
+    // Agents get no API rights: not even a host list.
+    let (code, _, err) = coord.droverctl_as(&web2, &["hosts"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("PermissionDenied") && err.contains("hosts.read"), "{err}");
+
+    // A command sent by hand is audited with the sender's identity.
+    let (code, _, _) = coord.droverctl(&[
+        "command",
+        "web-1",
+        "verify",
+        "--service",
+        "hello",
+        "--artifact",
+        &"a".repeat(64),
+    ]);
+    assert_eq!(code, 1, "nothing to verify on web-1");
+    let (_, audit, _) = coord.droverctl(&["audit", "--service", "hello"]);
+    assert!(
+        audit.contains("user/harness-admin") && audit.contains("verify sent to host web-1 by hand"),
+        "{audit}"
+    );
+
+    // Revoked on the deny list, reloaded on SIGHUP: refused from then on.
+    let mallory = pki.user("mallory", &["--role", "admin"]);
+    assert_eq!(coord.droverctl_as(&mallory, &["hosts"]).0, 0);
+    std::fs::write(&deny, format!("serial:{}\n", Pki::serial(&mallory))).unwrap();
+    coord.child.signal(Signal::SIGHUP);
+    wait_until_ok("mallory refused", WAIT, || async {
+        coord.droverctl_as(&mallory, &["hosts"]).0 == 1
+    })
+    .await;
+    assert!(coord.child.log().contains("is on the deny list"));
+    assert_eq!(coord.droverctl(&["hosts"]).0, 0, "others still get in");
+}
+
+#[tokio::test]
+async fn roles_scopes_and_the_policy_decide_every_call() {
+    let dir = TestDir::new();
+    let pki = Pki::new(&dir);
+    let policy = dir.path().join("policy.toml");
+    let good = r#"
+[roles]
+starter = ["deploys.read", "deploys.start"]
+
+[groups]
+sre = ["user/sam"]
+
+[[grant]]
+to = ["group/admin"]
+role = "admin"
+
+[[grant]]
+to = ["user/ci"]
+role = "deployer"
+environments = ["staging"]
+
+[[grant]]
+to = ["user/ci"]
+role = "starter"
+environments = ["prod"]
+
+[[grant]]
+to = ["user/dev"]
+role = "deployer"
+environments = ["staging"]
+
+[[grant]]
+to = ["group/sre"]
+role = "approver"
+environments = ["prod"]
+
+[[grant]]
+to = ["user/val"]
+role = "viewer"
+pipelines = ["web-*"]
+"#;
+    std::fs::write(&policy, good).unwrap();
+    let coord = Coordinator::start_tls(&dir, "c1", &pki, &["--policy", policy.to_str().unwrap()]).await;
+    for name in ["web-app", "hello"] {
+        coord.apply_pipeline(
+            &dir,
+            &format!(
+                "name = \"{name}\"\nservice = \"hello\"\n\n[[stages]]\nname = \"staging\"\nselector = \"env=staging\"\nbatch_size = 1\n\n[[stages]]\nname = \"prod\"\nselector = \"env=prod\"\nbatch_size = 1\n"
+            ),
+        );
+    }
+    let ci = pki.user("ci", &[]);
+    let dev = pki.user("dev", &[]);
+    let val = pki.user("val", &[]);
+    let artifact = "b".repeat(64);
+    let start = |creds: &Creds, pipeline: &str, from: &str| {
+        let mut args = vec![
+            "deploy", "start", "--pipeline", pipeline, "--artifact", &artifact,
+        ];
+        if !from.is_empty() {
+            args.extend(["--from-stage", from]);
+        }
+        coord.droverctl_as(creds, &args)
+    };
+    // CI may start deploys in staging and prod (past authorization, the
+    // unknown artifact is what stops these); dev only in staging.
+    for (who, from) in [(&ci, ""), (&ci, "prod"), (&dev, "")] {
+        let (code, _, err) = start(who, "hello", from);
+        assert_eq!(code, 1);
+        assert!(!err.contains("PermissionDenied"), "{err}");
+    }
+    let (_, _, err) = start(&dev, "hello", "prod");
+    assert!(
+        err.contains("PermissionDenied")
+            && err.contains("user/dev lacks permission deploys.start on pipeline hello, environment prod"),
+        "{err}"
+    );
+    // A viewer reads what its scope covers, and only that; writes nothing.
+    let (code, out, err) = coord.droverctl_as(&val, &["pipeline", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("web-app") && !out.lines().any(|l| l.trim_start().starts_with("hello")),
+        "{out}"
+    );
+    let spec = dir.path().join("p.toml");
+    std::fs::write(&spec, "name = \"web-app\"\nservice = \"x\"\n").unwrap();
+    let (_, _, err) = coord.droverctl_as(&val, &["pipeline", "apply", "-f", spec.to_str().unwrap()]);
+    assert!(err.contains("PermissionDenied") && err.contains("pipelines.write"), "{err}");
+    // A user nobody granted anything gets nothing.
+    let nobody = pki.user("nobody", &["--role", "viewer"]);
+    let (_, _, err) = coord.droverctl_as(&nobody, &["hosts"]);
+    assert!(err.contains("PermissionDenied"), "{err}");
+    // Free text cannot forge audit lines.
+    let (_, _, err) = coord.droverctl_as(
+        &ci,
+        &[
+            "deploy", "start", "--pipeline", "hello", "--artifact", &artifact,
+            "--requester", "ci\n2026-01-01 approved by root",
+        ],
+    );
+    assert!(err.contains("InvalidArgument") && err.contains("control character"), "{err}");
+
+    // A policy that does not parse: the old one stays, the error is logged
+    // and counted.
+    std::fs::write(&policy, "[[grant]]\nto = [\"user/ci\"]\nrole = \"god\"\n").unwrap();
+    coord.child.signal(Signal::SIGHUP);
+    wait_until("the failed reload counted", WAIT, || async {
+        let m = http_get(coord.metrics_addr, "/metrics").await;
+        if m.contains("drover_reload_errors_total 1") {
+            Ok(())
+        } else {
+            Err("not yet".to_string())
+        }
+    })
+    .await;
+    let log = coord.child.log();
+    assert!(
+        log.contains("policy reload failed") && log.contains("grant[0].role: unknown role"),
+        "{log}"
+    );
+    assert_eq!(coord.droverctl_as(&val, &["pipeline", "list"]).0, 0);
+    // A good one takes effect: val loses the grant.
+    std::fs::write(&policy, good.replace("to = [\"user/val\"]", "to = [\"user/vic\"]")).unwrap();
+    coord.child.signal(Signal::SIGHUP);
+    wait_until_ok("val's grant gone", WAIT, || async {
+        coord.droverctl_as(&val, &["pipeline", "list"]).0 == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn certificates_rotate_on_sighup_without_dropping_streams() {
+    let dir = TestDir::new();
+    let pki = Pki::new(&dir);
+    let deny = dir.path().join("deny.list");
+    std::fs::write(&deny, "").unwrap();
+    let coord = Coordinator::start_tls(
+        &dir,
+        "c1",
+        &pki,
+        &["--tls-deny-list", deny.to_str().unwrap()],
+    )
+    .await;
+    let agent_creds = pki.agent("web-1");
+    let agent = Agent::start(&dir, "web-1", &[&coord], &strs(&agent_creds.daemon_flags()));
+    let before = coord
+        .wait_state("web-1", ConnectionState::Connected, WAIT)
+        .await;
+    let admin = coord.client.clone().unwrap();
+    let old_coord_serial = served_serial(&coord, &admin).await;
+    let old_agent_serial = Pki::serial(&agent_creds);
+
+    // New certificates for both, picked up on SIGHUP.
+    let new_coord = pki.coordinator("c1");
+    let new_agent = pki.agent("web-1");
+    assert_ne!(Pki::serial(&new_agent), old_agent_serial);
+    coord.child.signal(Signal::SIGHUP);
+    agent.child.signal(Signal::SIGHUP);
+    wait_until_ok("the coordinator serving its new certificate", WAIT, || async {
+        served_serial(&coord, &admin).await == Pki::serial(&new_coord)
+    })
+    .await;
+    assert_ne!(old_coord_serial, Pki::serial(&new_coord));
+    wait_until_ok("the agent's reload logged", WAIT, || async {
+        agent.child.log().contains("certificates reloaded")
+    })
+    .await;
+    // The stream made with the old certificates is still the same one.
+    let now = coord.host("web-1").await.unwrap();
+    assert_eq!(now.state(), ConnectionState::Connected);
+    assert_eq!(now.connected_at_unix_ms, before.connected_at_unix_ms);
+
+    // Revoke the agent's old certificate and restart the coordinator: the
+    // agent reconnects with its new one (the old would be refused).
+    std::fs::write(&deny, format!("serial:{old_agent_serial}\n")).unwrap();
+    let addr = coord.addr;
+    drop(coord);
+    let coord = Coordinator::start_tls_on(
+        &dir,
+        "c1",
+        &pki,
+        addr,
+        &["--tls-deny-list", deny.to_str().unwrap()],
+    )
+    .await;
+    coord
+        .wait_state("web-1", ConnectionState::Connected, WAIT)
+        .await;
+}
