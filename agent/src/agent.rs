@@ -39,7 +39,9 @@ async fn reload_on_sighup(tls: Arc<drover_common::tls::ClientTls>, shutdown: Can
         let _ = drover_common::grpc::notify_systemd("RELOADING=1");
         match tls.reload() {
             Ok(()) => info!("SIGHUP: certificates reloaded"),
-            Err(e) => warn!(error = %e, "SIGHUP: certificate reload failed; the previous ones stay in force"),
+            Err(e) => {
+                warn!(error = %e, "SIGHUP: certificate reload failed; the previous ones stay in force")
+            }
         }
         let _ = drover_common::grpc::notify_systemd("READY=1");
     }
@@ -86,6 +88,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
             limits: cfg.limits.clone(),
             kill_leftovers: cfg.runtime == RuntimeKind::Process,
             dialer: dialer.clone(),
+            signers: cfg.signers.clone(),
         },
         journal,
         runtime.clone(),
@@ -159,7 +162,12 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
             connect(coordinator.clone());
         }
     }
-    info!(host_id = %cfg.host_id, coordinators = ?cfg.coordinators, "agent started");
+    if cfg.signers.is_empty() {
+        warn!(
+            "no --trust-signer: artifacts are not checked for signatures; a coordinator can run any artifact here"
+        );
+    }
+    info!(host_id = %cfg.host_id, coordinators = ?cfg.coordinators, signers = ?cfg.signers.ids(), "agent started");
     // Coordinators named in a Welcome get a connection too.
     loop {
         tokio::select! {

@@ -72,6 +72,10 @@ pub struct Args {
     pub tls_key: Option<PathBuf>,
     #[arg(long)]
     pub tls_ca: Option<PathBuf>,
+    /// A public key (`droverctl artifact keygen`) whose signatures this host
+    /// trusts; repeatable. With any, nothing starts without a valid one.
+    #[arg(long = "trust-signer")]
+    pub trust_signers: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -111,6 +115,8 @@ pub struct AgentConfig {
     pub limits: crate::pull::PullLimits,
     /// Mutual TLS material; `None`: plaintext.
     pub tls: Option<drover_common::tls::TlsFiles>,
+    /// Public keys of trusted artifact signers.
+    pub signers: drover_common::artifact::signature::TrustedSigners,
 }
 
 impl AgentConfig {
@@ -162,6 +168,7 @@ impl AgentConfig {
                     max_unpacked_bytes: args.max_unpacked_bytes,
                 },
             },
+            signers: drover_common::artifact::signature::TrustedSigners::load(&args.trust_signers)?,
             tls: match (args.tls_cert, args.tls_key, args.tls_ca) {
                 (None, None, None) => None,
                 (Some(cert), Some(key), Some(ca)) => Some(drover_common::tls::TlsFiles {

@@ -10,6 +10,11 @@
 //!    in parallel.
 //! 4. Restart to the release already active and ready is a no-op success;
 //!    Rollback never downloads.
+//! 5. With trusted signers (`--trust-signer`), a Pull accepts an artifact
+//!    only with a valid signature from one of them (checked before any
+//!    byte is fetched) and keeps it beside the cached archive; Restart and
+//!    Rollback check that kept signature again before anything starts. So
+//!    a coordinator alone cannot run code on a host.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -47,6 +52,8 @@ pub struct ExecutorConfig {
     pub kill_leftovers: bool,
     /// How artifact sources are dialled (the agent's certificate under TLS).
     pub dialer: drover_common::tls::client::Dialer,
+    /// Rule 5; empty: signatures are not checked.
+    pub signers: drover_common::artifact::signature::TrustedSigners,
 }
 
 /// The final answer to a command.
@@ -308,7 +315,7 @@ impl Executor {
         let lock = self.service_lock(&service);
         let _guard = lock.lock().await;
         match cmd.action.as_ref().expect("checked above") {
-            command::Action::Pull(p) => self.pull(&p.service, &p.artifact, &p.sources).await,
+            command::Action::Pull(p) => self.pull(p).await,
             command::Action::Verify(v) => match parse_digest(&v.artifact) {
                 Ok(d) => match pull::verify(&self.cfg.layout, &v.service, &d).await {
                     Ok(()) => Outcome::ok(format!("{d} verified")),
@@ -327,16 +334,76 @@ impl Executor {
         }
     }
 
-    async fn pull(&self, service: &str, artifact: &str, sources: &[String]) -> Outcome {
-        let digest = match parse_digest(artifact) {
+    /// Rule 5 at pull time: the accepted signature, kept for activation.
+    fn accept_signature(
+        &self,
+        service: &str,
+        digest: &Digest,
+        signatures: &[drover_common::proto::ArtifactSignature],
+    ) -> Result<(), String> {
+        if self.cfg.signers.is_empty() {
+            return Ok(());
+        }
+        let key = self
+            .cfg
+            .signers
+            .verify(service, &digest.hex(), signatures)
+            .map_err(|e| format!("refused: {e}"))?;
+        let sig = signatures
+            .iter()
+            .find(|s| s.key_id == key)
+            .expect("verify returned the id of one of them");
+        let path = self.cfg.layout.signature(digest);
+        std::fs::create_dir_all(self.cfg.layout.cache_dir()).map_err(|e| e.to_string())?;
+        let json = serde_json::to_vec(sig).map_err(|e| e.to_string())?;
+        crate::state::write_durably(&path, &json)
+            .map_err(|e| format!("writing {}: {e}", path.display()))
+    }
+
+    /// Rule 5 at activation: the kept signature must still verify.
+    fn check_signature(&self, service: &str, digest: &Digest) -> Result<(), String> {
+        if self.cfg.signers.is_empty() {
+            return Ok(());
+        }
+        let path = self.cfg.layout.signature(digest);
+        let sig: drover_common::proto::ArtifactSignature = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| {
+                format!(
+                    "not activated: no trusted signature was accepted for {digest} when it was pulled"
+                )
+            })?;
+        self.cfg
+            .signers
+            .verify(service, &digest.hex(), &[sig])
+            .map(|_| ())
+            .map_err(|e| format!("not activated: {e}"))
+    }
+
+    async fn pull(&self, p: &drover_common::proto::PullCommand) -> Outcome {
+        let (service, sources) = (p.service.as_str(), p.sources.as_slice());
+        let digest = match parse_digest(&p.artifact) {
             Ok(d) => d,
             Err(e) => return Outcome::failed(e),
         };
+        if let Err(e) = self.accept_signature(service, &digest, &p.signatures) {
+            warn!(%digest, service, reason = %e, "pull refused: untrusted artifact");
+            return Outcome::failed(e);
+        }
         let layout = &self.cfg.layout;
         if layout.release(service, &digest).is_dir() && layout.cached(&digest).exists() {
             return Outcome::ok(format!("{digest} is already on this host"));
         }
-        let fetched = match pull::download(layout, &digest, sources, &self.cfg.limits, &self.cfg.dialer).await {
+        let fetched = match pull::download(
+            layout,
+            &digest,
+            sources,
+            &self.cfg.limits,
+            &self.cfg.dialer,
+        )
+        .await
+        {
             Ok(n) => n,
             Err(e) => return Outcome::failed(e),
         };
@@ -501,6 +568,10 @@ impl Executor {
         // Never run unverified bits.
         if let Err(e) = pull::verify(layout, service, digest).await {
             return Outcome::failed(format!("not activated: {e}"));
+        }
+        if let Err(e) = self.check_signature(service, digest) {
+            warn!(%digest, service, reason = %e, "activation refused");
+            return Outcome::failed(e);
         }
         let release = layout.release(service, digest);
         let manifest = match pull::read_release_manifest(&release, service) {

@@ -80,7 +80,17 @@ pub async fn download(
             tokio::time::sleep(Duration::from_millis(200 * attempt as u64)).await;
             info!(%digest, %source, offset = hasher.len(), "resuming download");
         }
-        match fetch_into(dialer, source, digest, &part, &mut hasher, limits, &mut fetched).await {
+        match fetch_into(
+            dialer,
+            source,
+            digest,
+            &part,
+            &mut hasher,
+            limits,
+            &mut fetched,
+        )
+        .await
+        {
             Ok(()) => {
                 let (actual, size) = hasher.finish();
                 if actual != *digest {

@@ -30,6 +30,11 @@ impl Layout {
         self.cache_dir().join(format!("{digest}.tar.gz"))
     }
 
+    /// The trusted signature a Pull accepted for `digest` (JSON).
+    pub fn signature(&self, digest: &Digest) -> PathBuf {
+        self.cache_dir().join(format!("{digest}.sig"))
+    }
+
     pub fn partial(&self, digest: &Digest) -> PathBuf {
         self.cache_dir().join(format!("{digest}.part"))
     }

@@ -262,7 +262,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         });
     }
     let lease_task = tokio::spawn(leases.clone().run(stop.clone()));
-    tokio::spawn(trust.clone().reload_on_sighup(metrics.clone(), stop.clone()));
+    tokio::spawn(
+        trust
+            .clone()
+            .reload_on_sighup(metrics.clone(), stop.clone()),
+    );
 
     tokio::select! {
         _ = shutdown => {}
@@ -359,7 +363,9 @@ impl Trust {
                 auth: Arc::new(crate::auth::Authorizer::open()),
             });
         };
-        let own = files.own_identity().context("the coordinator certificate")?;
+        let own = files
+            .own_identity()
+            .context("the coordinator certificate")?;
         anyhow::ensure!(
             own.id.kind == drover_common::tls::identity::Kind::Coordinator,
             "{} is not a coordinator certificate ({})",
@@ -409,7 +415,10 @@ impl Trust {
                 Ok(None) => {}
                 Err(e) => {
                     metrics.reload_errors.inc();
-                    warn!(error = format!("{e:#}"), "policy reload failed; the previous policy stays in force");
+                    warn!(
+                        error = format!("{e:#}"),
+                        "policy reload failed; the previous policy stays in force"
+                    );
                 }
             }
             let _ = drover_common::grpc::notify_systemd("READY=1");

@@ -27,6 +27,7 @@ pub fn pull(service: &str, digest: &str) -> command::Action {
         artifact: digest.into(),
         sources: vec![],
         size_bytes: 0,
+        signatures: vec![],
     })
 }
 

@@ -137,14 +137,19 @@ impl Pki {
     /// The serial number (hex) of an issued certificate.
     pub fn serial(creds: &Creds) -> String {
         use rustls_pki::PemObject;
-        let der = rustls_pki::CertificateDer::from_pem_file(&creds.cert).expect("a PEM certificate");
+        let der =
+            rustls_pki::CertificateDer::from_pem_file(&creds.cert).expect("a PEM certificate");
         drover_common::tls::identity::PeerCert::from_der(&der)
             .expect("a Drover certificate")
             .serial
     }
 
     pub fn coordinator(&self, id: &str) -> Creds {
-        self.issue("coordinator", id, &["--dns", "localhost", "--ip", "127.0.0.1"])
+        self.issue(
+            "coordinator",
+            id,
+            &["--dns", "localhost", "--ip", "127.0.0.1"],
+        )
     }
 
     pub fn agent(&self, host: &str) -> Creds {

@@ -78,7 +78,13 @@ async fn a_good_version_rolls_through_every_batch() {
     // pipeline's shard stamps its epoch (which every agent now holds), and
     // the audit records it.
     let (code, out, err) = f.coord.droverctl(&[
-        "command", "web-0", "verify", "--service", "hello", "--artifact", &v2,
+        "command",
+        "web-0",
+        "verify",
+        "--service",
+        "hello",
+        "--artifact",
+        &v2,
     ]);
     assert_eq!(code, 0, "{out}\n{err}");
     let (_, audit, _) = f.coord.droverctl(&["audit", "--service", "hello"]);

@@ -40,6 +40,7 @@ fn header(service: &str, sha256: &str, size: u64) -> UploadHeader {
         git_sha: "abc123".into(),
         sha256: sha256.into(),
         size_bytes: size,
+        signatures: vec![],
     }
 }
 

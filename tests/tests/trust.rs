@@ -88,7 +88,10 @@ async fn every_connection_is_mutual_tls_and_identity_comes_from_the_certificate(
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("asks for TLS"), "never plaintext for https://: {err}");
+    assert!(
+        err.contains("asks for TLS"),
+        "never plaintext for https://: {err}"
+    );
     let expired = pki.user(
         "old",
         &[
@@ -153,11 +156,17 @@ async fn every_connection_is_mutual_tls_and_identity_comes_from_the_certificate(
     );
     let still = coord.host("web-1").await.unwrap();
     assert_eq!(still.state(), ConnectionState::Connected);
-    assert_eq!(still.connected_at_unix_ms, host.connected_at_unix_ms, "the real web-1 kept its stream");
+    assert_eq!(
+        still.connected_at_unix_ms, host.connected_at_unix_ms,
+        "the real web-1 kept its stream"
+    );
     // Agents get no API rights: not even a host list.
     let (code, _, err) = coord.droverctl_as(&web2, &["hosts"]);
     assert_eq!(code, 1);
-    assert!(err.contains("PermissionDenied") && err.contains("hosts.read"), "{err}");
+    assert!(
+        err.contains("PermissionDenied") && err.contains("hosts.read"),
+        "{err}"
+    );
 
     // A command sent by hand is audited with the sender's identity.
     let (code, _, _) = coord.droverctl(&[
@@ -231,7 +240,8 @@ role = "viewer"
 pipelines = ["web-*"]
 "#;
     std::fs::write(&policy, good).unwrap();
-    let coord = Coordinator::start_tls(&dir, "c1", &pki, &["--policy", policy.to_str().unwrap()]).await;
+    let coord =
+        Coordinator::start_tls(&dir, "c1", &pki, &["--policy", policy.to_str().unwrap()]).await;
     for name in ["web-app", "hello"] {
         coord.apply_pipeline(
             &dir,
@@ -246,7 +256,12 @@ pipelines = ["web-*"]
     let artifact = "b".repeat(64);
     let start = |creds: &Creds, pipeline: &str, from: &str| {
         let mut args = vec![
-            "deploy", "start", "--pipeline", pipeline, "--artifact", &artifact,
+            "deploy",
+            "start",
+            "--pipeline",
+            pipeline,
+            "--artifact",
+            &artifact,
         ];
         if !from.is_empty() {
             args.extend(["--from-stage", from]);
@@ -263,7 +278,9 @@ pipelines = ["web-*"]
     let (_, _, err) = start(&dev, "hello", "prod");
     assert!(
         err.contains("PermissionDenied")
-            && err.contains("user/dev lacks permission deploys.start on pipeline hello, environment prod"),
+            && err.contains(
+                "user/dev lacks permission deploys.start on pipeline hello, environment prod"
+            ),
         "{err}"
     );
     // A viewer reads what its scope covers, and only that; writes nothing.
@@ -275,8 +292,12 @@ pipelines = ["web-*"]
     );
     let spec = dir.path().join("p.toml");
     std::fs::write(&spec, "name = \"web-app\"\nservice = \"x\"\n").unwrap();
-    let (_, _, err) = coord.droverctl_as(&val, &["pipeline", "apply", "-f", spec.to_str().unwrap()]);
-    assert!(err.contains("PermissionDenied") && err.contains("pipelines.write"), "{err}");
+    let (_, _, err) =
+        coord.droverctl_as(&val, &["pipeline", "apply", "-f", spec.to_str().unwrap()]);
+    assert!(
+        err.contains("PermissionDenied") && err.contains("pipelines.write"),
+        "{err}"
+    );
     // A user nobody granted anything gets nothing.
     let nobody = pki.user("nobody", &["--role", "viewer"]);
     let (_, _, err) = coord.droverctl_as(&nobody, &["hosts"]);
@@ -285,11 +306,20 @@ pipelines = ["web-*"]
     let (_, _, err) = coord.droverctl_as(
         &ci,
         &[
-            "deploy", "start", "--pipeline", "hello", "--artifact", &artifact,
-            "--requester", "ci\n2026-01-01 approved by root",
+            "deploy",
+            "start",
+            "--pipeline",
+            "hello",
+            "--artifact",
+            &artifact,
+            "--requester",
+            "ci\n2026-01-01 approved by root",
         ],
     );
-    assert!(err.contains("InvalidArgument") && err.contains("control character"), "{err}");
+    assert!(
+        err.contains("InvalidArgument") && err.contains("control character"),
+        "{err}"
+    );
 
     // A policy that does not parse: the old one stays, the error is logged
     // and counted.
@@ -311,7 +341,11 @@ pipelines = ["web-*"]
     );
     assert_eq!(coord.droverctl_as(&val, &["pipeline", "list"]).0, 0);
     // A good one takes effect: val loses the grant.
-    std::fs::write(&policy, good.replace("to = [\"user/val\"]", "to = [\"user/vic\"]")).unwrap();
+    std::fs::write(
+        &policy,
+        good.replace("to = [\"user/val\"]", "to = [\"user/vic\"]"),
+    )
+    .unwrap();
     coord.child.signal(Signal::SIGHUP);
     wait_until_ok("val's grant gone", WAIT, || async {
         coord.droverctl_as(&val, &["pipeline", "list"]).0 == 1
@@ -347,9 +381,11 @@ async fn certificates_rotate_on_sighup_without_dropping_streams() {
     assert_ne!(Pki::serial(&new_agent), old_agent_serial);
     coord.child.signal(Signal::SIGHUP);
     agent.child.signal(Signal::SIGHUP);
-    wait_until_ok("the coordinator serving its new certificate", WAIT, || async {
-        served_serial(&coord, &admin).await == Pki::serial(&new_coord)
-    })
+    wait_until_ok(
+        "the coordinator serving its new certificate",
+        WAIT,
+        || async { served_serial(&coord, &admin).await == Pki::serial(&new_coord) },
+    )
     .await;
     assert_ne!(old_coord_serial, Pki::serial(&new_coord));
     wait_until_ok("the agent's reload logged", WAIT, || async {

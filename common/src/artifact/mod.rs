@@ -9,6 +9,7 @@
 pub mod build;
 pub mod digest;
 pub mod manifest;
+pub mod signature;
 pub mod unpack;
 
 pub use digest::{Digest, DigestError, Hasher};

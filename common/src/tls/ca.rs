@@ -191,7 +191,9 @@ pub fn issue_with(
     }
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
-    params.distinguished_name.push(DnType::CommonName, id.short());
+    params
+        .distinguished_name
+        .push(DnType::CommonName, id.short());
     if !req.groups.is_empty() {
         // rcgen keeps one entry per attribute type: the groups share one O
         // entry, comma-separated (several O entries read the same way).
@@ -199,17 +201,14 @@ pub fn issue_with(
             .distinguished_name
             .push(DnType::OrganizationName, req.groups.join(","));
     }
-    let mut sans = vec![SanType::URI(
-        id.to_string()
-            .try_into()
-            .map_err(|e: rcgen::Error| CaError::Invalid(e.to_string()))?,
-    )];
+    let mut sans =
+        vec![SanType::URI(id.to_string().try_into().map_err(
+            |e: rcgen::Error| CaError::Invalid(e.to_string()),
+        )?)];
     for d in &req.dns {
-        sans.push(SanType::DnsName(
-            d.clone()
-                .try_into()
-                .map_err(|_| CaError::Invalid(format!("{d:?} is not a DNS name")))?,
-        ));
+        sans.push(SanType::DnsName(d.clone().try_into().map_err(|_| {
+            CaError::Invalid(format!("{d:?} is not a DNS name"))
+        })?));
     }
     sans.extend(req.ips.iter().map(|ip| SanType::IpAddress(*ip)));
     params.subject_alt_names = sans;
@@ -304,7 +303,10 @@ mod tests {
         let peer = PeerCert::from_der(&der).unwrap();
         assert_eq!(peer.id.to_string(), "spiffe://example.org/user/alice");
         assert_eq!(peer.groups, vec!["sre".to_string(), "deployer".to_string()]);
-        assert_eq!(peer.serial.trim_start_matches('0'), issued.serial.trim_start_matches('0'));
+        assert_eq!(
+            peer.serial.trim_start_matches('0'),
+            issued.serial.trim_start_matches('0')
+        );
         let key_mode = std::fs::metadata(dir.path().join(CA_KEY_FILE))
             .unwrap()
             .permissions();

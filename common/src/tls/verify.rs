@@ -254,8 +254,8 @@ mod tests {
         assert!(deny.denies(&cert).is_some());
         cert.serial = "01".into();
         assert!(deny.denies(&cert).is_none());
-        cert.id = super::super::identity::SpiffeId::parse("spiffe://example.org/agent/web-9")
-            .unwrap();
+        cert.id =
+            super::super::identity::SpiffeId::parse("spiffe://example.org/agent/web-9").unwrap();
         assert!(deny.denies(&cert).unwrap().contains("deny list"));
         assert!(DenyList::parse("not-hex!\n").is_err());
         assert!(DenyList::parse("spiffe://x/robot/y\n").is_err());

@@ -5,17 +5,17 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::auth::{Permission, Scope};
 use drover_common::artifact::{Digest, read_manifest};
 use drover_common::proto::artifacts_server::Artifacts;
 use drover_common::proto::{
-    ArtifactInfo, FetchChunk, FetchRequest, ListArtifactsRequest, ListArtifactsResponse,
-    StatRequest, UploadHeader, UploadRequest, upload_request,
+    AddSignatureRequest, ArtifactInfo, FetchChunk, FetchRequest, ListArtifactsRequest,
+    ListArtifactsResponse, StatRequest, UploadHeader, UploadRequest, upload_request,
 };
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
-use crate::auth::{Permission, Scope};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
@@ -124,6 +124,10 @@ fn validate_header(h: &UploadHeader, max: u64) -> Result<Digest, ApiError> {
             h.git_sha
         )));
     }
+    for sig in &h.signatures {
+        drover_common::artifact::signature::validate_shape(sig)
+            .map_err(|e| ApiError::Invalid(format!("signature: {e}")))?;
+    }
     if h.size_bytes > max {
         return Err(ApiError::Invalid(format!(
             "declared size {} bytes is over the limit of {max} bytes",
@@ -167,7 +171,7 @@ impl Artifacts for ArtifactsService {
         let digest = validate_header(&header, self.max_artifact_bytes)?;
         if let Some(mut existing) = self
             .store
-            .info(&digest)
+            .add_signatures(&digest, &header.signatures)
             .await
             .map_err(|e| io_status("reading metadata", e))?
         {
@@ -250,6 +254,7 @@ impl Artifacts for ArtifactsService {
             uploaded_at_unix_ms: drover_common::time::now_unix_ms(),
             manifest_version: manifest.version,
             deduplicated: false,
+            signatures: header.signatures,
         };
         self.store
             .commit(pending, &digest, &info)
@@ -332,6 +337,29 @@ impl Artifacts for ArtifactsService {
             Some(info) => Ok(Response::new(info)),
             None => Err(ApiError::NotFound(format!("no artifact {digest} on this origin")).into()),
         }
+    }
+
+    async fn add_signature(
+        &self,
+        request: Request<AddSignatureRequest>,
+    ) -> Result<Response<ArtifactInfo>, Status> {
+        self.auth
+            .caller(&request, Permission::ArtifactsPush, Scope::default())?;
+        let req = request.into_inner();
+        let digest = parse_digest(&req.sha256)?;
+        let sig = req
+            .signature
+            .ok_or_else(|| ApiError::Invalid("signature is required".into()))?;
+        drover_common::artifact::signature::validate_shape(&sig)
+            .map_err(|e| ApiError::Invalid(format!("signature: {e}")))?;
+        let info = self
+            .store
+            .add_signatures(&digest, std::slice::from_ref(&sig))
+            .await
+            .map_err(|e| io_status("updating metadata", e))?
+            .ok_or_else(|| ApiError::NotFound(format!("no artifact {digest} is stored")))?;
+        info!(%digest, key_id = %sig.key_id, "signature added");
+        Ok(Response::new(info))
     }
 
     async fn list(

@@ -192,12 +192,19 @@ impl Deployer for DeployerService {
         }
         let req = request.into_inner();
         let mut cmd = req.command.expect("checked above");
-        let epoch = self.leases.leadership(shard).map(|l| l.epoch).ok_or_else(|| {
-            ApiError::Unavailable(format!("this coordinator stopped leading shard {shard}; retry"))
-        })?;
+        let epoch = self
+            .leases
+            .leadership(shard)
+            .map(|l| l.epoch)
+            .ok_or_else(|| {
+                ApiError::Unavailable(format!(
+                    "this coordinator stopped leading shard {shard}; retry"
+                ))
+            })?;
         cmd.shard = shard;
         cmd.epoch = epoch;
         if let Some(command::Action::Pull(p)) = &mut cmd.action {
+            p.signatures = self.deployments.artifact_signatures(&p.artifact).await;
             p.sources = vec![self.origin_addr.clone()];
             p.sources.extend(
                 self.leases
@@ -458,7 +465,9 @@ impl Deployer for DeployerService {
     }
 
     async fn pause_deploy(&self, request: Request<DeployRef>) -> Result<Response<Deploy>, Status> {
-        let (at, who) = self.control_at(&request, Permission::DeploysControl).await?;
+        let (at, who) = self
+            .control_at(&request, Permission::DeploysControl)
+            .await?;
         if let Route::Leader(mut leader) = self.forward.route(at.shard, &request).await? {
             return leader.pause_deploy(self.forward.forwarded(request)).await;
         }
@@ -472,7 +481,9 @@ impl Deployer for DeployerService {
     }
 
     async fn resume_deploy(&self, request: Request<DeployRef>) -> Result<Response<Deploy>, Status> {
-        let (at, who) = self.control_at(&request, Permission::DeploysControl).await?;
+        let (at, who) = self
+            .control_at(&request, Permission::DeploysControl)
+            .await?;
         if let Route::Leader(mut leader) = self.forward.route(at.shard, &request).await? {
             return leader.resume_deploy(self.forward.forwarded(request)).await;
         }
@@ -489,7 +500,9 @@ impl Deployer for DeployerService {
         &self,
         request: Request<DeployRef>,
     ) -> Result<Response<Deploy>, Status> {
-        let (at, who) = self.control_at(&request, Permission::DeploysApprove).await?;
+        let (at, who) = self
+            .control_at(&request, Permission::DeploysApprove)
+            .await?;
         if let Route::Leader(mut leader) = self.forward.route(at.shard, &request).await? {
             return leader.approve_deploy(self.forward.forwarded(request)).await;
         }
@@ -503,7 +516,9 @@ impl Deployer for DeployerService {
     }
 
     async fn abort_deploy(&self, request: Request<DeployRef>) -> Result<Response<Deploy>, Status> {
-        let (at, who) = self.control_at(&request, Permission::DeploysControl).await?;
+        let (at, who) = self
+            .control_at(&request, Permission::DeploysControl)
+            .await?;
         if let Route::Leader(mut leader) = self.forward.route(at.shard, &request).await? {
             return leader.abort_deploy(self.forward.forwarded(request)).await;
         }
@@ -533,7 +548,9 @@ impl Deployer for DeployerService {
         &self,
         request: Request<DeployRef>,
     ) -> Result<Response<Deploy>, Status> {
-        let (at, who) = self.control_at(&request, Permission::DeploysControl).await?;
+        let (at, who) = self
+            .control_at(&request, Permission::DeploysControl)
+            .await?;
         if let Route::Leader(mut leader) = self.forward.route(at.shard, &request).await? {
             return leader
                 .rollback_deploy(self.forward.forwarded(request))
@@ -561,7 +578,9 @@ impl Deployer for DeployerService {
         &self,
         request: Request<DeployRef>,
     ) -> Result<Response<Deploy>, Status> {
-        let (at, who) = self.control_at(&request, Permission::DeploysControl).await?;
+        let (at, who) = self
+            .control_at(&request, Permission::DeploysControl)
+            .await?;
         if let Route::Leader(mut leader) = self.forward.route(at.shard, &request).await? {
             return leader.promote_deploy(self.forward.forwarded(request)).await;
         }

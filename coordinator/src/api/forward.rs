@@ -93,7 +93,9 @@ impl Forwarder {
     /// original caller (which the leader believes only from a coordinator
     /// certificate).
     pub fn forwarded<T>(&self, request: Request<T>) -> Request<T> {
-        let caller = crate::auth::caller_of(&request).ok().and_then(|c| c.header());
+        let caller = crate::auth::caller_of(&request)
+            .ok()
+            .and_then(|c| c.header());
         let mut out = Request::new(request.into_inner());
         if let Ok(v) = self.leases.id().parse() {
             out.metadata_mut().insert(FORWARDED_BY, v);

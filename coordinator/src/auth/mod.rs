@@ -208,8 +208,7 @@ fn read(path: &PathBuf) -> anyhow::Result<Policy> {
     use anyhow::Context;
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading policy file {}", path.display()))?;
-    Policy::parse(&text)
-        .map_err(|e| anyhow::anyhow!("policy file {}: {e}", path.display()))
+    Policy::parse(&text).map_err(|e| anyhow::anyhow!("policy file {}: {e}", path.display()))
 }
 
 /// Checks a free-text field (a note, a reason): at most `max` characters,
@@ -284,7 +283,11 @@ mod tests {
     #[test]
     fn open_authorizer_allows_anonymous_and_enforcing_refuses_it() {
         let open = Authorizer::open();
-        assert!(open.allows(&Caller::Anonymous, Permission::CommandsSend, Scope::default()));
+        assert!(open.allows(
+            &Caller::Anonymous,
+            Permission::CommandsSend,
+            Scope::default()
+        ));
         let strict = Authorizer::enforcing(None).unwrap();
         let err = strict
             .check(

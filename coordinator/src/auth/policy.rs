@@ -240,11 +240,10 @@ impl Policy {
             if g.to.is_empty() {
                 return Err(format!("{at}.to is empty"));
             }
-            let to = g
-                .to
-                .iter()
-                .map(|w| parse_who(w).map_err(|e| format!("{at}.to: {e}")))
-                .collect::<Result<_, _>>()?;
+            let to =
+                g.to.iter()
+                    .map(|w| parse_who(w).map_err(|e| format!("{at}.to: {e}")))
+                    .collect::<Result<_, _>>()?;
             grants.push(Grant {
                 to,
                 permissions,
@@ -291,7 +290,9 @@ impl Default for Policy {
     fn default() -> Policy {
         let mut text = String::new();
         for role in BUILTIN_ROLES {
-            text.push_str(&format!("[[grant]]\nto = [\"group/{role}\"]\nrole = \"{role}\"\n"));
+            text.push_str(&format!(
+                "[[grant]]\nto = [\"group/{role}\"]\nrole = \"{role}\"\n"
+            ));
         }
         Policy::parse(&text).expect("the default policy parses")
     }
@@ -405,10 +406,16 @@ role = "viewer"
     #[test]
     fn bad_policies_name_the_field() {
         for (text, needle) in [
-            ("[[grant]]\nto = [\"user/a\"]\nrole = \"nope\"\n", "grant[0].role"),
+            (
+                "[[grant]]\nto = [\"user/a\"]\nrole = \"nope\"\n",
+                "grant[0].role",
+            ),
             ("[roles]\nx = [\"deploys.fly\"]\n", "roles.x"),
             ("[roles]\nadmin = []\n", "roles.admin"),
-            ("[[grant]]\nto = [\"agent/web-1\"]\nrole = \"viewer\"\n", "grant[0].to"),
+            (
+                "[[grant]]\nto = [\"agent/web-1\"]\nrole = \"viewer\"\n",
+                "grant[0].to",
+            ),
             ("[groups]\nsre = [\"group/x\"]\n", "groups.sre"),
             (
                 "[[grant]]\nto = [\"*\"]\nrole = \"viewer\"\npipelines = [\"[\"]\n",

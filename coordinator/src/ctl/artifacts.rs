@@ -5,9 +5,11 @@ use std::path::Path;
 
 use comfy_table::{Table, presets};
 use drover_common::artifact::Digest;
+use drover_common::artifact::signature::SigningIdentity;
 use drover_common::proto::artifacts_client::ArtifactsClient;
 use drover_common::proto::{
-    ArtifactInfo, ListArtifactsRequest, StatRequest, UploadHeader, UploadRequest, upload_request,
+    AddSignatureRequest, ArtifactInfo, ListArtifactsRequest, StatRequest, UploadHeader,
+    UploadRequest, upload_request,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::io::AsyncReadExt;
@@ -17,11 +19,71 @@ use super::{print_json, status_error};
 
 const CHUNK: usize = 256 * 1024;
 
+/// `droverctl artifact keygen`: a new signing key (private, 0600) and its
+/// public key, the file agents trust with `--trust-signer`.
+pub fn keygen(out_dir: &Path, name: &str, out: &mut impl Write) -> anyhow::Result<()> {
+    let key = SigningIdentity::generate();
+    let (private, public) = key.to_pem();
+    std::fs::create_dir_all(out_dir)?;
+    let private_path = out_dir.join(format!("{name}.key"));
+    let public_path = out_dir.join(format!("{name}.pub"));
+    drover_common::tls::ca::write_replacing(&private_path, &private, 0o600)?;
+    drover_common::tls::ca::write_replacing(&public_path, &public, 0o644)?;
+    writeln!(
+        out,
+        "signing key {} -> {} (private) {} (give agents --trust-signer with this)",
+        key.key_id(),
+        private_path.display(),
+        public_path.display()
+    )?;
+    Ok(())
+}
+
+/// `droverctl artifact sign`: signs a stored artifact's digest for its
+/// service and adds the signature on the origin.
+pub async fn sign(
+    client: &mut ArtifactsClient<Channel>,
+    sha256: &str,
+    key: &Path,
+    json: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let key = SigningIdentity::load(key)?;
+    let info = client
+        .stat(StatRequest {
+            sha256: sha256.to_string(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let info = client
+        .add_signature(AddSignatureRequest {
+            sha256: info.sha256.clone(),
+            signature: Some(key.sign(&info.service, &info.sha256)),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if json {
+        return print_json(out, &info);
+    }
+    writeln!(
+        out,
+        "{} signed by {} ({} signature(s))",
+        info.sha256,
+        key.key_id(),
+        info.signatures.len()
+    )?;
+    Ok(())
+}
+
 pub struct Push<'a> {
     pub file: &'a Path,
     pub service: &'a str,
     pub version: &'a str,
     pub git_sha: &'a str,
+    /// Sign the digest with this ed25519 key (PKCS#8 PEM).
+    pub sign_key: Option<&'a Path>,
 }
 
 pub async fn push(
@@ -34,12 +96,17 @@ pub async fn push(
     let (digest, size) = tokio::task::spawn_blocking(move || Digest::of_file(&path))
         .await?
         .map_err(|e| anyhow::anyhow!("reading {}: {e}", push.file.display()))?;
+    let signatures = match push.sign_key {
+        Some(key) => vec![SigningIdentity::load(key)?.sign(push.service, &digest.hex())],
+        None => vec![],
+    };
     let header = UploadHeader {
         service: push.service.to_string(),
         version: push.version.to_string(),
         git_sha: push.git_sha.to_string(),
         sha256: digest.hex(),
         size_bytes: size,
+        signatures,
     };
     let progress = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(size);

@@ -75,6 +75,7 @@ pub async fn send(
             artifact,
             sources: vec![],
             size_bytes: 0,
+            signatures: vec![],
         }),
         Action::Verify { service, artifact } => {
             command::Action::Verify(VerifyCommand { service, artifact })

@@ -190,6 +190,22 @@ pub enum ArtifactCommand {
         /// The commit it was built from.
         #[arg(long, default_value = "")]
         git_sha: String,
+        /// Sign the digest with this ed25519 key (`droverctl artifact keygen`).
+        #[arg(long)]
+        sign_key: Option<std::path::PathBuf>,
+    },
+    /// Sign a stored artifact (adds the signature on the origin).
+    Sign {
+        sha256: String,
+        #[arg(long)]
+        sign_key: std::path::PathBuf,
+    },
+    /// Make an ed25519 signing key pair: NAME.key (CI keeps it) and NAME.pub (agents trust it).
+    Keygen {
+        #[arg(long, default_value = ".")]
+        out: std::path::PathBuf,
+        #[arg(long, default_value = "signer")]
+        name: String,
     },
     /// List stored artifacts, newest first.
     List {
@@ -204,6 +220,9 @@ pub enum ArtifactCommand {
 pub async fn run(cli: Cli, out: &mut impl std::io::Write) -> anyhow::Result<()> {
     if let Command::Ca(cmd) = cli.command {
         return ca::run(cmd, out);
+    }
+    if let Command::Artifact(ArtifactCommand::Keygen { out: dir, name }) = &cli.command {
+        return artifacts::keygen(dir, name, out);
     }
     let dialer = dialer(&cli)?;
     let channel = connect(&dialer, &cli.coordinator).await?;
@@ -221,12 +240,14 @@ pub async fn run(cli: Cli, out: &mut impl std::io::Write) -> anyhow::Result<()> 
             service,
             version,
             git_sha,
+            sign_key,
         }) => {
             let push = artifacts::Push {
                 file: &file,
                 service: &service,
                 version: &version,
                 git_sha: &git_sha,
+                sign_key: sign_key.as_deref(),
             };
             artifacts::push(&mut origin, push, cli.json, out).await
         }
@@ -253,7 +274,12 @@ pub async fn run(cli: Cli, out: &mut impl std::io::Write) -> anyhow::Result<()> 
         Command::Artifact(ArtifactCommand::Show { sha256 }) => {
             artifacts::show(&mut origin, &sha256, cli.json, out).await
         }
-        Command::Ca(_) => unreachable!("handled before connecting"),
+        Command::Artifact(ArtifactCommand::Sign { sha256, sign_key }) => {
+            artifacts::sign(&mut origin, &sha256, &sign_key, cli.json, out).await
+        }
+        Command::Ca(_) | Command::Artifact(ArtifactCommand::Keygen { .. }) => {
+            unreachable!("handled before connecting")
+        }
     }
 }
 

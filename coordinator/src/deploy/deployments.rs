@@ -175,6 +175,21 @@ impl Deployments {
         }
     }
 
+    /// The signatures CI made for `artifact` (agents with trusted signers
+    /// pull nothing without one).
+    pub async fn artifact_signatures(
+        &self,
+        artifact: &str,
+    ) -> Vec<drover_common::proto::ArtifactSignature> {
+        let Ok(digest) = artifact.parse::<drover_common::artifact::Digest>() else {
+            return Vec::new();
+        };
+        match self.blobs.info(&digest).await {
+            Ok(Some(info)) => info.signatures,
+            _ => Vec::new(),
+        }
+    }
+
     /// Records a command sent by hand (SendCommand) in the service's audit,
     /// with the authenticated sender, before it is sent.
     pub async fn audit_command(
@@ -1285,6 +1300,7 @@ impl Deployments {
                     .collect();
             }
         };
+        let signatures = self.artifact_signatures(&rec.artifact).await;
         let mut tasks = tokio::task::JoinSet::new();
         for host in hosts {
             let this = self.clone();
@@ -1294,6 +1310,7 @@ impl Deployments {
                 artifact: rec.artifact.clone(),
                 sources: self.pull_sources(),
                 size_bytes: 0,
+                signatures: signatures.clone(),
             });
             tasks.spawn(async move {
                 let cmd = Self::command(fence, &id, stage, batch, &host, "pull", pull);

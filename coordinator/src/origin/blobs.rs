@@ -62,6 +62,34 @@ impl BlobStore {
         }
     }
 
+    /// Adds `signatures` (those not there yet) to a stored artifact's
+    /// metadata; returns the metadata as stored.
+    pub async fn add_signatures(
+        &self,
+        digest: &Digest,
+        signatures: &[drover_common::proto::ArtifactSignature],
+    ) -> io::Result<Option<ArtifactInfo>> {
+        let Some(mut info) = self.info(digest).await? else {
+            return Ok(None);
+        };
+        let before = info.signatures.len();
+        for sig in signatures {
+            if !info.signatures.contains(sig) {
+                info.signatures.push(sig.clone());
+            }
+        }
+        if info.signatures.len() != before {
+            self.store
+                .txn(Txn {
+                    success: vec![Op::put(self.meta_key(digest), info.encode_to_vec())],
+                    ..Default::default()
+                })
+                .await
+                .map_err(store_error)?;
+        }
+        Ok(Some(info))
+    }
+
     /// Every stored artifact, newest first.
     pub async fn list(&self) -> io::Result<Vec<ArtifactInfo>> {
         let (kvs, _) = self

@@ -82,7 +82,9 @@ impl Replicator {
     }
 
     async fn copy_from(&self, blobs: &BlobStore, digest: &Digest, peer: &str) -> io::Result<u64> {
-        let channel = self.dialer.connect(peer)
+        let channel = self
+            .dialer
+            .connect(peer)
             .await
             .map_err(|e| io::Error::other(format!("connecting: {e}")))?;
         let mut stream = ArtifactsClient::new(channel)
@@ -125,7 +127,9 @@ impl Replicator {
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no peer coordinator is live");
         for peer in peers {
             let attempt = async {
-                let channel = self.dialer.connect(peer)
+                let channel = self
+                    .dialer
+                    .connect(peer)
                     .await
                     .map_err(|e| io::Error::other(format!("connecting: {e}")))?;
                 let mut stream = ArtifactsClient::new(channel)
