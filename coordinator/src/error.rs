@@ -42,6 +42,7 @@ impl From<ApiError> for Status {
                     D::Pipeline(p) => Status::from(ApiError::Pipeline(p)),
                     D::Store(_) => Status::internal(msg),
                     D::NotLeader(_) => Status::unavailable(msg),
+                    D::Forbidden(_) => Status::permission_denied(msg),
                 }
             }
             ApiError::Pipeline(e) => {

@@ -17,6 +17,8 @@ pub struct SampleFleet {
     pub load: Vec<ChildGuard>,
     /// (host id, port of its sample service)
     pub ports: Vec<(String, u16)>,
+    /// The CA of a fleet started with [`SampleFleet::start_tls`].
+    pub pki: Option<crate::pki::Pki>,
 }
 
 impl SampleFleet {
@@ -33,8 +35,33 @@ impl SampleFleet {
         rps: u32,
         extra: impl Fn(usize) -> Vec<String>,
     ) -> SampleFleet {
+        Self::start_inner(n, rps, extra, None).await
+    }
+
+    /// Like [`SampleFleet::start_with`], every connection mutual TLS with
+    /// certificates from a CA made for the test; `coordinator` are more
+    /// coordinator flags (a `--policy`).
+    pub async fn start_tls(
+        n: usize,
+        rps: u32,
+        extra: impl Fn(usize) -> Vec<String>,
+        coordinator: &[&str],
+    ) -> SampleFleet {
+        Self::start_inner(n, rps, extra, Some(coordinator)).await
+    }
+
+    async fn start_inner(
+        n: usize,
+        rps: u32,
+        extra: impl Fn(usize) -> Vec<String>,
+        tls: Option<&[&str]>,
+    ) -> SampleFleet {
         let dir = TestDir::new();
-        let coord = Coordinator::start(&dir, "coord", &[]).await;
+        let pki = tls.map(|_| crate::pki::Pki::new(&dir));
+        let coord = match (&pki, tls) {
+            (Some(pki), Some(flags)) => Coordinator::start_tls(&dir, "coord", pki, flags).await,
+            _ => Coordinator::start(&dir, "coord", &[]).await,
+        };
         let mut agents = Vec::new();
         let mut load = Vec::new();
         let mut ports = Vec::new();
@@ -42,7 +69,10 @@ impl SampleFleet {
             let host = format!("web-{i}");
             let port = free_port();
             let idx = format!("idx={i}");
-            let more = extra(i);
+            let mut more = extra(i);
+            if let Some(pki) = &pki {
+                more.extend(pki.agent_flags(&host));
+            }
             let mut flags = vec!["--label", "env=prod", "--label", &idx];
             flags.extend(more.iter().map(String::as_str));
             agents.push(Agent::start_sample(&dir, &host, &[&coord], port, &flags));
@@ -72,6 +102,7 @@ impl SampleFleet {
             agents,
             load,
             ports,
+            pki,
         }
     }
 

@@ -414,3 +414,126 @@ async fn certificates_rotate_on_sighup_without_dropping_streams() {
         .wait_state("web-1", ConnectionState::Connected, WAIT)
         .await;
 }
+
+#[tokio::test]
+async fn prod_needs_two_approvers_from_sre_and_never_the_starter() {
+    use drover_common::proto::DeployPhase;
+    use drover_tests::sample_fleet::SampleFleet;
+    let policy_dir = tempfile::tempdir().unwrap();
+    let policy = policy_dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        r#"
+[groups]
+sre = ["user/bob", "user/carol", "user/alice"]
+
+[[grant]]
+to = ["group/admin"]
+role = "admin"
+
+[[grant]]
+to = ["user/alice", "user/dave"]
+role = "deployer"
+
+[[grant]]
+to = ["group/sre"]
+role = "approver"
+environments = ["prod"]
+
+[[grant]]
+to = ["user/dave"]
+role = "viewer"
+"#,
+    )
+    .unwrap();
+    let fleet = SampleFleet::start_tls(
+        2,
+        0,
+        |_| Vec::new(),
+        &["--policy", policy.to_str().unwrap()],
+    )
+    .await;
+    fleet.apply(
+        r#"
+name = "hello"
+service = "hello"
+
+[[stages]]
+name = "staging"
+selector = "idx=0"
+batch_size = 1
+gate = { samples = 1, bad_samples = 1, min_requests = 1, inconclusive = "INCONCLUSIVE_POLICY_PASS" }
+
+[[stages]]
+name = "prod"
+selector = "env=prod"
+batch_size = 1
+requires_approval = true
+required_approvals = 2
+four_eyes = true
+approver_roles = ["approver"]
+gate = { samples = 1, bad_samples = 1, min_requests = 1, inconclusive = "INCONCLUSIVE_POLICY_PASS" }
+"#,
+    );
+    let pki = fleet.pki.as_ref().unwrap();
+    let [alice, bob, carol, dave] = ["alice", "bob", "carol", "dave"].map(|u| pki.user(u, &[]));
+    let v1 = fleet.push("v1", &[]);
+    let (code, out, err) = fleet.coord.droverctl_as(
+        &alice,
+        &[
+            "deploy",
+            "start",
+            "--pipeline",
+            "hello",
+            "--artifact",
+            &v1,
+            "--requester",
+            "release 42",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let id = out.split_whitespace().next().unwrap().to_string();
+    fleet
+        .coord
+        .wait_phase(&id, DeployPhase::AwaitingApproval)
+        .await;
+    let approve = |who: &Creds| fleet.coord.droverctl_as(who, &["deploy", "approve", &id]);
+
+    // A deployer who is not an approver, then the starter (four eyes).
+    let (code, _, err) = approve(&dave);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("PermissionDenied") && err.contains("deploys.approve"),
+        "{err}"
+    );
+    let (code, _, err) = approve(&alice);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("PermissionDenied") && err.contains("four eyes: user/alice started deploy"),
+        "{err}"
+    );
+    // Two distinct approvers from sre; the same one twice counts once.
+    assert_eq!(approve(&bob).0, 0);
+    assert_eq!(approve(&bob).0, 0);
+    let d = fleet.coord.get_deploy(&id).await;
+    assert_eq!(
+        d.phase(),
+        DeployPhase::AwaitingApproval,
+        "{:?}",
+        d.approvals
+    );
+    assert_eq!(approve(&carol).0, 0);
+    fleet.coord.wait_phase(&id, DeployPhase::Complete).await;
+
+    // The audit names authenticated identities; free text is only a note.
+    let (_, audit, _) = fleet.coord.droverctl(&["audit", "--service", "hello"]);
+    assert!(audit.contains("user/alice (note: release 42)"), "{audit}");
+    assert!(
+        audit.contains("user/bob") && audit.contains("user/carol"),
+        "{audit}"
+    );
+    assert!(
+        audit.contains("approval 1 of 2 for stage prod by user/bob"),
+        "{audit}"
+    );
+}

@@ -24,7 +24,8 @@ use tonic::{Request, Response, Status};
 
 use crate::api::forward::{Forwarder, Route};
 use crate::auth::{
-    Authorizer, Permission, Scope, actor_with_note, validate_idempotency_key, validate_text,
+    Authorizer, Caller, Permission, Scope, actor_with_note, identity_or_note,
+    validate_idempotency_key, validate_text,
 };
 use crate::deploy::pipeline::Pipelines;
 use crate::error::ApiError;
@@ -80,7 +81,7 @@ impl DeployerService {
         &self,
         request: &Request<DeployRef>,
         permission: Permission,
-    ) -> Result<(DeployAt, String), Status> {
+    ) -> Result<(DeployAt, Caller, String), Status> {
         let r = request.get_ref();
         validate_text("requester", &r.requester, 128)?;
         validate_text("reason", &r.reason, 512)?;
@@ -93,7 +94,8 @@ impl DeployerService {
                 environment: Some(&at.stage),
             },
         )?;
-        Ok((at, actor_with_note(&caller, &r.requester)))
+        let who = actor_with_note(&caller, &r.requester);
+        Ok((at, caller, who))
     }
 
     /// The shard that fences hand-sent commands for `service`: that of a
@@ -375,8 +377,13 @@ impl Deployer for DeployerService {
             return leader.start_deploy(self.forward.forwarded(request)).await;
         }
         let mut req = request.into_inner();
+        let started_by = identity_or_note(&caller, &req.requester);
         req.requester = actor_with_note(&caller, &req.requester);
-        let rec = self.deployments.start(req).await.map_err(ApiError::from)?;
+        let rec = self
+            .deployments
+            .start(req, &started_by)
+            .await
+            .map_err(ApiError::from)?;
         Ok(Response::new(rec.to_proto()))
     }
 
@@ -465,7 +472,7 @@ impl Deployer for DeployerService {
     }
 
     async fn pause_deploy(&self, request: Request<DeployRef>) -> Result<Response<Deploy>, Status> {
-        let (at, who) = self
+        let (at, _, who) = self
             .control_at(&request, Permission::DeploysControl)
             .await?;
         if let Route::Leader(mut leader) = self.forward.route(at.shard, &request).await? {
@@ -481,7 +488,7 @@ impl Deployer for DeployerService {
     }
 
     async fn resume_deploy(&self, request: Request<DeployRef>) -> Result<Response<Deploy>, Status> {
-        let (at, who) = self
+        let (at, _, who) = self
             .control_at(&request, Permission::DeploysControl)
             .await?;
         if let Route::Leader(mut leader) = self.forward.route(at.shard, &request).await? {
@@ -500,23 +507,50 @@ impl Deployer for DeployerService {
         &self,
         request: Request<DeployRef>,
     ) -> Result<Response<Deploy>, Status> {
-        let (at, who) = self
+        let (at, caller, who) = self
             .control_at(&request, Permission::DeploysApprove)
             .await?;
+        // A stage may name the roles its approvers must hold.
+        let (rec, _) = self
+            .deployments
+            .load(&request.get_ref().id)
+            .await
+            .map_err(ApiError::from)?;
+        let roles = rec
+            .snapshot
+            .stages
+            .iter()
+            .find(|s| s.name == at.stage)
+            .map(|s| s.approver_roles.clone())
+            .unwrap_or_default();
+        let scope = Scope {
+            pipeline: Some(&at.pipeline),
+            environment: Some(&at.stage),
+        };
+        if !self.auth.holds_any_role(&caller, &roles, scope) {
+            return Err(ApiError::PermissionDenied(format!(
+                "{} holds none of the roles stage {} requires of approvers ({})",
+                caller.actor(),
+                at.stage,
+                roles.join(", ")
+            ))
+            .into());
+        }
         if let Route::Leader(mut leader) = self.forward.route(at.shard, &request).await? {
             return leader.approve_deploy(self.forward.forwarded(request)).await;
         }
         let r = request.into_inner();
+        let approver = identity_or_note(&caller, &r.requester);
         let rec = self
             .deployments
-            .control(&r.id, Event::Approve, &who)
+            .approve(&r.id, &approver, &who)
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(rec.to_proto()))
     }
 
     async fn abort_deploy(&self, request: Request<DeployRef>) -> Result<Response<Deploy>, Status> {
-        let (at, who) = self
+        let (at, _, who) = self
             .control_at(&request, Permission::DeploysControl)
             .await?;
         if let Route::Leader(mut leader) = self.forward.route(at.shard, &request).await? {
@@ -548,7 +582,7 @@ impl Deployer for DeployerService {
         &self,
         request: Request<DeployRef>,
     ) -> Result<Response<Deploy>, Status> {
-        let (at, who) = self
+        let (at, _, who) = self
             .control_at(&request, Permission::DeploysControl)
             .await?;
         if let Route::Leader(mut leader) = self.forward.route(at.shard, &request).await? {
@@ -578,7 +612,7 @@ impl Deployer for DeployerService {
         &self,
         request: Request<DeployRef>,
     ) -> Result<Response<Deploy>, Status> {
-        let (at, who) = self
+        let (at, _, who) = self
             .control_at(&request, Permission::DeploysControl)
             .await?;
         if let Route::Leader(mut leader) = self.forward.route(at.shard, &request).await? {

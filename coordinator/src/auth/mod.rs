@@ -167,6 +167,19 @@ impl Authorizer {
         }
     }
 
+    /// Whether `caller` holds one of `roles` at `scope` (an approver-role
+    /// rule of a stage). Without enforcement, everyone does.
+    pub fn holds_any_role(&self, caller: &Caller, roles: &[String], scope: Scope<'_>) -> bool {
+        if !self.enforce || roles.is_empty() {
+            return true;
+        }
+        let Caller::Subject(s) = caller else {
+            return false;
+        };
+        let policy = self.policy.read().expect("policy lock");
+        roles.iter().any(|r| policy.holds_role(s, r, scope))
+    }
+
     /// [`Authorizer::allows`], or PERMISSION_DENIED naming what is missing.
     pub fn check(
         &self,
@@ -239,6 +252,16 @@ pub fn validate_idempotency_key(key: &str) -> Result<(), ApiError> {
         Err(ApiError::Invalid(
             "idempotency_key must be at most 128 of [A-Za-z0-9._:/-]".into(),
         ))
+    }
+}
+
+/// Who a caller is for four-eyes rules: the authenticated identity, or,
+/// without TLS, the free-text name it gave (nothing better exists).
+pub fn identity_or_note(caller: &Caller, note: &str) -> String {
+    match caller {
+        Caller::Subject(_) => caller.actor(),
+        Caller::Anonymous if note.is_empty() => "anonymous".into(),
+        Caller::Anonymous => note.to_string(),
     }
 }
 

@@ -154,6 +154,7 @@ enum Who {
 #[derive(Debug)]
 struct Grant {
     to: Vec<Who>,
+    role: String,
     permissions: BTreeSet<Permission>,
     pipelines: GlobSet,
     environments: GlobSet,
@@ -246,6 +247,7 @@ impl Policy {
                     .collect::<Result<_, _>>()?;
             grants.push(Grant {
                 to,
+                role: g.role.clone(),
                 permissions,
                 pipelines: globs(&format!("{at}.pipelines"), &g.pipelines)?,
                 environments: globs(&format!("{at}.environments"), &g.environments)?,
@@ -258,26 +260,37 @@ impl Policy {
     pub fn allows(&self, subject: &Subject, permission: Permission, scope: Scope<'_>) -> bool {
         match subject.id.kind {
             Kind::Agent | Kind::Coordinator => permission == Permission::ArtifactsRead,
-            Kind::User => {
-                let user = format!("user/{}", subject.id.name);
-                let in_group = |g: &str| {
+            Kind::User => self
+                .grants_of(subject, scope)
+                .any(|grant| grant.permissions.contains(&permission)),
+        }
+    }
+
+    /// Whether a grant gives `subject` the role named `role` at `scope`.
+    pub fn holds_role(&self, subject: &Subject, role: &str, scope: Scope<'_>) -> bool {
+        subject.id.kind == Kind::User && self.grants_of(subject, scope).any(|g| g.role == role)
+    }
+
+    /// The grants that name `subject` and cover `scope`.
+    fn grants_of<'a>(
+        &'a self,
+        subject: &'a Subject,
+        scope: Scope<'a>,
+    ) -> impl Iterator<Item = &'a Grant> + 'a {
+        let user = format!("user/{}", subject.id.name);
+        self.grants.iter().filter(move |grant| {
+            grant.to.iter().any(|w| match w {
+                Who::AnyUser => true,
+                Who::User(u) => *u == subject.id.name,
+                Who::Group(g) => {
                     subject.groups.iter().any(|sg| sg == g)
                         || self.groups.get(g).is_some_and(|m| m.contains(&user))
-                };
-                self.grants.iter().any(|grant| {
-                    grant.permissions.contains(&permission)
-                        && grant.to.iter().any(|w| match w {
-                            Who::AnyUser => true,
-                            Who::User(u) => *u == subject.id.name,
-                            Who::Group(g) => in_group(g),
-                        })
-                        && scope.pipeline.is_none_or(|p| grant.pipelines.is_match(p))
-                        && scope
-                            .environment
-                            .is_none_or(|e| grant.environments.is_match(e))
-                })
-            }
-        }
+                }
+            }) && scope.pipeline.is_none_or(|p| grant.pipelines.is_match(p))
+                && scope
+                    .environment
+                    .is_none_or(|e| grant.environments.is_match(e))
+        })
     }
 
     pub fn grant_count(&self) -> usize {

@@ -26,7 +26,7 @@ use tracing::{info, warn};
 use super::gate::{Sample, Verdict, judge};
 use super::machine::{Event, Machine, Phase};
 use super::pipeline::{PipelineError, Pipelines};
-use super::record::{DeployRecord, plan_stage};
+use super::record::{DeployRecord, StageApproval, plan_stage};
 
 mod canary;
 use crate::fleet::{PendingCommands, Registry};
@@ -56,6 +56,9 @@ pub enum DeployError {
     /// This coordinator does not (or no longer) lead the pipeline's shard.
     #[error("{0}")]
     NotLeader(String),
+    /// The caller may not do this to this deploy (four eyes).
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 struct Live {
@@ -554,10 +557,96 @@ impl Deployments {
         }
     }
 
+    /// An approval of the stage deploy `id` waits at, by `approver` (an
+    /// authenticated identity, or the free-text name without TLS; `who` is
+    /// what the audit shows). The stage moves on once it holds
+    /// `required_approvals` approvals from distinct approvers; with four
+    /// eyes the deploy's starter cannot be one. Approving twice counts once.
+    pub async fn approve(
+        self: &Arc<Self>,
+        id: &str,
+        approver: &str,
+        who: &str,
+    ) -> Result<DeployRecord, DeployError> {
+        loop {
+            let (mut rec, revision) = self.load(id).await?;
+            if rec.machine.phase != Phase::AwaitingApproval {
+                // The machine says why an approval does not apply now.
+                return self.control(id, Event::Approve, who).await;
+            }
+            let stage = rec.snapshot.stages[rec.machine.stage].clone();
+            if stage.four_eyes && approver == rec.started_by {
+                return Err(DeployError::Forbidden(format!(
+                    "four eyes: {approver} started deploy {id} and cannot approve its stage {}",
+                    stage.name
+                )));
+            }
+            let given = rec
+                .stage_approvals
+                .iter()
+                .filter(|a| a.stage == stage.name)
+                .count();
+            if rec
+                .stage_approvals
+                .iter()
+                .any(|a| a.stage == stage.name && a.approver == approver)
+            {
+                return Ok(rec);
+            }
+            let required = stage.required_approvals.max(1) as usize;
+            if given + 1 >= required {
+                rec.stage_approvals.push(StageApproval {
+                    stage: stage.name.clone(),
+                    approver: approver.to_string(),
+                    at_unix_ms: drover_common::time::now_unix_ms(),
+                });
+                let (machine, _) = rec
+                    .machine
+                    .apply(Event::Approve)
+                    .map_err(|e| DeployError::Conflict(e.to_string()))?;
+                rec.approvals
+                    .push(format!("{who} approved stage {}", stage.name));
+                let before = (rec.machine.phase, rec.machine.stage, rec.machine.batch);
+                rec.machine = machine;
+                let audit = Self::transition_audit(before, &rec, &Event::Approve, who);
+                if self.save(&mut rec, revision, audit).await?.is_some() {
+                    info!(deploy = %id, approver, stage = %stage.name, "approved");
+                    self.live(id).notify_one();
+                    return Ok(rec);
+                }
+                continue;
+            }
+            rec.stage_approvals.push(StageApproval {
+                stage: stage.name.clone(),
+                approver: approver.to_string(),
+                at_unix_ms: drover_common::time::now_unix_ms(),
+            });
+            rec.approvals.push(format!(
+                "{who} approved stage {} ({} of {required})",
+                stage.name,
+                given + 1
+            ));
+            let event = Self::audit(
+                &rec,
+                "approval",
+                who,
+                format!(
+                    "approval {} of {required} for stage {} by {who}",
+                    given + 1,
+                    stage.name
+                ),
+            );
+            if self.save(&mut rec, revision, vec![event]).await?.is_some() {
+                return Ok(rec);
+            }
+        }
+    }
+
     /// Starts a deploy of `artifact` through `pipeline`.
     pub async fn start(
         self: &Arc<Self>,
         req: StartDeployRequest,
+        started_by: &str,
     ) -> Result<DeployRecord, DeployError> {
         let pipeline = self.pipelines.get(&req.pipeline).await?;
         self.fence_guard(self.shard_of_pipeline(&pipeline.name))?;
@@ -686,6 +775,8 @@ impl Deployments {
             },
             idempotency_key: req.idempotency_key.clone(),
             approvals: Vec::new(),
+            stage_approvals: Vec::new(),
+            started_by: started_by.to_string(),
             created_at_unix_ms: now,
             updated_at_unix_ms: now,
             snapshot: pipeline.clone(),
@@ -768,15 +859,18 @@ impl Deployments {
         }
         if !r.succeeded {
             // Lost a race with another start: answer as if we had been second.
-            return Box::pin(self.start(StartDeployRequest {
-                pipeline: pipeline.name,
-                artifact: rec.artifact,
-                idempotency_key: req.idempotency_key,
-                requester: rec.requester,
-                git_sha: rec.git_sha,
-                from_stage: req.from_stage,
-                force: req.force,
-            }))
+            return Box::pin(self.start(
+                StartDeployRequest {
+                    pipeline: pipeline.name,
+                    artifact: rec.artifact,
+                    idempotency_key: req.idempotency_key,
+                    requester: rec.requester,
+                    git_sha: rec.git_sha,
+                    from_stage: req.from_stage,
+                    force: req.force,
+                },
+                started_by,
+            ))
             .await;
         }
         info!(deploy = %id, pipeline = %rec.pipeline, artifact = %rec.artifact, "deploy started");

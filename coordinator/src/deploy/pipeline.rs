@@ -302,6 +302,25 @@ pub fn validate(p: &Pipeline) -> Result<(), PipelineError> {
                 s.on_approval_timeout
             ));
         }
+        if s.required_approvals > 10 {
+            problems.push(format!("{}: at most 10", at("required_approvals")));
+        }
+        if (s.required_approvals > 1 || s.four_eyes || !s.approver_roles.is_empty())
+            && !s.requires_approval
+        {
+            problems.push(format!(
+                "{}: required_approvals, four_eyes and approver_roles need requires_approval = true",
+                at("requires_approval")
+            ));
+        }
+        for r in &s.approver_roles {
+            if drover_common::tls::identity::validate_name(r).is_err() {
+                problems.push(format!(
+                    "{}: {r:?} is not a role name",
+                    at("approver_roles")
+                ));
+            }
+        }
         let mut wave_names = HashSet::new();
         for (k, w) in s.waves.iter().enumerate() {
             let f = |field: &str| at(&format!("waves[{k}].{field}"));

@@ -19,6 +19,14 @@ pub struct HostResult {
     pub reason: String,
 }
 
+/// One approval of one stage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageApproval {
+    pub stage: String,
+    pub approver: String,
+    pub at_unix_ms: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeployRecord {
     pub id: String,
@@ -39,6 +47,13 @@ pub struct DeployRecord {
     pub git_sha: String,
     pub idempotency_key: String,
     pub approvals: Vec<String>,
+    /// Who approved which stage (distinct approvers count).
+    #[serde(default)]
+    pub stage_approvals: Vec<StageApproval>,
+    /// The authenticated identity that started the deploy (`user/alice`),
+    /// or the free-text requester without TLS.
+    #[serde(default)]
+    pub started_by: String,
     pub created_at_unix_ms: u64,
     pub updated_at_unix_ms: u64,
     pub snapshot: Pipeline,
