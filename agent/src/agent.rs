@@ -132,6 +132,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         let executor = executor.clone();
         Arc::new(move |epochs| executor.raise_epochs(epochs))
     };
+    let cluster: crate::connection::ClusterSink = {
+        let executor = executor.clone();
+        Arc::new(move |id, authenticated| executor.join_cluster(id, authenticated))
+    };
     let report: ReportSink = {
         let board = board.clone();
         Arc::new(move |r| board.set_reported(r))
@@ -150,6 +154,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
                 dropped: Arc::new(AtomicU64::new(0)),
                 commands: commands.clone(),
                 fence: fence.clone(),
+                cluster: cluster.clone(),
                 report: report.clone(),
                 directory: Some(directory.clone()),
                 dialer: dialer.clone(),

@@ -61,6 +61,10 @@ pub type CommandSink =
 /// executor raises and persists its highest epoch for each.
 pub type FenceSink = Arc<dyn Fn(&[ShardEpoch]) + Send + Sync>;
 
+/// Receives the cluster id of every Welcome, and whether the coordinator
+/// proved its identity with a certificate; runs before the Welcome's epochs.
+pub type ClusterSink = Arc<dyn Fn(&str, bool) + Send + Sync>;
+
 /// Receives the metrics heartbeats must carry (Welcome, ReportMetrics).
 pub type ReportSink = Arc<dyn Fn(&ReportMetrics) + Send + Sync>;
 
@@ -77,6 +81,7 @@ pub struct Connection {
     pub dropped: Arc<AtomicU64>,
     pub commands: CommandSink,
     pub fence: FenceSink,
+    pub cluster: ClusterSink,
     pub report: ReportSink,
     /// Where discovered coordinators are announced (None: only the
     /// configured ones, as drover-fleetsim does).
@@ -221,6 +226,7 @@ impl Connection {
                         }
                         *welcomed = true;
                         *coordinator_id = w.coordinator_id.clone();
+                        (self.cluster)(&w.cluster_id, self.dialer.is_tls());
                         (self.fence)(&w.epochs);
                         if let Some(r) = &w.report_metrics {
                             (self.report)(r);

@@ -2,8 +2,13 @@
 //!
 //! Rules, in the order they are applied to every command:
 //! 1. Fencing: a command whose epoch is below the highest seen for its shard
-//!    is answered REJECTED_STALE and does nothing. A higher epoch is
-//!    persisted before anything else happens.
+//!    is answered REJECTED_STALE and does nothing; one above it is answered
+//!    REJECTED_UNFENCED (epochs rise only with a Fence or Welcome from the
+//!    shard's leader, persisted before they count, so no command can raise
+//!    one). After the per-service lock is taken (rule 3) the epoch is
+//!    checked again: a Fence that arrived while it waited wins. Epochs
+//!    belong to the coordinators' cluster id; a new one (a rebuilt store)
+//!    resets them, logged.
 //! 2. Idempotency: a command id with a recorded result gets that result
 //!    again; one still running is joined, not started twice.
 //! 3. Commands for one service run one at a time; different services run
@@ -180,38 +185,69 @@ impl Executor {
         }
     }
 
+    /// Rule 1's cluster: adopts the coordinators' cluster id; a different
+    /// one than the journal's resets every shard's epoch (logged).
+    pub fn join_cluster(&self, cluster_id: &str, authenticated: bool) {
+        if cluster_id.is_empty() {
+            return;
+        }
+        let mut journal = self.journal.lock().expect("journal lock");
+        if journal.state.cluster_id == cluster_id {
+            return;
+        }
+        if !journal.state.cluster_id.is_empty() {
+            warn!(
+                from = %journal.state.cluster_id,
+                to = %cluster_id,
+                authenticated,
+                "the coordinators belong to a new cluster (a rebuilt store): resetting every shard epoch"
+            );
+            journal.state.epochs.clear();
+        }
+        journal.state.cluster_id = cluster_id.to_string();
+        if let Err(e) = journal.save() {
+            warn!(error = %e, "cannot persist the cluster id");
+        }
+    }
+
+    /// The highest epoch this host holds for `shard`.
+    fn epoch_of(&self, shard: u32) -> u64 {
+        self.journal
+            .lock()
+            .expect("journal lock")
+            .state
+            .epochs
+            .get(&shard)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Handles one command from a coordinator; every update goes to `reply`.
     pub async fn handle(self: &Arc<Self>, cmd: Command, reply: mpsc::Sender<AgentMessage>) {
         // 1. Fencing, then 2. a recorded result.
         enum Gate {
             Reject(String),
-            Fail(String),
+            Unfenced(String),
             Recorded(RecordedResult),
             Run,
         }
         let gate = {
-            let mut journal = self.journal.lock().expect("journal lock");
+            let journal = self.journal.lock().expect("journal lock");
             let highest = journal.state.epochs.get(&cmd.shard).copied().unwrap_or(0);
             if cmd.epoch < highest {
                 Gate::Reject(format!(
                     "epoch {} is below {highest}, the highest seen for shard {}; a newer leader owns this shard",
                     cmd.epoch, cmd.shard
                 ))
+            } else if cmd.epoch > highest {
+                Gate::Unfenced(format!(
+                    "epoch {} is above {highest}, the epoch shard {} was fenced at here; only the shard leader's Fence raises it",
+                    cmd.epoch, cmd.shard
+                ))
             } else {
-                let saved = if cmd.epoch > highest {
-                    journal.state.epochs.insert(cmd.shard, cmd.epoch);
-                    journal
-                        .save()
-                        .map_err(|e| format!("cannot persist the shard epoch: {e}"))
-                } else {
-                    Ok(())
-                };
-                match saved {
-                    Err(e) => Gate::Fail(e),
-                    Ok(()) => match journal.state.result(&cmd.command_id) {
-                        Some(r) => Gate::Recorded(r.clone()),
-                        None => Gate::Run,
-                    },
+                match journal.state.result(&cmd.command_id) {
+                    Some(r) => Gate::Recorded(r.clone()),
+                    None => Gate::Run,
                 }
             }
         };
@@ -223,9 +259,10 @@ impl Executor {
                     .await;
                 return;
             }
-            Gate::Fail(reason) => {
+            Gate::Unfenced(reason) => {
+                warn!(command_id = %cmd.command_id, %reason, "rejected unfenced command");
                 let _ = reply
-                    .send(cmd.update(CommandStatus::Failed, &reason, ""))
+                    .send(cmd.update(CommandStatus::RejectedUnfenced, &reason, ""))
                     .await;
                 return;
             }
@@ -314,6 +351,18 @@ impl Executor {
         }
         let lock = self.service_lock(&service);
         let _guard = lock.lock().await;
+        // Rule 1 again: a Fence may have arrived while this command waited.
+        let highest = self.epoch_of(cmd.shard);
+        if cmd.epoch < highest {
+            return Outcome {
+                status: CommandStatus::RejectedStale,
+                reason: format!(
+                    "epoch {} fell below {highest} for shard {} while the command waited for the service",
+                    cmd.epoch, cmd.shard
+                ),
+                output_tail: String::new(),
+            };
+        }
         match cmd.action.as_ref().expect("checked above") {
             command::Action::Pull(p) => self.pull(p).await,
             command::Action::Verify(v) => match parse_digest(&v.artifact) {

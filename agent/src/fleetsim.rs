@@ -361,6 +361,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
                     dropped: Arc::new(AtomicU64::new(0)),
                     commands: commands.clone(),
                     fence: fence.clone(),
+                    cluster: Arc::new(|_, _| {}),
                     report: Arc::new(|_| {}),
                     directory: None,
                     dialer: drover_common::tls::client::Dialer::plaintext(),

@@ -41,6 +41,10 @@ pub struct LocalState {
     /// Oldest first.
     pub results: VecDeque<RecordedResult>,
     pub epochs: BTreeMap<u32, u64>,
+    /// The coordinators' cluster the epochs belong to ("" before the first
+    /// Welcome).
+    #[serde(default)]
+    pub cluster_id: String,
 }
 
 impl LocalState {

@@ -95,6 +95,7 @@ pub struct Args {
     /// Fault injection, never in production: keep acting as a shard leader
     /// after the lease keep-alive fails, so tests can prove that etcd and
     /// the agents refuse a deposed leader on their own.
+    #[cfg(feature = "fault-injection")]
     #[arg(long, hide = true)]
     pub fault_ignore_lease_loss: bool,
 }
@@ -179,7 +180,8 @@ pub struct Config {
     pub policy: Option<PathBuf>,
     /// Plaintext beyond loopback was asked for explicitly.
     pub insecure: bool,
-    /// See `--fault-ignore-lease-loss`.
+    /// See `--fault-ignore-lease-loss` (only with the `fault-injection`
+    /// cargo feature; always false in release builds).
     pub fault_ignore_lease_loss: bool,
 }
 
@@ -267,7 +269,10 @@ impl Config {
             );
             cfg.shards = n;
         }
-        cfg.fault_ignore_lease_loss = args.fault_ignore_lease_loss;
+        #[cfg(feature = "fault-injection")]
+        {
+            cfg.fault_ignore_lease_loss = args.fault_ignore_lease_loss;
+        }
         if let Some(w) = args.warmup.or(file.warmup) {
             cfg.warmup = w;
         }

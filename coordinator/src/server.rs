@@ -148,6 +148,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         shutdown: stop.clone(),
         leases: leases.clone(),
         report,
+        cluster_id: cluster_id(store.as_ref(), &cfg.key_prefix).await?,
         auth: trust.auth.clone(),
     };
     let deployments = Deployments::new(Parts {
@@ -424,6 +425,32 @@ impl Trust {
             let _ = drover_common::grpc::notify_systemd("READY=1");
         }
     }
+}
+
+/// The cluster id, written once in the store by the first coordinator
+/// (a rebuilt or replaced store gets a new one; agents then reset epochs).
+async fn cluster_id(store: &dyn Store, prefix: &str) -> anyhow::Result<String> {
+    use crate::store::{Compare, Op, Txn};
+    let key = format!("{prefix}/cluster-id");
+    store
+        .txn(Txn {
+            compares: vec![Compare::Missing(key.clone())],
+            success: vec![Op::put(
+                key.clone(),
+                uuid::Uuid::new_v4().simple().to_string(),
+            )],
+            failure: vec![],
+        })
+        .await
+        .context("writing the cluster id")?;
+    let kv = store
+        .get(&key)
+        .await
+        .context("reading the cluster id")?
+        .context("the cluster id vanished")?;
+    let id = String::from_utf8(kv.value).context("the cluster id is not UTF-8")?;
+    info!(cluster_id = %id, "cluster");
+    Ok(id)
 }
 
 /// Writes `addr` to `path` atomically, so a reader never sees half of it.

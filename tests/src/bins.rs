@@ -23,6 +23,10 @@ fn target_dir() -> PathBuf {
     }
 }
 
+/// The features test builds have (fault-injection knobs); scripts/test
+/// passes the same.
+pub const FEATURES: &str = "drover-coordinator/fault-injection";
+
 fn build_once() {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
@@ -33,7 +37,8 @@ fn build_once() {
         let workspace = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
         let mut cmd = Command::new(cargo);
         cmd.current_dir(workspace)
-            .args(["build", "--quiet", "--workspace", "--bins"]);
+            .args(["build", "--quiet", "--workspace", "--bins"])
+            .args(["--features", FEATURES]);
         if target_dir().file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }

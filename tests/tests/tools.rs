@@ -250,8 +250,12 @@ async fn harness_starts_a_real_etcd() {
 #[test]
 fn the_readme_demo_runs_to_the_end() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/demo");
+    // The harness builds the binaries (with the test features); the demo
+    // uses them as they are.
+    bins::bin("droverctl");
     let out = Command::new("bash")
         .arg(script)
+        .env("DROVER_SKIP_BUILD", "1")
         .output()
         .expect("running scripts/demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -290,8 +294,10 @@ fn the_readme_demo_runs_to_the_end() {
 fn dev_cluster_brings_up_etcd_three_coordinators_and_agents_that_find_them_all() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/dev-cluster");
     let dir = TestDir::new();
+    bins::bin("droverctl");
     let out = Command::new("bash")
         .arg(script)
+        .env("DROVER_SKIP_BUILD", "1")
         .args(["--agents", "2", "--check", "--dir"])
         .arg(dir.path())
         .output()

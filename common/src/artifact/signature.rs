@@ -196,14 +196,20 @@ mod tests {
         let sig = ci.sign("hello", &digest);
         assert!(validate_shape(&sig).is_ok());
         assert_eq!(
-            trusted.verify("hello", &digest, &[sig.clone()]).unwrap(),
+            trusted
+                .verify("hello", &digest, std::slice::from_ref(&sig))
+                .unwrap(),
             ci.key_id()
         );
         // Another service, another digest, another key, no signature, junk.
-        assert!(trusted.verify("other", &digest, &[sig.clone()]).is_err());
         assert!(
             trusted
-                .verify("hello", &"b".repeat(64), &[sig.clone()])
+                .verify("other", &digest, std::slice::from_ref(&sig))
+                .is_err()
+        );
+        assert!(
+            trusted
+                .verify("hello", &"b".repeat(64), std::slice::from_ref(&sig))
                 .is_err()
         );
         let rogue = SigningIdentity::generate().sign("hello", &digest);

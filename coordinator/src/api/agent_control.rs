@@ -48,6 +48,8 @@ pub struct AgentControlService {
     pub leases: Arc<ShardLeases>,
     /// The metrics heartbeats must carry (kept current from the pipelines).
     pub report: Arc<std::sync::Mutex<ReportMetrics>>,
+    /// The coordinators' cluster id (Welcome): epochs belong to it.
+    pub cluster_id: String,
     /// Under TLS, an agent connects only as the host its certificate names.
     pub auth: Arc<crate::auth::Authorizer>,
 }
@@ -184,6 +186,7 @@ impl AgentControl for AgentControlService {
         }
         let welcome = CoordinatorMessage {
             msg: Some(coordinator_message::Msg::Welcome(Welcome {
+                cluster_id: self.cluster_id.clone(),
                 coordinator_id: self.coordinator_id.clone(),
                 session_id: session_id.to_string(),
                 coordinators: self.leases.addresses(),

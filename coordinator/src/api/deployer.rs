@@ -63,7 +63,7 @@ impl DeployerService {
         let stage = rec
             .snapshot
             .stages
-            .get(rec.machine.stage as usize)
+            .get(rec.machine.stage)
             .or(rec.snapshot.stages.last())
             .map(|s| s.name.clone())
             .unwrap_or_default();

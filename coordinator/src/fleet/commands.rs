@@ -29,7 +29,10 @@ pub enum SendError {
 pub fn is_final(status: CommandStatus) -> bool {
     matches!(
         status,
-        CommandStatus::Succeeded | CommandStatus::Failed | CommandStatus::RejectedStale
+        CommandStatus::Succeeded
+            | CommandStatus::Failed
+            | CommandStatus::RejectedStale
+            | CommandStatus::RejectedUnfenced
     )
 }
 
