@@ -537,3 +537,104 @@ gate = { samples = 1, bad_samples = 1, min_requests = 1, inconclusive = "INCONCL
         "{audit}"
     );
 }
+
+/// A certificate with two URI SANs, signed by the test's CA (our CA never
+/// issues one; an external CA might).
+fn two_identities(pki: &Pki, dir: &TestDir) -> Creds {
+    let (issuer, _) = drover_common::tls::ca::load(&pki.dir).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![
+        rcgen::SanType::URI("spiffe://drover.test/user/a".try_into().unwrap()),
+        rcgen::SanType::URI("spiffe://drover.test/user/b".try_into().unwrap()),
+    ];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let out = dir.sub("two-uris");
+    std::fs::write(out.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(out.join("key.pem"), key.serialize_pem()).unwrap();
+    Creds {
+        cert: out.join("cert.pem"),
+        key: out.join("key.pem"),
+        ca: pki.ca(),
+    }
+}
+
+#[tokio::test]
+async fn two_identities_and_servers_that_are_not_coordinators_are_refused() {
+    let dir = TestDir::new();
+    let pki = Pki::new(&dir);
+    let coord = Coordinator::start_tls(&dir, "c1", &pki, &[]).await;
+
+    // Two URI SANs: droverctl will not even present it; grpcurl does, and
+    // the handshake is refused, saying why.
+    let two = two_identities(&pki, &dir);
+    let (code, _, err) = coord.droverctl_as(&two, &["hosts"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("2 URI SANs"), "{err}");
+    let grpcurl = drover_tests::require_tool("grpcurl", "scripts/test installs it");
+    let out = std::process::Command::new(grpcurl)
+        .args([
+            "-cacert",
+            two.ca.to_str().unwrap(),
+            "-cert",
+            two.cert.to_str().unwrap(),
+            "-key",
+            two.key.to_str().unwrap(),
+            &coord.addr_arg(),
+            "drover.v1.Deployer/ListHosts",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    wait_until_ok("the refusal logged", WAIT, || async {
+        coord
+            .child
+            .log()
+            .contains("certificate has 2 URI SANs; a Drover identity has exactly one")
+    })
+    .await;
+
+    // A server holding a valid certificate of our CA, but an agent's: an
+    // agent never takes it for a coordinator (nothing it says, a Fence
+    // included, is ever read).
+    let impostor = pki.agent("web-9");
+    let config = drover_common::tls::TlsFiles {
+        cert: impostor.cert.clone(),
+        key: impostor.key.clone(),
+        ca: impostor.ca.clone(),
+        deny_list: None,
+    }
+    .server_config()
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let server = tokio::spawn(async move {
+        let mut refused = 0;
+        while refused < 2 {
+            let (tcp, _) = listener.accept().await.unwrap();
+            if acceptor.accept(tcp).await.is_err() {
+                refused += 1;
+            }
+        }
+        refused
+    });
+    let agent = Agent::start_with_addrs(
+        &dir,
+        "web-1",
+        &[addr.to_string()],
+        &strs(&pki.agent_flags("web-1")),
+    );
+    assert_eq!(
+        tokio::time::timeout(WAIT, server).await.unwrap().unwrap(),
+        2,
+        "the agent gave up on every handshake"
+    );
+    wait_until_ok("the agent saying why", WAIT, || async {
+        agent.child.log().contains(
+            "the server presented spiffe://drover.test/agent/web-9, not a coordinator certificate",
+        )
+    })
+    .await;
+}
