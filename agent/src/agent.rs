@@ -36,14 +36,14 @@ async fn reload_on_sighup(tls: Arc<drover_common::tls::ClientTls>, shutdown: Can
             _ = shutdown.cancelled() => return,
             got = hup.recv() => if got.is_none() { return },
         }
-        let _ = drover_common::grpc::notify_systemd("RELOADING=1");
+        let _ = drover_common::systemd::notify("RELOADING=1");
         match tls.reload() {
             Ok(()) => info!("SIGHUP: certificates reloaded"),
             Err(e) => {
                 warn!(error = %e, "SIGHUP: certificate reload failed; the previous ones stay in force")
             }
         }
-        let _ = drover_common::grpc::notify_systemd("READY=1");
+        let _ = drover_common::systemd::notify("READY=1");
     }
 }
 
@@ -140,6 +140,18 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         let board = board.clone();
         Arc::new(move |r| board.set_reported(r))
     };
+    // systemd (Type=notify): ready after the first connection attempt
+    // (connected or not: a coordinator being down must not fail the boot).
+    let contact = Arc::new(tokio::sync::Notify::new());
+    {
+        let contact = contact.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            contact.notified().await;
+            let _ = drover_common::systemd::notify("READY=1");
+            drover_common::systemd::spawn_watchdog(shutdown);
+        });
+    }
     let (directory, mut discovered) = Directory::new();
     let directory = Arc::new(directory);
     let mut tasks = tokio::task::JoinSet::new();
@@ -155,6 +167,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
                 commands: commands.clone(),
                 fence: fence.clone(),
                 cluster: cluster.clone(),
+                contact: contact.clone(),
                 report: report.clone(),
                 directory: Some(directory.clone()),
                 dialer: dialer.clone(),
@@ -181,6 +194,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         }
     }
     info!("shutting down: saying goodbye to every coordinator");
+    let _ = drover_common::systemd::notify("STOPPING=1");
     if tokio::time::timeout(SHUTDOWN_WAIT, async {
         while tasks.join_next().await.is_some() {}
     })

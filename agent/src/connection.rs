@@ -82,6 +82,9 @@ pub struct Connection {
     pub commands: CommandSink,
     pub fence: FenceSink,
     pub cluster: ClusterSink,
+    /// Told when this connection first got a Welcome or failed to connect
+    /// (the agent is "ready" for systemd after its first attempt).
+    pub contact: Arc<tokio::sync::Notify>,
     pub report: ReportSink,
     /// Where discovered coordinators are announced (None: only the
     /// configured ones, as drover-fleetsim does).
@@ -134,6 +137,7 @@ impl Connection {
         let channel = match channel {
             Ok(c) => c,
             Err(e) => {
+                self.contact.notify_one();
                 return broken(
                     false,
                     format!("connect: {}", drover_common::grpc::error_chain(&e)),
@@ -227,6 +231,7 @@ impl Connection {
                         *welcomed = true;
                         *coordinator_id = w.coordinator_id.clone();
                         (self.cluster)(&w.cluster_id, self.dialer.is_tls());
+                        self.contact.notify_one();
                         (self.fence)(&w.epochs);
                         if let Some(r) = &w.report_metrics {
                             (self.report)(r);

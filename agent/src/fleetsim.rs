@@ -362,6 +362,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
                     commands: commands.clone(),
                     fence: fence.clone(),
                     cluster: Arc::new(|_, _| {}),
+                    contact: Arc::default(),
                     report: Arc::new(|_| {}),
                     directory: None,
                     dialer: drover_common::tls::client::Dialer::plaintext(),

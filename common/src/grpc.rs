@@ -48,22 +48,3 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     out
 }
-
-/// Tells systemd about our state (`READY=1`, `RELOADING=1`, `STOPPING=1`,
-/// `WATCHDOG=1`) when started with `Type=notify` (`NOTIFY_SOCKET` set);
-/// a no-op otherwise.
-pub fn notify_systemd(state: &str) -> std::io::Result<()> {
-    use std::os::linux::net::SocketAddrExt;
-    use std::os::unix::net::{SocketAddr, UnixDatagram};
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return Ok(());
-    };
-    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
-    let addr = match bytes.strip_prefix(b"@") {
-        Some(abstract_name) => SocketAddr::from_abstract_name(abstract_name)?,
-        None => SocketAddr::from_pathname(std::path::Path::new(&path))?,
-    };
-    let socket = UnixDatagram::unbound()?;
-    socket.send_to_addr(state.as_bytes(), &addr)?;
-    Ok(())
-}

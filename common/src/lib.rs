@@ -10,6 +10,7 @@
 //! - [`limits`]: process limits (open files).
 //! - [`logging`]: the tracing subscriber of every binary.
 //! - [`time`]: wall-clock helpers for the unix-epoch fields of the protocol.
+//! - [`systemd`]: the notify protocol (ready, reloading, stopping, watchdog).
 //! - [`tls`]: mutual TLS: identities, certificate checks, listener, dialer.
 
 pub mod artifact;
@@ -20,6 +21,7 @@ pub mod ids;
 pub mod labels;
 pub mod limits;
 pub mod logging;
+pub mod systemd;
 pub mod time;
 pub mod tls;
 

@@ -263,6 +263,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         });
     }
     let lease_task = tokio::spawn(leases.clone().run(stop.clone()));
+    // systemd (Type=notify): ready once serving; the watchdog is fed from
+    // the runtime's timer.
+    let _ = drover_common::systemd::notify("READY=1");
+    drover_common::systemd::spawn_watchdog(stop.clone());
     tokio::spawn(
         trust
             .clone()
@@ -279,6 +283,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     }
 
     info!("shutting down");
+    let _ = drover_common::systemd::notify("STOPPING=1");
     health
         .set_not_serving::<AgentControlServer<AgentControlService>>()
         .await;
@@ -398,7 +403,7 @@ impl Trust {
                 got = hup.recv() => if got.is_none() { return },
             }
             info!("SIGHUP: reloading certificates, deny list and policy");
-            let _ = drover_common::grpc::notify_systemd("RELOADING=1");
+            let _ = drover_common::systemd::notify("RELOADING=1");
             if let Some(server) = &self.server
                 && let Err(e) = server.reload()
             {
@@ -422,7 +427,7 @@ impl Trust {
                     );
                 }
             }
-            let _ = drover_common::grpc::notify_systemd("READY=1");
+            let _ = drover_common::systemd::notify("READY=1");
         }
     }
 }

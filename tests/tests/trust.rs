@@ -638,3 +638,54 @@ async fn two_identities_and_servers_that_are_not_coordinators_are_refused() {
     })
     .await;
 }
+
+/// Reads datagrams from a notify socket until `want` has arrived in order.
+async fn notified(socket: &tokio::net::UnixDatagram, want: &[&str]) -> Vec<String> {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let mut next = 0;
+    tokio::time::timeout(WAIT, async {
+        while next < want.len() {
+            let n = socket.recv(&mut buf).await.unwrap();
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if msg.contains(want[next]) {
+                next += 1;
+            }
+            got.push(msg);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("waiting for {want:?}, got {got:?}"));
+    got
+}
+
+#[tokio::test]
+async fn daemons_speak_systemds_notify_protocol() {
+    let dir = TestDir::new();
+    let pki = Pki::new(&dir);
+    let sock_path = dir.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&sock_path).unwrap();
+    // The harness passes its environment on: these reach the coordinator.
+    // SAFETY: set before any child starts; this test's own threads do not
+    // read the environment.
+    unsafe {
+        std::env::set_var("NOTIFY_SOCKET", &sock_path);
+        std::env::set_var("WATCHDOG_USEC", "200000");
+    }
+    let coord = Coordinator::start_tls(&dir, "c1", &pki, &[]).await;
+    let agent = Agent::start(&dir, "web-1", &[&coord], &strs(&pki.agent_flags("web-1")));
+    unsafe {
+        std::env::remove_var("NOTIFY_SOCKET");
+        std::env::remove_var("WATCHDOG_USEC");
+    }
+    // Ready (both daemons), then watchdog pings every 100 ms.
+    let got = notified(&socket, &["READY=1", "READY=1", "WATCHDOG=1", "WATCHDOG=1"]).await;
+    assert!(
+        got.iter().filter(|m| m.contains("READY=1")).count() >= 2,
+        "{got:?}"
+    );
+    coord.child.signal(Signal::SIGHUP);
+    notified(&socket, &["RELOADING=1", "READY=1"]).await;
+    agent.child.signal(Signal::SIGTERM);
+    notified(&socket, &["STOPPING=1"]).await;
+}
