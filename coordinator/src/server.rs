@@ -50,7 +50,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let store: Arc<dyn Store> = match cfg.store {
         StoreKind::Embedded => Arc::new(EmbeddedStore::open(&cfg.data_dir)?),
         StoreKind::Etcd => Arc::new(
-            EtcdStore::connect(&cfg.etcd_endpoints)
+            EtcdStore::connect(&cfg.etcd_endpoints, cfg.tls.as_ref())
                 .await
                 .with_context(|| {
                     format!("connecting to etcd at {}", cfg.etcd_endpoints.join(","))

@@ -46,7 +46,7 @@ async fn the_etcd_backend_passes_the_behaviour_suite_against_a_real_etcd() {
     use drover_coordinator::store::etcd::EtcdStore;
     let dir = TestDir::new();
     let etcd = drover_tests::Etcd::start(&dir, "etcd").await;
-    let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint))
+    let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), None)
         .await
         .expect("connecting to etcd");
     drover_coordinator::store::suite::run(&store).await;
@@ -108,7 +108,7 @@ async fn elections_fence_a_deposed_leader_on_a_real_etcd() {
     use drover_coordinator::store::etcd::EtcdStore;
     let dir = TestDir::new();
     let etcd = drover_tests::Etcd::start(&dir, "etcd").await;
-    let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint))
+    let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), None)
         .await
         .expect("connecting to etcd");
     // etcd leases count whole seconds.

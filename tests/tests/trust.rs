@@ -689,3 +689,62 @@ async fn daemons_speak_systemds_notify_protocol() {
     agent.child.signal(Signal::SIGTERM);
     notified(&socket, &["STOPPING=1"]).await;
 }
+
+#[tokio::test]
+async fn coordinators_talk_to_etcd_and_each_other_over_mutual_tls() {
+    let dir = TestDir::new();
+    let pki = Pki::new(&dir);
+    let etcd = drover_tests::Etcd::start_tls(&dir, "etcd", &pki).await;
+    assert!(etcd.endpoint.starts_with("https://"));
+    let store = ["--store", "etcd", "--etcd-endpoints", &etcd.endpoint];
+    let c1 = Coordinator::start_tls(&dir, "c1", &pki, &store).await;
+    let c2 = Coordinator::start_tls(&dir, "c2", &pki, &store).await;
+
+    // Without a client certificate etcd refuses the coordinator, which says so.
+    let plain_endpoint = etcd.endpoint.replace("https://", "http://");
+    let out = std::process::Command::new(drover_tests::bins::bin("drover-coordinator"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.sub("c3"))
+        .args(["--store", "etcd", "--etcd-endpoints", &plain_endpoint])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("connecting to etcd"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // c2 is still warming up, so c1 leads every shard: a deploy start sent
+    // to c2 is forwarded to c1 over mutual TLS, as the caller.
+    c2.apply_pipeline(
+        &dir,
+        "name = \"hello\"\nservice = \"hello\"\n\n[[stages]]\nname = \"prod\"\nselector = \"env=prod\"\nbatch_size = 1\n",
+    );
+    let (code, _, err) = c2.droverctl(&[
+        "deploy",
+        "start",
+        "--pipeline",
+        "hello",
+        "--artifact",
+        &"c".repeat(64),
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("is not on the origin"),
+        "answered by the leader: {err}"
+    );
+    let metrics = http_get(c2.metrics_addr, "/metrics").await;
+    assert!(
+        metrics.contains("drover_forwarded_requests_total 1"),
+        "{metrics}"
+    );
+    // An upload to c1 is copied to c2 (coordinator to coordinator, mTLS).
+    let artifact =
+        drover_tests::artifacts::sample_artifact(&dir.sub("artifacts"), "hello", "v1", &[]);
+    let digest = c1.push(&artifact.path, "hello", "v1");
+    wait_until_ok("c2 holding a copy", WAIT, || async {
+        c2.data_dir.join("artifacts/blobs").join(&digest).is_file()
+    })
+    .await;
+}

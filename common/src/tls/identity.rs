@@ -2,8 +2,9 @@
 //!
 //! Every Drover certificate carries exactly one SPIFFE-style URI SAN:
 //! `spiffe://<trust-domain>/<kind>/<name>` with kind `agent` (name: the host
-//! id), `coordinator` (name: the coordinator id) or `user` (a person or a
-//! CI identity). Groups ride in the subject's Organization (O) entries, as
+//! id), `coordinator` (name: the coordinator id), `user` (a person or a
+//! CI identity) or `etcd` (the store's server certificate, which is never
+//! taken for any of the others). Groups ride in the subject's Organization (O) entries, as
 //! Kubernetes does with client certificates. The CA certificate carries
 //! `spiffe://<trust-domain>` so both sides learn the domain from it.
 
@@ -17,6 +18,8 @@ pub enum Kind {
     Agent,
     Coordinator,
     User,
+    /// A store server (etcd): never a Drover caller or coordinator.
+    Etcd,
 }
 
 impl Kind {
@@ -25,6 +28,7 @@ impl Kind {
             Kind::Agent => "agent",
             Kind::Coordinator => "coordinator",
             Kind::User => "user",
+            Kind::Etcd => "etcd",
         }
     }
 
@@ -33,6 +37,7 @@ impl Kind {
             "agent" => Some(Kind::Agent),
             "coordinator" => Some(Kind::Coordinator),
             "user" => Some(Kind::User),
+            "etcd" => Some(Kind::Etcd),
             _ => None,
         }
     }

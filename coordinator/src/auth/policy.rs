@@ -260,6 +260,7 @@ impl Policy {
     pub fn allows(&self, subject: &Subject, permission: Permission, scope: Scope<'_>) -> bool {
         match subject.id.kind {
             Kind::Agent | Kind::Coordinator => permission == Permission::ArtifactsRead,
+            Kind::Etcd => false,
             Kind::User => self
                 .grants_of(subject, scope)
                 .any(|grant| grant.permissions.contains(&permission)),

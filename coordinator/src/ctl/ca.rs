@@ -21,9 +21,9 @@ pub enum CaCommand {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "10y")]
         valid_for: Duration,
     },
-    /// Issue a certificate: `agent HOST`, `coordinator ID` or `user NAME`.
+    /// Issue a certificate: `agent HOST`, `coordinator ID`, `user NAME` or `etcd NAME` (etcd's server certificate).
     Issue {
-        /// agent, coordinator or user.
+        /// agent, coordinator, user or etcd.
         kind: String,
         /// The host id, coordinator id or user name.
         name: String,
@@ -81,7 +81,7 @@ pub fn run(cmd: CaCommand, out: &mut impl std::io::Write) -> anyhow::Result<()> 
             not_before,
         } => {
             let kind = Kind::parse(&kind).ok_or_else(|| {
-                anyhow::anyhow!("kind must be agent, coordinator or user, got {kind:?}")
+                anyhow::anyhow!("kind must be agent, coordinator, user or etcd, got {kind:?}")
             })?;
             for r in &role {
                 anyhow::ensure!(

@@ -72,10 +72,35 @@ fn compare(c: &Compare) -> EtcdCompare {
 
 impl EtcdStore {
     /// Connects to the cluster (any of `endpoints`), checking it answers.
-    pub async fn connect(endpoints: &[String]) -> Result<EtcdStore> {
-        let options = etcd_client::ConnectOptions::new()
+    /// Connects to `endpoints`; `https://` ones use mutual TLS with `tls`
+    /// (the coordinator's own certificate is its etcd client certificate).
+    pub async fn connect(
+        endpoints: &[String],
+        tls: Option<&drover_common::tls::TlsFiles>,
+    ) -> Result<EtcdStore> {
+        let mut options = etcd_client::ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
             .with_timeout(Duration::from_secs(5));
+        if endpoints.iter().any(|e| e.starts_with("https://")) {
+            let files = tls.ok_or_else(|| {
+                StoreError::Backend(
+                    "https:// etcd endpoints need the coordinator's --tls-cert, --tls-key and --tls-ca"
+                        .into(),
+                )
+            })?;
+            let read = |p: &std::path::Path| {
+                std::fs::read(p)
+                    .map_err(|e| StoreError::Backend(format!("reading {}: {e}", p.display())))
+            };
+            options = options.with_tls(
+                etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(read(&files.ca)?))
+                    .identity(etcd_client::Identity::from_pem(
+                        read(&files.cert)?,
+                        read(&files.key)?,
+                    )),
+            );
+        }
         let mut client = Client::connect(endpoints, Some(options))
             .await
             .map_err(backend)?;
