@@ -265,6 +265,10 @@ fn the_readme_demo_runs_to_the_end() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("web-us-1  connected"), "{stdout}");
+    assert!(
+        stdout.contains("user/ci lacks permission pipelines.write on pipeline hello-prod"),
+        "the demo runs on mutual TLS with roles: {stdout}"
+    );
     assert_eq!(stdout.matches("answers: v1").count(), 3, "{stdout}");
     assert_eq!(
         stdout.matches("answers: v2").count(),
