@@ -69,6 +69,11 @@ pub struct Args {
     /// every 100 ms) to this file, to measure what a bad version served.
     #[arg(long)]
     pub served_file: Option<std::path::PathBuf>,
+    /// A CA directory (`droverctl ca init`): every virtual agent gets its
+    /// own agent certificate from it (made in memory) and connects with
+    /// mutual TLS, as a real one does.
+    #[arg(long)]
+    pub tls_ca_dir: Option<std::path::PathBuf>,
 }
 
 fn parse_error_rate(s: &str) -> Result<(String, f64), String> {
@@ -297,6 +302,14 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     }
     let mut tasks = tokio::task::JoinSet::new();
     let start_gap = Duration::from_secs(1) / args.connect_rate;
+    let ca = match &args.tls_ca_dir {
+        None => None,
+        Some(dir) => {
+            let (issuer, domain) = drover_common::tls::ca::load(dir)?;
+            let ca_pem = std::fs::read_to_string(dir.join(drover_common::tls::ca::CA_CERT_FILE))?;
+            Some((issuer, domain, ca_pem))
+        }
+    };
     let mut pacer = tokio::time::interval(start_gap.max(Duration::from_micros(1)));
     for index in 0..args.hosts {
         tokio::select! {
@@ -350,6 +363,32 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
             epochs.clone(),
         );
         let fence = simulated_fence(epochs);
+        let dialer = match &ca {
+            None => drover_common::tls::client::Dialer::plaintext(),
+            Some((issuer, domain, ca_pem)) => {
+                let issued = drover_common::tls::ca::issue_with(
+                    issuer,
+                    domain,
+                    &drover_common::tls::ca::IssueRequest {
+                        kind: drover_common::tls::identity::Kind::Agent,
+                        name: format!("{}-{index}", args.prefix),
+                        groups: Vec::new(),
+                        dns: Vec::new(),
+                        ips: Vec::new(),
+                        not_before: None,
+                        lifetime: drover_common::tls::ca::DEFAULT_CERT_LIFETIME,
+                    },
+                )?;
+                let config = drover_common::tls::client_config_from_pem(
+                    &issued.cert_pem,
+                    &issued.key_pem,
+                    ca_pem,
+                )?;
+                drover_common::tls::client::Dialer::tls(drover_common::tls::ClientTls::fixed(
+                    config,
+                ))
+            }
+        };
         for coordinator in &args.coordinators {
             tasks.spawn(
                 Connection {
@@ -365,7 +404,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
                     contact: Arc::default(),
                     report: Arc::new(|_| {}),
                     directory: None,
-                    dialer: drover_common::tls::client::Dialer::plaintext(),
+                    dialer: dialer.clone(),
                 }
                 .run(),
             );

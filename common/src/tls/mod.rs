@@ -72,6 +72,16 @@ fn material_err(path: &Path, reason: impl ToString) -> TlsError {
     }
 }
 
+fn pem_certs(what: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| material_err(what, e))?;
+    if certs.is_empty() {
+        return Err(material_err(what, "no CERTIFICATE block"));
+    }
+    Ok(certs)
+}
+
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| TlsError::File {
@@ -144,23 +154,7 @@ impl TlsFiles {
     /// A client config that presents our certificate and accepts only
     /// coordinator certificates of our CA.
     pub fn client_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
-        let m = self.load()?;
-        let provider = provider();
-        let verifier = CoordinatorVerifier {
-            roots: m.roots,
-            trust_domain: m.trust_domain,
-            deny: m.deny,
-            algorithms: provider.signature_verification_algorithms,
-        };
-        let mut config = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Config(e.to_string()))?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_client_auth_cert(m.chain, m.key)
-            .map_err(|e| material_err(&self.key, e))?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(Arc::new(config))
+        client_config(self.load()?, &self.key)
     }
 
     /// The identity our own certificate carries.
@@ -170,9 +164,57 @@ impl TlsFiles {
     }
 }
 
+/// A client config from PEM text (drover-fleetsim's thousands of agents).
+pub fn client_config_from_pem(
+    cert: &str,
+    key: &str,
+    ca: &str,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let what = Path::new("<memory>");
+    let chain = pem_certs(what, cert.as_bytes())?;
+    PeerCert::from_der(&chain[0]).map_err(|e| material_err(what, e))?;
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| material_err(what, e))?;
+    let ca_certs = pem_certs(what, ca.as_bytes())?;
+    let trust_domain = ca_certs.iter().find_map(|c| identity::ca_trust_domain(c));
+    let mut roots = RootCertStore::empty();
+    for c in ca_certs {
+        roots.add(c).map_err(|e| material_err(what, e))?;
+    }
+    client_config(
+        Material {
+            chain,
+            key,
+            roots: Arc::new(roots),
+            trust_domain,
+            deny: DenyList::default(),
+        },
+        what,
+    )
+}
+
+fn client_config(m: Material, key_path: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = provider();
+    let verifier = CoordinatorVerifier {
+        roots: m.roots,
+        trust_domain: m.trust_domain,
+        deny: m.deny,
+        algorithms: provider.signature_verification_algorithms,
+    };
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(m.chain, m.key)
+        .map_err(|e| material_err(key_path, e))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// A config built from files, replaced as a whole by [`Reloadable::reload`].
 pub struct Reloadable<T> {
-    files: TlsFiles,
+    /// `None`: built from memory, nothing to reload.
+    files: Option<TlsFiles>,
     build: fn(&TlsFiles) -> Result<Arc<T>, TlsError>,
     current: RwLock<Arc<T>>,
 }
@@ -200,6 +242,15 @@ impl Reloadable<ClientConfig> {
     pub fn client(files: TlsFiles) -> Result<Arc<ClientTls>, TlsError> {
         Reloadable::new(files, TlsFiles::client_config)
     }
+
+    /// A client config made in memory (never reloaded).
+    pub fn fixed(config: Arc<ClientConfig>) -> Arc<ClientTls> {
+        Arc::new(Reloadable {
+            files: None,
+            build: TlsFiles::client_config,
+            current: RwLock::new(config),
+        })
+    }
 }
 
 impl<T> Reloadable<T> {
@@ -209,7 +260,7 @@ impl<T> Reloadable<T> {
     ) -> Result<Arc<Reloadable<T>>, TlsError> {
         let current = RwLock::new(build(&files)?);
         Ok(Arc::new(Reloadable {
-            files,
+            files: Some(files),
             build,
             current,
         }))
@@ -222,13 +273,16 @@ impl<T> Reloadable<T> {
 
     /// Re-reads the files; on error the config in force stays.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let next = (self.build)(&self.files)?;
+        let Some(files) = &self.files else {
+            return Ok(());
+        };
+        let next = (self.build)(files)?;
         *self.current.write().expect("tls config lock") = next;
         Ok(())
     }
 
-    pub fn files(&self) -> &TlsFiles {
-        &self.files
+    pub fn files(&self) -> Option<&TlsFiles> {
+        self.files.as_ref()
     }
 }
 

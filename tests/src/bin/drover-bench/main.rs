@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 mod canary;
 mod ha;
+mod trust;
 
 use clap::{Parser, Subcommand};
 use drover_tests::procstat::{cpu_seconds, rss_bytes};
@@ -38,6 +39,16 @@ enum Bench {
         /// Time between the last agent connecting and the window.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         settle: Duration,
+        /// Transports to measure, each on a fresh coordinator: plain, tls (mutual TLS, a certificate per agent).
+        #[arg(long, value_delimiter = ',', default_value = "plain,tls")]
+        modes: Vec<String>,
+    },
+    /// A reconnect storm under mutual TLS: every simulated agent reconnects
+    /// at once after a kill -9 and restart of the coordinator; time until
+    /// all are back and the handshake rate.
+    Storm {
+        #[arg(long, default_value_t = 10000)]
+        agents: usize,
     },
     /// Pull + verify + unpack of a large artifact over loopback, against
     /// sha256sum plus tar -xzf of the same file.
@@ -130,12 +141,20 @@ fn quantile(before: &Scrape, after: &Scrape, q: f64) -> f64 {
     drover_common::histogram::quantile(&window, q).unwrap_or(f64::NAN)
 }
 
-async fn fleet(agents: usize, window: Duration, settle: Duration) {
+async fn fleet(agents: usize, window: Duration, settle: Duration, tls: bool) {
     let dir = TestDir::new();
-    let coord = Coordinator::start(&dir, "coord", &["--log-format", "json"]).await;
+    let pki = drover_tests::pki::Pki::new(&dir);
+    let coord = if tls {
+        Coordinator::start_tls(&dir, "coord", &pki, &["--log-format", "json"]).await
+    } else {
+        Coordinator::start(&dir, "coord", &["--log-format", "json"]).await
+    };
     let pid = coord.child.pid();
     let rss_idle = rss_bytes(pid);
     let mut cmd = Command::new(bins::bin("drover-fleetsim"));
+    if tls {
+        cmd.arg("--tls-ca-dir").arg(&pki.dir);
+    }
     cmd.args([
         "--coordinator",
         &coord.addr_arg(),
@@ -181,9 +200,10 @@ async fn fleet(agents: usize, window: Duration, settle: Duration) {
     let p50 = quantile(&before, &after, 0.50) * 1e3;
     let p99 = quantile(&before, &after, 0.99) * 1e3;
     println!(
-        "agents={agents:>6}  connect_all={:>5.1}s  heartbeats/s={rate:>8.0}  coordinator_cpu={:>5.1}% of one core  \
+        "{:<5} agents={agents:>6}  connect_all={:>5.1}s  heartbeats/s={rate:>8.0}  coordinator_cpu={:>5.1}% of one core  \
          rss={:>6.1} MiB (idle {:.1} MiB)  per_agent={per_agent_kib:>5.1} KiB  lag_p50={p50:.2}ms  lag_p99={p99:.2}ms  \
          (fleetsim cpu {:.0}% of one core)",
+        if tls { "mTLS" } else { "plain" },
         connect_time.as_secs_f64(),
         cpu * 100.0,
         rss as f64 / (1 << 20) as f64,
@@ -467,10 +487,12 @@ async fn main() {
         Bench::Failover { trials, ttl, hosts } => ha::failover(trials, ttl, hosts).await,
         Bench::EtcdWrites { agents, window } => ha::etcd_writes(agents, window).await,
         Bench::AgentIdle { window } => agent_idle(window).await,
+        Bench::Storm { agents } => trust::storm(agents).await,
         Bench::Fleet {
             agents,
             window,
             settle,
+            modes,
         } => {
             println!(
                 "fleet benchmark: {} cores, window {window:?}, settle {settle:?}",
@@ -479,7 +501,9 @@ async fn main() {
                     .unwrap_or(0)
             );
             for n in agents {
-                fleet(n, window, settle).await;
+                for mode in &modes {
+                    fleet(n, window, settle, mode == "tls").await;
+                }
             }
         }
     }
