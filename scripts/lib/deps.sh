@@ -23,6 +23,7 @@ ensure_test_deps() {
   command -v etcd >/dev/null || missing+=(etcd-server)
   command -v systemd-analyze >/dev/null || missing+=(systemd)
   command -v python3 >/dev/null || missing+=(python3 python3-pip)
+  command -v openssl >/dev/null || missing+=(openssl)
   if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 
   if ! command -v grpcurl >/dev/null; then

@@ -40,6 +40,24 @@ impl Coordinator {
         Self::start_tls_on(dir, name, pki, "127.0.0.1:0".parse().unwrap(), extra).await
     }
 
+    /// A coordinator whose TLS material is in `extra` (an external CA);
+    /// the harness calls it as `client`.
+    pub async fn start_as(
+        dir: &TestDir,
+        name: &str,
+        extra: &[&str],
+        client: crate::pki::Creds,
+    ) -> Coordinator {
+        Self::start_with(
+            dir,
+            name,
+            "127.0.0.1:0".parse().unwrap(),
+            extra,
+            Some(client),
+        )
+        .await
+    }
+
     /// [`Coordinator::start_tls`] on a given address (a restart).
     pub async fn start_tls_on(
         dir: &TestDir,

@@ -748,3 +748,86 @@ async fn coordinators_talk_to_etcd_and_each_other_over_mutual_tls() {
     })
     .await;
 }
+
+/// Runs `sh -c script` in `dir`; panics with its output when it fails.
+fn sh(dir: &std::path::Path, script: &str) {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn an_external_ca_made_with_openssl_works_the_same_way() {
+    drover_tests::require_tool("openssl", "apt-get install -y openssl (scripts/test does)");
+    let dir = TestDir::new();
+    let ca = dir.sub("external");
+    // The README's commands, for the CA and then one leaf per identity.
+    sh(
+        &ca,
+        "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
+         -keyout ca-key.pem -out ca.pem -subj '/CN=Example CA' \
+         -addext 'subjectAltName=URI:spiffe://example.org' \
+         -addext 'basicConstraints=critical,CA:TRUE' -addext 'keyUsage=critical,keyCertSign,cRLSign'",
+    );
+    let leaf = |stem: &str, id: &str, subject: &str, extra_san: &str| {
+        sh(
+            &ca,
+            &format!(
+                "openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+                 -keyout {stem}-key.pem -out {stem}.csr -subj '{subject}' && \
+                 printf 'subjectAltName=URI:{id}{extra_san}\\nextendedKeyUsage=serverAuth,clientAuth\\nkeyUsage=digitalSignature,keyEncipherment\\n' > {stem}.ext && \
+                 openssl x509 -req -in {stem}.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -days 90 \
+                 -extfile {stem}.ext -out {stem}.pem"
+            ),
+        );
+        Creds {
+            cert: ca.join(format!("{stem}.pem")),
+            key: ca.join(format!("{stem}-key.pem")),
+            ca: ca.join("ca.pem"),
+        }
+    };
+    let coordinator = leaf(
+        "coordinator-c1",
+        "spiffe://example.org/coordinator/c1",
+        "/CN=coordinator c1",
+        ",IP:127.0.0.1",
+    );
+    let agent = leaf(
+        "agent-web-1",
+        "spiffe://example.org/agent/web-1",
+        "/CN=agent web-1",
+        "",
+    );
+    let viewer = leaf(
+        "user-val",
+        "spiffe://example.org/user/val",
+        "/O=viewer/CN=user val",
+        "",
+    );
+    let coord_flags = coordinator.daemon_flags();
+    let coord = Coordinator::start_as(&dir, "c1", &strs(&coord_flags), viewer.clone()).await;
+    let _agent = Agent::start(&dir, "web-1", &[&coord], &strs(&agent.daemon_flags()));
+    // The viewer's group (O=viewer) gives it the viewer role by default.
+    wait_until_ok("web-1 listed to the viewer", WAIT, || async {
+        let (code, out, _) = coord.droverctl_as(&viewer, &["hosts"]);
+        code == 0 && out.contains("web-1  connected")
+    })
+    .await;
+    let (code, _, err) = coord.droverctl_as(&viewer, &["pipeline", "list"]);
+    assert_eq!(code, 0, "{err}");
+    let spec = dir.path().join("p.toml");
+    std::fs::write(&spec, "name = \"p\"\nservice = \"s\"\n").unwrap();
+    let (_, _, err) = coord.droverctl_as(
+        &viewer,
+        &["pipeline", "apply", "-f", spec.to_str().unwrap()],
+    );
+    assert!(err.contains("PermissionDenied"), "{err}");
+}
