@@ -831,3 +831,63 @@ async fn an_external_ca_made_with_openssl_works_the_same_way() {
     );
     assert!(err.contains("PermissionDenied"), "{err}");
 }
+
+#[tokio::test]
+async fn rotating_every_certificate_mid_deploy_drops_nothing() {
+    use drover_common::proto::DeployPhase;
+    use drover_tests::sample_fleet::SampleFleet;
+    let fleet = SampleFleet::start_tls(3, 0, |_| Vec::new(), &[]).await;
+    fleet.apply(
+        r#"
+name = "hello"
+service = "hello"
+
+[[stages]]
+name = "prod"
+selector = "env=prod"
+batch_size = 1
+settle_ms = 1500
+gate = { samples = 1, bad_samples = 1, min_requests = 1, inconclusive = "INCONCLUSIVE_POLICY_PASS" }
+"#,
+    );
+    let before: Vec<u64> = {
+        let mut v = Vec::new();
+        for (h, _) in &fleet.ports {
+            v.push(fleet.coord.host(h).await.unwrap().connected_at_unix_ms);
+        }
+        v
+    };
+    let v1 = fleet.push("v1", &[]);
+    let id = fleet.coord.start_deploy("hello", &v1).await;
+    wait_until_ok("the first host on v1", WAIT, || async {
+        fleet.starts("v1").iter().sum::<usize>() >= 1
+    })
+    .await;
+    // New certificates for the coordinator and every agent, mid-deploy.
+    let pki = fleet.pki.as_ref().unwrap();
+    let admin = fleet.coord.client.clone().unwrap();
+    let new_coord = pki.coordinator("coord");
+    for (h, _) in &fleet.ports {
+        pki.agent(h);
+    }
+    fleet.coord.child.signal(Signal::SIGHUP);
+    for a in &fleet.agents {
+        a.child.signal(Signal::SIGHUP);
+    }
+    wait_until_ok("the new coordinator certificate served", WAIT, || async {
+        served_serial(&fleet.coord, &admin).await == Pki::serial(&new_coord)
+    })
+    .await;
+    assert!(
+        fleet.starts("v1").iter().sum::<usize>() < 3,
+        "the rotation happened mid-deploy"
+    );
+    let d = fleet.coord.wait_phase(&id, DeployPhase::Complete).await;
+    assert_eq!(d.batches.len(), 3);
+    assert_eq!(fleet.starts("v1"), vec![1, 1, 1], "each host started once");
+    for ((h, _), at) in fleet.ports.iter().zip(before) {
+        let host = fleet.coord.host(h).await.unwrap();
+        assert_eq!(host.state(), ConnectionState::Connected);
+        assert_eq!(host.connected_at_unix_ms, at, "{h} kept its stream");
+    }
+}
