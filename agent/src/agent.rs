@@ -26,25 +26,13 @@ use crate::state::Journal;
 /// SIGHUP: new certificate files for the connections made afterwards;
 /// streams already open keep working.
 async fn reload_on_sighup(tls: Arc<drover_common::tls::ClientTls>, shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        warn!("cannot listen for SIGHUP; certificate reloads need a restart");
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            got = hup.recv() => if got.is_none() { return },
+    drover_common::systemd::on_sighup(shutdown, || match tls.reload() {
+        Ok(()) => info!("SIGHUP: certificates reloaded"),
+        Err(e) => {
+            warn!(error = %e, "SIGHUP: certificate reload failed; the previous ones stay in force")
         }
-        let _ = drover_common::systemd::notify("RELOADING=1");
-        match tls.reload() {
-            Ok(()) => info!("SIGHUP: certificates reloaded"),
-            Err(e) => {
-                warn!(error = %e, "SIGHUP: certificate reload failed; the previous ones stay in force")
-            }
-        }
-        let _ = drover_common::systemd::notify("READY=1");
-    }
+    })
+    .await
 }
 
 /// How long shutdown waits for every connection to say Goodbye.

@@ -55,3 +55,22 @@ pub fn spawn_watchdog(stop: CancellationToken) {
         }
     });
 }
+
+/// Runs `reload` on every SIGHUP until `stop`, telling systemd RELOADING
+/// before and READY after (`ExecReload=kill -HUP $MAINPID`).
+pub async fn on_sighup(stop: CancellationToken, reload: impl Fn()) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; reloads need a restart");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            got = hup.recv() => if got.is_none() { return },
+        }
+        let _ = notify("RELOADING=1");
+        reload();
+        let _ = notify("READY=1");
+    }
+}

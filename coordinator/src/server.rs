@@ -392,42 +392,33 @@ impl Trust {
     /// SIGHUP: new certificates, deny list and policy for what comes next.
     /// Existing connections keep the certificates they were made with.
     async fn reload_on_sighup(self, metrics: Metrics, stop: CancellationToken) {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            warn!("cannot listen for SIGHUP; reloads need a restart");
-            return;
-        };
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                got = hup.recv() => if got.is_none() { return },
-            }
-            info!("SIGHUP: reloading certificates, deny list and policy");
-            let _ = drover_common::systemd::notify("RELOADING=1");
-            if let Some(server) = &self.server
-                && let Err(e) = server.reload()
-            {
+        drover_common::systemd::on_sighup(stop, || self.reload(&metrics)).await
+    }
+
+    fn reload(&self, metrics: &Metrics) {
+        info!("SIGHUP: reloading certificates, deny list and policy");
+        if let Some(server) = &self.server
+            && let Err(e) = server.reload()
+        {
+            metrics.reload_errors.inc();
+            warn!(error = %e, "server certificate reload failed; the previous one stays in force");
+        }
+        if let Some(client) = self.dialer.client_tls()
+            && let Err(e) = client.reload()
+        {
+            metrics.reload_errors.inc();
+            warn!(error = %e, "client certificate reload failed; the previous one stays in force");
+        }
+        match self.auth.reload() {
+            Ok(Some(grants)) => info!(grants, "policy reloaded"),
+            Ok(None) => {}
+            Err(e) => {
                 metrics.reload_errors.inc();
-                warn!(error = %e, "server certificate reload failed; the previous one stays in force");
+                warn!(
+                    error = format!("{e:#}"),
+                    "policy reload failed; the previous policy stays in force"
+                );
             }
-            if let Some(client) = self.dialer.client_tls()
-                && let Err(e) = client.reload()
-            {
-                metrics.reload_errors.inc();
-                warn!(error = %e, "client certificate reload failed; the previous one stays in force");
-            }
-            match self.auth.reload() {
-                Ok(Some(grants)) => info!(grants, "policy reloaded"),
-                Ok(None) => {}
-                Err(e) => {
-                    metrics.reload_errors.inc();
-                    warn!(
-                        error = format!("{e:#}"),
-                        "policy reload failed; the previous policy stays in force"
-                    );
-                }
-            }
-            let _ = drover_common::systemd::notify("READY=1");
         }
     }
 }

@@ -160,21 +160,7 @@ pub fn init(dir: &Path, trust_domain: &str, lifetime: Duration) -> Result<PathBu
 
 /// Issues a certificate from the CA in `ca_dir`.
 pub fn issue(ca_dir: &Path, req: &IssueRequest) -> Result<Issued, CaError> {
-    let cert_path = ca_dir.join(CA_CERT_FILE);
-    let key_path = ca_dir.join(CA_KEY_FILE);
-    let ca_pem = std::fs::read_to_string(&cert_path).map_err(|e| file_err(&cert_path, e))?;
-    let ca_key_pem = std::fs::read_to_string(&key_path).map_err(|e| file_err(&key_path, e))?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| file_err(&key_path, e))?;
-    let ca_der = rustls::pki_types::CertificateDer::from(
-        pem_block(&ca_pem).ok_or_else(|| file_err(&cert_path, "no CERTIFICATE block"))?,
-    );
-    let domain = super::identity::ca_trust_domain(&ca_der).ok_or_else(|| {
-        file_err(
-            &cert_path,
-            "the CA certificate names no trust domain (spiffe://<domain> URI SAN)",
-        )
-    })?;
-    let issuer = Issuer::from_ca_cert_der(&ca_der, ca_key)?;
+    let (issuer, domain) = load(ca_dir)?;
     issue_with(&issuer, &domain, req)
 }
 
@@ -247,8 +233,12 @@ pub fn load(dir: &Path) -> Result<(Issuer<'static, KeyPair>, String), CaError> {
     let der = rustls::pki_types::CertificateDer::from(
         pem_block(&ca_pem).ok_or_else(|| file_err(&cert_path, "no CERTIFICATE block"))?,
     );
-    let domain = super::identity::ca_trust_domain(&der)
-        .ok_or_else(|| file_err(&cert_path, "the CA certificate names no trust domain"))?;
+    let domain = super::identity::ca_trust_domain(&der).ok_or_else(|| {
+        file_err(
+            &cert_path,
+            "the CA certificate names no trust domain (spiffe://<domain> URI SAN)",
+        )
+    })?;
     Ok((Issuer::from_ca_cert_der(&der, ca_key)?, domain))
 }
 

@@ -98,6 +98,24 @@ impl DeployerService {
         Ok((at, caller, who))
     }
 
+    /// Checks pipelines.write on the pipeline a create or update names.
+    fn may_write_pipeline<T>(
+        &self,
+        request: &Request<T>,
+        spec: Option<&Pipeline>,
+    ) -> Result<(), ApiError> {
+        let name = spec.map(|p| p.name.as_str()).unwrap_or_default();
+        self.auth.caller(
+            request,
+            Permission::PipelinesWrite,
+            Scope {
+                pipeline: Some(name),
+                environment: None,
+            },
+        )?;
+        Ok(())
+    }
+
     /// The shard that fences hand-sent commands for `service`: that of a
     /// pipeline deploying it, else of the service's name.
     async fn shard_of_service(&self, service: &str) -> u32 {
@@ -249,20 +267,7 @@ impl Deployer for DeployerService {
         &self,
         request: Request<CreatePipelineRequest>,
     ) -> Result<Response<Pipeline>, Status> {
-        let name = request
-            .get_ref()
-            .pipeline
-            .as_ref()
-            .map(|p| p.name.clone())
-            .unwrap_or_default();
-        self.auth.caller(
-            &request,
-            Permission::PipelinesWrite,
-            Scope {
-                pipeline: Some(&name),
-                environment: None,
-            },
-        )?;
+        self.may_write_pipeline(&request, request.get_ref().pipeline.as_ref())?;
         let spec = request
             .into_inner()
             .pipeline
@@ -276,20 +281,7 @@ impl Deployer for DeployerService {
         &self,
         request: Request<UpdatePipelineRequest>,
     ) -> Result<Response<Pipeline>, Status> {
-        let name = request
-            .get_ref()
-            .pipeline
-            .as_ref()
-            .map(|p| p.name.clone())
-            .unwrap_or_default();
-        self.auth.caller(
-            &request,
-            Permission::PipelinesWrite,
-            Scope {
-                pipeline: Some(&name),
-                environment: None,
-            },
-        )?;
+        self.may_write_pipeline(&request, request.get_ref().pipeline.as_ref())?;
         let req = request.into_inner();
         let spec = req
             .pipeline

@@ -79,13 +79,7 @@ impl BlobStore {
             }
         }
         if info.signatures.len() != before {
-            self.store
-                .txn(Txn {
-                    success: vec![Op::put(self.meta_key(digest), info.encode_to_vec())],
-                    ..Default::default()
-                })
-                .await
-                .map_err(store_error)?;
+            self.put_info(digest, &info).await?;
         }
         Ok(Some(info))
     }
@@ -156,6 +150,11 @@ impl BlobStore {
         info: &ArtifactInfo,
     ) -> io::Result<()> {
         self.commit_replica(pending, digest).await?;
+        self.put_info(digest, info).await
+    }
+
+    /// Writes an artifact's metadata.
+    async fn put_info(&self, digest: &Digest, info: &ArtifactInfo) -> io::Result<()> {
         self.store
             .txn(Txn {
                 success: vec![Op::put(self.meta_key(digest), info.encode_to_vec())],
