@@ -614,3 +614,32 @@ gate = { samples = 1, bad_samples = 1, min_requests = 1, inconclusive = "INCONCL
         assert_eq!(host.connected_at_unix_ms, at, "{h} kept its stream");
     }
 }
+
+#[tokio::test]
+async fn a_stream_ends_when_its_certificate_expires_and_a_renewed_one_reconnects() {
+    let dir = TestDir::new();
+    let pki = Pki::new(&dir);
+    let coord = Coordinator::start_tls(&dir, "c1", &pki, &[]).await;
+    // Valid for about five more seconds (validity starts a minute back).
+    let short = pki.issue("agent", "web-1", &["--valid-for", "65s"]);
+    let agent = Agent::start(&dir, "web-1", &[&coord], &strs(&short.daemon_flags()));
+    coord
+        .wait_state("web-1", ConnectionState::Connected, WAIT)
+        .await;
+    // The coordinator ends the stream at expiry; the expired certificate
+    // gets no new one.
+    coord
+        .wait_state("web-1", ConnectionState::Disconnected, WAIT)
+        .await;
+    wait_until_ok("the expiry logged on both sides", WAIT, || async {
+        coord.child.log().contains("certificate expired")
+            && agent.child.log().contains("has expired")
+    })
+    .await;
+    // Renewed in place and reloaded: back.
+    pki.agent("web-1");
+    agent.child.signal(Signal::SIGHUP);
+    coord
+        .wait_state("web-1", ConnectionState::Connected, WAIT)
+        .await;
+}

@@ -197,9 +197,15 @@ impl AgentControl for AgentControlService {
         // The queue is empty and its receiver alive: this cannot fail.
         let _ = tx.try_send(Box::new(Ok(welcome)));
         info!(%host_id, %peer, session_id, labels, "agent connected");
+        // A stream lives no longer than the certificate it was opened with.
+        let expires = cert.as_ref().map(|c| {
+            let left = c.not_after - drover_common::time::now_unix_ms() as i64 / 1000;
+            tokio::time::Instant::now() + Duration::from_secs(left.max(0) as u64)
+        });
         let session = Session {
             host_id: host_id.clone(),
             session_id,
+            expires,
             registry: self.registry.clone(),
             pending: self.pending.clone(),
             metrics: self.metrics.clone(),
@@ -221,6 +227,8 @@ impl AgentControl for AgentControlService {
 struct Session {
     host_id: String,
     session_id: u64,
+    /// When the agent's certificate expires (TLS): the stream ends then.
+    expires: Option<tokio::time::Instant>,
     registry: Arc<Registry>,
     pending: Arc<PendingCommands>,
     metrics: Metrics,
@@ -231,8 +239,20 @@ struct Session {
 impl Session {
     async fn run(self, mut inbound: Streaming<AgentMessage>) {
         let departure = loop {
+            let expired = async {
+                match self.expires {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             let next = tokio::select! {
                 _ = self.cancel.cancelled() => break None,
+                _ = expired => {
+                    let status = Status::unauthenticated(
+                        "the certificate this stream was opened with has expired; reconnect with a current one",
+                    );
+                    break Some((Departure::Dropped("certificate expired".into()), Some(status)));
+                }
                 next = inbound.message() => next,
             };
             match next {
