@@ -13,8 +13,8 @@ use std::time::Duration;
 use backon::BackoffBuilder;
 use drover_common::proto::agent_control_client::AgentControlClient;
 use drover_common::proto::{
-    AgentMessage, CoordinatorMessage, Goodbye, Hello, ReportMetrics, ShardEpoch, agent_message,
-    coordinator_message,
+    AgentMessage, CoordinatorMessage, FenceAck, Goodbye, Hello, ReportMetrics, ShardEpoch,
+    agent_message, coordinator_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -58,8 +58,9 @@ pub type CommandSink =
     Arc<dyn Fn(drover_common::proto::Command, mpsc::Sender<AgentMessage>) + Send + Sync>;
 
 /// Receives the epochs of shards a coordinator leads (Welcome, Fence): the
-/// executor raises and persists its highest epoch for each.
-pub type FenceSink = Arc<dyn Fn(&[ShardEpoch]) + Send + Sync>;
+/// executor raises and persists its highest epoch for each, and says
+/// whether they are durable (only then are they acknowledged).
+pub type FenceSink = Arc<dyn Fn(&[ShardEpoch]) -> bool + Send + Sync>;
 
 /// Receives the cluster id of every Welcome, and whether the coordinator
 /// proved its identity with a certificate; runs before the Welcome's epochs.
@@ -188,6 +189,28 @@ impl Connection {
         ended
     }
 
+    /// Raises (and persists) the epochs, then tells the coordinator, which
+    /// commands this host for those shards only after the acknowledgement.
+    async fn raise_and_ack(
+        &self,
+        epochs: &[ShardEpoch],
+        control: &Option<mpsc::Sender<AgentMessage>>,
+    ) {
+        let durable = (self.fence)(epochs);
+        if let Some(tx) = control
+            && durable
+            && !epochs.is_empty()
+        {
+            let _ = tx
+                .send(AgentMessage {
+                    msg: Some(agent_message::Msg::FenceAck(FenceAck {
+                        epochs: epochs.to_vec(),
+                    })),
+                })
+                .await;
+        }
+    }
+
     /// Reads the coordinator's messages until the stream ends.
     async fn read(
         &self,
@@ -232,14 +255,14 @@ impl Connection {
                         *coordinator_id = w.coordinator_id.clone();
                         (self.cluster)(&w.cluster_id, self.dialer.is_tls());
                         self.contact.notify_one();
-                        (self.fence)(&w.epochs);
+                        self.raise_and_ack(&w.epochs, control).await;
                         if let Some(r) = &w.report_metrics {
                             (self.report)(r);
                         }
                         info!(coordinator = %self.coordinator, coordinator_id = %w.coordinator_id, session = %w.session_id, "connected");
                     }
                     Some(coordinator_message::Msg::Fence(f)) => {
-                        (self.fence)(&f.epochs);
+                        self.raise_and_ack(&f.epochs, control).await;
                     }
                     Some(coordinator_message::Msg::ReportMetrics(r)) => {
                         (self.report)(&r);

@@ -8,7 +8,8 @@
 //!    one). After the per-service lock is taken (rule 3) the epoch is
 //!    checked again: a Fence that arrived while it waited wins. Epochs
 //!    belong to the coordinators' cluster id; a new one (a rebuilt store)
-//!    resets them, logged.
+//!    resets them, logged. Raised epochs are acknowledged (FenceAck) only
+//!    once persisted; coordinators command a shard's hosts only after that.
 //! 2. Idempotency: a command id with a recorded result gets that result
 //!    again; one still running is joined, not started twice.
 //! 3. Commands for one service run one at a time; different services run
@@ -170,7 +171,8 @@ impl Executor {
     /// Raises the highest epoch of each shard to what a coordinator says its
     /// leader holds (Welcome, Fence), persisted before anything else can
     /// run: from then on a deposed leader's commands are rejected-stale.
-    pub fn raise_epochs(&self, epochs: &[ShardEpoch]) {
+    /// Returns whether the epochs are durable (then they are acknowledged).
+    pub fn raise_epochs(&self, epochs: &[ShardEpoch]) -> bool {
         let mut journal = self.journal.lock().expect("journal lock");
         let mut raised = false;
         for e in epochs {
@@ -181,8 +183,10 @@ impl Executor {
             }
         }
         if raised && let Err(e) = journal.save() {
-            warn!(error = %e, "cannot persist the shard epochs");
+            warn!(error = %e, "cannot persist the shard epochs; not acknowledging them");
+            return false;
         }
+        true
     }
 
     /// Rule 1's cluster: adopts the coordinators' cluster id; a different

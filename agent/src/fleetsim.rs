@@ -105,6 +105,7 @@ fn simulated_fence(epochs: Epochs) -> FenceSink {
             let highest = epochs.entry(e.shard).or_insert(0);
             *highest = (*highest).max(e.epoch);
         }
+        true
     })
 }
 

@@ -5,6 +5,7 @@
 //! answered with a status before anything is registered, so no other agent
 //! notices it.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,6 +82,7 @@ fn kind_of(msg: &Option<agent_message::Msg>) -> &'static str {
         Some(agent_message::Msg::Heartbeat(_)) => "Heartbeat",
         Some(agent_message::Msg::CommandUpdate(_)) => "CommandUpdate",
         Some(agent_message::Msg::Goodbye(_)) => "Goodbye",
+        Some(agent_message::Msg::FenceAck(_)) => "FenceAck",
         None => "an empty AgentMessage",
     }
 }
@@ -172,9 +174,11 @@ impl AgentControl for AgentControlService {
         let host_id = hello.host_id.clone();
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let cancel = self.shutdown.child_token();
+        let (fenced_tx, fenced) = tokio::sync::watch::channel(HashMap::new());
         let handle = SessionHandle {
             outbound: tx.clone(),
             cancel: cancel.clone(),
+            fenced,
         };
         let labels = format!("{:?}", hello.labels);
         let (session_id, replaced) = self.registry.connect(hello, peer.clone(), handle);
@@ -206,6 +210,7 @@ impl AgentControl for AgentControlService {
             host_id: host_id.clone(),
             session_id,
             expires,
+            fenced: fenced_tx,
             registry: self.registry.clone(),
             pending: self.pending.clone(),
             metrics: self.metrics.clone(),
@@ -229,6 +234,8 @@ struct Session {
     session_id: u64,
     /// When the agent's certificate expires (TLS): the stream ends then.
     expires: Option<tokio::time::Instant>,
+    /// The epochs the agent acknowledged (FenceAck), read by command sends.
+    fenced: tokio::sync::watch::Sender<HashMap<u32, u64>>,
     registry: Arc<Registry>,
     pending: Arc<PendingCommands>,
     metrics: Metrics,
@@ -277,6 +284,16 @@ impl Session {
                         self.session_id,
                         Departure::Left(reason),
                     );
+                }
+                Ok(Some(AgentMessage {
+                    msg: Some(agent_message::Msg::FenceAck(ack)),
+                })) => {
+                    self.fenced.send_modify(|m| {
+                        for e in &ack.epochs {
+                            let held = m.entry(e.shard).or_insert(0);
+                            *held = (*held).max(e.epoch);
+                        }
+                    });
                 }
                 Ok(Some(AgentMessage {
                     msg: Some(agent_message::Msg::CommandUpdate(update)),

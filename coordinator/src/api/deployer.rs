@@ -260,6 +260,7 @@ impl Deployer for DeployerService {
                 Err(Status::unavailable(e.to_string()))
             }
             Err(e @ SendError::Timeout(..)) => Err(Status::deadline_exceeded(e.to_string())),
+            Err(e @ SendError::Unfenced(..)) => Err(Status::failed_precondition(e.to_string())),
         }
     }
 

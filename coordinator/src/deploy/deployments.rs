@@ -1460,7 +1460,8 @@ impl Deployments {
                 Ok(u) => return Ok(u),
                 Err(
                     e @ (crate::fleet::SendError::NotConnected(_)
-                    | crate::fleet::SendError::StreamClosed(_)),
+                    | crate::fleet::SendError::StreamClosed(_)
+                    | crate::fleet::SendError::Unfenced(..)),
                 ) => {
                     if tokio::time::Instant::now() >= deadline {
                         return Err(e.to_string());

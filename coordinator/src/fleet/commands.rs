@@ -23,7 +23,14 @@ pub enum SendError {
         "no final result from host {0} within {1:?}; the command may still finish: send the same command_id again to get its result"
     )]
     Timeout(String, Duration),
+    #[error(
+        "host {0} has not acknowledged epoch {2} of shard {1} on this stream; it is not commanded until it does"
+    )]
+    Unfenced(String, u32, u64),
 }
+
+/// How long a command waits for its host to acknowledge the shard's epoch.
+const FENCE_WAIT: Duration = Duration::from_secs(10);
 
 /// True for the updates that end a command.
 pub fn is_final(status: CommandStatus) -> bool {
@@ -84,6 +91,21 @@ impl PendingCommands {
         let session = registry
             .session(host_id)
             .ok_or_else(|| SendError::NotConnected(host_id.to_string()))?;
+        // A host is commanded for a shard only once it acknowledged the
+        // epoch on this stream (its Welcome or a Fence, persisted).
+        let (shard, epoch) = (command.shard, command.epoch);
+        let mut fenced = session.fenced.clone();
+        let acked = matches!(
+            tokio::time::timeout(
+                FENCE_WAIT.min(timeout),
+                fenced.wait_for(|m| m.get(&shard).copied().unwrap_or(0) >= epoch),
+            )
+            .await,
+            Ok(Ok(_))
+        );
+        if !acked {
+            return Err(SendError::Unfenced(host_id.to_string(), shard, epoch));
+        }
         let command_id = command.command_id.clone();
         let done = self.wait(host_id, &command_id);
         let message = CoordinatorMessage {
@@ -139,6 +161,60 @@ mod tests {
         p.deliver("h", update("c1", CommandStatus::Failed));
         assert_eq!(a.await.unwrap().status(), CommandStatus::Failed);
         assert_eq!(b.await.unwrap().status(), CommandStatus::Failed);
+    }
+
+    #[tokio::test]
+    async fn a_host_is_commanded_only_at_an_epoch_it_acknowledged() {
+        use crate::fleet::registry::SessionHandle;
+        use drover_common::proto::{Hello, coordinator_message};
+        let registry = Registry::new(crate::metrics::Metrics::default());
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let (acks, fenced) = tokio::sync::watch::channel(HashMap::new());
+        let handle = SessionHandle {
+            outbound: tx,
+            cancel: tokio_util::sync::CancellationToken::new(),
+            fenced,
+        };
+        let hello = Hello {
+            host_id: "h".into(),
+            heartbeat_interval_ms: 1000,
+            ..Default::default()
+        };
+        registry.connect(hello, "peer".into(), handle);
+        let p = std::sync::Arc::new(PendingCommands::default());
+        let cmd = Command {
+            command_id: "c1".into(),
+            shard: 3,
+            epoch: 7,
+            action: None,
+        };
+        // Not acknowledged (or only a lower epoch): never sent.
+        acks.send_replace(HashMap::from([(3, 6)]));
+        let err = p
+            .send(&registry, "h", cmd.clone(), Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SendError::Unfenced(_, 3, 7)), "{err}");
+        assert!(rx.try_recv().is_err(), "nothing reached the host");
+        // Acknowledged: sent, and its final update answers.
+        acks.send_replace(HashMap::from([(3, 7)]));
+        let sending = {
+            let (p, registry) = (p.clone(), &registry);
+            async move { p.send(registry, "h", cmd, Duration::from_secs(5)).await }
+        };
+        let answering = async {
+            let item = rx.recv().await.unwrap();
+            let Ok(CoordinatorMessage {
+                msg: Some(coordinator_message::Msg::Command(sent)),
+            }) = *item
+            else {
+                panic!("a command");
+            };
+            assert_eq!((sent.shard, sent.epoch), (3, 7));
+            p.deliver("h", update("c1", CommandStatus::Succeeded));
+        };
+        let (result, ()) = tokio::join!(sending, answering);
+        assert_eq!(result.unwrap().status(), CommandStatus::Succeeded);
     }
 
     #[test]

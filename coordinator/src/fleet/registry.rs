@@ -38,6 +38,9 @@ pub type OutboundItem = Box<Result<CoordinatorMessage, Status>>;
 pub struct SessionHandle {
     pub outbound: mpsc::Sender<OutboundItem>,
     pub cancel: CancellationToken,
+    /// The epoch per shard the agent acknowledged on this stream
+    /// (FenceAck): it is commanded for a shard only at or below it.
+    pub fenced: tokio::sync::watch::Receiver<HashMap<u32, u64>>,
 }
 
 impl SessionHandle {
@@ -328,6 +331,7 @@ mod tests {
             SessionHandle {
                 outbound: tx,
                 cancel: CancellationToken::new(),
+                fenced: tokio::sync::watch::channel(HashMap::new()).1,
             },
             rx,
         )
