@@ -1,0 +1,104 @@
+//! The executor's fencing rule (rule 1 of `executor.rs`) on a real journal:
+//! below the fenced epoch is stale, above it is unfenced, only a Fence
+//! raises it (durably, so it survives a restart), and a new cluster id
+//! resets it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_agent::executor::{Executor, ExecutorConfig};
+use drover_agent::health::HealthBoard;
+use drover_agent::pull::PullLimits;
+use drover_agent::releases::Layout;
+use drover_agent::runtime::process::ProcessRuntime;
+use drover_agent::state::Journal;
+use drover_common::proto::{
+    AgentMessage, Command, CommandStatus, ShardEpoch, VerifyCommand, agent_message, command,
+};
+
+fn executor(data: &std::path::Path) -> Arc<Executor> {
+    let runtime = Arc::new(ProcessRuntime::new());
+    let board = Arc::new(HealthBoard::new(runtime.clone(), Duration::from_secs(1)));
+    Executor::new(
+        ExecutorConfig {
+            layout: Layout {
+                data_dir: data.to_path_buf(),
+            },
+            env: Default::default(),
+            keep_releases: 3,
+            limits: PullLimits {
+                max_artifact_bytes: 1 << 20,
+                unpack: drover_common::artifact::Limits {
+                    max_entries: 100,
+                    max_unpacked_bytes: 1 << 20,
+                },
+            },
+            kill_leftovers: false,
+            dialer: drover_common::tls::client::Dialer::plaintext(),
+            signers: Default::default(),
+        },
+        Journal::open(data).unwrap(),
+        runtime,
+        board,
+    )
+}
+
+/// The final status of a verify command with `epoch` on shard 1.
+async fn verify_at(executor: &Arc<Executor>, id: &str, epoch: u64) -> (CommandStatus, String) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+    let cmd = Command {
+        command_id: id.into(),
+        shard: 1,
+        epoch,
+        action: Some(command::Action::Verify(VerifyCommand {
+            service: "hello".into(),
+            artifact: "a".repeat(64),
+        })),
+    };
+    executor.clone().handle(cmd, tx).await;
+    let mut last = None;
+    while let Ok(AgentMessage {
+        msg: Some(agent_message::Msg::CommandUpdate(u)),
+    }) = rx.try_recv()
+    {
+        last = Some((u.status(), u.reason));
+    }
+    last.expect("a final update")
+}
+
+#[tokio::test]
+async fn epochs_rise_only_by_fence_and_a_new_cluster_resets_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let ex = executor(dir.path());
+    ex.join_cluster("cluster-a", true);
+    assert!(ex.raise_epochs(&[ShardEpoch { shard: 1, epoch: 5 }]));
+
+    let (status, reason) = verify_at(&ex, "above", 6).await;
+    assert_eq!(status, CommandStatus::RejectedUnfenced, "{reason}");
+    assert!(
+        reason.contains("only the shard leader's Fence raises it"),
+        "{reason}"
+    );
+    let (status, _) = verify_at(&ex, "below", 4).await;
+    assert_eq!(status, CommandStatus::RejectedStale);
+    // At the fenced epoch the command runs (and fails: nothing to verify).
+    let (status, reason) = verify_at(&ex, "at", 5).await;
+    assert_eq!(status, CommandStatus::Failed, "{reason}");
+    // A command never raised the epoch: 6 is still unfenced.
+    let (status, _) = verify_at(&ex, "above-again", 6).await;
+    assert_eq!(status, CommandStatus::RejectedUnfenced);
+
+    // The fenced epoch is durable: a restarted agent holds it.
+    drop(ex);
+    let ex = executor(dir.path());
+    let (status, _) = verify_at(&ex, "below-after-restart", 4).await;
+    assert_eq!(status, CommandStatus::RejectedStale);
+    // The same cluster changes nothing; a new one resets every epoch.
+    ex.join_cluster("cluster-a", true);
+    let (status, _) = verify_at(&ex, "still-stale", 4).await;
+    assert_eq!(status, CommandStatus::RejectedStale);
+    ex.join_cluster("cluster-b", true);
+    assert!(ex.raise_epochs(&[ShardEpoch { shard: 1, epoch: 2 }]));
+    let (status, reason) = verify_at(&ex, "new-cluster", 2).await;
+    assert_eq!(status, CommandStatus::Failed, "past fencing: {reason}");
+}
