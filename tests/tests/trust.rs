@@ -38,6 +38,15 @@ async fn served_serial(coord: &Coordinator, creds: &Creds) -> String {
         .serial
 }
 
+/// A TLS coordinator reading an (empty) deny list; returns the list's path.
+async fn with_deny_list(dir: &TestDir, pki: &Pki) -> (Coordinator, std::path::PathBuf) {
+    let deny = dir.path().join("deny.list");
+    std::fs::write(&deny, "# revoked certificates\n").unwrap();
+    let coord =
+        Coordinator::start_tls(dir, "c1", pki, &["--tls-deny-list", deny.to_str().unwrap()]).await;
+    (coord, deny)
+}
+
 /// Opens an agent stream with `creds` and says Hello as `host`.
 async fn hello_as(coord: &Coordinator, creds: &Creds, host: &str) -> Result<(), tonic::Status> {
     let channel = creds.dialer().connect(&coord.addr_arg()).await.unwrap();
@@ -62,15 +71,7 @@ async fn hello_as(coord: &Coordinator, creds: &Creds, host: &str) -> Result<(), 
 async fn every_connection_is_mutual_tls_and_identity_comes_from_the_certificate() {
     let dir = TestDir::new();
     let pki = Pki::new(&dir);
-    let deny = dir.path().join("deny.list");
-    std::fs::write(&deny, "# revoked certificates\n").unwrap();
-    let coord = Coordinator::start_tls(
-        &dir,
-        "c1",
-        &pki,
-        &["--tls-deny-list", deny.to_str().unwrap()],
-    )
-    .await;
+    let (coord, deny) = with_deny_list(&dir, &pki).await;
     let _web1 = Agent::start(&dir, "web-1", &[&coord], &strs(&pki.agent_flags("web-1")));
     let host = coord
         .wait_state("web-1", ConnectionState::Connected, WAIT)
@@ -203,15 +204,7 @@ async fn every_connection_is_mutual_tls_and_identity_comes_from_the_certificate(
 async fn certificates_rotate_on_sighup_without_dropping_streams() {
     let dir = TestDir::new();
     let pki = Pki::new(&dir);
-    let deny = dir.path().join("deny.list");
-    std::fs::write(&deny, "").unwrap();
-    let coord = Coordinator::start_tls(
-        &dir,
-        "c1",
-        &pki,
-        &["--tls-deny-list", deny.to_str().unwrap()],
-    )
-    .await;
+    let (coord, deny) = with_deny_list(&dir, &pki).await;
     let agent_creds = pki.agent("web-1");
     let agent = Agent::start(&dir, "web-1", &[&coord], &strs(&agent_creds.daemon_flags()));
     let before = coord
