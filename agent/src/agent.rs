@@ -40,7 +40,14 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(3);
 
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // The data dir is the agent's alone: 0700, and locked (a second agent
+    // on it refuses to start, naming the holder).
     std::fs::create_dir_all(&cfg.data_dir)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let _lock = crate::state::lock_data_dir(&cfg.data_dir)?;
     let journal = Journal::open(&cfg.data_dir)?;
     let runtime: Arc<dyn Runtime> = match cfg.runtime {
         RuntimeKind::Process => Arc::new(ProcessRuntime::new()),

@@ -589,30 +589,54 @@ impl Executor {
         cmd.args(&hook.command[1..])
             .envs(&spec.env)
             .current_dir(&spec.workdir)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
-        let out = match tokio::time::timeout(hook.timeout, cmd.output()).await {
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| Outcome::failed(format!("{name} hook {}: {e}", program.display())))?;
+        // Output is read as it comes into a bounded tail (see output.rs):
+        // a hook printing gigabytes costs the agent 64 KiB per stream.
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        let run = async {
+            let mut out = crate::output::BoundedTail::default();
+            let mut err = crate::output::BoundedTail::default();
+            let (_, _, status) = tokio::join!(
+                async {
+                    if let Some(s) = stdout {
+                        let _ = out.read_all(s).await;
+                    }
+                },
+                async {
+                    if let Some(s) = stderr {
+                        let _ = err.read_all(s).await;
+                    }
+                },
+                child.wait()
+            );
+            (out, err, status)
+        };
+        let (out, err, status) = match tokio::time::timeout(hook.timeout, run).await {
             Err(_) => {
                 return Err(Outcome::failed(format!(
                     "{name} hook did not finish within {:?}",
                     hook.timeout
                 )));
             }
-            Ok(Err(e)) => {
-                return Err(Outcome::failed(format!(
-                    "{name} hook {}: {e}",
-                    program.display()
-                )));
-            }
-            Ok(Ok(out)) => out,
+            Ok((out, err, status)) => (out, err, status),
         };
-        if out.status.success() {
+        let status = status
+            .map_err(|e| Outcome::failed(format!("{name} hook {}: {e}", program.display())))?;
+        if status.success() {
             return Ok(());
         }
-        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.push_str(&String::from_utf8_lossy(&out.stderr));
-        let lines: Vec<&str> = text.lines().collect();
-        let tail = lines[lines.len().saturating_sub(TAIL_LINES)..].join("\n");
-        Err(Outcome::failed(format!("{name} hook failed: {}", out.status)).with_tail(tail))
+        let tail = [out.render(TAIL_LINES), err.render(TAIL_LINES)]
+            .into_iter()
+            .filter(|t| !t.is_empty())
+            .collect::<Vec<_>>()
+            .join("\n");
+        Err(Outcome::failed(format!("{name} hook failed: {status}")).with_tail(tail))
     }
 
     /// Makes `digest` the running release of `service` (Restart and Rollback).

@@ -27,6 +27,7 @@ pub mod health;
 pub mod heartbeat;
 pub mod host_metrics;
 pub mod http;
+pub mod output;
 pub mod pull;
 pub mod releases;
 pub mod runtime;

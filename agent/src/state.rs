@@ -94,6 +94,42 @@ impl Journal {
     }
 }
 
+/// An exclusive lock on the data dir, held for the agent's life
+/// (`agent.lock`, with the holder's pid inside).
+pub struct DataDirLock {
+    _file: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Takes the data dir's lock, or says which process holds it.
+pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<DataDirLock> {
+    use std::io::{Read, Seek};
+    let path = data_dir.join("agent.lock");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(mut locked) => {
+            locked.set_len(0)?;
+            locked.rewind()?;
+            write!(locked, "{}", std::process::id())?;
+            locked.sync_all()?;
+            Ok(DataDirLock { _file: locked })
+        }
+        Err((mut f, _)) => {
+            let mut holder = String::new();
+            let _ = f.read_to_string(&mut holder);
+            anyhow::bail!(
+                "another agent (pid {}) is using data dir {}; one agent per data dir",
+                holder.trim(),
+                data_dir.display()
+            )
+        }
+    }
+}
+
 /// Replaces `path` with `bytes` atomically and durably: temp file, fsync,
 /// rename, fsync of the directory.
 pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

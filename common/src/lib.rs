@@ -44,8 +44,32 @@ pub mod proto {
         }
     }
 
+    /// Bytes of a CommandUpdate's reason and output tail at most: no update
+    /// comes near the message limit, whatever a service or hook printed.
+    pub const MAX_UPDATE_REASON: usize = 4 * 1024;
+    pub const MAX_UPDATE_TAIL: usize = 16 * 1024;
+
+    /// The first `max` bytes of `s` (at a character boundary).
+    fn head(s: &str, max: usize) -> String {
+        let mut end = s.len().min(max);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s[..end].to_string()
+    }
+
+    /// The last `max` bytes of `s` (at a character boundary).
+    fn tail(s: &str, max: usize) -> String {
+        let mut start = s.len().saturating_sub(max);
+        while !s.is_char_boundary(start) {
+            start += 1;
+        }
+        s[start..].to_string()
+    }
+
     impl Command {
-        /// The agent's update about this command, ready to send.
+        /// The agent's update about this command, ready to send; reason
+        /// and output are bounded (MAX_UPDATE_REASON, MAX_UPDATE_TAIL).
         pub fn update(
             &self,
             status: CommandStatus,
@@ -58,8 +82,8 @@ pub mod proto {
                     shard: self.shard,
                     epoch: self.epoch,
                     status: status as i32,
-                    reason: reason.to_string(),
-                    output_tail: output_tail.to_string(),
+                    reason: head(reason, MAX_UPDATE_REASON),
+                    output_tail: tail(output_tail, MAX_UPDATE_TAIL),
                     progress_percent: if status == CommandStatus::Succeeded {
                         100
                     } else {

@@ -1,0 +1,152 @@
+//! Host safety (issue 11, first part), end to end with the real binaries:
+//! whatever a hook prints, the agent's memory and every CommandUpdate stay
+//! bounded and the host stays connected; the data dir is the agent's alone.
+
+use std::time::Duration;
+
+use drover_common::proto::{CommandStatus, ConnectionState};
+use drover_tests::artifacts::{artifact_with, sample_manifest};
+use drover_tests::commands::{cmd, pull, restart};
+use drover_tests::{Agent, Coordinator, TestDir, free_port, wait_until_ok};
+
+const SERVICE: &str = "hello";
+const WAIT: Duration = Duration::from_secs(20);
+
+/// An artifact whose pre_start hook runs `script` with /bin/sh.
+fn with_hook(dir: &TestDir, version: &str, script: &str) -> drover_tests::artifacts::BuiltArtifact {
+    let manifest = sample_manifest(SERVICE, version, &[])
+        + &format!(
+            "\n[hooks]\npre_start = {{ command = [\"/bin/sh\", \"-c\", {script:?}], timeout = \"60s\" }}\n"
+        );
+    artifact_with(
+        &dir.sub("artifacts"),
+        &format!("{version}.tar.gz"),
+        &manifest,
+        &[],
+    )
+}
+
+/// The peak resident memory of `pid` (VmHWM), in bytes.
+fn peak_rss(pid: nix::unistd::Pid) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmHWM")
+        * 1024
+}
+
+#[tokio::test]
+async fn hooks_that_print_without_end_cost_bounded_memory_and_bounded_updates() {
+    let dir = TestDir::new();
+    let coord = Coordinator::start(&dir, "coord", &[]).await;
+    let agent = Agent::start_sample(&dir, "web-1", &[&coord], free_port(), &[]);
+    let host = coord
+        .wait_state("web-1", ConnectionState::Connected, WAIT)
+        .await;
+
+    // Twenty lines of 200 KB, then exit 3: the failure names the hook and
+    // its exit status; the tail is bounded and says what it dropped.
+    let flood = with_hook(
+        &dir,
+        "v1",
+        "i=0; while [ $i -lt 20 ]; do head -c 200000 /dev/zero | tr '\\0' x; echo; i=$((i+1)); done; exit 3",
+    );
+    coord.push(&flood.path, SERVICE, "v1");
+    let update = coord
+        .send("web-1", cmd("p1", 0, pull(SERVICE, &flood.digest)))
+        .await
+        .unwrap();
+    assert_eq!(update.status(), CommandStatus::Succeeded, "{update:?}");
+    let update = coord
+        .send("web-1", cmd("r1", 0, restart(SERVICE, &flood.digest)))
+        .await
+        .unwrap();
+    assert_eq!(update.status(), CommandStatus::Failed);
+    assert!(
+        update
+            .reason
+            .contains("pre_start hook failed: exit status: 3"),
+        "{}",
+        update.reason
+    );
+    assert!(
+        update.output_tail.len() <= 16 * 1024,
+        "{}",
+        update.output_tail.len()
+    );
+    assert!(
+        update.output_tail.contains("[output truncated: ")
+            && update.output_tail.contains("more characters]"),
+        "{}",
+        &update.output_tail[..200.min(update.output_tail.len())]
+    );
+
+    // 120 MB of output: the agent's peak memory stays far below it.
+    let torrent = with_hook(&dir, "v2", "head -c 120000000 /dev/zero; exit 1");
+    coord.push(&torrent.path, SERVICE, "v2");
+    let update = coord
+        .send("web-1", cmd("p2", 0, pull(SERVICE, &torrent.digest)))
+        .await
+        .unwrap();
+    assert_eq!(update.status(), CommandStatus::Succeeded, "{update:?}");
+    let update = coord
+        .send("web-1", cmd("r2", 0, restart(SERVICE, &torrent.digest)))
+        .await
+        .unwrap();
+    assert_eq!(update.status(), CommandStatus::Failed, "{}", update.reason);
+    let peak = peak_rss(agent.child.pid());
+    assert!(peak < 64 << 20, "agent peak RSS {} MiB", peak >> 20);
+
+    // The stream was never dropped.
+    let now = coord.host("web-1").await.unwrap();
+    assert_eq!(now.state(), ConnectionState::Connected);
+    assert_eq!(now.connected_at_unix_ms, host.connected_at_unix_ms);
+}
+
+#[tokio::test]
+async fn the_data_dir_is_private_and_one_agents_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TestDir::new();
+    let coord = Coordinator::start(&dir, "coord", &[]).await;
+    let first = Agent::start(&dir, "web-1", &[&coord], &[]);
+    coord
+        .wait_state("web-1", ConnectionState::Connected, WAIT)
+        .await;
+    let mode = std::fs::metadata(&first.data_dir)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+
+    // A second agent on the same data dir refuses to start, naming the first.
+    let out = std::process::Command::new(drover_tests::bins::bin("drover-agent"))
+        .args([
+            "--coordinator",
+            &coord.addr_arg(),
+            "--host-id",
+            "web-2",
+            "--data-dir",
+        ])
+        .arg(&first.data_dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "another agent (pid {}) is using data dir",
+            first.child.pid()
+        )),
+        "{err}"
+    );
+    assert!(coord.host("web-2").await.is_err(), "web-2 never connected");
+    wait_until_ok("web-1 still connected", WAIT, || async {
+        coord
+            .host("web-1")
+            .await
+            .is_ok_and(|h| h.state() == ConnectionState::Connected)
+    })
+    .await;
+}
