@@ -452,6 +452,7 @@ impl Executor {
             layout,
             &digest,
             sources,
+            p.size_bytes,
             &self.cfg.limits,
             &self.cfg.dialer,
         )

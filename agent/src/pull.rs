@@ -53,6 +53,7 @@ pub async fn download(
     layout: &Layout,
     digest: &Digest,
     sources: &[String],
+    size_bytes: u64,
     limits: &PullLimits,
     dialer: &Dialer,
 ) -> Result<u64, String> {
@@ -63,7 +64,18 @@ pub async fn download(
     if sources.is_empty() {
         return Err("the Pull command lists no sources".into());
     }
-    std::fs::create_dir_all(layout.cache_dir()).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(layout.cache_dir()).map_err(|e| disk_error(&layout.cache_dir(), &e))?;
+    // The host's disk first: a download that cannot fit is not started.
+    let free = free_bytes(&layout.cache_dir());
+    if let Some(free) = free
+        && size_bytes > 0
+        && size_bytes.saturating_mul(2) > free
+    {
+        return Err(format!(
+            "disk: {} has {free} bytes free; the artifact needs {size_bytes} for the download and at least as much to unpack; nothing was downloaded",
+            layout.cache_dir().display()
+        ));
+    }
     let part = layout.partial(digest);
     let mut hasher = {
         let part2 = part.clone();
@@ -104,6 +116,13 @@ pub async fn download(
                     .map_err(|e| e.to_string())?;
                 return Ok(fetched);
             }
+            Err(e) if e.starts_with("disk: ") => {
+                // A full or read-only disk: retrying cannot help, and the
+                // part file must not stay behind to fill it.
+                let _ = std::fs::remove_file(&part);
+                warn!(%digest, error = %e, "download stopped by the host's disk");
+                return Err(format!("{e}; the partial download was removed"));
+            }
             Err(e) => {
                 warn!(%digest, %source, error = %e, "download interrupted");
                 last_error = e;
@@ -143,7 +162,7 @@ async fn fetch_into(
         .append(true)
         .open(part)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| disk_error(part, &e))?;
     loop {
         let chunk = match stream.message().await {
             Ok(Some(c)) => c,
@@ -170,13 +189,33 @@ async fn fetch_into(
         }
         file.write_all(&chunk.data)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| disk_error(part, &e))?;
         hasher.update(&chunk.data);
         *fetched += chunk.data.len() as u64;
     }
-    file.flush().await.map_err(|e| e.to_string())?;
-    file.sync_all().await.map_err(|e| e.to_string())?;
+    file.flush().await.map_err(|e| disk_error(part, &e))?;
+    file.sync_all().await.map_err(|e| disk_error(part, &e))?;
     Ok(())
+}
+
+/// An I/O error on the host's disk, said as such when the disk is full or
+/// read-only (the message starts with "disk: ", which stops retries).
+fn disk_error(path: &Path, e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(nix::libc::ENOSPC) => format!(
+            "disk: no space left on the device writing {}",
+            path.display()
+        ),
+        Some(nix::libc::EROFS) => format!("disk: read-only file system writing {}", path.display()),
+        Some(nix::libc::EDQUOT) => format!("disk: quota exceeded writing {}", path.display()),
+        _ => format!("writing {}: {e}", path.display()),
+    }
+}
+
+/// Bytes available to us on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(dir).ok()?;
+    Some(st.blocks_available() as u64 * st.fragment_size() as u64)
 }
 
 /// Unpacks the cached artifact into `releases/<sha256>` (no-op when the

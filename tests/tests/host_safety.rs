@@ -150,3 +150,89 @@ async fn the_data_dir_is_private_and_one_agents_alone() {
     })
     .await;
 }
+
+/// A small tmpfs mounted over `path` (tests run as root, as CI does), lazily
+/// unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .expect("running mount");
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs needs root (scripts/test and CI run as root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(path.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_pull_that_cannot_fit_on_the_hosts_disk_is_refused_before_a_byte() {
+    let dir = TestDir::new();
+    let coord = Coordinator::start(&dir, "coord", &[]).await;
+    let _disk = Tmpfs::mount(&dir.path().join("agent-web-1"), "4m");
+    let agent = Agent::start_sample(&dir, "web-1", &[&coord], free_port(), &[]);
+    coord
+        .wait_state("web-1", ConnectionState::Connected, WAIT)
+        .await;
+    // 3 MB that gzip cannot shrink: 6 MB to download and unpack on a 4 MB disk.
+    let mut noise = vec![0u8; 3 << 20];
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    for b in noise.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let manifest = sample_manifest(SERVICE, "big", &[]);
+    let big = artifact_with(
+        &dir.sub("artifacts"),
+        "big.tar.gz",
+        &manifest,
+        &[("noise.bin", &noise)],
+    );
+    coord.push(&big.path, SERVICE, "big");
+    let update = coord
+        .send("web-1", cmd("big", 0, pull(SERVICE, &big.digest)))
+        .await
+        .unwrap();
+    assert_eq!(update.status(), CommandStatus::Failed);
+    assert!(
+        update.reason.starts_with("disk: ")
+            && update.reason.contains("bytes free; the artifact needs"),
+        "{}",
+        update.reason
+    );
+    let cache: Vec<String> = std::fs::read_dir(agent.data_dir.join("cache"))
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(cache.is_empty(), "nothing downloaded: {cache:?}");
+    // The host goes on working: a small release pulls and starts.
+    let small = drover_tests::artifacts::sample_artifact(&dir.sub("artifacts"), SERVICE, "v1", &[]);
+    coord.push(&small.path, SERVICE, "v1");
+    for (id, action) in [
+        ("p1", pull(SERVICE, &small.digest)),
+        ("r1", restart(SERVICE, &small.digest)),
+    ] {
+        let update = coord.send("web-1", cmd(id, 0, action)).await.unwrap();
+        assert_eq!(update.status(), CommandStatus::Succeeded, "{update:?}");
+    }
+}

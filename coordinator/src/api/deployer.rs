@@ -224,7 +224,7 @@ impl Deployer for DeployerService {
         cmd.shard = shard;
         cmd.epoch = epoch;
         if let Some(command::Action::Pull(p)) = &mut cmd.action {
-            p.signatures = self.deployments.artifact_signatures(&p.artifact).await;
+            (p.signatures, p.size_bytes) = self.deployments.pull_facts(&p.artifact).await;
             p.sources = vec![self.origin_addr.clone()];
             p.sources.extend(
                 self.leases

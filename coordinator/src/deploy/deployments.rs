@@ -178,18 +178,19 @@ impl Deployments {
         }
     }
 
-    /// The signatures CI made for `artifact` (agents with trusted signers
-    /// pull nothing without one).
-    pub async fn artifact_signatures(
+    /// What a Pull of `artifact` carries from the origin's metadata: the
+    /// signatures CI made (agents with trusted signers pull nothing without
+    /// one) and the size (agents check their free space first).
+    pub async fn pull_facts(
         &self,
         artifact: &str,
-    ) -> Vec<drover_common::proto::ArtifactSignature> {
+    ) -> (Vec<drover_common::proto::ArtifactSignature>, u64) {
         let Ok(digest) = artifact.parse::<drover_common::artifact::Digest>() else {
-            return Vec::new();
+            return (Vec::new(), 0);
         };
         match self.blobs.info(&digest).await {
-            Ok(Some(info)) => info.signatures,
-            _ => Vec::new(),
+            Ok(Some(info)) => (info.signatures, info.size_bytes),
+            _ => (Vec::new(), 0),
         }
     }
 
@@ -1394,7 +1395,7 @@ impl Deployments {
                     .collect();
             }
         };
-        let signatures = self.artifact_signatures(&rec.artifact).await;
+        let (signatures, size_bytes) = self.pull_facts(&rec.artifact).await;
         let mut tasks = tokio::task::JoinSet::new();
         for host in hosts {
             let this = self.clone();
@@ -1403,7 +1404,7 @@ impl Deployments {
                 service: rec.service.clone(),
                 artifact: rec.artifact.clone(),
                 sources: self.pull_sources(),
-                size_bytes: 0,
+                size_bytes,
                 signatures: signatures.clone(),
             });
             tasks.spawn(async move {
