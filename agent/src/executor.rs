@@ -463,14 +463,26 @@ impl Executor {
         };
         match pull::unpack_release(layout, service, &digest, &self.cfg.limits).await {
             Ok(m) => {
+                let keep = self.cfg.keep_releases;
+                let mut removed = Vec::new();
                 if let Err(e) = self.save(|s| {
                     let rec = s.services.entry(service.to_string()).or_default();
                     if !rec.releases.contains(&digest.hex()) {
-                        // Pulled but never active: oldest in line for pruning.
-                        rec.releases.insert(0, digest.hex());
+                        // Oldest first: releases are pruned in the order
+                        // they arrived (activation moves one to the end).
+                        rec.releases.push(digest.hex());
                     }
+                    // Pruned after every pull too: a host that pulls ahead
+                    // (prefetch) never holds more than `keep` releases.
+                    let pulled = Some(digest.hex());
+                    let protect = [rec.current.clone(), rec.previous.clone(), pulled];
+                    let protect: Vec<Option<&str>> = protect.iter().map(|p| p.as_deref()).collect();
+                    removed = layout.prune(service, &mut rec.releases, keep, &protect);
                 }) {
                     return Outcome::failed(e);
+                }
+                if !removed.is_empty() {
+                    info!(%service, removed = ?removed, "pruned old releases after a pull");
                 }
                 Outcome::ok(format!(
                     "pulled {digest} ({} {}, {fetched} bytes fetched)",

@@ -95,6 +95,7 @@ impl Layout {
             if let Ok(digest) = hex.parse::<Digest>() {
                 let _ = std::fs::remove_dir_all(self.release(service, &digest));
                 let _ = std::fs::remove_file(self.cached(&digest));
+                let _ = std::fs::remove_file(self.signature(&digest));
             }
         }
         removed

@@ -236,3 +236,50 @@ async fn a_pull_that_cannot_fit_on_the_hosts_disk_is_refused_before_a_byte() {
         assert_eq!(update.status(), CommandStatus::Succeeded, "{update:?}");
     }
 }
+
+#[tokio::test]
+async fn pulls_prune_releases_and_cache_as_they_go() {
+    let dir = TestDir::new();
+    let coord = Coordinator::start(&dir, "coord", &[]).await;
+    let agent = Agent::start_sample(
+        &dir,
+        "web-1",
+        &[&coord],
+        free_port(),
+        &["--keep-releases", "3"],
+    );
+    coord
+        .wait_state("web-1", ConnectionState::Connected, WAIT)
+        .await;
+    let mut digests = Vec::new();
+    for v in ["v1", "v2", "v3", "v4", "v5"] {
+        let a = drover_tests::artifacts::sample_artifact(&dir.sub("artifacts"), SERVICE, v, &[]);
+        coord.push(&a.path, SERVICE, v);
+        let update = coord
+            .send("web-1", cmd(&format!("p-{v}"), 0, pull(SERVICE, &a.digest)))
+            .await
+            .unwrap();
+        assert_eq!(update.status(), CommandStatus::Succeeded, "{update:?}");
+        digests.push(a.digest);
+    }
+    let names = |path: std::path::PathBuf| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let releases = names(agent.data_dir.join("services/hello/releases"));
+    let mut newest: Vec<String> = digests[2..].to_vec();
+    newest.sort();
+    assert_eq!(releases, newest, "the three newest pulls are kept");
+    let cache = names(agent.data_dir.join("cache"));
+    assert_eq!(cache.len(), 3, "{cache:?}");
+    assert!(
+        newest
+            .iter()
+            .all(|d| cache.contains(&format!("{d}.tar.gz"))),
+        "{cache:?}"
+    );
+}
