@@ -56,8 +56,12 @@ pub struct Args {
     #[arg(long, default_value_t = 2 << 30)]
     pub max_artifact_bytes: u64,
     /// Largest unpacked size of one artifact, in bytes.
-    #[arg(long, default_value_t = 8 << 30)]
+    #[arg(long, default_value_t = 4 << 30)]
     pub max_unpacked_bytes: u64,
+    /// Unpacked bytes allowed per compressed byte of an artifact (gzip bombs
+    /// are refused before they fill the disk); 0 turns the check off.
+    #[arg(long, default_value_t = 100)]
+    pub max_compression_ratio: u64,
     /// Most entries in one artifact.
     #[arg(long, default_value_t = 100_000)]
     pub max_entries: u64,
@@ -166,6 +170,8 @@ impl AgentConfig {
                 unpack: drover_common::artifact::Limits {
                     max_entries: args.max_entries,
                     max_unpacked_bytes: args.max_unpacked_bytes,
+                    max_ratio: args.max_compression_ratio,
+                    compressed_bytes: 0,
                 },
             },
             signers: drover_common::artifact::signature::TrustedSigners::load(&args.trust_signers)?,

@@ -244,7 +244,13 @@ pub async fn unpack_release(
     let result = tokio::task::spawn_blocking(move || {
         let file = std::fs::File::open(&archive)
             .map_err(|e| format!("opening {}: {e}", archive.display()))?;
-        unpack(std::io::BufReader::new(file), &tmp2, &unpack_limits).map_err(|e| e.to_string())
+        let compressed = file.metadata().map(|m| m.len()).unwrap_or(0);
+        unpack(
+            std::io::BufReader::new(file),
+            &tmp2,
+            &unpack_limits.for_archive(compressed),
+        )
+        .map_err(|e| e.to_string())
     })
     .await
     .map_err(|e| e.to_string())?;

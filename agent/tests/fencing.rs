@@ -31,6 +31,7 @@ fn executor(data: &std::path::Path) -> Arc<Executor> {
                 unpack: drover_common::artifact::Limits {
                     max_entries: 100,
                     max_unpacked_bytes: 1 << 20,
+                    ..Default::default()
                 },
             },
             kill_leftovers: false,

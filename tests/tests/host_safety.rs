@@ -283,3 +283,38 @@ async fn pulls_prune_releases_and_cache_as_they_go() {
         "{cache:?}"
     );
 }
+
+#[tokio::test]
+async fn a_compression_bomb_is_refused_before_it_is_written() {
+    let dir = TestDir::new();
+    let coord = Coordinator::start(&dir, "coord", &[]).await;
+    let agent = Agent::start_sample(&dir, "web-1", &[&coord], free_port(), &[]);
+    coord
+        .wait_state("web-1", ConnectionState::Connected, WAIT)
+        .await;
+    // 20 MB of zeros gzip to ~20 KB: about 1000:1, over the default 100:1.
+    let zeros = vec![0u8; 20 << 20];
+    let bomb = artifact_with(
+        &dir.sub("artifacts"),
+        "bomb.tar.gz",
+        &sample_manifest(SERVICE, "bomb", &[]),
+        &[("zeros.bin", &zeros)],
+    );
+    assert!(std::fs::metadata(&bomb.path).unwrap().len() < 200 << 10);
+    coord.push(&bomb.path, SERVICE, "bomb");
+    let update = coord
+        .send("web-1", cmd("bomb", 0, pull(SERVICE, &bomb.digest)))
+        .await
+        .unwrap();
+    assert_eq!(update.status(), CommandStatus::Failed);
+    assert!(
+        update
+            .reason
+            .contains("declares more than 100 times as much unpacked"),
+        "{}",
+        update.reason
+    );
+    let releases = agent.data_dir.join("services/hello/releases");
+    let left = std::fs::read_dir(&releases).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left, 0, "nothing unpacked is left behind");
+}

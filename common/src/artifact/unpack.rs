@@ -26,13 +26,35 @@ use super::manifest::{Manifest, ManifestError};
 pub struct Limits {
     pub max_entries: u64,
     pub max_unpacked_bytes: u64,
+    /// Unpacked bytes allowed per compressed byte (a gzip bomb's ratio is
+    /// ~1000:1); 0 turns the check off.
+    pub max_ratio: u64,
+    /// The compressed size of the archive being unpacked (0: unknown, no
+    /// ratio check); see [`Limits::for_archive`].
+    pub compressed_bytes: u64,
 }
+
+/// Archives this small may unpack to this much whatever their ratio (a
+/// manifest and a script compress very well).
+const RATIO_FLOOR: u64 = 1 << 20;
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_entries: 100_000,
-            max_unpacked_bytes: 8 << 30,
+            max_unpacked_bytes: 4 << 30,
+            max_ratio: 100,
+            compressed_bytes: 0,
+        }
+    }
+}
+
+impl Limits {
+    /// These limits for an archive of `compressed_bytes`.
+    pub fn for_archive(self, compressed_bytes: u64) -> Limits {
+        Limits {
+            compressed_bytes,
+            ..self
         }
     }
 }
@@ -55,6 +77,10 @@ pub enum UnpackError {
     TooManyEntries(u64),
     #[error("archive unpacks to more than {0} bytes")]
     TooLarge(u64),
+    #[error(
+        "archive of {compressed} bytes declares more than {ratio} times as much unpacked (a compression bomb?); refused before writing it"
+    )]
+    RatioTooHigh { compressed: u64, ratio: u64 },
     #[error("archive has no {MANIFEST_FILE} at its root")]
     MissingManifest,
     #[error(transparent)]
@@ -169,6 +195,19 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Manife
                 bytes = bytes.saturating_add(size);
                 if bytes > limits.max_unpacked_bytes {
                     return Err(UnpackError::TooLarge(limits.max_unpacked_bytes));
+                }
+                if limits.max_ratio > 0
+                    && limits.compressed_bytes > 0
+                    && bytes
+                        > limits
+                            .compressed_bytes
+                            .saturating_mul(limits.max_ratio)
+                            .max(RATIO_FLOOR)
+                {
+                    return Err(UnpackError::RatioTooHigh {
+                        compressed: limits.compressed_bytes,
+                        ratio: limits.max_ratio,
+                    });
                 }
                 create_parents(&root, &path)?;
                 let file = root
@@ -510,6 +549,7 @@ mod tests {
             Limits {
                 max_entries: 10,
                 max_unpacked_bytes: 1 << 20,
+                ..Limits::default()
             },
         );
         assert!(matches!(r, Err(UnpackError::TooManyEntries(10))), "{r:?}");
@@ -522,9 +562,21 @@ mod tests {
             Limits {
                 max_entries: 10,
                 max_unpacked_bytes: 1024,
+                ..Limits::default()
             },
         );
         assert!(matches!(r, Err(UnpackError::TooLarge(1024))), "{r:?}");
+        // 8 MiB of zeros compress ~1000:1: over 100:1 (and over the floor).
+        let bomb = Builder::new()
+            .manifest()
+            .file("zeros", &vec![0u8; 8 << 20])
+            .finish();
+        let compressed = bomb.len() as u64;
+        let (_d, r) = try_unpack(bomb, Limits::default().for_archive(compressed));
+        assert!(
+            matches!(r, Err(UnpackError::RatioTooHigh { ratio: 100, .. })),
+            "{r:?}"
+        );
     }
 
     #[test]
