@@ -49,11 +49,13 @@ pub struct DeployerService {
     pub auth: Arc<Authorizer>,
 }
 
-/// Where a deploy control applies: its shard, pipeline and current stage.
+/// Where a deploy control applies: its shard, pipeline and current stage
+/// (with the roles that stage asks of its approvers).
 struct DeployAt {
     shard: u32,
     pipeline: String,
     stage: String,
+    approver_roles: Vec<String>,
 }
 
 impl DeployerService {
@@ -64,13 +66,12 @@ impl DeployerService {
             .snapshot
             .stages
             .get(rec.machine.stage)
-            .or(rec.snapshot.stages.last())
-            .map(|s| s.name.clone())
-            .unwrap_or_default();
+            .or(rec.snapshot.stages.last());
         Ok(DeployAt {
             shard: self.deployments.shard_of_pipeline(&rec.pipeline),
+            stage: stage.map(|s| s.name.clone()).unwrap_or_default(),
+            approver_roles: stage.map(|s| s.approver_roles.clone()).unwrap_or_default(),
             pipeline: rec.pipeline,
-            stage,
         })
     }
 
@@ -225,13 +226,7 @@ impl Deployer for DeployerService {
         cmd.epoch = epoch;
         if let Some(command::Action::Pull(p)) = &mut cmd.action {
             (p.signatures, p.size_bytes) = self.deployments.pull_facts(&p.artifact).await;
-            p.sources = vec![self.origin_addr.clone()];
-            p.sources.extend(
-                self.leases
-                    .peer_addresses()
-                    .into_iter()
-                    .filter(|a| *a != self.origin_addr),
-            );
+            p.sources = self.deployments.pull_sources();
         }
         tracing::info!(
             actor = %caller.actor(),
@@ -504,23 +499,12 @@ impl Deployer for DeployerService {
             .control_at(&request, Permission::DeploysApprove)
             .await?;
         // A stage may name the roles its approvers must hold.
-        let (rec, _) = self
-            .deployments
-            .load(&request.get_ref().id)
-            .await
-            .map_err(ApiError::from)?;
-        let roles = rec
-            .snapshot
-            .stages
-            .iter()
-            .find(|s| s.name == at.stage)
-            .map(|s| s.approver_roles.clone())
-            .unwrap_or_default();
+        let roles = &at.approver_roles;
         let scope = Scope {
             pipeline: Some(&at.pipeline),
             environment: Some(&at.stage),
         };
-        if !self.auth.holds_any_role(&caller, &roles, scope) {
+        if !self.auth.holds_any_role(&caller, roles, scope) {
             return Err(ApiError::PermissionDenied(format!(
                 "{} holds none of the roles stage {} requires of approvers ({})",
                 caller.actor(),

@@ -595,12 +595,12 @@ impl Deployments {
                 return Ok(rec);
             }
             let required = stage.required_approvals.max(1) as usize;
+            rec.stage_approvals.push(StageApproval {
+                stage: stage.name.clone(),
+                approver: approver.to_string(),
+                at_unix_ms: drover_common::time::now_unix_ms(),
+            });
             if given + 1 >= required {
-                rec.stage_approvals.push(StageApproval {
-                    stage: stage.name.clone(),
-                    approver: approver.to_string(),
-                    at_unix_ms: drover_common::time::now_unix_ms(),
-                });
                 let (machine, _) = rec
                     .machine
                     .apply(Event::Approve)
@@ -617,11 +617,6 @@ impl Deployments {
                 }
                 continue;
             }
-            rec.stage_approvals.push(StageApproval {
-                stage: stage.name.clone(),
-                approver: approver.to_string(),
-                at_unix_ms: drover_common::time::now_unix_ms(),
-            });
             rec.approvals.push(format!(
                 "{who} approved stage {} ({} of {required})",
                 stage.name,
@@ -1430,7 +1425,7 @@ impl Deployments {
 
     /// Where agents fetch artifacts: this coordinator first (it fetches a
     /// blob it lacks from its peers), then every other live coordinator.
-    fn pull_sources(&self) -> Vec<String> {
+    pub fn pull_sources(&self) -> Vec<String> {
         let mut sources = vec![self.origin.clone()];
         for m in self.leases.members() {
             if !m.address.is_empty() && !sources.contains(&m.address) {

@@ -210,17 +210,6 @@ impl ShardLeases {
         }))
     }
 
-    /// The epoch of `shard`'s current leader, whoever it is (None: no
-    /// leader, or no such shard).
-    pub async fn current_epoch(&self, shard: u32) -> Option<u64> {
-        self.election(shard)
-            .leader()
-            .await
-            .ok()
-            .flatten()
-            .map(|(_, epoch)| epoch)
-    }
-
     /// Every live coordinator with the shards it leads, and the shards
     /// nobody leads, as the store says now.
     pub async fn overview(
