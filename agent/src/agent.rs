@@ -40,12 +40,13 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(3);
 
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    // The data dir is the agent's alone: 0700, and locked (a second agent
-    // on it refuses to start, naming the holder).
+    // The data dir is the agent's: 0711 (services, running as other users,
+    // pass through to their releases but list nothing; see releases.rs),
+    // and locked (a second agent on it refuses to start, naming the holder).
     std::fs::create_dir_all(&cfg.data_dir)?;
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))?;
+        std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o711))?;
     }
     let _lock = crate::state::lock_data_dir(&cfg.data_dir)?;
     let journal = Journal::open(&cfg.data_dir)?;
@@ -79,6 +80,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
                 data_dir: cfg.data_dir.clone(),
             },
             env: cfg.env.clone(),
+            users: cfg.users.clone(),
             keep_releases: cfg.keep_releases,
             limits: cfg.limits.clone(),
             kill_leftovers: cfg.runtime == RuntimeKind::Process,

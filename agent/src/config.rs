@@ -43,6 +43,13 @@ pub struct Args {
     /// Environment for every service this agent runs, KEY=VALUE (PORT=8081). Repeatable.
     #[arg(long = "env", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
+    /// The unprivileged user services run as when their manifest names none
+    /// (`[start] user`). Used only when the agent runs as root.
+    #[arg(long, default_value = "nobody")]
+    pub service_user: String,
+    /// Let a manifest (or --service-user) run a service as root.
+    #[arg(long)]
+    pub allow_root_services: bool,
     /// How services run: supervised by the agent, or as systemd units.
     #[arg(long, value_enum, default_value_t = RuntimeKind::Process)]
     pub runtime: RuntimeKind,
@@ -113,6 +120,7 @@ pub struct AgentConfig {
     pub backoff: Backoff,
     pub queue_capacity: usize,
     pub env: std::collections::BTreeMap<String, String>,
+    pub users: crate::runtime::UserPolicy,
     pub runtime: RuntimeKind,
     pub systemd_unit_dir: PathBuf,
     pub keep_releases: usize,
@@ -162,6 +170,10 @@ impl AgentConfig {
             },
             queue_capacity: args.queue_capacity,
             env: args.env.into_iter().collect(),
+            users: crate::runtime::UserPolicy {
+                default_user: args.service_user,
+                allow_root: args.allow_root_services,
+            },
             runtime: args.runtime,
             systemd_unit_dir: args.systemd_unit_dir,
             keep_releases: args.keep_releases.max(2),

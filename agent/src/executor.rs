@@ -38,7 +38,7 @@ use tracing::{info, warn};
 use crate::health::{HealthBoard, Watch, probe_once};
 use crate::pull::{self, PullLimits};
 use crate::releases::{Layout, validate_service};
-use crate::runtime::{Runtime, ServiceSpec, parse_signal};
+use crate::runtime::{Launch, Runtime, ServiceSpec, UserPolicy, parse_signal};
 use crate::state::{Journal, RecordedResult, ServiceRecord};
 
 /// Lines of service output attached to a failure.
@@ -52,6 +52,8 @@ pub struct ExecutorConfig {
     pub layout: Layout,
     /// Host-level environment passed to every service (`--env`).
     pub env: BTreeMap<String, String>,
+    /// Whom services run as (`--service-user`, `--allow-root-services`).
+    pub users: UserPolicy,
     pub keep_releases: usize,
     pub limits: PullLimits,
     /// Stop what a crashed predecessor left running (process runtime).
@@ -407,7 +409,8 @@ impl Executor {
             .find(|s| s.key_id == key)
             .expect("verify returned the id of one of them");
         let path = self.cfg.layout.signature(digest);
-        std::fs::create_dir_all(self.cfg.layout.cache_dir()).map_err(|e| e.to_string())?;
+        crate::releases::create_private_dir(&self.cfg.layout.cache_dir())
+            .map_err(|e| e.to_string())?;
         let json = serde_json::to_vec(sig).map_err(|e| e.to_string())?;
         crate::state::write_durably(&path, &json)
             .map_err(|e| format!("writing {}: {e}", path.display()))
@@ -531,7 +534,13 @@ impl Executor {
         manifest: &Manifest,
     ) -> Result<(ServiceSpec, Watch), String> {
         let release = self.cfg.layout.release(service, digest);
-        let mut env = self.cfg.env.clone();
+        let run_as = self
+            .cfg
+            .users
+            .resolve(manifest.start.user.as_deref())
+            .map_err(|e| format!("start.user: {e}"))?;
+        let mut env = crate::runtime::launch::base_environment(run_as.as_ref());
+        env.extend(self.cfg.env.clone());
         env.insert("DROVER_SERVICE".into(), service.to_string());
         env.insert("DROVER_RELEASE".into(), digest.hex());
         env.insert("DROVER_RELEASE_DIR".into(), release.display().to_string());
@@ -572,19 +581,25 @@ impl Executor {
         if let Some(m) = &mut metrics {
             m.url = expand(&m.url, &env).map_err(|e| format!("metrics.url: {e}"))?;
         }
+        let readiness = expand_probe(&manifest.readiness, "readiness")?;
+        let liveness = expand_probe(&manifest.liveness, "liveness")?;
+        let launch = Launch {
+            workdir,
+            env,
+            run_as,
+        };
         let watch = Watch {
-            readiness: expand_probe(&manifest.readiness, "readiness")?,
-            liveness: expand_probe(&manifest.liveness, "liveness")?,
+            readiness,
+            liveness,
             metrics,
-            workdir: workdir.clone(),
+            launch: launch.clone(),
         };
         let spec = ServiceSpec {
             service: service.to_string(),
             release_dir: release,
             program,
             args,
-            env,
-            workdir,
+            launch,
             stop_signal: parse_signal(&manifest.start.stop_signal)?,
             stop_grace: manifest.start.stop_grace,
             log_dir: self.cfg.layout.log_dir(service),
@@ -598,10 +613,8 @@ impl Executor {
         } else {
             spec.release_dir.join(&hook.command[0])
         };
-        let mut cmd = tokio::process::Command::new(&program);
+        let mut cmd = spec.launch.command(&program);
         cmd.args(&hook.command[1..])
-            .envs(&spec.env)
-            .current_dir(&spec.workdir)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -678,7 +691,7 @@ impl Executor {
             && self.runtime.status(service).running
         {
             let ready = match &watch.readiness {
-                Some(p) => probe_once(p, &watch.workdir).await.is_ok(),
+                Some(p) => probe_once(p, &watch.launch).await.is_ok(),
                 None => true,
             };
             if ready {
@@ -736,7 +749,7 @@ impl Executor {
             }
             if status.running {
                 let ready = match &watch.readiness {
-                    Some(p) => match probe_once(p, &watch.workdir).await {
+                    Some(p) => match probe_once(p, &watch.launch).await {
                         Ok(()) => true,
                         Err(e) => {
                             last_error = e;

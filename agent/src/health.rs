@@ -3,7 +3,6 @@
 //! (requests, errors, p50/p99 latency) for the heartbeat.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,10 +12,10 @@ use drover_common::proto::{ReportMetrics, ServiceHealth};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::runtime::Runtime;
+use crate::runtime::{Launch, Runtime};
 
 /// Runs one probe check.
-pub async fn probe_once(probe: &Probe, workdir: &std::path::Path) -> Result<(), String> {
+pub async fn probe_once(probe: &Probe, launch: &Launch) -> Result<(), String> {
     match probe.check() {
         Some(ProbeCheck::Http(url)) => {
             let (status, _) = crate::http::get(url, probe.timeout).await?;
@@ -37,11 +36,9 @@ pub async fn probe_once(probe: &Probe, workdir: &std::path::Path) -> Result<(), 
                 .map_err(|e| format!("connect {addr}: {e}"))
         }
         Some(ProbeCheck::Exec(cmd)) => {
-            let mut command = tokio::process::Command::new(&cmd[0]);
-            command
-                .args(&cmd[1..])
-                .current_dir(workdir)
-                .kill_on_drop(true);
+            // As the service itself runs: same user, same environment.
+            let mut command = launch.command(std::path::Path::new(&cmd[0]));
+            command.args(&cmd[1..]).kill_on_drop(true);
             let out = tokio::time::timeout(probe.timeout, command.output())
                 .await
                 .map_err(|_| format!("{} did not finish within {:?}", cmd[0], probe.timeout))?
@@ -62,7 +59,8 @@ pub struct Watch {
     pub readiness: Option<Probe>,
     pub liveness: Option<Probe>,
     pub metrics: Option<MetricsSpec>,
-    pub workdir: PathBuf,
+    /// How exec probes start (as the service does).
+    pub launch: Launch,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -126,7 +124,7 @@ impl HealthBoard {
             tokio::spawn(probe_loop(
                 service.to_string(),
                 probe,
-                watch.workdir.clone(),
+                watch.launch.clone(),
                 figures.clone(),
                 stop.clone(),
                 None,
@@ -136,7 +134,7 @@ impl HealthBoard {
             tokio::spawn(probe_loop(
                 service.to_string(),
                 probe,
-                watch.workdir.clone(),
+                watch.launch.clone(),
                 figures.clone(),
                 stop.clone(),
                 Some(self.runtime.clone()),
@@ -220,7 +218,7 @@ impl HealthBoard {
 async fn probe_loop(
     service: String,
     probe: Probe,
-    workdir: PathBuf,
+    launch: Launch,
     figures: Arc<Mutex<Figures>>,
     stop: CancellationToken,
     liveness_runtime: Option<Arc<dyn Runtime>>,
@@ -229,7 +227,7 @@ async fn probe_loop(
     loop {
         let result = tokio::select! {
             _ = stop.cancelled() => return,
-            r = probe_once(&probe, &workdir) => r,
+            r = probe_once(&probe, &launch) => r,
         };
         {
             let mut f = figures.lock().expect("figures lock");

@@ -64,7 +64,8 @@ pub async fn download(
     if sources.is_empty() {
         return Err("the Pull command lists no sources".into());
     }
-    std::fs::create_dir_all(layout.cache_dir()).map_err(|e| disk_error(&layout.cache_dir(), &e))?;
+    crate::releases::create_private_dir(&layout.cache_dir())
+        .map_err(|e| disk_error(&layout.cache_dir(), &e))?;
     // The host's disk first: a download that cannot fit is not started.
     let free = free_bytes(&layout.cache_dir());
     if let Some(free) = free

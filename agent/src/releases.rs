@@ -7,10 +7,23 @@
 //! <data>/services/<service>/current -> releases/<sha256>   switched atomically
 //! <data>/services/<service>/logs/   the service's output (process runtime)
 //! ```
+//!
+//! Permissions: services run as unprivileged users and must reach their
+//! release, so the data dir is 0711 (others may pass through, never list);
+//! everything they have no business reading is private to the agent:
+//! `cache/` and `logs/` 0700, the journal and the lock 0600. Release trees
+//! are root's and read-only to services (the unpacker masks modes to 0755).
 
 use std::path::{Path, PathBuf};
 
 use drover_common::artifact::Digest;
+
+/// Creates `dir` (and its parents) and makes it the agent's alone (0700).
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
 
 /// Paths of one agent's data directory.
 #[derive(Debug, Clone)]

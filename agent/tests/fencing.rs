@@ -25,6 +25,7 @@ fn executor(data: &std::path::Path) -> Arc<Executor> {
                 data_dir: data.to_path_buf(),
             },
             env: Default::default(),
+            users: Default::default(),
             keep_releases: 3,
             limits: PullLimits {
                 max_artifact_bytes: 1 << 20,

@@ -379,6 +379,18 @@ impl Agent {
         coordinators: &[String],
         extra: &[&str],
     ) -> Agent {
+        Self::start_with_env(dir, host_id, coordinators, extra, &[])
+    }
+
+    /// An agent whose own environment also holds `env` (what must never
+    /// reach its services).
+    pub fn start_with_env(
+        dir: &TestDir,
+        host_id: &str,
+        coordinators: &[String],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
         let data_dir = dir.sub(&format!("agent-{host_id}"));
         let mut cmd = Command::new(bins::bin("drover-agent"));
         for c in coordinators {
@@ -388,7 +400,8 @@ impl Agent {
             .arg(host_id)
             .arg("--data-dir")
             .arg(&data_dir)
-            .args(extra);
+            .args(extra)
+            .envs(env.iter().copied());
         let child = ChildGuard::spawn(
             &format!("agent {host_id}"),
             cmd,

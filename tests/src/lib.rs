@@ -9,6 +9,7 @@
 //! - [`sample_fleet`]: a coordinator and agents running the sample service under load.
 //! - [`wait_until`]: poll a condition with a deadline; never a bare sleep.
 //! - [`bins`]: where the binaries are (built once per test process).
+//! - [`users`]: a real unprivileged user per test (`useradd`, removed on drop).
 //! - [`pki`]: a CA per test (the real `droverctl ca`), certificates and the
 //!   flags that use them; `Coordinator::start_tls` serves mutual TLS.
 
@@ -25,6 +26,7 @@ pub mod procstat;
 pub mod raw;
 pub mod sample_fleet;
 mod testdir;
+pub mod users;
 mod wait;
 
 pub use cluster::Cluster;

@@ -14,6 +14,13 @@ impl TestDir {
             .prefix("drover-test-")
             .tempdir()
             .expect("creating a temp dir");
+        // Services run as unprivileged users (nobody by default) and must
+        // pass through to their releases in agents' data dirs under here.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o711),
+        )
+        .expect("opening the temp dir to services");
         TestDir { dir: Some(dir) }
     }
 

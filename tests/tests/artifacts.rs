@@ -520,8 +520,16 @@ async fn kill_9_of_the_agent_mid_restart_converges_on_the_truth() {
     let v1 = sample_artifact(&artifacts_dir(&dir), SERVICE, "v1", &[]);
     // v2's pre_start hook signals it has begun, then takes its time, until
     // the test lets later runs through.
-    let marker = dir.path().join("pre-start-began");
-    let release_hook = dir.path().join("pre-start-quick");
+    // The hook runs as the unprivileged service user: its markers live in
+    // a directory anyone may write, as /tmp.
+    let markers = dir.sub("markers");
+    std::fs::set_permissions(
+        &markers,
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .unwrap();
+    let marker = markers.join("pre-start-began");
+    let release_hook = markers.join("pre-start-quick");
     let hook = format!(
         "[ -e {q} ] || {{ touch {m}; sleep 30; }}",
         q = release_hook.display(),

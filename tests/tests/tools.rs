@@ -342,12 +342,17 @@ fn generated_service_units_pass_systemd_analyze_verify() {
             "--version-label".into(),
             "it's \"v1\" at 100%".into(),
         ],
-        env: [
-            ("PORT".to_string(), "8081".to_string()),
-            ("GREETING".to_string(), "hello world".to_string()),
-        ]
-        .into(),
-        workdir: dir.sub("work"),
+        launch: drover_agent::runtime::Launch {
+            workdir: dir.sub("work"),
+            env: [
+                ("PORT".to_string(), "8081".to_string()),
+                ("GREETING".to_string(), "hello world".to_string()),
+            ]
+            .into(),
+            run_as: drover_agent::runtime::UserPolicy::default()
+                .resolve(None)
+                .unwrap(),
+        },
         stop_signal: nix::sys::signal::Signal::SIGINT,
         stop_grace: Duration::from_secs(5),
         log_dir: dir.sub("logs"),

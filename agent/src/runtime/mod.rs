@@ -2,10 +2,12 @@
 //! [`process::ProcessRuntime`] supervises the process itself; the
 //! [`systemd`] runtime hands it to systemd as a unit per service.
 
+pub mod launch;
 pub mod process;
 pub mod systemd;
 
-use std::collections::BTreeMap;
+pub use launch::{Launch, RunAs, UserPolicy};
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -19,9 +21,8 @@ pub struct ServiceSpec {
     pub release_dir: PathBuf,
     pub program: PathBuf,
     pub args: Vec<String>,
-    /// Added to the agent's own environment.
-    pub env: BTreeMap<String, String>,
-    pub workdir: PathBuf,
+    /// Who it runs as, where, with what environment (see `launch`).
+    pub launch: Launch,
     pub stop_signal: Signal,
     pub stop_grace: Duration,
     pub log_dir: PathBuf,

@@ -19,7 +19,7 @@ use file_rotate::{ContentLimit, FileRotate};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -90,10 +90,8 @@ async fn supervise(spec: ServiceSpec, stop: CancellationToken, status: Arc<Mutex
     )));
     let mut backoff = BACKOFF_MIN;
     loop {
-        let mut cmd = Command::new(&spec.program);
+        let mut cmd = spec.launch.command(&spec.program);
         cmd.args(&spec.args)
-            .envs(&spec.env)
-            .current_dir(&spec.workdir)
             .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -161,7 +159,7 @@ async fn supervise(spec: ServiceSpec, stop: CancellationToken, status: Arc<Mutex
 impl Runtime for ProcessRuntime {
     async fn start(&self, spec: ServiceSpec) -> Result<(), RuntimeError> {
         self.stop(&spec.service).await?;
-        std::fs::create_dir_all(&spec.log_dir).map_err(|e| RuntimeError::Start {
+        crate::releases::create_private_dir(&spec.log_dir).map_err(|e| RuntimeError::Start {
             service: spec.service.clone(),
             reason: format!("creating {}: {e}", spec.log_dir.display()),
         })?;
@@ -264,8 +262,11 @@ mod tests {
             release_dir: dir.to_path_buf(),
             program,
             args: vec![],
-            env: [("GREETING".to_string(), "hello".to_string())].into(),
-            workdir: dir.to_path_buf(),
+            launch: crate::runtime::Launch {
+                workdir: dir.to_path_buf(),
+                env: [("GREETING".to_string(), "hello".to_string())].into(),
+                run_as: None,
+            },
             stop_signal: Signal::SIGTERM,
             stop_grace: Duration::from_secs(2),
             log_dir: dir.join("logs"),

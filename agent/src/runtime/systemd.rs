@@ -44,6 +44,20 @@ fn path_value(path: &std::path::Path) -> String {
     path.to_string_lossy().replace('%', "%%")
 }
 
+/// What every service unit gets, as our own units do: no privilege
+/// escalation, the OS read-only, a private /tmp, no kernel tuning.
+const HARDENING: &str = "NoNewPrivileges=yes\n\
+     ProtectSystem=full\n\
+     ProtectHome=read-only\n\
+     PrivateTmp=yes\n\
+     ProtectKernelTunables=yes\n\
+     ProtectKernelModules=yes\n\
+     ProtectControlGroups=yes\n\
+     RestrictSUIDSGID=yes\n\
+     LockPersonality=yes\n\
+     RestrictRealtime=yes\n\
+     SystemCallArchitectures=native\n";
+
 /// The unit file for `spec`.
 pub fn render_unit(spec: &ServiceSpec) -> String {
     let release = spec
@@ -67,11 +81,18 @@ pub fn render_unit(spec: &ServiceSpec) -> String {
          ExecStart={exec}\n",
         service = spec.service,
         short = &release[..release.len().min(12)],
-        workdir = path_value(&spec.workdir),
+        workdir = path_value(&spec.launch.workdir),
     );
-    for (k, v) in &spec.env {
+    // systemd starts units with a clean environment; this is all of it.
+    for (k, v) in &spec.launch.env {
         unit.push_str(&format!("Environment={}\n", quote(&format!("{k}={v}"))));
     }
+    if let Some(r) = &spec.launch.run_as {
+        // Numeric ids: what the agent resolved is what runs, whatever NSS
+        // answers later. systemd drops supplementary groups itself.
+        unit.push_str(&format!("User={}\nGroup={}\n", r.uid, r.gid));
+    }
+    unit.push_str(HARDENING);
     unit.push_str(&format!(
         "KillSignal={signal}\n\
          TimeoutStopSec={grace}ms\n\
@@ -112,7 +133,7 @@ impl Runtime for SystemdRuntime {
             service: spec.service.clone(),
             reason,
         };
-        std::fs::create_dir_all(&spec.log_dir).map_err(|e| err(e.to_string()))?;
+        crate::releases::create_private_dir(&spec.log_dir).map_err(|e| err(e.to_string()))?;
         let path = self.unit_dir.join(&unit);
         let tmp = path.with_extension("service.tmp");
         std::fs::write(&tmp, render_unit(&spec))
@@ -195,8 +216,16 @@ mod tests {
             )),
             program: PathBuf::from("/var/lib/drover/services/web/current/bin/start"),
             args: vec!["--greeting".into(), "hi \"there\" 100% $HOME".into()],
-            env: [("PORT".to_string(), "8081".to_string())].into(),
-            workdir: PathBuf::from("/var/lib/drover/services/web/current"),
+            launch: crate::runtime::Launch {
+                workdir: PathBuf::from("/var/lib/drover/services/web/current"),
+                env: [("PORT".to_string(), "8081".to_string())].into(),
+                run_as: Some(crate::runtime::RunAs {
+                    user: "web".into(),
+                    uid: 990,
+                    gid: 991,
+                    home: "/nonexistent".into(),
+                }),
+            },
             stop_signal: nix::sys::signal::Signal::SIGINT,
             stop_grace: Duration::from_secs(7),
             log_dir: PathBuf::from("/var/lib/drover/services/web/logs"),
@@ -213,6 +242,8 @@ mod tests {
             "{unit}"
         );
         assert!(unit.contains("Environment=\"PORT=8081\"\n"), "{unit}");
+        assert!(unit.contains("User=990\nGroup=991\n"), "{unit}");
+        assert!(unit.contains("NoNewPrivileges=yes\n"), "{unit}");
         assert!(
             unit.contains("KillSignal=SIGINT\nTimeoutStopSec=7000ms\n"),
             "{unit}"

@@ -10,6 +10,7 @@
 //! env = { RUST_LOG = "info" }
 //! stop_signal = "SIGTERM"
 //! stop_grace = "10s"
+//! user = "hello"                     # default: the agent's --service-user
 //!
 //! [readiness]
 //! http = "http://127.0.0.1:${PORT}/healthz"   # or tcp = "127.0.0.1:${PORT}", or exec = ["bin/check"]
@@ -62,6 +63,9 @@ pub struct Start {
     pub stop_signal: String,
     #[serde(default = "default_stop_grace", with = "humantime_serde")]
     pub stop_grace: Duration,
+    /// The unprivileged user the service, its hooks and exec probes run as
+    /// (default: the agent's `--service-user`).
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,6 +232,14 @@ impl Manifest {
                 "must be one of SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2",
             );
         }
+        if let Some(user) = &self.start.user
+            && !valid_user_name(user)
+        {
+            bad(
+                "start.user",
+                "must be a user name: 1-32 of [a-z0-9_-], starting with a letter or '_'",
+            );
+        }
         for key in self.start.env.keys() {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
                 bad(
@@ -292,6 +304,14 @@ impl Manifest {
             Err(ManifestError { problems })
         }
     }
+}
+
+/// A portable user name (POSIX, as useradd accepts by default).
+fn valid_user_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some('a'..='z' | '_'))
+        && name.len() <= 32
+        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_' | '-'))
 }
 
 fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {

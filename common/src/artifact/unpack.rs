@@ -7,14 +7,16 @@
 //! release (checked lexically when created and by real resolution at the
 //! end), and more entries or bytes than the limits. Files are created
 //! exclusively (a duplicate entry is refused, never written through a link),
-//! and modes keep only the permission bits (no setuid/setgid).
+//! and modes are masked to 0755: no setuid/setgid, no group or other write
+//! (a service, running as another user, can read its release, never change
+//! it); directories are created 0755 whatever the archive says.
 
 use std::io::{self, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use cap_std::ambient_authority;
-use cap_std::fs::{Dir, OpenOptions};
+use cap_std::fs::{Dir, DirBuilder, DirBuilderExt, OpenOptions};
 use flate2::read::GzDecoder;
 use tar::EntryType;
 
@@ -143,16 +145,27 @@ fn check_link(root: &Dir, path: &Path, target: &Path) -> Result<(), UnpackError>
 
 /// Creates the directories above an entry; a parent that is not a directory
 /// inside the release (a file, or a link leading out) is refused.
+/// How the unpacker creates directories: 0755, parents too.
+fn release_dirs() -> DirBuilder {
+    let mut builder = DirBuilder::new();
+    builder.recursive(true).mode(RELEASE_MODE_MASK);
+    builder
+}
+
+/// The most a file or directory of a release may allow.
+pub const RELEASE_MODE_MASK: u32 = 0o755;
+
 fn create_parents(root: &Dir, path: &Path) -> Result<(), UnpackError> {
     let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) else {
         return Ok(());
     };
-    root.create_dir_all(parent).map_err(|e| match e.kind() {
-        io::ErrorKind::AlreadyExists
-        | io::ErrorKind::PermissionDenied
-        | io::ErrorKind::NotADirectory => UnpackError::BadParent(path.to_path_buf()),
-        _ => UnpackError::Io(e),
-    })
+    root.create_dir_with(parent, &release_dirs())
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::AlreadyExists
+            | io::ErrorKind::PermissionDenied
+            | io::ErrorKind::NotADirectory => UnpackError::BadParent(path.to_path_buf()),
+            _ => UnpackError::Io(e),
+        })
 }
 
 /// Unpacks the tar.gz read from `archive` into `dest`, which must not exist
@@ -188,7 +201,8 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Manife
         };
         match kind {
             EntryType::Directory => {
-                root.create_dir_all(&path).map_err(UnpackError::Io)?;
+                root.create_dir_with(&path, &release_dirs())
+                    .map_err(UnpackError::Io)?;
             }
             EntryType::Regular | EntryType::Continuous => {
                 let size = entry.header().size().map_err(UnpackError::Corrupt)?;
@@ -225,7 +239,7 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Manife
                         format!("entry {path:?} is truncated"),
                     )));
                 }
-                let mode = entry.header().mode().unwrap_or(0o644) & 0o777;
+                let mode = entry.header().mode().unwrap_or(0o644) & RELEASE_MODE_MASK;
                 file.set_permissions(std::fs::Permissions::from_mode(mode))
                     .map_err(UnpackError::Io)?;
             }
@@ -387,6 +401,33 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o7777, 0o755, "setuid and setgid are dropped");
+    }
+
+    #[test]
+    fn nothing_of_a_release_is_writable_by_group_or_others() {
+        let archive = Builder(
+            Builder::new()
+                .manifest()
+                .0
+                .raw("open/", EntryType::Directory, None, 0o777, b"")
+                .raw("open/world", EntryType::Regular, None, 0o7777, b"x")
+                .raw("open/deep/file", EntryType::Regular, None, 0o666, b"x"),
+        )
+        .finish();
+        let (dir, result) = try_unpack(archive, Limits::default());
+        result.unwrap();
+        let release = dir.path().join("release");
+        let mode = |p: &str| {
+            std::fs::metadata(release.join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+        assert_eq!(mode("open"), 0o755);
+        assert_eq!(mode("open/deep"), 0o755);
+        assert_eq!(mode("open/world"), 0o755);
+        assert_eq!(mode("open/deep/file"), 0o644);
     }
 
     #[test]
