@@ -64,6 +64,13 @@ pub struct ExecutorConfig {
     pub signers: drover_common::artifact::signature::TrustedSigners,
 }
 
+/// When a restart must be done by, and the whole time it was given.
+#[derive(Debug, Clone, Copy)]
+struct Deadline {
+    at: Instant,
+    of: Duration,
+}
+
 /// The final answer to a command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
@@ -607,14 +614,37 @@ impl Executor {
         Ok((spec, watch))
     }
 
-    async fn run_hook(&self, name: &str, hook: &Hook, spec: &ServiceSpec) -> Result<(), Outcome> {
+    /// Runs one hook as the service (see `runtime::launch`), for at most its
+    /// own timeout and never past `deadline` (the restart's). A hook that
+    /// fails or overruns is named with its exit status or the limit it hit,
+    /// and the tail of what it printed.
+    async fn run_hook(
+        &self,
+        name: &str,
+        hook: &Hook,
+        spec: &ServiceSpec,
+        deadline: Deadline,
+    ) -> Result<(), Outcome> {
         let program = if hook.command[0].starts_with('/') {
             PathBuf::from(&hook.command[0])
         } else {
             spec.release_dir.join(&hook.command[0])
         };
+        let left = deadline.at.saturating_duration_since(Instant::now());
+        let (limit, which) = if hook.timeout <= left {
+            (hook.timeout, format!("its timeout of {:?}", hook.timeout))
+        } else {
+            (
+                left,
+                format!(
+                    "the restart's deadline of {:?}: ready_timeout_ms, a deploy's stuck_timeout",
+                    deadline.of
+                ),
+            )
+        };
         let mut cmd = spec.launch.command(&program);
         cmd.args(&hook.command[1..])
+            .process_group(0)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -622,12 +652,13 @@ impl Executor {
         let mut child = cmd
             .spawn()
             .map_err(|e| Outcome::failed(format!("{name} hook {}: {e}", program.display())))?;
+        let pgid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
         // Output is read as it comes into a bounded tail (see output.rs):
         // a hook printing gigabytes costs the agent 64 KiB per stream.
         let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        let mut out = crate::output::BoundedTail::default();
+        let mut err = crate::output::BoundedTail::default();
         let run = async {
-            let mut out = crate::output::BoundedTail::default();
-            let mut err = crate::output::BoundedTail::default();
             let (_, _, status) = tokio::join!(
                 async {
                     if let Some(s) = stdout {
@@ -641,28 +672,34 @@ impl Executor {
                 },
                 child.wait()
             );
-            (out, err, status)
+            status
         };
-        let (out, err, status) = match tokio::time::timeout(hook.timeout, run).await {
+        let finished = tokio::time::timeout(limit, run).await;
+        let tail = || {
+            [out.render(TAIL_LINES), err.render(TAIL_LINES)]
+                .into_iter()
+                .filter(|t| !t.is_empty())
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let status = match finished {
             Err(_) => {
+                // The whole group: whatever the hook started goes too.
+                if let Some(pgid) = pgid {
+                    let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+                }
                 return Err(Outcome::failed(format!(
-                    "{name} hook did not finish within {:?}",
-                    hook.timeout
-                )));
+                    "{name} hook did not finish within {which}; killed"
+                ))
+                .with_tail(tail()));
             }
-            Ok((out, err, status)) => (out, err, status),
+            Ok(status) => status
+                .map_err(|e| Outcome::failed(format!("{name} hook {}: {e}", program.display())))?,
         };
-        let status = status
-            .map_err(|e| Outcome::failed(format!("{name} hook {}: {e}", program.display())))?;
         if status.success() {
             return Ok(());
         }
-        let tail = [out.render(TAIL_LINES), err.render(TAIL_LINES)]
-            .into_iter()
-            .filter(|t| !t.is_empty())
-            .collect::<Vec<_>>()
-            .join("\n");
-        Err(Outcome::failed(format!("{name} hook failed: {status}")).with_tail(tail))
+        Err(Outcome::failed(format!("{name} hook failed: {status}")).with_tail(tail()))
     }
 
     /// Makes `digest` the running release of `service` (Restart and Rollback).
@@ -698,8 +735,19 @@ impl Executor {
                 return Outcome::ok(format!("{digest} is already active and ready"));
             }
         }
+        // One deadline for the whole restart, hooks included: the deploy
+        // waits no longer than this for the host's answer.
+        let timeout = if ready_timeout_ms == 0 {
+            DEFAULT_READY_TIMEOUT
+        } else {
+            Duration::from_millis(ready_timeout_ms.into())
+        };
+        let deadline = Deadline {
+            at: Instant::now() + timeout,
+            of: timeout,
+        };
         if let Some(hook) = &manifest.hooks.pre_start
-            && let Err(o) = self.run_hook("pre_start", hook, &spec).await
+            && let Err(o) = self.run_hook("pre_start", hook, &spec, deadline).await
         {
             return o;
         }
@@ -731,11 +779,6 @@ impl Executor {
             restarts_before = self.runtime.status(service).restarts;
             self.board.watch(service, watch.clone());
         }
-        let timeout = if ready_timeout_ms == 0 {
-            DEFAULT_READY_TIMEOUT
-        } else {
-            Duration::from_millis(ready_timeout_ms.into())
-        };
         let started = Instant::now();
         let mut last_error = String::from("no probe ran yet");
         loop {
@@ -762,9 +805,9 @@ impl Executor {
                     break;
                 }
             }
-            if started.elapsed() >= timeout {
+            if Instant::now() >= deadline.at {
                 return Outcome::failed(format!(
-                    "{service} not ready within {timeout:?}: {last_error}"
+                    "{service} not ready within {timeout:?} of the restart: {last_error}"
                 ))
                 .with_tail(self.runtime.output_tail(service, TAIL_LINES));
             }
@@ -781,7 +824,7 @@ impl Executor {
             ("validate", &manifest.hooks.validate),
         ] {
             if let Some(hook) = hook
-                && let Err(o) = self.run_hook(name, hook, &spec).await
+                && let Err(o) = self.run_hook(name, hook, &spec, deadline).await
             {
                 return o;
             }

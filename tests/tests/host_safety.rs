@@ -319,3 +319,76 @@ async fn a_compression_bomb_is_refused_before_it_is_written() {
     let left = std::fs::read_dir(&releases).map(|d| d.count()).unwrap_or(0);
     assert_eq!(left, 0, "nothing unpacked is left behind");
 }
+
+/// A pipeline of one stage and one host per batch, with a short stuck timeout.
+const QUICK_PIPELINE: &str = r#"
+name = "hello-quick"
+service = "hello"
+
+[[stages]]
+name = "prod"
+selector = "env=prod"
+batch_size = 1
+settle_ms = 0
+stuck_timeout_ms = 3000
+gate = { samples = 1, bad_samples = 1, inconclusive = "INCONCLUSIVE_POLICY_PASS" }
+"#;
+
+#[tokio::test]
+async fn a_hanging_hook_fails_the_deploy_within_stuck_timeout_and_is_named() {
+    let dir = TestDir::new();
+    let coord = Coordinator::start(&dir, "coord", &[]).await;
+    let _agent = Agent::start_sample(
+        &dir,
+        "web-1",
+        &[&coord],
+        free_port(),
+        &["--label", "env=prod"],
+    );
+    coord
+        .wait_state("web-1", ConnectionState::Connected, WAIT)
+        .await;
+    coord.apply_pipeline(&dir, QUICK_PIPELINE);
+    let good = drover_tests::artifacts::sample_artifact(&dir.sub("artifacts"), SERVICE, "v1", &[]);
+    coord.push(&good.path, SERVICE, "v1");
+    let first = coord.start_deploy("hello-quick", &good.digest).await;
+    coord
+        .wait_phase(&first, drover_common::proto::DeployPhase::Complete)
+        .await;
+
+    // The hook allows itself 300 s; the stage allows a restart 3 s.
+    let hanging = with_hook(&dir, "v2", "echo migrating table users; sleep 67");
+    coord.push(&hanging.path, SERVICE, "v2");
+    let started = std::time::Instant::now();
+    let id = coord.start_deploy("hello-quick", &hanging.digest).await;
+    let deploy = coord
+        .wait_phase(&id, drover_common::proto::DeployPhase::RolledBack)
+        .await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(15),
+        "the deploy waited {took:?} for a 3 s stuck timeout"
+    );
+    assert!(
+        deploy
+            .reason
+            .contains("pre_start hook did not finish within the restart's deadline of 3s"),
+        "{}",
+        deploy.reason
+    );
+    assert!(
+        deploy.reason.contains("migrating table users"),
+        "the hook's output is in the reason: {}",
+        deploy.reason
+    );
+    // The hook's whole process group was killed: nothing of it lingers.
+    let lingering = std::process::Command::new("pgrep")
+        .args(["-f", "migrating table users|^sleep 67$"])
+        .output()
+        .unwrap();
+    assert!(
+        lingering.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&lingering.stdout)
+    );
+}

@@ -37,9 +37,30 @@ use crate::origin::BlobStore;
 use crate::store::WatchEvent;
 use crate::store::{Compare, Op, Store, StoreError, Txn};
 
+/// The end of a failed command's output, for the host's failure reason:
+/// its last lines, at most [`LAST_WORDS_CHARS`] characters.
+fn last_words(tail: &str) -> String {
+    let tail = tail.trim_end();
+    if tail.is_empty() {
+        return String::new();
+    }
+    let start = tail
+        .char_indices()
+        .rev()
+        .nth(LAST_WORDS_CHARS)
+        .map(|(i, _)| i)
+        .unwrap_or(0);
+    let cut = if start > 0 { "…" } else { "" };
+    format!(" (output: {cut}{})", tail[start..].replace('\n', " | "))
+}
+const LAST_WORDS_CHARS: usize = 400;
+
 /// Hosts rolled back at once.
 const ROLLBACK_PARALLELISM: usize = 256;
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+/// A restart is the agent's to finish within the stage's stuck_timeout
+/// (its own deadline, hooks included); this is the network's share on top.
+const RESULT_SLACK: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeployError {
@@ -1250,11 +1271,15 @@ impl Deployments {
                     });
                     let cmd = Self::command(fence, &id, stage, batch, &host, "restart", restart);
                     let outcome = match this
-                        .send_patiently(&host, cmd, stuck + COMMAND_TIMEOUT, stuck)
+                        .send_patiently(&host, cmd, stuck + RESULT_SLACK, stuck)
                         .await
                     {
                         Ok(u) if u.status() == CommandStatus::Succeeded => Ok(()),
-                        Ok(u) => Err(format!("restart: {}", u.reason)),
+                        Ok(u) => Err(format!(
+                            "restart: {}{}",
+                            u.reason,
+                            last_words(&u.output_tail)
+                        )),
                         Err(e) => Err(e),
                     };
                     (host, outcome)
@@ -1446,11 +1471,14 @@ impl Deployments {
         timeout: Duration,
         patience: Duration,
     ) -> Result<drover_common::proto::CommandUpdate, String> {
-        let deadline = tokio::time::Instant::now() + patience;
+        // One deadline for everything: a host that reconnects late gets
+        // what is left, never a fresh `timeout`.
+        let deadline = tokio::time::Instant::now() + timeout.max(patience);
         loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             match self
                 .pending
-                .send(&self.registry, host, cmd.clone(), timeout)
+                .send(&self.registry, host, cmd.clone(), left)
                 .await
             {
                 Ok(u) => return Ok(u),
@@ -1737,5 +1765,21 @@ impl Deployments {
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::last_words;
+
+    #[test]
+    fn last_words_are_the_end_of_the_output_on_one_line() {
+        assert_eq!(last_words(""), "");
+        assert_eq!(last_words("a\nb\n"), " (output: a | b)");
+        let long = "x".repeat(1000) + "\nthe end";
+        let words = last_words(&long);
+        assert!(words.starts_with(" (output: …x"), "{words}");
+        assert!(words.ends_with(" | the end)"), "{words}");
+        assert!(words.chars().count() < 420, "{}", words.len());
     }
 }
