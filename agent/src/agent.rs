@@ -13,6 +13,7 @@ use tracing::{info, warn};
 use crate::config::{AgentConfig, RuntimeKind};
 use crate::connection::{CommandSink, Connection, FenceSink, HelloSource, ReportSink};
 use crate::directory::Directory;
+use crate::disk::DiskHealth;
 use crate::executor::{Executor, ExecutorConfig};
 use crate::health::HealthBoard;
 use crate::heartbeat;
@@ -74,6 +75,13 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         }
     };
     let board = Arc::new(HealthBoard::new(runtime.clone(), cfg.heartbeat_interval));
+    let disk = Arc::new(DiskHealth::default());
+    tokio::spawn(crate::disk::watch(
+        cfg.data_dir.clone(),
+        disk.clone(),
+        cfg.disk_check_interval,
+        shutdown.clone(),
+    ));
     let executor = Executor::new(
         ExecutorConfig {
             layout: Layout {
@@ -86,6 +94,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
             kill_leftovers: cfg.runtime == RuntimeKind::Process,
             dialer: dialer.clone(),
             signers: cfg.signers.clone(),
+            disk: disk.clone(),
         },
         journal,
         runtime.clone(),
@@ -122,6 +131,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
             host: sampler.sample(),
             health: health.snapshot(),
             versions: versions.services(),
+            problems: disk.problems(),
         },
         shutdown.clone(),
     );

@@ -50,6 +50,10 @@ pub struct Args {
     /// Let a manifest (or --service-user) run a service as root.
     #[arg(long)]
     pub allow_root_services: bool,
+    /// How often the data dir's disk is probed (a small write, fsync and
+    /// remove) and its free space checked; problems go out in heartbeats.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub disk_check_interval: Duration,
     /// How services run: supervised by the agent, or as systemd units.
     #[arg(long, value_enum, default_value_t = RuntimeKind::Process)]
     pub runtime: RuntimeKind,
@@ -121,6 +125,7 @@ pub struct AgentConfig {
     pub queue_capacity: usize,
     pub env: std::collections::BTreeMap<String, String>,
     pub users: crate::runtime::UserPolicy,
+    pub disk_check_interval: Duration,
     pub runtime: RuntimeKind,
     pub systemd_unit_dir: PathBuf,
     pub keep_releases: usize,
@@ -155,6 +160,10 @@ impl AgentConfig {
             "--reconnect-min must not exceed --reconnect-max"
         );
         anyhow::ensure!(
+            !args.disk_check_interval.is_zero(),
+            "--disk-check-interval must be above zero"
+        );
+        anyhow::ensure!(
             args.queue_capacity > 0,
             "--queue-capacity must be at least 1"
         );
@@ -174,6 +183,7 @@ impl AgentConfig {
                 default_user: args.service_user,
                 allow_root: args.allow_root_services,
             },
+            disk_check_interval: args.disk_check_interval,
             runtime: args.runtime,
             systemd_unit_dir: args.systemd_unit_dir,
             keep_releases: args.keep_releases.max(2),
@@ -184,6 +194,7 @@ impl AgentConfig {
                     max_unpacked_bytes: args.max_unpacked_bytes,
                     max_ratio: args.max_compression_ratio,
                     compressed_bytes: 0,
+                    keep_free_bytes: 0, // set per pull from the file system (disk.rs)
                 },
             },
             signers: drover_common::artifact::signature::TrustedSigners::load(&args.trust_signers)?,

@@ -35,6 +35,7 @@ use drover_common::proto::{
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+use crate::disk::{self, DiskHealth};
 use crate::health::{HealthBoard, Watch, probe_once};
 use crate::pull::{self, PullLimits};
 use crate::releases::{Layout, validate_service};
@@ -62,6 +63,8 @@ pub struct ExecutorConfig {
     pub dialer: drover_common::tls::client::Dialer,
     /// Rule 5; empty: signatures are not checked.
     pub signers: drover_common::artifact::signature::TrustedSigners,
+    /// Where journal and pull disk faults are reported (heartbeats).
+    pub disk: Arc<DiskHealth>,
 }
 
 /// When a restart must be done by, and the whole time it was given.
@@ -161,9 +164,17 @@ impl Executor {
     fn save(&self, change: impl FnOnce(&mut crate::state::LocalState)) -> Result<(), String> {
         let mut journal = self.journal.lock().expect("journal lock");
         change(&mut journal.state);
-        journal
-            .save()
-            .map_err(|e| format!("cannot write the state journal: {e}"))
+        match journal.save() {
+            Ok(()) => {
+                self.cfg.disk.clear(disk::Source::Journal);
+                Ok(())
+            }
+            Err(e) => {
+                let problem = format!("journal: cannot write the state journal: {e}");
+                self.cfg.disk.set(disk::Source::Journal, problem.clone());
+                Err(problem)
+            }
+        }
     }
 
     fn record(&self, service: &str) -> ServiceRecord {
@@ -469,10 +480,11 @@ impl Executor {
         .await
         {
             Ok(n) => n,
-            Err(e) => return Outcome::failed(e),
+            Err(e) => return self.pull_failed(e),
         };
         match pull::unpack_release(layout, service, &digest, &self.cfg.limits).await {
             Ok(m) => {
+                self.cfg.disk.clear(disk::Source::Pull);
                 let keep = self.cfg.keep_releases;
                 let mut removed = Vec::new();
                 if let Err(e) = self.save(|s| {
@@ -502,9 +514,18 @@ impl Executor {
             Err(e) => {
                 // The archive is fine by digest but unusable: drop it.
                 let _ = std::fs::remove_file(layout.cached(&digest));
-                Outcome::failed(e)
+                self.pull_failed(e)
             }
         }
+    }
+
+    /// A failed pull's answer; a disk fault is also the host's problem
+    /// until a pull succeeds again.
+    fn pull_failed(&self, e: pull::PullError) -> Outcome {
+        if let pull::PullError::Disk(problem) = &e {
+            self.cfg.disk.set(disk::Source::Pull, problem.clone());
+        }
+        Outcome::failed(e.to_string())
     }
 
     async fn rollback(&self, service: &str, artifact: &str, ready_timeout_ms: u32) -> Outcome {

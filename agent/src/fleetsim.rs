@@ -226,6 +226,7 @@ fn simulated_sample(
                 },
             )
             .collect(),
+        problems: Vec::new(),
     }
 }
 

@@ -29,6 +29,8 @@ pub struct Sample {
     pub host: HostMetrics,
     pub health: Vec<ServiceHealth>,
     pub versions: Vec<ServiceVersion>,
+    /// The host's disk and journal problems (see `disk`).
+    pub problems: Vec<String>,
 }
 
 impl<F> HealthSource for F
@@ -90,6 +92,7 @@ pub fn spawn_producer(
                 services: sample.health,
                 dropped_heartbeats: 0,
                 versions: sample.versions,
+                problems: sample.problems,
             };
             // No receiver (no stream up right now) is fine: the heartbeat is
             // simply not needed.

@@ -21,6 +21,7 @@ pub mod agent;
 pub mod config;
 pub mod connection;
 pub mod directory;
+pub mod disk;
 pub mod executor;
 pub mod fleetsim;
 pub mod health;

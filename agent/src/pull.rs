@@ -11,7 +11,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use drover_common::artifact::{Digest, Hasher, Limits, Manifest, unpack};
+use drover_common::artifact::{Digest, Hasher, Limits, Manifest, UnpackError, unpack};
 use drover_common::proto::FetchRequest;
 use drover_common::proto::artifacts_client::ArtifactsClient;
 use tokio::io::AsyncWriteExt;
@@ -19,6 +19,23 @@ use tracing::{info, warn};
 
 use crate::releases::Layout;
 use drover_common::tls::client::Dialer;
+
+/// Why a pull failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PullError {
+    /// A disk fault (see `disk`): the download or release could not be
+    /// written; nothing partial is left; retrying cannot help.
+    #[error("{0}")]
+    Disk(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<String> for PullError {
+    fn from(s: String) -> Self {
+        PullError::Other(s)
+    }
+}
 
 /// Attempts per pull, over all sources, before giving up.
 const MAX_ATTEMPTS: usize = 6;
@@ -56,26 +73,26 @@ pub async fn download(
     size_bytes: u64,
     limits: &PullLimits,
     dialer: &Dialer,
-) -> Result<u64, String> {
+) -> Result<u64, PullError> {
     let cached = layout.cached(digest);
     if cached.exists() {
         return Ok(0);
     }
     if sources.is_empty() {
-        return Err("the Pull command lists no sources".into());
+        return Err(PullError::Other("the Pull command lists no sources".into()));
     }
     crate::releases::create_private_dir(&layout.cache_dir())
         .map_err(|e| disk_error(&layout.cache_dir(), &e))?;
     // The host's disk first: a download that cannot fit is not started.
-    let free = free_bytes(&layout.cache_dir());
+    let free = crate::disk::space(&layout.cache_dir()).map(|(_, free)| free);
     if let Some(free) = free
         && size_bytes > 0
         && size_bytes.saturating_mul(2) > free
     {
-        return Err(format!(
+        return Err(PullError::Disk(format!(
             "disk: {} has {free} bytes free; the artifact needs {size_bytes} for the download and at least as much to unpack; nothing was downloaded",
             layout.cache_dir().display()
-        ));
+        )));
     }
     let part = layout.partial(digest);
     let mut hasher = {
@@ -108,31 +125,33 @@ pub async fn download(
                 let (actual, size) = hasher.finish();
                 if actual != *digest {
                     let _ = std::fs::remove_file(&part);
-                    return Err(format!(
+                    return Err(PullError::Other(format!(
                         "digest mismatch: expected {digest}, the {size} bytes received hash to {actual}; download deleted"
-                    ));
+                    )));
                 }
                 tokio::fs::rename(&part, &cached)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| disk_error(&cached, &e))?;
                 return Ok(fetched);
             }
-            Err(e) if e.starts_with("disk: ") => {
+            Err(PullError::Disk(e)) => {
                 // A full or read-only disk: retrying cannot help, and the
                 // part file must not stay behind to fill it.
                 let _ = std::fs::remove_file(&part);
                 warn!(%digest, error = %e, "download stopped by the host's disk");
-                return Err(format!("{e}; the partial download was removed"));
+                return Err(PullError::Disk(format!(
+                    "{e}; the partial download was removed"
+                )));
             }
-            Err(e) => {
+            Err(PullError::Other(e)) => {
                 warn!(%digest, %source, error = %e, "download interrupted");
                 last_error = e;
             }
         }
     }
-    Err(format!(
+    Err(PullError::Other(format!(
         "download failed after {MAX_ATTEMPTS} attempts: {last_error}"
-    ))
+    )))
 }
 
 async fn fetch_into(
@@ -143,7 +162,7 @@ async fn fetch_into(
     hasher: &mut Hasher,
     limits: &PullLimits,
     fetched: &mut u64,
-) -> Result<(), String> {
+) -> Result<(), PullError> {
     let channel = dialer
         .connect(source)
         .await
@@ -169,24 +188,28 @@ async fn fetch_into(
             Ok(Some(c)) => c,
             Ok(None) => break,
             Err(s) => {
-                file.flush().await.map_err(|e| e.to_string())?;
-                return Err(format!("{source}: {:?}: {}", s.code(), s.message()));
+                file.flush().await.map_err(|e| disk_error(part, &e))?;
+                return Err(PullError::Other(format!(
+                    "{source}: {:?}: {}",
+                    s.code(),
+                    s.message()
+                )));
             }
         };
         if chunk.offset != hasher.len() {
-            return Err(format!(
+            return Err(PullError::Other(format!(
                 "{source} sent offset {} while {} was expected",
                 chunk.offset,
                 hasher.len()
-            ));
+            )));
         }
         if hasher.len() + chunk.data.len() as u64 > limits.max_artifact_bytes {
             let _ = std::fs::remove_file(part);
             *hasher = Hasher::default();
-            return Err(format!(
+            return Err(PullError::Other(format!(
                 "artifact is larger than the limit of {} bytes",
                 limits.max_artifact_bytes
-            ));
+            )));
         }
         file.write_all(&chunk.data)
             .await
@@ -199,24 +222,12 @@ async fn fetch_into(
     Ok(())
 }
 
-/// An I/O error on the host's disk, said as such when the disk is full or
-/// read-only (the message starts with "disk: ", which stops retries).
-fn disk_error(path: &Path, e: &std::io::Error) -> String {
-    match e.raw_os_error() {
-        Some(nix::libc::ENOSPC) => format!(
-            "disk: no space left on the device writing {}",
-            path.display()
-        ),
-        Some(nix::libc::EROFS) => format!("disk: read-only file system writing {}", path.display()),
-        Some(nix::libc::EDQUOT) => format!("disk: quota exceeded writing {}", path.display()),
-        _ => format!("writing {}: {e}", path.display()),
+/// An I/O error writing `path`: a disk fault (see `disk`) or another.
+fn disk_error(path: &Path, e: &std::io::Error) -> PullError {
+    match crate::disk::Fault::of(e) {
+        Some(fault) => PullError::Disk(fault.describe(path)),
+        None => PullError::Other(format!("writing {}: {e}", path.display())),
     }
-}
-
-/// Bytes available to us on the file system holding `dir`.
-fn free_bytes(dir: &Path) -> Option<u64> {
-    let st = nix::sys::statvfs::statvfs(dir).ok()?;
-    Some(st.blocks_available() as u64 * st.fragment_size() as u64)
 }
 
 /// Unpacks the cached artifact into `releases/<sha256>` (no-op when the
@@ -226,13 +237,13 @@ pub async fn unpack_release(
     service: &str,
     digest: &Digest,
     limits: &PullLimits,
-) -> Result<Manifest, String> {
+) -> Result<Manifest, PullError> {
     let release = layout.release(service, digest);
     if release.is_dir() {
-        return read_release_manifest(&release, service);
+        return Ok(read_release_manifest(&release, service)?);
     }
     let releases = layout.releases_dir(service);
-    std::fs::create_dir_all(&releases).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&releases).map_err(|e| disk_error(&releases, &e))?;
     let tmp: PathBuf = releases.join(format!(
         ".{}.unpacking-{}",
         digest.hex(),
@@ -240,36 +251,53 @@ pub async fn unpack_release(
     ));
     let _ = std::fs::remove_dir_all(&tmp);
     let archive = layout.cached(digest);
-    let unpack_limits = limits.unpack;
+    // The disk keeps its floor of free space while the release grows.
+    let unpack_limits = Limits {
+        keep_free_bytes: crate::disk::space(&releases)
+            .map(|(total, _)| crate::disk::low_space_floor(total))
+            .unwrap_or(0),
+        ..limits.unpack
+    };
     let tmp2 = tmp.clone();
     let result = tokio::task::spawn_blocking(move || {
         let file = std::fs::File::open(&archive)
-            .map_err(|e| format!("opening {}: {e}", archive.display()))?;
+            .map_err(|e| PullError::Other(format!("opening {}: {e}", archive.display())))?;
         let compressed = file.metadata().map(|m| m.len()).unwrap_or(0);
         unpack(
             std::io::BufReader::new(file),
             &tmp2,
             &unpack_limits.for_archive(compressed),
         )
-        .map_err(|e| e.to_string())
+        .map_err(
+            |e| match (&e, e.write_error().and_then(crate::disk::Fault::of)) {
+                (_, Some(fault)) => PullError::Disk(fault.describe(&tmp2)),
+                (UnpackError::NoSpace { .. }, None) => PullError::Disk(format!("disk: {e}")),
+                _ => PullError::Other(format!("refused to unpack: {e}")),
+            },
+        )
     })
     .await
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| PullError::Other(e.to_string()))?;
     let manifest = match result {
         Ok(m) => m,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&tmp);
-            return Err(format!("refused to unpack: {e}"));
+            return Err(match e {
+                PullError::Disk(d) => {
+                    PullError::Disk(format!("{d}; the partial release was removed"))
+                }
+                other => other,
+            });
         }
     };
     if manifest.service != service {
         let _ = std::fs::remove_dir_all(&tmp);
-        return Err(format!(
+        return Err(PullError::Other(format!(
             "the artifact is for service {:?}, not {service:?}",
             manifest.service
-        ));
+        )));
     }
-    std::fs::rename(&tmp, &release).map_err(|e| e.to_string())?;
+    std::fs::rename(&tmp, &release).map_err(|e| disk_error(&release, &e))?;
     Ok(manifest)
 }
 

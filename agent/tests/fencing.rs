@@ -38,6 +38,7 @@ fn executor(data: &std::path::Path) -> Arc<Executor> {
             kill_leftovers: false,
             dialer: drover_common::tls::client::Dialer::plaintext(),
             signers: Default::default(),
+            disk: Default::default(),
         },
         Journal::open(data).unwrap(),
         runtime,

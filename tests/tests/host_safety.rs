@@ -392,3 +392,149 @@ async fn a_hanging_hook_fails_the_deploy_within_stuck_timeout_and_is_named() {
         String::from_utf8_lossy(&lingering.stdout)
     );
 }
+
+/// About `len` bytes of four distinct lines in random order: roughly 10:1
+/// under gzip, far under the ratio limit, so only the disk can stop it.
+fn four_lines(len: usize) -> Vec<u8> {
+    const LINES: [&[u8]; 4] = [
+        b"alpha bravo charlie delta echo 1\n",
+        b"foxtrot golf hotel india juliet\n",
+        b"kilo lima mike november oscar 3\n",
+        b"papa quebec romeo sierra tango\n",
+    ];
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut out = Vec::with_capacity(len + 40);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(LINES[(x & 3) as usize]);
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_full_disk_is_the_hosts_problem_and_shows_degraded() {
+    let dir = TestDir::new();
+    let coord = Coordinator::start(&dir, "coord", &[]).await;
+    let disk_dir = dir.path().join("agent-web-1");
+    let _disk = Tmpfs::mount(&disk_dir, "4m");
+    let agent = Agent::start_sample(
+        &dir,
+        "web-1",
+        &[&coord],
+        free_port(),
+        &["--disk-check-interval", "200ms"],
+    );
+    coord
+        .wait_state("web-1", ConnectionState::Connected, WAIT)
+        .await;
+    let degraded = |problem: &'static str| {
+        let coord = &coord;
+        async move {
+            let h = coord.host("web-1").await.unwrap();
+            h.problems.iter().any(|p| p.contains(problem))
+        }
+    };
+
+    // 1. A release that grows past the disk while unpacking: refused before
+    // the disk fills, said as the disk's problem, nothing left behind.
+    let grows = artifact_with(
+        &dir.sub("artifacts"),
+        "grows.tar.gz",
+        &sample_manifest(SERVICE, "grows", &[]),
+        &[("data.txt", &four_lines(6 << 20))],
+    );
+    assert!(grows.size < 1536 << 10, "{} bytes compressed", grows.size);
+    coord.push(&grows.path, SERVICE, "grows");
+    let update = coord
+        .send("web-1", cmd("grows", 0, pull(SERVICE, &grows.digest)))
+        .await
+        .unwrap();
+    assert_eq!(update.status(), CommandStatus::Failed);
+    assert!(
+        update.reason.starts_with("disk: no space to unpack")
+            && update.reason.contains("the partial release was removed"),
+        "{}",
+        update.reason
+    );
+    let releases = agent.data_dir.join("services/hello/releases");
+    let left = std::fs::read_dir(&releases).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left, 0, "no partial release is left");
+    wait_until_ok("the host to report the failed pull", WAIT, || {
+        degraded("disk: no space to unpack")
+    })
+    .await;
+    let (_, out, _) = coord.droverctl(&["hosts"]);
+    assert!(out.contains("DEGRADED"), "{out}");
+    let (_, out, _) = coord.droverctl(&["host", "web-1"]);
+    assert!(
+        out.contains("problem:     disk: no space to unpack"),
+        "{out}"
+    );
+
+    // A pull that fits clears it.
+    let small = drover_tests::artifacts::sample_artifact(&dir.sub("artifacts"), SERVICE, "v1", &[]);
+    coord.push(&small.path, SERVICE, "v1");
+    let update = coord
+        .send("web-1", cmd("p1", 0, pull(SERVICE, &small.digest)))
+        .await
+        .unwrap();
+    assert_eq!(update.status(), CommandStatus::Succeeded, "{update:?}");
+    wait_until_ok("the problem to clear", WAIT, || async {
+        coord.host("web-1").await.unwrap().problems.is_empty()
+    })
+    .await;
+
+    // 2. Something else fills the disk: the probe sees it while the host is
+    // idle, pulls say so, the agent stays connected; freed, it all clears.
+    let filler = disk_dir.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![7u8; 64 << 10];
+        while f.write_all(&block).is_ok() {}
+    }
+    wait_until_ok("the probe to find the disk full", WAIT, || {
+        degraded("disk: no space left on the device writing")
+    })
+    .await;
+    wait_until_ok("the free-space floor to be reported", WAIT, || {
+        degraded("bytes free (under the floor of")
+    })
+    .await;
+    let v2 = drover_tests::artifacts::sample_artifact(&dir.sub("artifacts"), SERVICE, "v2", &[]);
+    coord.push(&v2.path, SERVICE, "v2");
+    let update = coord
+        .send("web-1", cmd("p2", 0, pull(SERVICE, &v2.digest)))
+        .await
+        .unwrap();
+    assert_eq!(update.status(), CommandStatus::Failed);
+    assert!(update.reason.starts_with("disk: "), "{}", update.reason);
+    assert!(
+        !agent
+            .data_dir
+            .join(format!("cache/{}.part", v2.digest))
+            .exists(),
+        "no part file is left"
+    );
+    assert_eq!(
+        coord.host("web-1").await.unwrap().state(),
+        ConnectionState::Connected
+    );
+    std::fs::remove_file(&filler).unwrap();
+    let update = coord
+        .send("web-1", cmd("p2-again", 0, pull(SERVICE, &v2.digest)))
+        .await
+        .unwrap();
+    assert_eq!(update.status(), CommandStatus::Succeeded, "{update:?}");
+    wait_until_ok("every problem to clear", WAIT, || async {
+        coord.host("web-1").await.unwrap().problems.is_empty()
+    })
+    .await;
+    let (_, out, _) = coord.droverctl(&["hosts"]);
+    assert!(
+        out.contains("connected") && !out.contains("DEGRADED"),
+        "{out}"
+    );
+}

@@ -34,6 +34,10 @@ pub struct Limits {
     /// The compressed size of the archive being unpacked (0: unknown, no
     /// ratio check); see [`Limits::for_archive`].
     pub compressed_bytes: u64,
+    /// Free space the destination's file system keeps while unpacking: a
+    /// file that would eat into it is refused before it is written (0: no
+    /// check).
+    pub keep_free_bytes: u64,
 }
 
 /// Archives this small may unpack to this much whatever their ratio (a
@@ -47,6 +51,7 @@ impl Default for Limits {
             max_unpacked_bytes: 4 << 30,
             max_ratio: 100,
             compressed_bytes: 0,
+            keep_free_bytes: 0,
         }
     }
 }
@@ -83,6 +88,15 @@ pub enum UnpackError {
         "archive of {compressed} bytes declares more than {ratio} times as much unpacked (a compression bomb?); refused before writing it"
     )]
     RatioTooHigh { compressed: u64, ratio: u64 },
+    #[error(
+        "no space to unpack {path:?} ({needed} bytes): {free} bytes free, {keep} of them kept free"
+    )]
+    NoSpace {
+        path: PathBuf,
+        needed: u64,
+        free: u64,
+        keep: u64,
+    },
     #[error("archive has no {MANIFEST_FILE} at its root")]
     MissingManifest,
     #[error(transparent)]
@@ -91,6 +105,71 @@ pub enum UnpackError {
     Corrupt(io::Error),
     #[error("writing the release: {0}")]
     Io(io::Error),
+}
+
+impl UnpackError {
+    /// The I/O error of writing the release, if that is what this is (a
+    /// caller tells a full disk from a bad archive by it, never by text).
+    pub fn write_error(&self) -> Option<&io::Error> {
+        match self {
+            UnpackError::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// What the destination's file system has left, re-read only when the
+/// running estimate says a file might not fit.
+struct FreeSpace {
+    estimate: Option<u64>,
+}
+
+impl FreeSpace {
+    fn reserve(
+        &mut self,
+        dest: &Path,
+        path: &Path,
+        size: u64,
+        keep: u64,
+    ) -> Result<(), UnpackError> {
+        if keep == 0 {
+            return Ok(());
+        }
+        let fits = |free: u64| free >= size.saturating_add(keep);
+        if !self.estimate.is_some_and(fits) {
+            let st = nix::sys::statvfs::statvfs(dest).map_err(|e| UnpackError::Io(e.into()))?;
+            self.estimate = Some(st.blocks_available() * st.fragment_size());
+        }
+        let free = self.estimate.unwrap_or(0);
+        if !fits(free) {
+            return Err(UnpackError::NoSpace {
+                path: path.to_path_buf(),
+                needed: size,
+                free,
+                keep,
+            });
+        }
+        self.estimate = Some(free - size);
+        Ok(())
+    }
+}
+
+/// Copies an entry's bytes into `file`: a failed read is a corrupt
+/// archive, a failed write is the destination's ([`UnpackError::Io`]).
+fn copy_entry(entry: &mut impl Read, file: &mut std::fs::File) -> Result<u64, UnpackError> {
+    use std::io::Write;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut copied = 0u64;
+    loop {
+        let n = match entry.read(&mut buf) {
+            Ok(0) => return Ok(copied),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(UnpackError::Corrupt(e)),
+        };
+        file.write_all(&buf[..n]).map_err(UnpackError::Io)?;
+        copied += n as u64;
+    }
 }
 
 /// Checks an entry path: relative, no `..`. Returns it without `.` parts.
@@ -178,6 +257,7 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Manife
     let mut entries_seen = 0u64;
     let mut bytes = 0u64;
     let mut links = Vec::new();
+    let mut space = FreeSpace { estimate: None };
     for entry in tar.entries().map_err(UnpackError::Corrupt)? {
         let mut entry = entry.map_err(UnpackError::Corrupt)?;
         entries_seen += 1;
@@ -223,6 +303,7 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Manife
                         ratio: limits.max_ratio,
                     });
                 }
+                space.reserve(dest, &path, size, limits.keep_free_bytes)?;
                 create_parents(&root, &path)?;
                 let file = root
                     .open_with(&path, OpenOptions::new().write(true).create_new(true))
@@ -232,7 +313,7 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Manife
                     })?;
                 let mut file = file.into_std();
                 // The entry reader yields at most the header's size.
-                let copied = io::copy(&mut entry, &mut file).map_err(UnpackError::Corrupt)?;
+                let copied = copy_entry(&mut entry, &mut file)?;
                 if copied != size {
                     return Err(UnpackError::Corrupt(io::Error::new(
                         io::ErrorKind::UnexpectedEof,

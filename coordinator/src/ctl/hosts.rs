@@ -120,6 +120,9 @@ pub async fn show(
         h.agent_version, h.peer_address
     )?;
     writeln!(out, "labels:      {}", labels(&h))?;
+    for p in &h.problems {
+        writeln!(out, "problem:     {p}")?;
+    }
     if let Some(m) = h.metrics {
         writeln!(
             out,
@@ -165,6 +168,7 @@ fn dash() -> String {
 
 fn state_name(h: &Host) -> String {
     match h.state() {
+        ConnectionState::Connected if !h.problems.is_empty() => "DEGRADED",
         ConnectionState::Connected => "connected",
         ConnectionState::Late => "LATE",
         ConnectionState::Disconnected => "DISCONNECTED",

@@ -87,6 +87,8 @@ struct HostEntry {
     dropped: u64,
     metrics: Option<HostMetrics>,
     health: Vec<ServiceHealth>,
+    /// The latest heartbeat's disk/journal problems (bounded on arrival).
+    problems: Vec<String>,
 }
 
 impl HostEntry {
@@ -132,9 +134,25 @@ impl HostEntry {
             services: self.services.clone(),
             metrics: self.metrics,
             health: self.health.clone(),
+            problems: self.problems.clone(),
         }
     }
 }
+
+/// At most [`MAX_PROBLEMS`] problems of at most [`MAX_PROBLEM_CHARS`]
+/// characters each: what an agent reports is shown, never trusted to be short.
+fn bounded_problems(mut problems: Vec<String>) -> Vec<String> {
+    problems.truncate(MAX_PROBLEMS);
+    for p in &mut problems {
+        if let Some((cut, _)) = p.char_indices().nth(MAX_PROBLEM_CHARS) {
+            p.truncate(cut);
+            p.push('…');
+        }
+    }
+    problems
+}
+const MAX_PROBLEMS: usize = 8;
+const MAX_PROBLEM_CHARS: usize = 512;
 
 /// All hosts this coordinator has seen since it started.
 pub struct Registry {
@@ -183,6 +201,7 @@ impl Registry {
             dropped: 0,
             metrics: None,
             health: Vec::new(),
+            problems: Vec::new(),
         };
         hosts.insert(hello.host_id, entry);
         drop(hosts);
@@ -212,6 +231,7 @@ impl Registry {
         entry.dropped = hb.dropped_heartbeats;
         entry.metrics = hb.host;
         entry.health = hb.services;
+        entry.problems = bounded_problems(hb.problems);
         if entry.services != hb.versions {
             entry.services = hb.versions;
         }
