@@ -13,6 +13,9 @@ pub enum ApiError {
     Invalid(String),
     #[error("{0}")]
     NotFound(String),
+    /// The request contradicts what is stored (and changes nothing).
+    #[error("{0}")]
+    Conflict(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
@@ -31,6 +34,7 @@ impl From<ApiError> for Status {
                 Status::invalid_argument(msg)
             }
             ApiError::NotFound(_) => Status::not_found(msg),
+            ApiError::Conflict(_) => Status::failed_precondition(msg),
             ApiError::Unavailable(_) => Status::unavailable(msg),
             ApiError::PermissionDenied(_) => Status::permission_denied(msg),
             ApiError::Deploy(e) => {

@@ -189,6 +189,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         leases: leases.clone(),
         replicator: replicator.clone(),
         auth: trust.auth.clone(),
+        // The agents' default limits: what an agent with its defaults
+        // would refuse is refused at push.
+        unpack_limits: drover_common::artifact::Limits::default(),
     };
 
     let serve_stop = stop.clone();

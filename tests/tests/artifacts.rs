@@ -314,7 +314,7 @@ fn hostile(
 }
 
 #[tokio::test]
-async fn hostile_archives_are_refused_on_pull_and_nothing_lands_outside() {
+async fn hostile_archives_are_refused_at_push_or_on_pull_and_nothing_lands_outside() {
     use tar::EntryType::*;
     let dir = TestDir::new();
     let (coord, agent, _port) = one_agent(
@@ -324,30 +324,32 @@ async fn hostile_archives_are_refused_on_pull_and_nothing_lands_outside() {
     .await;
     let target = dir.path().join("evil-target");
     let abs = format!("{}/evil-abs", dir.path().display());
-    let cases: Vec<(&str, BuiltArtifact, &str)> = vec![
+    // Every agent refuses these: the origin refuses them at push, naming
+    // the entry, and stores nothing.
+    let at_push: Vec<(&str, BuiltArtifact, String)> = vec![
         (
             "abs",
             hostile(&dir, "abs", |b| b.file(&abs, b"x")),
-            "absolute path",
+            format!("archive entry {abs:?} has an absolute path"),
         ),
         (
             "dotdot",
             hostile(&dir, "dotdot", |b| b.file("../../../../evil-dotdot", b"x")),
-            "'..' component",
+            "archive entry \"../../../../evil-dotdot\" has a '..' component".into(),
         ),
         (
             "symlink",
             hostile(&dir, "symlink", |b| {
                 b.raw("evil", Symlink, Some(target.to_str().unwrap()), 0o777, b"")
             }),
-            "outside the release",
+            "archive entry \"evil\" links to".into(),
         ),
         (
             "relsymlink",
             hostile(&dir, "relsymlink", |b| {
                 b.raw("evil", Symlink, Some("../../../../evil-target"), 0o777, b"")
             }),
-            "outside the release",
+            "outside the release".into(),
         ),
         (
             "chain",
@@ -356,25 +358,46 @@ async fn hostile_archives_are_refused_on_pull_and_nothing_lands_outside() {
                     .raw("up", Symlink, Some("s/.."), 0o777, b"")
                     .file("up/evil-chain", b"x")
             }),
-            "outside the release",
+            "outside the release".into(),
         ),
         (
             "hardlink",
             hostile(&dir, "hardlink", |b| {
                 b.raw("evil", Link, Some("../../../../evil-target"), 0o644, b"")
             }),
-            "outside the release",
+            "outside the release".into(),
         ),
         (
             "device",
             hostile(&dir, "device", |b| b.raw("dev", Char, None, 0o644, b"")),
-            "character device",
+            "archive entry \"dev\" is a character device".into(),
         ),
         (
             "fifo",
             hostile(&dir, "fifo", |b| b.raw("pipe", Fifo, None, 0o644, b"")),
-            "fifo",
+            "archive entry \"pipe\" is a fifo".into(),
         ),
+    ];
+    for (name, artifact, reason) in &at_push {
+        let (code, _, err) = coord.droverctl(&[
+            "artifact",
+            "push",
+            artifact.path.to_str().unwrap(),
+            "--service",
+            SERVICE,
+        ]);
+        assert_ne!(code, 0, "{name}: pushed");
+        assert!(
+            err.contains("InvalidArgument") && err.contains(reason.as_str()),
+            "{name}: {err}"
+        );
+        assert!(err.contains("nothing was stored"), "{name}: {err}");
+    }
+    let (_, listed, _) = coord.droverctl(&["artifact", "list"]);
+    assert!(listed.contains("no artifacts"), "{listed}");
+
+    // Within the origin's limits but over this agent's: refused on pull.
+    let on_pull: Vec<(&str, BuiltArtifact, &str)> = vec![
         (
             "many",
             hostile(&dir, "many", |b| {
@@ -388,7 +411,7 @@ async fn hostile_archives_are_refused_on_pull_and_nothing_lands_outside() {
             "more than 100000 bytes",
         ),
     ];
-    for (name, artifact, reason) in &cases {
+    for (name, artifact, reason) in &on_pull {
         coord.push(&artifact.path, SERVICE, name);
         let update = coord
             .send(

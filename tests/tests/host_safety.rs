@@ -289,11 +289,18 @@ async fn pulls_prune_releases_and_cache_as_they_go() {
 async fn a_compression_bomb_is_refused_before_it_is_written() {
     let dir = TestDir::new();
     let coord = Coordinator::start(&dir, "coord", &[]).await;
-    let agent = Agent::start_sample(&dir, "web-1", &[&coord], free_port(), &[]);
+    let agent = Agent::start_sample(
+        &dir,
+        "web-1",
+        &[&coord],
+        free_port(),
+        &["--max-compression-ratio", "3"],
+    );
     coord
         .wait_state("web-1", ConnectionState::Connected, WAIT)
         .await;
     // 20 MB of zeros gzip to ~20 KB: about 1000:1, over the default 100:1.
+    // The origin refuses it while it arrives.
     let zeros = vec![0u8; 20 << 20];
     let bomb = artifact_with(
         &dir.sub("artifacts"),
@@ -302,16 +309,39 @@ async fn a_compression_bomb_is_refused_before_it_is_written() {
         &[("zeros.bin", &zeros)],
     );
     assert!(std::fs::metadata(&bomb.path).unwrap().len() < 200 << 10);
-    coord.push(&bomb.path, SERVICE, "bomb");
+    let (code, _, err) = coord.droverctl(&[
+        "artifact",
+        "push",
+        bomb.path.to_str().unwrap(),
+        "--service",
+        SERVICE,
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("declares more than 100 times as much unpacked")
+            && err.contains("nothing was stored"),
+        "{err}"
+    );
+
+    // Within the origin's ratio, over this agent's (3:1): refused on pull.
+    let dense = artifact_with(
+        &dir.sub("artifacts"),
+        "dense.tar.gz",
+        &sample_manifest(SERVICE, "dense", &[]),
+        &[("data.txt", &four_lines(3 << 20))],
+    );
+    let ratio = (3 << 20) as f64 / dense.size as f64;
+    assert!((3.5..100.0).contains(&ratio), "ratio {ratio}");
+    coord.push(&dense.path, SERVICE, "dense");
     let update = coord
-        .send("web-1", cmd("bomb", 0, pull(SERVICE, &bomb.digest)))
+        .send("web-1", cmd("dense", 0, pull(SERVICE, &dense.digest)))
         .await
         .unwrap();
     assert_eq!(update.status(), CommandStatus::Failed);
     assert!(
         update
             .reason
-            .contains("declares more than 100 times as much unpacked"),
+            .contains("declares more than 3 times as much unpacked"),
         "{}",
         update.reason
     );

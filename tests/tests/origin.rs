@@ -114,8 +114,13 @@ async fn bad_uploads_get_invalid_argument_and_leave_nothing_behind() {
     assert_eq!(s.code(), Code::InvalidArgument);
     assert!(s.message().contains("arrived"), "{}", s.message());
 
-    let noise: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-    let big = write(dir.path(), "big.bin", noise);
+    // A real artifact, over the limit: refused by size while it arrives.
+    let big = drover_tests::artifacts::artifact_with(
+        dir.path(),
+        "big.tar.gz",
+        &drover_tests::artifacts::sample_manifest("hello", "big", &[]),
+        &[("noise", &drover_tests::artifacts::noise(300_000))],
+    );
     let big_bytes = std::fs::read(&big.path).unwrap();
     let s = upload(&coord, header("hello", &big.digest, 0), &big_bytes)
         .await
@@ -138,7 +143,8 @@ async fn bad_uploads_get_invalid_argument_and_leave_nothing_behind() {
     .unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument);
     assert!(
-        s.message().contains("not a Drover artifact"),
+        s.message()
+            .contains("refused: archive is not a valid tar.gz"),
         "{}",
         s.message()
     );
@@ -179,6 +185,7 @@ async fn bad_uploads_get_invalid_argument_and_leave_nothing_behind() {
         drover_common::proto::artifacts_client::ArtifactsClient::new(coord.channel().await)
             .list(drover_common::proto::ListArtifactsRequest {
                 service: String::new(),
+                include_lost: true,
             })
             .await
             .unwrap()

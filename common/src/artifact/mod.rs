@@ -14,7 +14,7 @@ pub mod unpack;
 
 pub use digest::{Digest, DigestError, Hasher};
 pub use manifest::{Manifest, ManifestError};
-pub use unpack::{Limits, UnpackError, read_manifest, unpack};
+pub use unpack::{Limits, UnpackError, inspect, read_manifest, unpack};
 
 /// Name of the manifest at the root of every artifact.
 pub const MANIFEST_FILE: &str = "drover.toml";

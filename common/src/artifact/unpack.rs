@@ -97,6 +97,10 @@ pub enum UnpackError {
         free: u64,
         keep: u64,
     },
+    #[error(
+        "{MANIFEST_FILE} must come first in an upload (among the first {MANIFEST_WITHIN_ENTRIES} entries and {MANIFEST_WITHIN_BYTES} bytes of the tar stream); it was not found before entry {entry:?} at byte {offset} (push a directory and droverctl builds it so, or name {MANIFEST_FILE} first to tar)"
+    )]
+    ManifestNotFirst { entry: PathBuf, offset: u64 },
     #[error("archive has no {MANIFEST_FILE} at its root")]
     MissingManifest,
     #[error(transparent)]
@@ -251,13 +255,78 @@ fn create_parents(root: &Dir, path: &Path) -> Result<(), UnpackError> {
 /// yet, and returns its validated manifest. On error the caller removes
 /// `dest` (it is a temp dir by convention).
 pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Manifest, UnpackError> {
+    run(archive, dest, limits, Pass::Unpack)
+}
+
+/// The origin's check of an upload, as it arrives: every entry goes
+/// through exactly the unpacker's checks (the same code, so the origin
+/// refuses what any agent with these limits would), into `scratch` (which
+/// must not exist; the caller removes it) with files left empty: only the
+/// tree's shape is written, never its contents. On top, `drover.toml` must
+/// come among the first [`MANIFEST_WITHIN_ENTRIES`] entries and
+/// [`MANIFEST_WITHIN_BYTES`] of the tar stream, and is validated as soon as
+/// it is read, so a bomb placed before it costs almost nothing.
+pub fn inspect(
+    archive: impl Read,
+    scratch: &Path,
+    limits: &Limits,
+) -> Result<Manifest, UnpackError> {
+    run(archive, scratch, limits, Pass::Inspect)
+}
+
+/// Entries an upload may have before `drover.toml`, itself included.
+pub const MANIFEST_WITHIN_ENTRIES: u64 = 16;
+/// Bytes of tar stream (decompressed) an upload may have up to the end of
+/// `drover.toml`'s header.
+pub const MANIFEST_WITHIN_BYTES: u64 = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// An agent making a release.
+    Unpack,
+    /// The origin checking an upload.
+    Inspect,
+}
+
+/// Counts the bytes read through it.
+struct Counting<R> {
+    inner: R,
+    count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+fn run(
+    archive: impl Read,
+    dest: &Path,
+    limits: &Limits,
+    pass: Pass,
+) -> Result<Manifest, UnpackError> {
+    use std::sync::atomic::Ordering::Relaxed;
     std::fs::create_dir(dest).map_err(UnpackError::Io)?;
     let root = Dir::open_ambient_dir(dest, ambient_authority()).map_err(UnpackError::Io)?;
-    let mut tar = tar::Archive::new(GzDecoder::new(archive));
+    let compressed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let decompressed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let gz = GzDecoder::new(Counting {
+        inner: archive,
+        count: compressed.clone(),
+    });
+    let mut tar = tar::Archive::new(Counting {
+        inner: gz,
+        count: decompressed.clone(),
+    });
     let mut entries_seen = 0u64;
     let mut bytes = 0u64;
     let mut links = Vec::new();
     let mut space = FreeSpace { estimate: None };
+    let mut manifest_seen = false;
     for entry in tar.entries().map_err(UnpackError::Corrupt)? {
         let mut entry = entry.map_err(UnpackError::Corrupt)?;
         entries_seen += 1;
@@ -266,6 +335,25 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Manife
         }
         let raw = entry.path().map_err(UnpackError::Corrupt)?.into_owned();
         let path = clean_path(&raw)?;
+        let is_manifest = path == Path::new(MANIFEST_FILE);
+        if pass == Pass::Inspect && !manifest_seen {
+            // Checked at the header, before the entry's data is read: a
+            // large entry ahead of the manifest is never decompressed.
+            let read = decompressed.load(Relaxed);
+            let through = if is_manifest {
+                read
+            } else {
+                read.saturating_add(entry.header().size().unwrap_or(u64::MAX))
+            };
+            if (!is_manifest && entries_seen >= MANIFEST_WITHIN_ENTRIES)
+                || through > MANIFEST_WITHIN_BYTES
+            {
+                return Err(UnpackError::ManifestNotFirst {
+                    entry: raw,
+                    offset: read,
+                });
+            }
+        }
         let kind = entry.header().entry_type();
         if path.as_os_str().is_empty() {
             if kind == EntryType::Directory {
@@ -290,20 +378,28 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Manife
                 if bytes > limits.max_unpacked_bytes {
                     return Err(UnpackError::TooLarge(limits.max_unpacked_bytes));
                 }
+                // The whole archive's size when known; while an upload
+                // arrives, what has arrived so far.
+                let compressed_bytes = match (limits.compressed_bytes, pass) {
+                    (0, Pass::Inspect) => compressed.load(Relaxed),
+                    (n, _) => n,
+                };
                 if limits.max_ratio > 0
-                    && limits.compressed_bytes > 0
+                    && compressed_bytes > 0
                     && bytes
-                        > limits
-                            .compressed_bytes
+                        > compressed_bytes
                             .saturating_mul(limits.max_ratio)
                             .max(RATIO_FLOOR)
                 {
                     return Err(UnpackError::RatioTooHigh {
-                        compressed: limits.compressed_bytes,
+                        compressed: compressed_bytes,
                         ratio: limits.max_ratio,
                     });
                 }
-                space.reserve(dest, &path, size, limits.keep_free_bytes)?;
+                let write_contents = pass == Pass::Unpack || is_manifest;
+                if write_contents {
+                    space.reserve(dest, &path, size, limits.keep_free_bytes)?;
+                }
                 create_parents(&root, &path)?;
                 let file = root
                     .open_with(&path, OpenOptions::new().write(true).create_new(true))
@@ -313,7 +409,11 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Manife
                     })?;
                 let mut file = file.into_std();
                 // The entry reader yields at most the header's size.
-                let copied = copy_entry(&mut entry, &mut file)?;
+                let copied = if write_contents {
+                    copy_entry(&mut entry, &mut file)?
+                } else {
+                    io::copy(&mut entry, &mut io::sink()).map_err(UnpackError::Corrupt)?
+                };
                 if copied != size {
                     return Err(UnpackError::Corrupt(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -323,6 +423,16 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Manife
                 let mode = entry.header().mode().unwrap_or(0o644) & RELEASE_MODE_MASK;
                 file.set_permissions(std::fs::Permissions::from_mode(mode))
                     .map_err(UnpackError::Io)?;
+                if is_manifest {
+                    manifest_seen = true;
+                    if pass == Pass::Inspect {
+                        // Refused now, before the rest is decompressed.
+                        let text = root
+                            .read_to_string(MANIFEST_FILE)
+                            .map_err(UnpackError::Io)?;
+                        Manifest::parse(&text)?;
+                    }
+                }
             }
             EntryType::Symlink | EntryType::Link => {
                 let target = entry
@@ -648,6 +758,19 @@ mod tests {
             }),
         ];
         for (name, archive, expected) in cases {
+            // The origin's inspection gives the agent's verdict.
+            let scratch = tempfile::tempdir().unwrap();
+            let inspected = inspect(
+                &archive[..],
+                &scratch.path().join("release"),
+                &Limits::default(),
+            );
+            let err = inspected.expect_err(name);
+            assert!(expected(&err), "{name}: inspection got {err:?}");
+            assert!(
+                outside(scratch.path()).is_empty(),
+                "{name}: inspection wrote outside"
+            );
             let (dir, result) = try_unpack(archive, Limits::default());
             let err = result.expect_err(name);
             assert!(expected(&err), "{name}: got {err:?}");
@@ -657,6 +780,65 @@ mod tests {
                 "{name}: wrote outside the release"
             );
         }
+    }
+
+    #[test]
+    fn inspection_writes_no_contents_and_wants_the_manifest_first() {
+        let good = Builder::new()
+            .manifest()
+            .file("bin/run", b"#!/bin/sh\necho hi\n")
+            .finish();
+        let scratch = tempfile::tempdir().unwrap();
+        let dest = scratch.path().join("x");
+        assert_eq!(
+            inspect(&good[..], &dest, &Limits::default())
+                .unwrap()
+                .service,
+            "hello"
+        );
+        assert_eq!(std::fs::metadata(dest.join("bin/run")).unwrap().len(), 0);
+
+        // Twenty files before the manifest: refused at the 16th entry.
+        let late = (0..20)
+            .fold(Builder::new(), |b, i| b.file(&format!("f{i}"), b"x"))
+            .manifest()
+            .finish();
+        let r = inspect(&late[..], &scratch.path().join("late"), &Limits::default());
+        assert!(
+            matches!(&r, Err(UnpackError::ManifestNotFirst { entry, .. }) if entry == Path::new("f15")),
+            "{r:?}"
+        );
+        // The agent still unpacks such an archive (artifacts pushed before).
+        let (_d, r) = try_unpack(late, Limits::default());
+        r.unwrap();
+
+        // A large entry before the manifest: refused at its header, before
+        // its data is decompressed.
+        let noise: Vec<u8> = (0..2u32 << 20)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let bomb = Builder::new().file("big", &noise).manifest().finish();
+        let r = inspect(&bomb[..], &scratch.path().join("bomb"), &Limits::default());
+        assert!(
+            matches!(r, Err(UnpackError::ManifestNotFirst { .. })),
+            "{r:?}"
+        );
+
+        // A bomb after it: the ratio, counted on what arrived so far.
+        let bomb = Builder::new()
+            .manifest()
+            .file("zeros", &vec![0u8; 8 << 20])
+            .finish();
+        let r = inspect(&bomb[..], &scratch.path().join("bomb2"), &Limits::default());
+        assert!(matches!(r, Err(UnpackError::RatioTooHigh { .. })), "{r:?}");
+
+        // A bad manifest is refused as soon as it is read.
+        let bad = Builder::new()
+            .file("drover.toml", b"service = 1")
+            .file("zeros", &vec![0u8; 8 << 20])
+            .finish();
+        let r = inspect(&bad[..], &scratch.path().join("bad"), &Limits::default());
+        assert!(matches!(r, Err(UnpackError::InvalidManifest(_))), "{r:?}");
     }
 
     #[test]

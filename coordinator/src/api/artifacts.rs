@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::auth::{Permission, Scope};
-use drover_common::artifact::{Digest, read_manifest};
+use drover_common::artifact::Digest;
 use drover_common::proto::artifacts_server::Artifacts;
 use drover_common::proto::{
     AddSignatureRequest, ArtifactInfo, FetchChunk, FetchRequest, ListArtifactsRequest,
-    ListArtifactsResponse, StatRequest, UploadHeader, UploadRequest, upload_request,
+    ListArtifactsResponse, StatRequest, UploadHeader, UploadRequest, VerifyArtifactsRequest,
+    VerifyArtifactsResponse, upload_request,
 };
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
@@ -22,7 +23,7 @@ use tracing::{info, warn};
 use crate::error::ApiError;
 use crate::ha::leases::ShardLeases;
 use crate::metrics::Metrics;
-use crate::origin::{BlobStore, PEER_FETCH, Replicator};
+use crate::origin::{BlobStore, Inspection, PEER_FETCH, Replicator, scrub};
 
 /// Size of each chunk of a Fetch.
 pub const FETCH_CHUNK: usize = 256 * 1024;
@@ -36,6 +37,8 @@ pub struct ArtifactsService {
     pub replicator: Arc<Replicator>,
     /// Who may push and read.
     pub auth: Arc<crate::auth::Authorizer>,
+    /// The unpacker's limits uploads are inspected with (the agents' defaults).
+    pub unpack_limits: drover_common::artifact::Limits,
 }
 
 impl ArtifactsService {
@@ -85,17 +88,28 @@ impl ArtifactsService {
         {
             return Ok(());
         }
-        if self
+        let Some(info) = self
             .store
             .info(digest)
             .await
             .map_err(|e| io_status("reading metadata", e))?
-            .is_none()
-        {
+        else {
             return Ok(());
+        };
+        if info.lost_at_unix_ms != 0 {
+            return Err(ApiError::NotFound(format!(
+                "artifact {digest} is lost: no coordinator held verified bytes at the last scrub; push it again to restore it"
+            ))
+            .into());
+        }
+        let peers = self.leases.peer_addresses();
+        if peers.is_empty() {
+            return Err(Status::data_loss(format!(
+                "the blob of artifact {digest} is missing from this coordinator's disk and no peer coordinator is live; `droverctl artifact verify` checks every blob, and pushing it again restores it"
+            )));
         }
         self.replicator
-            .ensure(&self.store, digest, &self.leases.peer_addresses())
+            .ensure(&self.store, digest, &peers)
             .await
             .map_err(|e| {
                 Status::unavailable(format!(
@@ -169,11 +183,28 @@ impl Artifacts for ArtifactsService {
             }
         };
         let digest = validate_header(&header, self.max_artifact_bytes)?;
-        if let Some(mut existing) = self
+        let stored = self
             .store
-            .add_signatures(&digest, &header.signatures)
+            .info(&digest)
             .await
-            .map_err(|e| io_status("reading metadata", e))?
+            .map_err(|e| io_status("reading metadata", e))?;
+        // A lost artifact is uploaded again in full (that restores it).
+        let live = stored.filter(|i| i.lost_at_unix_ms == 0);
+        if let Some(existing) = &live
+            && existing.service != header.service
+        {
+            return Err(ApiError::Conflict(format!(
+                "artifact {digest} is stored for service {:?}; the same bytes cannot be pushed as {:?} (nothing changed)",
+                existing.service, header.service
+            ))
+            .into());
+        }
+        if live.is_some()
+            && let Some(mut existing) = self
+                .store
+                .add_signatures(&digest, &header.signatures)
+                .await
+                .map_err(|e| io_status("reading metadata", e))?
         {
             info!(%digest, service = %existing.service, "upload deduplicated: artifact already stored");
             existing.deduplicated = true;
@@ -186,6 +217,17 @@ impl Artifacts for ArtifactsService {
             .begin()
             .await
             .map_err(|e| io_status("creating a temp file", e))?;
+        // The agents' checks, run on the bytes as they arrive.
+        let mut inspection = Inspection::start(
+            pending.path().with_extension("inspect"),
+            self.unpack_limits.for_archive(header.size_bytes),
+        );
+        let refused = |e: drover_common::artifact::UnpackError| -> Status {
+            ApiError::Invalid(format!(
+                "refused: {e}; an agent would refuse it too; nothing was stored"
+            ))
+            .into()
+        };
         while let Some(msg) = stream.message().await? {
             match msg.part {
                 Some(upload_request::Part::Chunk(bytes)) => {
@@ -200,6 +242,14 @@ impl Artifacts for ArtifactsService {
                         .write(&bytes)
                         .await
                         .map_err(|e| io_status("writing the upload", e))?;
+                    if !inspection.feed(&bytes).await {
+                        // The inspector stopped early: it refused the archive.
+                        let verdict = inspection.finish().await;
+                        return Err(match verdict {
+                            Err(e) => refused(e),
+                            Ok(_) => Status::internal("the inspection ended before the upload"),
+                        });
+                    }
                 }
                 Some(upload_request::Part::Header(_)) => {
                     return Err(Status::invalid_argument("the header was sent twice"));
@@ -225,19 +275,11 @@ impl Artifacts for ArtifactsService {
             ))
             .into());
         }
+        let manifest = inspection.finish().await.map_err(refused)?;
         pending
             .flush()
             .await
             .map_err(|e| io_status("flushing the upload", e))?;
-        let path = pending.path().to_path_buf();
-        let manifest =
-            tokio::task::spawn_blocking(move || std::fs::File::open(path).map(read_manifest))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(|e| io_status("reading the upload", e))?
-                .map_err(|e| {
-                    ApiError::Invalid(format!("not a Drover artifact: {e}; nothing was stored"))
-                })?;
         if manifest.service != header.service {
             return Err(ApiError::Invalid(format!(
                 "the upload is for service {:?} but its drover.toml says {:?}; nothing was stored",
@@ -255,6 +297,7 @@ impl Artifacts for ArtifactsService {
             manifest_version: manifest.version,
             deduplicated: false,
             signatures: header.signatures,
+            lost_at_unix_ms: 0,
         };
         self.store
             .commit(pending, &digest, &info)
@@ -368,15 +411,49 @@ impl Artifacts for ArtifactsService {
     ) -> Result<Response<ListArtifactsResponse>, Status> {
         self.auth
             .caller(&request, Permission::ArtifactsRead, Scope::default())?;
-        let service = &request.get_ref().service;
+        let req = request.get_ref();
         let mut artifacts = self
             .store
             .list()
             .await
             .map_err(|e| io_status("listing artifacts", e))?;
-        if !service.is_empty() {
-            artifacts.retain(|a| &a.service == service);
-        }
+        artifacts.retain(|a| {
+            (req.service.is_empty() || a.service == req.service)
+                && (req.include_lost || a.lost_at_unix_ms == 0)
+        });
         Ok(Response::new(ListArtifactsResponse { artifacts }))
+    }
+
+    async fn verify(
+        &self,
+        request: Request<VerifyArtifactsRequest>,
+    ) -> Result<Response<VerifyArtifactsResponse>, Status> {
+        self.auth
+            .caller(&request, Permission::ArtifactsPush, Scope::default())?;
+        let sha256 = &request.get_ref().sha256;
+        let artifacts = if sha256.is_empty() {
+            self.store
+                .list()
+                .await
+                .map_err(|e| io_status("listing artifacts", e))?
+        } else {
+            let digest = parse_digest(sha256)?;
+            let info = self
+                .store
+                .info(&digest)
+                .await
+                .map_err(|e| io_status("reading metadata", e))?
+                .ok_or_else(|| ApiError::NotFound(format!("no artifact {digest} is stored")))?;
+            vec![info]
+        };
+        let checks = scrub(
+            &self.store,
+            &self.replicator,
+            &self.leases.peer_addresses(),
+            artifacts,
+        )
+        .await
+        .map_err(|e| io_status("scrubbing", e))?;
+        Ok(Response::new(VerifyArtifactsResponse { checks }))
     }
 }

@@ -8,8 +8,8 @@ use drover_common::artifact::Digest;
 use drover_common::artifact::signature::SigningIdentity;
 use drover_common::proto::artifacts_client::ArtifactsClient;
 use drover_common::proto::{
-    AddSignatureRequest, ArtifactInfo, ListArtifactsRequest, StatRequest, UploadHeader,
-    UploadRequest, upload_request,
+    AddSignatureRequest, ArtifactInfo, BlobState, ListArtifactsRequest, StatRequest, UploadHeader,
+    UploadRequest, VerifyArtifactsRequest, upload_request,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::io::AsyncReadExt;
@@ -78,7 +78,10 @@ pub async fn sign(
 }
 
 pub struct Push<'a> {
+    /// A tar.gz, or a directory to build one from.
     pub file: &'a Path,
+    /// The digest the bytes must hash to (CI's pin).
+    pub expect_sha256: Option<&'a str>,
     pub service: &'a str,
     pub version: &'a str,
     pub git_sha: &'a str,
@@ -92,10 +95,39 @@ pub async fn push(
     json: bool,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
-    let path = push.file.to_path_buf();
+    // A directory is built into a temp archive first, drover.toml first.
+    let built = if push.file.is_dir() {
+        let dir = push.file.to_path_buf();
+        let tmp =
+            tokio::task::spawn_blocking(move || -> anyhow::Result<tempfile::NamedTempFile> {
+                let tmp = tempfile::Builder::new().suffix(".tar.gz").tempfile()?;
+                drover_common::artifact::build::from_dir(
+                    &dir,
+                    std::io::BufWriter::new(tmp.as_file()),
+                )
+                .map_err(|e| anyhow::anyhow!("building an artifact of {}: {e}", dir.display()))?;
+                Ok(tmp)
+            })
+            .await??;
+        Some(tmp)
+    } else {
+        None
+    };
+    let file_path = built.as_ref().map(|t| t.path()).unwrap_or(push.file);
+    let path = file_path.to_path_buf();
     let (digest, size) = tokio::task::spawn_blocking(move || Digest::of_file(&path))
         .await?
         .map_err(|e| anyhow::anyhow!("reading {}: {e}", push.file.display()))?;
+    if let Some(expected) = push.expect_sha256 {
+        let expected: Digest = expected
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--expect-sha256: {e}"))?;
+        anyhow::ensure!(
+            expected == digest,
+            "{} hashes to {digest}, not the expected {expected}; nothing was pushed",
+            push.file.display()
+        );
+    }
     let signatures = match push.sign_key {
         Some(key) => vec![SigningIdentity::load(key)?.sign(push.service, &digest.hex())],
         None => vec![],
@@ -120,7 +152,7 @@ pub async fn push(
     } else {
         ProgressBar::hidden()
     };
-    let mut file = tokio::fs::File::open(push.file).await?;
+    let mut file = tokio::fs::File::open(file_path).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(UploadRequest {
         part: Some(upload_request::Part::Header(header)),
@@ -166,6 +198,56 @@ pub async fn push(
     Ok(())
 }
 
+/// `droverctl artifact verify [SHA]`: the origin re-hashes its blobs and
+/// repairs or marks lost what it must; fails when any artifact is lost.
+pub async fn verify(
+    client: &mut ArtifactsClient<Channel>,
+    sha256: &str,
+    json: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let response = client
+        .verify(VerifyArtifactsRequest {
+            sha256: sha256.to_string(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if json {
+        print_json(out, &response)?;
+    } else {
+        let mut table = Table::new();
+        table
+            .load_preset(presets::NOTHING)
+            .set_header(["SHA256", "SERVICE", "STATE", "DETAIL"]);
+        for c in &response.checks {
+            let state = match c.state() {
+                BlobState::Ok => "ok",
+                BlobState::Repaired => "REPAIRED",
+                BlobState::Lost => "LOST",
+                BlobState::Unspecified => "?",
+            };
+            table.add_row([
+                c.sha256[..12.min(c.sha256.len())].to_string(),
+                c.service.clone(),
+                state.to_string(),
+                c.detail.clone(),
+            ]);
+        }
+        writeln!(out, "{table}")?;
+    }
+    let lost = response
+        .checks
+        .iter()
+        .filter(|c| c.state() == BlobState::Lost)
+        .count();
+    anyhow::ensure!(
+        lost == 0,
+        "{lost} artifact(s) lost: push them again to restore them"
+    );
+    Ok(())
+}
+
 pub async fn list(
     client: &mut ArtifactsClient<Channel>,
     service: &str,
@@ -175,6 +257,7 @@ pub async fn list(
     let response = client
         .list(ListArtifactsRequest {
             service: service.to_string(),
+            include_lost: false,
         })
         .await
         .map_err(status_error)?

@@ -178,9 +178,14 @@ pub enum PipelineCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ArtifactCommand {
-    /// Upload a tar.gz; prints its sha256 (the artifact's identity).
+    /// Upload a tar.gz, or a directory (built into one, drover.toml first);
+    /// prints its sha256 (the artifact's identity).
     Push {
         file: std::path::PathBuf,
+        /// The sha256 CI built: the push fails, uploading nothing, unless
+        /// the file's bytes hash to it.
+        #[arg(long)]
+        expect_sha256: Option<String>,
         /// The service it belongs to; must match its drover.toml.
         #[arg(long)]
         service: String,
@@ -206,6 +211,12 @@ pub enum ArtifactCommand {
         out: std::path::PathBuf,
         #[arg(long, default_value = "signer")]
         name: String,
+    },
+    /// Re-hash the origin's blobs (one, or all): a blob missing or damaged
+    /// is re-fetched from a peer coordinator, else marked lost (exit 1).
+    Verify {
+        #[arg(default_value = "")]
+        sha256: String,
     },
     /// List stored artifacts, newest first.
     List {
@@ -237,6 +248,7 @@ pub async fn run(cli: Cli, out: &mut impl std::io::Write) -> anyhow::Result<()> 
         }
         Command::Artifact(ArtifactCommand::Push {
             file,
+            expect_sha256,
             service,
             version,
             git_sha,
@@ -244,12 +256,16 @@ pub async fn run(cli: Cli, out: &mut impl std::io::Write) -> anyhow::Result<()> 
         }) => {
             let push = artifacts::Push {
                 file: &file,
+                expect_sha256: expect_sha256.as_deref(),
                 service: &service,
                 version: &version,
                 git_sha: &git_sha,
                 sign_key: sign_key.as_deref(),
             };
             artifacts::push(&mut origin, push, cli.json, out).await
+        }
+        Command::Artifact(ArtifactCommand::Verify { sha256 }) => {
+            artifacts::verify(&mut origin, &sha256, cli.json, out).await
         }
         Command::Artifact(ArtifactCommand::List { service }) => {
             artifacts::list(&mut origin, &service, cli.json, out).await

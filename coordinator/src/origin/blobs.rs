@@ -153,6 +153,37 @@ impl BlobStore {
         self.put_info(digest, info).await
     }
 
+    /// Moves a damaged blob aside to `damaged/<sha256>-<ms>` (kept for a
+    /// post-mortem, never served) and returns where it went.
+    pub async fn quarantine(&self, digest: &Digest) -> io::Result<PathBuf> {
+        let dir = self.root.join("damaged");
+        tokio::fs::create_dir_all(&dir).await?;
+        let to = dir.join(format!(
+            "{}-{}",
+            digest.hex(),
+            drover_common::time::now_unix_ms()
+        ));
+        tokio::fs::rename(self.blob_path(digest), &to).await?;
+        Ok(to)
+    }
+
+    /// Marks an artifact lost (`lost_at_unix_ms`, 0 clears it); returns
+    /// its metadata as stored, or `None` when there is none.
+    pub async fn set_lost(
+        &self,
+        digest: &Digest,
+        lost_at_unix_ms: u64,
+    ) -> io::Result<Option<ArtifactInfo>> {
+        let Some(mut info) = self.info(digest).await? else {
+            return Ok(None);
+        };
+        if info.lost_at_unix_ms != lost_at_unix_ms {
+            info.lost_at_unix_ms = lost_at_unix_ms;
+            self.put_info(digest, &info).await?;
+        }
+        Ok(Some(info))
+    }
+
     /// Writes an artifact's metadata.
     async fn put_info(&self, digest: &Digest, info: &ArtifactInfo) -> io::Result<()> {
         self.store

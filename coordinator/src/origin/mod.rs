@@ -6,11 +6,18 @@
 //! sees a partial one. Metadata (ArtifactInfo) is in the Store under
 //! `<prefix>/artifacts/<sha256>`, written after the blob.
 
+//! Every upload is inspected as it arrives (`inspect.rs`): an archive an
+//! agent would refuse is refused at push.
+//!
 //! With several coordinators, a blob missing here is copied from a peer the
 //! first time it is fetched (`replicate.rs`).
 
 mod blobs;
+mod inspect;
 mod replicate;
+mod scrub;
 
 pub use blobs::{BlobStore, PendingBlob};
+pub use inspect::Inspection;
 pub use replicate::{PEER_FETCH, Replicator};
+pub use scrub::scrub;
