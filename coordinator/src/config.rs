@@ -51,6 +51,15 @@ pub struct Args {
     /// Address agents use to reach this coordinator's origin (default: the bound address).
     #[arg(long)]
     pub advertise: Option<String>,
+    /// A host disconnected or gone this long is dropped from the registry
+    /// (default 7d).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub host_retention: Option<Duration>,
+    /// The most hosts the registry holds (default 250000); at the limit a
+    /// new host displaces the one away longest, or is refused when all are
+    /// connected.
+    #[arg(long)]
+    pub max_hosts: Option<usize>,
     /// Prefix of every key this coordinator writes to its store.
     #[arg(long)]
     pub key_prefix: Option<String>,
@@ -115,6 +124,9 @@ struct FileConfig {
     shutdown_grace: Option<Duration>,
     max_artifact_bytes: Option<u64>,
     advertise: Option<String>,
+    #[serde(default, with = "humantime_serde_opt")]
+    host_retention: Option<Duration>,
+    max_hosts: Option<usize>,
     key_prefix: Option<String>,
     store: Option<StoreKind>,
     #[serde(default)]
@@ -167,6 +179,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub max_artifact_bytes: u64,
     pub advertise: Option<String>,
+    /// What the host registry keeps.
+    pub retention: crate::fleet::Retention,
     pub key_prefix: String,
     pub store: StoreKind,
     pub etcd_endpoints: Vec<String>,
@@ -199,6 +213,7 @@ impl Config {
             shutdown_grace: Duration::from_secs(5),
             max_artifact_bytes: 2 << 30,
             advertise: None,
+            retention: crate::fleet::Retention::default(),
             key_prefix: "/drover".into(),
             store: StoreKind::Embedded,
             etcd_endpoints: Vec::new(),
@@ -249,6 +264,17 @@ impl Config {
             cfg.max_artifact_bytes = n;
         }
         cfg.advertise = args.advertise.or(file.advertise);
+        if let Some(t) = args.host_retention.or(file.host_retention) {
+            anyhow::ensure!(
+                t >= Duration::from_secs(1),
+                "host_retention must be at least 1s"
+            );
+            cfg.retention.forget_after = t;
+        }
+        if let Some(n) = args.max_hosts.or(file.max_hosts) {
+            anyhow::ensure!(n >= 1, "max_hosts must be at least 1");
+            cfg.retention.max_hosts = n;
+        }
         if let Some(prefix) = args.key_prefix.or(file.key_prefix) {
             anyhow::ensure!(
                 prefix.starts_with('/') && !prefix.ends_with('/'),

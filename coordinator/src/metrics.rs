@@ -28,6 +28,11 @@ pub struct ReasonLabel {
 pub struct Metrics {
     registry: Arc<Registry>,
     pub connected_agents: Gauge,
+    /// Hosts in the registry (connected or not).
+    pub hosts_known: Gauge,
+    /// Hosts dropped from the registry: away past the retention, or
+    /// displaced at the host limit.
+    pub hosts_forgotten: Counter,
     pub heartbeats: Counter,
     /// From the agent producing a heartbeat to the registry holding it.
     pub heartbeat_lag_seconds: Histogram,
@@ -63,6 +68,18 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("drover");
         let connected_agents = Gauge::default();
+        let hosts_known = Gauge::default();
+        let hosts_forgotten = Counter::default();
+        registry.register(
+            "hosts_known",
+            "Hosts in the registry, connected or not",
+            hosts_known.clone(),
+        );
+        registry.register(
+            "hosts_forgotten",
+            "Hosts dropped from the registry (away past --host-retention, or displaced at --max-hosts)",
+            hosts_forgotten.clone(),
+        );
         let heartbeats = Counter::default();
         let heartbeat_lag_seconds = Histogram::new(lag_buckets());
         let agent_dropped_heartbeats = Counter::default();
@@ -157,6 +174,8 @@ impl Default for Metrics {
         Metrics {
             registry: Arc::new(registry),
             connected_agents,
+            hosts_known,
+            hosts_forgotten,
             heartbeats,
             heartbeat_lag_seconds,
             agent_dropped_heartbeats,

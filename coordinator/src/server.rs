@@ -66,9 +66,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         )
         .context("opening the artifact store")?,
     );
-    let registry = Arc::new(Registry::new(metrics.clone()));
+    let registry = Arc::new(Registry::new(metrics.clone(), cfg.retention));
     let pending = Arc::new(PendingCommands::default());
     let stop = CancellationToken::new();
+    tokio::spawn(forget_away_hosts(
+        registry.clone(),
+        cfg.retention,
+        stop.clone(),
+    ));
 
     let trust = Trust::load(&cfg)?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -316,6 +321,25 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
 
 /// Recomputes the metrics agents must report whenever a pipeline changes,
 /// and tells every connected agent when the list changed.
+/// Sweeps the registry of hosts away past the retention, a few times per
+/// retention period (at most every minute, at least every second).
+async fn forget_away_hosts(
+    registry: Arc<Registry>,
+    retention: crate::fleet::Retention,
+    stop: CancellationToken,
+) {
+    use std::time::Duration;
+    let every = (retention.forget_after / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut ticker = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        registry.sweep();
+    }
+}
+
 async fn keep_reporting_current(
     pipelines: Arc<Pipelines>,
     report: Arc<std::sync::Mutex<ReportMetrics>>,

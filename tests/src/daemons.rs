@@ -184,16 +184,26 @@ impl Coordinator {
         .await
     }
 
+    /// Every host matching `selector`, following ListHosts' pages.
     pub async fn hosts(&self, selector: &str) -> Vec<Host> {
-        self.deployer()
-            .await
-            .list_hosts(ListHostsRequest {
-                selector: selector.to_string(),
-            })
-            .await
-            .expect("ListHosts")
-            .into_inner()
-            .hosts
+        let mut api = self.deployer().await;
+        let (mut hosts, mut token) = (Vec::new(), String::new());
+        loop {
+            let page = api
+                .list_hosts(ListHostsRequest {
+                    selector: selector.to_string(),
+                    page_size: 0,
+                    page_token: token,
+                })
+                .await
+                .expect("ListHosts")
+                .into_inner();
+            hosts.extend(page.hosts);
+            if page.next_page_token.is_empty() {
+                return hosts;
+            }
+            token = page.next_page_token;
+        }
     }
 
     pub async fn host(&self, host_id: &str) -> Result<Host, tonic::Status> {

@@ -220,6 +220,7 @@ async fn bad_api_requests_get_invalid_argument() {
     let err = api
         .list_hosts(drover_common::proto::ListHostsRequest {
             selector: "region".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -228,6 +229,26 @@ async fn bad_api_requests_get_invalid_argument() {
         err.message(),
         "selector term \"region\" is not key=value or key!=value"
     );
+    for (bad, expected) in [
+        (
+            drover_common::proto::ListHostsRequest {
+                page_size: 5001,
+                ..Default::default()
+            },
+            "page_size 5001 is over the most, 5000",
+        ),
+        (
+            drover_common::proto::ListHostsRequest {
+                page_token: "../x".into(),
+                ..Default::default()
+            },
+            "page_token: ",
+        ),
+    ] {
+        let err = api.list_hosts(bad).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains(expected), "{}", err.message());
+    }
     let err = api
         .get_host(drover_common::proto::GetHostRequest {
             host_id: String::new(),

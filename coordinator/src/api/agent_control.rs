@@ -181,7 +181,14 @@ impl AgentControl for AgentControlService {
             fenced,
         };
         let labels = format!("{:?}", hello.labels);
-        let (session_id, replaced) = self.registry.connect(hello, peer.clone(), handle);
+        let (session_id, replaced) = match self.registry.connect(hello, peer.clone(), handle) {
+            Ok(registered) => registered,
+            Err(full) => {
+                self.metrics.reject("registry_full");
+                warn!(%host_id, %peer, "refused agent stream: {full}");
+                return Err(Status::resource_exhausted(full.to_string()));
+            }
+        };
         if let Some(old) = replaced {
             info!(%host_id, %peer, "a newer stream replaces the host's previous one");
             old.close(Status::aborted(format!(

@@ -164,6 +164,10 @@ fn validate_command(cmd: &Command) -> Result<(), ApiError> {
     }
 }
 
+/// Hosts per ListHosts page when the request says 0, and the most.
+const DEFAULT_HOSTS_PAGE: usize = 1000;
+const MAX_HOSTS_PAGE: usize = 5000;
+
 #[tonic::async_trait]
 impl Deployer for DeployerService {
     async fn list_hosts(
@@ -172,9 +176,29 @@ impl Deployer for DeployerService {
     ) -> Result<Response<ListHostsResponse>, Status> {
         self.auth
             .caller(&request, Permission::HostsRead, Scope::default())?;
-        let selector = Selector::parse(&request.get_ref().selector).map_err(ApiError::from)?;
-        let hosts = self.registry.list(&selector);
-        Ok(Response::new(ListHostsResponse { hosts }))
+        let req = request.get_ref();
+        let selector = Selector::parse(&req.selector).map_err(ApiError::from)?;
+        let page_size = match req.page_size {
+            0 => DEFAULT_HOSTS_PAGE,
+            n if n as usize > MAX_HOSTS_PAGE => {
+                return Err(ApiError::Invalid(format!(
+                    "page_size {n} is over the most, {MAX_HOSTS_PAGE}"
+                ))
+                .into());
+            }
+            n => n as usize,
+        };
+        // The token is the last host id of the previous page: a host id
+        // (validated), so a page never starts anywhere a client made up.
+        if !req.page_token.is_empty() {
+            validate_host_id(&req.page_token)
+                .map_err(|e| ApiError::Invalid(format!("page_token: {e}")))?;
+        }
+        let (hosts, next) = self.registry.page(&selector, &req.page_token, page_size);
+        Ok(Response::new(ListHostsResponse {
+            hosts,
+            next_page_token: next.unwrap_or_default(),
+        }))
     }
 
     async fn get_host(&self, request: Request<GetHostRequest>) -> Result<Response<Host>, Status> {

@@ -4,7 +4,9 @@ use std::io::Write;
 
 use comfy_table::{Table, presets};
 use drover_common::proto::deployer_client::DeployerClient;
-use drover_common::proto::{ConnectionState, GetHostRequest, Host, ListHostsRequest};
+use drover_common::proto::{
+    ConnectionState, GetHostRequest, Host, ListHostsRequest, ListHostsResponse,
+};
 use tonic::transport::Channel;
 
 use super::{print_json, status_error};
@@ -15,13 +17,24 @@ pub async fn list(
     json: bool,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
-    let response = client
-        .list_hosts(ListHostsRequest {
-            selector: selector.to_string(),
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner();
+    // Every page, in host id order.
+    let mut response = ListHostsResponse::default();
+    loop {
+        let page = client
+            .list_hosts(ListHostsRequest {
+                selector: selector.to_string(),
+                page_size: 0,
+                page_token: response.next_page_token.clone(),
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        response.hosts.extend(page.hosts);
+        response.next_page_token = page.next_page_token;
+        if response.next_page_token.is_empty() {
+            break;
+        }
+    }
     if json {
         return print_json(out, &response);
     }

@@ -167,7 +167,10 @@ mod tests {
     async fn a_host_is_commanded_only_at_an_epoch_it_acknowledged() {
         use crate::fleet::registry::SessionHandle;
         use drover_common::proto::{Hello, coordinator_message};
-        let registry = Registry::new(crate::metrics::Metrics::default());
+        let registry = Registry::new(
+            crate::metrics::Metrics::default(),
+            crate::fleet::registry::Retention::default(),
+        );
         let (tx, mut rx) = tokio::sync::mpsc::channel(4);
         let (acks, fenced) = tokio::sync::watch::channel(HashMap::new());
         let handle = SessionHandle {
@@ -180,7 +183,7 @@ mod tests {
             heartbeat_interval_ms: 1000,
             ..Default::default()
         };
-        registry.connect(hello, "peer".into(), handle);
+        registry.connect(hello, "peer".into(), handle).unwrap();
         let p = std::sync::Arc::new(PendingCommands::default());
         let cmd = Command {
             command_id: "c1".into(),

@@ -5,4 +5,4 @@ mod commands;
 mod registry;
 
 pub use commands::{PendingCommands, SendError, is_final};
-pub use registry::{Departure, OutboundItem, Registry, SessionHandle};
+pub use registry::{Departure, OutboundItem, Registry, RegistryFull, Retention, SessionHandle};

@@ -5,9 +5,14 @@
 //!   and updates carrying a replaced session's id are ignored;
 //! - `LATE` is never stored: it is derived at read time from the age of the
 //!   last heartbeat, so a frozen agent shows as late without any timer;
-//! - nothing here touches disk.
+//! - nothing here touches disk;
+//! - memory is bounded: a host away (disconnected or gone) longer than
+//!   `Retention::forget_after` is forgotten by `sweep`, and at
+//!   `Retention::max_hosts` a new host displaces the one away longest; when
+//!   every host held is connected, a new one is refused. A connected host
+//!   is never forgotten.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -154,20 +159,86 @@ fn bounded_problems(mut problems: Vec<String>) -> Vec<String> {
 const MAX_PROBLEMS: usize = 8;
 const MAX_PROBLEM_CHARS: usize = 512;
 
-/// All hosts this coordinator has seen since it started.
+/// How much the registry keeps (see the invariants above).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// `--host-retention`: a host away this long is forgotten.
+    pub forget_after: Duration,
+    /// `--max-hosts`: the most hosts held.
+    pub max_hosts: usize,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            forget_after: Duration::from_secs(7 * 24 * 3600),
+            max_hosts: 250_000,
+        }
+    }
+}
+
+/// A Hello the registry cannot take: every host it holds is connected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "this coordinator holds its limit of {0} hosts, all connected (--max-hosts); connect to another coordinator or raise the limit"
+)]
+pub struct RegistryFull(pub usize);
+
+/// Hosts this coordinator has seen, connected or away (within the retention).
 pub struct Registry {
-    hosts: Mutex<HashMap<String, HostEntry>>,
+    /// By host id, so pages come in id order.
+    hosts: Mutex<BTreeMap<String, HostEntry>>,
     next_session: AtomicU64,
     metrics: Metrics,
+    retention: Retention,
 }
 
 impl Registry {
-    pub fn new(metrics: Metrics) -> Registry {
+    pub fn new(metrics: Metrics, retention: Retention) -> Registry {
         Registry {
-            hosts: Mutex::new(HashMap::new()),
+            hosts: Mutex::new(BTreeMap::new()),
             next_session: AtomicU64::new(1),
             metrics,
+            retention,
         }
+    }
+
+    /// Forgets hosts away longer than the retention; returns how many.
+    pub fn sweep(&self) -> usize {
+        let now = SystemTime::now();
+        let forget_after = self.retention.forget_after;
+        let mut hosts = self.hosts.lock().expect("registry lock poisoned");
+        let before = hosts.len();
+        hosts.retain(|id, e| {
+            let away = now.duration_since(e.state_since).unwrap_or_default();
+            let keep = e.link == Link::Connected || away < forget_after;
+            if !keep {
+                tracing::info!(host = %id, since = ?e.state_since, "host forgotten: away past the retention");
+            }
+            keep
+        });
+        let forgotten = before - hosts.len();
+        self.metrics.hosts_known.set(hosts.len() as i64);
+        drop(hosts);
+        self.metrics.hosts_forgotten.inc_by(forgotten as u64);
+        forgotten
+    }
+
+    /// Makes room for one new host at the limit: the host away longest goes.
+    fn make_room(&self, hosts: &mut BTreeMap<String, HostEntry>) -> Result<(), RegistryFull> {
+        if hosts.len() < self.retention.max_hosts {
+            return Ok(());
+        }
+        let oldest = hosts
+            .iter()
+            .filter(|(_, e)| e.link != Link::Connected)
+            .min_by_key(|(_, e)| e.state_since)
+            .map(|(id, _)| id.clone())
+            .ok_or(RegistryFull(self.retention.max_hosts))?;
+        hosts.remove(&oldest);
+        tracing::info!(host = %oldest, "host forgotten: displaced at the host limit");
+        self.metrics.hosts_forgotten.inc();
+        Ok(())
     }
 
     /// Registers a validated Hello. Returns the new session id and the
@@ -177,11 +248,14 @@ impl Registry {
         hello: Hello,
         peer: String,
         session: SessionHandle,
-    ) -> (u64, Option<SessionHandle>) {
-        let session_id = self.next_session.fetch_add(1, Ordering::Relaxed);
+    ) -> Result<(u64, Option<SessionHandle>), RegistryFull> {
         let now_wall = SystemTime::now();
         let interval = Duration::from_millis(u64::from(hello.heartbeat_interval_ms.max(1)));
         let mut hosts = self.hosts.lock().expect("registry lock poisoned");
+        if !hosts.contains_key(&hello.host_id) {
+            self.make_room(&mut hosts)?;
+        }
+        let session_id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let previous = hosts.get_mut(&hello.host_id).and_then(|e| e.session.take());
         let entry = HostEntry {
             labels: hello.labels,
@@ -204,13 +278,14 @@ impl Registry {
             problems: Vec::new(),
         };
         hosts.insert(hello.host_id, entry);
+        self.metrics.hosts_known.set(hosts.len() as i64);
         drop(hosts);
         if previous.is_some() {
             self.metrics.streams_replaced.inc();
         } else {
             self.metrics.connected_agents.inc();
         }
-        (session_id, previous)
+        Ok((session_id, previous))
     }
 
     /// Records a heartbeat of the live session `session_id` of `host_id`.
@@ -278,14 +353,46 @@ impl Registry {
     pub fn list(&self, selector: &Selector) -> Vec<Host> {
         let now = Instant::now();
         let hosts = self.hosts.lock().expect("registry lock poisoned");
-        let mut out: Vec<Host> = hosts
+        let out: Vec<Host> = hosts
             .iter()
             .filter(|(_, e)| selector.matches(&e.labels))
             .map(|(id, e)| e.to_proto(id, now))
             .collect();
         drop(hosts);
-        out.sort_by(|a, b| a.host_id.cmp(&b.host_id));
         out
+    }
+
+    /// One page of the hosts matching `selector`, in host id order, after
+    /// host id `after` (empty: from the start); and the id to continue
+    /// after, when more may follow.
+    pub fn page(
+        &self,
+        selector: &Selector,
+        after: &str,
+        limit: usize,
+    ) -> (Vec<Host>, Option<String>) {
+        use std::ops::Bound;
+        let now = Instant::now();
+        let hosts = self.hosts.lock().expect("registry lock poisoned");
+        let start = if after.is_empty() {
+            Bound::Unbounded
+        } else {
+            Bound::Excluded(after.to_string())
+        };
+        let mut page: Vec<Host> = hosts
+            .range((start, Bound::Unbounded))
+            .filter(|(_, e)| selector.matches(&e.labels))
+            .take(limit + 1)
+            .map(|(id, e)| e.to_proto(id, now))
+            .collect();
+        drop(hosts);
+        let next = if page.len() > limit {
+            page.truncate(limit);
+            page.last().map(|h| h.host_id.clone())
+        } else {
+            None
+        };
+        (page, next)
     }
 
     pub fn get(&self, host_id: &str) -> Option<Host> {
@@ -363,11 +470,14 @@ mod tests {
 
     #[test]
     fn heartbeat_updates_host_and_selector_filters() {
-        let r = Registry::new(Metrics::default());
+        let r = Registry::new(Metrics::default(), Retention::default());
         let (s1, _rx1) = session();
         let (s2, _rx2) = session();
-        let (id1, _) = r.connect(hello("a", &[("region", "eu")], 1000), "p".into(), s1);
-        r.connect(hello("b", &[("region", "us")], 1000), "p".into(), s2);
+        let (id1, _) = r
+            .connect(hello("a", &[("region", "eu")], 1000), "p".into(), s1)
+            .unwrap();
+        r.connect(hello("b", &[("region", "us")], 1000), "p".into(), s2)
+            .unwrap();
         let hb = Heartbeat {
             sequence: 7,
             sent_at_unix_micros: now_unix_micros(),
@@ -385,12 +495,12 @@ mod tests {
 
     #[test]
     fn newer_session_replaces_older_and_older_updates_are_ignored() {
-        let r = Registry::new(Metrics::default());
+        let r = Registry::new(Metrics::default(), Retention::default());
         let (s1, _rx1) = session();
         let (s2, _rx2) = session();
-        let (old, none) = r.connect(hello("a", &[], 1000), "p1".into(), s1);
+        let (old, none) = r.connect(hello("a", &[], 1000), "p1".into(), s1).unwrap();
         assert!(none.is_none());
-        let (new, replaced) = r.connect(hello("a", &[], 1000), "p2".into(), s2);
+        let (new, replaced) = r.connect(hello("a", &[], 1000), "p2".into(), s2).unwrap();
         assert!(replaced.is_some());
         assert!(!r.heartbeat("a", old, Heartbeat::default()));
         r.disconnect("a", old, Departure::Dropped("old stream ended".into()));
@@ -401,11 +511,11 @@ mod tests {
 
     #[test]
     fn goodbye_is_gone_and_a_drop_is_disconnected() {
-        let r = Registry::new(Metrics::default());
+        let r = Registry::new(Metrics::default(), Retention::default());
         let (s1, _rx1) = session();
         let (s2, _rx2) = session();
-        let (a, _) = r.connect(hello("a", &[], 1000), "p".into(), s1);
-        let (b, _) = r.connect(hello("b", &[], 1000), "p".into(), s2);
+        let (a, _) = r.connect(hello("a", &[], 1000), "p".into(), s1).unwrap();
+        let (b, _) = r.connect(hello("b", &[], 1000), "p".into(), s2).unwrap();
         r.disconnect("a", a, Departure::Left("agent shutting down".into()));
         r.disconnect("a", a, Departure::Dropped("stream ended".into()));
         r.disconnect("b", b, Departure::Dropped("connection reset".into()));
@@ -419,9 +529,9 @@ mod tests {
 
     #[test]
     fn silent_host_turns_late_after_three_intervals() {
-        let r = Registry::new(Metrics::default());
+        let r = Registry::new(Metrics::default(), Retention::default());
         let (s1, _rx1) = session();
-        r.connect(hello("a", &[], 10), "p".into(), s1);
+        r.connect(hello("a", &[], 10), "p".into(), s1).unwrap();
         let later = Instant::now() + Duration::from_millis(31);
         let hosts = r.hosts.lock().unwrap();
         let entry = hosts.get("a").unwrap();
@@ -431,13 +541,82 @@ mod tests {
 
     #[test]
     fn close_all_sends_the_status_to_every_stream() {
-        let r = Registry::new(Metrics::default());
+        let r = Registry::new(Metrics::default(), Retention::default());
         let (s1, mut rx1) = session();
         let cancel = s1.cancel.clone();
-        r.connect(hello("a", &[], 1000), "p".into(), s1);
+        r.connect(hello("a", &[], 1000), "p".into(), s1).unwrap();
         r.close_all(Status::unavailable("bye"));
         let err = rx1.try_recv().unwrap().unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unavailable);
         assert!(cancel.is_cancelled());
+    }
+
+    #[test]
+    fn away_hosts_are_forgotten_and_the_limit_displaces_the_longest_away() {
+        let r = Registry::new(
+            Metrics::default(),
+            Retention {
+                forget_after: Duration::from_millis(50),
+                max_hosts: 3,
+            },
+        );
+        let mut ids = HashMap::new();
+        for h in ["a", "b", "c"] {
+            let (s, _rx) = session();
+            let (id, _) = r.connect(hello(h, &[], 1000), "p".into(), s).unwrap();
+            ids.insert(h, id);
+        }
+        // All connected: a fourth is refused, nobody displaced.
+        let (s, _rx) = session();
+        assert_eq!(
+            r.connect(hello("d", &[], 1000), "p".into(), s).err(),
+            Some(RegistryFull(3))
+        );
+        // b leaves first, then a: the fourth displaces b.
+        r.disconnect("b", ids["b"], Departure::Dropped("x".into()));
+        std::thread::sleep(Duration::from_millis(5));
+        r.disconnect("a", ids["a"], Departure::Left("bye".into()));
+        let (s, _rx) = session();
+        r.connect(hello("d", &[], 1000), "p".into(), s).unwrap();
+        assert!(r.get("b").is_none() && r.get("a").is_some());
+        // Past the retention, a (away) goes; c and d (connected) stay.
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(r.sweep(), 1);
+        let left: Vec<String> = r
+            .list(&Selector::default())
+            .into_iter()
+            .map(|h| h.host_id)
+            .collect();
+        assert_eq!(left, ["c", "d"]);
+    }
+
+    #[test]
+    fn pages_walk_every_matching_host_once_in_id_order() {
+        let r = Registry::new(Metrics::default(), Retention::default());
+        let mut rxs = Vec::new();
+        for i in 0..25 {
+            let (s, rx) = session();
+            rxs.push(rx);
+            let region = if i % 2 == 0 { "eu" } else { "us" };
+            r.connect(
+                hello(&format!("h{i:02}"), &[("region", region)], 1000),
+                "p".into(),
+                s,
+            )
+            .unwrap();
+        }
+        let eu = Selector::parse("region=eu").unwrap();
+        let (mut seen, mut after) = (Vec::new(), String::new());
+        loop {
+            let (page, next) = r.page(&eu, &after, 5);
+            assert!(page.len() <= 5);
+            seen.extend(page.into_iter().map(|h| h.host_id));
+            match next {
+                Some(n) => after = n,
+                None => break,
+            }
+        }
+        let expected: Vec<String> = (0..25).step_by(2).map(|i| format!("h{i:02}")).collect();
+        assert_eq!(seen, expected);
     }
 }
