@@ -21,6 +21,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
     about = "Drover coordinator: fleet registry and deploy API"
 )]
 pub struct Args {
+    /// Maintenance tools instead of serving (`store check|backup|restore`).
+    #[command(subcommand)]
+    pub tool: Option<Tool>,
     /// TOML file with the same settings as the flags (snake_case keys).
     #[arg(long, env = "DROVER_CONFIG")]
     pub config: Option<PathBuf>,
@@ -165,6 +168,14 @@ mod humantime_serde_opt {
             .map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
             .transpose()
     }
+}
+
+/// `drover-coordinator <tool>`.
+#[derive(Debug, clap::Subcommand)]
+pub enum Tool {
+    /// Check, back up or restore the embedded store.
+    #[command(subcommand)]
+    Store(crate::store::tool::StoreTool),
 }
 
 /// Resolved settings of a running coordinator.

@@ -47,9 +47,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     let metrics = Metrics::default();
-    let store: Arc<dyn Store> = match cfg.store {
-        StoreKind::Embedded => Arc::new(EmbeddedStore::open(&cfg.data_dir)?),
-        StoreKind::Etcd => Arc::new(
+    let embedded = match cfg.store {
+        StoreKind::Embedded => Some(EmbeddedStore::open(&cfg.data_dir)?),
+        StoreKind::Etcd => None,
+    };
+    let store: Arc<dyn Store> = match (&embedded, cfg.store) {
+        (Some(e), _) => Arc::new(e.clone()),
+        (None, _) => Arc::new(
             EtcdStore::connect(&cfg.etcd_endpoints, cfg.tls.as_ref())
                 .await
                 .with_context(|| {
@@ -176,6 +180,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         forward: Forwarder::new(leases.clone(), metrics.clone(), trust.dialer.clone()),
         leases: leases.clone(),
         auth: trust.auth.clone(),
+        embedded: embedded.clone(),
     };
     // Every artifact uploaded to another coordinator is copied here too.
     let replicator = Arc::new(Replicator::new(trust.dialer.clone()));

@@ -47,6 +47,8 @@ pub struct DeployerService {
     pub leases: Arc<crate::ha::leases::ShardLeases>,
     /// Who may do what.
     pub auth: Arc<Authorizer>,
+    /// The embedded store, for BackupStore (`None` with etcd).
+    pub embedded: Option<crate::store::embedded::EmbeddedStore>,
 }
 
 /// Where a deploy control applies: its shard, pipeline and current stage
@@ -646,6 +648,21 @@ impl Deployer for DeployerService {
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(ListEnvironmentsResponse { environments }))
+    }
+
+    type BackupStoreStream = crate::api::store_backup::BackupStream;
+
+    async fn backup_store(
+        &self,
+        request: Request<drover_common::proto::BackupStoreRequest>,
+    ) -> Result<Response<Self::BackupStoreStream>, Status> {
+        let caller = self
+            .auth
+            .caller(&request, Permission::StoreBackup, Scope::default())?;
+        tracing::info!(actor = %caller.actor(), "store backup");
+        crate::api::store_backup::stream(self.embedded.as_ref())
+            .await
+            .map(Response::new)
     }
 
     async fn list_coordinators(

@@ -5,6 +5,7 @@ pub mod agent_control;
 pub mod artifacts;
 pub mod deployer;
 pub mod forward;
+pub mod store_backup;
 
 pub use agent_control::AgentControlService;
 pub use artifacts::ArtifactsService;

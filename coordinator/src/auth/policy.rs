@@ -48,10 +48,12 @@ pub enum Permission {
     DeploysControl,
     DeploysApprove,
     CommandsSend,
+    /// Reading the whole store (a backup): admin only.
+    StoreBackup,
 }
 
 impl Permission {
-    pub const ALL: [Permission; 10] = [
+    pub const ALL: [Permission; 11] = [
         Permission::HostsRead,
         Permission::ArtifactsRead,
         Permission::ArtifactsPush,
@@ -62,6 +64,7 @@ impl Permission {
         Permission::DeploysControl,
         Permission::DeploysApprove,
         Permission::CommandsSend,
+        Permission::StoreBackup,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -76,6 +79,7 @@ impl Permission {
             Permission::DeploysControl => "deploys.control",
             Permission::DeploysApprove => "deploys.approve",
             Permission::CommandsSend => "commands.send",
+            Permission::StoreBackup => "store.backup",
         }
     }
 

@@ -60,6 +60,9 @@ pub enum Command {
     /// Artifacts on the origin: push from CI, list, show.
     #[command(subcommand)]
     Artifact(ArtifactCommand),
+    /// The coordinator's embedded store.
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Send one command (pull, verify, restart, rollback) to one host and wait for its result.
     Command(command::Send),
     /// Pipelines: apply a TOML spec, get, list.
@@ -177,6 +180,15 @@ pub enum PipelineCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Copy the running coordinator's embedded store to a new file (admin).
+    Backup {
+        #[arg(long)]
+        to: std::path::PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum ArtifactCommand {
     /// Upload a tar.gz, or a directory (built into one, drover.toml first);
     /// prints its sha256 (the artifact's identity).
@@ -271,6 +283,17 @@ pub async fn run(cli: Cli, out: &mut impl std::io::Write) -> anyhow::Result<()> 
             artifacts::list(&mut origin, &service, cli.json, out).await
         }
         Command::Command(send) => command::send(&mut deployer, send, cli.json, out).await,
+        Command::Store(StoreCommand::Backup { to }) => {
+            let summary = crate::store::tool::backup_online(&mut deployer, &to).await?;
+            writeln!(
+                out,
+                "backed up {} keys at revision {} to {}",
+                summary.keys,
+                summary.revision,
+                to.display()
+            )?;
+            Ok(())
+        }
         Command::Pipeline(PipelineCommand::Apply { file }) => {
             pipelines::apply(&mut deployer, &file, cli.json, out).await
         }

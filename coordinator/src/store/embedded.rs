@@ -33,6 +33,174 @@ const REVISION: &str = "revision";
 /// File name of the store inside the data dir.
 pub const FILE: &str = "store.redb";
 
+/// Marks the "already open" error inside `open_checked`.
+const LOCKED: &str = "locked";
+
+/// What a full read of a store file found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileSummary {
+    pub keys: usize,
+    pub revision: Revision,
+}
+
+/// Opens `path` (creating it when `create`) with redb's integrity check
+/// (every page's checksum) and then reads every entry of every table; a
+/// panic inside redb on a damaged page is caught. Either way a damaged
+/// file is [`StoreError::Corrupt`].
+fn open_checked(path: &Path, create: bool) -> Result<Database> {
+    let corrupt = |why: String| StoreError::Corrupt {
+        path: path.display().to_string(),
+        why,
+    };
+    let opened = std::panic::catch_unwind(|| {
+        let mut builder = redb::Builder::new();
+        builder.set_check_integrity_on_open(true);
+        if create {
+            builder.create(path)
+        } else {
+            builder.open(path)
+        }
+    });
+    let db = match opened {
+        Ok(Ok(db)) => db,
+        Ok(Err(DatabaseError::DatabaseAlreadyOpen)) => {
+            return Err(StoreError::Backend(LOCKED.into()));
+        }
+        Ok(Err(DatabaseError::Storage(redb::StorageError::Corrupted(why)))) => {
+            return Err(corrupt(why));
+        }
+        // redb's header checks (the magic number, …) say InvalidData.
+        Ok(Err(DatabaseError::Storage(redb::StorageError::Io(e))))
+            if e.kind() == std::io::ErrorKind::InvalidData =>
+        {
+            return Err(corrupt(e.to_string()));
+        }
+        Ok(Err(other)) => return Err(backend(format!("opening {}: {other}", path.display()))),
+        Err(_) => return Err(corrupt("redb panicked opening it".into())),
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scan(&db))) {
+        Ok(Ok(_)) => Ok(db),
+        Ok(Err(e)) => Err(corrupt(e.to_string())),
+        Err(_) => Err(corrupt("redb panicked reading it".into())),
+    }
+}
+
+/// Reads every entry of every table (a table not created yet is empty).
+fn scan(db: &Database) -> Result<FileSummary> {
+    let txn = db.begin_read().map_err(backend)?;
+    let missing = |e: &redb::TableError| matches!(e, redb::TableError::TableDoesNotExist(_));
+    let mut keys = 0;
+    match txn.open_table(VALUES) {
+        Ok(values) => {
+            for entry in values.iter().map_err(backend)? {
+                let (k, v) = entry.map_err(backend)?;
+                let _ = (k.value().len(), v.value().len());
+                keys += 1;
+            }
+        }
+        Err(e) if missing(&e) => {}
+        Err(e) => return Err(backend(e)),
+    }
+    match txn.open_table(META) {
+        Ok(meta) => {
+            for entry in meta.iter().map_err(backend)? {
+                let (k, m) = entry.map_err(backend)?;
+                let _ = (k.value().len(), m.value());
+            }
+        }
+        Err(e) if missing(&e) => {}
+        Err(e) => return Err(backend(e)),
+    }
+    let revision = match txn.open_table(STATE) {
+        Ok(state) => state
+            .get(REVISION)
+            .map_err(backend)?
+            .map(|v| v.value())
+            .unwrap_or(0),
+        Err(e) if missing(&e) => 0,
+        Err(e) => return Err(backend(e)),
+    };
+    Ok(FileSummary { keys, revision })
+}
+
+/// Every key of `db`, read in one transaction, and its revision.
+fn snapshot_of(db: &Database) -> Result<(Vec<KeyValue>, Revision)> {
+    let txn = db.begin_read().map_err(backend)?;
+    let values = txn.open_table(VALUES).map_err(backend)?;
+    let meta = txn.open_table(META).map_err(backend)?;
+    let state = txn.open_table(STATE).map_err(backend)?;
+    let revision = state
+        .get(REVISION)
+        .map_err(backend)?
+        .map(|v| v.value())
+        .unwrap_or(0);
+    let mut out = Vec::new();
+    for entry in values.iter().map_err(backend)? {
+        let (k, _) = entry.map_err(backend)?;
+        if let Some(kv) = read_kv(&values, &meta, k.value())? {
+            out.push(kv);
+        }
+    }
+    Ok((out, revision))
+}
+
+/// Every key of a store file no coordinator has open (checked first).
+pub fn read_file(path: &Path) -> Result<(Vec<KeyValue>, Revision)> {
+    if !path.is_file() {
+        return Err(backend(format!("{} does not exist", path.display())));
+    }
+    let db = open_checked(path, false).map_err(|e| match e {
+        StoreError::Backend(why) if why == LOCKED => StoreError::Locked(path.display().to_string()),
+        other => other,
+    })?;
+    snapshot_of(&db)
+}
+
+/// Checks a store file that no coordinator has open (`store check`).
+pub fn check_file(path: &Path) -> Result<FileSummary> {
+    if !path.is_file() {
+        return Err(backend(format!("{} does not exist", path.display())));
+    }
+    let db = open_checked(path, false).map_err(|e| match e {
+        StoreError::Backend(why) if why == LOCKED => StoreError::Locked(path.display().to_string()),
+        other => other,
+    })?;
+    scan(&db)
+}
+
+/// Writes `kvs` at `revision` as a new store file at `path` (a backup; it
+/// must not exist yet), then checks what was written.
+pub fn write_file(path: &Path, kvs: &[KeyValue], revision: Revision) -> Result<FileSummary> {
+    if path.exists() {
+        return Err(backend(format!(
+            "{} exists; not overwriting it",
+            path.display()
+        )));
+    }
+    {
+        let db = Database::create(path).map_err(backend)?;
+        let txn = db.begin_write().map_err(backend)?;
+        {
+            let mut values = txn.open_table(VALUES).map_err(backend)?;
+            let mut meta = txn.open_table(META).map_err(backend)?;
+            let mut state = txn.open_table(STATE).map_err(backend)?;
+            for kv in kvs {
+                values
+                    .insert(kv.key.as_str(), kv.value.as_slice())
+                    .map_err(backend)?;
+                meta.insert(
+                    kv.key.as_str(),
+                    (kv.create_revision, kv.mod_revision, kv.lease),
+                )
+                .map_err(backend)?;
+            }
+            state.insert(REVISION, revision).map_err(backend)?;
+        }
+        txn.commit().map_err(backend)?;
+    }
+    check_file(path)
+}
+
 struct Lease {
     ttl: Duration,
     deadline: Instant,
@@ -79,13 +247,17 @@ fn read_kv(
 impl EmbeddedStore {
     /// Opens (creating) the store in `data_dir`. Fails with
     /// [`StoreError::Locked`] when another coordinator has it open.
+    ///
+    /// Damage is an error, never a panic ([`StoreError::Corrupt`]): the
+    /// file is checked page by page as it opens and then read in full
+    /// (see [`check_file`]).
     pub fn open(data_dir: &Path) -> Result<EmbeddedStore> {
         let path = data_dir.join(FILE);
-        let db = Database::create(&path).map_err(|e| match e {
-            DatabaseError::DatabaseAlreadyOpen => {
+        let db = open_checked(&path, true).map_err(|e| match e {
+            StoreError::Backend(why) if why == LOCKED => {
                 StoreError::Locked(data_dir.display().to_string())
             }
-            other => backend(format!("opening {}: {other}", path.display())),
+            other => other,
         })?;
         let (events, _) = broadcast::channel(4096);
         let store = EmbeddedStore {
@@ -99,6 +271,11 @@ impl EmbeddedStore {
         store.delete_leased_keys()?;
         tokio::spawn(expire_leases(Arc::downgrade(&store.inner)));
         Ok(store)
+    }
+
+    /// Every key, at one revision: what a backup holds.
+    pub fn snapshot(&self) -> Result<(Vec<KeyValue>, Revision)> {
+        snapshot_of(&self.inner.db)
     }
 
     /// Leases end with the process that held them: drop their keys.

@@ -10,6 +10,7 @@ pub mod etcd;
 /// The behaviour suite, public so every backend's tests (and the end-to-end
 /// tests against a real etcd) can run it.
 pub mod suite;
+pub mod tool;
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -100,6 +101,12 @@ pub enum StoreError {
     NoLease(LeaseId),
     #[error("store: {0}")]
     Backend(String),
+    /// The embedded store's file is damaged: the coordinator must not start
+    /// on it (and must not crash-loop): restore a backup.
+    #[error(
+        "the embedded store {path} is damaged ({why}); stop here and restore a backup: `drover-coordinator store restore --data-dir DIR --from BACKUP` (`drover-coordinator store check --data-dir DIR` tells a good file)"
+    )]
+    Corrupt { path: String, why: String },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
