@@ -15,6 +15,7 @@
 
 pub mod artifact;
 pub mod codec;
+pub mod fuzzing;
 pub mod grpc;
 pub mod histogram;
 pub mod ids;

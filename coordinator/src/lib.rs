@@ -20,6 +20,7 @@ pub mod ctl;
 pub mod deploy;
 pub mod error;
 pub mod fleet;
+pub mod fuzzing;
 pub mod ha;
 pub mod metrics;
 pub mod origin;
