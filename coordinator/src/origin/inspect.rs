@@ -106,23 +106,18 @@ mod tests {
         v
     }
 
+    const MANIFEST: &[u8] = b"service = \"a\"\n[start]\ncommand = \"bin/a\"\n";
+
     #[tokio::test]
     async fn a_good_archive_passes_and_a_hostile_one_is_named() {
-        let good = ArchiveBuilder::in_memory()
-            .file(
-                "drover.toml",
-                b"service = \"a\"\n[start]\ncommand = \"bin/a\"\n",
-            )
-            .file("bin/a", b"x")
-            .finish();
-        assert_eq!(verdict(&good).await.unwrap().service, "a");
-        let evil = ArchiveBuilder::in_memory()
-            .file(
-                "drover.toml",
-                b"service = \"a\"\n[start]\ncommand = \"bin/a\"\n",
-            )
-            .file("../../etc/cron.d/x", b"x")
-            .finish();
+        let with = |path: &str| {
+            ArchiveBuilder::in_memory()
+                .file("drover.toml", MANIFEST)
+                .file(path, b"x")
+                .finish()
+        };
+        assert_eq!(verdict(&with("bin/a")).await.unwrap().service, "a");
+        let evil = with("../../etc/cron.d/x");
         let e = verdict(&evil).await.unwrap_err();
         assert!(e.to_string().contains("\"../../etc/cron.d/x\""), "{e}");
     }

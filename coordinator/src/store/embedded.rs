@@ -33,9 +33,6 @@ const REVISION: &str = "revision";
 /// File name of the store inside the data dir.
 pub const FILE: &str = "store.redb";
 
-/// Marks the "already open" error inside `open_checked`.
-const LOCKED: &str = "locked";
-
 /// What a full read of a store file found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileSummary {
@@ -64,7 +61,7 @@ fn open_checked(path: &Path, create: bool) -> Result<Database> {
     let db = match opened {
         Ok(Ok(db)) => db,
         Ok(Err(DatabaseError::DatabaseAlreadyOpen)) => {
-            return Err(StoreError::Backend(LOCKED.into()));
+            return Err(StoreError::Locked(path.display().to_string()));
         }
         Ok(Err(DatabaseError::Storage(redb::StorageError::Corrupted(why)))) => {
             return Err(corrupt(why));
@@ -146,26 +143,20 @@ fn snapshot_of(db: &Database) -> Result<(Vec<KeyValue>, Revision)> {
 
 /// Every key of a store file no coordinator has open (checked first).
 pub fn read_file(path: &Path) -> Result<(Vec<KeyValue>, Revision)> {
+    snapshot_of(&open_existing(path)?)
+}
+
+/// Opens (checked) a store file that must exist.
+fn open_existing(path: &Path) -> Result<Database> {
     if !path.is_file() {
         return Err(backend(format!("{} does not exist", path.display())));
     }
-    let db = open_checked(path, false).map_err(|e| match e {
-        StoreError::Backend(why) if why == LOCKED => StoreError::Locked(path.display().to_string()),
-        other => other,
-    })?;
-    snapshot_of(&db)
+    open_checked(path, false)
 }
 
 /// Checks a store file that no coordinator has open (`store check`).
 pub fn check_file(path: &Path) -> Result<FileSummary> {
-    if !path.is_file() {
-        return Err(backend(format!("{} does not exist", path.display())));
-    }
-    let db = open_checked(path, false).map_err(|e| match e {
-        StoreError::Backend(why) if why == LOCKED => StoreError::Locked(path.display().to_string()),
-        other => other,
-    })?;
-    scan(&db)
+    scan(&open_existing(path)?)
 }
 
 /// Writes `kvs` at `revision` as a new store file at `path` (a backup; it
@@ -254,9 +245,7 @@ impl EmbeddedStore {
     pub fn open(data_dir: &Path) -> Result<EmbeddedStore> {
         let path = data_dir.join(FILE);
         let db = open_checked(&path, true).map_err(|e| match e {
-            StoreError::Backend(why) if why == LOCKED => {
-                StoreError::Locked(data_dir.display().to_string())
-            }
+            StoreError::Locked(_) => StoreError::Locked(data_dir.display().to_string()),
             other => other,
         })?;
         let (events, _) = broadcast::channel(4096);
