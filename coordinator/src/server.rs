@@ -459,7 +459,7 @@ impl Trust {
 /// (a rebuilt or replaced store gets a new one; agents then reset epochs).
 async fn cluster_id(store: &dyn Store, prefix: &str) -> anyhow::Result<String> {
     use crate::store::{Compare, Op, Txn};
-    let key = format!("{prefix}/cluster-id");
+    let key = crate::store::keys::Keys::new(prefix).cluster_id();
     store
         .txn(Txn {
             compares: vec![Compare::Missing(key.clone())],

@@ -109,7 +109,8 @@ pub struct Deployments {
     pipelines: Arc<Pipelines>,
     blobs: Arc<BlobStore>,
     origin: String,
-    prefix: String,
+    /// Where everything lives in the store.
+    keys: crate::store::keys::Keys,
     live: Mutex<HashMap<String, Live>>,
     leases: Arc<ShardLeases>,
     metrics: Metrics,
@@ -144,44 +145,11 @@ impl Deployments {
             pipelines: parts.pipelines,
             blobs: parts.blobs,
             origin: parts.origin,
-            prefix: parts.key_prefix,
+            keys: crate::store::keys::Keys::new(&parts.key_prefix),
             live: Mutex::new(HashMap::new()),
             leases: parts.leases,
             metrics: parts.metrics,
         })
-    }
-
-    fn deploy_key(&self, id: &str) -> String {
-        format!("{}/deploys/{id}", self.prefix)
-    }
-    fn active_key(&self, pipeline: &str) -> String {
-        format!("{}/active/{pipeline}", self.prefix)
-    }
-    fn idem_key(&self, pipeline: &str, key: &str) -> String {
-        format!("{}/idempotency/{pipeline}/{key}", self.prefix)
-    }
-    /// Present once `artifact` passed stage `stage` of `pipeline`.
-    fn passed_key(&self, pipeline: &str, stage: &str, artifact: &str) -> String {
-        format!("{}/passed/{pipeline}/{stage}/{artifact}", self.prefix)
-    }
-    /// The Environment (what runs) of a stage of a pipeline.
-    fn environment_key(&self, pipeline: &str, stage: &str) -> String {
-        format!("{}/environments/{pipeline}/{stage}", self.prefix)
-    }
-    fn known_good_key(&self, pipeline: &str) -> String {
-        format!("{}/known-good/{pipeline}", self.prefix)
-    }
-    fn audit_prefix(&self, service: &str) -> String {
-        format!("{}/audit/{service}/", self.prefix)
-    }
-    /// Sorted by time: the timestamp is zero-padded.
-    fn audit_key(&self, e: &AuditEvent, n: usize) -> String {
-        format!(
-            "{}{:016}-{}-{n}",
-            self.audit_prefix(&e.service),
-            e.at_unix_ms,
-            e.deploy_id
-        )
     }
 
     fn audit(rec: &DeployRecord, kind: &str, actor: &str, message: String) -> AuditEvent {
@@ -247,11 +215,10 @@ impl Deployments {
             ),
             pipeline_version: 0,
         };
-        let key = format!(
-            "{}{:016}-command-{}",
-            self.audit_prefix(service),
+        let key = self.keys.audit_command(
+            service,
             event.at_unix_ms,
-            uuid::Uuid::new_v4().simple()
+            &uuid::Uuid::new_v4().simple().to_string(),
         );
         self.store
             .txn(Txn {
@@ -346,7 +313,7 @@ impl Deployments {
         since: u64,
         until: u64,
     ) -> Result<Vec<AuditEvent>, DeployError> {
-        let (kvs, _) = self.store.range(&self.audit_prefix(service)).await?;
+        let (kvs, _) = self.store.range(&self.keys.audit(service)).await?;
         Ok(kvs
             .iter()
             .filter_map(|kv| AuditEvent::decode(kv.value.as_slice()).ok())
@@ -392,7 +359,7 @@ impl Deployments {
     pub async fn load(&self, id: &str) -> Result<(DeployRecord, u64), DeployError> {
         let kv = self
             .store
-            .get(&self.deploy_key(id))
+            .get(&self.keys.deploy(id))
             .await?
             .ok_or_else(|| DeployError::NotFound(format!("no deploy {id:?}")))?;
         let rec = serde_json::from_slice(&kv.value)
@@ -401,10 +368,7 @@ impl Deployments {
     }
 
     pub async fn list(&self, pipeline: &str) -> Result<Vec<DeployRecord>, DeployError> {
-        let (kvs, _) = self
-            .store
-            .range(&format!("{}/deploys/", self.prefix))
-            .await?;
+        let (kvs, _) = self.store.range(&self.keys.deploys()).await?;
         let mut out: Vec<DeployRecord> = kvs
             .iter()
             .filter_map(|kv| serde_json::from_slice::<DeployRecord>(&kv.value).ok())
@@ -431,7 +395,7 @@ impl Deployments {
         &self,
         id: &str,
     ) -> Result<impl tokio_stream::Stream<Item = DeployRecord> + Send + use<>, DeployError> {
-        let key = self.deploy_key(id);
+        let key = self.keys.deploy(id);
         // Watch before reading, so no change falls between the two.
         let changes = self.store.watch(&key).await?;
         let (current, revision) = self.load(id).await?;
@@ -463,18 +427,22 @@ impl Deployments {
             _ => 0,
         };
         let ledger = self.environment_ops(rec, now);
-        let key = self.deploy_key(&rec.id);
+        let key = self.keys.deploy(&rec.id);
         let mut success = vec![Op::put(key.clone(), encode(rec))];
         success.extend(ledger);
         for (n, event) in audit.iter().enumerate() {
-            success.push(Op::put(self.audit_key(event, n), event.encode_to_vec()));
+            success.push(Op::put(
+                self.keys
+                    .audit_event(&event.service, event.at_unix_ms, &event.deploy_id, n),
+                event.encode_to_vec(),
+            ));
         }
         if rec.machine.phase.is_terminal() {
-            success.push(Op::Delete(self.active_key(&rec.pipeline)));
+            success.push(Op::Delete(self.keys.active(&rec.pipeline)));
         }
         if rec.machine.phase == Phase::Complete {
             success.push(Op::put(
-                self.known_good_key(&rec.pipeline),
+                self.keys.known_good(&rec.pipeline),
                 rec.artifact.clone(),
             ));
         }
@@ -482,7 +450,7 @@ impl Deployments {
             // Rolled back (also after COMPLETE): the release we returned to is
             // the known good again.
             success.push(Op::put(
-                self.known_good_key(&rec.pipeline),
+                self.keys.known_good(&rec.pipeline),
                 rec.known_good.clone(),
             ));
         }
@@ -695,13 +663,13 @@ impl Deployments {
         if !req.idempotency_key.is_empty()
             && let Some(kv) = self
                 .store
-                .get(&self.idem_key(&pipeline.name, &req.idempotency_key))
+                .get(&self.keys.idempotency(&pipeline.name, &req.idempotency_key))
                 .await?
         {
             let id = String::from_utf8_lossy(&kv.value).into_owned();
             return Ok(self.load(&id).await?.0);
         }
-        if let Some(kv) = self.store.get(&self.active_key(&pipeline.name)).await? {
+        if let Some(kv) = self.store.get(&self.keys.active(&pipeline.name)).await? {
             return Err(DeployError::Conflict(format!(
                 "pipeline {} already has an active deploy: {}",
                 pipeline.name,
@@ -710,7 +678,7 @@ impl Deployments {
         }
         let known_good = self
             .store
-            .get(&self.known_good_key(&pipeline.name))
+            .get(&self.keys.known_good(&pipeline.name))
             .await?
             .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
             .unwrap_or_default();
@@ -724,7 +692,7 @@ impl Deployments {
         for stage in &pipeline.stages {
             let running = self
                 .store
-                .get(&self.environment_key(&pipeline.name, &stage.name))
+                .get(&self.keys.environment(&pipeline.name, &stage.name))
                 .await?
                 .and_then(|kv| Environment::decode(kv.value.as_slice()).ok())
                 .map(|e| e.artifact)
@@ -826,7 +794,7 @@ impl Deployments {
         rec.machine = machine;
         let shard = self.shard_of_pipeline(&pipeline.name);
         let mut compares = vec![
-            Compare::Missing(self.active_key(&pipeline.name)),
+            Compare::Missing(self.keys.active(&pipeline.name)),
             self.fence_guard(shard)?,
         ];
         let started = Self::audit(
@@ -854,12 +822,16 @@ impl Deployments {
             ),
         );
         let mut success = vec![
-            Op::put(self.deploy_key(&id), encode(&rec)),
-            Op::put(self.active_key(&pipeline.name), id.clone()),
-            Op::put(self.audit_key(&started, 0), started.encode_to_vec()),
+            Op::put(self.keys.deploy(&id), encode(&rec)),
+            Op::put(self.keys.active(&pipeline.name), id.clone()),
+            Op::put(
+                self.keys
+                    .audit_event(&started.service, started.at_unix_ms, &started.deploy_id, 0),
+                started.encode_to_vec(),
+            ),
         ];
         if !req.idempotency_key.is_empty() {
-            let key = self.idem_key(&pipeline.name, &req.idempotency_key);
+            let key = self.keys.idempotency(&pipeline.name, &req.idempotency_key);
             compares.push(Compare::Missing(key.clone()));
             success.push(Op::put(key, id.clone()));
         }
@@ -921,12 +893,12 @@ impl Deployments {
                 continue;
             }
             ops.push(Op::put(
-                self.passed_key(&rec.pipeline, &stage.name, &rec.artifact),
+                self.keys.passed(&rec.pipeline, &stage.name, &rec.artifact),
                 now.to_string(),
             ));
             let env = environment(&stage.name, &rec.artifact, !rec.forced_past.is_empty());
             ops.push(Op::put(
-                self.environment_key(&rec.pipeline, &stage.name),
+                self.keys.environment(&rec.pipeline, &stage.name),
                 env.encode_to_vec(),
             ));
             newly.push(stage.name.clone());
@@ -941,7 +913,7 @@ impl Deployments {
                 if touched {
                     let env = environment(&stage.name, rec.stage_rollback_target(i), false);
                     ops.push(Op::put(
-                        self.environment_key(&rec.pipeline, &stage.name),
+                        self.keys.environment(&rec.pipeline, &stage.name),
                         env.encode_to_vec(),
                     ));
                 }
@@ -959,7 +931,7 @@ impl Deployments {
         for stage in &p.stages {
             if let Some(kv) = self
                 .store
-                .get(&self.environment_key(pipeline, &stage.name))
+                .get(&self.keys.environment(pipeline, &stage.name))
                 .await?
             {
                 out.push(Environment::decode(kv.value.as_slice()).map_err(|e| {
@@ -1002,7 +974,7 @@ impl Deployments {
             })?;
         let mut unpassed = Vec::new();
         for stage in &pipeline.stages[..index] {
-            let key = self.passed_key(&pipeline.name, &stage.name, &digest.hex());
+            let key = self.keys.passed(&pipeline.name, &stage.name, &digest.hex());
             if self.store.get(&key).await?.is_none() {
                 unpassed.push(stage.name.clone());
             }

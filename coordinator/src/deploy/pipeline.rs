@@ -371,7 +371,7 @@ impl Pipelines {
     pub fn new(store: Arc<dyn Store>, key_prefix: &str) -> Pipelines {
         Pipelines {
             store,
-            prefix: format!("{key_prefix}/pipelines/"),
+            prefix: crate::store::keys::Keys::new(key_prefix).pipelines(),
         }
     }
 

@@ -90,7 +90,7 @@ impl ShardLeases {
         Arc::new(ShardLeases {
             members: Members::new(store.clone(), key_prefix),
             store,
-            prefix: format!("{key_prefix}/elections/shard-"),
+            prefix: crate::store::keys::Keys::new(key_prefix).elections(),
             me,
             started: std::time::Instant::now(),
             warmup,

@@ -29,7 +29,7 @@ impl Members {
     pub fn new(store: Arc<dyn Store>, key_prefix: &str) -> Members {
         Members {
             store,
-            prefix: format!("{key_prefix}/members/"),
+            prefix: crate::store::keys::Keys::new(key_prefix).members(),
         }
     }
 

@@ -35,7 +35,7 @@ impl BlobStore {
         Ok(BlobStore {
             root: root.to_path_buf(),
             store,
-            meta_prefix: format!("{key_prefix}/artifacts/"),
+            meta_prefix: crate::store::keys::Keys::new(key_prefix).artifacts(),
         })
     }
 

@@ -7,6 +7,7 @@
 
 pub mod embedded;
 pub mod etcd;
+pub mod keys;
 /// The behaviour suite, public so every backend's tests (and the end-to-end
 /// tests against a real etcd) can run it.
 pub mod suite;
