@@ -1,4 +1,4 @@
-//! The executor's fencing rule (rule 1 of `executor.rs`) on a real journal:
+//! The executor's fencing rule (rule 1 of `executor/mod.rs`) on a real journal:
 //! below the fenced epoch is stale, above it is unfenced, only a Fence
 //! raises it (durably, so it survives a restart), and a new cluster id
 //! resets it.

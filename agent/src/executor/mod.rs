@@ -22,13 +22,18 @@
 //!    Rollback check that kept signature again before anything starts. So
 //!    a coordinator alone cannot run code on a host.
 
+mod hooks;
+mod recovery;
+mod signatures;
+mod spec;
+
+use hooks::Deadline;
+
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use drover_common::artifact::Digest;
-use drover_common::artifact::manifest::{Hook, Manifest, Probe, expand};
 use drover_common::proto::{
     AgentMessage, Command, CommandStatus, ServiceVersion, ShardEpoch, command,
 };
@@ -36,10 +41,10 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::disk::{self, DiskHealth};
-use crate::health::{HealthBoard, Watch, probe_once};
+use crate::health::{HealthBoard, probe_once};
 use crate::pull::{self, PullLimits};
 use crate::releases::{Layout, validate_service};
-use crate::runtime::{Launch, Runtime, ServiceSpec, UserPolicy, parse_signal};
+use crate::runtime::{Runtime, UserPolicy};
 use crate::state::{Journal, RecordedResult, ServiceRecord};
 
 /// Lines of service output attached to a failure.
@@ -65,13 +70,6 @@ pub struct ExecutorConfig {
     pub signers: drover_common::artifact::signature::TrustedSigners,
     /// Where journal and pull disk faults are reported (heartbeats).
     pub disk: Arc<DiskHealth>,
-}
-
-/// When a restart must be done by, and the whole time it was given.
-#[derive(Debug, Clone, Copy)]
-struct Deadline {
-    at: Instant,
-    of: Duration,
 }
 
 /// The final answer to a command.
@@ -407,54 +405,6 @@ impl Executor {
         }
     }
 
-    /// Rule 5 at pull time: the accepted signature, kept for activation.
-    fn accept_signature(
-        &self,
-        service: &str,
-        digest: &Digest,
-        signatures: &[drover_common::proto::ArtifactSignature],
-    ) -> Result<(), String> {
-        if self.cfg.signers.is_empty() {
-            return Ok(());
-        }
-        let key = self
-            .cfg
-            .signers
-            .verify(service, &digest.hex(), signatures)
-            .map_err(|e| format!("refused: {e}"))?;
-        let sig = signatures
-            .iter()
-            .find(|s| s.key_id == key)
-            .expect("verify returned the id of one of them");
-        let path = self.cfg.layout.signature(digest);
-        crate::releases::create_private_dir(&self.cfg.layout.cache_dir())
-            .map_err(|e| e.to_string())?;
-        let json = serde_json::to_vec(sig).map_err(|e| e.to_string())?;
-        crate::state::write_durably(&path, &json)
-            .map_err(|e| format!("writing {}: {e}", path.display()))
-    }
-
-    /// Rule 5 at activation: the kept signature must still verify.
-    fn check_signature(&self, service: &str, digest: &Digest) -> Result<(), String> {
-        if self.cfg.signers.is_empty() {
-            return Ok(());
-        }
-        let path = self.cfg.layout.signature(digest);
-        let sig: drover_common::proto::ArtifactSignature = std::fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or_else(|| {
-                format!(
-                    "not activated: no trusted signature was accepted for {digest} when it was pulled"
-                )
-            })?;
-        self.cfg
-            .signers
-            .verify(service, &digest.hex(), &[sig])
-            .map(|_| ())
-            .map_err(|e| format!("not activated: {e}"))
-    }
-
     async fn pull(&self, p: &drover_common::proto::PullCommand) -> Outcome {
         let (service, sources) = (p.service.as_str(), p.sources.as_slice());
         let digest = match parse_digest(&p.artifact) {
@@ -552,175 +502,6 @@ impl Executor {
             ));
         }
         self.activate(service, &digest, ready_timeout_ms).await
-    }
-
-    /// The runtime spec and health watch of a release.
-    fn spec(
-        &self,
-        service: &str,
-        digest: &Digest,
-        manifest: &Manifest,
-    ) -> Result<(ServiceSpec, Watch), String> {
-        let release = self.cfg.layout.release(service, digest);
-        let run_as = self
-            .cfg
-            .users
-            .resolve(manifest.start.user.as_deref())
-            .map_err(|e| format!("start.user: {e}"))?;
-        let mut env = crate::runtime::launch::base_environment(run_as.as_ref());
-        env.extend(self.cfg.env.clone());
-        env.insert("DROVER_SERVICE".into(), service.to_string());
-        env.insert("DROVER_RELEASE".into(), digest.hex());
-        env.insert("DROVER_RELEASE_DIR".into(), release.display().to_string());
-        for (k, v) in &manifest.start.env {
-            let value = expand(v, &env).map_err(|e| format!("start.env.{k}: {e}"))?;
-            env.insert(k.clone(), value);
-        }
-        let args = manifest
-            .start
-            .args
-            .iter()
-            .map(|a| expand(a, &env))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("start.args: {e}"))?;
-        let command =
-            expand(&manifest.start.command, &env).map_err(|e| format!("start.command: {e}"))?;
-        let program = if command.starts_with('/') {
-            PathBuf::from(command)
-        } else {
-            release.join(command)
-        };
-        let workdir = match &manifest.start.workdir {
-            Some(dir) => release.join(dir),
-            None => release.clone(),
-        };
-        let expand_probe = |p: &Option<Probe>, field: &str| -> Result<Option<Probe>, String> {
-            let Some(p) = p else { return Ok(None) };
-            let mut p = p.clone();
-            if let Some(url) = &p.http {
-                p.http = Some(expand(url, &env).map_err(|e| format!("{field}.http: {e}"))?);
-            }
-            if let Some(addr) = &p.tcp {
-                p.tcp = Some(expand(addr, &env).map_err(|e| format!("{field}.tcp: {e}"))?);
-            }
-            Ok(Some(p))
-        };
-        let mut metrics = manifest.metrics.clone();
-        if let Some(m) = &mut metrics {
-            m.url = expand(&m.url, &env).map_err(|e| format!("metrics.url: {e}"))?;
-        }
-        let readiness = expand_probe(&manifest.readiness, "readiness")?;
-        let liveness = expand_probe(&manifest.liveness, "liveness")?;
-        let launch = Launch {
-            workdir,
-            env,
-            run_as,
-        };
-        let watch = Watch {
-            readiness,
-            liveness,
-            metrics,
-            launch: launch.clone(),
-        };
-        let spec = ServiceSpec {
-            service: service.to_string(),
-            release_dir: release,
-            program,
-            args,
-            launch,
-            stop_signal: parse_signal(&manifest.start.stop_signal)?,
-            stop_grace: manifest.start.stop_grace,
-            log_dir: self.cfg.layout.log_dir(service),
-        };
-        Ok((spec, watch))
-    }
-
-    /// Runs one hook as the service (see `runtime::launch`), for at most its
-    /// own timeout and never past `deadline` (the restart's). A hook that
-    /// fails or overruns is named with its exit status or the limit it hit,
-    /// and the tail of what it printed.
-    async fn run_hook(
-        &self,
-        name: &str,
-        hook: &Hook,
-        spec: &ServiceSpec,
-        deadline: Deadline,
-    ) -> Result<(), Outcome> {
-        let program = if hook.command[0].starts_with('/') {
-            PathBuf::from(&hook.command[0])
-        } else {
-            spec.release_dir.join(&hook.command[0])
-        };
-        let left = deadline.at.saturating_duration_since(Instant::now());
-        let (limit, which) = if hook.timeout <= left {
-            (hook.timeout, format!("its timeout of {:?}", hook.timeout))
-        } else {
-            (
-                left,
-                format!(
-                    "the restart's deadline of {:?}: ready_timeout_ms, a deploy's stuck_timeout",
-                    deadline.of
-                ),
-            )
-        };
-        let mut cmd = spec.launch.command(&program);
-        cmd.args(&hook.command[1..])
-            .process_group(0)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| Outcome::failed(format!("{name} hook {}: {e}", program.display())))?;
-        let pgid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
-        // Output is read as it comes into a bounded tail (see output.rs):
-        // a hook printing gigabytes costs the agent 64 KiB per stream.
-        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
-        let mut out = crate::output::BoundedTail::default();
-        let mut err = crate::output::BoundedTail::default();
-        let run = async {
-            let (_, _, status) = tokio::join!(
-                async {
-                    if let Some(s) = stdout {
-                        let _ = out.read_all(s).await;
-                    }
-                },
-                async {
-                    if let Some(s) = stderr {
-                        let _ = err.read_all(s).await;
-                    }
-                },
-                child.wait()
-            );
-            status
-        };
-        let finished = tokio::time::timeout(limit, run).await;
-        let tail = || {
-            [out.render(TAIL_LINES), err.render(TAIL_LINES)]
-                .into_iter()
-                .filter(|t| !t.is_empty())
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
-        let status = match finished {
-            Err(_) => {
-                // The whole group: whatever the hook started goes too.
-                if let Some(pgid) = pgid {
-                    let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
-                }
-                return Err(Outcome::failed(format!(
-                    "{name} hook did not finish within {which}; killed"
-                ))
-                .with_tail(tail()));
-            }
-            Ok(status) => status
-                .map_err(|e| Outcome::failed(format!("{name} hook {}: {e}", program.display())))?,
-        };
-        if status.success() {
-            return Ok(());
-        }
-        Err(Outcome::failed(format!("{name} hook failed: {status}")).with_tail(tail()))
     }
 
     /// Makes `digest` the running release of `service` (Restart and Rollback).
@@ -871,95 +652,8 @@ impl Executor {
         ))
     }
 
-    /// At agent start: stop what a crashed predecessor left running, point
-    /// `current` at the journal's release and start every service again.
-    pub async fn recover(&self) {
-        let services: Vec<(String, ServiceRecord)> = {
-            let journal = self.journal.lock().expect("journal lock");
-            journal
-                .state
-                .services
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        };
-        for (service, rec) in services {
-            if self.cfg.kill_leftovers
-                && let Some(pgid) = rec.pgid
-            {
-                stop_leftover(&self.cfg.layout.service_dir(&service), pgid).await;
-            }
-            let Some(current) = rec
-                .current
-                .as_deref()
-                .and_then(|c| c.parse::<Digest>().ok())
-            else {
-                continue;
-            };
-            let release = self.cfg.layout.release(&service, &current);
-            let started = async {
-                self.cfg
-                    .layout
-                    .switch_current(&service, &current)
-                    .map_err(|e| e.to_string())?;
-                let manifest = pull::read_release_manifest(&release, &service)?;
-                let (spec, watch) = self.spec(&service, &current, &manifest)?;
-                self.runtime.start(spec).await.map_err(|e| e.to_string())?;
-                self.board.watch(&service, watch);
-                Ok::<_, String>(())
-            }
-            .await;
-            match started {
-                Ok(()) => {
-                    info!(%service, release = %current, "service started again after agent start")
-                }
-                Err(e) => {
-                    warn!(%service, error = %e, "could not start the service after agent start")
-                }
-            }
-        }
-        let pgids: Vec<(String, Option<i32>)> = {
-            let journal = self.journal.lock().expect("journal lock");
-            journal
-                .state
-                .services
-                .keys()
-                .map(|s| (s.clone(), None))
-                .collect()
-        };
-        // The processes started above have new groups; record them.
-        let _ = self.save(|s| {
-            for (name, _) in &pgids {
-                if let Some(rec) = s.services.get_mut(name) {
-                    rec.pgid = self.runtime.status(name).pgid;
-                }
-            }
-        });
-    }
-
     /// Stops every service (agent shutdown, process runtime).
     pub async fn shutdown(&self) {
         self.runtime.stop_all().await;
     }
-}
-
-/// Stops a process group a crashed agent left behind, if it still is ours:
-/// its leader's working directory must be inside the service's directory.
-async fn stop_leftover(service_dir: &std::path::Path, pgid: i32) {
-    use nix::sys::signal::{Signal, killpg};
-    let group = nix::unistd::Pid::from_raw(pgid);
-    let cwd = std::fs::read_link(format!("/proc/{pgid}/cwd"));
-    let ours = cwd.as_ref().is_ok_and(|c| c.starts_with(service_dir));
-    if !ours {
-        return;
-    }
-    info!(pgid, "stopping the service a previous agent left running");
-    let _ = killpg(group, Signal::SIGTERM);
-    for _ in 0..50 {
-        if killpg(group, None).is_err() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let _ = killpg(group, Signal::SIGKILL);
 }
