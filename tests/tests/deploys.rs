@@ -477,3 +477,28 @@ async fn failing_readiness_crash_loops_and_latency_regressions_are_caught_at_the
         );
     }
 }
+
+#[tokio::test]
+async fn an_inconclusive_gate_under_the_pause_policy_holds_the_deploy_for_a_person() {
+    // No load: no sample ever counts enough requests to judge.
+    let f = SampleFleet::start(2, 0).await;
+    f.apply(&PIPELINE.replace("INCONCLUSIVE_POLICY_PASS", "INCONCLUSIVE_POLICY_PAUSE"));
+    let v1 = f.push("v1", &[]);
+    let id = f.coord.start_deploy("hello-prod", &v1).await;
+    let d = f.coord.wait_phase(&id, DeployPhase::Paused).await;
+    assert!(
+        d.batches[0]
+            .verdict
+            .starts_with("paused: inconclusive health gate"),
+        "{:?}",
+        d.batches
+    );
+    // It waits for a person (here: abort); the gate neither failed the
+    // batch nor rolled anything back.
+    let (code, _, err) = f.coord.droverctl(&["deploy", "abort", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        f.coord.wait_phase(&id, DeployPhase::Aborted).await.phase(),
+        DeployPhase::Aborted
+    );
+}

@@ -55,6 +55,14 @@ fn last_words(tail: &str) -> String {
 }
 const LAST_WORDS_CHARS: usize = 400;
 
+/// Why a batch's health gate did not pass: it failed, or (the pause policy
+/// for an inconclusive gate) it holds the deploy for a person to decide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum GateStop {
+    Failed(String),
+    Hold(String),
+}
+
 /// Hosts rolled back at once.
 const ROLLBACK_PARALLELISM: usize = 256;
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
@@ -1352,13 +1360,13 @@ impl Deployments {
                 self.set_verdict(id, stage, batch, "passed").await?;
                 Ok(Event::BatchPassed)
             }
-            Err(reason) => {
+            Err(GateStop::Failed(reason)) => {
                 self.set_verdict(id, stage, batch, &reason).await?;
-                if reason.starts_with("paused:") {
-                    Ok(Event::Hold(reason))
-                } else {
-                    Ok(Event::BatchFailed(reason))
-                }
+                Ok(Event::BatchFailed(reason))
+            }
+            Err(GateStop::Hold(reason)) => {
+                self.set_verdict(id, stage, batch, &reason).await?;
+                Ok(Event::Hold(reason))
             }
         }
     }
@@ -1489,7 +1497,7 @@ impl Deployments {
         batch: &[String],
         baseline: &[String],
         restarts_before: &HashMap<String, u32>,
-    ) -> Result<(), String> {
+    ) -> Result<(), GateStop> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -1535,9 +1543,9 @@ impl Deployments {
                     conclusive += 1;
                     last_reason = reason;
                     if bad_streak >= gate.bad_samples.max(1) {
-                        return Err(format!(
+                        return Err(GateStop::Failed(format!(
                             "health gate failed {bad_streak} samples in a row: {last_reason}"
-                        ));
+                        )));
                     }
                 }
                 Verdict::Inconclusive(reason) => last_reason = reason,
@@ -1548,10 +1556,12 @@ impl Deployments {
         }
         match gate.inconclusive() {
             InconclusivePolicy::Pass => Ok(()),
-            InconclusivePolicy::Pause => {
-                Err(format!("paused: inconclusive health gate ({last_reason})"))
-            }
-            _ => Err(format!("inconclusive health gate: {last_reason}")),
+            InconclusivePolicy::Pause => Err(GateStop::Hold(format!(
+                "paused: inconclusive health gate ({last_reason})"
+            ))),
+            _ => Err(GateStop::Failed(format!(
+                "inconclusive health gate: {last_reason}"
+            ))),
         }
     }
 
