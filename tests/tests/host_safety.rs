@@ -548,6 +548,22 @@ async fn a_full_disk_is_the_hosts_problem_and_shows_degraded() {
             .exists(),
         "no part file is left"
     );
+    // A restart must record its switch first: the journal cannot be
+    // written, so nothing switches, and the host says why.
+    let update = coord
+        .send("web-1", cmd("r1", 0, restart(SERVICE, &small.digest)))
+        .await
+        .unwrap();
+    assert_eq!(update.status(), CommandStatus::Failed);
+    assert!(
+        update.reason.contains("cannot write the state journal"),
+        "{}",
+        update.reason
+    );
+    wait_until_ok("the journal problem to be reported", WAIT, || {
+        degraded("journal: cannot write the state journal")
+    })
+    .await;
     assert_eq!(
         coord.host("web-1").await.unwrap().state(),
         ConnectionState::Connected
