@@ -119,6 +119,54 @@ impl ArtifactsService {
     }
 }
 
+/// How the chunks of an upload ended.
+enum Received {
+    /// Every chunk arrived (and went to the blob and the inspection).
+    All,
+    /// The inspection stopped reading: it refused the archive.
+    RefusedEarly,
+}
+
+impl ArtifactsService {
+    /// Reads an upload's chunks into the pending blob and the inspection.
+    async fn receive(
+        &self,
+        stream: &mut Streaming<UploadRequest>,
+        pending: &mut crate::origin::PendingBlob,
+        inspection: &mut Inspection,
+    ) -> Result<Received, Status> {
+        while let Some(msg) = stream.message().await? {
+            match msg.part {
+                Some(upload_request::Part::Chunk(bytes)) => {
+                    if pending.len() + bytes.len() as u64 > self.max_artifact_bytes {
+                        return Err(ApiError::Invalid(format!(
+                            "artifact is larger than the limit of {} bytes; nothing was stored",
+                            self.max_artifact_bytes
+                        ))
+                        .into());
+                    }
+                    pending
+                        .write(&bytes)
+                        .await
+                        .map_err(|e| io_status("writing the upload", e))?;
+                    if !inspection.feed(&bytes).await {
+                        return Ok(Received::RefusedEarly);
+                    }
+                }
+                Some(upload_request::Part::Header(_)) => {
+                    return Err(Status::invalid_argument("the header was sent twice"));
+                }
+                None => {
+                    return Err(Status::invalid_argument(
+                        "an Upload message carried nothing",
+                    ));
+                }
+            }
+        }
+        Ok(Received::All)
+    }
+}
+
 fn parse_digest(s: &str) -> Result<Digest, ApiError> {
     s.parse::<Digest>()
         .map_err(|e| ApiError::Invalid(format!("sha256: {e}")))
@@ -228,38 +276,21 @@ impl Artifacts for ArtifactsService {
             ))
             .into()
         };
-        while let Some(msg) = stream.message().await? {
-            match msg.part {
-                Some(upload_request::Part::Chunk(bytes)) => {
-                    if pending.len() + bytes.len() as u64 > self.max_artifact_bytes {
-                        return Err(ApiError::Invalid(format!(
-                            "artifact is larger than the limit of {} bytes; nothing was stored",
-                            self.max_artifact_bytes
-                        ))
-                        .into());
-                    }
-                    pending
-                        .write(&bytes)
-                        .await
-                        .map_err(|e| io_status("writing the upload", e))?;
-                    if !inspection.feed(&bytes).await {
-                        // The inspector stopped early: it refused the archive.
-                        let verdict = inspection.finish().await;
-                        return Err(match verdict {
-                            Err(e) => refused(e),
-                            Ok(_) => Status::internal("the inspection ended before the upload"),
-                        });
-                    }
-                }
-                Some(upload_request::Part::Header(_)) => {
-                    return Err(Status::invalid_argument("the header was sent twice"));
-                }
-                None => {
-                    return Err(Status::invalid_argument(
-                        "an Upload message carried nothing",
-                    ));
-                }
+        let received = self
+            .receive(&mut stream, &mut pending, &mut inspection)
+            .await;
+        // Always wait for the inspection, whatever happened: when it ends,
+        // its scratch dir is gone, so nothing outlives the call.
+        let verdict = inspection.finish().await;
+        match received {
+            Err(status) => return Err(status),
+            Ok(Received::RefusedEarly) => {
+                return Err(match verdict {
+                    Err(e) => refused(e),
+                    Ok(_) => Status::internal("the inspection ended before the upload"),
+                });
             }
+            Ok(Received::All) => {}
         }
         let (actual, size) = pending.digest();
         if header.size_bytes != 0 && size != header.size_bytes {
@@ -275,7 +306,7 @@ impl Artifacts for ArtifactsService {
             ))
             .into());
         }
-        let manifest = inspection.finish().await.map_err(refused)?;
+        let manifest = verdict.map_err(refused)?;
         pending
             .flush()
             .await
