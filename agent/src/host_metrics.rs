@@ -25,17 +25,11 @@ impl HostSampler {
     pub fn sample(&mut self) -> HostMetrics {
         self.system.refresh_cpu_usage();
         self.system.refresh_memory();
-        let (disk_total_bytes, disk_available_bytes) =
-            match nix::sys::statvfs::statvfs(&self.data_dir) {
-                Ok(st) => {
-                    let frag = st.fragment_size();
-                    (st.blocks() * frag, st.blocks_available() * frag)
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, dir = %self.data_dir.display(), "statvfs failed");
-                    (0, 0)
-                }
-            };
+        let (disk_total_bytes, disk_available_bytes) = crate::disk::space(&self.data_dir)
+            .unwrap_or_else(|| {
+                tracing::debug!(dir = %self.data_dir.display(), "statvfs failed");
+                (0, 0)
+            });
         HostMetrics {
             cpu_usage: f64::from(self.system.global_cpu_usage()) / 100.0,
             cpu_cores: self.system.cpus().len() as u32,

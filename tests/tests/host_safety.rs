@@ -26,6 +26,17 @@ fn with_hook(dir: &TestDir, version: &str, script: &str) -> drover_tests::artifa
     )
 }
 
+/// A coordinator and agent `web-1` (the sample service, with `extra`
+/// flags), connected.
+async fn web1(dir: &TestDir, extra: &[&str]) -> (Coordinator, Agent) {
+    let coord = Coordinator::start(dir, "coord", &[]).await;
+    let agent = Agent::start_sample(dir, "web-1", &[&coord], free_port(), extra);
+    coord
+        .wait_state("web-1", ConnectionState::Connected, WAIT)
+        .await;
+    (coord, agent)
+}
+
 /// The peak resident memory of `pid` (VmHWM), in bytes.
 fn peak_rss(pid: nix::unistd::Pid) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -40,11 +51,8 @@ fn peak_rss(pid: nix::unistd::Pid) -> u64 {
 #[tokio::test]
 async fn hooks_that_print_without_end_cost_bounded_memory_and_bounded_updates() {
     let dir = TestDir::new();
-    let coord = Coordinator::start(&dir, "coord", &[]).await;
-    let agent = Agent::start_sample(&dir, "web-1", &[&coord], free_port(), &[]);
-    let host = coord
-        .wait_state("web-1", ConnectionState::Connected, WAIT)
-        .await;
+    let (coord, agent) = web1(&dir, &[]).await;
+    let host = coord.host("web-1").await.unwrap();
 
     // Twenty lines of 200 KB, then exit 3: the failure names the hook and
     // its exit status; the tail is bounded and says what it dropped.
@@ -185,21 +193,10 @@ impl Drop for Tmpfs {
 #[tokio::test]
 async fn a_pull_that_cannot_fit_on_the_hosts_disk_is_refused_before_a_byte() {
     let dir = TestDir::new();
-    let coord = Coordinator::start(&dir, "coord", &[]).await;
     let _disk = Tmpfs::mount(&dir.path().join("agent-web-1"), "4m");
-    let agent = Agent::start_sample(&dir, "web-1", &[&coord], free_port(), &[]);
-    coord
-        .wait_state("web-1", ConnectionState::Connected, WAIT)
-        .await;
+    let (coord, agent) = web1(&dir, &[]).await;
     // 3 MB that gzip cannot shrink: 6 MB to download and unpack on a 4 MB disk.
-    let mut noise = vec![0u8; 3 << 20];
-    let mut x: u64 = 0x9e3779b97f4a7c15;
-    for b in noise.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
+    let noise = drover_tests::artifacts::noise(3 << 20);
     let manifest = sample_manifest(SERVICE, "big", &[]);
     let big = artifact_with(
         &dir.sub("artifacts"),
@@ -241,17 +238,7 @@ async fn a_pull_that_cannot_fit_on_the_hosts_disk_is_refused_before_a_byte() {
 #[tokio::test]
 async fn pulls_prune_releases_and_cache_as_they_go() {
     let dir = TestDir::new();
-    let coord = Coordinator::start(&dir, "coord", &[]).await;
-    let agent = Agent::start_sample(
-        &dir,
-        "web-1",
-        &[&coord],
-        free_port(),
-        &["--keep-releases", "3"],
-    );
-    coord
-        .wait_state("web-1", ConnectionState::Connected, WAIT)
-        .await;
+    let (coord, agent) = web1(&dir, &["--keep-releases", "3"]).await;
     let mut digests = Vec::new();
     for v in ["v1", "v2", "v3", "v4", "v5"] {
         let a = drover_tests::artifacts::sample_artifact(&dir.sub("artifacts"), SERVICE, v, &[]);
@@ -288,17 +275,7 @@ async fn pulls_prune_releases_and_cache_as_they_go() {
 #[tokio::test]
 async fn a_compression_bomb_is_refused_before_it_is_written() {
     let dir = TestDir::new();
-    let coord = Coordinator::start(&dir, "coord", &[]).await;
-    let agent = Agent::start_sample(
-        &dir,
-        "web-1",
-        &[&coord],
-        free_port(),
-        &["--max-compression-ratio", "3"],
-    );
-    coord
-        .wait_state("web-1", ConnectionState::Connected, WAIT)
-        .await;
+    let (coord, agent) = web1(&dir, &["--max-compression-ratio", "3"]).await;
     // 20 MB of zeros gzip to ~20 KB: about 1000:1, over the default 100:1.
     // The origin refuses it while it arrives.
     let zeros = vec![0u8; 20 << 20];
@@ -367,17 +344,7 @@ gate = { samples = 1, bad_samples = 1, inconclusive = "INCONCLUSIVE_POLICY_PASS"
 #[tokio::test]
 async fn a_hanging_hook_fails_the_deploy_within_stuck_timeout_and_is_named() {
     let dir = TestDir::new();
-    let coord = Coordinator::start(&dir, "coord", &[]).await;
-    let _agent = Agent::start_sample(
-        &dir,
-        "web-1",
-        &[&coord],
-        free_port(),
-        &["--label", "env=prod"],
-    );
-    coord
-        .wait_state("web-1", ConnectionState::Connected, WAIT)
-        .await;
+    let (coord, _agent) = web1(&dir, &["--label", "env=prod"]).await;
     coord.apply_pipeline(&dir, QUICK_PIPELINE);
     let good = drover_tests::artifacts::sample_artifact(&dir.sub("artifacts"), SERVICE, "v1", &[]);
     coord.push(&good.path, SERVICE, "v1");
@@ -446,19 +413,9 @@ fn four_lines(len: usize) -> Vec<u8> {
 #[tokio::test]
 async fn a_full_disk_is_the_hosts_problem_and_shows_degraded() {
     let dir = TestDir::new();
-    let coord = Coordinator::start(&dir, "coord", &[]).await;
     let disk_dir = dir.path().join("agent-web-1");
     let _disk = Tmpfs::mount(&disk_dir, "4m");
-    let agent = Agent::start_sample(
-        &dir,
-        "web-1",
-        &[&coord],
-        free_port(),
-        &["--disk-check-interval", "200ms"],
-    );
-    coord
-        .wait_state("web-1", ConnectionState::Connected, WAIT)
-        .await;
+    let (coord, agent) = web1(&dir, &["--disk-check-interval", "200ms"]).await;
     let degraded = |problem: &'static str| {
         let coord = &coord;
         async move {

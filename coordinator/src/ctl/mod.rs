@@ -324,8 +324,18 @@ pub async fn run(cli: Cli, out: &mut impl std::io::Write) -> anyhow::Result<()> 
 
 /// Mutual TLS when --cacert, --cert and --key are given (all three or none).
 fn dialer(cli: &Cli) -> anyhow::Result<drover_common::tls::client::Dialer> {
+    client_dialer(cli.cert.clone(), cli.key.clone(), cli.cacert.clone())
+}
+
+/// How a client (droverctl, `drover-coordinator store backup`) dials:
+/// mutual TLS with all three files, plaintext with none.
+pub(crate) fn client_dialer(
+    cert: Option<std::path::PathBuf>,
+    key: Option<std::path::PathBuf>,
+    cacert: Option<std::path::PathBuf>,
+) -> anyhow::Result<drover_common::tls::client::Dialer> {
     use drover_common::tls::client::Dialer;
-    match crate::config::tls_files(cli.cert.clone(), cli.key.clone(), cli.cacert.clone(), None)
+    match crate::config::tls_files(cert, key, cacert, None)
         .map_err(|_| anyhow::anyhow!("mutual TLS needs all three of --cacert, --cert and --key"))?
     {
         None => Ok(Dialer::plaintext()),
@@ -333,7 +343,7 @@ fn dialer(cli: &Cli) -> anyhow::Result<drover_common::tls::client::Dialer> {
     }
 }
 
-async fn connect(
+pub(crate) async fn connect(
     dialer: &drover_common::tls::client::Dialer,
     addr: &str,
 ) -> anyhow::Result<Channel> {

@@ -89,20 +89,8 @@ pub async fn run(tool: StoreTool, out: &mut impl Write) -> anyhow::Result<()> {
             cert,
             key,
         } => {
-            let dialer = match crate::config::tls_files(cert, key, cacert, None).map_err(|_| {
-                anyhow::anyhow!("mutual TLS needs all three of --cacert, --cert and --key")
-            })? {
-                None => drover_common::tls::client::Dialer::plaintext(),
-                Some(files) => drover_common::tls::client::Dialer::tls(
-                    drover_common::tls::ClientTls::client(files)?,
-                ),
-            };
-            let channel = dialer.connect(&coordinator).await.map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot reach coordinator {coordinator}: {}",
-                    drover_common::grpc::error_chain(&e)
-                )
-            })?;
+            let dialer = crate::ctl::client_dialer(cert, key, cacert)?;
+            let channel = crate::ctl::connect(&dialer, &coordinator).await?;
             let summary = backup_online(&mut DeployerClient::new(channel), &to).await?;
             writeln!(out, "backed up {}", said(summary))?;
         }
