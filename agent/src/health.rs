@@ -90,6 +90,10 @@ struct Watched {
 /// The latest health of every service, read by the heartbeat.
 pub struct HealthBoard {
     services: Mutex<HashMap<String, Watched>>,
+    /// Per service, the restarts of its earlier starts: a runtime counts
+    /// restarts from each start, heartbeats count them for the agent's
+    /// life, so a coordinator's baseline from before a restart holds.
+    earlier_restarts: Mutex<HashMap<String, u32>>,
     runtime: Arc<dyn Runtime>,
     scrape_interval: Duration,
     reported: Reported,
@@ -99,6 +103,7 @@ impl HealthBoard {
     pub fn new(runtime: Arc<dyn Runtime>, scrape_interval: Duration) -> HealthBoard {
         HealthBoard {
             services: Mutex::new(HashMap::new()),
+            earlier_restarts: Mutex::new(HashMap::new()),
             runtime,
             scrape_interval,
             reported: Reported::default(),
@@ -164,6 +169,30 @@ impl HealthBoard {
             .insert(service.to_string(), watched);
     }
 
+    /// Call right before the runtime (re)starts `service`: its restarts so
+    /// far are kept, so the count heartbeats carry never goes back.
+    pub fn before_start(&self, service: &str) {
+        let now = self.runtime.status(service).restarts;
+        *self
+            .earlier_restarts
+            .lock()
+            .expect("restarts lock")
+            .entry(service.to_string())
+            .or_default() += now;
+    }
+
+    /// Restarts of `service` since the agent started (all its starts).
+    fn restarts(&self, service: &str, current: u32) -> u32 {
+        let earlier = self
+            .earlier_restarts
+            .lock()
+            .expect("restarts lock")
+            .get(service)
+            .copied()
+            .unwrap_or(0);
+        earlier.saturating_add(current)
+    }
+
     pub fn unwatch(&self, service: &str) {
         if let Some(w) = self.services.lock().expect("board lock").remove(service) {
             w.stop.cancel();
@@ -198,7 +227,7 @@ impl HealthBoard {
                     service: name.clone(),
                     ready: status.running && (f.ready || !w.has_readiness),
                     live: status.running && (f.live || !w.has_liveness),
-                    restarts: status.restarts,
+                    restarts: self.restarts(name, status.restarts),
                     request_count: f.requests,
                     error_count: f.errors,
                     latency_p50_ms: f.p50_ms,

@@ -574,6 +574,7 @@ impl Executor {
         let restarts_before;
         {
             self.board.unwatch(service);
+            self.board.before_start(service);
             if let Err(e) = self.runtime.start(spec.clone()).await {
                 return Outcome::failed(e.to_string())
                     .with_tail(self.runtime.output_tail(service, TAIL_LINES));

@@ -19,7 +19,7 @@ use drover_common::proto::{
 use tokio_stream::{Stream, StreamExt};
 
 use crate::deploy::deployments::Deployments;
-use crate::deploy::machine::Event;
+use crate::deploy::machine::{Event, ReasonKind, Why};
 use tonic::{Request, Response, Status};
 
 use crate::api::forward::{Forwarder, Route};
@@ -571,7 +571,7 @@ impl Deployer for DeployerService {
         );
         let event = Event::Abort {
             rollback: r.rollback,
-            reason,
+            why: Why::new(ReasonKind::ByHand, reason),
         };
         let rec = self
             .deployments
@@ -605,7 +605,11 @@ impl Deployer for DeployerService {
         );
         let rec = self
             .deployments
-            .control(&r.id, Event::Rollback(reason), &who)
+            .control(
+                &r.id,
+                Event::Rollback(Why::new(ReasonKind::ByHand, reason)),
+                &who,
+            )
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(rec.to_proto()))

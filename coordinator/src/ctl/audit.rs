@@ -36,11 +36,16 @@ pub async fn log(
         return print_json(out, &r);
     }
     for e in &r.events {
+        let kind = e
+            .event()
+            .as_str_name()
+            .trim_start_matches("AUDIT_KIND_")
+            .to_lowercase();
         writeln!(
             out,
-            "{} {:<12} {:<10} {} {}",
+            "{} {:<19} {:<10} {} {}",
             rfc3339(e.at_unix_ms),
-            e.kind,
+            kind,
             e.actor,
             e.deploy_id,
             e.message

@@ -1,8 +1,14 @@
 //! The deploy state machine as pure transitions: `(state, event) →
-//! (state, actions)`. No I/O here: the executor performs the actions
-//! (commands to agents, gate checks, persisting) and feeds back events, so
-//! every path is testable exhaustively and a restarted coordinator resumes
-//! from the persisted state by re-issuing the actions of its phase.
+//! (state, actions)`. No I/O here. Every transition returns the actions to
+//! take, and they are the only source of "what happens next":
+//!
+//! - *ledger actions* ([`Action::is_ledger`]) are written in the same store
+//!   transaction as the new state (a stage passed, the known-good release,
+//!   the pipeline released), so they happen exactly once, with it;
+//! - *effect actions* are what the driver does next (run a batch, roll back,
+//!   wait for an approval or for a person). They are always
+//!   [`Machine::resume_actions`] of the new state, so the driver after a
+//!   crash or a failover runs the same actions with the same code.
 //!
 //! ```text
 //! Pending ─Start→ Rolling(stage s, batch b) ─BatchPassed→ … ─last batch→ Complete
@@ -15,6 +21,18 @@
 //! Abort: any live phase → Aborted, or → RollingBack with rollback.
 //! Rollback: any live phase or Complete → RollingBack (straight, no batching).
 //! ```
+//!
+//! Actions by phase (effects) and by transition (ledger):
+//!
+//! | new phase          | effect                 | ledger, on entering it         |
+//! |--------------------|------------------------|--------------------------------|
+//! | Rolling            | RunBatch(stage, batch) | PassStage for a stage left     |
+//! | AwaitingApproval   | AwaitApproval(stage)   | PassStage for a stage left     |
+//! | Paused             | AwaitHuman             | PassStage for a stage left     |
+//! | RollingBack        | RollBack               | —                              |
+//! | Complete           | —                      | PassStage, MarkKnownGood, ReleasePipeline |
+//! | RolledBack         | —                      | RestorePrevious, ReleasePipeline |
+//! | Failed, Aborted    | —                      | ReleasePipeline                |
 
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +71,46 @@ impl Phase {
     ];
 }
 
+/// Why a deploy stopped, held, failed or rolled back: the kind decides
+/// (and is what the audit and clients filter on); the text explains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum ReasonKind {
+    #[default]
+    None,
+    /// A person asked for it (abort, rollback, pause).
+    ByHand,
+    /// More hosts failed than the stage's failure budget allows.
+    BudgetSpent,
+    /// The batch's health gate judged it bad.
+    GateFailed,
+    /// The canary analysis judged the canary worse than the baseline.
+    CanaryFailed,
+    /// A gate or an analysis could not judge (too little data).
+    Inconclusive,
+    /// A canary step passed and waits for promotion by hand.
+    AwaitingPromotion,
+    /// Nobody approved a stage in time.
+    ApprovalTimeout,
+    /// Hosts could not be switched back.
+    RollbackIncomplete,
+}
+
+/// A reason: its kind and its text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Why {
+    pub kind: ReasonKind,
+    pub text: String,
+}
+
+impl Why {
+    pub fn new(kind: ReasonKind, text: impl Into<String>) -> Why {
+        Why {
+            kind,
+            text: text.into(),
+        }
+    }
+}
+
 /// Where a deploy is. `batches[s]` is the number of batches of stage `s`
 /// (the host set is resolved at start and recorded).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,8 +125,11 @@ pub struct Machine {
     pub pause_requested: bool,
     /// Whether a last-known-good release exists to roll back to.
     pub can_roll_back: bool,
-    /// Why the deploy is failing, rolling back, aborted or failed.
+    /// Why the deploy is held, rolling back, aborted or failed.
     pub reason: String,
+    /// The kind of `reason`.
+    #[serde(default)]
+    pub reason_kind: ReasonKind,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,10 +138,11 @@ pub enum Event {
     /// The batch in flight passed its health gate.
     BatchPassed,
     /// The batch failed its gate, or the failure budget is spent.
-    BatchFailed(String),
+    BatchFailed(Why),
     /// The batch in flight cannot be judged and a human must decide (an
-    /// inconclusive analysis with the pause policy): paused at once.
-    Hold(String),
+    /// inconclusive analysis with the pause policy, a canary waiting for
+    /// promotion): paused at once.
+    Hold(Why),
     /// A human passes the batch (a canary step) in flight or on hold.
     Promote,
     Pause,
@@ -88,24 +150,50 @@ pub enum Event {
     Approve,
     Abort {
         rollback: bool,
-        reason: String,
+        why: Why,
     },
-    Rollback(String),
+    Rollback(Why),
     /// Every touched host is back on the known-good release.
     RollbackDone,
     /// Rolling back could not finish (hosts failed to switch back).
     RollbackFailed(String),
 }
 
-/// What the executor must do after a transition.
+/// What follows a transition: ledger writes stored with it, then the
+/// driver's next effect (see the module doc's table).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Pull (prefetch) and restart the hosts of this batch, then judge it.
-    RunBatch { stage: usize, batch: usize },
-    /// Re-point every touched host to the last known-good release.
-    RollBack,
-    /// Record the release as the pipeline's last known good.
+    /// Ledger: stage `stage` passed; its environment runs the new release.
+    PassStage { stage: usize },
+    /// Ledger: the new release is the pipeline's last known good.
     MarkKnownGood,
+    /// Ledger: rolled back; the touched environments and the known good
+    /// are the releases they were before the deploy.
+    RestorePrevious,
+    /// Ledger: finished; the pipeline may start its next deploy.
+    ReleasePipeline,
+    /// Effect: pull (prefetch) and restart the hosts of this batch, then
+    /// judge it.
+    RunBatch { stage: usize, batch: usize },
+    /// Effect: re-point every touched host to its stage's previous release.
+    RollBack,
+    /// Effect: wait for the approvals of `stage`, or its approval timeout.
+    AwaitApproval { stage: usize },
+    /// Effect: wait for a person (resume, promote, abort, rollback).
+    AwaitHuman,
+}
+
+impl Action {
+    /// Written in the transition's own store transaction.
+    pub fn is_ledger(&self) -> bool {
+        matches!(
+            self,
+            Action::PassStage { .. }
+                | Action::MarkKnownGood
+                | Action::RestorePrevious
+                | Action::ReleasePipeline
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -148,11 +236,12 @@ impl Machine {
             pause_requested: false,
             can_roll_back,
             reason: String::new(),
+            reason_kind: ReasonKind::None,
         }
     }
 
-    /// The actions that bring the executor back in step with this state
-    /// (after a coordinator restart): the batch in flight, or the rollback.
+    /// The effect this state calls for: what the driver runs next, the
+    /// same after a transition, a crash or a failover.
     pub fn resume_actions(&self) -> Vec<Action> {
         match self.phase {
             Phase::Rolling => vec![Action::RunBatch {
@@ -160,13 +249,25 @@ impl Machine {
                 batch: self.batch,
             }],
             Phase::RollingBack => vec![Action::RollBack],
+            Phase::AwaitingApproval => vec![Action::AwaitApproval { stage: self.stage }],
+            Phase::Paused => vec![Action::AwaitHuman],
             _ => Vec::new(),
         }
     }
 
+    fn set_reason(&mut self, why: Why) {
+        self.reason = why.text;
+        self.reason_kind = why.kind;
+    }
+
+    fn clear_reason(&mut self) {
+        self.reason.clear();
+        self.reason_kind = ReasonKind::None;
+    }
+
     /// Enters stage `stage` at its first batch (or waits for approval);
     /// past the last stage the deploy is complete.
-    fn enter_stage(&mut self, stage: usize) -> Vec<Action> {
+    fn enter_stage(&mut self, stage: usize, ledger: &mut Vec<Action>) {
         // Stages without hosts are skipped.
         let mut stage = stage;
         while stage < self.batches.len() && self.batches[stage] == 0 {
@@ -176,127 +277,120 @@ impl Machine {
         self.batch = 0;
         if stage >= self.batches.len() {
             self.phase = Phase::Complete;
-            return vec![Action::MarkKnownGood];
+            ledger.push(Action::MarkKnownGood);
+            return;
         }
         if self.approvals[stage] {
             self.phase = Phase::AwaitingApproval;
-            return Vec::new();
+            return;
         }
-        self.run_batch()
+        self.run_batch();
     }
 
-    fn run_batch(&mut self) -> Vec<Action> {
+    fn run_batch(&mut self) {
         if self.pause_requested {
             self.pause_requested = false;
             self.phase = Phase::Paused;
-            return Vec::new();
+            return;
         }
         self.phase = Phase::Rolling;
-        vec![Action::RunBatch {
-            stage: self.stage,
-            batch: self.batch,
-        }]
     }
 
-    fn roll_back(&mut self, reason: String) -> Vec<Action> {
-        self.reason = reason;
+    fn roll_back(&mut self, why: Why) {
+        self.set_reason(why);
         self.pause_requested = false;
         if self.can_roll_back {
             self.phase = Phase::RollingBack;
-            vec![Action::RollBack]
         } else {
             self.phase = Phase::Failed;
             self.reason = format!("{}; no known-good release to roll back to", self.reason);
-            Vec::new()
         }
     }
 
-    /// Applies `event`; on refusal the state is unchanged.
+    /// Applies `event`; on refusal the state is unchanged. The actions are
+    /// the ledger writes of the transition, then the new state's effect.
     pub fn apply(&self, event: Event) -> Result<(Machine, Vec<Action>), Refused> {
         let refuse = |e: &Event| Refused {
             event: event_name(e),
             phase: self.phase,
         };
         let mut m = self.clone();
+        let mut ledger = Vec::new();
         let live = !self.phase.is_terminal() && self.phase != Phase::RollingBack;
-        let actions = match (self.phase, event) {
-            (Phase::Pending, Event::Start) => m.enter_stage(0),
+        match (self.phase, event) {
+            (Phase::Pending, Event::Start) => m.enter_stage(0, &mut ledger),
             (Phase::Rolling, Event::BatchPassed | Event::Promote)
             | (Phase::Paused, Event::Promote) => {
-                m.reason.clear();
-                m.advance()
+                m.clear_reason();
+                m.advance(&mut ledger);
             }
-            (Phase::Rolling, Event::Hold(reason)) => {
+            (Phase::Rolling, Event::Hold(why)) => {
                 m.phase = Phase::Paused;
                 m.pause_requested = false;
-                m.reason = reason;
-                Vec::new()
+                m.set_reason(why);
             }
-            (Phase::Rolling, Event::BatchFailed(reason)) => m.roll_back(reason),
-            (Phase::Rolling, Event::Pause) => {
-                m.pause_requested = true;
-                Vec::new()
-            }
-            (Phase::AwaitingApproval | Phase::Pending, Event::Pause) => {
-                m.phase = Phase::Paused;
-                Vec::new()
-            }
+            (Phase::Rolling, Event::BatchFailed(why)) => m.roll_back(why),
+            (Phase::Rolling, Event::Pause) => m.pause_requested = true,
+            (Phase::AwaitingApproval | Phase::Pending, Event::Pause) => m.phase = Phase::Paused,
             (Phase::Paused, Event::Resume) => {
+                m.clear_reason();
                 if m.stage < m.approvals.len()
                     && m.approvals[m.stage]
                     && m.batch == 0
                     && !self.approved_stage()
                 {
                     m.phase = Phase::AwaitingApproval;
-                    Vec::new()
                 } else {
-                    m.run_batch()
+                    m.run_batch();
                 }
             }
             (Phase::AwaitingApproval, Event::Approve) => {
                 m.approvals[m.stage] = false; // approved: recorded by clearing the wait
-                m.run_batch()
+                m.run_batch();
             }
-            (_, Event::Abort { rollback, reason }) if live => {
+            (_, Event::Abort { rollback, why }) if live => {
                 if rollback {
-                    m.roll_back(reason)
+                    m.roll_back(why);
                 } else {
                     m.phase = Phase::Aborted;
-                    m.reason = reason;
+                    m.set_reason(why);
                     m.pause_requested = false;
-                    Vec::new()
                 }
             }
-            (p, Event::Rollback(reason)) if live || p == Phase::Complete => m.roll_back(reason),
+            (p, Event::Rollback(why)) if live || p == Phase::Complete => m.roll_back(why),
             (Phase::RollingBack, Event::RollbackDone) => {
                 m.phase = Phase::RolledBack;
-                Vec::new()
+                ledger.push(Action::RestorePrevious);
             }
-            (Phase::RollingBack, Event::RollbackFailed(reason)) => {
+            (Phase::RollingBack, Event::RollbackFailed(detail)) => {
                 m.phase = Phase::Failed;
-                m.reason = format!("{}; rollback incomplete: {reason}", m.reason);
-                Vec::new()
+                m.reason = format!("{}; rollback incomplete: {detail}", m.reason);
+                m.reason_kind = ReasonKind::RollbackIncomplete;
             }
             (_, e) => return Err(refuse(&e)),
-        };
+        }
+        if m.phase.is_terminal() && !self.phase.is_terminal() {
+            ledger.push(Action::ReleasePipeline);
+        }
+        let mut actions = ledger;
+        actions.extend(m.resume_actions());
         Ok((m, actions))
     }
 
     /// Past the batch in flight: the next batch, the next stage, or done.
-    fn advance(&mut self) -> Vec<Action> {
+    fn advance(&mut self, ledger: &mut Vec<Action>) {
         if self.batch + 1 < self.batches[self.stage] {
             self.batch += 1;
-            return self.run_batch();
+            self.run_batch();
+            return;
         }
+        ledger.push(Action::PassStage { stage: self.stage });
         let next = self.stage + 1;
         let pause = std::mem::take(&mut self.pause_requested);
-        let actions = self.enter_stage(next);
+        self.enter_stage(next, ledger);
         if pause && self.phase == Phase::Rolling {
             // Pause between stages too, before the next batch starts.
             self.phase = Phase::Paused;
-            Vec::new()
-        } else {
-            actions
         }
     }
 
@@ -310,25 +404,29 @@ impl Machine {
 mod tests {
     use super::*;
 
+    fn why(text: &str) -> Why {
+        Why::new(ReasonKind::ByHand, text)
+    }
+
     fn events() -> Vec<Event> {
         vec![
             Event::Start,
             Event::BatchPassed,
-            Event::BatchFailed("5xx".into()),
-            Event::Hold("inconclusive".into()),
+            Event::BatchFailed(Why::new(ReasonKind::GateFailed, "5xx")),
+            Event::Hold(Why::new(ReasonKind::Inconclusive, "inconclusive")),
             Event::Promote,
             Event::Pause,
             Event::Resume,
             Event::Approve,
             Event::Abort {
                 rollback: false,
-                reason: "stop".into(),
+                why: why("stop"),
             },
             Event::Abort {
                 rollback: true,
-                reason: "stop".into(),
+                why: why("stop"),
             },
-            Event::Rollback("by hand".into()),
+            Event::Rollback(why("by hand")),
             Event::RollbackDone,
             Event::RollbackFailed("host down".into()),
         ]
@@ -355,6 +453,10 @@ mod tests {
         out
     }
 
+    fn effects(actions: &[Action]) -> Vec<Action> {
+        actions.iter().filter(|a| !a.is_ledger()).cloned().collect()
+    }
+
     #[test]
     fn every_state_and_event_is_handled_and_invariants_hold() {
         for m in states() {
@@ -365,57 +467,103 @@ mod tests {
                         assert!(!refused.to_string().is_empty());
                     }
                     Ok((next, actions)) => {
+                        let t = format!("{m:?} --{e:?}--> {next:?}: {actions:?}");
                         // Terminal states accept nothing but a rollback after Complete.
                         if m.phase.is_terminal() {
-                            assert_eq!(m.phase, Phase::Complete, "{m:?} accepted {e:?}");
+                            assert_eq!(m.phase, Phase::Complete, "{t}");
                             assert!(matches!(e, Event::Rollback(_)));
                         }
                         // Position stays inside the plan.
-                        assert!(next.stage <= next.batches.len(), "{next:?}");
+                        assert!(next.stage <= next.batches.len(), "{t}");
                         if next.phase == Phase::Rolling {
-                            assert!(
-                                next.batch < next.batches[next.stage],
-                                "{m:?} --{e:?}--> {next:?}"
-                            );
-                            let moved = m.phase != Phase::Rolling
-                                || (next.stage, next.batch) != (m.stage, m.batch);
-                            let expected = if moved {
-                                vec![Action::RunBatch {
-                                    stage: next.stage,
-                                    batch: next.batch,
-                                }]
-                            } else {
-                                vec![] // a pause request: the batch in flight goes on
-                            };
-                            assert_eq!(actions, expected, "{m:?} --{e:?}--> {next:?}");
+                            assert!(next.batch < next.batches[next.stage], "{t}");
                         }
-                        // Rolling back always comes with the RollBack action,
-                        // and only with a known-good release.
+                        // One source of truth: the effect a transition asks
+                        // for is the one a resumed driver would run.
+                        assert_eq!(effects(&actions), next.resume_actions(), "{t}");
+                        // Ledger writes come first, then at most one effect.
+                        let first_effect = actions.iter().position(|a| !a.is_ledger());
+                        if let Some(i) = first_effect {
+                            assert_eq!(i + 1, actions.len(), "{t}");
+                        }
+                        // Rolling back only with a known-good release.
                         if next.phase == Phase::RollingBack && m.phase != Phase::RollingBack {
-                            assert!(next.can_roll_back);
-                            assert_eq!(actions, vec![Action::RollBack]);
+                            assert!(next.can_roll_back, "{t}");
                         }
-                        if next.phase == Phase::Complete && m.phase != Phase::Complete {
-                            assert_eq!(actions, vec![Action::MarkKnownGood]);
+                        // The pipeline is released exactly when the deploy ends.
+                        assert_eq!(
+                            actions.contains(&Action::ReleasePipeline),
+                            next.phase.is_terminal() && !m.phase.is_terminal(),
+                            "{t}"
+                        );
+                        assert_eq!(
+                            actions.contains(&Action::MarkKnownGood),
+                            next.phase == Phase::Complete && m.phase != Phase::Complete,
+                            "{t}"
+                        );
+                        assert_eq!(
+                            actions.contains(&Action::RestorePrevious),
+                            next.phase == Phase::RolledBack,
+                            "{t}"
+                        );
+                        // A stage is passed only by moving past it.
+                        for a in &actions {
+                            if let Action::PassStage { stage } = a {
+                                assert_eq!(*stage, m.stage, "{t}");
+                                assert!(next.stage > m.stage, "{t}");
+                            }
                         }
                         if matches!(
                             next.phase,
                             Phase::Failed | Phase::RolledBack | Phase::Aborted
                         ) {
-                            assert!(actions.is_empty());
                             assert!(!next.reason.is_empty() || next.phase == Phase::RolledBack);
                         }
                         // A failure never completes, and never leaves a live rollout.
                         if matches!(e, Event::BatchFailed(_)) {
                             assert!(
                                 matches!(next.phase, Phase::RollingBack | Phase::Failed),
-                                "{next:?}"
+                                "{t}"
                             );
+                            assert_eq!(next.reason_kind, ReasonKind::GateFailed, "{t}");
                         }
                     }
                 }
             }
         }
+    }
+
+    /// Every sequence of events (to a depth) from a fresh deploy: each
+    /// stage passes at most once, the known good is marked at most once
+    /// per completion, and the pipeline is released once per ending.
+    #[test]
+    fn every_walk_writes_each_ledger_fact_once() {
+        fn walk(m: &Machine, depth: usize, passes: &[usize], releases: usize) {
+            if depth == 0 {
+                return;
+            }
+            for e in events() {
+                let Ok((next, actions)) = m.apply(e) else {
+                    continue;
+                };
+                let mut passes = passes.to_vec();
+                let mut releases = releases;
+                for a in &actions {
+                    match a {
+                        Action::PassStage { stage } => {
+                            assert!(!passes.contains(stage), "stage {stage} passed twice");
+                            passes.push(*stage);
+                        }
+                        Action::ReleasePipeline => releases += 1,
+                        _ => {}
+                    }
+                }
+                assert!(releases <= 2, "released more than once per ending");
+                walk(&next, depth - 1, &passes, releases);
+            }
+        }
+        let m = Machine::new(vec![2, 0, 1], vec![false, false, true], true);
+        walk(&m, 7, &[], 0);
     }
 
     #[test]
@@ -426,7 +574,16 @@ mod tests {
         let (m, a) = m.apply(Event::BatchPassed).unwrap();
         assert_eq!(a, vec![Action::RunBatch { stage: 0, batch: 1 }]);
         let (m, a) = m.apply(Event::BatchPassed).unwrap();
-        assert_eq!((m.phase, a), (Phase::AwaitingApproval, vec![]));
+        assert_eq!(
+            (m.phase, a),
+            (
+                Phase::AwaitingApproval,
+                vec![
+                    Action::PassStage { stage: 0 },
+                    Action::AwaitApproval { stage: 1 }
+                ]
+            )
+        );
         assert!(
             m.apply(Event::BatchPassed).is_err(),
             "no batch runs before approval"
@@ -434,12 +591,29 @@ mod tests {
         let (m, a) = m.apply(Event::Approve).unwrap();
         assert_eq!(a, vec![Action::RunBatch { stage: 1, batch: 0 }]);
         let (m, a) = m.apply(Event::BatchPassed).unwrap();
-        assert_eq!((m.phase, a), (Phase::Complete, vec![Action::MarkKnownGood]));
+        assert_eq!(
+            (m.phase, a),
+            (
+                Phase::Complete,
+                vec![
+                    Action::PassStage { stage: 1 },
+                    Action::MarkKnownGood,
+                    Action::ReleasePipeline
+                ]
+            )
+        );
         // Rollback after complete: the fast path.
-        let (m, a) = m.apply(Event::Rollback("bad in prod".into())).unwrap();
+        let (m, a) = m.apply(Event::Rollback(why("bad in prod"))).unwrap();
         assert_eq!((m.phase, a), (Phase::RollingBack, vec![Action::RollBack]));
-        let (m, _) = m.apply(Event::RollbackDone).unwrap();
-        assert_eq!(m.phase, Phase::RolledBack);
+        assert_eq!(m.reason_kind, ReasonKind::ByHand);
+        let (m, a) = m.apply(Event::RollbackDone).unwrap();
+        assert_eq!(
+            (m.phase, a),
+            (
+                Phase::RolledBack,
+                vec![Action::RestorePrevious, Action::ReleasePipeline]
+            )
+        );
     }
 
     #[test]
@@ -449,11 +623,17 @@ mod tests {
         let (m, a) = m.apply(Event::Pause).unwrap();
         assert_eq!(
             (m.phase, a),
-            (Phase::Rolling, vec![]),
-            "the batch in flight finishes"
+            (
+                Phase::Rolling,
+                vec![Action::RunBatch { stage: 0, batch: 0 }]
+            ),
+            "the batch in flight finishes (the same action: not run twice, its commands have fixed ids)"
         );
         let (m, a) = m.apply(Event::BatchPassed).unwrap();
-        assert_eq!((m.phase, m.batch, a), (Phase::Paused, 1, vec![]));
+        assert_eq!(
+            (m.phase, m.batch, a),
+            (Phase::Paused, 1, vec![Action::AwaitHuman])
+        );
         let (m, a) = m.apply(Event::Resume).unwrap();
         assert_eq!(a, vec![Action::RunBatch { stage: 0, batch: 1 }]);
         assert_eq!(
@@ -467,9 +647,20 @@ mod tests {
     fn hold_pauses_at_once_and_resume_or_promote_continue() {
         let m = Machine::new(vec![3], vec![false], true);
         let (m, _) = m.apply(Event::Start).unwrap();
-        let (held, a) = m.apply(Event::Hold("canary inconclusive".into())).unwrap();
-        assert_eq!((held.phase, held.batch, a), (Phase::Paused, 0, vec![]));
-        assert_eq!(held.reason, "canary inconclusive");
+        let (held, a) = m
+            .apply(Event::Hold(Why::new(
+                ReasonKind::Inconclusive,
+                "canary inconclusive",
+            )))
+            .unwrap();
+        assert_eq!(
+            (held.phase, held.batch, a),
+            (Phase::Paused, 0, vec![Action::AwaitHuman])
+        );
+        assert_eq!(
+            (held.reason.as_str(), held.reason_kind),
+            ("canary inconclusive", ReasonKind::Inconclusive)
+        );
         let (again, a) = held.apply(Event::Resume).unwrap();
         assert_eq!(
             a,
@@ -496,20 +687,30 @@ mod tests {
         let m = Machine::new(vec![2], vec![false], true);
         let (m, _) = m.apply(Event::Start).unwrap();
         let (m, a) = m
-            .apply(Event::BatchFailed("error rate 3% > 1%".into()))
+            .apply(Event::BatchFailed(Why::new(
+                ReasonKind::GateFailed,
+                "error rate 3% > 1%",
+            )))
             .unwrap();
         assert_eq!((m.phase, a), (Phase::RollingBack, vec![Action::RollBack]));
         assert_eq!(m.reason, "error rate 3% > 1%");
         let first = Machine::new(vec![2], vec![false], false);
         let (first, _) = first.apply(Event::Start).unwrap();
         let (first, a) = first
-            .apply(Event::BatchFailed("crash loop".into()))
+            .apply(Event::BatchFailed(Why::new(
+                ReasonKind::BudgetSpent,
+                "crash loop",
+            )))
             .unwrap();
-        assert_eq!((first.phase, a), (Phase::Failed, vec![]));
+        assert_eq!(
+            (first.phase, a),
+            (Phase::Failed, vec![Action::ReleasePipeline])
+        );
         assert_eq!(
             first.reason,
             "crash loop; no known-good release to roll back to"
         );
+        assert_eq!(first.reason_kind, ReasonKind::BudgetSpent);
     }
 
     #[test]
@@ -520,14 +721,17 @@ mod tests {
         let (stopped, a) = m
             .apply(Event::Abort {
                 rollback: false,
-                reason: "by hand".into(),
+                why: why("by hand"),
             })
             .unwrap();
-        assert_eq!((stopped.phase, a), (Phase::Aborted, vec![]));
+        assert_eq!(
+            (stopped.phase, a),
+            (Phase::Aborted, vec![Action::ReleasePipeline])
+        );
         let (back, a) = m
             .apply(Event::Abort {
                 rollback: true,
-                reason: "by hand".into(),
+                why: why("by hand"),
             })
             .unwrap();
         assert_eq!(
@@ -538,8 +742,15 @@ mod tests {
         let (m, a) = m.apply(Event::BatchPassed).unwrap();
         assert_eq!(
             (m.phase, a),
-            (Phase::Complete, vec![Action::MarkKnownGood]),
-            "empty last stage skipped"
+            (
+                Phase::Complete,
+                vec![
+                    Action::PassStage { stage: 1 },
+                    Action::MarkKnownGood,
+                    Action::ReleasePipeline
+                ]
+            ),
+            "empty last stage skipped, and never passed"
         );
     }
 

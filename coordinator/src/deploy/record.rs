@@ -82,18 +82,28 @@ pub struct DeployRecord {
     /// Stages it was started past without having passed them (forced).
     #[serde(default)]
     pub forced_past: Vec<String>,
-    /// Stages this deploy's artifact passed (recorded in the store's
-    /// passed/ and environments/ keys in the same write).
+    /// Per host, its service's restart count before the batch that
+    /// switched it: crash loops are counted from there, across failovers.
     #[serde(default)]
-    pub passed_stages: Vec<String>,
-    /// The environments were pointed back to the known good (rolled back).
+    pub restarts_before: BTreeMap<String, u32>,
+    /// Per canary step ("stage/step"), its bake so far: a new leader
+    /// resumes the bake where it was, never from zero.
     #[serde(default)]
-    pub environments_reverted: bool,
+    pub bakes: BTreeMap<String, BakeProgress>,
     /// Per stage, the release its hosts return to on rollback: what ran in
     /// that environment when the deploy started (empty: the pipeline's
     /// known good).
     #[serde(default)]
     pub rollback_targets: Vec<String>,
+}
+
+/// How far a canary step's bake got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct BakeProgress {
+    /// When the bake began (wall clock; it survives a change of leader).
+    pub started_unix_ms: u64,
+    /// Times an inconclusive end extended it by one bake time.
+    pub extensions: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -197,6 +207,27 @@ impl DeployRecord {
         self.canary_bakes
             .get(stage)
             .is_some_and(|b| batch < b.len())
+    }
+
+    /// The hosts of batch `batch` of stage `stage` (none if there is no such batch).
+    pub fn hosts_of(&self, stage: usize, batch: usize) -> Vec<String> {
+        self.plan
+            .get(stage)
+            .and_then(|s| s.get(batch))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The stages with a host this deploy switched (in stage order).
+    pub fn touched_stages(&self) -> Vec<usize> {
+        (0..self.plan.len())
+            .filter(|s| {
+                self.plan[*s]
+                    .iter()
+                    .flatten()
+                    .any(|h| self.touched.contains(h))
+            })
+            .collect()
     }
 
     pub fn set_result(&mut self, host: &str, outcome: HostOutcome, reason: impl Into<String>) {

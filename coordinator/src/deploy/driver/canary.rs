@@ -1,0 +1,277 @@
+//! Baking a canary step: once per heartbeat interval, the new heartbeats
+//! of the canary cohort and of the baseline (the stage's hosts not touched
+//! yet) go into the window and the analysis looks at it. A failure at any
+//! look ends the step at once (rollback inside the first bake window); the
+//! look at the end of the window can pass it; an inconclusive end follows
+//! the analysis' policy. Promote (by hand) passes the step at the next look.
+//!
+//! The bake's start and extensions are in the record (rule 6 of the
+//! driver): a new leader continues the same bake to the same deadline, and
+//! counts the cohort's restarts from before its batches, so a failover
+//! neither lets a bad canary serve a whole bake longer nor hides a crash
+//! loop that began before it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_common::proto::{AnalysisVerdict, CanaryAnalysis, InconclusiveAction, MetricVerdict};
+use tracing::info;
+
+use super::Driver;
+use crate::deploy::analysis::{self, Observation, Window};
+use crate::deploy::audit;
+use crate::deploy::deployments::DeployError;
+use crate::deploy::machine::{Event, Phase, ReasonKind, Why};
+use crate::deploy::record::BakeProgress;
+
+/// Looks at the window at least this often, whatever the heartbeat interval.
+const MAX_LOOK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The canary step being baked.
+pub(super) struct Step<'a> {
+    pub id: &'a str,
+    pub stage: usize,
+    pub step: usize,
+    /// Every host of the cohort so far (earlier steps included), failed
+    /// hosts excluded.
+    pub cohort: Vec<String>,
+    pub baseline: Vec<String>,
+    pub service: String,
+}
+
+/// How a look ended the step.
+struct Decision {
+    verdict: AnalysisVerdict,
+    reason: String,
+    metrics: Vec<MetricVerdict>,
+    event: Event,
+}
+
+impl Driver {
+    /// Bakes a canary step; its outcome for the state machine, or `None`
+    /// if a control overtook it (the driver then follows the new state).
+    pub(super) async fn bake(self: &Arc<Self>, s: Step<'_>) -> Result<Option<Event>, DeployError> {
+        let key = format!("{}/{}", s.stage, s.step);
+        // The bake so far: begun now, or by an earlier leader.
+        let now = self.ledger.now();
+        let rec = self
+            .ledger
+            .update(
+                s.id,
+                |rec| {
+                    rec.bakes.entry(key.clone()).or_insert(BakeProgress {
+                        started_unix_ms: now,
+                        extensions: 0,
+                    });
+                },
+                |_, _| Vec::new(),
+            )
+            .await?;
+        let mut progress = rec.bakes[&key];
+        let canary = rec.snapshot.stages[s.stage]
+            .canary
+            .clone()
+            .unwrap_or_default();
+        let manual = canary.manual_promotion;
+        let analysis = canary.analysis.unwrap_or_default();
+        let bake_ms = u64::from(rec.canary_bakes[s.stage][s.step]);
+        let look_every = s
+            .cohort
+            .iter()
+            .filter_map(|h| self.effects.host(h, &s.service))
+            .map(|h| Duration::from_millis(h.heartbeat_interval_ms.max(10).into()))
+            .min()
+            .unwrap_or(MAX_LOOK_INTERVAL)
+            .min(MAX_LOOK_INTERVAL);
+        let wake = self.wake_of(s.id);
+        let mut window = Window::default();
+        // Heartbeat sequence last taken per host.
+        let mut seen: HashMap<String, u64> = HashMap::new();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(look_every) => {}
+                _ = wake.notified() => {}
+            }
+            let (rec, _) = self.ledger.load(s.id).await?;
+            if rec.machine.phase != Phase::Rolling
+                || (rec.machine.stage, rec.machine.batch) != (s.stage, s.step)
+            {
+                info!(deploy = %s.id, phase = ?rec.machine.phase, "canary bake overtaken by a control");
+                return Ok(None);
+            }
+            let baked_ms = self.ledger.now().saturating_sub(progress.started_unix_ms);
+            let decision = if rec.promoted.contains(&key) {
+                let j = analysis::judge(&analysis, &window, true);
+                Decision {
+                    verdict: AnalysisVerdict::Promoted,
+                    reason: format!("promoted by hand after {:.1}s", baked_ms as f64 / 1000.0),
+                    metrics: j.metrics,
+                    event: Event::BatchPassed,
+                }
+            } else {
+                self.observe(&s, &mut window, &mut seen, &rec.restarts_before);
+                let open = baked_ms < bake_ms * u64::from(1 + progress.extensions);
+                let j = analysis::judge(&analysis, &window, open);
+                match (j.verdict, open) {
+                    (AnalysisVerdict::Fail, _) => Decision {
+                        event: Event::BatchFailed(Why::new(
+                            ReasonKind::CanaryFailed,
+                            format!("canary analysis failed: {}", j.reason),
+                        )),
+                        verdict: AnalysisVerdict::Fail,
+                        reason: j.reason,
+                        metrics: j.metrics,
+                    },
+                    (_, true) => continue,
+                    (AnalysisVerdict::Pass, false) => Decision {
+                        event: if manual {
+                            Event::Hold(Why::new(
+                                ReasonKind::AwaitingPromotion,
+                                format!(
+                                    "canary step {} passed its analysis; waiting for promote (manual promotion)",
+                                    s.step
+                                ),
+                            ))
+                        } else {
+                            Event::BatchPassed
+                        },
+                        verdict: AnalysisVerdict::Pass,
+                        reason: j.reason,
+                        metrics: j.metrics,
+                    },
+                    // Inconclusive at the end of the window: the policy decides.
+                    (_, false) => match analysis.inconclusive() {
+                        InconclusiveAction::Extend
+                            if progress.extensions < analysis.max_extensions =>
+                        {
+                            progress.extensions += 1;
+                            self.ledger
+                                .update(
+                                    s.id,
+                                    |rec| {
+                                        rec.bakes.insert(key.clone(), progress);
+                                    },
+                                    |_, _| Vec::new(),
+                                )
+                                .await?;
+                            info!(deploy = %s.id, stage = s.stage, step = s.step, extensions = progress.extensions, reason = %j.reason, "canary inconclusive: extending the bake");
+                            continue;
+                        }
+                        InconclusiveAction::Pause => Decision {
+                            event: Event::Hold(Why::new(
+                                ReasonKind::Inconclusive,
+                                format!(
+                                    "canary analysis inconclusive, waiting for a human (resume to judge again, promote to pass): {}",
+                                    j.reason
+                                ),
+                            )),
+                            verdict: AnalysisVerdict::Inconclusive,
+                            reason: j.reason,
+                            metrics: j.metrics,
+                        },
+                        _ => Decision {
+                            event: Event::BatchFailed(Why::new(
+                                ReasonKind::Inconclusive,
+                                format!(
+                                    "canary analysis inconclusive after {} extensions: {}",
+                                    progress.extensions, j.reason
+                                ),
+                            )),
+                            verdict: AnalysisVerdict::Inconclusive,
+                            reason: j.reason,
+                            metrics: j.metrics,
+                        },
+                    },
+                }
+            };
+            self.record_analysis(&s, &decision, baked_ms, progress.extensions)
+                .await?;
+            return Ok(Some(decision.event));
+        }
+    }
+
+    /// Takes every heartbeat that arrived since the last look; restarts
+    /// are counted from `restarts_before` (recorded before each host's
+    /// batch).
+    fn observe(
+        &self,
+        s: &Step<'_>,
+        window: &mut Window,
+        seen: &mut HashMap<String, u64>,
+        restarts_before: &std::collections::BTreeMap<String, u32>,
+    ) {
+        window.canary_not_ready.clear();
+        window.canary_restarts.clear();
+        for (hosts, is_canary) in [(&s.cohort, true), (&s.baseline, false)] {
+            for host in hosts.iter() {
+                let Some(h) = self.effects.host(host, &s.service) else {
+                    continue;
+                };
+                if is_canary && let Some(health) = &h.health {
+                    if !health.ready {
+                        window.canary_not_ready.push(host.clone());
+                    }
+                    let before = restarts_before.get(host).copied().unwrap_or(0);
+                    if health.restarts > before {
+                        window
+                            .canary_restarts
+                            .push((host.clone(), health.restarts - before));
+                    }
+                }
+                if seen.insert(host.clone(), h.heartbeat_sequence) == Some(h.heartbeat_sequence) {
+                    continue; // no new heartbeat since the last look
+                }
+                let Some(health) = h.health else { continue };
+                let o = Observation {
+                    requests: health.request_count,
+                    errors: health.error_count,
+                    p50_ms: health.latency_p50_ms,
+                    p99_ms: health.latency_p99_ms,
+                    extra: health.metrics,
+                };
+                if is_canary {
+                    window.canary.push(o);
+                } else {
+                    window.baseline.push(o);
+                }
+            }
+        }
+    }
+
+    /// Stores the step's verdict and evidence with the deploy (and its
+    /// line in the audit log).
+    async fn record_analysis(
+        &self,
+        s: &Step<'_>,
+        d: &Decision,
+        baked_ms: u64,
+        extensions: u32,
+    ) -> Result<(), DeployError> {
+        let report = CanaryAnalysis {
+            stage: s.stage as u32,
+            step: s.step as u32,
+            verdict: d.verdict as i32,
+            reason: d.reason.clone(),
+            canary_hosts: s.cohort.clone(),
+            baseline_hosts: s.baseline.clone(),
+            baked_ms,
+            extensions,
+            metrics: d.metrics.clone(),
+            decided_at_unix_ms: self.ledger.now(),
+        };
+        info!(deploy = %s.id, stage = s.stage, step = s.step, verdict = ?d.verdict, reason = %report.reason, "canary analysis");
+        self.ledger
+            .update(
+                s.id,
+                |rec| {
+                    rec.analyses
+                        .retain(|a| (a.stage, a.step) != (report.stage, report.step));
+                    rec.analyses.push(report.clone());
+                },
+                |rec, now| vec![audit::analysis(rec, &report, now)],
+            )
+            .await
+            .map(|_| ())
+    }
+}

@@ -1,0 +1,127 @@
+//! What the driver does to the world besides the store, behind one narrow
+//! trait: send a command to a host and wait for its result, read what the
+//! fleet view knows of a host, and learn what a pull carries. The live
+//! implementation ([`FleetEffects`]) goes through the registry, the agents'
+//! streams and the origin; the driver's unit tests use a scripted fleet.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_common::proto::{ArtifactSignature, Command, CommandUpdate, ServiceHealth};
+
+use crate::fleet::{PendingCommands, Registry, SendError};
+use crate::ha::leases::ShardLeases;
+use crate::origin::BlobStore;
+
+/// What the fleet view knows of one host now.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HostView {
+    pub heartbeat_interval_ms: u32,
+    /// Grows with every heartbeat the coordinator received.
+    pub heartbeat_sequence: u64,
+    /// The service's health in the last heartbeat (None: not reported).
+    pub health: Option<ServiceHealth>,
+}
+
+#[async_trait::async_trait]
+pub trait Effects: Send + Sync {
+    /// Sends `cmd` to `host` and waits up to `timeout` for its result. A
+    /// host that is away (or drops) gets `patience` to come back; the
+    /// command is sent again then (ids are deterministic, agents answer a
+    /// repeat from their records). `Err`: why there is no result.
+    async fn send(
+        &self,
+        host: &str,
+        cmd: Command,
+        timeout: Duration,
+        patience: Duration,
+    ) -> Result<CommandUpdate, String>;
+
+    /// What the fleet view knows of `host` (None: not a known host).
+    fn host(&self, host: &str, service: &str) -> Option<HostView>;
+
+    /// What a Pull of `artifact` carries: the signatures CI made and its
+    /// size (agents check their free space first).
+    async fn pull_facts(&self, artifact: &str) -> (Vec<ArtifactSignature>, u64);
+
+    /// Where agents fetch artifacts, best first.
+    fn pull_sources(&self) -> Vec<String>;
+}
+
+/// The live effects: the registry, the agents' command streams, the origin.
+pub struct FleetEffects {
+    pub registry: Arc<Registry>,
+    pub pending: Arc<PendingCommands>,
+    pub blobs: Arc<BlobStore>,
+    /// This coordinator's origin address (agents' first pull source).
+    pub origin: String,
+    /// The other live coordinators (further pull sources).
+    pub leases: Arc<ShardLeases>,
+}
+
+#[async_trait::async_trait]
+impl Effects for FleetEffects {
+    async fn send(
+        &self,
+        host: &str,
+        cmd: Command,
+        timeout: Duration,
+        patience: Duration,
+    ) -> Result<CommandUpdate, String> {
+        // One deadline for everything: a host that reconnects late gets
+        // what is left, never a fresh `timeout`.
+        let deadline = tokio::time::Instant::now() + timeout.max(patience);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self
+                .pending
+                .send(&self.registry, host, cmd.clone(), left)
+                .await
+            {
+                Ok(u) => return Ok(u),
+                Err(
+                    e @ (SendError::NotConnected(_)
+                    | SendError::StreamClosed(_)
+                    | SendError::Unfenced(..)),
+                ) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(e.to_string());
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    fn host(&self, host: &str, service: &str) -> Option<HostView> {
+        let h = self.registry.get(host)?;
+        Some(HostView {
+            heartbeat_interval_ms: h.heartbeat_interval_ms,
+            heartbeat_sequence: h.heartbeat_sequence,
+            health: h.health.into_iter().find(|s| s.service == service),
+        })
+    }
+
+    async fn pull_facts(&self, artifact: &str) -> (Vec<ArtifactSignature>, u64) {
+        let Ok(digest) = artifact.parse::<drover_common::artifact::Digest>() else {
+            return (Vec::new(), 0);
+        };
+        match self.blobs.info(&digest).await {
+            Ok(Some(info)) => (info.signatures, info.size_bytes),
+            _ => (Vec::new(), 0),
+        }
+    }
+
+    /// This coordinator first (it fetches a blob it lacks from its peers),
+    /// then every other live coordinator.
+    fn pull_sources(&self) -> Vec<String> {
+        let mut sources = vec![self.origin.clone()];
+        for m in self.leases.members() {
+            if !m.address.is_empty() && !sources.contains(&m.address) {
+                sources.push(m.address);
+            }
+        }
+        sources
+    }
+}

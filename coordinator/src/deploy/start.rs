@@ -1,0 +1,192 @@
+//! A new deploy's record, built by a pure function from what the facade
+//! read: the pipeline, the connected hosts each stage's selector matches,
+//! what each environment runs, and where the deploy starts. The hosts are
+//! resolved once, here, and recorded: a stage's hosts are the connected
+//! hosts its selector matches, each in its first stage only.
+
+use std::collections::HashSet;
+
+use drover_common::proto::{Host, Pipeline};
+
+use super::machine::{Action, Event, Machine};
+use super::record::{DeployRecord, plan_stage};
+
+/// Everything a new deploy is made of.
+pub struct NewDeploy<'a> {
+    pub id: String,
+    pub pipeline: &'a Pipeline,
+    /// Per stage, the connected hosts its selector matches (any order).
+    pub hosts: Vec<Vec<Host>>,
+    /// The artifact's digest (hex).
+    pub artifact: String,
+    pub git_sha: String,
+    /// The pipeline's last known good (empty: a first deploy).
+    pub known_good: String,
+    /// Per stage, what its environment runs now (empty: nothing yet).
+    pub environments: Vec<String>,
+    /// The first stage that runs; stages before it get no hosts.
+    pub first_stage: usize,
+    /// Stages it was started past without having passed them (forced).
+    pub forced_past: Vec<String>,
+    pub requester: String,
+    pub started_by: String,
+    pub idempotency_key: String,
+    pub now: u64,
+}
+
+/// The record of a started deploy and the actions of its Start; `None`
+/// when no stage has a host.
+pub fn new_record(d: NewDeploy<'_>) -> Option<(DeployRecord, Vec<Action>)> {
+    let mut taken = HashSet::new();
+    let mut plan = Vec::new();
+    let mut canary_bakes = Vec::new();
+    let mut waves = Vec::new();
+    for (i, (stage, hosts)) in d.pipeline.stages.iter().zip(d.hosts).enumerate() {
+        let hosts: Vec<Host> = hosts
+            .into_iter()
+            .filter(|h| taken.insert(h.host_id.clone()))
+            .filter(|_| i >= d.first_stage)
+            .collect();
+        // A first deploy has no baseline to judge a canary against (and no
+        // release to roll back to): its stages roll in batches.
+        let canary = stage.canary.as_ref().filter(|_| !d.known_good.is_empty());
+        let p = plan_stage(&hosts, stage, canary);
+        plan.push(p.entries);
+        canary_bakes.push(p.canary_bakes);
+        waves.push(p.waves);
+    }
+    if plan.iter().all(|s| s.is_empty()) {
+        return None;
+    }
+    let machine = Machine::new(
+        plan.iter().map(Vec::len).collect(),
+        d.pipeline
+            .stages
+            .iter()
+            .map(|s| s.requires_approval)
+            .collect(),
+        !d.known_good.is_empty() && d.known_good != d.artifact,
+    );
+    let mut approvals = Vec::new();
+    if !d.forced_past.is_empty() {
+        approvals.push(format!(
+            "{} forced the deploy past stages it had not passed: {}",
+            if d.requester.is_empty() {
+                "someone"
+            } else {
+                &d.requester
+            },
+            d.forced_past.join(", ")
+        ));
+    }
+    let (machine, actions) = machine.apply(Event::Start).expect("a new deploy starts");
+    let rec = DeployRecord {
+        id: d.id,
+        pipeline: d.pipeline.name.clone(),
+        service: d.pipeline.service.clone(),
+        artifact: d.artifact,
+        known_good: d.known_good,
+        machine,
+        plan,
+        results: Default::default(),
+        verdicts: Default::default(),
+        touched: Vec::new(),
+        requester: d.requester,
+        git_sha: d.git_sha,
+        idempotency_key: d.idempotency_key,
+        approvals,
+        stage_approvals: Vec::new(),
+        started_by: d.started_by,
+        created_at_unix_ms: d.now,
+        updated_at_unix_ms: d.now,
+        snapshot: d.pipeline.clone(),
+        writes: 1,
+        canary_bakes,
+        analyses: Vec::new(),
+        promoted: Vec::new(),
+        waves,
+        awaiting_since_unix_ms: 0,
+        forced_past: d.forced_past,
+        restarts_before: Default::default(),
+        bakes: Default::default(),
+        rollback_targets: d.environments,
+    };
+    Some((rec, actions))
+}
+
+#[cfg(test)]
+mod tests {
+    use drover_common::proto::{ConnectionState, Stage};
+
+    use super::*;
+    use crate::deploy::machine::Phase;
+
+    fn host(id: &str) -> Host {
+        Host {
+            host_id: id.into(),
+            state: ConnectionState::Connected as i32,
+            ..Default::default()
+        }
+    }
+
+    fn pipeline() -> Pipeline {
+        Pipeline {
+            name: "p".into(),
+            service: "hello".into(),
+            stages: ["staging", "prod"]
+                .iter()
+                .map(|n| Stage {
+                    name: n.to_string(),
+                    batch_size: 1,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn deploy(p: &Pipeline, hosts: Vec<Vec<Host>>, first_stage: usize) -> NewDeploy<'_> {
+        NewDeploy {
+            id: "p-1".into(),
+            pipeline: p,
+            hosts,
+            artifact: "b".repeat(64),
+            git_sha: String::new(),
+            known_good: "a".repeat(64),
+            environments: vec!["a".repeat(64), String::new()],
+            first_stage,
+            forced_past: Vec::new(),
+            requester: "ci".into(),
+            started_by: "user/ci".into(),
+            idempotency_key: String::new(),
+            now: 7,
+        }
+    }
+
+    #[test]
+    fn each_host_rolls_in_its_first_stage_only_and_stages_before_the_first_get_none() {
+        let p = pipeline();
+        let both = vec![vec![host("a"), host("b")], vec![host("b"), host("c")]];
+        let (rec, actions) = new_record(deploy(&p, both.clone(), 0)).unwrap();
+        assert_eq!(
+            rec.plan,
+            vec![
+                vec![vec!["a".to_string()], vec!["b".to_string()]],
+                vec![vec!["c".to_string()]]
+            ]
+        );
+        assert_eq!(rec.machine.phase, Phase::Rolling);
+        assert_eq!(actions, vec![Action::RunBatch { stage: 0, batch: 0 }]);
+        assert_eq!(rec.stage_rollback_target(0), "a".repeat(64));
+        assert_eq!(
+            rec.stage_rollback_target(1),
+            "a".repeat(64),
+            "an environment that ran nothing returns to the known good"
+        );
+
+        let (rec, actions) = new_record(deploy(&p, both, 1)).unwrap();
+        assert!(rec.plan[0].is_empty());
+        assert_eq!(actions, vec![Action::RunBatch { stage: 1, batch: 0 }]);
+        assert!(new_record(deploy(&p, vec![vec![], vec![]], 0)).is_none());
+    }
+}
