@@ -196,7 +196,14 @@ async fn a_version_serving_5xx_is_stopped_at_the_first_batch_and_rolled_back() {
         .collect();
     assert_eq!(
         kinds,
-        ["started", "batch", "rollback", "rolled_back"],
+        [
+            "started",
+            "batch_started",
+            "batch_failed",
+            "rollback_started",
+            "environment_changed",
+            "rolled_back"
+        ],
         "{out}"
     );
     assert!(

@@ -248,3 +248,109 @@ async fn waves_run_in_order_and_a_failure_in_the_second_rolls_back_the_first() {
         .expect(&audit);
     assert!(eu < us, "{audit}");
 }
+
+/// staging judges loosely, prod strictly: a release with 20% errors passes
+/// staging and fails in prod.
+const STRICT_PROD: &str = r#"
+name = "hello"
+service = "hello"
+
+[[stages]]
+name = "staging"
+selector = "idx=0"
+batch_size = 1
+gate = { max_error_rate = 0.5, samples = 2, bad_samples = 2, min_requests = 1, inconclusive = "INCONCLUSIVE_POLICY_PASS" }
+
+[[stages]]
+name = "prod"
+selector = "env=prod"
+batch_size = 2
+requires_approval = true
+approval_timeout_ms = 2000
+on_approval_timeout = "APPROVAL_TIMEOUT_OUTCOME_ABORT"
+gate = { max_error_rate = 0.05, samples = 3, bad_samples = 2, min_requests = 1, inconclusive = "INCONCLUSIVE_POLICY_FAIL" }
+"#;
+
+/// What ran in each environment at `at` (0: now), by the API.
+async fn running_at(f: &SampleFleet, at: u64) -> (String, Vec<(String, String)>) {
+    let r = f
+        .coord
+        .deployer()
+        .await
+        .what_was_running(drover_common::proto::WhatWasRunningRequest {
+            service: "hello".into(),
+            at_unix_ms: at,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let envs = r
+        .environments
+        .into_iter()
+        .map(|e| (e.stage, e.artifact))
+        .collect();
+    (r.in_progress_deploy_id, envs)
+}
+
+#[tokio::test]
+async fn a_release_failing_in_prod_returns_each_stage_to_its_own_release_and_running_says_when() {
+    let f = SampleFleet::start(3, 30).await;
+    f.apply(STRICT_PROD);
+    let env = |staging: &str, prod: &str| {
+        vec![
+            ("staging".to_string(), staging.to_string()),
+            ("prod".to_string(), prod.to_string()),
+        ]
+    };
+
+    // v1 everywhere; then v2 in staging only (nobody approved prod).
+    let v1 = f.push("v1", &[]);
+    let (code, id, err) = start(&f, &v1, &[]);
+    assert_eq!(code, 0, "{err}");
+    let id = id.trim().to_string();
+    f.coord.wait_phase(&id, DeployPhase::AwaitingApproval).await;
+    assert_eq!(f.coord.droverctl(&["deploy", "approve", &id]).0, 0);
+    assert_eq!(f.coord.droverctl(&["deploy", "watch", &id]).0, 0);
+    let v2 = f.push("v2", &[]);
+    let (code, _, _) = f.deploy_through(PIPELINE, &v2);
+    assert_eq!(code, 1, "aborted by the approval timeout");
+    assert_eq!(f.versions().await, ["v2", "v1", "v1"]);
+    let before = drover_common::time::now_unix_ms();
+
+    // v3 passes staging, then fails prod's gate and rolls back.
+    let v3 = f.push("v3", &["--error-rate", "0.2"]);
+    let (code, id, err) = start(&f, &v3, &[]);
+    assert_eq!(code, 0, "{err}");
+    let id = id.trim().to_string();
+    f.coord.wait_phase(&id, DeployPhase::AwaitingApproval).await;
+    let during = drover_common::time::now_unix_ms();
+    assert_eq!(f.coord.droverctl(&["deploy", "approve", &id]).0, 0);
+    let (code, out, err) = f.coord.droverctl(&["deploy", "watch", &id]);
+    assert_eq!(code, 2, "rolled back: {out}\n{err}");
+    let d = f.coord.latest_deploy(PIPELINE).await;
+    assert_eq!(d.phase(), DeployPhase::RolledBack);
+    assert!(d.reason.contains("error rate"), "{}", d.reason);
+
+    // Each stage is back on its own release, started exactly once more.
+    assert_eq!(f.versions().await, ["v2", "v1", "v1"]);
+    assert_eq!(f.starts("v2"), [2, 0, 0]);
+    assert_eq!(f.starts("v1"), [1, 2, 2]);
+    assert_eq!(f.starts("v3"), [1, 1, 1]);
+    assert_eq!(
+        environments(&f).await,
+        [
+            ("staging".into(), v2.clone(), false),
+            ("prod".into(), v1.clone(), false)
+        ]
+    );
+
+    // What ran when, per environment, from the audit's structured events.
+    assert_eq!(running_at(&f, before).await, (String::new(), env(&v2, &v1)));
+    assert_eq!(running_at(&f, during).await, (id.clone(), env(&v3, &v1)));
+    assert_eq!(running_at(&f, 0).await, (String::new(), env(&v2, &v1)));
+    let (code, out, _) = f.coord.droverctl(&["running", "--service", "hello"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with(&format!("hello: {v1} since")), "{out}");
+    assert!(out.contains(&format!("hello/staging: {v2} since")), "{out}");
+    assert!(out.contains(&format!("hello/prod: {v1} since")), "{out}");
+}

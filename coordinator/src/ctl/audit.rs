@@ -91,5 +91,28 @@ pub async fn running(
             r.in_progress_deploy_id
         )?;
     }
+    for env in &r.environments {
+        write!(
+            out,
+            "  {}/{}: {} since {} (deploy {})",
+            env.pipeline,
+            env.stage,
+            if env.artifact.is_empty() {
+                "nothing"
+            } else {
+                &env.artifact
+            },
+            rfc3339(env.since_unix_ms),
+            env.deploy_id
+        )?;
+        if !env.in_progress_deploy_id.is_empty() {
+            write!(
+                out,
+                "; deploy {} switching hosts",
+                env.in_progress_deploy_id
+            )?;
+        }
+        writeln!(out)?;
+    }
     Ok(())
 }
