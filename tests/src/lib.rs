@@ -16,6 +16,7 @@
 pub mod artifacts;
 pub mod bins;
 pub mod cluster;
+pub mod cluster_fleet;
 pub mod commands;
 mod daemons;
 mod etcd;

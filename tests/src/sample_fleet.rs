@@ -77,18 +77,7 @@ impl SampleFleet {
             flags.extend(more.iter().map(String::as_str));
             agents.push(Agent::start_sample(&dir, &host, &[&coord], port, &flags));
             if rps > 0 {
-                let mut cmd = Command::new(bins::bin("drover-load"));
-                cmd.args([
-                    "--url",
-                    &format!("http://127.0.0.1:{port}/"),
-                    "--rps",
-                    &rps.to_string(),
-                ]);
-                load.push(ChildGuard::spawn(
-                    &format!("load {host}"),
-                    cmd,
-                    &dir.path().join(format!("load-{host}.log")),
-                ));
+                load.push(start_load(&dir, &host, port, rps));
             }
             ports.push((host, port));
         }
@@ -150,4 +139,21 @@ impl SampleFleet {
         }
         out
     }
+}
+
+/// `drover-load` sending `rps` requests a second to the sample service of
+/// `host` on `port`, until dropped.
+pub fn start_load(dir: &TestDir, host: &str, port: u16, rps: u32) -> ChildGuard {
+    let mut cmd = Command::new(bins::bin("drover-load"));
+    cmd.args([
+        "--url",
+        &format!("http://127.0.0.1:{port}/"),
+        "--rps",
+        &rps.to_string(),
+    ]);
+    ChildGuard::spawn(
+        &format!("load {host}"),
+        cmd,
+        &dir.path().join(format!("load-{host}.log")),
+    )
 }

@@ -45,6 +45,13 @@ struct Args {
     /// Exit with status 1 this many seconds after start.
     #[arg(long)]
     crash_after: Option<f64>,
+    /// With --crash-after: crash on the first N starts only, then stay up;
+    /// starts are counted in --crash-count-file.
+    #[arg(long, requires = "crash_count_file")]
+    crash_times: Option<u32>,
+    /// Where --crash-times counts starts (one file per host).
+    #[arg(long)]
+    crash_count_file: Option<std::path::PathBuf>,
     /// /healthz answers 503.
     #[arg(long)]
     unready: bool,
@@ -143,7 +150,8 @@ async fn main() -> anyhow::Result<()> {
     let queue_depth = prometheus_client::metrics::gauge::Gauge::<i64>::default();
     queue_depth.set(args.queue_depth);
     registry.register("sample_queue_depth", "Jobs waiting", queue_depth);
-    if let Some(secs) = args.crash_after {
+    let crashes = crash_now(args.crash_times, args.crash_count_file.as_deref());
+    if let Some(secs) = args.crash_after.filter(|_| crashes) {
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs_f64(secs)).await;
             eprintln!("drover-sample: crashing as asked (--crash-after {secs})");
@@ -182,4 +190,18 @@ async fn main() -> anyhow::Result<()> {
                 .await;
         });
     }
+}
+
+/// Whether this start crashes: always without a limit, else while fewer
+/// than `limit` starts were counted before this one.
+fn crash_now(limit: Option<u32>, count_file: Option<&std::path::Path>) -> bool {
+    let (Some(limit), Some(path)) = (limit, count_file) else {
+        return true;
+    };
+    let before: u32 = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    let _ = std::fs::write(path, (before + 1).to_string());
+    before < limit
 }

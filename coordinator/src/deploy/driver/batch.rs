@@ -107,7 +107,7 @@ impl Driver {
         let hosts = rec.plan[stage][batch].clone();
         let stuck = Duration::from_millis(u64::from(spec.stuck_timeout_ms.max(1000)));
         // Rule 1.
-        let rec = self.touch(id, stage, batch).await?;
+        let rec = self.touch(id, stage, batch, stuck).await?;
         // Rule 2.
         let pulls = self
             .pull_batch(&rec, (stage, batch), &hosts, fence, stuck)
@@ -253,14 +253,31 @@ impl Driver {
         id: &str,
         stage: usize,
         batch: usize,
+        patience: Duration,
     ) -> Result<DeployRecord, DeployError> {
         let (rec, _) = self.ledger.load(id).await?;
         let hosts = rec.hosts_of(stage, batch);
+        // A baseline needs a heartbeat: a coordinator that has just started
+        // (or a host that has just come back) has none yet. A host without
+        // one within the patience counts from zero.
+        let deadline = tokio::time::Instant::now() + patience;
+        while tokio::time::Instant::now() < deadline
+            && hosts.iter().any(|h| {
+                !rec.restarts_before.contains_key(h)
+                    && self
+                        .effects
+                        .host(h, &rec.service)
+                        .is_none_or(|v| v.heartbeat_sequence == 0)
+            })
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let restarts: HashMap<String, u32> = hosts
             .iter()
             .map(|h| (h.clone(), self.restarts(h, &rec.service)))
             .collect();
         let fresh = hosts.iter().any(|h| !rec.touched.contains(h));
+        tracing::info!(deploy = %id, stage, batch, ?restarts, recorded = ?rec.restarts_before, "restart counts before the batch");
         self.ledger
             .update(
                 id,

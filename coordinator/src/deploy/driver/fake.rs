@@ -219,7 +219,7 @@ impl Effects for FakeFleet {
             heartbeat_interval_ms: HEARTBEAT.as_millis() as u32,
             // A heartbeat per interval since the last switch, on top of
             // those before it.
-            heartbeat_sequence: (h.restarts as u64) * 1000 + beats as u64,
+            heartbeat_sequence: 1 + (h.restarts as u64) * 1000 + beats as u64,
             health: (beats > 0 || !h.switched).then(|| ServiceHealth {
                 service: service.to_string(),
                 ready: true,
