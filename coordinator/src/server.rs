@@ -359,7 +359,18 @@ async fn keep_reporting_current(
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            change = changes.next() => if change.is_none() { return },
+            change = changes.next() => match change {
+                None => return,
+                Some(Ok(_)) => {}
+                // Fell behind: watch again; the list below is re-read anyway.
+                Some(Err(e)) => {
+                    warn!(error = %e, "pipeline watch: watching again");
+                    match pipelines.watch().await {
+                        Ok(again) => changes = again,
+                        Err(_) => return,
+                    }
+                }
+            },
         }
         let Ok(all) = pipelines.list().await else {
             continue;

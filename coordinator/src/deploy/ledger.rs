@@ -30,7 +30,7 @@ use crate::ha::leases::ShardLeases;
 use crate::ha::shards::shard_of;
 use crate::metrics::Metrics;
 use crate::store::keys::Keys;
-use crate::store::{Compare, Op, Store, Txn, WatchEvent};
+use crate::store::{Compare, KeyValue, Op, Store, StoreError, Txn, WatchEvent};
 
 pub struct Ledger {
     store: Arc<dyn Store>,
@@ -105,22 +105,54 @@ impl Ledger {
         Ok(out)
     }
 
-    /// The deploy as it is now, then every stored change of it.
+    /// The deploy as it is now, then every stored change of it. A watch
+    /// that falls behind re-reads the record and watches again, so a
+    /// watcher may skip intermediate states but always sees the latest.
     pub async fn watch(
         &self,
         id: &str,
     ) -> Result<impl tokio_stream::Stream<Item = DeployRecord> + Send + use<>, DeployError> {
         let key = self.keys.deploy(id);
         // Watch before reading, so no change falls between the two.
-        let changes = self.store.watch(&key).await?;
+        let mut changes = self.store.watch(&key).await?;
         let (current, revision) = self.load(id).await?;
-        let changes = changes.filter_map(move |event| match event {
-            WatchEvent::Put(kv) if kv.key == key && kv.mod_revision > revision => {
-                serde_json::from_slice::<DeployRecord>(&kv.value).ok()
+        let store = self.store.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let decode = |kv: &KeyValue| serde_json::from_slice::<DeployRecord>(&kv.value).ok();
+            let mut seen = revision;
+            if tx.send(current).await.is_err() {
+                return;
             }
-            _ => None,
+            loop {
+                let latest = match changes.next().await {
+                    Some(Ok(WatchEvent::Put(kv))) if kv.key == key => Some(kv),
+                    Some(Ok(_)) => None,
+                    Some(Err(StoreError::Lagged { after })) => {
+                        warn!(key, after, "deploy watch fell behind: re-reading");
+                        let Ok(again) = store.watch(&key).await else {
+                            return;
+                        };
+                        changes = again;
+                        match store.get(&key).await {
+                            Ok(kv) => kv,
+                            Err(_) => return,
+                        }
+                    }
+                    Some(Err(_)) | None => return,
+                };
+                let Some(kv) = latest.filter(|kv| kv.mod_revision > seen) else {
+                    continue;
+                };
+                seen = kv.mod_revision;
+                if let Some(rec) = decode(&kv)
+                    && tx.send(rec).await.is_err()
+                {
+                    return;
+                }
+            }
         });
-        Ok(tokio_stream::once(current).chain(changes))
+        Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
     }
 
     /// Applies `event` to the stored deploy, by `actor`, retrying on
@@ -511,5 +543,55 @@ impl Ledger {
         DeployError::NotLeader(format!(
             "this coordinator no longer leads shard {shard} (leader: {leader})"
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use drover_common::proto::{Pipeline, Stage};
+    use tokio_stream::StreamExt;
+
+    use crate::deploy::testing::World;
+
+    /// A WatchDeploy whose client reads nothing while hundreds of changes
+    /// are made (the store buffers 32) still ends on the record's latest state (it re-reads when
+    /// its store watch falls behind), and its revisions never go back.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_watch_that_falls_behind_still_reaches_the_latest_state() {
+        let w = World::with_watch_buffer(&["h1"], 32).await;
+        let p = Pipeline {
+            name: "hello".into(),
+            service: "hello".into(),
+            stages: vec![Stage {
+                name: "prod".into(),
+                batch_size: 1,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let id = w.start(&p, &[&["h1"]]).await;
+        let mut watch = w.ledger.watch(&id).await.unwrap();
+        for n in 0..400u32 {
+            w.ledger
+                .update(&id, |r| r.requester = format!("n{n}"), |_, _| Vec::new())
+                .await
+                .unwrap();
+        }
+        let mut writes = 0;
+        loop {
+            let rec = tokio::time::timeout(std::time::Duration::from_secs(10), watch.next())
+                .await
+                .expect("the watch keeps delivering")
+                .expect("the watch does not end");
+            assert!(
+                rec.writes >= writes,
+                "went back from {writes} to {}",
+                rec.writes
+            );
+            writes = rec.writes;
+            if rec.requester == "n399" {
+                break;
+            }
+        }
     }
 }

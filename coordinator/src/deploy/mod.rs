@@ -18,3 +18,5 @@ pub mod machine;
 pub mod pipeline;
 pub mod record;
 pub mod start;
+#[cfg(test)]
+mod testing;

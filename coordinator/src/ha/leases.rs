@@ -415,7 +415,8 @@ impl ShardLeases {
     async fn watch_changes(&self) -> Option<WatchStream> {
         let members = self.store.watch(self.members.prefix()).await.ok()?;
         let elections = self.store.watch(&self.prefix).await.ok()?;
-        let elections = elections.filter(|e| matches!(e, WatchEvent::Delete { .. }));
+        // A lagged watch is a change too (a round runs, then it is watched again).
+        let elections = elections.filter(|e| matches!(e, Ok(WatchEvent::Delete { .. }) | Err(_)));
         Some(Box::pin(members.merge(elections)))
     }
 

@@ -16,8 +16,6 @@ use redb::{
     Database, DatabaseError, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
 };
 use tokio::sync::broadcast;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::BroadcastStream;
 
 use super::{
     Compare, KeyValue, LeaseId, Op, Result, Revision, Store, StoreError, Txn, TxnResult,
@@ -197,8 +195,15 @@ struct Lease {
     deadline: Instant,
 }
 
+/// Changes buffered for watchers: one that falls further behind is told
+/// (`StoreError::Lagged`) and re-reads.
+const WATCH_BUFFER: usize = 4096;
+
 struct Inner {
     db: Database,
+    /// Held from a write's start until its events are published, so
+    /// watchers receive them in revision order.
+    writer: Mutex<()>,
     events: broadcast::Sender<WatchEvent>,
     leases: Mutex<HashMap<LeaseId, Lease>>,
     next_lease: AtomicU64,
@@ -243,15 +248,27 @@ impl EmbeddedStore {
     /// file is checked page by page as it opens and then read in full
     /// (see [`check_file`]).
     pub fn open(data_dir: &Path) -> Result<EmbeddedStore> {
+        Self::open_buffered(data_dir, WATCH_BUFFER)
+    }
+
+    /// [`EmbeddedStore::open`] with a smaller watch buffer, so tests can
+    /// make a watcher fall behind with a few hundred writes.
+    #[cfg(test)]
+    pub fn open_with_watch_buffer(data_dir: &Path, events: usize) -> Result<EmbeddedStore> {
+        Self::open_buffered(data_dir, events)
+    }
+
+    fn open_buffered(data_dir: &Path, buffer: usize) -> Result<EmbeddedStore> {
         let path = data_dir.join(FILE);
         let db = open_checked(&path, true).map_err(|e| match e {
             StoreError::Locked(_) => StoreError::Locked(data_dir.display().to_string()),
             other => other,
         })?;
-        let (events, _) = broadcast::channel(4096);
+        let (events, _) = broadcast::channel(buffer);
         let store = EmbeddedStore {
             inner: Arc::new(Inner {
                 db,
+                writer: Mutex::new(()),
                 events,
                 leases: Mutex::new(HashMap::new()),
                 next_lease: AtomicU64::new(1),
@@ -549,26 +566,43 @@ impl Store for EmbeddedStore {
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResult> {
-        let (result, events) = self.blocking(move |s| s.apply(txn)).await?;
-        self.publish(events);
-        Ok(result)
+        self.blocking(move |s| {
+            let _writer = s.inner.writer.lock().expect("writer lock");
+            let (result, events) = s.apply(txn)?;
+            s.publish(events);
+            Ok(result)
+        })
+        .await
     }
 
     async fn watch(&self, prefix: &str) -> Result<WatchStream> {
         let prefix = prefix.to_string();
-        let rx = self.inner.events.subscribe();
-        Ok(Box::pin(BroadcastStream::new(rx).filter_map(
-            move |e| match e {
-                Ok(event) => {
-                    let key = match &event {
-                        WatchEvent::Put(kv) => &kv.key,
-                        WatchEvent::Delete { key, .. } => key,
-                    };
-                    key.starts_with(&prefix).then_some(event)
+        // The revision the watch starts after: what a watcher that lags
+        // before its first event re-reads from.
+        let (_, start) = self.range("\u{10ffff}").await?;
+        let mut rx = self.inner.events.subscribe();
+        Ok(super::stream_from_task(move |tx| async move {
+            let (mut last, mut received) = (start, false);
+            loop {
+                match rx.recv().await {
+                    Ok(event) => {
+                        last = last.max(event.revision());
+                        received = true;
+                        if event.key().starts_with(&prefix) && tx.send(Ok(event)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(dropped)) => {
+                        // The last revision may have been cut short: re-read it.
+                        let after = if received { last - 1 } else { start };
+                        tracing::warn!(prefix, after, dropped, "a watcher fell behind");
+                        let _ = tx.send(Err(StoreError::Lagged { after })).await;
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
                 }
-                Err(_) => None,
-            },
-        )))
+            }
+        }))
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
@@ -605,35 +639,34 @@ impl Store for EmbeddedStore {
         {
             return Err(StoreError::NoLease(lease));
         }
-        let events = self
-            .blocking(move |s| {
-                let txn = s.inner.db.begin_write().map_err(backend)?;
-                let keys: Vec<String> = {
-                    let meta = txn.open_table(META).map_err(backend)?;
-                    meta.iter()
-                        .map_err(backend)?
-                        .filter_map(|e| e.ok())
-                        .filter(|(_, m)| m.value().2 == lease)
-                        .map(|(k, _)| k.value().to_string())
-                        .collect()
-                };
-                if keys.is_empty() {
-                    txn.abort().map_err(backend)?;
-                    return Ok(Vec::new());
-                }
-                let revision = next_revision(&txn)?;
-                let mut events = Vec::new();
-                for key in keys {
-                    delete(&txn, &key)?;
-                    events.push(WatchEvent::Delete { key, revision });
-                }
-                set_revision(&txn, revision)?;
-                txn.commit().map_err(backend)?;
-                Ok(events)
-            })
-            .await?;
-        self.publish(events);
-        Ok(())
+        self.blocking(move |s| {
+            let _writer = s.inner.writer.lock().expect("writer lock");
+            let txn = s.inner.db.begin_write().map_err(backend)?;
+            let keys: Vec<String> = {
+                let meta = txn.open_table(META).map_err(backend)?;
+                meta.iter()
+                    .map_err(backend)?
+                    .filter_map(|e| e.ok())
+                    .filter(|(_, m)| m.value().2 == lease)
+                    .map(|(k, _)| k.value().to_string())
+                    .collect()
+            };
+            if keys.is_empty() {
+                txn.abort().map_err(backend)?;
+                return Ok(());
+            }
+            let revision = next_revision(&txn)?;
+            let mut events = Vec::new();
+            for key in keys {
+                delete(&txn, &key)?;
+                events.push(WatchEvent::Delete { key, revision });
+            }
+            set_revision(&txn, revision)?;
+            txn.commit().map_err(backend)?;
+            s.publish(events);
+            Ok(())
+        })
+        .await
     }
 }
 
@@ -646,6 +679,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path()).unwrap();
         super::super::suite::run(&store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_watcher_that_falls_behind_is_told_where_to_re_read_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        assert!(
+            super::super::suite::watches_keep_revision_order_and_never_skip(&store).await,
+            "5,000 unread changes overflow the buffer: the watcher must be told"
+        );
     }
 
     #[tokio::test]

@@ -163,8 +163,27 @@ impl Store for EtcdStore {
             .watch(prefix, Some(WatchOptions::new().with_prefix()))
             .await
             .map_err(backend)?;
-        let events = async_stream(move |tx| async move {
-            while let Ok(Some(resp)) = stream.message().await {
+        let events = super::stream_from_task(move |tx| async move {
+            // The last revision delivered: a compaction says where to re-read.
+            let mut last = 0;
+            loop {
+                let resp = match stream.message().await {
+                    Ok(Some(resp)) => resp,
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = tx.send(Err(backend(e))).await;
+                        return;
+                    }
+                };
+                if resp.canceled() || resp.compact_revision() > 0 {
+                    let after = if resp.compact_revision() > 0 {
+                        (resp.compact_revision() as u64).saturating_sub(1).max(last)
+                    } else {
+                        last
+                    };
+                    let _ = tx.send(Err(StoreError::Lagged { after })).await;
+                    return;
+                }
                 for e in resp.events() {
                     let Some(k) = e.kv() else { continue };
                     let event = match e.event_type() {
@@ -174,7 +193,8 @@ impl Store for EtcdStore {
                             revision: k.mod_revision() as u64,
                         },
                     };
-                    if tx.send(event).await.is_err() {
+                    last = event.revision();
+                    if tx.send(Ok(event)).await.is_err() {
                         return;
                     }
                 }
@@ -224,15 +244,4 @@ impl Store for EtcdStore {
             .map_err(|e| lease_error(lease, e))?;
         Ok(())
     }
-}
-
-/// A stream fed by a task: the task ends when the stream is dropped.
-fn async_stream<F, Fut>(produce: F) -> WatchStream
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<WatchEvent>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(256);
-    tokio::spawn(produce(tx));
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }

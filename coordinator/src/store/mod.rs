@@ -92,7 +92,38 @@ pub enum WatchEvent {
     Delete { key: String, revision: Revision },
 }
 
-pub type WatchStream = Pin<Box<dyn Stream<Item = WatchEvent> + Send>>;
+/// Changes in revision order. A watcher that fell behind gets one
+/// [`StoreError::Lagged`] and the stream ends: it re-reads what it watches
+/// and watches again. Never a silent gap.
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchEvent>> + Send>>;
+
+impl WatchEvent {
+    pub fn key(&self) -> &str {
+        match self {
+            WatchEvent::Put(kv) => &kv.key,
+            WatchEvent::Delete { key, .. } => key,
+        }
+    }
+
+    pub fn revision(&self) -> Revision {
+        match self {
+            WatchEvent::Put(kv) => kv.mod_revision,
+            WatchEvent::Delete { revision, .. } => *revision,
+        }
+    }
+}
+
+/// A watch stream fed by a task: `produce` sends into the channel until
+/// it is closed (the watcher dropped the stream).
+pub(crate) fn stream_from_task<F, Fut>(produce: F) -> WatchStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<WatchEvent>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    tokio::spawn(produce(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -102,6 +133,13 @@ pub enum StoreError {
     NoLease(LeaseId),
     #[error("store: {0}")]
     Backend(String),
+    /// A watcher fell behind and changes after revision `after` were
+    /// dropped (or compacted away): re-read, then watch again.
+    #[error(
+        "the watch fell behind after revision {after}; re-read from revision {} and watch again",
+        after + 1
+    )]
+    Lagged { after: Revision },
     /// The embedded store's file is damaged: the coordinator must not start
     /// on it (and must not crash-loop): restore a backup.
     #[error(

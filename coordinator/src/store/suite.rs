@@ -102,6 +102,7 @@ pub async fn run(store: &dyn Store) {
     let first = tokio::time::timeout(Duration::from_secs(5), watch.next())
         .await
         .unwrap()
+        .unwrap()
         .unwrap();
     assert!(
         matches!(first, WatchEvent::Put(ref kv) if kv.key == "/w/1"),
@@ -110,11 +111,14 @@ pub async fn run(store: &dyn Store) {
     let second = tokio::time::timeout(Duration::from_secs(5), watch.next())
         .await
         .unwrap()
+        .unwrap()
         .unwrap();
     assert!(
         matches!(second, WatchEvent::Delete { ref key, .. } if key == "/w/1"),
         "{second:?}"
     );
+
+    watches_keep_revision_order_and_never_skip(store).await;
 
     // Leases: keys die with them; keep-alive extends; expiry ends them.
     let lease = store.grant_lease(Duration::from_millis(300)).await.unwrap();
@@ -189,4 +193,76 @@ pub async fn run(store: &dyn Store) {
         store.get("/l/k3").await.unwrap().is_none(),
         "revoke deletes the lease's keys"
     );
+}
+
+/// Writers at once: a watcher sees their changes in revision order. A
+/// watcher that does not read while 5,000 changes are made gets every one
+/// of them in order, or all of them up to a point and then
+/// [`StoreError::Lagged`] naming a revision at or before that point: never
+/// a gap. Returns whether it lagged.
+pub async fn watches_keep_revision_order_and_never_skip(store: &dyn Store) -> bool {
+    let mut watch = store.watch("/o/").await.unwrap();
+    let writer = |w: usize| async move {
+        for i in 0..25 {
+            store
+                .txn(Txn {
+                    success: vec![Op::put(format!("/o/{w}/{i}"), "x")],
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+    };
+    tokio::join!(writer(0), writer(1), writer(2), writer(3));
+    let mut last = 0;
+    for _ in 0..100 {
+        let e = tokio::time::timeout(Duration::from_secs(5), watch.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(e.revision() > last, "{} after {last}", e.revision());
+        last = e.revision();
+    }
+
+    let (_, start) = store.range("/lag/").await.unwrap();
+    let mut slow = store.watch("/lag/").await.unwrap();
+    for t in 0..50 {
+        store
+            .txn(Txn {
+                success: (0..100)
+                    .map(|i| Op::put(format!("/lag/{:05}", t * 100 + i), "x"))
+                    .collect(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let mut delivered: Vec<(String, u64)> = Vec::new();
+    let lagged = loop {
+        if delivered.len() == 5000 {
+            break None;
+        }
+        match tokio::time::timeout(Duration::from_secs(10), slow.next()).await {
+            Ok(Some(Ok(e))) => delivered.push((e.key().to_string(), e.revision())),
+            Ok(Some(Err(StoreError::Lagged { after }))) => break Some(after),
+            other => panic!("after {} events: {other:?}", delivered.len()),
+        }
+    };
+    for (n, (key, _)) in delivered.iter().enumerate() {
+        assert_eq!(key, &format!("/lag/{n:05}"), "no gap, in order");
+    }
+    if let Some(after) = lagged {
+        let last = delivered.last().map_or(start, |(_, r)| *r);
+        assert!(
+            after >= start && after <= last,
+            "re-read from {} though {last} was the last delivered",
+            after + 1
+        );
+        assert!(
+            slow.next().await.is_none(),
+            "a lagged watch ends after its error"
+        );
+    }
+    lagged.is_some()
 }

@@ -30,7 +30,7 @@ pub mod effects;
 mod rollback;
 
 #[cfg(test)]
-mod fake;
+pub(crate) mod fake;
 #[cfg(test)]
 mod tests;
 

@@ -1,33 +1,16 @@
 //! The driver without I/O: a scripted fleet ([`FakeFleet`]), the embedded
 //! store in a temp dir, and tokio's paused clock (sleeps advance at once).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use drover_common::proto::{
-    Analysis, AuditKind, Canary, CanaryStep, HealthGate, Host, HostOutcome, InconclusiveAction,
+    Analysis, AuditKind, Canary, CanaryStep, HealthGate, HostOutcome, InconclusiveAction,
     InconclusivePolicy, Pipeline, Stage,
 };
 
-use super::Driver;
-use super::fake::{FakeFleet, FakeHost, Reply};
-use crate::deploy::clock::TokioClock;
-use crate::deploy::ledger::Ledger;
+use super::fake::Reply;
 use crate::deploy::machine::{Event, Phase, ReasonKind, Why};
-use crate::deploy::record::DeployRecord;
-use crate::deploy::start::{NewDeploy, new_record};
-use crate::ha::leases::ShardLeases;
-use crate::ha::members::Member;
-use crate::store::Store;
-use crate::store::embedded::EmbeddedStore;
-
-fn old() -> String {
-    "a".repeat(64)
-}
-
-fn new() -> String {
-    "b".repeat(64)
-}
+use crate::deploy::testing::{World, new, old};
 
 /// A stage of `hosts` in batches of `batch`, judged quickly: two good
 /// samples pass, one bad fails, no restart allowed.
@@ -75,132 +58,6 @@ fn pipeline(stages: Vec<Stage>) -> Pipeline {
         service: "hello".into(),
         stages,
         ..Default::default()
-    }
-}
-
-/// The driver's world: one coordinator leading every shard.
-struct World {
-    _dir: tempfile::TempDir,
-    ledger: Arc<Ledger>,
-    fleet: Arc<FakeFleet>,
-}
-
-impl World {
-    async fn new(hosts: &[&str]) -> World {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
-        let leases = ShardLeases::new(
-            store.clone(),
-            "/t",
-            Member {
-                id: "c1".into(),
-                address: "c1:1".into(),
-                ready: true,
-            },
-            4,
-            Duration::from_secs(3600),
-            Duration::ZERO,
-            false,
-        );
-        leases.campaign_once().await;
-        let ledger = Arc::new(Ledger::new(
-            store,
-            "/t",
-            leases,
-            Default::default(),
-            Arc::new(TokioClock::new(1_000_000)),
-        ));
-        let scripted: Vec<(&str, FakeHost)> =
-            hosts.iter().map(|h| (*h, FakeHost::new(&old()))).collect();
-        World {
-            _dir: dir,
-            ledger,
-            fleet: Arc::new(FakeFleet::with_hosts(&scripted)),
-        }
-    }
-
-    /// A coordinator's driver (a new one stands for a restart or a new leader).
-    fn driver(&self) -> Arc<Driver> {
-        Driver::new(self.ledger.clone(), self.fleet.clone())
-    }
-
-    /// Starts a deploy of `new()` over `p`, its stages' hosts given.
-    async fn start(&self, p: &Pipeline, hosts: &[&[&str]]) -> String {
-        let (rec, actions) = new_record(NewDeploy {
-            id: "hello-1".into(),
-            pipeline: p,
-            hosts: hosts
-                .iter()
-                .map(|s| {
-                    s.iter()
-                        .map(|h| Host {
-                            host_id: h.to_string(),
-                            ..Default::default()
-                        })
-                        .collect()
-                })
-                .collect(),
-            artifact: new(),
-            git_sha: String::new(),
-            known_good: old(),
-            environments: vec![old(); p.stages.len()],
-            first_stage: 0,
-            forced_past: Vec::new(),
-            requester: "ci".into(),
-            started_by: "ci".into(),
-            idempotency_key: String::new(),
-            now: self.ledger.now(),
-        })
-        .unwrap();
-        assert!(
-            self.ledger
-                .create(&rec, &actions, Vec::new())
-                .await
-                .unwrap()
-        );
-        rec.id
-    }
-
-    async fn record(&self, id: &str) -> DeployRecord {
-        self.ledger.load(id).await.unwrap().0
-    }
-
-    /// Drives `id` to its end on a fresh driver.
-    async fn drive(&self, id: &str) -> DeployRecord {
-        self.driver().drive(id).await.unwrap();
-        self.record(id).await
-    }
-
-    /// Applies a control as the facade does.
-    async fn control(&self, driver: &Driver, id: &str, event: Event) {
-        self.ledger
-            .apply(id, &event, "alice", |_| {})
-            .await
-            .unwrap()
-            .unwrap();
-        driver.wake(id);
-    }
-
-    async fn kinds(&self) -> Vec<AuditKind> {
-        self.ledger
-            .audit_log("hello", 0, 0)
-            .await
-            .unwrap()
-            .iter()
-            .map(|e| e.event())
-            .collect()
-    }
-
-    async fn wait_for(&self, id: &str, what: impl Fn(&DeployRecord) -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
-        while !what(&self.record(id).await) {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{:?}",
-                self.record(id).await
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
 }
 
