@@ -11,7 +11,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use drover_common::artifact::{Digest, Hasher, Limits, Manifest, UnpackError, unpack};
+use drover_common::artifact::{Digest, Hasher, Limits, Manifest, UnpackError, tree, unpack};
 use drover_common::proto::FetchRequest;
 use drover_common::proto::artifacts_client::ArtifactsClient;
 use tokio::io::AsyncWriteExt;
@@ -297,8 +297,74 @@ pub async fn unpack_release(
             manifest.service
         )));
     }
+    // Durable before it can become current: every file and directory is
+    // fsynced while its record is made; the record goes first, then the
+    // release is renamed into place (and its directory fsynced).
+    let record = {
+        let tmp = tmp.clone();
+        tokio::task::spawn_blocking(move || tree::record(&tmp))
+            .await
+            .map_err(|e| PullError::Other(e.to_string()))?
+    };
+    let record = match record {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(PullError::Other(format!("recording the release: {e}")));
+        }
+    };
+    let record_path = layout.release_tree(service, digest);
+    let json = serde_json::to_vec(&record).map_err(|e| PullError::Other(e.to_string()))?;
+    crate::state::write_durably(&record_path, &json).map_err(|e| disk_error(&record_path, &e))?;
     std::fs::rename(&tmp, &release).map_err(|e| disk_error(&release, &e))?;
+    std::fs::File::open(&releases)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| disk_error(&releases, &e))?;
     Ok(manifest)
+}
+
+/// Why a release may not start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VerifyError {
+    /// The cached archive is missing or its bytes are not the digest's.
+    Archive(String),
+    /// The unpacked release is missing or differs from its record; the
+    /// verified archive can make it again.
+    Release(String),
+}
+
+impl std::fmt::Display for VerifyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VerifyError::Archive(e) | VerifyError::Release(e) => f.write_str(e),
+        }
+    }
+}
+
+/// Checks the unpacked release against the record made when it was
+/// unpacked. A release from before records were kept is recorded now.
+async fn verify_tree(layout: &Layout, service: &str, digest: &Digest) -> Result<(), String> {
+    let release = layout.release(service, digest);
+    let record_path = layout.release_tree(service, digest);
+    let recorded: Option<tree::Tree> = match std::fs::read(&record_path) {
+        Ok(bytes) => Some(
+            serde_json::from_slice(&bytes)
+                .map_err(|e| format!("the record {} is unreadable: {e}", record_path.display()))?,
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(format!("reading {}: {e}", record_path.display())),
+    };
+    tokio::task::spawn_blocking(move || match recorded {
+        Some(tree) => tree::verify(&release, &tree).map_err(|e| e.to_string()),
+        None => {
+            tracing::warn!(release = %release.display(), "a release without a record: recording it now");
+            let tree = tree::record(&release).map_err(|e| e.to_string())?;
+            let json = serde_json::to_vec(&tree).map_err(|e| e.to_string())?;
+            crate::state::write_durably(&record_path, &json).map_err(|e| e.to_string())
+        }
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
 
 /// Reads and validates the manifest of an unpacked release.
@@ -320,26 +386,36 @@ pub fn read_release_manifest(release: &Path, service: &str) -> Result<Manifest, 
     Ok(manifest)
 }
 
-/// Re-hashes the cached artifact and re-reads its release's manifest.
-pub async fn verify(layout: &Layout, service: &str, digest: &Digest) -> Result<(), String> {
+/// Re-hashes the cached artifact, checks its release against the record
+/// made at unpack, and re-reads the release's manifest.
+pub async fn verify(layout: &Layout, service: &str, digest: &Digest) -> Result<(), VerifyError> {
     let cached = layout.cached(digest);
     let (actual, _) = {
         let cached = cached.clone();
         tokio::task::spawn_blocking(move || Digest::of_file(&cached))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("artifact {digest} is not on this host ({e}); send Pull first"))?
+            .map_err(|e| VerifyError::Archive(e.to_string()))?
+            .map_err(|e| {
+                VerifyError::Archive(format!(
+                    "artifact {digest} is not on this host ({e}); send Pull first"
+                ))
+            })?
     };
     if actual != *digest {
-        return Err(format!(
+        return Err(VerifyError::Archive(format!(
             "cached artifact is corrupt: expected {digest}, its bytes hash to {actual}"
-        ));
+        )));
     }
     let release = layout.release(service, digest);
     if !release.is_dir() {
-        return Err(format!(
+        return Err(VerifyError::Release(format!(
             "artifact {digest} is cached but not unpacked; send Pull"
-        ));
+        )));
     }
-    read_release_manifest(&release, service).map(|_| ())
+    verify_tree(layout, service, digest)
+        .await
+        .map_err(|e| VerifyError::Release(format!("release {digest} is damaged: {e}")))?;
+    read_release_manifest(&release, service)
+        .map(|_| ())
+        .map_err(VerifyError::Release)
 }

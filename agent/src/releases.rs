@@ -4,6 +4,7 @@
 //! <data>/cache/<sha256>.tar.gz      verified artifacts (Verify re-hashes these)
 //! <data>/cache/<sha256>.part        a pull in progress (resumed from its length)
 //! <data>/services/<service>/releases/<sha256>/   unpacked releases
+//! <data>/services/<service>/releases/<sha256>.tree   what each holds (checked before it starts)
 //! <data>/services/<service>/current -> releases/<sha256>   switched atomically
 //! <data>/services/<service>/logs/   the service's output (process runtime)
 //! ```
@@ -64,6 +65,12 @@ impl Layout {
         self.releases_dir(service).join(digest.hex())
     }
 
+    /// The record of what release `digest` holds, file by file (JSON).
+    pub fn release_tree(&self, service: &str, digest: &Digest) -> PathBuf {
+        self.releases_dir(service)
+            .join(format!("{}.tree", digest.hex()))
+    }
+
     pub fn current_link(&self, service: &str) -> PathBuf {
         self.service_dir(service).join("current")
     }
@@ -107,6 +114,7 @@ impl Layout {
         for hex in &removed {
             if let Ok(digest) = hex.parse::<Digest>() {
                 let _ = std::fs::remove_dir_all(self.release(service, &digest));
+                let _ = std::fs::remove_file(self.release_tree(service, &digest));
                 let _ = std::fs::remove_file(self.cached(&digest));
                 let _ = std::fs::remove_file(self.signature(&digest));
             }

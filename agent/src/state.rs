@@ -93,6 +93,18 @@ impl Journal {
         let bytes = serde_json::to_vec_pretty(&self.state).map_err(std::io::Error::other)?;
         write_durably(&self.path, &bytes)
     }
+
+    /// Applies `change` and writes the result: the state in memory changes
+    /// only once it is on disk, so nothing is believed (an epoch, a
+    /// command's result) that a crash would forget.
+    pub fn commit(&mut self, change: impl FnOnce(&mut LocalState)) -> std::io::Result<()> {
+        let mut next = self.state.clone();
+        change(&mut next);
+        let bytes = serde_json::to_vec_pretty(&next).map_err(std::io::Error::other)?;
+        write_durably(&self.path, &bytes)?;
+        self.state = next;
+        Ok(())
+    }
 }
 
 /// An exclusive lock on the data dir, held for the agent's life
@@ -181,6 +193,27 @@ mod tests {
         let again = Journal::open(dir.path()).unwrap();
         assert_eq!(again.state, j.state);
         assert!(!dir.path().join("state.json.tmp").exists());
+    }
+
+    #[test]
+    fn a_change_that_cannot_be_written_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        j.commit(|s| {
+            s.epochs.insert(1, 5);
+        })
+        .unwrap();
+        // The temp file's name taken by a directory: no write can succeed,
+        // whoever runs the test.
+        std::fs::create_dir(dir.path().join("state.json.tmp")).unwrap();
+        assert!(
+            j.commit(|s| {
+                s.epochs.insert(1, 6);
+            })
+            .is_err()
+        );
+        assert_eq!(j.state.epochs[&1], 5, "memory keeps what is on disk");
+        assert_eq!(Journal::open(dir.path()).unwrap().state, j.state);
     }
 
     #[test]

@@ -105,3 +105,54 @@ async fn epochs_rise_only_by_fence_and_a_new_cluster_resets_them() {
     let (status, reason) = verify_at(&ex, "new-cluster", 2).await;
     assert_eq!(status, CommandStatus::Failed, "past fencing: {reason}");
 }
+
+/// The journal's temp file's name taken by a directory: no journal write
+/// can succeed, whoever runs the test. Removing it heals the journal.
+fn break_journal(data: &std::path::Path) -> std::path::PathBuf {
+    let blocker = data.join("state.json.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    blocker
+}
+
+#[tokio::test]
+async fn an_epoch_that_cannot_be_persisted_is_not_raised_nor_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let ex = executor(dir.path());
+    ex.join_cluster("cluster-a", true);
+    assert!(ex.raise_epochs(&[ShardEpoch { shard: 1, epoch: 5 }]));
+    let blocker = break_journal(dir.path());
+    assert!(
+        !ex.raise_epochs(&[ShardEpoch { shard: 1, epoch: 6 }]),
+        "not durable, not acknowledged"
+    );
+    let (status, reason) = verify_at(&ex, "at-6", 6).await;
+    assert_eq!(
+        status,
+        CommandStatus::RejectedUnfenced,
+        "nothing runs at an epoch only memory holds: {reason}"
+    );
+    std::fs::remove_dir(&blocker).unwrap();
+    assert!(ex.raise_epochs(&[ShardEpoch { shard: 1, epoch: 6 }]));
+    let (status, _) = verify_at(&ex, "at-6-again", 6).await;
+    assert_ne!(status, CommandStatus::RejectedUnfenced);
+}
+
+#[tokio::test]
+async fn a_result_that_cannot_be_recorded_fails_the_command_and_is_not_remembered() {
+    let dir = tempfile::tempdir().unwrap();
+    let ex = executor(dir.path());
+    ex.join_cluster("cluster-a", true);
+    assert!(ex.raise_epochs(&[ShardEpoch { shard: 1, epoch: 5 }]));
+    let blocker = break_journal(dir.path());
+    let (status, reason) = verify_at(&ex, "v1", 5).await;
+    assert_eq!(status, CommandStatus::Failed, "{reason}");
+    assert!(reason.contains("could not be recorded"), "{reason}");
+    std::fs::remove_dir(&blocker).unwrap();
+    // Sent again, it runs again (nothing was remembered) and its result is
+    // recorded now: the same answer from the journal after a restart.
+    let (again, reason) = verify_at(&ex, "v1", 5).await;
+    assert!(!reason.contains("could not be recorded"), "{reason}");
+    drop(ex);
+    let ex = executor(dir.path());
+    assert_eq!(verify_at(&ex, "v1", 5).await.0, again);
+}

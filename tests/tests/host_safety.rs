@@ -261,7 +261,15 @@ async fn pulls_prune_releases_and_cache_as_they_go() {
     let releases = names(agent.data_dir.join("services/hello/releases"));
     let mut newest: Vec<String> = digests[2..].to_vec();
     newest.sort();
-    assert_eq!(releases, newest, "the three newest pulls are kept");
+    let mut with_records: Vec<String> = newest
+        .iter()
+        .flat_map(|d| [d.clone(), format!("{d}.tree")])
+        .collect();
+    with_records.sort();
+    assert_eq!(
+        releases, with_records,
+        "the three newest pulls are kept, each with its record"
+    );
     let cache = names(agent.data_dir.join("cache"));
     assert_eq!(cache.len(), 3, "{cache:?}");
     assert!(

@@ -159,10 +159,10 @@ impl Executor {
             .clone()
     }
 
+    /// Changes the journal: in memory only once it is on disk.
     fn save(&self, change: impl FnOnce(&mut crate::state::LocalState)) -> Result<(), String> {
         let mut journal = self.journal.lock().expect("journal lock");
-        change(&mut journal.state);
-        match journal.save() {
+        match journal.commit(change) {
             Ok(()) => {
                 self.cfg.disk.clear(disk::Source::Journal);
                 Ok(())
@@ -191,16 +191,28 @@ impl Executor {
     /// run: from then on a deposed leader's commands are rejected-stale.
     /// Returns whether the epochs are durable (then they are acknowledged).
     pub fn raise_epochs(&self, epochs: &[ShardEpoch]) -> bool {
-        let mut journal = self.journal.lock().expect("journal lock");
-        let mut raised = false;
-        for e in epochs {
-            let highest = journal.state.epochs.entry(e.shard).or_insert(0);
-            if e.epoch > *highest {
-                *highest = e.epoch;
-                raised = true;
-            }
+        let raised = {
+            let journal = self.journal.lock().expect("journal lock");
+            epochs.iter().any(|e| {
+                journal
+                    .state
+                    .epochs
+                    .get(&e.shard)
+                    .is_none_or(|h| e.epoch > *h)
+            })
+        };
+        if !raised {
+            return true;
         }
-        if raised && let Err(e) = journal.save() {
+        let raise = |state: &mut crate::state::LocalState| {
+            for e in epochs {
+                let highest = state.epochs.entry(e.shard).or_insert(0);
+                *highest = (*highest).max(e.epoch);
+            }
+        };
+        // Not on disk, not raised: commands at the new epoch stay
+        // REJECTED_UNFENCED until a Fence is persisted.
+        if let Err(e) = self.save(raise) {
             warn!(error = %e, "cannot persist the shard epochs; not acknowledging them");
             return false;
         }
@@ -224,10 +236,15 @@ impl Executor {
                 authenticated,
                 "the coordinators belong to a new cluster (a rebuilt store): resetting every shard epoch"
             );
-            journal.state.epochs.clear();
         }
-        journal.state.cluster_id = cluster_id.to_string();
-        if let Err(e) = journal.save() {
+        let reset = !journal.state.cluster_id.is_empty();
+        let adopt = |state: &mut crate::state::LocalState| {
+            if reset {
+                state.epochs.clear();
+            }
+            state.cluster_id = cluster_id.to_string();
+        };
+        if let Err(e) = journal.commit(adopt) {
             warn!(error = %e, "cannot persist the cluster id");
         }
     }
@@ -338,9 +355,20 @@ impl Executor {
             reason: outcome.reason.clone(),
             output_tail: outcome.output_tail.clone(),
         };
-        if let Err(e) = self.save(|s| s.record(recorded)) {
-            warn!(error = %e, "command result not recorded");
-        }
+        // No durable record, no success: the coordinator sends it again
+        // (rule 4 makes a repeated Restart a no-op) rather than believe a
+        // result a crash would forget.
+        let outcome = match self.save(|s| s.record(recorded)) {
+            Ok(()) => outcome,
+            Err(e) => {
+                warn!(command_id = %cmd.command_id, error = %e, "command result not recorded: failing it");
+                Outcome {
+                    status: CommandStatus::Failed,
+                    reason: format!("{}; the result could not be recorded ({e})", outcome.reason),
+                    output_tail: outcome.output_tail,
+                }
+            }
+        };
         self.inflight
             .lock()
             .expect("inflight lock")
@@ -389,8 +417,8 @@ impl Executor {
             command::Action::Pull(p) => self.pull(p).await,
             command::Action::Verify(v) => match parse_digest(&v.artifact) {
                 Ok(d) => match pull::verify(&self.cfg.layout, &v.service, &d).await {
-                    Ok(()) => Outcome::ok(format!("{d} verified")),
-                    Err(e) => Outcome::failed(e),
+                    Ok(()) => Outcome::ok(format!("{d} verified (archive and release)")),
+                    Err(e) => Outcome::failed(e.to_string()),
                 },
                 Err(e) => Outcome::failed(e),
             },
@@ -504,11 +532,33 @@ impl Executor {
         self.activate(service, &digest, ready_timeout_ms).await
     }
 
+    /// Checks the archive and the unpacked release of `digest`; a damaged
+    /// release is made again from the verified archive (never downloaded)
+    /// and checked again. Only then may it start.
+    async fn ensure_release(&self, service: &str, digest: &Digest) -> Result<(), String> {
+        let layout = &self.cfg.layout;
+        match pull::verify(layout, service, digest).await {
+            Ok(()) => Ok(()),
+            Err(pull::VerifyError::Release(e)) if layout.release(service, digest).is_dir() => {
+                warn!(%digest, service, reason = %e, "release damaged: unpacking it again from the verified archive");
+                let _ = std::fs::remove_dir_all(layout.release(service, digest));
+                let _ = std::fs::remove_file(layout.release_tree(service, digest));
+                pull::unpack_release(layout, service, digest, &self.cfg.limits)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                pull::verify(layout, service, digest)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// Makes `digest` the running release of `service` (Restart and Rollback).
     async fn activate(&self, service: &str, digest: &Digest, ready_timeout_ms: u32) -> Outcome {
         let layout = &self.cfg.layout;
         // Never run unverified bits.
-        if let Err(e) = pull::verify(layout, service, digest).await {
+        if let Err(e) = self.ensure_release(service, digest).await {
             return Outcome::failed(format!("not activated: {e}"));
         }
         if let Err(e) = self.check_signature(service, digest) {

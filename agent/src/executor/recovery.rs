@@ -1,6 +1,6 @@
 //! Recovery at agent start: stop what a crashed predecessor left running
-//! (process runtime), point `current` at the journal's release, and start
-//! every service again.
+//! (process runtime), check the journal's release (made again from its
+//! archive if torn), point `current` at it, and start every service again.
 
 use std::time::Duration;
 
@@ -40,6 +40,8 @@ impl Executor {
             };
             let release = self.cfg.layout.release(&service, &current);
             let started = async {
+                // A release torn by the crash is never started.
+                self.ensure_release(&service, &current).await?;
                 self.cfg
                     .layout
                     .switch_current(&service, &current)

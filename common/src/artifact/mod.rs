@@ -10,6 +10,7 @@ pub mod build;
 pub mod digest;
 pub mod manifest;
 pub mod signature;
+pub mod tree;
 pub mod unpack;
 
 pub use digest::{Digest, DigestError, Hasher};
