@@ -462,6 +462,59 @@ mod tests {
     use super::*;
     use drover_common::artifact::manifest::ErrorSelector;
 
+    /// A runtime whose restart count is set by the test.
+    struct Counting(std::sync::Mutex<u32>);
+
+    #[async_trait::async_trait]
+    impl Runtime for Counting {
+        async fn start(&self, _: crate::runtime::ServiceSpec) -> Result<(), crate::runtime::RuntimeError> {
+            *self.0.lock().unwrap() = 0; // a runtime counts from each start
+            Ok(())
+        }
+        async fn stop(&self, _: &str) -> Result<(), crate::runtime::RuntimeError> {
+            Ok(())
+        }
+        async fn kill(&self, _: &str) {}
+        fn status(&self, _: &str) -> crate::runtime::RuntimeStatus {
+            crate::runtime::RuntimeStatus {
+                running: true,
+                restarts: *self.0.lock().unwrap(),
+                pgid: None,
+            }
+        }
+        fn output_tail(&self, _: &str, _: usize) -> String {
+            String::new()
+        }
+        async fn stop_all(&self) {}
+    }
+
+    #[tokio::test]
+    async fn heartbeats_count_restarts_for_the_agents_life_across_starts() {
+        let runtime = Arc::new(Counting(std::sync::Mutex::new(0)));
+        let board = HealthBoard::new(runtime.clone(), Duration::from_secs(1));
+        board.watch(
+            "web",
+            Watch {
+                readiness: None,
+                liveness: None,
+                metrics: None,
+                launch: crate::runtime::Launch {
+                    workdir: "/".into(),
+                    env: Default::default(),
+                    run_as: None,
+                },
+            },
+        );
+        let restarts = |b: &HealthBoard| b.snapshot()[0].restarts;
+        *runtime.0.lock().unwrap() = 3; // three crashes of the old release
+        assert_eq!(restarts(&board), 3);
+        board.before_start("web");
+        *runtime.0.lock().unwrap() = 0; // the runtime's count starts again
+        assert_eq!(restarts(&board), 3, "never goes back");
+        *runtime.0.lock().unwrap() = 2; // the new release crashes twice
+        assert_eq!(restarts(&board), 5);
+    }
+
     #[test]
     fn reads_requests_errors_and_latency() {
         let text = "# TYPE http_requests counter\n\
