@@ -467,7 +467,10 @@ mod tests {
 
     #[async_trait::async_trait]
     impl Runtime for Counting {
-        async fn start(&self, _: crate::runtime::ServiceSpec) -> Result<(), crate::runtime::RuntimeError> {
+        async fn start(
+            &self,
+            _: crate::runtime::ServiceSpec,
+        ) -> Result<(), crate::runtime::RuntimeError> {
             *self.0.lock().unwrap() = 0; // a runtime counts from each start
             Ok(())
         }

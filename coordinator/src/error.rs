@@ -20,6 +20,31 @@ pub enum ApiError {
     Unavailable(String),
     #[error("{0}")]
     PermissionDenied(String),
+    /// A request or stream that breaks the protocol (no header, a second
+    /// one, a first message that is not a Hello).
+    #[error("{0}")]
+    Malformed(String),
+    /// Nothing came in time (a Hello, a command's result).
+    #[error("{0}")]
+    TimedOut(String),
+    /// A bound is reached (the registry's host limit).
+    #[error("{0}")]
+    Full(String),
+    /// A newer stream for the same host took over this one.
+    #[error("{0}")]
+    Replaced(String),
+    /// The peer's identity could not be established (or has expired).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// Stored bytes are gone or damaged beyond repair.
+    #[error("{0}")]
+    DataLoss(String),
+    /// A read past the end (a fetch offset beyond the blob).
+    #[error("{0}")]
+    OutOfRange(String),
+    /// Our own failure: a store, a disk, a task.
+    #[error("{0}")]
+    Internal(String),
     #[error(transparent)]
     Pipeline(#[from] crate::deploy::pipeline::PipelineError),
     #[error(transparent)]
@@ -37,6 +62,14 @@ impl From<ApiError> for Status {
             ApiError::Conflict(_) => Status::failed_precondition(msg),
             ApiError::Unavailable(_) => Status::unavailable(msg),
             ApiError::PermissionDenied(_) => Status::permission_denied(msg),
+            ApiError::Malformed(_) => Status::invalid_argument(msg),
+            ApiError::TimedOut(_) => Status::deadline_exceeded(msg),
+            ApiError::Full(_) => Status::resource_exhausted(msg),
+            ApiError::Replaced(_) => Status::aborted(msg),
+            ApiError::Unauthenticated(_) => Status::unauthenticated(msg),
+            ApiError::DataLoss(_) => Status::data_loss(msg),
+            ApiError::OutOfRange(_) => Status::out_of_range(msg),
+            ApiError::Internal(_) => Status::internal(msg),
             ApiError::Deploy(e) => {
                 use crate::deploy::deployments::DeployError as D;
                 match e {

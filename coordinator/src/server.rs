@@ -3,6 +3,7 @@
 //! UNAVAILABLE (so agents fail over at once), in-flight calls get
 //! `shutdown_grace` to finish.
 
+use crate::error::ApiError;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -306,10 +307,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     health
         .set_not_serving::<ArtifactsServer<ArtifactsService>>()
         .await;
-    registry.close_all(Status::unavailable(format!(
+    registry.close_all(Status::from(ApiError::Unavailable(format!(
         "coordinator {} is shutting down; reconnect to another",
         cfg.id
-    )));
+    ))));
     stop.cancel();
     // End the session (lease revoked): every shard is free for the
     // standbys at once.

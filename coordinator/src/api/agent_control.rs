@@ -94,24 +94,26 @@ impl AgentControlService {
             .await
             .map_err(|_| {
                 self.metrics.reject("hello_timeout");
-                Status::deadline_exceeded(format!(
+                Status::from(ApiError::TimedOut(format!(
                     "no Hello within {:?}: the first message on a Connect stream must be Hello",
                     self.hello_timeout
-                ))
+                )))
             })?
             .inspect_err(|_| self.metrics.reject("bad_message"))?
             .ok_or_else(|| {
                 self.metrics.reject("no_hello");
-                Status::invalid_argument("the stream ended before its Hello")
+                Status::from(ApiError::Malformed(
+                    "the stream ended before its Hello".into(),
+                ))
             })?;
         let hello = match first.msg {
             Some(agent_message::Msg::Hello(h)) => h,
             other => {
                 self.metrics.reject("not_hello");
-                return Err(Status::invalid_argument(format!(
+                return Err(Status::from(ApiError::Malformed(format!(
                     "the first message on a Connect stream must be Hello, got {}",
                     kind_of(&other)
-                )));
+                ))));
             }
         };
         validate_hello(&hello).map_err(|e| {
@@ -163,10 +165,10 @@ impl AgentControl for AgentControlService {
                     .as_ref()
                     .map(|c| c.id.to_string())
                     .unwrap_or_else(|| "a caller without a certificate".into());
-                let status = Status::permission_denied(format!(
+                let status = Status::from(ApiError::PermissionDenied(format!(
                     "{who} may not connect as agent {:?}: an agent connects only as the host its certificate names",
                     hello.host_id
-                ));
+                )));
                 warn!(%peer, message = status.message(), "refused agent stream");
                 return Err(status);
             }
@@ -186,14 +188,14 @@ impl AgentControl for AgentControlService {
             Err(full) => {
                 self.metrics.reject("registry_full");
                 warn!(%host_id, %peer, "refused agent stream: {full}");
-                return Err(Status::resource_exhausted(full.to_string()));
+                return Err(Status::from(ApiError::Full(full.to_string())));
             }
         };
         if let Some(old) = replaced {
             info!(%host_id, %peer, "a newer stream replaces the host's previous one");
-            old.close(Status::aborted(format!(
+            old.close(Status::from(ApiError::Replaced(format!(
                 "replaced by a newer stream for host {host_id} from {peer}; two agents may share this host id"
-            )));
+            ))));
         }
         let welcome = CoordinatorMessage {
             msg: Some(coordinator_message::Msg::Welcome(Welcome {
@@ -262,9 +264,8 @@ impl Session {
             let next = tokio::select! {
                 _ = self.cancel.cancelled() => break None,
                 _ = expired => {
-                    let status = Status::unauthenticated(
-                        "the certificate this stream was opened with has expired; reconnect with a current one",
-                    );
+                    let status = Status::from(ApiError::Unauthenticated(
+                        "the certificate this stream was opened with has expired; reconnect with a current one".into()));
                     break Some((Departure::Dropped("certificate expired".into()), Some(status)));
                 }
                 next = inbound.message() => next,
@@ -313,10 +314,10 @@ impl Session {
                     self.pending.deliver(&self.host_id, update);
                 }
                 Ok(Some(other)) => {
-                    let status = Status::invalid_argument(format!(
+                    let status = Status::from(ApiError::Malformed(format!(
                         "unexpected {} after Hello on a Connect stream",
                         kind_of(&other.msg)
-                    ));
+                    )));
                     break Some((
                         Departure::Dropped(status.message().to_string()),
                         Some(status),

@@ -69,9 +69,9 @@ impl ArtifactsService {
                 .and_then(|r| r)
         };
         placed.map_err(|e| {
-            Status::unavailable(format!(
+            Status::from(ApiError::Unavailable(format!(
                 "artifact {digest} is stored, but no second coordinator holds a copy yet ({e}); retry the push (it is idempotent)"
-            ))
+            )))
         })
     }
 
@@ -104,17 +104,17 @@ impl ArtifactsService {
         }
         let peers = self.leases.peer_addresses();
         if peers.is_empty() {
-            return Err(Status::data_loss(format!(
+            return Err(Status::from(ApiError::DataLoss(format!(
                 "the blob of artifact {digest} is missing from this coordinator's disk and no peer coordinator is live; `droverctl artifact verify` checks every blob, and pushing it again restores it"
-            )));
+            ))));
         }
         self.replicator
             .ensure(&self.store, digest, &peers)
             .await
             .map_err(|e| {
-                Status::unavailable(format!(
+                Status::from(ApiError::Unavailable(format!(
                     "artifact {digest} was uploaded to another coordinator and could not be copied here: {e}"
-                ))
+                )))
             })
     }
 }
@@ -154,12 +154,14 @@ impl ArtifactsService {
                     }
                 }
                 Some(upload_request::Part::Header(_)) => {
-                    return Err(Status::invalid_argument("the header was sent twice"));
+                    return Err(Status::from(ApiError::Malformed(
+                        "the header was sent twice".into(),
+                    )));
                 }
                 None => {
-                    return Err(Status::invalid_argument(
-                        "an Upload message carried nothing",
-                    ));
+                    return Err(Status::from(ApiError::Malformed(
+                        "an Upload message carried nothing".into(),
+                    )));
                 }
             }
         }
@@ -201,7 +203,7 @@ fn validate_header(h: &UploadHeader, max: u64) -> Result<Digest, ApiError> {
 
 fn io_status(context: &str, e: std::io::Error) -> Status {
     warn!(error = %e, context, "artifact store I/O failed");
-    Status::internal(format!("{context}: {e}"))
+    Status::from(ApiError::Internal(format!("{context}: {e}")))
 }
 
 type FetchStream = Pin<Box<dyn Stream<Item = Result<FetchChunk, Status>> + Send>>;
@@ -220,14 +222,14 @@ impl Artifacts for ArtifactsService {
                 part: Some(upload_request::Part::Header(h)),
             }) => h,
             Some(_) => {
-                return Err(Status::invalid_argument(
-                    "the first Upload message must be the header",
-                ));
+                return Err(Status::from(ApiError::Malformed(
+                    "the first Upload message must be the header".into(),
+                )));
             }
             None => {
-                return Err(Status::invalid_argument(
-                    "the upload ended before its header",
-                ));
+                return Err(Status::from(ApiError::Malformed(
+                    "the upload ended before its header".into(),
+                )));
             }
         };
         let digest = validate_header(&header, self.max_artifact_bytes)?;
@@ -287,7 +289,9 @@ impl Artifacts for ArtifactsService {
             Ok(Received::RefusedEarly) => {
                 return Err(match verdict {
                     Err(e) => refused(e),
-                    Ok(_) => Status::internal("the inspection ended before the upload"),
+                    Ok(_) => Status::from(ApiError::Internal(
+                        "the inspection ended before the upload".into(),
+                    )),
                 });
             }
             Ok(Received::All) => {}
@@ -364,10 +368,10 @@ impl Artifacts for ArtifactsService {
             .map_err(|e| io_status("reading blob size", e))?
             .len();
         if req.offset > size {
-            return Err(Status::out_of_range(format!(
+            return Err(Status::from(ApiError::OutOfRange(format!(
                 "offset {} is past the end of artifact {digest} ({size} bytes)",
                 req.offset
-            )));
+            ))));
         }
         file.seek(std::io::SeekFrom::Start(req.offset))
             .await

@@ -278,10 +278,12 @@ impl Deployer for DeployerService {
         {
             Ok(update) => Ok(Response::new(update)),
             Err(e @ (SendError::NotConnected(_) | SendError::StreamClosed(_))) => {
-                Err(Status::unavailable(e.to_string()))
+                Err(Status::from(ApiError::Unavailable(e.to_string())))
             }
-            Err(e @ SendError::Timeout(..)) => Err(Status::deadline_exceeded(e.to_string())),
-            Err(e @ SendError::Unfenced(..)) => Err(Status::failed_precondition(e.to_string())),
+            Err(e @ SendError::Timeout(..)) => Err(Status::from(ApiError::TimedOut(e.to_string()))),
+            Err(e @ SendError::Unfenced(..)) => {
+                Err(Status::from(ApiError::Conflict(e.to_string())))
+            }
         }
     }
 

@@ -2,6 +2,7 @@
 //! can talk to any coordinator. Reads never need it: every coordinator
 //! reads the same store and sees every agent.
 
+use crate::error::ApiError;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -51,22 +52,22 @@ impl Forwarder {
             return Ok(Route::Here);
         }
         if let Some(by) = request.metadata().get(FORWARDED_BY) {
-            return Err(Status::unavailable(format!(
+            return Err(Status::from(ApiError::Unavailable(format!(
                 "coordinator {} forwarded this request for shard {shard} here, but {} does not lead it (leadership is moving); retry",
                 by.to_str().unwrap_or("?"),
                 self.leases.id()
-            )));
+            ))));
         }
         let leader = self.leases.leader_of(shard).await.ok_or_else(|| {
-            Status::unavailable(format!(
+            Status::from(ApiError::Unavailable(format!(
                 "no coordinator leads shard {shard} right now (a failover is under way); retry in a few seconds"
-            ))
+            )))
         })?;
         if leader.id == self.leases.id() || leader.address.is_empty() {
-            return Err(Status::unavailable(format!(
+            return Err(Status::from(ApiError::Unavailable(format!(
                 "shard {shard} is changing hands (leader {}); retry in a few seconds",
                 leader.id
-            )));
+            ))));
         }
         let channel = {
             let mut channels = self.channels.lock().expect("channels lock");
@@ -74,10 +75,10 @@ impl Forwarder {
                 Some(c) => c.clone(),
                 None => {
                     let c = self.dialer.connect_lazy(&leader.address).map_err(|e| {
-                        Status::internal(format!(
+                        Status::from(ApiError::Internal(format!(
                             "bad address {:?} for leader {}: {e}",
                             leader.address, leader.id
-                        ))
+                        )))
                     })?;
                     channels.insert(leader.address.clone(), c.clone());
                     c

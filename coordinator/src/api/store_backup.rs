@@ -3,6 +3,7 @@
 //! revision); records go out in chunks well under the message limit. The
 //! client writes them into a new store file (`store::embedded::write_file`).
 
+use crate::error::ApiError;
 use std::pin::Pin;
 
 use drover_common::proto::{StoreBackupChunk, StoreRecord};
@@ -19,14 +20,14 @@ pub type BackupStream = Pin<Box<dyn Stream<Item = Result<StoreBackupChunk, Statu
 /// The whole store as a stream of chunks; `None`: not the embedded store.
 pub async fn stream(store: Option<&EmbeddedStore>) -> Result<BackupStream, Status> {
     let store = store.cloned().ok_or_else(|| {
-        Status::failed_precondition(
-            "this coordinator's store is etcd: back it up with `etcdctl snapshot save FILE`",
-        )
+        Status::from(ApiError::Conflict(
+            "this coordinator's store is etcd: back it up with `etcdctl snapshot save FILE`".into(),
+        ))
     })?;
     let (kvs, revision) = tokio::task::spawn_blocking(move || store.snapshot())
         .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(|e| Status::internal(format!("reading the store: {e}")))?;
+        .map_err(|e| Status::from(ApiError::Internal(e.to_string())))?
+        .map_err(|e| Status::from(ApiError::Internal(format!("reading the store: {e}"))))?;
     let mut chunks = Vec::new();
     let mut chunk = StoreBackupChunk {
         revision,
