@@ -4,7 +4,7 @@
 //! - [`histogram`]: quantiles from Prometheus histogram buckets.
 //! - [`ids`]: validation of host ids.
 //! - [`labels`]: label rules and selectors (`region=eu,env=prod`).
-//! - [`artifact`]: the artifact format: digest, manifest, safe unpack.
+//! - [`artifact`]: the artifact format: digest, manifest, safe unpack, release records.
 //! - [`codec`]: the protobuf codec of every service, with small buffers.
 //! - [`grpc`]: client endpoints and the shutdown signal.
 //! - [`limits`]: process limits (open files).

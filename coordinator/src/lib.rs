@@ -1,4 +1,5 @@
-//! drover-coordinator: the API server and the fleet registry.
+//! drover-coordinator: the coordinator (API server, fleet registry, deploy
+//! engine, artifact origin, high availability) and `droverctl`.
 //!
 //! - [`config`]: flags, config file, defaults.
 //! - [`server`]: binds the port, serves every gRPC service, shuts down cleanly.
@@ -8,7 +9,7 @@
 //! - [`store`]: durable state behind one trait (embedded redb or etcd).
 //! - [`ha`]: shards and leader elections (fencing epochs).
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
-//! - [`deploy`]: pipelines, the deploy state machine, its driver and analyses.
+//! - [`deploy`]: pipelines, the deploy state machine, its ledger, driver and analyses.
 //! - [`auth`]: callers' identities (from certificates) and the authorization policy.
 //! - [`ctl`]: `droverctl`, the command-line client.
 //! - [`error`]: errors and their mapping to gRPC status codes.

@@ -1,5 +1,6 @@
-//! gRPC handlers. They validate input, call into the fleet registry and map
-//! errors through [`crate::error::ApiError`].
+//! gRPC handlers. They authorize, validate input, call into the fleet
+//! registry, the deploy facade or the origin, and map every error through
+//! [`crate::error::ApiError`] (no handler picks a status code itself).
 
 pub mod agent_control;
 pub mod artifacts;

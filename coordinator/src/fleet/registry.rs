@@ -545,9 +545,7 @@ mod tests {
         let (s1, mut rx1) = session();
         let cancel = s1.cancel.clone();
         r.connect(hello("a", &[], 1000), "p".into(), s1).unwrap();
-        r.close_all(Status::from(crate::error::ApiError::Unavailable(
-            "bye".into(),
-        )));
+        r.close_all(Status::unavailable("bye"));
         let err = rx1.try_recv().unwrap().unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unavailable);
         assert!(cancel.is_cancelled());
