@@ -23,7 +23,7 @@ use crate::artifacts::sample_artifact;
 use crate::sample_fleet::start_load;
 use crate::{
     Agent, ChildGuard, Cluster, Coordinator, TestDir, free_port, http_get_status, sample_starts,
-    wait_until_ok,
+    wait_until, wait_until_ok,
 };
 
 /// The pipeline every spec here defines.
@@ -136,19 +136,33 @@ impl ClusterFleet {
         via.push(&a.path, "hello", version)
     }
 
+    /// Starts a deploy through `via` as CI does: UNAVAILABLE (the shard
+    /// is changing hands) is retried for a while, with one idempotency key.
     pub async fn start_deploy(&self, via: &Coordinator, artifact: &str) -> String {
-        via.deployer()
-            .await
-            .start_deploy(StartDeployRequest {
-                pipeline: PIPELINE.into(),
-                artifact: artifact.to_string(),
-                requester: "ci".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap_or_else(|s| panic!("start through {}: {s}", via.name()))
-            .into_inner()
-            .id
+        let key = format!("ci-{}", &artifact[..12]);
+        wait_until(
+            &format!("a deploy to start through {}", via.name()),
+            Duration::from_secs(30),
+            || async {
+                let started = via
+                    .deployer()
+                    .await
+                    .start_deploy(StartDeployRequest {
+                        pipeline: PIPELINE.into(),
+                        artifact: artifact.to_string(),
+                        requester: "ci".into(),
+                        idempotency_key: key.clone(),
+                        ..Default::default()
+                    })
+                    .await;
+                match started {
+                    Ok(r) => Ok(r.into_inner().id),
+                    Err(s) if s.code() == tonic::Code::Unavailable => Err(s.to_string()),
+                    Err(s) => panic!("start through {}: {s}", via.name()),
+                }
+            },
+        )
+        .await
     }
 
     /// What every host's service answers on /version, in host order.

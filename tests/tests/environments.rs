@@ -249,27 +249,20 @@ async fn waves_run_in_order_and_a_failure_in_the_second_rolls_back_the_first() {
     assert!(eu < us, "{audit}");
 }
 
-/// staging judges loosely, prod strictly: a release with 20% errors passes
-/// staging and fails in prod.
-const STRICT_PROD: &str = r#"
-name = "hello"
-service = "hello"
-
-[[stages]]
-name = "staging"
-selector = "idx=0"
-batch_size = 1
-gate = { max_error_rate = 0.5, samples = 2, bad_samples = 2, min_requests = 1, inconclusive = "INCONCLUSIVE_POLICY_PASS" }
-
-[[stages]]
-name = "prod"
-selector = "env=prod"
-batch_size = 2
-requires_approval = true
-approval_timeout_ms = 2000
-on_approval_timeout = "APPROVAL_TIMEOUT_OUTCOME_ABORT"
-gate = { max_error_rate = 0.05, samples = 3, bad_samples = 2, min_requests = 1, inconclusive = "INCONCLUSIVE_POLICY_FAIL" }
-"#;
+/// STAGED with staging judging loosely and prod strictly (under load, no
+/// inconclusive pass): a release with 20% errors passes staging and fails
+/// in prod.
+fn strict_prod() -> String {
+    let gate = "max_error_rate = 0.05, samples = 2, bad_samples = 2, min_requests = 1, inconclusive = \"INCONCLUSIVE_POLICY_PASS\"";
+    STAGED
+        .replacen(gate, &gate.replace("0.05", "0.5"), 1)
+        .replace(
+            gate,
+            &gate
+                .replace("samples = 2, bad", "samples = 3, bad")
+                .replace("POLICY_PASS", "POLICY_FAIL"),
+        )
+}
 
 /// What ran in each environment at `at` (0: now), by the API.
 async fn running_at(f: &SampleFleet, at: u64) -> (String, Vec<(String, String)>) {
@@ -295,7 +288,9 @@ async fn running_at(f: &SampleFleet, at: u64) -> (String, Vec<(String, String)>)
 #[tokio::test]
 async fn a_release_failing_in_prod_returns_each_stage_to_its_own_release_and_running_says_when() {
     let f = SampleFleet::start(3, 30).await;
-    f.apply(STRICT_PROD);
+    let spec = strict_prod();
+    assert_ne!(spec, STAGED);
+    f.apply(&spec);
     let env = |staging: &str, prod: &str| {
         vec![
             ("staging".to_string(), staging.to_string()),

@@ -251,13 +251,30 @@ impl Ledger {
         for action in actions {
             success.extend(self.ledger_ops(rec, action, now, &mut compares).await?);
         }
-        for (n, event) in audit.iter().enumerate() {
-            success.push(Op::put(
+        success.extend(self.audit_ops(&audit));
+        self.guarded_txn(shard, compares, success).await
+    }
+
+    /// The puts of a write's audit events (numbered within the write).
+    fn audit_ops<'a>(&'a self, audit: &'a [AuditEvent]) -> impl Iterator<Item = Op> + 'a {
+        audit.iter().enumerate().map(|(n, event)| {
+            Op::put(
                 self.keys
                     .audit_event(&event.service, event.at_unix_ms, &event.deploy_id, n),
                 event.encode_to_vec(),
-            ));
-        }
+            )
+        })
+    }
+
+    /// Runs a transaction of `shard`'s leader: the new revision, or `None`
+    /// when a compare failed; refused (and counted) if another coordinator
+    /// leads the shard now.
+    async fn guarded_txn(
+        &self,
+        shard: u32,
+        compares: Vec<Compare>,
+        success: Vec<Op>,
+    ) -> Result<Option<u64>, DeployError> {
         let r = self
             .store
             .txn(Txn {
@@ -364,30 +381,13 @@ impl Ledger {
                     .await?,
             );
         }
-        for (n, event) in audit.iter().enumerate() {
-            success.push(Op::put(
-                self.keys
-                    .audit_event(&event.service, event.at_unix_ms, &event.deploy_id, n),
-                event.encode_to_vec(),
-            ));
-        }
+        success.extend(self.audit_ops(&audit));
         if !rec.idempotency_key.is_empty() {
             let key = self.keys.idempotency(&rec.pipeline, &rec.idempotency_key);
             compares.push(Compare::Missing(key.clone()));
             success.push(Op::put(key, rec.id.clone()));
         }
-        let r = self
-            .store
-            .txn(Txn {
-                compares,
-                success,
-                failure: vec![],
-            })
-            .await?;
-        if !r.succeeded && !self.leases.still_leader(shard).await {
-            return Err(self.fenced(shard).await);
-        }
-        Ok(r.succeeded)
+        Ok(self.guarded_txn(shard, compares, success).await?.is_some())
     }
 
     /// The deploy an idempotency key of `pipeline` started, if any.
@@ -548,7 +548,6 @@ impl Ledger {
 
 #[cfg(test)]
 mod tests {
-    use drover_common::proto::{Pipeline, Stage};
     use tokio_stream::StreamExt;
 
     use crate::deploy::testing::World;
@@ -559,16 +558,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn a_watch_that_falls_behind_still_reaches_the_latest_state() {
         let w = World::with_watch_buffer(&["h1"], 32).await;
-        let p = Pipeline {
-            name: "hello".into(),
-            service: "hello".into(),
-            stages: vec![Stage {
-                name: "prod".into(),
-                batch_size: 1,
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
+        let p = crate::deploy::testing::staged_pipeline(&["prod"]);
         let id = w.start(&p, &[&["h1"]]).await;
         let mut watch = w.ledger.watch(&id).await.unwrap();
         for n in 0..400u32 {

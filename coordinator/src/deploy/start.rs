@@ -116,7 +116,7 @@ pub fn new_record(d: NewDeploy<'_>) -> Option<(DeployRecord, Vec<Action>)> {
 
 #[cfg(test)]
 mod tests {
-    use drover_common::proto::{ConnectionState, Stage};
+    use drover_common::proto::ConnectionState;
 
     use super::*;
     use crate::deploy::machine::Phase;
@@ -130,24 +130,12 @@ mod tests {
     }
 
     fn pipeline() -> Pipeline {
-        Pipeline {
-            name: "p".into(),
-            service: "hello".into(),
-            stages: ["staging", "prod"]
-                .iter()
-                .map(|n| Stage {
-                    name: n.to_string(),
-                    batch_size: 1,
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        }
+        crate::deploy::testing::staged_pipeline(&["staging", "prod"])
     }
 
     fn deploy(p: &Pipeline, hosts: Vec<Vec<Host>>, first_stage: usize) -> NewDeploy<'_> {
         NewDeploy {
-            id: "p-1".into(),
+            id: "hello-1".into(),
             pipeline: p,
             hosts,
             artifact: "b".repeat(64),

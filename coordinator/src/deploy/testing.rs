@@ -29,6 +29,23 @@ pub fn new() -> String {
     "b".repeat(64)
 }
 
+/// Pipeline "hello" of service "hello": `stages` in order, one host a batch.
+pub fn staged_pipeline(stages: &[&str]) -> Pipeline {
+    Pipeline {
+        name: "hello".into(),
+        service: "hello".into(),
+        stages: stages
+            .iter()
+            .map(|n| drover_common::proto::Stage {
+                name: n.to_string(),
+                batch_size: 1,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
 /// The driver's world: one coordinator leading every shard.
 pub struct World {
     _dir: tempfile::TempDir,

@@ -1,26 +1,14 @@
 //! The audit's events from transitions, and `what_was_running` from them
 //! alone.
 
-use drover_common::proto::{AuditKind, Host, Pipeline, Stage};
+use drover_common::proto::{AuditKind, Host, Pipeline};
 
 use super::*;
 use crate::deploy::machine::Why;
 use crate::deploy::start::{NewDeploy, new_record};
 
 fn pipeline() -> Pipeline {
-    Pipeline {
-        name: "hello".into(),
-        service: "hello".into(),
-        stages: ["staging", "prod"]
-            .iter()
-            .map(|n| Stage {
-                name: n.to_string(),
-                batch_size: 1,
-                ..Default::default()
-            })
-            .collect(),
-        ..Default::default()
-    }
+    crate::deploy::testing::staged_pipeline(&["staging", "prod"])
 }
 
 fn host(id: &str) -> Host {
