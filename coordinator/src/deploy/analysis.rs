@@ -4,21 +4,44 @@
 //!
 //! Per metric: the minimum-sample rule (too few samples on either side is
 //! inconclusive), an absolute limit and a limit relative to the baseline on
-//! the canary's value over the window, then a one-sided Mann-Whitney U test
-//! of the samples (statrs) that fails the metric only when the difference is
-//! significant *and* larger than the metric's tolerance — a significant but
-//! negligible difference passes. Looks taken while the window is still open
-//! ("interim") use a ten times stricter significance, so judging every
-//! interval does not multiply false alarms; only the final look can pass.
+//! the canary's value over the window, then a one-sided test whose
+//! tolerance makes a significant but negligible difference pass:
+//!
+//! - the error rate is judged on counts: errors out of requests of the
+//!   cohort against the baseline, an exact binomial test of "the canary's
+//!   rate is at most (1 + tolerance) × the baseline's" ([`stats::binomial_excess`]);
+//! - latencies and the service's own metrics by a rank test of the samples
+//!   ([`stats::rank_sum_greater`]: O(n log n), exact or permutation-based
+//!   on small samples), the baseline capped at [`BASELINE_CAP`] samples
+//!   (a uniform sub-sample) so one look at 10,000 hosts stays cheap.
+//!
+//! Looks are sequential: the bake looks every heartbeat interval and each
+//! look may spend only its share of the false-alarm rate ([`Look::alpha`]):
+//! the O'Brien-Fleming spending of `alpha` over the planned bake (Lan and
+//! DeMets, [`stats::obrien_fleming_spent`]), each look the increment since
+//! the previous one, so by the union bound the looks of a bake together
+//! raise a false alarm with probability at most `alpha` — early looks only
+//! on overwhelming evidence, which a 3% error rate against 0.1% is within
+//! seconds. Extensions are part of the planned bake and spend from the
+//! same budget. Only the last look can pass.
 
 use drover_common::proto::{
     Analysis, AnalysisVerdict, MetricCheck, MetricDirection, MetricVerdict,
 };
 use statrs::statistics::{Data, Median};
-use statrs::stats_tests::Alternative;
-use statrs::stats_tests::mannwhitneyu::{MannWhitneyUMethod, mannwhitneyu};
 
 use super::pipeline::{ERROR_RATE, LATENCY_P50, LATENCY_P99};
+use super::stats;
+
+/// Baseline samples a test uses at most (a uniform sub-sample beyond).
+pub const BASELINE_CAP: usize = 20_000;
+
+/// One look at the window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Look {
+    /// The false-alarm rate this look may spend (its share of `alpha`).
+    pub alpha: f64,
+}
 
 /// One host's figures for one heartbeat interval.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -104,27 +127,38 @@ fn samples(metric: &str, obs: &[Observation], min_requests: u64) -> (Vec<f64>, f
     (values, value)
 }
 
-/// One-sided p-value that `canary` is worse than `baseline`.
+/// One-sided p-value that `canary` is worse than `baseline` (rank test).
 fn p_worse(canary: &[f64], baseline: &[f64], higher_is_worse: bool) -> f64 {
-    let first = canary.first().or(baseline.first()).copied().unwrap_or(0.0);
-    if canary.iter().chain(baseline).all(|v| *v == first) {
-        return 1.0; // identical samples: no evidence of any difference
-    }
-    let alternative = if higher_is_worse {
-        Alternative::Greater
+    if higher_is_worse {
+        stats::rank_sum_greater(canary, baseline)
     } else {
-        Alternative::Less
-    };
-    match mannwhitneyu(canary, baseline, MannWhitneyUMethod::Automatic, alternative) {
-        Ok((_, p)) if p.is_finite() => p,
-        _ => 1.0,
+        stats::rank_sum_greater(baseline, canary)
     }
 }
 
-fn judge_metric(check: &MetricCheck, a: &Analysis, w: &Window, interim: bool) -> MetricVerdict {
+/// At most `cap` of `values`, spread evenly over them.
+fn capped(values: Vec<f64>, cap: usize) -> Vec<f64> {
+    if values.len() <= cap {
+        return values;
+    }
+    let step = values.len() as f64 / cap as f64;
+    (0..cap)
+        .map(|i| values[(i as f64 * step) as usize])
+        .collect()
+}
+
+/// Errors and requests of the intervals with enough traffic.
+fn counts(obs: &[Observation], min_requests: u64) -> (u64, u64) {
+    obs.iter()
+        .filter(|o| o.requests >= min_requests)
+        .fold((0, 0), |(e, r), o| (e + o.errors, r + o.requests))
+}
+
+fn judge_metric(check: &MetricCheck, a: &Analysis, w: &Window, look: Look) -> MetricVerdict {
     let min_requests = u64::from(a.min_requests.max(1));
     let canary = samples(&check.name, &w.canary, min_requests);
-    let baseline = samples(&check.name, &w.baseline, min_requests);
+    let (b_values, b_value) = samples(&check.name, &w.baseline, min_requests);
+    let baseline = (capped(b_values, BASELINE_CAP), b_value);
     let mut out = MetricVerdict {
         name: check.name.clone(),
         p_value: 1.0,
@@ -136,10 +170,26 @@ fn judge_metric(check: &MetricCheck, a: &Analysis, w: &Window, interim: bool) ->
         baseline_median: median(&baseline.0),
         ..Default::default()
     };
-    let (verdict, reason) = decide(check, a, interim, &canary, &baseline, &mut out.p_value);
+    let test = if check.name == ERROR_RATE {
+        let (ce, cr) = counts(&w.canary, min_requests);
+        let (be, br) = counts(&w.baseline, min_requests);
+        Test::Binomial(stats::binomial_excess(ce, cr, be, br, check.tolerance))
+    } else {
+        Test::Rank
+    };
+    let (verdict, reason) = decide(check, a, look, test, &canary, &baseline, &mut out.p_value);
     out.verdict = verdict as i32;
     out.reason = reason;
     out
+}
+
+/// The test a metric is judged by.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Test {
+    /// Counts (the error rate): its p-value, already computed.
+    Binomial(f64),
+    /// A rank test of the samples.
+    Rank,
 }
 
 /// The verdict on one metric from its samples and values, checks in order:
@@ -148,7 +198,8 @@ fn judge_metric(check: &MetricCheck, a: &Analysis, w: &Window, interim: bool) ->
 fn decide(
     check: &MetricCheck,
     a: &Analysis,
-    interim: bool,
+    look: Look,
+    test: Test,
     (c, cv): &(Vec<f64>, f64),
     (b, bv): &(Vec<f64>, f64),
     p_value: &mut f64,
@@ -195,21 +246,25 @@ fn decide(
             ),
         );
     }
-    let p = p_worse(c, b, higher_is_worse);
+    let (p, test_name) = match test {
+        Test::Binomial(p) => (p, "exact binomial"),
+        Test::Rank => (p_worse(c, b, higher_is_worse), "rank test"),
+    };
     *p_value = p;
     let effect = if higher_is_worse {
         (cv - bv) / base
     } else {
         (bv - cv) / base
     };
-    let alpha = if interim { a.alpha / 10.0 } else { a.alpha };
+    let alpha = look.alpha;
     if p < alpha && effect > check.tolerance {
         return (
             Fail,
             format!(
-                "{name} {c_shown} against the baseline's {b_shown} ({:+.0}%, tolerance {:.0}%), Mann-Whitney p={p:.2e} < {alpha}",
+                "{name} {c_shown} against the baseline's {b_shown} ({:+.0}%, tolerance {:.0}%), {test_name} p={p:.2e} < {alpha:.2e} (this look's share of alpha {})",
                 effect * 100.0,
                 check.tolerance * 100.0,
+                a.alpha
             ),
         );
     }
@@ -228,9 +283,9 @@ fn show(metric: &str, v: f64) -> String {
     }
 }
 
-/// Judges the window. `interim`: the window is still open (only a failure
-/// counts; a pass needs the final look).
-pub fn judge(a: &Analysis, w: &Window, interim: bool) -> Judgement {
+/// Judges the window at `look` (an interim look can only fail; a pass
+/// needs the last look).
+pub fn judge(a: &Analysis, w: &Window, look: Look) -> Judgement {
     if let Some((host, n)) = w.canary_restarts.first() {
         return Judgement {
             verdict: AnalysisVerdict::Fail,
@@ -248,7 +303,7 @@ pub fn judge(a: &Analysis, w: &Window, interim: bool) -> Judgement {
     let metrics: Vec<MetricVerdict> = a
         .metrics
         .iter()
-        .map(|m| judge_metric(m, a, w, interim))
+        .map(|m| judge_metric(m, a, w, look))
         .collect();
     let first = |v: AnalysisVerdict| metrics.iter().find(|m| m.verdict() == v);
     let (verdict, reason) = if let Some(m) = first(AnalysisVerdict::Fail) {
@@ -280,6 +335,10 @@ mod tests {
     use super::*;
     use crate::deploy::pipeline::with_defaults;
     use drover_common::proto::{Canary, CanaryStep, Pipeline, Stage};
+
+    /// An early look (a small share of the default alpha) and the last.
+    const INTERIM: Look = Look { alpha: 0.005 };
+    const LAST: Look = Look { alpha: 0.05 };
 
     fn analysis() -> Analysis {
         let p = with_defaults(Pipeline {
@@ -330,7 +389,7 @@ mod tests {
     #[test]
     fn three_percent_errors_against_a_tenth_of_a_percent_fail_even_at_an_interim_look() {
         let w = window(obs(10, 40, 0.03, 20.0), obs(30, 40, 0.001, 20.0));
-        let j = judge(&analysis(), &w, true);
+        let j = judge(&analysis(), &w, INTERIM);
         assert_eq!(j.verdict, AnalysisVerdict::Fail, "{j:?}");
         assert!(j.reason.contains("error_rate"), "{}", j.reason);
         let m = &j.metrics[0];
@@ -341,12 +400,12 @@ mod tests {
     #[test]
     fn a_latency_regression_fails_and_equal_versions_pass() {
         let slow = window(obs(10, 40, 0.0, 100.0), obs(20, 40, 0.0, 20.0));
-        let j = judge(&analysis(), &slow, false);
+        let j = judge(&analysis(), &slow, LAST);
         assert_eq!(j.verdict, AnalysisVerdict::Fail, "{j:?}");
         assert!(j.reason.contains("latency_p99_ms"), "{}", j.reason);
 
         let same = window(obs(10, 40, 0.001, 20.0), obs(20, 40, 0.001, 20.0));
-        let j = judge(&analysis(), &same, false);
+        let j = judge(&analysis(), &same, LAST);
         assert_eq!(j.verdict, AnalysisVerdict::Pass, "{j:?}");
     }
 
@@ -354,7 +413,7 @@ mod tests {
     fn a_significant_but_tolerated_difference_passes() {
         // 5% slower, consistently: significant, but within the 10% tolerance.
         let w = window(obs(30, 40, 0.0, 21.0), obs(30, 40, 0.0, 20.0));
-        let j = judge(&analysis(), &w, false);
+        let j = judge(&analysis(), &w, LAST);
         assert_eq!(j.metrics[1].name, "latency_p99_ms");
         assert!(j.metrics[1].p_value < 0.05, "{:?}", j.metrics[1]);
         assert_eq!(j.verdict, AnalysisVerdict::Pass, "{j:?}");
@@ -364,7 +423,7 @@ mod tests {
     fn too_little_traffic_is_inconclusive() {
         // Intervals under min_requests do not count as samples.
         let w = window(obs(10, 2, 0.5, 20.0), obs(30, 40, 0.001, 20.0));
-        let j = judge(&analysis(), &w, false);
+        let j = judge(&analysis(), &w, LAST);
         assert_eq!(j.verdict, AnalysisVerdict::Inconclusive, "{j:?}");
         assert!(
             j.reason.contains("0 canary samples, 5 needed"),
@@ -374,7 +433,7 @@ mod tests {
         // Likewise a thin baseline.
         let w = window(obs(10, 40, 0.0, 20.0), obs(2, 40, 0.0, 20.0));
         assert_eq!(
-            judge(&analysis(), &w, false).verdict,
+            judge(&analysis(), &w, LAST).verdict,
             AnalysisVerdict::Inconclusive
         );
     }
@@ -385,7 +444,7 @@ mod tests {
         a.metrics[0].max = 0.01;
         // Over the absolute limit with no usable baseline: still a failure.
         let w = window(obs(10, 100, 0.02, 20.0), Vec::new());
-        assert_eq!(judge(&a, &w, true).verdict, AnalysisVerdict::Fail);
+        assert_eq!(judge(&a, &w, INTERIM).verdict, AnalysisVerdict::Fail);
         // Lower is worse: a throughput-like metric dropping fails on ratio.
         a.metrics = vec![MetricCheck {
             name: LATENCY_P50.into(),
@@ -395,12 +454,12 @@ mod tests {
             ..Default::default()
         }];
         let w = window(obs(10, 40, 0.0, 30.0), obs(10, 40, 0.0, 90.0));
-        let j = judge(&a, &w, false);
+        let j = judge(&a, &w, LAST);
         assert_eq!(j.verdict, AnalysisVerdict::Fail, "{j:?}");
         // A metric of the service's page: judged on the values heartbeats
         // carry; none carried is inconclusive.
         a.metrics[0].name = "queue_depth".into();
-        let j = judge(&a, &w, false);
+        let j = judge(&a, &w, LAST);
         assert_eq!(j.verdict, AnalysisVerdict::Inconclusive);
         assert!(j.reason.contains("0 canary samples"), "{}", j.reason);
         let with = |n: usize, depth: f64| -> Vec<Observation> {
@@ -412,17 +471,17 @@ mod tests {
                 .collect()
         };
         a.metrics[0].direction = MetricDirection::HigherIsWorse as i32;
-        let j = judge(&a, &window(with(10, 50.0), with(10, 5.0)), false);
+        let j = judge(&a, &window(with(10, 50.0), with(10, 5.0)), LAST);
         assert_eq!(j.verdict, AnalysisVerdict::Fail, "{j:?}");
-        let j = judge(&a, &window(with(10, 5.0), with(10, 5.0)), false);
+        let j = judge(&a, &window(with(10, 5.0), with(10, 5.0)), LAST);
         assert_eq!(j.verdict, AnalysisVerdict::Pass, "{j:?}");
         // Restarts and unready canaries fail outright.
         let mut w = window(obs(10, 40, 0.0, 20.0), obs(10, 40, 0.0, 20.0));
         w.canary_not_ready = vec!["web-0".into()];
-        assert!(judge(&analysis(), &w, true).reason.contains("not ready"));
+        assert!(judge(&analysis(), &w, INTERIM).reason.contains("not ready"));
         w.canary_restarts = vec![("web-0".into(), 2)];
         assert!(
-            judge(&analysis(), &w, true)
+            judge(&analysis(), &w, INTERIM)
                 .reason
                 .contains("restarted 2 times")
         );

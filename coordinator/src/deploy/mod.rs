@@ -18,5 +18,6 @@ pub mod machine;
 pub mod pipeline;
 pub mod record;
 pub mod start;
+pub mod stats;
 #[cfg(test)]
 mod testing;

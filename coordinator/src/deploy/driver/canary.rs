@@ -5,6 +5,9 @@
 //! look at the end of the window can pass it; an inconclusive end follows
 //! the analysis' policy. Promote (by hand) passes the step at the next look.
 //!
+//! Each look spends its share of the false-alarm rate (see `analysis.rs`)
+//! and runs off the async runtime within a time budget.
+//!
 //! The bake's start and extensions are in the record (rule 6 of the
 //! driver): a new leader continues the same bake to the same deadline, and
 //! counts the cohort's restarts from before its batches, so a failover
@@ -15,18 +18,49 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_common::proto::{AnalysisVerdict, CanaryAnalysis, InconclusiveAction, MetricVerdict};
-use tracing::info;
+use drover_common::proto::{
+    Analysis, AnalysisVerdict, CanaryAnalysis, InconclusiveAction, MetricVerdict,
+};
+use tracing::{info, warn};
 
 use super::Driver;
-use crate::deploy::analysis::{self, Observation, Window};
+use crate::deploy::analysis::{self, Judgement, Look, Observation, Window};
 use crate::deploy::audit;
 use crate::deploy::deployments::DeployError;
 use crate::deploy::machine::{Event, Phase, ReasonKind, Why};
 use crate::deploy::record::BakeProgress;
+use crate::deploy::stats;
 
 /// Looks at the window at least this often, whatever the heartbeat interval.
 const MAX_LOOK_INTERVAL: Duration = Duration::from_secs(1);
+/// The time one look's analysis may take (it runs off the async runtime).
+const ANALYSIS_BUDGET: Duration = Duration::from_secs(2);
+
+/// Judges the window on a blocking thread, within [`ANALYSIS_BUDGET`]. An
+/// analysis over its budget is inconclusive (a last look says so; an
+/// interim look is skipped by the caller since it cannot fail then).
+async fn judge_off_runtime(
+    analysis: &Analysis,
+    window: &Arc<Window>,
+    look: Look,
+    last: bool,
+) -> Judgement {
+    let (a, w) = (analysis.clone(), window.clone());
+    let task = tokio::task::spawn_blocking(move || analysis::judge(&a, &w, look));
+    match tokio::time::timeout(ANALYSIS_BUDGET, task).await {
+        Ok(Ok(j)) => j,
+        outcome => {
+            warn!(?outcome, last, "a canary analysis ran over its time budget");
+            Judgement {
+                verdict: AnalysisVerdict::Inconclusive,
+                reason: format!(
+                    "the analysis took longer than {ANALYSIS_BUDGET:?}; too many samples?"
+                ),
+                metrics: Vec::new(),
+            }
+        }
+    }
+}
 
 /// The canary step being baked.
 pub(super) struct Step<'a> {
@@ -85,9 +119,23 @@ impl Driver {
             .unwrap_or(MAX_LOOK_INTERVAL)
             .min(MAX_LOOK_INTERVAL);
         let wake = self.wake_of(s.id);
-        let mut window = Window::default();
+        // Shared with an analysis still running off the runtime; the next
+        // look's observations copy it only then (Arc::make_mut).
+        let mut window = Arc::new(Window::default());
         // Heartbeat sequence last taken per host.
         let mut seen: HashMap<String, u64> = HashMap::new();
+        // The planned bake, extensions included: the false-alarm budget is
+        // spent over it (a new leader starts from where the bake is).
+        let extensions_planned = match analysis.inconclusive() {
+            InconclusiveAction::Extend => analysis.max_extensions,
+            _ => 0,
+        };
+        let horizon_ms = (bake_ms * u64::from(1 + extensions_planned)).max(1);
+        let fraction = |baked_ms: u64| baked_ms as f64 / horizon_ms as f64;
+        let mut spent = stats::obrien_fleming_spent(
+            analysis.alpha,
+            fraction(self.ledger.now().saturating_sub(progress.started_unix_ms)),
+        );
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(look_every) => {}
@@ -102,7 +150,8 @@ impl Driver {
             }
             let baked_ms = self.ledger.now().saturating_sub(progress.started_unix_ms);
             let decision = if rec.promoted.contains(&key) {
-                let j = analysis::judge(&analysis, &window, true);
+                let look = Look { alpha: 0.0 }; // evidence only, it cannot fail
+                let j = judge_off_runtime(&analysis, &window, look, true).await;
                 Decision {
                     verdict: AnalysisVerdict::Promoted,
                     reason: format!("promoted by hand after {:.1}s", baked_ms as f64 / 1000.0),
@@ -110,9 +159,26 @@ impl Driver {
                     event: Event::BatchPassed,
                 }
             } else {
-                self.observe(&s, &mut window, &mut seen, &rec.restarts_before);
+                self.observe(
+                    &s,
+                    Arc::make_mut(&mut window),
+                    &mut seen,
+                    &rec.restarts_before,
+                );
                 let open = baked_ms < bake_ms * u64::from(1 + progress.extensions);
-                let j = analysis::judge(&analysis, &window, open);
+                // This look's share of alpha: the O'Brien-Fleming spending
+                // since the previous look; the last possible look, the rest.
+                let last = !open && progress.extensions >= extensions_planned;
+                let cumulative = if last {
+                    analysis.alpha
+                } else {
+                    stats::obrien_fleming_spent(analysis.alpha, fraction(baked_ms))
+                };
+                let look = Look {
+                    alpha: (cumulative - spent).max(0.0),
+                };
+                spent = spent.max(cumulative);
+                let j = judge_off_runtime(&analysis, &window, look, !open).await;
                 match (j.verdict, open) {
                     (AnalysisVerdict::Fail, _) => Decision {
                         event: Event::BatchFailed(Why::new(

@@ -1,0 +1,338 @@
+//! The statistics the canary judge uses, written for bounded cost: nothing
+//! here is worse than O(n log n) in the samples, or O(m·n·min(m,n)) with
+//! m + n ≤ [`EXACT_MAX`] for an exact distribution. statrs' Mann-Whitney is
+//! not used: it compares every pair (O(n²)) and, with one side of eight
+//! samples or fewer, enumerates every arrangement — ~10^11 steps for one
+//! canary host against a few hundred baseline samples.
+//!
+//! - [`rank_sum_greater`]: one-sided Mann-Whitney U (Wilcoxon rank-sum):
+//!   sort once, mid-ranks for ties; the exact distribution (dynamic
+//!   programming) when both samples are small and untied; a permutation
+//!   test of the rank sum (seeded, [`PERMUTATIONS`] draws of the small
+//!   side's ranks: O(draws × small side)) when one side is small — the
+//!   normal approximation is badly wrong there (one canary value above
+//!   100,000 baseline values is p ≈ 1e-5, not 0.04); the normal
+//!   approximation with tie and continuity corrections otherwise.
+//! - [`binomial_excess`]: errors out of requests, canary against baseline,
+//!   exact: given the total errors, the canary's share is binomial under
+//!   "the canary's rate is at most (1 + tolerance) × the baseline's".
+//! - [`obrien_fleming_spent`]: how much of the false-alarm rate a look at a
+//!   given fraction of the bake may spend (Lan-DeMets, O'Brien-Fleming).
+
+use statrs::distribution::{Binomial, ContinuousCDF, DiscreteCDF, Normal};
+
+/// Largest m + n for which the rank test is exact (no ties).
+pub const EXACT_MAX: usize = 24;
+/// A side this small (or smaller) makes the rank test a permutation test.
+pub const SMALL_SIDE: usize = 20;
+/// Draws of the permutation test: p-values resolve to 1/(draws + 1).
+pub const PERMUTATIONS: usize = 20_000;
+
+fn standard_normal() -> Normal {
+    Normal::new(0.0, 1.0).expect("the standard normal exists")
+}
+
+/// One-sided p-value that values of `a` tend to be greater than those of
+/// `b` (Mann-Whitney U). 1.0 when either side is empty or all values are
+/// equal.
+pub fn rank_sum_greater(a: &[f64], b: &[f64]) -> f64 {
+    let (m, n) = (a.len(), b.len());
+    if m == 0 || n == 0 {
+        return 1.0;
+    }
+    // Sort all values once, tagged by side; NaN sorts last and is dropped
+    // by the callers before they get here.
+    let mut all: Vec<(f64, bool)> = a
+        .iter()
+        .map(|v| (*v, true))
+        .chain(b.iter().map(|v| (*v, false)))
+        .collect();
+    all.sort_by(|x, y| x.0.total_cmp(&y.0));
+    // Mid-ranks, the rank sum of `a`, and the tie correction term.
+    let mut rank_sum_a = 0.0;
+    let mut ties = 0.0;
+    let mut i = 0;
+    while i < all.len() {
+        let mut j = i;
+        while j + 1 < all.len() && all[j + 1].0 == all[i].0 {
+            j += 1;
+        }
+        let t = (j - i + 1) as f64;
+        let mid = (i + j) as f64 / 2.0 + 1.0;
+        rank_sum_a += mid * all[i..=j].iter().filter(|(_, from_a)| *from_a).count() as f64;
+        ties += t * t * t - t;
+        i = j + 1;
+    }
+    let (mf, nf) = (m as f64, n as f64);
+    let u = rank_sum_a - mf * (mf + 1.0) / 2.0;
+    let total = mf + nf;
+    if ties == total * total * total - total {
+        return 1.0; // every value the same: no evidence either way
+    }
+    if ties == 0.0 && m + n <= EXACT_MAX {
+        return exact_upper_tail(m, n, u.round() as usize);
+    }
+    if m.min(n) <= SMALL_SIDE {
+        let mut ranks = Vec::with_capacity(all.len());
+        let mut i = 0;
+        while i < all.len() {
+            let mut j = i;
+            while j + 1 < all.len() && all[j + 1].0 == all[i].0 {
+                j += 1;
+            }
+            let mid = (i + j) as f64 / 2.0 + 1.0;
+            ranks.extend(std::iter::repeat_n(mid, j - i + 1));
+            i = j + 1;
+        }
+        return permutation_upper_tail(&ranks, m, rank_sum_a);
+    }
+    let mean = mf * nf / 2.0;
+    let var = mf * nf / 12.0 * ((total + 1.0) - ties / (total * (total - 1.0)));
+    if var <= 0.0 {
+        return 1.0;
+    }
+    // Continuity correction towards the null.
+    let z = (u - mean - 0.5) / var.sqrt();
+    1.0 - standard_normal().cdf(z)
+}
+
+/// P(rank sum of `m` values drawn at random ≥ `observed`), estimated from
+/// [`PERMUTATIONS`] seeded draws of the smaller side's ranks; (hits + 1) /
+/// (draws + 1), never zero. `ranks` are the mid-ranks of all values.
+fn permutation_upper_tail(ranks: &[f64], m: usize, observed: f64) -> f64 {
+    use rand::SeedableRng;
+    let total: f64 = ranks.iter().sum();
+    let n = ranks.len() - m;
+    // Draw the smaller side; a's rank sum is the total minus b's.
+    let (draw, a_is_drawn) = if m <= n { (m, true) } else { (n, false) };
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(0x0d12_0ee5);
+    let mut hits = 0usize;
+    // A tiny tolerance: mid-ranks are halves, sums exact in f64.
+    let at_least = observed - 1e-9;
+    for _ in 0..PERMUTATIONS {
+        let drawn: f64 = rand::seq::index::sample(&mut rng, ranks.len(), draw)
+            .iter()
+            .map(|i| ranks[i])
+            .sum();
+        let a_sum = if a_is_drawn { drawn } else { total - drawn };
+        if a_sum >= at_least {
+            hits += 1;
+        }
+    }
+    (hits as f64 + 1.0) / (PERMUTATIONS as f64 + 1.0)
+}
+
+/// P(U ≥ u) for sizes m and n without ties: the number of arrangements
+/// with each U, by the recurrence c(m, n, u) = c(m-1, n, u-n) + c(m, n-1, u).
+fn exact_upper_tail(m: usize, n: usize, u: usize) -> f64 {
+    let max_u = m * n;
+    // counts[i][j][k]: arrangements of i values of a and j of b with U = k,
+    // built row by row over i to keep two layers.
+    let mut prev: Vec<Vec<f64>> = vec![vec![0.0; max_u + 1]; n + 1];
+    for row in prev.iter_mut() {
+        row[0] = 1.0; // no value of a: U = 0
+    }
+    for i in 1..=m {
+        let mut cur: Vec<Vec<f64>> = vec![vec![0.0; max_u + 1]; n + 1];
+        cur[0][0] = 1.0; // no value of b: U = 0
+        for j in 1..=n {
+            for k in 0..=i * j {
+                // The largest value is from a (it beats all j of b) or from b.
+                let from_a = if k >= j { prev[j][k - j] } else { 0.0 };
+                let from_b = cur[j - 1][k];
+                cur[j][k] = from_a + from_b;
+            }
+        }
+        prev = cur;
+    }
+    let counts = &prev[n];
+    let total: f64 = counts.iter().sum();
+    let tail: f64 = counts.iter().skip(u.min(max_u + 1)).sum();
+    (tail / total).clamp(0.0, 1.0)
+}
+
+/// One-sided exact p-value that the canary's error rate exceeds the
+/// baseline's by more than `tolerance` (relative): given the errors seen
+/// in all, the canary's share of them is binomial with the canary's share
+/// of the requests, weighted by 1 + tolerance.
+pub fn binomial_excess(
+    canary_errors: u64,
+    canary_requests: u64,
+    baseline_errors: u64,
+    baseline_requests: u64,
+    tolerance: f64,
+) -> f64 {
+    let errors = canary_errors + baseline_errors;
+    if errors == 0 || canary_requests == 0 || baseline_requests == 0 || canary_errors == 0 {
+        return 1.0;
+    }
+    let weighted = canary_requests as f64 * (1.0 + tolerance.max(0.0));
+    let p = weighted / (weighted + baseline_requests as f64);
+    match Binomial::new(p, errors) {
+        // P(X ≥ canary_errors) = 1 - P(X ≤ canary_errors - 1)
+        Ok(b) => (1.0 - b.cdf(canary_errors - 1)).clamp(0.0, 1.0),
+        Err(_) => 1.0,
+    }
+}
+
+/// The false-alarm rate a look at `fraction` (0 to 1) of the planned bake
+/// may have spent in all (O'Brien-Fleming-like spending, Lan and DeMets):
+/// 2 − 2Φ(z(α/2) / √t). Early looks spend almost nothing; the final look
+/// spends `alpha` in all.
+pub fn obrien_fleming_spent(alpha: f64, fraction: f64) -> f64 {
+    if fraction <= 0.0 {
+        return 0.0;
+    }
+    let t = fraction.min(1.0);
+    let normal = standard_normal();
+    let z = normal.inverse_cdf(1.0 - alpha / 2.0);
+    (2.0 - 2.0 * normal.cdf(z / t.sqrt())).clamp(0.0, alpha)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator for the calibration checks.
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> f64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 11) as f64 / (1u64 << 53) as f64
+        }
+    }
+
+    /// Every arrangement, counted directly (tiny sizes only).
+    fn brute_upper_tail(a: &[f64], b: &[f64]) -> f64 {
+        let all: Vec<f64> = a.iter().chain(b).copied().collect();
+        let m = a.len();
+        let u_of = |pick: &[usize]| -> usize {
+            let (xa, xb): (Vec<f64>, Vec<f64>) = {
+                let xa: Vec<f64> = pick.iter().map(|i| all[*i]).collect();
+                let xb: Vec<f64> = (0..all.len())
+                    .filter(|i| !pick.contains(i))
+                    .map(|i| all[i])
+                    .collect();
+                (xa, xb)
+            };
+            xa.iter()
+                .map(|x| xb.iter().filter(|y| x > *y).count())
+                .sum()
+        };
+        let observed = u_of(&(0..m).collect::<Vec<_>>());
+        let mut hits = 0;
+        let mut total = 0;
+        let n = all.len();
+        for mask in 0u32..(1 << n) {
+            if mask.count_ones() as usize != m {
+                continue;
+            }
+            let pick: Vec<usize> = (0..n).filter(|i| mask & (1 << i) != 0).collect();
+            total += 1;
+            if u_of(&pick) >= observed {
+                hits += 1;
+            }
+        }
+        hits as f64 / total as f64
+    }
+
+    #[test]
+    fn the_exact_rank_test_counts_every_arrangement() {
+        let a = [3.1, 5.2, 9.9];
+        let b = [1.0, 2.5, 4.0, 6.1, 0.3];
+        assert!((rank_sum_greater(&a, &b) - brute_upper_tail(&a, &b)).abs() < 1e-12);
+        let a = [10.0];
+        let b = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0];
+        assert!((rank_sum_greater(&a, &b) - 1.0 / 8.0).abs() < 1e-12);
+        assert_eq!(rank_sum_greater(&[], &b), 1.0);
+        assert_eq!(rank_sum_greater(&[2.0, 2.0], &[2.0]), 1.0);
+    }
+
+    #[test]
+    fn the_rank_test_is_fast_and_right_on_large_or_tied_samples() {
+        // One canary value against 100,000 baseline values with many ties:
+        // one sort, no enumeration.
+        let b: Vec<f64> = (0..100_000).map(|i| (i % 1000) as f64).collect();
+        let started = std::time::Instant::now();
+        let p = rank_sum_greater(&[2000.0], &b);
+        assert!(started.elapsed() < std::time::Duration::from_millis(500));
+        assert!(
+            p < 1e-4,
+            "a permutation test, not the normal approximation: {p}"
+        );
+        // A value in the middle is no evidence.
+        assert!(rank_sum_greater(&[500.0], &b) > 0.4);
+        // Shifted samples are significant; equal ones are not.
+        let mut r = Lcg(7);
+        let a: Vec<f64> = (0..200).map(|_| r.next() + 0.3).collect();
+        let b: Vec<f64> = (0..200).map(|_| r.next()).collect();
+        assert!(rank_sum_greater(&a, &b) < 1e-6);
+        assert!(rank_sum_greater(&b, &a) > 0.99);
+    }
+
+    /// Under the null, p-values are (at least) uniform: p < α about α of
+    /// the time, never much more.
+    #[test]
+    fn under_the_null_the_false_alarm_rate_is_at_most_alpha() {
+        let mut r = Lcg(42);
+        // Exact, exact, permutation, normal.
+        for (m, n, trials) in [(1, 7, 4000), (3, 9, 4000), (5, 40, 300), (30, 300, 4000)] {
+            let mut alarms = 0;
+            for _ in 0..trials {
+                let a: Vec<f64> = (0..m).map(|_| r.next()).collect();
+                let b: Vec<f64> = (0..n).map(|_| r.next()).collect();
+                if rank_sum_greater(&a, &b) < 0.05 {
+                    alarms += 1;
+                }
+            }
+            let rate = alarms as f64 / trials as f64;
+            // 0.05 plus three binomial standard errors.
+            assert!(
+                rate < 0.05 + 3.0 * (0.05f64 * 0.95 / trials as f64).sqrt(),
+                "{m}x{n}: {rate}"
+            );
+        }
+        // The error-rate test: a healthy canary (same true rate) against
+        // its baseline, counts drawn at random.
+        let trials = 4000;
+        let mut alarms = 0;
+        for _ in 0..trials {
+            let draw = |r: &mut Lcg, n: u64| (0..n).filter(|_| r.next() < 0.001).count() as u64;
+            let (cn, bn) = (700, 5000);
+            let (ce, be) = (draw(&mut r, cn), draw(&mut r, bn));
+            if binomial_excess(ce, cn, be, bn, 0.1) < 0.05 {
+                alarms += 1;
+            }
+        }
+        assert!(alarms as f64 / trials as f64 <= 0.05, "{alarms}");
+    }
+
+    #[test]
+    fn the_binomial_test_catches_a_real_excess_and_honours_the_tolerance() {
+        // 3% against 0.1% over a few hundred requests: overwhelming.
+        assert!(binomial_excess(12, 400, 8, 8000, 0.1) < 1e-6);
+        // 3 errors in 712 against 0.1% of 5000: not evidence.
+        assert!(binomial_excess(3, 712, 5, 5000, 0.1) > 0.05);
+        // A 5% excess inside a 10% tolerance passes, even on huge counts.
+        assert!(binomial_excess(1050, 1_000_000, 1000, 1_000_000, 0.1) > 0.5);
+        assert_eq!(binomial_excess(0, 100, 5, 100, 0.1), 1.0);
+    }
+
+    #[test]
+    fn spending_is_small_early_and_all_of_alpha_at_the_end() {
+        let a = 0.05;
+        assert_eq!(obrien_fleming_spent(a, 0.0), 0.0);
+        assert!(obrien_fleming_spent(a, 0.1) < 1e-6);
+        assert!(obrien_fleming_spent(a, 0.5) < 0.006);
+        assert!((obrien_fleming_spent(a, 1.0) - a).abs() < 1e-9);
+        let mut last = 0.0;
+        for k in 1..=20 {
+            let s = obrien_fleming_spent(a, k as f64 / 20.0);
+            assert!(s >= last);
+            last = s;
+        }
+    }
+}
