@@ -193,6 +193,14 @@ impl HealthBoard {
         earlier.saturating_add(current)
     }
 
+    /// `service` passed a readiness check outside the probe loop (the
+    /// restart's): heartbeats say ready until a probe says otherwise.
+    pub fn mark_ready(&self, service: &str) {
+        if let Some(w) = self.services.lock().expect("board lock").get(service) {
+            w.figures.lock().expect("figures lock").ready = true;
+        }
+    }
+
     pub fn unwatch(&self, service: &str) {
         if let Some(w) = self.services.lock().expect("board lock").remove(service) {
             w.stop.cancel();

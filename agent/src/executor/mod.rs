@@ -655,6 +655,9 @@ impl Executor {
                     None => started.elapsed() >= READY_WITHOUT_PROBE,
                 };
                 if ready {
+                    // The restart's own check is the readiness heartbeats
+                    // report from now (not "unready" until the next probe).
+                    self.board.mark_ready(service);
                     break;
                 }
             }

@@ -86,6 +86,11 @@ pub struct DeployRecord {
     /// switched it: crash loops are counted from there, across failovers.
     #[serde(default)]
     pub restarts_before: BTreeMap<String, u32>,
+    /// Per host, the last heartbeat sequence the coordinator had seen when
+    /// the host's restart answered: evidence about the new release is only
+    /// what comes after it.
+    #[serde(default)]
+    pub switched_at_heartbeat: BTreeMap<String, u64>,
     /// Per canary step ("stage/step"), its bake so far: a new leader
     /// resumes the bake where it was, never from zero.
     #[serde(default)]

@@ -108,6 +108,7 @@ pub fn new_record(d: NewDeploy<'_>) -> Option<(DeployRecord, Vec<Action>)> {
         awaiting_since_unix_ms: 0,
         forced_past: d.forced_past,
         restarts_before: Default::default(),
+        switched_at_heartbeat: Default::default(),
         bakes: Default::default(),
         rollback_targets: d.environments,
     };

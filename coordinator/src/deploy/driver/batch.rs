@@ -162,6 +162,13 @@ impl Driver {
             });
         }
         // Rule 4.
+        let heartbeat_now: HashMap<String, u64> = outcomes
+            .iter()
+            .map(|(h, _)| {
+                let seq = self.effects.host(h, &rec.service);
+                (h.clone(), seq.map_or(0, |v| v.heartbeat_sequence))
+            })
+            .collect();
         let rec = self
             .ledger
             .update(
@@ -169,7 +176,12 @@ impl Driver {
                 |rec| {
                     for (host, outcome) in &outcomes {
                         match outcome {
-                            Ok(()) => rec.set_result(host, HostOutcome::Updated, ""),
+                            Ok(()) => {
+                                rec.set_result(host, HostOutcome::Updated, "");
+                                rec.switched_at_heartbeat
+                                    .entry(host.clone())
+                                    .or_insert(heartbeat_now[host]);
+                            }
                             Err(e) => rec.set_result(host, HostOutcome::Failed, e.clone()),
                         }
                     }
@@ -387,7 +399,14 @@ impl Driver {
             tokio::time::sleep(Duration::from_millis(interval.into())).await;
             let mut b = Sample::default();
             for h in batch {
-                let health = self.effects.host(h, service).and_then(|v| v.health);
+                // Only heartbeats newer than the host's restart are evidence
+                // (older ones read as not reported yet).
+                let switched = rec.switched_at_heartbeat.get(h).copied();
+                let health = self
+                    .effects
+                    .host(h, service)
+                    .filter(|v| switched.is_none_or(|at| v.heartbeat_sequence > at + 1))
+                    .and_then(|v| v.health);
                 b.add(
                     health.as_ref(),
                     rec.restarts_before.get(h).copied().unwrap_or(0),

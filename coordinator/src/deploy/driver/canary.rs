@@ -159,12 +159,7 @@ impl Driver {
                     event: Event::BatchPassed,
                 }
             } else {
-                self.observe(
-                    &s,
-                    Arc::make_mut(&mut window),
-                    &mut seen,
-                    &rec.restarts_before,
-                );
+                self.observe(&s, Arc::make_mut(&mut window), &mut seen, &rec);
                 let open = baked_ms < bake_ms * u64::from(1 + progress.extensions);
                 // This look's share of alpha: the O'Brien-Fleming spending
                 // since the previous look; the last possible look, the rest.
@@ -257,15 +252,16 @@ impl Driver {
         }
     }
 
-    /// Takes every heartbeat that arrived since the last look; restarts
-    /// are counted from `restarts_before` (recorded before each host's
-    /// batch).
+    /// Takes every heartbeat that arrived since the last look. A canary
+    /// host counts only with heartbeats newer than its restart (the one
+    /// that may already have been on its way when the restart answered
+    /// skipped too); its restarts are counted from before its batch.
     fn observe(
         &self,
         s: &Step<'_>,
         window: &mut Window,
         seen: &mut HashMap<String, u64>,
-        restarts_before: &std::collections::BTreeMap<String, u32>,
+        rec: &crate::deploy::record::DeployRecord,
     ) {
         window.canary_not_ready.clear();
         window.canary_restarts.clear();
@@ -274,11 +270,15 @@ impl Driver {
                 let Some(h) = self.effects.host(host, &s.service) else {
                     continue;
                 };
+                let switched = rec.switched_at_heartbeat.get(host).copied();
+                if is_canary && switched.is_some_and(|at| h.heartbeat_sequence <= at + 1) {
+                    continue; // nothing from the new release yet
+                }
                 if is_canary && let Some(health) = &h.health {
                     if !health.ready {
                         window.canary_not_ready.push(host.clone());
                     }
-                    let before = restarts_before.get(host).copied().unwrap_or(0);
+                    let before = rec.restarts_before.get(host).copied().unwrap_or(0);
                     if health.restarts > before {
                         window
                             .canary_restarts

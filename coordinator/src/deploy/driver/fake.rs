@@ -47,6 +47,9 @@ pub struct FakeHost {
     pub restarts: u32,
     /// Switched release at `since`: no health until its next heartbeat.
     pub switched: bool,
+    /// The first heartbeat after a switch was sampled during the restart
+    /// and says "not ready" (as an agent's can).
+    pub stale_first_beat: bool,
 }
 
 impl FakeHost {
@@ -62,6 +65,7 @@ impl FakeHost {
             since: Instant::now(),
             restarts: 0,
             switched: false,
+            stale_first_beat: false,
         }
     }
 }
@@ -80,6 +84,8 @@ pub struct FakeFleet {
     /// Rung when `sends` reaches `crash_at` (a test's simulated crash).
     pub crash: Notify,
     pub crash_at: Mutex<Option<u32>>,
+    /// When the fleet's heartbeats began (sequences count from it).
+    born: std::sync::OnceLock<Instant>,
 }
 
 impl FakeFleet {
@@ -215,14 +221,14 @@ impl Effects for FakeFleet {
         let h = hosts.get(host)?;
         let beats = h.since.elapsed().as_millis() / HEARTBEAT.as_millis();
         let bad = h.bad.contains(&h.running);
+        let born = *self.born.get_or_init(Instant::now);
         Some(HostView {
             heartbeat_interval_ms: HEARTBEAT.as_millis() as u32,
-            // A heartbeat per interval since the last switch, on top of
-            // those before it.
-            heartbeat_sequence: 1 + (h.restarts as u64) * 1000 + beats as u64,
+            // One heartbeat per interval, for every host alike.
+            heartbeat_sequence: 1 + (born.elapsed().as_millis() / HEARTBEAT.as_millis()) as u64,
             health: (beats > 0 || !h.switched).then(|| ServiceHealth {
                 service: service.to_string(),
-                ready: true,
+                ready: !(h.stale_first_beat && h.switched && beats <= 1),
                 live: true,
                 restarts: Self::restarts_now(h),
                 request_count: 200,

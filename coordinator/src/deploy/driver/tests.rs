@@ -372,3 +372,22 @@ async fn a_crash_loop_that_began_before_a_failover_still_fails_the_batch() {
         rec.machine.reason
     );
 }
+
+/// The heartbeat that was on its way when a canary's restart answered
+/// says "not ready": the judge reads only what came after the restart.
+#[tokio::test(start_paused = true)]
+async fn a_canary_is_judged_only_on_heartbeats_after_its_restart() {
+    let w = World::new(&["h1", "h2", "h3"]).await;
+    for h in ["h1", "h2", "h3"] {
+        w.fleet.host_mut(h, |h| h.stale_first_beat = true);
+    }
+    let p = pipeline(vec![canary_stage(5_000)]);
+    let id = w.start(&p, &[&["h1", "h2", "h3"]]).await;
+    let rec = w.drive(&id).await;
+    assert!(
+        !rec.analyses.iter().any(|a| a.reason.contains("not ready")),
+        "{:?}",
+        rec.analyses
+    );
+    assert_ne!(rec.machine.phase, Phase::RolledBack, "{rec:?}");
+}
