@@ -46,6 +46,9 @@ pub struct Look {
 /// One host's figures for one heartbeat interval.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Observation {
+    /// The host it came from (latency and other metrics are compared one
+    /// value per host).
+    pub host: String,
     pub requests: u64,
     pub errors: u64,
     pub p50_ms: f64,
@@ -127,14 +130,27 @@ fn samples(metric: &str, obs: &[Observation], min_requests: u64) -> (Vec<f64>, f
     (values, value)
 }
 
-/// One-sided p-value that `canary` is worse than `baseline` (rank test).
-fn p_worse(canary: &[f64], baseline: &[f64], higher_is_worse: bool) -> f64 {
-    if higher_is_worse {
-        stats::rank_sum_greater(canary, baseline)
-    } else {
-        stats::rank_sum_greater(baseline, canary)
+/// One value of `metric` per host: the median of its intervals (latency:
+/// those with enough requests), hosts in name order.
+fn host_values(metric: &str, obs: &[Observation], min_requests: u64) -> Vec<f64> {
+    let mut per_host: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    for o in obs {
+        let v = match metric {
+            LATENCY_P99 if o.requests >= min_requests => Some(o.p99_ms),
+            LATENCY_P50 if o.requests >= min_requests => Some(o.p50_ms),
+            LATENCY_P99 | LATENCY_P50 => None,
+            _ => o.extra.get(metric).copied(),
+        };
+        if let Some(v) = v.filter(|v| v.is_finite()) {
+            per_host.entry(o.host.as_str()).or_default().push(v);
+        }
     }
+    per_host.values().map(|v| median(v)).collect()
 }
+
+/// Latencies are compared as logarithms (a slowdown is a ratio), with the
+/// hosts taken to differ by at least 2% among themselves.
+const LATENCY_SPREAD_FLOOR: f64 = 0.02;
 
 /// At most `cap` of `values`, spread evenly over them.
 fn capped(values: Vec<f64>, cap: usize) -> Vec<f64> {
@@ -170,12 +186,42 @@ fn judge_metric(check: &MetricCheck, a: &Analysis, w: &Window, look: Look) -> Me
         baseline_median: median(&baseline.0),
         ..Default::default()
     };
+    let (ce, cr) = counts(&w.canary, min_requests);
+    let (be, br) = counts(&w.baseline, min_requests);
+    (out.canary_requests, out.baseline_requests) = (cr, br);
+    let higher_is_worse = check.direction() != MetricDirection::LowerIsWorse;
     let test = if check.name == ERROR_RATE {
-        let (ce, cr) = counts(&w.canary, min_requests);
-        let (be, br) = counts(&w.baseline, min_requests);
+        out.canary_hosts = hosts_with(&w.canary, |o| o.requests >= min_requests);
+        out.baseline_hosts = hosts_with(&w.baseline, |o| o.requests >= min_requests);
         Test::Binomial(stats::binomial_excess(ce, cr, be, br, check.tolerance))
     } else {
-        Test::Rank
+        let c_hosts = host_values(&check.name, &w.canary, min_requests);
+        let b_hosts = capped(
+            host_values(&check.name, &w.baseline, min_requests),
+            BASELINE_CAP,
+        );
+        out.canary_hosts = c_hosts.len() as u32;
+        out.baseline_hosts = b_hosts.len() as u32;
+        // The value over the window: the median host.
+        out.canary_value = median(&c_hosts);
+        out.baseline_value = median(&b_hosts);
+        let latency = matches!(check.name.as_str(), LATENCY_P99 | LATENCY_P50);
+        let (c, b, floor) = if latency {
+            let ln = |v: &Vec<f64>| -> Vec<f64> { v.iter().map(|x| x.max(1e-3).ln()).collect() };
+            (ln(&c_hosts), ln(&b_hosts), LATENCY_SPREAD_FLOOR)
+        } else {
+            (c_hosts, b_hosts, floor_of(&check.name))
+        };
+        let (worse, better) = if higher_is_worse { (c, b) } else { (b, c) };
+        Test::AcrossHosts(stats::hosts_greater(&worse, &better, floor))
+    };
+    let canary = (canary.0, out.canary_value);
+    let baseline = (baseline.0, out.baseline_value);
+    out.alpha = look.alpha;
+    out.test = match test {
+        Test::Binomial(_) => "exact binomial".into(),
+        Test::AcrossHosts(Some((_, t))) => t.name().into(),
+        Test::AcrossHosts(None) => String::new(),
     };
     let (verdict, reason) = decide(check, a, look, test, &canary, &baseline, &mut out.p_value);
     out.verdict = verdict as i32;
@@ -183,13 +229,23 @@ fn judge_metric(check: &MetricCheck, a: &Analysis, w: &Window, look: Look) -> Me
     out
 }
 
-/// The test a metric is judged by.
+/// Hosts with at least one interval `counted` allows.
+fn hosts_with(obs: &[Observation], counted: impl Fn(&Observation) -> bool) -> u32 {
+    let hosts: std::collections::BTreeSet<&str> = obs
+        .iter()
+        .filter(|o| counted(o))
+        .map(|o| o.host.as_str())
+        .collect();
+    hosts.len() as u32
+}
+
+/// The test a metric is judged by, with its p-value.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Test {
-    /// Counts (the error rate): its p-value, already computed.
+    /// Counts (the error rate).
     Binomial(f64),
-    /// A rank test of the samples.
-    Rank,
+    /// One value per host; `None`: too few hosts for any test.
+    AcrossHosts(Option<(f64, stats::HostTest)>),
 }
 
 /// The verdict on one metric from its samples and values, checks in order:
@@ -248,7 +304,17 @@ fn decide(
     }
     let (p, test_name) = match test {
         Test::Binomial(p) => (p, "exact binomial"),
-        Test::Rank => (p_worse(c, b, higher_is_worse), "rank test"),
+        Test::AcrossHosts(Some((p, t))) => (p, t.name()),
+        Test::AcrossHosts(None) => {
+            return (
+                Inconclusive,
+                format!(
+                    "too few hosts to compare one value per host (a canary host and {} baseline hosts, or {} on each side, are needed)",
+                    stats::T_MIN_BASELINE,
+                    stats::RANK_MIN_HOSTS
+                ),
+            );
+        }
     };
     *p_value = p;
     let effect = if higher_is_worse {
@@ -359,8 +425,16 @@ mod tests {
     }
 
     /// `n` intervals of `requests` each with errors spread evenly at `rate`,
-    /// and p99 `p99` (+ a little spread).
-    fn obs(n: usize, requests: u64, rate: f64, p99: f64) -> Vec<Observation> {
+    /// and p99 `p99` (+ a little spread), from hosts `<prefix>0..` taking
+    /// turns, `hosts` of them.
+    fn cohort(
+        prefix: &str,
+        hosts: usize,
+        n: usize,
+        requests: u64,
+        rate: f64,
+        p99: f64,
+    ) -> Vec<Observation> {
         let mut owed = 0.0;
         (0..n)
             .map(|i| {
@@ -368,6 +442,7 @@ mod tests {
                 let errors = owed.floor() as u64;
                 owed -= errors as f64;
                 Observation {
+                    host: format!("{prefix}{}", i % hosts),
                     requests,
                     errors,
                     p50_ms: p99 / 3.0,
@@ -376,6 +451,16 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    /// One canary host's intervals.
+    fn obs(n: usize, requests: u64, rate: f64, p99: f64) -> Vec<Observation> {
+        cohort("c", 1, n, requests, rate, p99)
+    }
+
+    /// Four baseline hosts' intervals.
+    fn base(n: usize, requests: u64, rate: f64, p99: f64) -> Vec<Observation> {
+        cohort("b", 4, n, requests, rate, p99)
     }
 
     fn window(canary: Vec<Observation>, baseline: Vec<Observation>) -> Window {
@@ -388,32 +473,53 @@ mod tests {
 
     #[test]
     fn three_percent_errors_against_a_tenth_of_a_percent_fail_even_at_an_interim_look() {
-        let w = window(obs(10, 40, 0.03, 20.0), obs(30, 40, 0.001, 20.0));
+        let w = window(obs(10, 40, 0.03, 20.0), base(32, 40, 0.001, 20.0));
         let j = judge(&analysis(), &w, INTERIM);
         assert_eq!(j.verdict, AnalysisVerdict::Fail, "{j:?}");
         assert!(j.reason.contains("error_rate"), "{}", j.reason);
         let m = &j.metrics[0];
         assert!(m.p_value < 0.005, "{m:?}");
-        assert_eq!((m.canary_samples, m.baseline_samples), (10, 30));
+        assert_eq!((m.canary_samples, m.baseline_samples), (10, 32));
+        assert_eq!((m.canary_hosts, m.baseline_hosts), (1, 4));
+        assert_eq!((m.canary_requests, m.baseline_requests), (400, 1280));
+        assert_eq!(m.test, "exact binomial");
     }
 
     #[test]
     fn a_latency_regression_fails_and_equal_versions_pass() {
-        let slow = window(obs(10, 40, 0.0, 100.0), obs(20, 40, 0.0, 20.0));
+        // One canary host against four: judged host against hosts.
+        let slow = window(obs(10, 40, 0.0, 100.0), base(20, 40, 0.0, 20.0));
         let j = judge(&analysis(), &slow, LAST);
         assert_eq!(j.verdict, AnalysisVerdict::Fail, "{j:?}");
         assert!(j.reason.contains("latency_p99_ms"), "{}", j.reason);
+        assert_eq!(j.metrics[1].test, "t-test across hosts");
 
-        let same = window(obs(10, 40, 0.001, 20.0), obs(20, 40, 0.001, 20.0));
+        let same = window(obs(10, 40, 0.001, 20.0), base(20, 40, 0.001, 20.0));
         let j = judge(&analysis(), &same, LAST);
         assert_eq!(j.verdict, AnalysisVerdict::Pass, "{j:?}");
     }
 
     #[test]
     fn a_significant_but_tolerated_difference_passes() {
-        // 5% slower, consistently: significant, but within the 10% tolerance.
-        let w = window(obs(30, 40, 0.0, 21.0), obs(30, 40, 0.0, 20.0));
+        // Six hosts each side, every canary host 5% slower: significant
+        // (the rank test across hosts), but within the 10% tolerance.
+        let six = |prefix: &str, p99: f64| -> Vec<Observation> {
+            (0..6)
+                .flat_map(|h| {
+                    cohort(
+                        &format!("{prefix}{h}-"),
+                        1,
+                        5,
+                        40,
+                        0.0,
+                        p99 + h as f64 * 0.05,
+                    )
+                })
+                .collect()
+        };
+        let w = window(six("c", 21.0), six("b", 20.0));
         let j = judge(&analysis(), &w, LAST);
+        assert_eq!(j.metrics[1].test, "rank test across hosts");
         assert_eq!(j.metrics[1].name, "latency_p99_ms");
         assert!(j.metrics[1].p_value < 0.05, "{:?}", j.metrics[1]);
         assert_eq!(j.verdict, AnalysisVerdict::Pass, "{j:?}");
@@ -422,7 +528,7 @@ mod tests {
     #[test]
     fn too_little_traffic_is_inconclusive() {
         // Intervals under min_requests do not count as samples.
-        let w = window(obs(10, 2, 0.5, 20.0), obs(30, 40, 0.001, 20.0));
+        let w = window(obs(10, 2, 0.5, 20.0), base(32, 40, 0.001, 20.0));
         let j = judge(&analysis(), &w, LAST);
         assert_eq!(j.verdict, AnalysisVerdict::Inconclusive, "{j:?}");
         assert!(
@@ -431,7 +537,7 @@ mod tests {
             j.reason
         );
         // Likewise a thin baseline.
-        let w = window(obs(10, 40, 0.0, 20.0), obs(2, 40, 0.0, 20.0));
+        let w = window(obs(10, 40, 0.0, 20.0), base(2, 40, 0.0, 20.0));
         assert_eq!(
             judge(&analysis(), &w, LAST).verdict,
             AnalysisVerdict::Inconclusive
@@ -453,7 +559,7 @@ mod tests {
             tolerance: 0.1,
             ..Default::default()
         }];
-        let w = window(obs(10, 40, 0.0, 30.0), obs(10, 40, 0.0, 90.0));
+        let w = window(obs(10, 40, 0.0, 30.0), base(10, 40, 0.0, 90.0));
         let j = judge(&a, &w, LAST);
         assert_eq!(j.verdict, AnalysisVerdict::Fail, "{j:?}");
         // A metric of the service's page: judged on the values heartbeats
@@ -465,6 +571,7 @@ mod tests {
         let with = |n: usize, depth: f64| -> Vec<Observation> {
             (0..n)
                 .map(|i| Observation {
+                    host: format!("h{}", i % 3),
                     extra: [("queue_depth".to_string(), depth + (i % 3) as f64)].into(),
                     ..Default::default()
                 })
@@ -476,7 +583,7 @@ mod tests {
         let j = judge(&a, &window(with(10, 5.0), with(10, 5.0)), LAST);
         assert_eq!(j.verdict, AnalysisVerdict::Pass, "{j:?}");
         // Restarts and unready canaries fail outright.
-        let mut w = window(obs(10, 40, 0.0, 20.0), obs(10, 40, 0.0, 20.0));
+        let mut w = window(obs(10, 40, 0.0, 20.0), base(10, 40, 0.0, 20.0));
         w.canary_not_ready = vec!["web-0".into()];
         assert!(judge(&analysis(), &w, INTERIM).reason.contains("not ready"));
         w.canary_restarts = vec![("web-0".into(), 2)];

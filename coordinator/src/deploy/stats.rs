@@ -16,10 +16,17 @@
 //! - [`binomial_excess`]: errors out of requests, canary against baseline,
 //!   exact: given the total errors, the canary's share is binomial under
 //!   "the canary's rate is at most (1 + tolerance) × the baseline's".
+//! - [`hosts_greater`]: one value per host, canary hosts against baseline
+//!   hosts: the rank test when each side has [`RANK_MIN_HOSTS`] hosts
+//!   (below that it cannot reach a useful significance: one canary host
+//!   among five is p ≥ 0.2 however slow it is); else a t-test of the
+//!   canary hosts against the baseline hosts' spread (a prediction
+//!   interval for one canary host, Welch's test for several), which needs
+//!   [`T_MIN_BASELINE`] baseline hosts.
 //! - [`obrien_fleming_spent`]: how much of the false-alarm rate a look at a
 //!   given fraction of the bake may spend (Lan-DeMets, O'Brien-Fleming).
 
-use statrs::distribution::{Binomial, ContinuousCDF, DiscreteCDF, Normal};
+use statrs::distribution::{Binomial, ContinuousCDF, DiscreteCDF, Normal, StudentsT};
 
 /// Largest m + n for which the rank test is exact (no ties).
 pub const EXACT_MAX: usize = 24;
@@ -175,6 +182,67 @@ pub fn binomial_excess(
     }
 }
 
+/// Hosts each side needs for the rank test across hosts.
+pub const RANK_MIN_HOSTS: usize = 5;
+/// Baseline hosts the t-test needs (to know their spread at all; with so
+/// few, its heavy tails keep it honest and only large effects show).
+pub const T_MIN_BASELINE: usize = 2;
+
+/// Which test compared the hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostTest {
+    Rank,
+    T,
+}
+
+impl HostTest {
+    pub fn name(self) -> &'static str {
+        match self {
+            HostTest::Rank => "rank test across hosts",
+            HostTest::T => "t-test across hosts",
+        }
+    }
+}
+
+/// One-sided p-value that the canary hosts' values are greater than the
+/// baseline hosts' (see the module doc for the choice of test); `None`
+/// when there are too few hosts for either. `min_spread` is the smallest
+/// standard deviation the hosts are taken to have (identical hosts would
+/// otherwise make any difference infinitely significant).
+pub fn hosts_greater(c: &[f64], b: &[f64], min_spread: f64) -> Option<(f64, HostTest)> {
+    if c.is_empty() {
+        return None;
+    }
+    if c.len() >= RANK_MIN_HOSTS && b.len() >= RANK_MIN_HOSTS {
+        return Some((rank_sum_greater(c, b), HostTest::Rank));
+    }
+    if b.len() < T_MIN_BASELINE {
+        return None;
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let var =
+        |v: &[f64], m: f64| v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (v.len() - 1) as f64;
+    let (mc, mb) = (mean(c), mean(b));
+    let floor = min_spread * min_spread;
+    let vb = var(b, mb).max(floor);
+    let (nc, nb) = (c.len() as f64, b.len() as f64);
+    let (se2, df) = if c.len() == 1 {
+        // One canary host: is it outside the baseline hosts' spread?
+        (vb * (1.0 + 1.0 / nb), nb - 1.0)
+    } else {
+        let vc = var(c, mc).max(floor);
+        let (a, bb) = (vc / nc, vb / nb);
+        let df = (a + bb).powi(2) / (a * a / (nc - 1.0) + bb * bb / (nb - 1.0));
+        (a + bb, df)
+    };
+    let t = (mc - mb) / se2.sqrt();
+    let p = match StudentsT::new(0.0, 1.0, df.max(1.0)) {
+        Ok(dist) => 1.0 - dist.cdf(t),
+        Err(_) => 1.0,
+    };
+    Some((p.clamp(0.0, 1.0), HostTest::T))
+}
+
 /// The false-alarm rate a look at `fraction` (0 to 1) of the planned bake
 /// may have spent in all (O'Brien-Fleming-like spending, Lan and DeMets):
 /// 2 − 2Φ(z(α/2) / √t). Early looks spend almost nothing; the final look
@@ -308,6 +376,58 @@ mod tests {
             }
         }
         assert!(alarms as f64 / trials as f64 <= 0.05, "{alarms}");
+    }
+
+    /// A standard normal draw (Box-Muller) from the test generator.
+    fn normal(r: &mut Lcg) -> f64 {
+        let (u, v) = (r.next().max(1e-12), r.next());
+        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+    }
+
+    #[test]
+    fn hosts_are_compared_by_the_test_their_numbers_allow() {
+        // One slow canary host against four steady ones: a t-test says so.
+        let b = [20.1, 19.8, 20.4, 20.0];
+        let (p, test) = hosts_greater(&[70.0], &b, 0.01).unwrap();
+        assert_eq!(test, HostTest::T);
+        assert!(p < 1e-4, "{p}");
+        // As slow as the others: no evidence.
+        assert!(hosts_greater(&[20.2], &b, 0.01).unwrap().0 > 0.2);
+        // Too few baseline hosts for any test.
+        assert!(hosts_greater(&[70.0], &[20.0], 0.01).is_none());
+        // Two are enough to see a large effect.
+        assert!(hosts_greater(&[70.0], &[20.0, 20.1], 0.01).unwrap().0 < 0.05);
+        // Identical baseline hosts: the spread floor keeps a tiny
+        // difference from being "infinitely" significant.
+        let (p, _) = hosts_greater(&[20.05], &[20.0; 5], 0.5).unwrap();
+        assert!(p > 0.4, "{p}");
+        // Enough hosts on both sides: the rank test.
+        let many: Vec<f64> = (0..30).map(|i| 20.0 + (i % 7) as f64 * 0.1).collect();
+        assert_eq!(
+            hosts_greater(&many[..6], &many, 0.01).unwrap().1,
+            HostTest::Rank
+        );
+        // Calibration: healthy hosts drawn at random (each host its own
+        // offset), one or three canary hosts against 4 to 9: alarms at
+        // most alpha of the time.
+        let mut r = Lcg(9);
+        for (m, n) in [(1, 2), (1, 4), (1, 9), (2, 2), (3, 6)] {
+            let trials = 4000;
+            let mut alarms = 0;
+            for _ in 0..trials {
+                let host = |r: &mut Lcg| 3.0 + 0.05 * normal(r);
+                let c: Vec<f64> = (0..m).map(|_| host(&mut r)).collect();
+                let b: Vec<f64> = (0..n).map(|_| host(&mut r)).collect();
+                if hosts_greater(&c, &b, 0.0).unwrap().0 < 0.05 {
+                    alarms += 1;
+                }
+            }
+            let rate = alarms as f64 / trials as f64;
+            assert!(
+                rate < 0.05 + 3.0 * (0.05f64 * 0.95 / trials as f64).sqrt(),
+                "{m}x{n}: {rate}"
+            );
+        }
     }
 
     #[test]

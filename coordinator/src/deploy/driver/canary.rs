@@ -290,6 +290,7 @@ impl Driver {
                 }
                 let Some(health) = h.health else { continue };
                 let o = Observation {
+                    host: host.clone(),
                     requests: health.request_count,
                     errors: health.error_count,
                     p50_ms: health.latency_p50_ms,
