@@ -53,12 +53,18 @@ async fn fleet_on_v1(steps: &str, analysis: &str) -> SampleFleet {
 #[tokio::test]
 async fn a_bad_canary_fails_its_analysis_inside_the_first_bake_window_and_is_rolled_back() {
     let f = fleet_on_v1("[{ count = 1, bake_ms = 20000 }]", "").await;
-    for (version, args, metric) in [
-        ("bad", vec!["--error-rate", "0.03"], "error_rate"),
+    for (version, args, metric, test) in [
+        (
+            "bad",
+            vec!["--error-rate", "0.03"],
+            "error_rate",
+            "exact binomial",
+        ),
         (
             "slow",
             vec!["--error-rate", "0.001", "--latency-ms", "80"],
             "latency_p99_ms",
+            "t-test across hosts",
         ),
     ] {
         let digest = f.push(version, &args);
@@ -77,6 +83,10 @@ async fn a_bad_canary_fails_its_analysis_inside_the_first_bake_window_and_is_rol
         let m = a.metrics.iter().find(|m| m.name == metric).unwrap();
         assert_eq!(m.verdict(), AnalysisVerdict::Fail, "{m:?}");
         assert!(m.canary_samples >= 5 && m.baseline_samples >= 5, "{m:?}");
+        // Judged host against hosts, on this look's share of alpha.
+        assert_eq!((m.canary_hosts, m.baseline_hosts), (1, 4), "{m:?}");
+        assert_eq!(m.test, test, "{m:?}");
+        assert!(m.p_value < m.alpha && m.alpha <= 0.05, "{m:?}");
         eprintln!(
             "{version}: rollback decided after {} ms: {}",
             a.baked_ms, a.reason
@@ -91,7 +101,10 @@ async fn a_bad_canary_fails_its_analysis_inside_the_first_bake_window_and_is_rol
         // The verdict and its evidence are in the status and the audit.
         let (_, status, _) = f.coord.droverctl(&["deploy", "status", &d.id]);
         assert!(
-            status.contains("canary stage 0 step 0: fail") && status.contains(metric),
+            status.contains("canary stage 0 step 0: fail")
+                && status.contains(metric)
+                && status.contains(test)
+                && status.contains("ALPHA"),
             "{status}"
         );
         let (_, audit, _) = f.coord.droverctl(&["audit", "--service", "hello"]);

@@ -272,16 +272,24 @@ fn write_analysis(
     )?;
     let mut table = Table::new();
     table.load_preset(presets::NOTHING).set_header([
-        "  METRIC", "VERDICT", "CANARY", "BASELINE", "SAMPLES", "P-VALUE",
+        "  METRIC", "VERDICT", "CANARY", "BASELINE", "HOSTS", "REQUESTS", "TEST", "P-VALUE",
+        "ALPHA",
     ]);
     for m in &a.metrics {
         table.add_row([
             format!("  {}", m.name),
             verdict_name(m.verdict()),
-            format!("{:.4}", m.canary_value),
-            format!("{:.4}", m.baseline_value),
-            format!("{}/{}", m.canary_samples, m.baseline_samples),
+            metric_value(&m.name, m.canary_value),
+            metric_value(&m.name, m.baseline_value),
+            format!("{}/{}", m.canary_hosts, m.baseline_hosts),
+            format!("{}/{}", m.canary_requests, m.baseline_requests),
+            if m.test.is_empty() {
+                "-".to_string()
+            } else {
+                m.test.clone()
+            },
             format!("{:.2e}", m.p_value),
+            format!("{:.2e}", m.alpha),
         ]);
     }
     if !a.metrics.is_empty() {
@@ -347,4 +355,14 @@ pub async fn list(
         writeln!(out, "{}", summary(d))?;
     }
     Ok(())
+}
+
+/// A metric's value as people read it: error rates in percent, latencies
+/// in milliseconds, anything else as it is.
+fn metric_value(name: &str, v: f64) -> String {
+    match name {
+        "error_rate" => format!("{:.3}%", v * 100.0),
+        n if n.starts_with("latency_") => format!("{v:.1} ms"),
+        _ => format!("{v:.4}"),
+    }
 }
