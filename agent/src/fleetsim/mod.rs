@@ -1,7 +1,8 @@
 //! `drover-fleetsim`: many virtual agents in one process. Each has its own
 //! gRPC connection and stream per coordinator, its own Hello and its own
 //! heartbeat producer (phases spread over the interval, as in a real fleet),
-//! so the coordinator does exactly the work a real fleet would cause.
+//! so the coordinator does exactly the work a real fleet would cause. The
+//! services they "run" serve random traffic (`traffic.rs`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,6 +17,8 @@ use tracing::info;
 
 use crate::connection::{Backoff, CommandSink, Connection, FenceSink, HelloSource};
 use crate::heartbeat;
+
+mod traffic;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -58,13 +61,36 @@ pub struct Args {
     pub failure_rate: f64,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// Requests each simulated service serves per heartbeat interval.
+    /// Requests each simulated service serves per heartbeat interval, on
+    /// average (drawn at random: Poisson).
     #[arg(long, default_value_t = 100)]
     pub requests_per_interval: u64,
+    /// The error rate of every release not named by --error-rate-of
+    /// (each request an error at random, times the host's own offset).
+    #[arg(long, default_value_t = 0.001)]
+    pub error_rate: f64,
     /// SHA256=RATE: hosts running that artifact answer this share of
     /// requests with errors (a bad version). Repeatable.
     #[arg(long = "error-rate-of", value_parser = parse_error_rate)]
     pub error_rates: Vec<(String, f64)>,
+    /// Median p99 latency (ms) of a release (lognormal draws around it,
+    /// times the host's own offset).
+    #[arg(long, default_value_t = 20.0)]
+    pub p99_ms: f64,
+    /// SHA256=MS: that artifact's p99 is this much slower. Repeatable.
+    #[arg(long = "latency-of", value_parser = parse_latency)]
+    pub latency_of: Vec<(String, f64)>,
+    /// How much hosts differ from each other (lognormal sigma of their
+    /// latency and error offsets).
+    #[arg(long, default_value_t = 0.1)]
+    pub host_spread: f64,
+    /// A release just started runs cold this long (twice the latency,
+    /// three times the errors at first, fading out).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// Seed of the random traffic (default: the clock; logged).
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Writes the requests served per artifact so far (JSON, rewritten
     /// every 100 ms) to this file, to measure what a bad version served.
     #[arg(long)]
@@ -76,6 +102,15 @@ pub struct Args {
     pub tls_ca_dir: Option<std::path::PathBuf>,
 }
 
+fn parse_latency(s: &str) -> Result<(String, f64), String> {
+    let (sha, ms) = s.split_once('=').ok_or("expected SHA256=MS")?;
+    let ms: f64 = ms.parse().map_err(|e| format!("milliseconds: {e}"))?;
+    if !(0.0..=600_000.0).contains(&ms) {
+        return Err("milliseconds must be between 0 and 600000".into());
+    }
+    Ok((sha.to_string(), ms))
+}
+
 fn parse_error_rate(s: &str) -> Result<(String, f64), String> {
     let (sha, rate) = s.split_once('=').ok_or("expected SHA256=RATE")?;
     let rate: f64 = rate.parse().map_err(|e| format!("rate: {e}"))?;
@@ -83,15 +118,6 @@ fn parse_error_rate(s: &str) -> Result<(String, f64), String> {
         return Err("rate must be between 0 and 1".into());
     }
     Ok((sha.to_string(), rate))
-}
-
-/// Simulated traffic: how much each host serves, which artifacts fail how
-/// often, and the requests served per artifact so far.
-#[derive(Clone)]
-struct Traffic {
-    per_interval: u64,
-    error_rates: Arc<HashMap<String, f64>>,
-    served: Arc<std::sync::Mutex<HashMap<String, u64>>>,
 }
 
 /// A virtual agent's highest epoch per shard (shared by its connections).
@@ -109,8 +135,26 @@ fn simulated_fence(epochs: Epochs) -> FenceSink {
     })
 }
 
-/// What a virtual agent "runs": service → (current, previous) release.
-type Services = Arc<std::sync::Mutex<HashMap<String, (String, String)>>>;
+/// What a virtual agent "runs": service → its releases.
+type Services = Arc<std::sync::Mutex<HashMap<String, Running>>>;
+
+/// A simulated service's releases.
+#[derive(Debug, Clone, Default)]
+struct Running {
+    current: String,
+    previous: String,
+    /// When `current` started (its warm-up counts from here).
+    since: Option<std::time::Instant>,
+}
+
+impl Running {
+    fn switch(&mut self, to: String) {
+        if self.current != to {
+            self.previous = std::mem::replace(&mut self.current, to);
+            self.since = Some(std::time::Instant::now());
+        }
+    }
+}
 
 /// A virtual agent's command executor: fenced by epoch like a real one,
 /// answers after `delay`, fails a deterministic share of commands, and
@@ -152,21 +196,19 @@ fn simulated_commands(
                     let mut running = services.lock().expect("services lock");
                     match &cmd.action {
                         Some(drover_common::proto::command::Action::Restart(r)) => {
-                            let entry = running.entry(r.service.clone()).or_default();
-                            if entry.0 != r.artifact {
-                                *entry = (r.artifact.clone(), entry.0.clone());
-                            }
+                            running
+                                .entry(r.service.clone())
+                                .or_default()
+                                .switch(r.artifact.clone());
                         }
                         Some(drover_common::proto::command::Action::Rollback(r)) => {
                             let entry = running.entry(r.service.clone()).or_default();
                             let target = if r.artifact.is_empty() {
-                                entry.1.clone()
+                                entry.previous.clone()
                             } else {
                                 r.artifact.clone()
                             };
-                            if entry.0 != target {
-                                *entry = (target, entry.0.clone());
-                            }
+                            entry.switch(target);
                         }
                         _ => {}
                     }
@@ -179,37 +221,32 @@ fn simulated_commands(
 }
 
 /// A virtual agent's heartbeat: synthetic host figures, and every service
-/// it "runs" serving steady traffic at its current release (errors at the
-/// rate `--error-rate-of` gives that release, spread evenly).
+/// it "runs" serving random traffic at its current release (traffic.rs).
 fn simulated_sample(
     index: usize,
     sequence: &mut u64,
-    owed_errors: &mut f64,
+    host: &mut traffic::Host,
     services: &Services,
-    traffic: &Traffic,
+    model: &traffic::Model,
     interval_ms: u32,
 ) -> heartbeat::Sample {
     let running = services.lock().expect("services lock");
-    let mut served = traffic.served.lock().expect("served lock");
+    let started = std::time::Instant::now();
     heartbeat::Sample {
         host: synthetic_metrics(index, sequence),
         health: running
             .iter()
-            .map(|(service, (current, _))| {
-                let rate = traffic.error_rates.get(current).copied().unwrap_or(0.0);
-                *owed_errors += traffic.per_interval as f64 * rate;
-                let errors = owed_errors.floor();
-                *owed_errors -= errors;
-                *served.entry(current.clone()).or_default() += traffic.per_interval;
+            .map(|(service, r)| {
+                let i = host.interval(model, &r.current, r.since.unwrap_or(started));
                 drover_common::proto::ServiceHealth {
                     service: service.clone(),
                     ready: true,
                     live: true,
                     restarts: 0,
-                    request_count: traffic.per_interval,
-                    error_count: errors as u64,
-                    latency_p50_ms: 5.0,
-                    latency_p99_ms: 20.0,
+                    request_count: i.requests,
+                    error_count: i.errors,
+                    latency_p50_ms: i.p50_ms,
+                    latency_p99_ms: i.p99_ms,
                     interval_ms,
                     metrics: Default::default(),
                 }
@@ -217,14 +254,12 @@ fn simulated_sample(
             .collect(),
         versions: running
             .iter()
-            .map(
-                |(service, (current, previous))| drover_common::proto::ServiceVersion {
-                    service: service.clone(),
-                    current_artifact: current.clone(),
-                    previous_artifact: previous.clone(),
-                    current_since_unix_ms: 0,
-                },
-            )
+            .map(|(service, r)| drover_common::proto::ServiceVersion {
+                service: service.clone(),
+                current_artifact: r.current.clone(),
+                previous_artifact: r.previous.clone(),
+                current_since_unix_ms: 0,
+            })
             .collect(),
         problems: Vec::new(),
     }
@@ -294,13 +329,30 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         (0.0..=1.0).contains(&args.failure_rate),
         "--failure-rate must be between 0 and 1"
     );
-    let traffic = Traffic {
-        per_interval: args.requests_per_interval,
-        error_rates: Arc::new(args.error_rates.iter().cloned().collect()),
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.error_rate),
+        "--error-rate must be between 0 and 1"
+    );
+    anyhow::ensure!(
+        args.host_spread >= 0.0 && args.p99_ms > 0.0,
+        "--host-spread must be at least 0 and --p99-ms above 0"
+    );
+    let model = traffic::Model {
+        requests: args.requests_per_interval as f64,
+        error_rate: args.error_rate,
+        error_rates: args.error_rates.iter().cloned().collect(),
+        p99_ms: args.p99_ms,
+        latency_added: args.latency_of.iter().cloned().collect(),
+        host_spread: args.host_spread,
+        warmup: args.warmup,
         served: Arc::default(),
     };
+    let seed = args
+        .seed
+        .unwrap_or_else(|| drover_common::time::now_unix_ms());
+    info!(seed, "traffic drawn at random (--seed repeats a run)");
     if let Some(path) = args.served_file.clone() {
-        tokio::spawn(write_served(path, traffic.served.clone(), shutdown.clone()));
+        tokio::spawn(write_served(path, model.served.clone(), shutdown.clone()));
     }
     let mut tasks = tokio::task::JoinSet::new();
     let start_gap = Duration::from_secs(1) / args.connect_rate;
@@ -336,11 +388,11 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
             .heartbeat_interval
             .mul_f64(index as f64 / args.hosts as f64);
         let mut sequence = 0u64;
-        let mut owed_errors = 0.0;
+        let mut host = traffic::Host::new(&model, seed, index);
         let services: Services = Arc::default();
         let running = services.clone();
         let interval_ms = args.heartbeat_interval.as_millis() as u32;
-        let host_traffic = traffic.clone();
+        let host_model = model.clone();
         let heartbeats = heartbeat::spawn_producer(
             args.heartbeat_interval,
             phase,
@@ -349,9 +401,9 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
                 simulated_sample(
                     index,
                     &mut sequence,
-                    &mut owed_errors,
+                    &mut host,
                     &running,
-                    &host_traffic,
+                    &host_model,
                     interval_ms,
                 )
             },
