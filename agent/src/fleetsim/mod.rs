@@ -347,9 +347,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         warmup: args.warmup,
         served: Arc::default(),
     };
-    let seed = args
-        .seed
-        .unwrap_or_else(|| drover_common::time::now_unix_ms());
+    let seed = args.seed.unwrap_or_else(drover_common::time::now_unix_ms);
     info!(seed, "traffic drawn at random (--seed repeats a run)");
     if let Some(path) = args.served_file.clone() {
         tokio::spawn(write_served(path, model.served.clone(), shutdown.clone()));
