@@ -166,14 +166,7 @@ impl Coordinator {
                     .connect(&self.addr_arg())
                     .await
                     .map_err(|e| e.to_string())?;
-                let status = HealthClient::new(channel)
-                    .check(HealthCheckRequest {
-                        service: String::new(),
-                    })
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .into_inner()
-                    .status();
+                let status = health_status(channel).await?;
                 if status == ServingStatus::Serving {
                     Ok(())
                 } else {
@@ -182,6 +175,11 @@ impl Coordinator {
             },
         )
         .await
+    }
+
+    /// A channel to the coordinator (for repeated calls on one connection).
+    pub async fn connect(&self) -> Channel {
+        self.channel().await
     }
 
     /// Every host matching `selector`, following ListHosts' pages.
@@ -456,4 +454,16 @@ pub fn kill_processes_under(dir: &Path) {
             );
         }
     }
+}
+
+/// One call of the standard health check on `channel`.
+pub async fn health_status(channel: Channel) -> Result<ServingStatus, String> {
+    Ok(HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner()
+        .status())
 }
