@@ -26,6 +26,7 @@ mod process;
 pub mod procstat;
 pub mod raw;
 pub mod sample_fleet;
+pub mod specs;
 mod testdir;
 pub mod users;
 mod wait;

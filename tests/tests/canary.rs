@@ -13,25 +13,12 @@ const PIPELINE: &str = "hello-canary";
 /// A canary stage over every env=prod host: `steps` (TOML array of
 /// tables), then batches of half the rest; `analysis` extra TOML keys.
 fn spec(steps: &str, analysis: &str) -> String {
-    format!(
-        r#"
-name = "{PIPELINE}"
-service = "hello"
-
-[[stages]]
-name = "prod"
-selector = "env=prod"
-batch_percent = 50
-settle_ms = 0
-stuck_timeout_ms = 20000
-gate = {{ max_error_rate = 0.05, samples = 2, bad_samples = 2, min_requests = 1, inconclusive = "INCONCLUSIVE_POLICY_PASS" }}
-
-[stages.canary]
-steps = {steps}
-
-[stages.canary.analysis]
-{analysis}
-"#
+    drover_tests::specs::canary_pipeline(
+        PIPELINE,
+        "batch_percent = 50\nsettle_ms = 0\nstuck_timeout_ms = 20000\n\
+         gate = { max_error_rate = 0.05, samples = 2, bad_samples = 2, min_requests = 1, inconclusive = \"INCONCLUSIVE_POLICY_PASS\" }",
+        steps,
+        analysis,
     )
 }
 

@@ -15,23 +15,14 @@ const HOSTS: usize = 300;
 const PIPELINE: &str = "hello-scale";
 
 fn spec() -> String {
-    format!(
-        r#"
-name = "{PIPELINE}"
-service = "hello"
-
-[[stages]]
-name = "prod"
-selector = "env=prod"
-batch_percent = 100
-max_unavailable = {HOSTS}
-settle_ms = 0
-stuck_timeout_ms = 20000
-gate = {{ samples = 1, bad_samples = 1, min_requests = 1, inconclusive = "INCONCLUSIVE_POLICY_PASS" }}
-
-[stages.canary]
-steps = [{{ count = 1, bake_ms = 8000 }}]
-"#
+    drover_tests::specs::canary_pipeline(
+        PIPELINE,
+        &format!(
+            "batch_percent = 100\nmax_unavailable = {HOSTS}\nsettle_ms = 0\nstuck_timeout_ms = 20000\n\
+             gate = {{ samples = 1, bad_samples = 1, min_requests = 1, inconclusive = \"INCONCLUSIVE_POLICY_PASS\" }}"
+        ),
+        "[{ count = 1, bake_ms = 8000 }]",
+        "",
     )
 }
 

@@ -18,21 +18,12 @@ async fn heartbeats(via: &Coordinator, host: &str) -> u64 {
 const BAKE_MS: u64 = 8000;
 
 fn canary_spec() -> String {
-    format!(
-        r#"
-name = "{PIPELINE}"
-service = "hello"
-
-[[stages]]
-name = "prod"
-selector = "env=prod"
-batch_percent = 50
-stuck_timeout_ms = 20000
-gate = {{ max_error_rate = 0.05, samples = 2, bad_samples = 2, min_requests = 1, inconclusive = "INCONCLUSIVE_POLICY_FAIL" }}
-
-[stages.canary]
-steps = [{{ count = 1, bake_ms = {BAKE_MS} }}]
-"#
+    drover_tests::specs::canary_pipeline(
+        PIPELINE,
+        "batch_percent = 50\nstuck_timeout_ms = 20000\n\
+         gate = { max_error_rate = 0.05, samples = 2, bad_samples = 2, min_requests = 1, inconclusive = \"INCONCLUSIVE_POLICY_FAIL\" }",
+        &format!("[{{ count = 1, bake_ms = {BAKE_MS} }}]"),
+        "",
     )
 }
 
