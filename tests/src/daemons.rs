@@ -467,3 +467,15 @@ pub async fn health_status(channel: Channel) -> Result<ServingStatus, String> {
         .into_inner()
         .status())
 }
+
+/// `drover-fleetsim` connected to `coord` with `extra` flags, its log
+/// `fleetsim-<name>.log`; stopped when dropped.
+pub fn fleetsim(dir: &TestDir, coord: &Coordinator, name: &str, extra: &[&str]) -> ChildGuard {
+    let mut cmd = std::process::Command::new(crate::bins::bin("drover-fleetsim"));
+    cmd.args(["--coordinator", &coord.addr_arg()]).args(extra);
+    ChildGuard::spawn(
+        &format!("fleetsim {name}"),
+        cmd,
+        &dir.path().join(format!("fleetsim-{name}.log")),
+    )
+}

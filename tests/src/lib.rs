@@ -32,7 +32,7 @@ pub mod users;
 mod wait;
 
 pub use cluster::Cluster;
-pub use daemons::{Agent, Coordinator, health_status};
+pub use daemons::{Agent, Coordinator, fleetsim, health_status};
 pub use etcd::Etcd;
 pub use http::{http_get, http_get_status};
 pub use process::ChildGuard;

@@ -4,12 +4,11 @@
 //! check answers within 100 ms throughout every look — and reaches a
 //! verdict, judged host against hosts.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use drover_common::proto::{AnalysisVerdict, DeployPhase};
 use drover_tests::artifacts::sample_artifact;
-use drover_tests::{ChildGuard, Coordinator, TestDir, bins, health_status, wait_until_ok};
+use drover_tests::{Coordinator, TestDir, fleetsim, health_status, wait_until_ok};
 
 const HOSTS: usize = 300;
 const PIPELINE: &str = "hello-scale";
@@ -30,22 +29,24 @@ fn spec() -> String {
 async fn one_canary_against_300_hosts_keeps_the_coordinator_responsive_and_reaches_a_verdict() {
     let dir = TestDir::new();
     let coord = Coordinator::start(&dir, "coord", &[]).await;
-    let mut sim = Command::new(bins::bin("drover-fleetsim"));
-    sim.args([
-        "--coordinator",
-        &coord.addr_arg(),
-        "--hosts",
-        &HOSTS.to_string(),
-        "--label",
-        "env=prod",
-        "--heartbeat-interval",
-        "1s",
-        "--requests-per-interval",
-        "200",
-        "--seed",
-        "13",
-    ]);
-    let _sim = ChildGuard::spawn("fleetsim", sim, &dir.path().join("fleetsim.log"));
+    let hosts = HOSTS.to_string();
+    let _sim = fleetsim(
+        &dir,
+        &coord,
+        "stage",
+        &[
+            "--hosts",
+            &hosts,
+            "--label",
+            "env=prod",
+            "--heartbeat-interval",
+            "1s",
+            "--requests-per-interval",
+            "200",
+            "--seed",
+            "13",
+        ],
+    );
     wait_until_ok("300 simulated hosts", Duration::from_secs(60), || async {
         coord.hosts("env=prod").await.len() == HOSTS
     })

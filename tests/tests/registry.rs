@@ -4,31 +4,28 @@
 //! clear status when every host held is connected, and droverctl follows
 //! ListHosts' pages.
 
-use std::process::Command;
 use std::time::Duration;
 
 use drover_common::proto::ConnectionState;
 use drover_tests::cluster::metric;
-use drover_tests::{ChildGuard, Coordinator, TestDir, bins, wait_until_ok};
+use drover_tests::{ChildGuard, Coordinator, TestDir, wait_until_ok};
 
 const WAIT: Duration = Duration::from_secs(30);
 
 fn fleetsim(dir: &TestDir, coord: &Coordinator, prefix: &str, hosts: usize) -> ChildGuard {
-    let mut cmd = Command::new(bins::bin("drover-fleetsim"));
-    cmd.args([
-        "--coordinator",
-        &coord.addr_arg(),
-        "--hosts",
-        &hosts.to_string(),
-        "--prefix",
+    let hosts = hosts.to_string();
+    drover_tests::fleetsim(
+        dir,
+        coord,
         prefix,
-        "--reconnect-max",
-        "1s",
-    ]);
-    ChildGuard::spawn(
-        &format!("fleetsim {prefix}"),
-        cmd,
-        &dir.path().join(format!("fleetsim-{prefix}.log")),
+        &[
+            "--hosts",
+            &hosts,
+            "--prefix",
+            prefix,
+            "--reconnect-max",
+            "1s",
+        ],
     )
 }
 

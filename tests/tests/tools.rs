@@ -200,17 +200,19 @@ fn systemd_units_pass_systemd_analyze_verify() {
 async fn fleetsim_agents_each_hold_a_stream_and_heartbeat() {
     let dir = TestDir::new();
     let coord = Coordinator::start(&dir, "coord", &[]).await;
-    let mut cmd = Command::new(bins::bin("drover-fleetsim"));
-    cmd.args([
-        "--coordinator",
-        &coord.addr_arg(),
-        "--hosts",
-        "50",
-        "--heartbeat-interval",
-        "200ms",
-    ])
-    .args(["--label", "region=sim"]);
-    let _sim = drover_tests::ChildGuard::spawn("fleetsim", cmd, &dir.path().join("fleetsim.log"));
+    let _sim = drover_tests::fleetsim(
+        &dir,
+        &coord,
+        "sim",
+        &[
+            "--hosts",
+            "50",
+            "--heartbeat-interval",
+            "200ms",
+            "--label",
+            "region=sim",
+        ],
+    );
     wait_until_ok(
         "50 simulated hosts heartbeating",
         Duration::from_secs(20),
@@ -378,18 +380,19 @@ async fn fleetsim_answers_commands_like_an_agent() {
     use drover_tests::commands::{cmd, verify};
     let dir = TestDir::new();
     let coord = Coordinator::start(&dir, "coord", &[]).await;
-    let mut sim = Command::new(bins::bin("drover-fleetsim"));
-    sim.args([
-        "--coordinator",
-        &coord.addr_arg(),
-        "--hosts",
-        "3",
-        "--failure-rate",
-        "0.5",
-        "--command-delay",
-        "50ms",
-    ]);
-    let _sim = drover_tests::ChildGuard::spawn("fleetsim", sim, &dir.path().join("fleetsim.log"));
+    let _sim = drover_tests::fleetsim(
+        &dir,
+        &coord,
+        "sim",
+        &[
+            "--hosts",
+            "3",
+            "--failure-rate",
+            "0.5",
+            "--command-delay",
+            "50ms",
+        ],
+    );
     wait_until_ok("three simulated hosts", Duration::from_secs(20), || async {
         coord.hosts("").await.len() == 3
     })
