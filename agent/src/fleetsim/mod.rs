@@ -18,7 +18,7 @@ use tracing::info;
 use crate::connection::{Backoff, CommandSink, Connection, FenceSink, HelloSource};
 use crate::heartbeat;
 
-mod traffic;
+pub mod traffic;
 
 #[derive(Debug, Parser)]
 #[command(

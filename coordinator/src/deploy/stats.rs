@@ -176,8 +176,9 @@ pub fn binomial_excess(
     let weighted = canary_requests as f64 * (1.0 + tolerance.max(0.0));
     let p = weighted / (weighted + baseline_requests as f64);
     match Binomial::new(p, errors) {
-        // P(X ≥ canary_errors) = 1 - P(X ≤ canary_errors - 1)
-        Ok(b) => (1.0 - b.cdf(canary_errors - 1)).clamp(0.0, 1.0),
+        // P(X ≥ canary_errors), as the survival function (1 - cdf would
+        // round tiny p-values to zero).
+        Ok(b) => b.sf(canary_errors - 1).clamp(0.0, 1.0),
         Err(_) => 1.0,
     }
 }
@@ -254,7 +255,9 @@ pub fn obrien_fleming_spent(alpha: f64, fraction: f64) -> f64 {
     let t = fraction.min(1.0);
     let normal = standard_normal();
     let z = normal.inverse_cdf(1.0 - alpha / 2.0);
-    (2.0 - 2.0 * normal.cdf(z / t.sqrt())).clamp(0.0, alpha)
+    // The tail itself (2Φ(-x)), not 2 - 2Φ(x): early looks spend amounts
+    // far below f64's resolution near 1, which would round to nothing.
+    (2.0 * normal.cdf(-z / t.sqrt())).clamp(0.0, alpha)
 }
 
 #[cfg(test)]
@@ -434,6 +437,9 @@ mod tests {
     fn the_binomial_test_catches_a_real_excess_and_honours_the_tolerance() {
         // 3% against 0.1% over a few hundred requests: overwhelming.
         assert!(binomial_excess(12, 400, 8, 8000, 0.1) < 1e-6);
+        // Far past f64's resolution near 1, still a p-value, not zero.
+        let p = binomial_excess(300, 10_000, 990, 990_000, 0.1);
+        assert!(p > 0.0 && p < 1e-100, "{p}");
         // 3 errors in 712 against 0.1% of 5000: not evidence.
         assert!(binomial_excess(3, 712, 5, 5000, 0.1) > 0.05);
         // A 5% excess inside a 10% tolerance passes, even on huge counts.
@@ -446,6 +452,9 @@ mod tests {
         let a = 0.05;
         assert_eq!(obrien_fleming_spent(a, 0.0), 0.0);
         assert!(obrien_fleming_spent(a, 0.1) < 1e-6);
+        // Tiny, never rounded to nothing: an overwhelming effect can be
+        // caught at an early look.
+        assert!(obrien_fleming_spent(a, 1.0 / 180.0) > 0.0);
         assert!(obrien_fleming_spent(a, 0.5) < 0.006);
         assert!((obrien_fleming_spent(a, 1.0) - a).abs() < 1e-9);
         let mut last = 0.0;

@@ -24,12 +24,11 @@ use drover_common::proto::{
 use tracing::{info, warn};
 
 use super::Driver;
-use crate::deploy::analysis::{self, Judgement, Look, Observation, Window};
+use crate::deploy::analysis::{self, Judgement, Look, Observation, Spending, Window};
 use crate::deploy::audit;
 use crate::deploy::deployments::DeployError;
 use crate::deploy::machine::{Event, Phase, ReasonKind, Why};
 use crate::deploy::record::BakeProgress;
-use crate::deploy::stats;
 
 /// Looks at the window at least this often, whatever the heartbeat interval.
 const MAX_LOOK_INTERVAL: Duration = Duration::from_secs(1);
@@ -124,17 +123,13 @@ impl Driver {
         let mut window = Arc::new(Window::default());
         // Heartbeat sequence last taken per host.
         let mut seen: HashMap<String, u64> = HashMap::new();
-        // The planned bake, extensions included: the false-alarm budget is
-        // spent over it (a new leader starts from where the bake is).
-        let extensions_planned = match analysis.inconclusive() {
-            InconclusiveAction::Extend => analysis.max_extensions,
-            _ => 0,
-        };
-        let horizon_ms = (bake_ms * u64::from(1 + extensions_planned)).max(1);
-        let fraction = |baked_ms: u64| baked_ms as f64 / horizon_ms as f64;
-        let mut spent = stats::obrien_fleming_spent(
-            analysis.alpha,
-            fraction(self.ledger.now().saturating_sub(progress.started_unix_ms)),
+        // The false-alarm budget, spent over the planned bake (a new leader
+        // starts from where the bake is).
+        let extensions_planned = Spending::extensions_planned(&analysis);
+        let mut spending = Spending::new(
+            &analysis,
+            bake_ms,
+            self.ledger.now().saturating_sub(progress.started_unix_ms),
         );
         loop {
             tokio::select! {
@@ -161,18 +156,8 @@ impl Driver {
             } else {
                 self.observe(&s, Arc::make_mut(&mut window), &mut seen, &rec);
                 let open = baked_ms < bake_ms * u64::from(1 + progress.extensions);
-                // This look's share of alpha: the O'Brien-Fleming spending
-                // since the previous look; the last possible look, the rest.
                 let last = !open && progress.extensions >= extensions_planned;
-                let cumulative = if last {
-                    analysis.alpha
-                } else {
-                    stats::obrien_fleming_spent(analysis.alpha, fraction(baked_ms))
-                };
-                let look = Look {
-                    alpha: (cumulative - spent).max(0.0),
-                };
-                spent = spent.max(cumulative);
+                let look = spending.look(baked_ms, last);
                 let j = judge_off_runtime(&analysis, &window, look, !open).await;
                 match (j.verdict, open) {
                     (AnalysisVerdict::Fail, _) => Decision {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 mod canary;
 mod ha;
+mod judge;
 mod trust;
 
 use clap::{Parser, Subcommand};
@@ -91,6 +92,14 @@ enum Bench {
         hosts: usize,
         #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
         heartbeat: Duration,
+    },
+    /// The canary judge alone over many simulated bakes with random
+    /// traffic: false alarms, detection, the bad canary's share, CPU.
+    Judge {
+        #[arg(long, default_value_t = 500)]
+        runs: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
     /// An idle agent's CPU and memory at one heartbeat a second.
     AgentIdle {
@@ -484,6 +493,11 @@ async fn main() {
         }
         Bench::Pull { size_mb } => pull(size_mb).await,
         Bench::Canary { hosts, heartbeat } => canary::canary(hosts, heartbeat).await,
+        Bench::Judge { runs, seed } => {
+            if !judge::judge_bench(runs, seed) {
+                std::process::exit(1);
+            }
+        }
         Bench::Failover { trials, ttl, hosts } => ha::failover(trials, ttl, hosts).await,
         Bench::EtcdWrites { agents, window } => ha::etcd_writes(agents, window).await,
         Bench::AgentIdle { window } => agent_idle(window).await,

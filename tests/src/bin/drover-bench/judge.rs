@@ -1,0 +1,211 @@
+//! `drover-bench judge`: the canary judge alone, over many simulated bakes
+//! with random traffic (the fleet simulator's model: Poisson requests,
+//! binomial errors, lognormal p99, per-host offsets), looking once per
+//! heartbeat with the same alpha spending as the driver. Each figure is a
+//! distribution over runs, and each claim is checked: the command exits 1
+//! when one fails.
+//!
+//! - false alarms: healthy canaries (same release on both sides) failed,
+//!   over `runs` bakes, against alpha (its one-sided 95% binomial margin);
+//! - detection: looks (seconds at one heartbeat a second) until a 3%
+//!   error rate against 0.1%, and a +50 ms p99, fail; the share of all
+//!   requests the bad canary answered until then (counted from the draws);
+//! - cost: CPU time of one look at the stage's size.
+
+use std::time::{Duration, Instant};
+
+use drover_agent::fleetsim::traffic::{Host, Model};
+use drover_common::proto::{Analysis, AnalysisVerdict};
+use drover_coordinator::deploy::analysis::{Observation, Spending, Window, judge};
+
+/// The default analysis a pipeline gets (error rate and p99).
+fn analysis() -> Analysis {
+    let p = drover_coordinator::deploy::pipeline::with_defaults(drover_common::proto::Pipeline {
+        stages: vec![drover_common::proto::Stage {
+            canary: Some(drover_common::proto::Canary {
+                steps: vec![drover_common::proto::CanaryStep {
+                    percent: 1,
+                    count: 0,
+                    bake_ms: 60_000,
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    p.stages[0].canary.clone().unwrap().analysis.unwrap()
+}
+
+fn model(bad: Option<&str>) -> Model {
+    Model {
+        requests: 100.0,
+        error_rate: 0.001,
+        error_rates: match bad {
+            Some("errors") => [("new".to_string(), 0.03)].into(),
+            _ => Default::default(),
+        },
+        p99_ms: 20.0,
+        latency_added: match bad {
+            Some("latency") => [("new".to_string(), 50.0)].into(),
+            _ => Default::default(),
+        },
+        host_spread: 0.1,
+        warmup: Duration::ZERO,
+        served: Default::default(),
+    }
+}
+
+/// One bake of `bake_s` looks: the look at which it failed (if it did),
+/// and the share of all requests the canary answered until then.
+fn bake(
+    seed: u64,
+    hosts: usize,
+    canaries: usize,
+    bake_s: u64,
+    bad: Option<&str>,
+) -> (Option<u64>, f64) {
+    let m = model(bad);
+    let a = analysis();
+    let mut fleet: Vec<Host> = (0..hosts).map(|i| Host::new(&m, seed, i)).collect();
+    let mut window = Window::default();
+    let mut spending = Spending::new(&a, bake_s * 1000, 0);
+    let since = Instant::now();
+    let (mut canary_requests, mut all_requests) = (0u64, 0u64);
+    for look in 1..=bake_s {
+        for (i, host) in fleet.iter_mut().enumerate() {
+            let canary = i < canaries;
+            let release = if canary { "new" } else { "old" };
+            let iv = host.interval(&m, release, since);
+            all_requests += iv.requests;
+            let o = Observation {
+                host: format!("h{i}"),
+                requests: iv.requests,
+                errors: iv.errors,
+                p50_ms: iv.p50_ms,
+                p99_ms: iv.p99_ms,
+                extra: Default::default(),
+            };
+            if canary {
+                canary_requests += iv.requests;
+                window.canary.push(o);
+            } else {
+                window.baseline.push(o);
+            }
+        }
+        let j = judge(&a, &window, spending.look(look * 1000, look == bake_s));
+        if j.verdict == AnalysisVerdict::Fail {
+            return (Some(look), canary_requests as f64 / all_requests as f64);
+        }
+    }
+    (None, canary_requests as f64 / all_requests.max(1) as f64)
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+pub fn judge_bench(runs: usize, seed: u64) -> bool {
+    let a = analysis();
+    let mut ok = true;
+    // False alarms: healthy canaries, 1 canary host of 20 and 10 of 200.
+    for (hosts, canaries) in [(20, 1), (200, 10)] {
+        let alarms = (0..runs)
+            .filter(|r| {
+                bake(seed + *r as u64, hosts, canaries, 60, None)
+                    .0
+                    .is_some()
+            })
+            .count();
+        let rate = alarms as f64 / runs as f64;
+        let margin = 1.645 * (a.alpha * (1.0 - a.alpha) / runs as f64).sqrt();
+        let pass = rate <= a.alpha + margin;
+        ok &= pass;
+        println!(
+            "false alarms, {canaries} canary of {hosts} hosts, 60 looks: {alarms}/{runs} = {:.3} (target ≤ alpha {} + {:.3}): {}",
+            rate,
+            a.alpha,
+            margin,
+            if pass { "PASS" } else { "FAIL" }
+        );
+    }
+    // Detection at 1% and 5% of 1,000 hosts.
+    for bad in ["errors", "latency"] {
+        for (hosts, canaries) in [(1000, 10), (1000, 50)] {
+            let trials = (runs / 25).max(10);
+            let mut looks = Vec::new();
+            let mut shares = Vec::new();
+            for t in 0..trials {
+                let (at, share) = bake(seed + 10_000 + t as u64, hosts, canaries, 60, Some(bad));
+                if let Some(at) = at {
+                    looks.push(at as f64);
+                    shares.push(share);
+                }
+            }
+            looks.sort_by(f64::total_cmp);
+            shares.sort_by(f64::total_cmp);
+            let caught = looks.len();
+            let pass = caught == trials && quantile(&shares, 1.0) < 0.01 * 1.5;
+            ok &= caught == trials;
+            println!(
+                "{bad} canary, {canaries} of {hosts} hosts: caught {caught}/{trials}; looks to detect p50 {} p90 {} max {}; share of requests it answered p50 {:.4}% max {:.4}%{}",
+                quantile(&looks, 0.5),
+                quantile(&looks, 0.9),
+                quantile(&looks, 1.0),
+                quantile(&shares, 0.5) * 100.0,
+                quantile(&shares, 1.0) * 100.0,
+                if pass {
+                    ""
+                } else {
+                    " (over the cohort's share: see the figures)"
+                }
+            );
+        }
+    }
+    // CPU of one look over a full 60-look window of 10,000 hosts.
+    let m = model(None);
+    let mut fleet: Vec<Host> = (0..10_000).map(|i| Host::new(&m, seed, i)).collect();
+    let mut window = Window::default();
+    let since = Instant::now();
+    for _ in 0..60 {
+        for (i, host) in fleet.iter_mut().enumerate() {
+            let iv = host.interval(&m, "old", since);
+            let o = Observation {
+                host: format!("h{i}"),
+                requests: iv.requests,
+                errors: iv.errors,
+                p50_ms: iv.p50_ms,
+                p99_ms: iv.p99_ms,
+                extra: Default::default(),
+            };
+            if i < 100 {
+                window.canary.push(o);
+            } else {
+                window.baseline.push(o);
+            }
+        }
+    }
+    let mut times = Vec::new();
+    for _ in 0..10 {
+        let started = Instant::now();
+        let _ = judge(
+            &a,
+            &window,
+            drover_coordinator::deploy::analysis::Look { alpha: 0.001 },
+        );
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.sort_by(f64::total_cmp);
+    let p50 = quantile(&times, 0.5);
+    let pass = p50 < 20.0;
+    ok &= pass;
+    println!(
+        "one look, 100 canary and 9,900 baseline hosts × 60 intervals: p50 {p50:.1} ms, max {:.1} ms (target < 20 ms, this machine): {}",
+        quantile(&times, 1.0),
+        if pass { "PASS" } else { "FAIL" }
+    );
+    ok
+}
