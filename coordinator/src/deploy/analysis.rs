@@ -565,10 +565,10 @@ mod tests {
 
     #[test]
     fn a_significant_but_tolerated_difference_passes() {
-        // Six hosts each side, every canary host 5% slower: significant
+        // 25 hosts each side, every canary host 5% slower: significant
         // (the rank test across hosts), but within the 10% tolerance.
         let six = |prefix: &str, p99: f64| -> Vec<Observation> {
-            (0..6)
+            (0..25)
                 .flat_map(|h| {
                     cohort(
                         &format!("{prefix}{h}-"),

@@ -17,12 +17,13 @@
 //!   exact: given the total errors, the canary's share is binomial under
 //!   "the canary's rate is at most (1 + tolerance) × the baseline's".
 //! - [`hosts_greater`]: one value per host, canary hosts against baseline
-//!   hosts: the rank test when each side has [`RANK_MIN_HOSTS`] hosts
-//!   (below that it cannot reach a useful significance: one canary host
-//!   among five is p ≥ 0.2 however slow it is); else a t-test of the
-//!   canary hosts against the baseline hosts' spread (a prediction
-//!   interval for one canary host, Welch's test for several), which needs
-//!   [`T_MIN_BASELINE`] baseline hosts.
+//!   hosts: the rank test when each side has more than [`SMALL_SIDE`]
+//!   hosts (below that its p-values are coarse — one canary host among
+//!   five is p ≥ 0.2 however slow it is, ten among a thousand floor at the
+//!   permutation's resolution); else a t-test of the canary hosts against
+//!   the baseline hosts' spread (a prediction interval for one canary
+//!   host, Welch's test for several), which needs [`T_MIN_BASELINE`]
+//!   baseline hosts.
 //! - [`obrien_fleming_spent`]: how much of the false-alarm rate a look at a
 //!   given fraction of the bake may spend (Lan-DeMets, O'Brien-Fleming).
 
@@ -214,7 +215,10 @@ pub fn hosts_greater(c: &[f64], b: &[f64], min_spread: f64) -> Option<(f64, Host
     if c.is_empty() {
         return None;
     }
-    if c.len() >= RANK_MIN_HOSTS && b.len() >= RANK_MIN_HOSTS {
+    // The rank test where its p-values are fine-grained (both sides past
+    // the permutation regime); a small side against a large one would be
+    // floored at 1/(PERMUTATIONS + 1), above what early looks may spend.
+    if c.len().min(b.len()) > SMALL_SIDE.max(RANK_MIN_HOSTS) {
         return Some((rank_sum_greater(c, b), HostTest::Rank));
     }
     if b.len() < T_MIN_BASELINE {
@@ -405,16 +409,22 @@ mod tests {
         let (p, _) = hosts_greater(&[20.05], &[20.0; 5], 0.5).unwrap();
         assert!(p > 0.4, "{p}");
         // Enough hosts on both sides: the rank test.
-        let many: Vec<f64> = (0..30).map(|i| 20.0 + (i % 7) as f64 * 0.1).collect();
+        let many: Vec<f64> = (0..60).map(|i| 20.0 + (i % 7) as f64 * 0.1).collect();
         assert_eq!(
-            hosts_greater(&many[..6], &many, 0.01).unwrap().1,
+            hosts_greater(&many[..25], &many, 0.01).unwrap().1,
             HostTest::Rank
+        );
+        // Ten against many: the t-test (the rank test's p-values would be
+        // floored by the permutation's resolution).
+        assert_eq!(
+            hosts_greater(&many[..10], &many, 0.01).unwrap().1,
+            HostTest::T
         );
         // Calibration: healthy hosts drawn at random (each host its own
         // offset), one or three canary hosts against 4 to 9: alarms at
         // most alpha of the time.
         let mut r = Lcg(9);
-        for (m, n) in [(1, 2), (1, 4), (1, 9), (2, 2), (3, 6)] {
+        for (m, n) in [(1, 2), (1, 4), (1, 9), (2, 2), (3, 6), (10, 990)] {
             let trials = 4000;
             let mut alarms = 0;
             for _ in 0..trials {
