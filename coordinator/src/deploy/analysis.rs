@@ -1,6 +1,7 @@
 //! Canary analysis as pure judgement: the per-interval observations of the
 //! canary hosts against those of the baseline hosts (the stage's hosts still
-//! on the old version, over the same window), metric by metric.
+//! on the old version, over the same window), metric by metric, the host
+//! being the unit of evidence.
 //!
 //! Per metric: the minimum-sample rule (too few samples on either side is
 //! inconclusive), an absolute limit and a limit relative to the baseline on
@@ -10,10 +11,11 @@
 //! - the error rate is judged on counts: errors out of requests of the
 //!   cohort against the baseline, an exact binomial test of "the canary's
 //!   rate is at most (1 + tolerance) × the baseline's" ([`stats::binomial_excess`]);
-//! - latencies and the service's own metrics by a rank test of the samples
-//!   ([`stats::rank_sum_greater`]: O(n log n), exact or permutation-based
-//!   on small samples), the baseline capped at [`BASELINE_CAP`] samples
-//!   (a uniform sub-sample) so one look at 10,000 hosts stays cheap.
+//! - latencies and the service's own metrics one value per host (its
+//!   median over the window; latencies as logarithms): a rank test across
+//!   hosts when both sides have many, else a t-test against the baseline
+//!   hosts' spread ([`stats::hosts_greater`]); the baseline capped at
+//!   [`BASELINE_CAP`] hosts.
 //!
 //! Looks are sequential: the bake looks every heartbeat interval and each
 //! look may spend only its share of the false-alarm rate ([`Look::alpha`]):
