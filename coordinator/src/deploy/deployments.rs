@@ -184,7 +184,6 @@ impl Deployments {
         who: &str,
         note: impl Fn(&mut DeployRecord),
     ) -> Result<DeployRecord, DeployError> {
-        let (before, _) = self.ledger.load(id).await?;
         let applied = self
             .ledger
             .apply(id, &event, who, note)
@@ -192,7 +191,7 @@ impl Deployments {
             .map_err(|refused| DeployError::Conflict(refused.to_string()))?;
         info!(deploy = %id, %who, event = ?event, phase = ?applied.rec.machine.phase, "deploy control");
         self.driver.wake(id);
-        if before.machine.phase.is_terminal() && !applied.rec.machine.phase.is_terminal() {
+        if applied.before.is_terminal() && !applied.rec.machine.phase.is_terminal() {
             // A rollback after COMPLETE: the deploy needs a driver again.
             self.driver.spawn(id.to_string());
         }

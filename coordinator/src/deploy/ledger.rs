@@ -44,6 +44,8 @@ pub struct Ledger {
 
 /// A transition written: the new record and the actions it returned.
 pub struct Applied {
+    /// The phase the event was applied to (the record as it was written over).
+    pub before: Phase,
     pub rec: DeployRecord,
     pub actions: Vec<Action>,
 }
@@ -200,7 +202,11 @@ impl Ledger {
                 .await?
                 .is_some()
             {
-                return Ok(Ok(Applied { rec, actions }));
+                return Ok(Ok(Applied {
+                    before: before.phase,
+                    rec,
+                    actions,
+                }));
             }
         }
     }

@@ -73,32 +73,49 @@ fn bake(
     let since = Instant::now();
     let (mut canary_requests, mut all_requests) = (0u64, 0u64);
     for look in 1..=bake_s {
-        for (i, host) in fleet.iter_mut().enumerate() {
-            let canary = i < canaries;
-            let release = if canary { "new" } else { "old" };
-            let iv = host.interval(&m, release, since);
-            all_requests += iv.requests;
-            let o = Observation {
-                host: format!("h{i}"),
-                requests: iv.requests,
-                errors: iv.errors,
-                p50_ms: iv.p50_ms,
-                p99_ms: iv.p99_ms,
-                extra: Default::default(),
-            };
-            if canary {
-                canary_requests += iv.requests;
-                window.canary.push(o);
-            } else {
-                window.baseline.push(o);
-            }
-        }
+        let (c, all) = heartbeat_round(&mut fleet, &m, canaries, "new", since, &mut window);
+        canary_requests += c;
+        all_requests += all;
         let j = judge(&a, &window, spending.look(look * 1000, look == bake_s));
         if j.verdict == AnalysisVerdict::Fail {
             return (Some(look), canary_requests as f64 / all_requests as f64);
         }
     }
     (None, canary_requests as f64 / all_requests.max(1) as f64)
+}
+
+/// One heartbeat interval of every host into `window`: the first
+/// `canaries` run `canary_release` and are the canary cohort, the rest run
+/// "old". The requests (canary, all) drawn.
+fn heartbeat_round(
+    fleet: &mut [Host],
+    m: &Model,
+    canaries: usize,
+    canary_release: &str,
+    since: Instant,
+    window: &mut Window,
+) -> (u64, u64) {
+    let (mut canary_requests, mut all_requests) = (0, 0);
+    for (i, host) in fleet.iter_mut().enumerate() {
+        let canary = i < canaries;
+        let iv = host.interval(m, if canary { canary_release } else { "old" }, since);
+        all_requests += iv.requests;
+        let o = Observation {
+            host: format!("h{i}"),
+            requests: iv.requests,
+            errors: iv.errors,
+            p50_ms: iv.p50_ms,
+            p99_ms: iv.p99_ms,
+            extra: Default::default(),
+        };
+        if canary {
+            canary_requests += iv.requests;
+            window.canary.push(o);
+        } else {
+            window.baseline.push(o);
+        }
+    }
+    (canary_requests, all_requests)
 }
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
@@ -171,22 +188,7 @@ pub fn judge_bench(runs: usize, seed: u64) -> bool {
     let mut window = Window::default();
     let since = Instant::now();
     for _ in 0..60 {
-        for (i, host) in fleet.iter_mut().enumerate() {
-            let iv = host.interval(&m, "old", since);
-            let o = Observation {
-                host: format!("h{i}"),
-                requests: iv.requests,
-                errors: iv.errors,
-                p50_ms: iv.p50_ms,
-                p99_ms: iv.p99_ms,
-                extra: Default::default(),
-            };
-            if i < 100 {
-                window.canary.push(o);
-            } else {
-                window.baseline.push(o);
-            }
-        }
+        heartbeat_round(&mut fleet, &m, 100, "old", since, &mut window);
     }
     let mut times = Vec::new();
     for _ in 0..10 {
