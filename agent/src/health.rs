@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use drover_common::artifact::manifest::{MetricsSpec, Probe, ProbeCheck};
 use drover_common::histogram;
-use drover_common::proto::{ReportMetrics, ServiceHealth};
+use drover_common::proto::{LatencyBucket, ReportMetrics, ServiceHealth};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -75,6 +75,11 @@ struct Figures {
     interval_ms: u32,
     /// The metrics coordinators asked for: rate/s (counters) or value.
     metrics: HashMap<String, f64>,
+    /// The interval's cumulative latency buckets (ms bounds).
+    latency_buckets: Vec<(f64, f64)>,
+    /// Which scrape these figures are from (1, 2, …), so a coordinator
+    /// counts an interval once however many heartbeats repeat it.
+    scrape: u64,
 }
 
 /// Service → the metric names heartbeats must carry (ReportMetrics).
@@ -242,6 +247,15 @@ impl HealthBoard {
                     latency_p99_ms: f.p99_ms,
                     interval_ms: f.interval_ms,
                     metrics: f.metrics,
+                    latency_buckets: f
+                        .latency_buckets
+                        .iter()
+                        .map(|&(le_ms, count)| LatencyBucket {
+                            le_ms,
+                            count: count as u64,
+                        })
+                        .collect(),
+                    scrape: f.scrape,
                 }
             })
             .collect();
@@ -446,6 +460,8 @@ async fn scrape_loop(
             f.errors = (scraped.errors - prev.errors).max(0.0) as u64;
             f.p50_ms = histogram::quantile(&window, 0.5).unwrap_or(0.0) * 1e3;
             f.p99_ms = histogram::quantile(&window, 0.99).unwrap_or(0.0) * 1e3;
+            f.latency_buckets = window.iter().map(|&(le, n)| (le * 1e3, n)).collect();
+            f.scrape += 1;
             f.interval_ms = now.duration_since(*at).as_millis() as u32;
             let secs = now.duration_since(*at).as_secs_f64().max(1e-3);
             f.metrics = scraped

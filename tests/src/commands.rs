@@ -43,6 +43,7 @@ pub fn restart(service: &str, digest: &str) -> command::Action {
         service: service.into(),
         artifact: digest.into(),
         ready_timeout_ms: 20_000,
+        anew: false,
     })
 }
 

@@ -14,7 +14,8 @@
 //!    again; one still running is joined, not started twice.
 //! 3. Commands for one service run one at a time; different services run
 //!    in parallel.
-//! 4. Restart to the release already active and ready is a no-op success;
+//! 4. Restart to the release already active and ready is a no-op success,
+//!    unless it asks to start it anew (a canary's fresh baseline);
 //!    Rollback never downloads.
 //! 5. With trusted signers (`--trust-signer`), a Pull accepts an artifact
 //!    only with a valid signature from one of them (checked before any
@@ -423,7 +424,10 @@ impl Executor {
                 Err(e) => Outcome::failed(e),
             },
             command::Action::Restart(r) => match parse_digest(&r.artifact) {
-                Ok(d) => self.activate(&r.service, &d, r.ready_timeout_ms).await,
+                Ok(d) => {
+                    self.activate(&r.service, &d, r.ready_timeout_ms, r.anew)
+                        .await
+                }
                 Err(e) => Outcome::failed(e),
             },
             command::Action::Rollback(r) => {
@@ -529,7 +533,8 @@ impl Executor {
                 "release {digest} of {service} is not on this host; rollback never downloads"
             ));
         }
-        self.activate(service, &digest, ready_timeout_ms).await
+        self.activate(service, &digest, ready_timeout_ms, false)
+            .await
     }
 
     /// Checks the archive and the unpacked release of `digest`; a damaged
@@ -555,7 +560,15 @@ impl Executor {
     }
 
     /// Makes `digest` the running release of `service` (Restart and Rollback).
-    async fn activate(&self, service: &str, digest: &Digest, ready_timeout_ms: u32) -> Outcome {
+    /// Switches `service` to `digest` and waits until it is ready; `anew`:
+    /// even when it already runs (rule 4).
+    async fn activate(
+        &self,
+        service: &str,
+        digest: &Digest,
+        ready_timeout_ms: u32,
+        anew: bool,
+    ) -> Outcome {
         let layout = &self.cfg.layout;
         // Never run unverified bits.
         if let Err(e) = self.ensure_release(service, digest).await {
@@ -576,7 +589,9 @@ impl Executor {
         };
         let rec = self.record(service);
         let has_probe = watch.readiness.is_some();
-        if rec.current.as_deref() == Some(digest.hex().as_str())
+        // Rule 4.
+        if !anew
+            && rec.current.as_deref() == Some(digest.hex().as_str())
             && self.runtime.status(service).running
         {
             let ready = match &watch.readiness {

@@ -249,6 +249,15 @@ fn simulated_sample(
                     latency_p99_ms: i.p99_ms,
                     interval_ms,
                     metrics: Default::default(),
+                    latency_buckets: i
+                        .latency_buckets
+                        .iter()
+                        .map(|&(le_ms, n)| drover_common::proto::LatencyBucket {
+                            le_ms,
+                            count: n as u64,
+                        })
+                        .collect(),
+                    scrape: i.scrape,
                 }
             })
             .collect(),

@@ -2,9 +2,10 @@
 //! fail: per heartbeat interval each virtual host serves a Poisson number
 //! of requests, each an error with its release's error rate (times the
 //! host's own offset), with a lognormal p99 around the release's latency
-//! (times the host's offset); a release just started runs slower and
-//! worse for the warm-up (a cold process). The requests each release
-//! really answered are counted.
+//! (times the host's offset) and each request's latency drawn from the
+//! interval's lognormal into the buckets a service's histogram has; a
+//! release just started runs slower and worse for the warm-up (a cold
+//! process). The requests each release really answered are counted.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,7 +13,29 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
-use statrs::distribution::{ContinuousCDF, DiscreteCDF, LogNormal, Poisson};
+use statrs::distribution::{ContinuousCDF, DiscreteCDF, LogNormal, Normal, Poisson};
+
+/// The latency histogram's upper bounds (ms), as the sample service's.
+pub const LATENCY_BOUNDS_MS: [f64; 12] = [
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    25.0,
+    50.0,
+    75.0,
+    100.0,
+    250.0,
+    500.0,
+    1000.0,
+    f64::INFINITY,
+];
+
+/// Spread (lognormal sigma) of one interval's request latencies: its p50
+/// is a third of its p99.
+fn request_sigma() -> f64 {
+    3f64.ln() / 2.326_347_874
+}
 
 /// The fleet's traffic: the same for every host, per release.
 #[derive(Debug, Clone)]
@@ -38,12 +61,16 @@ pub struct Model {
 }
 
 /// One interval's figures for one host.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Interval {
     pub requests: u64,
     pub errors: u64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// Cumulative requests at or under each of [`LATENCY_BOUNDS_MS`].
+    pub latency_buckets: Vec<(f64, f64)>,
+    /// This host's interval count (1, 2, …): the "scrape" it is.
+    pub scrape: u64,
 }
 
 /// A host's own random source and offsets.
@@ -51,6 +78,7 @@ pub struct Host {
     rng: SmallRng,
     latency_offset: f64,
     error_offset: f64,
+    intervals: u64,
 }
 
 impl Host {
@@ -68,6 +96,7 @@ impl Host {
             rng,
             latency_offset,
             error_offset,
+            intervals: 0,
         }
     }
 
@@ -102,6 +131,8 @@ impl Host {
             Ok(d) => d.inverse_cdf(u(&mut self.rng)),
             Err(_) => median,
         };
+        let latency_buckets = self.latency_buckets(requests, p99_ms);
+        self.intervals += 1;
         *model
             .served
             .lock()
@@ -113,7 +144,46 @@ impl Host {
             errors,
             p50_ms: p99_ms / 3.0,
             p99_ms,
+            latency_buckets,
+            scrape: self.intervals,
         }
+    }
+
+    /// `requests` latencies drawn from the lognormal whose p99 is `p99_ms`,
+    /// counted into cumulative buckets.
+    fn latency_buckets(&mut self, requests: u64, p99_ms: f64) -> Vec<(f64, f64)> {
+        let sigma = request_sigma();
+        let mu = p99_ms.max(1e-3).ln() - 2.326_347_874 * sigma;
+        let Ok(unit) = Normal::new(0.0, 1.0) else {
+            return Vec::new();
+        };
+        // Each bound's CDF once, then each request a uniform draw placed
+        // among them (a multinomial draw).
+        let cdf: Vec<f64> = LATENCY_BOUNDS_MS
+            .iter()
+            .map(|b| {
+                if b.is_finite() {
+                    unit.cdf((b.ln() - mu) / sigma)
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        let mut counts = [0u64; LATENCY_BOUNDS_MS.len()];
+        for _ in 0..requests {
+            let u = self.rng.random::<f64>();
+            let k = cdf.partition_point(|c| *c < u).min(counts.len() - 1);
+            counts[k] += 1;
+        }
+        let mut total = 0;
+        LATENCY_BOUNDS_MS
+            .iter()
+            .zip(counts)
+            .map(|(b, n)| {
+                total += n;
+                (*b, total as f64)
+            })
+            .collect()
     }
 }
 
@@ -160,6 +230,43 @@ mod tests {
         assert!(bad > 500, "{bad}");
         let slow = h.interval(&m, "slow", since).p99_ms;
         assert!(slow > 40.0, "{slow}");
+    }
+
+    #[test]
+    fn request_latencies_fill_the_buckets_around_the_intervals_quantiles() {
+        let m = model();
+        let mut h = Host::new(&m, 3, 0);
+        let i = h.interval(&m, "good", Instant::now());
+        let buckets = &i.latency_buckets;
+        assert_eq!(buckets.len(), LATENCY_BOUNDS_MS.len());
+        assert_eq!(
+            buckets.last().unwrap().1,
+            i.requests as f64,
+            "every request counted"
+        );
+        assert!(buckets.windows(2).all(|w| w[0].1 <= w[1].1), "cumulative");
+        // Over many intervals the merged quantiles are near the model's (p99
+        // about 20 ms times the host's offset, p50 a third of it; within
+        // the buckets' resolution), and a slow release's far above.
+        let mut merged = |release: &str| -> Vec<(f64, f64)> {
+            let mut sum = vec![0.0; LATENCY_BOUNDS_MS.len()];
+            for _ in 0..100 {
+                let i = h.interval(&m, release, Instant::now());
+                for (s, b) in sum.iter_mut().zip(&i.latency_buckets) {
+                    *s += b.1;
+                }
+            }
+            LATENCY_BOUNDS_MS.iter().copied().zip(sum).collect()
+        };
+        let good = merged("good");
+        let p99 = drover_common::histogram::quantile(&good, 0.99).unwrap();
+        let p50 = drover_common::histogram::quantile(&good, 0.5).unwrap();
+        assert!((15.0..35.0).contains(&p99), "{p99}");
+        assert!((4.0..10.0).contains(&p50), "{p50}");
+        let slow = drover_common::histogram::quantile(&merged("slow"), 0.99).unwrap();
+        assert!(slow > 2.0 * p99, "{slow} against {p99}");
+        let i = h.interval(&m, "good", Instant::now());
+        assert_eq!(i.scrape, 202, "one scrape per interval");
     }
 
     #[test]

@@ -88,6 +88,7 @@ pub async fn send(
             service,
             artifact,
             ready_timeout_ms: millis(ready_timeout),
+            anew: false,
         }),
         Action::Rollback {
             service,

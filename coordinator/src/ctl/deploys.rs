@@ -7,7 +7,8 @@ use std::io::{IsTerminal, Write};
 use comfy_table::{Table, presets};
 use drover_common::proto::deployer_client::DeployerClient;
 use drover_common::proto::{
-    Deploy, DeployPhase, DeployRef, HostOutcome, ListDeploysRequest, StartDeployRequest,
+    BaselineKind, Deploy, DeployPhase, DeployRef, HostOutcome, ListDeploysRequest,
+    StartDeployRequest,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use tonic::transport::Channel;
@@ -256,7 +257,7 @@ fn write_analysis(
 ) -> anyhow::Result<()> {
     writeln!(
         out,
-        "canary stage {} step {}: {} after {:.1}s{} ({} canary, {} baseline hosts): {}",
+        "canary stage {} step {}: {} after {:.1}s{} ({} canary, {} baseline hosts{}): {}",
         a.stage,
         a.step,
         verdict_name(a.verdict()),
@@ -268,12 +269,25 @@ fn write_analysis(
         },
         a.canary_hosts.len(),
         a.baseline_hosts.len(),
+        match a.baseline() {
+            BaselineKind::Fresh =>
+                ", a fresh baseline: restarted on the old release with the canary",
+            _ => ", the live baseline: the stage's hosts still on the old release",
+        },
         a.reason
     )?;
     let mut table = Table::new();
     table.load_preset(presets::NOTHING).set_header([
-        "  METRIC", "VERDICT", "CANARY", "BASELINE", "HOSTS", "REQUESTS", "TEST", "P-VALUE",
+        "  METRIC",
+        "VERDICT",
+        "CANARY",
+        "BASELINE",
+        "HOSTS",
+        "REQUESTS",
+        "TEST",
+        "P-VALUE",
         "ALPHA",
+        "THRESHOLDS",
     ]);
     for m in &a.metrics {
         table.add_row([
@@ -290,12 +304,26 @@ fn write_analysis(
             },
             format!("{:.2e}", m.p_value),
             format!("{:.2e}", m.alpha),
+            thresholds(m),
         ]);
     }
     if !a.metrics.is_empty() {
         writeln!(out, "{table}")?;
     }
     Ok(())
+}
+
+/// A metric check's thresholds, short: "max 1.00%, 3x baseline, ±20%".
+fn thresholds(m: &drover_common::proto::MetricVerdict) -> String {
+    let mut parts = Vec::new();
+    if m.max > 0.0 {
+        parts.push(format!("max {}", metric_value(&m.name, m.max)));
+    }
+    if m.max_ratio > 0.0 {
+        parts.push(format!("{}x baseline", m.max_ratio));
+    }
+    parts.push(format!("±{:.0}%", m.tolerance * 100.0));
+    parts.join(", ")
 }
 
 /// `droverctl environments --pipeline P`.

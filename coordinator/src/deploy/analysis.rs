@@ -1,21 +1,25 @@
-//! Canary analysis as pure judgement: the per-interval observations of the
-//! canary hosts against those of the baseline hosts (the stage's hosts still
-//! on the old version, over the same window), metric by metric, the host
-//! being the unit of evidence.
+//! Canary analysis as pure judgement: the evidence of the canary hosts
+//! against that of the baseline hosts (the stage's hosts still on the old
+//! version, over the same window), metric by metric, the host being the
+//! unit of evidence ([`Window`]: each host's intervals folded into running
+//! totals as they arrive).
 //!
-//! Per metric: the minimum-sample rule (too few samples on either side is
-//! inconclusive), an absolute limit and a limit relative to the baseline on
-//! the canary's value over the window, then a one-sided test whose
+//! Per metric: the minimum rule (fewer than `min_hosts` hosts that each
+//! answered `min_requests` over the window, on either side, is
+//! inconclusive), an absolute limit and a limit relative to the baseline
+//! on the canary's value over the window, then a one-sided test whose
 //! tolerance makes a significant but negligible difference pass:
 //!
 //! - the error rate is judged on counts: errors out of requests of the
 //!   cohort against the baseline, an exact binomial test of "the canary's
 //!   rate is at most (1 + tolerance) × the baseline's" ([`stats::binomial_excess`]);
-//! - latencies and the service's own metrics one value per host (its
-//!   median over the window; latencies as logarithms): a rank test across
-//!   hosts when both sides have many, else a t-test against the baseline
-//!   hosts' spread ([`stats::hosts_greater`]); the baseline capped at
-//!   [`BASELINE_CAP`] hosts.
+//! - latencies and the service's own metrics one value per host (latency:
+//!   the quantile of the host's merged histogram over the window, compared
+//!   as logarithms; a metric: its mean): a rank test across hosts when both
+//!   sides have many, else a t-test against the baseline hosts' spread
+//!   ([`stats::hosts_greater`]); the baseline a uniform sample of at most
+//!   [`BASELINE_CAP`] hosts, so a look at any stage costs a sort of at most
+//!   that many values.
 //!
 //! Looks are sequential: the bake looks every heartbeat interval and each
 //! look may spend only its share of the false-alarm rate ([`Look::alpha`]):
@@ -27,15 +31,18 @@
 //! seconds. Extensions are part of the planned bake and spend from the
 //! same budget. Only the last look can pass.
 
+use std::collections::BTreeMap;
+
 use drover_common::proto::{
     Analysis, AnalysisVerdict, InconclusiveAction, MetricCheck, MetricDirection, MetricVerdict,
 };
 use statrs::statistics::{Data, Median};
 
+pub use super::evidence::{HostEvidence, Interval, Side, Window};
 use super::pipeline::{ERROR_RATE, LATENCY_P50, LATENCY_P99};
 use super::stats;
 
-/// Baseline samples a test uses at most (a uniform sub-sample beyond).
+/// Baseline hosts a look uses at most (a uniform sample of them beyond).
 pub const BASELINE_CAP: usize = 20_000;
 
 /// One look at the window.
@@ -92,31 +99,6 @@ impl Spending {
     }
 }
 
-/// One host's figures for one heartbeat interval.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Observation {
-    /// The host it came from (latency and other metrics are compared one
-    /// value per host).
-    pub host: String,
-    pub requests: u64,
-    pub errors: u64,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    /// Metrics of the service's page heartbeats carry on request.
-    pub extra: std::collections::HashMap<String, f64>,
-}
-
-/// What a bake window collected so far.
-#[derive(Debug, Clone, Default)]
-pub struct Window {
-    pub canary: Vec<Observation>,
-    pub baseline: Vec<Observation>,
-    /// Canary hosts that were not ready at the last look.
-    pub canary_not_ready: Vec<String>,
-    /// Canary hosts that restarted since the step began, with the count.
-    pub canary_restarts: Vec<(String, u32)>,
-}
-
 /// The verdict of a look at a window.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Judgement {
@@ -142,150 +124,143 @@ fn median(values: &[f64]) -> f64 {
     Data::new(values.to_vec()).median()
 }
 
-/// The samples of `metric` in `obs` (host-intervals with enough requests)
-/// and the value over the window.
-fn samples(metric: &str, obs: &[Observation], min_requests: u64) -> (Vec<f64>, f64) {
-    let counted: Vec<&Observation> = obs.iter().filter(|o| o.requests >= min_requests).collect();
-    let values: Vec<f64> = match metric {
-        ERROR_RATE => counted
-            .iter()
-            .map(|o| o.errors as f64 / o.requests as f64)
-            .collect(),
-        LATENCY_P99 => counted.iter().map(|o| o.p99_ms).collect(),
-        LATENCY_P50 => counted.iter().map(|o| o.p50_ms).collect(),
-        // Any other metric of the service's page: every interval that
-        // carries it is a sample, whatever its traffic.
-        _ => {
-            let values: Vec<f64> = obs
-                .iter()
-                .filter_map(|o| o.extra.get(metric).copied())
-                .collect();
-            let value = median(&values);
-            return (values, value);
-        }
-    };
-    let value = match metric {
-        ERROR_RATE => {
-            let requests: u64 = counted.iter().map(|o| o.requests).sum();
-            let errors: u64 = counted.iter().map(|o| o.errors).sum();
-            if requests == 0 {
-                0.0
-            } else {
-                errors as f64 / requests as f64
-            }
-        }
-        _ => median(&values),
-    };
-    (values, value)
-}
-
-/// One value of `metric` per host: the median of its intervals (latency:
-/// those with enough requests), hosts in name order.
-fn host_values(metric: &str, obs: &[Observation], min_requests: u64) -> Vec<f64> {
-    let mut per_host: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
-    for o in obs {
-        let v = match metric {
-            LATENCY_P99 if o.requests >= min_requests => Some(o.p99_ms),
-            LATENCY_P50 if o.requests >= min_requests => Some(o.p50_ms),
-            LATENCY_P99 | LATENCY_P50 => None,
-            _ => o.extra.get(metric).copied(),
-        };
-        if let Some(v) = v.filter(|v| v.is_finite()) {
-            per_host.entry(o.host.as_str()).or_default().push(v);
-        }
-    }
-    per_host.values().map(|v| median(v)).collect()
-}
-
 /// Latencies are compared as logarithms (a slowdown is a ratio), with the
 /// hosts taken to differ by at least 2% among themselves.
 const LATENCY_SPREAD_FLOOR: f64 = 0.02;
 
-/// At most `cap` of `values`, spread evenly over them.
-fn capped(values: Vec<f64>, cap: usize) -> Vec<f64> {
-    if values.len() <= cap {
-        return values;
+/// At most `cap` of `hosts`, spread evenly over them (they are in name
+/// order, which says nothing of their figures).
+fn capped(hosts: &BTreeMap<String, HostEvidence>, cap: usize) -> Vec<&HostEvidence> {
+    if hosts.len() <= cap {
+        return hosts.values().collect();
     }
-    let step = values.len() as f64 / cap as f64;
-    (0..cap)
-        .map(|i| values[(i as f64 * step) as usize])
+    let step = hosts.len() as f64 / cap as f64;
+    let mut next = 0.0;
+    hosts
+        .values()
+        .enumerate()
+        .filter(|(i, _)| {
+            let take = *i as f64 >= next;
+            if take {
+                next += step;
+            }
+            take
+        })
+        .map(|(_, h)| h)
         .collect()
 }
 
-/// Errors and requests of the intervals with enough traffic.
-fn counts(obs: &[Observation], min_requests: u64) -> (u64, u64) {
-    obs.iter()
-        .filter(|o| o.requests >= min_requests)
-        .fold((0, 0), |(e, r), o| (e + o.errors, r + o.requests))
+/// One side's evidence on one metric: the hosts that count, their
+/// intervals and requests, and one value per host (not for the error rate,
+/// which is judged on the side's counts).
+#[derive(Debug, Default)]
+struct Evidence {
+    hosts: u32,
+    intervals: u32,
+    requests: u64,
+    errors: u64,
+    /// One value per host (latency in ms, a metric's mean).
+    values: Vec<f64>,
+}
+
+impl Evidence {
+    /// The hosts of `hosts` that count for `metric`: those that answered
+    /// `min_requests` over the window (any that carried it, for a metric
+    /// of the service's page).
+    fn of<'w>(
+        metric: &str,
+        hosts: impl Iterator<Item = &'w HostEvidence>,
+        min_requests: u64,
+    ) -> Evidence {
+        let mut e = Evidence::default();
+        for h in hosts {
+            let value = match metric {
+                ERROR_RATE => (h.requests >= min_requests).then_some(f64::NAN),
+                LATENCY_P99 if h.requests >= min_requests => h.latency_ms(0.99),
+                LATENCY_P50 if h.requests >= min_requests => h.latency_ms(0.5),
+                LATENCY_P99 | LATENCY_P50 => None,
+                _ => h.metric(metric),
+            };
+            let Some(v) = value else { continue };
+            e.hosts += 1;
+            e.intervals += h.intervals;
+            e.requests += h.requests;
+            e.errors += h.errors;
+            if metric != ERROR_RATE && v.is_finite() {
+                e.values.push(v);
+            }
+        }
+        e
+    }
+
+    /// The side's value over the window.
+    fn value(&self, metric: &str) -> f64 {
+        match metric {
+            ERROR_RATE if self.requests == 0 => 0.0,
+            ERROR_RATE => self.errors as f64 / self.requests as f64,
+            _ => median(&self.values),
+        }
+    }
 }
 
 fn judge_metric(check: &MetricCheck, a: &Analysis, w: &Window, look: Look) -> MetricVerdict {
     let min_requests = u64::from(a.min_requests.max(1));
-    let canary = samples(&check.name, &w.canary, min_requests);
-    let (b_values, b_value) = samples(&check.name, &w.baseline, min_requests);
-    let baseline = (capped(b_values, BASELINE_CAP), b_value);
+    let name = check.name.as_str();
+    let c = Evidence::of(name, w.canary.values(), min_requests);
+    let b = Evidence::of(
+        name,
+        capped(&w.baseline, BASELINE_CAP).into_iter(),
+        min_requests,
+    );
+    let higher_is_worse = check.direction() != MetricDirection::LowerIsWorse;
+    let test = if name == ERROR_RATE {
+        Test::Binomial(stats::binomial_excess(
+            c.errors,
+            c.requests,
+            b.errors,
+            b.requests,
+            check.tolerance,
+        ))
+    } else {
+        let latency = matches!(name, LATENCY_P99 | LATENCY_P50);
+        let (cv, bv, floor) = if latency {
+            let ln = |v: &[f64]| -> Vec<f64> { v.iter().map(|x| x.max(1e-3).ln()).collect() };
+            (ln(&c.values), ln(&b.values), LATENCY_SPREAD_FLOOR)
+        } else {
+            (c.values.clone(), b.values.clone(), floor_of(name))
+        };
+        let (worse, better) = if higher_is_worse { (cv, bv) } else { (bv, cv) };
+        Test::AcrossHosts(stats::hosts_greater(&worse, &better, floor))
+    };
     let mut out = MetricVerdict {
         name: check.name.clone(),
         p_value: 1.0,
-        canary_samples: canary.0.len() as u32,
-        baseline_samples: baseline.0.len() as u32,
-        canary_value: canary.1,
-        baseline_value: baseline.1,
-        canary_median: median(&canary.0),
-        baseline_median: median(&baseline.0),
+        canary_samples: c.intervals,
+        baseline_samples: b.intervals,
+        canary_value: c.value(name),
+        baseline_value: b.value(name),
+        canary_hosts: c.hosts,
+        baseline_hosts: b.hosts,
+        canary_requests: c.requests,
+        baseline_requests: b.requests,
+        alpha: look.alpha,
+        max: check.max,
+        max_ratio: check.max_ratio,
+        tolerance: check.tolerance,
+        test: match test {
+            Test::Binomial(_) => "exact binomial".into(),
+            Test::AcrossHosts(Some((_, t))) => t.name().into(),
+            Test::AcrossHosts(None) => String::new(),
+        },
         ..Default::default()
     };
-    let (ce, cr) = counts(&w.canary, min_requests);
-    let (be, br) = counts(&w.baseline, min_requests);
-    (out.canary_requests, out.baseline_requests) = (cr, br);
-    let higher_is_worse = check.direction() != MetricDirection::LowerIsWorse;
-    let test = if check.name == ERROR_RATE {
-        out.canary_hosts = hosts_with(&w.canary, |o| o.requests >= min_requests);
-        out.baseline_hosts = hosts_with(&w.baseline, |o| o.requests >= min_requests);
-        Test::Binomial(stats::binomial_excess(ce, cr, be, br, check.tolerance))
-    } else {
-        let c_hosts = host_values(&check.name, &w.canary, min_requests);
-        let b_hosts = capped(
-            host_values(&check.name, &w.baseline, min_requests),
-            BASELINE_CAP,
-        );
-        out.canary_hosts = c_hosts.len() as u32;
-        out.baseline_hosts = b_hosts.len() as u32;
-        // The value over the window: the median host.
-        out.canary_value = median(&c_hosts);
-        out.baseline_value = median(&b_hosts);
-        let latency = matches!(check.name.as_str(), LATENCY_P99 | LATENCY_P50);
-        let (c, b, floor) = if latency {
-            let ln = |v: &Vec<f64>| -> Vec<f64> { v.iter().map(|x| x.max(1e-3).ln()).collect() };
-            (ln(&c_hosts), ln(&b_hosts), LATENCY_SPREAD_FLOOR)
-        } else {
-            (c_hosts, b_hosts, floor_of(&check.name))
-        };
-        let (worse, better) = if higher_is_worse { (c, b) } else { (b, c) };
-        Test::AcrossHosts(stats::hosts_greater(&worse, &better, floor))
-    };
-    let canary = (canary.0, out.canary_value);
-    let baseline = (baseline.0, out.baseline_value);
-    out.alpha = look.alpha;
-    out.test = match test {
-        Test::Binomial(_) => "exact binomial".into(),
-        Test::AcrossHosts(Some((_, t))) => t.name().into(),
-        Test::AcrossHosts(None) => String::new(),
-    };
-    let (verdict, reason) = decide(check, a, look, test, &canary, &baseline, &mut out.p_value);
+    let (verdict, reason) = decide(check, a, look, test, &out);
+    if let Test::Binomial(p) | Test::AcrossHosts(Some((p, _))) = test {
+        out.p_value = p;
+    }
     out.verdict = verdict as i32;
     out.reason = reason;
     out
-}
-
-/// Hosts with at least one interval `counted` allows.
-fn hosts_with(obs: &[Observation], counted: impl Fn(&Observation) -> bool) -> u32 {
-    let hosts: std::collections::BTreeSet<&str> = obs
-        .iter()
-        .filter(|o| counted(o))
-        .map(|o| o.host.as_str())
-        .collect();
-    hosts.len() as u32
 }
 
 /// The test a metric is judged by, with its p-value.
@@ -297,27 +272,33 @@ enum Test {
     AcrossHosts(Option<(f64, stats::HostTest)>),
 }
 
-/// The verdict on one metric from its samples and values, checks in order:
-/// minimum samples, absolute limit, ratio to the baseline, the test with
-/// its tolerance. `p_value` is set when the test runs.
+/// The verdict on one metric from the evidence `m` sums up, checks in
+/// order: minimum hosts, absolute limit, ratio to the baseline, the test
+/// with its tolerance.
 fn decide(
     check: &MetricCheck,
     a: &Analysis,
     look: Look,
     test: Test,
-    (c, cv): &(Vec<f64>, f64),
-    (b, bv): &(Vec<f64>, f64),
-    p_value: &mut f64,
+    m: &MetricVerdict,
 ) -> (AnalysisVerdict, String) {
     use AnalysisVerdict::{Fail, Inconclusive, Pass};
-    let (cv, bv) = (*cv, *bv);
+    let (cv, bv) = (m.canary_value, m.baseline_value);
     let name = &check.name;
     let higher_is_worse = check.direction() != MetricDirection::LowerIsWorse;
-    let min = a.min_samples.max(1) as usize;
-    if c.len() < min {
+    let min_hosts = a.min_hosts.max(1);
+    let counted = if matches!(name.as_str(), ERROR_RATE | LATENCY_P99 | LATENCY_P50) {
+        format!(" with {} requests", a.min_requests.max(1))
+    } else {
+        format!(" carrying {name}")
+    };
+    if m.canary_hosts < min_hosts {
         return (
             Inconclusive,
-            format!("{} canary samples, {min} needed", c.len()),
+            format!(
+                "{} canary hosts{counted}, {min_hosts} needed",
+                m.canary_hosts
+            ),
         );
     }
     let past_limit = if higher_is_worse {
@@ -329,10 +310,13 @@ fn decide(
         let (v, limit) = (show(name, cv), show(name, check.max));
         return (Fail, format!("{name} {v} is past the limit {limit}"));
     }
-    if b.len() < min {
+    if m.baseline_hosts < min_hosts {
         return (
             Inconclusive,
-            format!("{} baseline samples, {min} needed", b.len()),
+            format!(
+                "{} baseline hosts{counted}, {min_hosts} needed",
+                m.baseline_hosts
+            ),
         );
     }
     let base = bv.abs().max(floor_of(name));
@@ -351,9 +335,8 @@ fn decide(
             ),
         );
     }
-    let (p, test_name) = match test {
-        Test::Binomial(p) => (p, "exact binomial"),
-        Test::AcrossHosts(Some((p, t))) => (p, t.name()),
+    let p = match test {
+        Test::Binomial(p) | Test::AcrossHosts(Some((p, _))) => p,
         Test::AcrossHosts(None) => {
             return (
                 Inconclusive,
@@ -365,7 +348,6 @@ fn decide(
             );
         }
     };
-    *p_value = p;
     let effect = if higher_is_worse {
         (cv - bv) / base
     } else {
@@ -376,9 +358,10 @@ fn decide(
         return (
             Fail,
             format!(
-                "{name} {c_shown} against the baseline's {b_shown} ({:+.0}%, tolerance {:.0}%), {test_name} p={p:.2e} < {alpha:.2e} (this look's share of alpha {})",
+                "{name} {c_shown} against the baseline's {b_shown} ({:+.0}%, tolerance {:.0}%), {} p={p:.2e} < {alpha:.2e} (this look's share of alpha {})",
                 effect * 100.0,
                 check.tolerance * 100.0,
+                m.test,
                 a.alpha
             ),
         );
@@ -483,41 +466,43 @@ mod tests {
         requests: u64,
         rate: f64,
         p99: f64,
-    ) -> Vec<Observation> {
+    ) -> Vec<(String, Interval)> {
         let mut owed = 0.0;
         (0..n)
             .map(|i| {
                 owed += requests as f64 * rate;
                 let errors = owed.floor() as u64;
                 owed -= errors as f64;
-                Observation {
-                    host: format!("{prefix}{}", i % hosts),
+                let interval = Interval {
                     requests,
                     errors,
                     p50_ms: p99 / 3.0,
                     p99_ms: p99 + (i % 5) as f64,
-                    extra: Default::default(),
-                }
+                    ..Default::default()
+                };
+                (format!("{prefix}{}", i % hosts), interval)
             })
             .collect()
     }
 
     /// One canary host's intervals.
-    fn obs(n: usize, requests: u64, rate: f64, p99: f64) -> Vec<Observation> {
+    fn obs(n: usize, requests: u64, rate: f64, p99: f64) -> Vec<(String, Interval)> {
         cohort("c", 1, n, requests, rate, p99)
     }
 
     /// Four baseline hosts' intervals.
-    fn base(n: usize, requests: u64, rate: f64, p99: f64) -> Vec<Observation> {
+    fn base(n: usize, requests: u64, rate: f64, p99: f64) -> Vec<(String, Interval)> {
         cohort("b", 4, n, requests, rate, p99)
     }
 
-    fn window(canary: Vec<Observation>, baseline: Vec<Observation>) -> Window {
-        Window {
-            canary,
-            baseline,
-            ..Default::default()
+    fn window(canary: Vec<(String, Interval)>, baseline: Vec<(String, Interval)>) -> Window {
+        let mut w = Window::default();
+        for (side, intervals) in [(Side::Canary, canary), (Side::Baseline, baseline)] {
+            for (host, i) in intervals {
+                w.add(side, &host, &i);
+            }
         }
+        w
     }
 
     #[test]
@@ -569,7 +554,7 @@ mod tests {
     fn a_significant_but_tolerated_difference_passes() {
         // 25 hosts each side, every canary host 5% slower: significant
         // (the rank test across hosts), but within the 10% tolerance.
-        let six = |prefix: &str, p99: f64| -> Vec<Observation> {
+        let six = |prefix: &str, p99: f64| -> Vec<(String, Interval)> {
             (0..25)
                 .flat_map(|h| {
                     cohort(
@@ -593,12 +578,27 @@ mod tests {
 
     #[test]
     fn too_little_traffic_is_inconclusive() {
-        // Intervals under min_requests do not count as samples.
+        // A host under min_requests over the window does not count.
         let w = window(obs(10, 2, 0.5, 20.0), base(32, 40, 0.001, 20.0));
         let j = judge(&analysis(), &w, LAST);
         assert_eq!(j.verdict, AnalysisVerdict::Inconclusive, "{j:?}");
         assert!(
-            j.reason.contains("0 canary samples, 5 needed"),
+            j.reason
+                .contains("0 canary hosts with 50 requests, 1 needed"),
+            "{}",
+            j.reason
+        );
+        // The hosts the window needs are a minimum too.
+        let mut a = analysis();
+        a.min_hosts = 2;
+        let j = judge(
+            &a,
+            &window(obs(10, 40, 0.0, 20.0), base(32, 40, 0.0, 20.0)),
+            LAST,
+        );
+        assert!(
+            j.reason
+                .contains("1 canary hosts with 50 requests, 2 needed"),
             "{}",
             j.reason
         );
@@ -633,13 +633,20 @@ mod tests {
         a.metrics[0].name = "queue_depth".into();
         let j = judge(&a, &w, LAST);
         assert_eq!(j.verdict, AnalysisVerdict::Inconclusive);
-        assert!(j.reason.contains("0 canary samples"), "{}", j.reason);
-        let with = |n: usize, depth: f64| -> Vec<Observation> {
+        assert!(
+            j.reason.contains("0 canary hosts carrying queue_depth"),
+            "{}",
+            j.reason
+        );
+        let with = |n: usize, depth: f64| -> Vec<(String, Interval)> {
             (0..n)
-                .map(|i| Observation {
-                    host: format!("h{}", i % 3),
-                    extra: [("queue_depth".to_string(), depth + (i % 3) as f64)].into(),
-                    ..Default::default()
+                .map(|i| {
+                    let metrics = [("queue_depth".to_string(), depth + (i % 3) as f64)].into();
+                    let interval = Interval {
+                        metrics,
+                        ..Default::default()
+                    };
+                    (format!("h{}", i % 3), interval)
                 })
                 .collect()
         };

@@ -2,7 +2,7 @@
 //! deploy state machine, the judgements (batch gates, canary analysis),
 //! the ledger that stores deploys, and the driver that runs them.
 //!
-//! The pure core — `machine`, `gate`, `analysis`, `audit`, `start`,
+//! The pure core — `machine`, `gate`, `analysis`, `evidence`, `audit`, `start`,
 //! `record` — does no I/O and imports nothing of `store`, `fleet` or `ha`;
 //! `ledger` (the store), `driver` (hosts, through `driver::effects`) and
 //! `deployments` (the facade the API calls) do the effects.
@@ -12,6 +12,7 @@ pub mod audit;
 pub mod clock;
 pub mod deployments;
 pub mod driver;
+pub mod evidence;
 pub mod gate;
 pub mod ledger;
 pub mod machine;

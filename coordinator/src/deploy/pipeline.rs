@@ -7,8 +7,8 @@ use std::sync::Arc;
 use drover_common::ids::{validate_pipeline_name, validate_service};
 use drover_common::labels::Selector;
 use drover_common::proto::{
-    Analysis, ApprovalTimeoutOutcome, Canary, HealthGate, InconclusiveAction, InconclusivePolicy,
-    MetricCheck, MetricDirection, Pipeline, ReportMetrics, ServiceMetrics,
+    Analysis, ApprovalTimeoutOutcome, BaselineKind, Canary, HealthGate, InconclusiveAction,
+    InconclusivePolicy, MetricCheck, MetricDirection, Pipeline, ReportMetrics, ServiceMetrics,
 };
 use prost::Message;
 
@@ -85,17 +85,20 @@ pub fn with_defaults(mut p: Pipeline) -> Pipeline {
             if a.alpha == 0.0 {
                 a.alpha = 0.05;
             }
-            if a.min_samples == 0 {
-                a.min_samples = 5;
+            if a.min_hosts == 0 {
+                a.min_hosts = 1;
             }
             if a.min_requests == 0 {
-                a.min_requests = 5;
+                a.min_requests = 50;
             }
             if a.inconclusive == InconclusiveAction::Unspecified as i32 {
                 a.inconclusive = InconclusiveAction::Extend as i32;
             }
             if a.max_extensions == 0 {
                 a.max_extensions = 2;
+            }
+            if a.baseline == BaselineKind::Unspecified as i32 {
+                a.baseline = BaselineKind::Live as i32;
             }
         }
     }

@@ -100,6 +100,22 @@ pub struct DeployRecord {
     /// known good).
     #[serde(default)]
     pub rollback_targets: Vec<String>,
+    /// Per stage, its canary's fresh baseline (a FRESH analysis baseline).
+    #[serde(default)]
+    pub fresh_baselines: BTreeMap<usize, FreshBaseline>,
+}
+
+/// A canary's fresh baseline: hosts of the stage's last batches restarted
+/// on the old release with each canary step, so both sides are equally
+/// fresh. They keep the old release until their own batch.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct FreshBaseline {
+    /// Chosen so far, in the order chosen (recorded before any restart, so
+    /// a new leader restarts the same hosts).
+    pub hosts: Vec<String>,
+    /// Per host whose restart succeeded, the last heartbeat sequence seen
+    /// when it answered: its evidence is what comes after.
+    pub restarted_at_heartbeat: BTreeMap<String, u64>,
 }
 
 /// How far a canary step's bake got.
@@ -212,6 +228,33 @@ impl DeployRecord {
         self.canary_bakes
             .get(stage)
             .is_some_and(|b| batch < b.len())
+    }
+
+    /// The hosts stage `stage`'s fresh baseline has once canary step
+    /// `step` begins: those it had, and as many more as the cohort has
+    /// grown, taken from the end of the stage's plan — never a canary
+    /// step's host, never one this deploy switched.
+    pub fn fresh_baseline_for(&self, stage: usize, step: usize) -> Vec<String> {
+        let Some(batches) = self.plan.get(stage) else {
+            return Vec::new();
+        };
+        let steps = self.canary_bakes.get(stage).map_or(0, Vec::len);
+        let cohort: usize = batches.iter().take(step + 1).map(Vec::len).sum();
+        let mut hosts = self
+            .fresh_baselines
+            .get(&stage)
+            .map(|f| f.hosts.clone())
+            .unwrap_or_default();
+        let candidates: Vec<&String> = batches
+            .iter()
+            .skip(steps)
+            .flatten()
+            .rev()
+            .filter(|h| !self.touched.contains(h) && !hosts.contains(h))
+            .collect();
+        let more = cohort.saturating_sub(hosts.len());
+        hosts.extend(candidates.into_iter().take(more).cloned());
+        hosts
     }
 
     /// The hosts of batch `batch` of stage `stage` (none if there is no such batch).

@@ -111,6 +111,7 @@ pub fn new_record(d: NewDeploy<'_>) -> Option<(DeployRecord, Vec<Action>)> {
         switched_at_heartbeat: Default::default(),
         bakes: Default::default(),
         rollback_targets: d.environments,
+        fresh_baselines: Default::default(),
     };
     Some((rec, actions))
 }

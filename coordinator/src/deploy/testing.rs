@@ -11,7 +11,7 @@ use super::clock::TokioClock;
 use super::driver::Driver;
 use super::driver::fake::{FakeFleet, FakeHost};
 use super::ledger::Ledger;
-use super::machine::Event;
+use super::machine::{Action, Event};
 use super::record::DeployRecord;
 use super::start::{NewDeploy, new_record};
 use crate::ha::leases::ShardLeases;
@@ -44,6 +44,37 @@ pub fn staged_pipeline(stages: &[&str]) -> Pipeline {
             .collect(),
         ..Default::default()
     }
+}
+
+/// A new deploy's record of `new()` over `p` (id "hello-1"), its stages'
+/// hosts given, made at `now`; and its first actions.
+pub fn record_of(p: &Pipeline, hosts: &[&[&str]], now: u64) -> (DeployRecord, Vec<Action>) {
+    new_record(NewDeploy {
+        id: "hello-1".into(),
+        pipeline: p,
+        hosts: hosts
+            .iter()
+            .map(|s| {
+                s.iter()
+                    .map(|h| Host {
+                        host_id: h.to_string(),
+                        ..Default::default()
+                    })
+                    .collect()
+            })
+            .collect(),
+        artifact: new(),
+        git_sha: String::new(),
+        known_good: old(),
+        environments: vec![old(); p.stages.len()],
+        first_stage: 0,
+        forced_past: Vec::new(),
+        requester: "ci".into(),
+        started_by: "ci".into(),
+        idempotency_key: String::new(),
+        now,
+    })
+    .expect("a deploy with hosts")
 }
 
 /// The driver's world: one coordinator leading every shard.
@@ -100,32 +131,7 @@ impl World {
 
     /// Starts a deploy of `new()` over `p`, its stages' hosts given.
     pub async fn start(&self, p: &Pipeline, hosts: &[&[&str]]) -> String {
-        let (rec, actions) = new_record(NewDeploy {
-            id: "hello-1".into(),
-            pipeline: p,
-            hosts: hosts
-                .iter()
-                .map(|s| {
-                    s.iter()
-                        .map(|h| Host {
-                            host_id: h.to_string(),
-                            ..Default::default()
-                        })
-                        .collect()
-                })
-                .collect(),
-            artifact: new(),
-            git_sha: String::new(),
-            known_good: old(),
-            environments: vec![old(); p.stages.len()],
-            first_stage: 0,
-            forced_past: Vec::new(),
-            requester: "ci".into(),
-            started_by: "ci".into(),
-            idempotency_key: String::new(),
-            now: self.ledger.now(),
-        })
-        .unwrap();
+        let (rec, actions) = record_of(p, hosts, self.ledger.now());
         assert!(
             self.ledger
                 .create(&rec, &actions, Vec::new())

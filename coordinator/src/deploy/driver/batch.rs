@@ -22,7 +22,7 @@ use drover_common::proto::{
     RestartCommand, command,
 };
 
-use super::Driver;
+use super::{Driver, baseline};
 use crate::deploy::audit;
 use crate::deploy::deployments::DeployError;
 use crate::deploy::gate::{Sample, Verdict, judge};
@@ -120,36 +120,20 @@ impl Driver {
                 _ => ready.push(h.clone()),
             }
         }
-        let max_unavailable = spec.max_unavailable.max(1) as usize;
-        for chunk in ready.chunks(max_unavailable) {
-            let mut tasks = tokio::task::JoinSet::new();
-            for host in chunk {
-                let effects = self.effects.clone();
-                let restart = command::Action::Restart(RestartCommand {
-                    service: rec.service.clone(),
-                    artifact: rec.artifact.clone(),
-                    ready_timeout_ms: stuck.as_millis() as u32,
-                });
-                let cmd = batch_command(fence, id, (stage, batch), host, "restart", restart);
-                let host = host.clone();
-                tasks.spawn(async move {
-                    let outcome = match effects.send(&host, cmd, stuck + RESULT_SLACK, stuck).await
-                    {
-                        Ok(u) if u.status() == CommandStatus::Succeeded => Ok(()),
-                        Ok(u) => Err(format!(
-                            "restart: {}{}",
-                            u.reason,
-                            last_words(&u.output_tail)
-                        )),
-                        Err(e) => Err(e),
-                    };
-                    (host, outcome)
-                });
+        // A fresh baseline restarts with the canary (baseline.rs).
+        let fresh = baseline::is_fresh(&rec, stage) && rec.is_canary_step(stage, batch);
+        let fresh_restarts = async {
+            if !fresh {
+                return Ok(());
             }
-            while let Some(done) = tasks.join_next().await {
-                outcomes.push(done.expect("host task does not panic"));
-            }
-        }
+            let (rec, added) = self.choose_fresh_baseline(id, stage, batch).await?;
+            self.restart_fresh_baseline(&rec, (stage, batch), added, fence, stuck)
+                .await
+        };
+        let restarts = self.restart_hosts(&rec, (stage, batch), &ready, fence, stuck);
+        let (fresh_done, restarted) = tokio::join!(fresh_restarts, restarts);
+        fresh_done?;
+        outcomes.extend(restarted);
         // Rule 3.
         if let Some(next) = next_position(&rec.plan, stage, batch) {
             let (this, rec, lost) = (self.clone(), rec.clone(), term.lost.clone());
@@ -224,6 +208,10 @@ impl Driver {
             .cloned()
             .collect();
         if rec.is_canary_step(stage, batch) {
+            let baseline = match rec.fresh_baselines.get(&stage) {
+                Some(f) if fresh => f.hosts.clone(),
+                _ => baseline,
+            };
             let cohort: Vec<String> = rec.plan[stage][..=batch]
                 .iter()
                 .flatten()
@@ -237,6 +225,7 @@ impl Driver {
                     step: batch,
                     cohort,
                     baseline,
+                    fresh,
                     service: rec.service.clone(),
                 })
                 .await;
@@ -255,6 +244,51 @@ impl Driver {
         };
         self.set_verdict(id, stage, batch, &text).await?;
         Ok(Some(event))
+    }
+
+    /// Rule 2's restarts: `hosts` onto the deploy's release,
+    /// `max_unavailable` at a time; per host, Ok or why not.
+    async fn restart_hosts(
+        &self,
+        rec: &DeployRecord,
+        (stage, batch): (usize, usize),
+        hosts: &[String],
+        fence: (u32, u64),
+        stuck: Duration,
+    ) -> Vec<(String, Result<(), String>)> {
+        let max_unavailable = rec.snapshot.stages[stage].max_unavailable.max(1) as usize;
+        let mut outcomes = Vec::new();
+        for chunk in hosts.chunks(max_unavailable) {
+            let mut tasks = tokio::task::JoinSet::new();
+            for host in chunk {
+                let effects = self.effects.clone();
+                let restart = command::Action::Restart(RestartCommand {
+                    service: rec.service.clone(),
+                    artifact: rec.artifact.clone(),
+                    ready_timeout_ms: stuck.as_millis() as u32,
+                    anew: false,
+                });
+                let cmd = batch_command(fence, &rec.id, (stage, batch), host, "restart", restart);
+                let host = host.clone();
+                tasks.spawn(async move {
+                    let outcome = match effects.send(&host, cmd, stuck + RESULT_SLACK, stuck).await
+                    {
+                        Ok(u) if u.status() == CommandStatus::Succeeded => Ok(()),
+                        Ok(u) => Err(format!(
+                            "restart: {}{}",
+                            u.reason,
+                            last_words(&u.output_tail)
+                        )),
+                        Err(e) => Err(e),
+                    };
+                    (host, outcome)
+                });
+            }
+            while let Some(done) = tasks.join_next().await {
+                outcomes.push(done.expect("host task does not panic"));
+            }
+        }
+        outcomes
     }
 
     /// Rule 1: records the batch's hosts as touched, with their restart

@@ -19,12 +19,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drover_common::proto::{
-    Analysis, AnalysisVerdict, CanaryAnalysis, InconclusiveAction, MetricVerdict,
+    Analysis, AnalysisVerdict, BaselineKind, CanaryAnalysis, InconclusiveAction, MetricVerdict,
+    ServiceHealth,
 };
 use tracing::{info, warn};
 
 use super::Driver;
-use crate::deploy::analysis::{self, Judgement, Look, Observation, Spending, Window};
+use crate::deploy::analysis::{self, Interval, Judgement, Look, Side, Spending, Window};
 use crate::deploy::audit;
 use crate::deploy::deployments::DeployError;
 use crate::deploy::machine::{Event, Phase, ReasonKind, Why};
@@ -61,6 +62,29 @@ async fn judge_off_runtime(
     }
 }
 
+/// What a heartbeat says of one interval, as the analysis takes it.
+fn interval_of(health: ServiceHealth) -> Interval {
+    Interval {
+        requests: health.request_count,
+        errors: health.error_count,
+        p50_ms: health.latency_p50_ms,
+        p99_ms: health.latency_p99_ms,
+        latency_buckets: health
+            .latency_buckets
+            .iter()
+            .map(|b| (b.le_ms, b.count as f64))
+            .collect(),
+        metrics: health.metrics,
+    }
+}
+
+/// The heartbeat and scrape a host's evidence was last taken from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Taken {
+    heartbeat: u64,
+    scrape: u64,
+}
+
 /// The canary step being baked.
 pub(super) struct Step<'a> {
     pub id: &'a str,
@@ -70,6 +94,9 @@ pub(super) struct Step<'a> {
     /// hosts excluded.
     pub cohort: Vec<String>,
     pub baseline: Vec<String>,
+    /// The baseline is fresh (restarted with the canary): its evidence
+    /// counts only after its restart, as the canary's.
+    pub fresh: bool,
     pub service: String,
 }
 
@@ -121,8 +148,8 @@ impl Driver {
         // Shared with an analysis still running off the runtime; the next
         // look's observations copy it only then (Arc::make_mut).
         let mut window = Arc::new(Window::default());
-        // Heartbeat sequence last taken per host.
-        let mut seen: HashMap<String, u64> = HashMap::new();
+        // What was last taken per host.
+        let mut seen: HashMap<String, Taken> = HashMap::new();
         // The false-alarm budget, spent over the planned bake (a new leader
         // starts from where the bake is).
         let extensions_planned = Spending::extensions_planned(&analysis);
@@ -245,7 +272,7 @@ impl Driver {
         &self,
         s: &Step<'_>,
         window: &mut Window,
-        seen: &mut HashMap<String, u64>,
+        seen: &mut HashMap<String, Taken>,
         rec: &crate::deploy::record::DeployRecord,
     ) {
         window.canary_not_ready.clear();
@@ -255,9 +282,19 @@ impl Driver {
                 let Some(h) = self.effects.host(host, &s.service) else {
                     continue;
                 };
-                let switched = rec.switched_at_heartbeat.get(host).copied();
-                if is_canary && switched.is_some_and(|at| h.heartbeat_sequence <= at + 1) {
-                    continue; // nothing from the new release yet
+                let restarted = if is_canary {
+                    rec.switched_at_heartbeat.get(host)
+                } else if s.fresh {
+                    let f = rec.fresh_baselines.get(&s.stage);
+                    match f.and_then(|f| f.restarted_at_heartbeat.get(host)) {
+                        Some(at) => Some(at),
+                        None => continue, // not restarted (yet)
+                    }
+                } else {
+                    None
+                };
+                if restarted.is_some_and(|at| h.heartbeat_sequence <= at + 1) {
+                    continue; // nothing since the restart yet
                 }
                 if is_canary && let Some(health) = &h.health {
                     if !health.ready {
@@ -270,23 +307,24 @@ impl Driver {
                             .push((host.clone(), health.restarts - before));
                     }
                 }
-                if seen.insert(host.clone(), h.heartbeat_sequence) == Some(h.heartbeat_sequence) {
+                let Some(health) = h.health else { continue };
+                let taken = Taken {
+                    heartbeat: h.heartbeat_sequence,
+                    scrape: health.scrape,
+                };
+                let before = seen.insert(host.clone(), taken);
+                if before.is_some_and(|b| b.heartbeat == taken.heartbeat) {
                     continue; // no new heartbeat since the last look
                 }
-                let Some(health) = h.health else { continue };
-                let o = Observation {
-                    host: host.clone(),
-                    requests: health.request_count,
-                    errors: health.error_count,
-                    p50_ms: health.latency_p50_ms,
-                    p99_ms: health.latency_p99_ms,
-                    extra: health.metrics,
-                };
-                if is_canary {
-                    window.canary.push(o);
-                } else {
-                    window.baseline.push(o);
+                if taken.scrape != 0 && before.is_some_and(|b| b.scrape == taken.scrape) {
+                    continue; // a new heartbeat repeating the last scrape's figures
                 }
+                let side = if is_canary {
+                    Side::Canary
+                } else {
+                    Side::Baseline
+                };
+                window.add(side, host, &interval_of(health));
             }
         }
     }
@@ -311,6 +349,11 @@ impl Driver {
             extensions,
             metrics: d.metrics.clone(),
             decided_at_unix_ms: self.ledger.now(),
+            baseline: if s.fresh {
+                BaselineKind::Fresh
+            } else {
+                BaselineKind::Live
+            } as i32,
         };
         info!(deploy = %s.id, stage = s.stage, step = s.step, verdict = ?d.verdict, reason = %report.reason, "canary analysis");
         self.ledger

@@ -236,7 +236,7 @@ impl Effects for FakeFleet {
                 latency_p50_ms: 5.0,
                 latency_p99_ms: 20.0,
                 interval_ms: HEARTBEAT.as_millis() as u32,
-                metrics: Default::default(),
+                ..Default::default()
             }),
         })
     }

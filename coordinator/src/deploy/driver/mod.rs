@@ -24,6 +24,7 @@
 //!    touched and their restart counts before the batch, a canary step's
 //!    bake start and extensions.
 
+mod baseline;
 mod batch;
 mod canary;
 pub mod effects;

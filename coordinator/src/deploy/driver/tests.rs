@@ -43,7 +43,7 @@ fn canary_stage(bake_ms: u32) -> Stage {
             }],
             analysis: Some(Analysis {
                 inconclusive: InconclusiveAction::Fail as i32,
-                min_samples: 1,
+                min_hosts: 1,
                 ..Default::default()
             }),
             manual_promotion: false,

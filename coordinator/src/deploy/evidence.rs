@@ -1,0 +1,234 @@
+//! What a bake window has collected, host by host: each heartbeat interval
+//! is folded into its host's running totals when it arrives, so memory is
+//! bounded per host and a look costs one pass over the hosts, never over
+//! every interval of the window (10,000 hosts × a 10-minute bake would
+//! otherwise be six million intervals per look).
+//!
+//! Per host, over the window:
+//! - requests and errors, summed (the error rate is judged on counts);
+//! - latency: the cumulative histogram buckets heartbeats carry, merged
+//!   (so a host's p99 is the p99 of all its requests in the window); a
+//!   host whose heartbeats carry no buckets (or whose service changed its
+//!   bucket bounds mid-window) falls back to the request-weighted
+//!   geometric mean of its interval quantiles;
+//! - each metric of the service's page: the mean of the intervals that
+//!   carried it.
+
+use std::collections::{BTreeMap, HashMap};
+
+use drover_common::histogram;
+
+/// One host's figures for one heartbeat interval.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Interval {
+    pub requests: u64,
+    pub errors: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Cumulative latency buckets of the interval: (upper bound in ms,
+    /// requests at or under it), bounds ascending; empty when the
+    /// heartbeat carried none.
+    pub latency_buckets: Vec<(f64, f64)>,
+    /// Metrics of the service's page heartbeats carry on request.
+    pub metrics: HashMap<String, f64>,
+}
+
+/// One host's evidence over the window so far.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HostEvidence {
+    /// Heartbeat intervals folded in.
+    pub intervals: u32,
+    pub requests: u64,
+    pub errors: u64,
+    /// The merged latency histogram (cumulative, ms bounds); empty when no
+    /// interval carried one.
+    latency: Vec<(f64, f64)>,
+    /// The bucket bounds changed mid-window: the histogram is unusable.
+    latency_mixed: bool,
+    /// Request-weighted sums of ln(interval p50) and ln(interval p99), and
+    /// their weight (the fallback without histograms).
+    ln_p50: f64,
+    ln_p99: f64,
+    latency_weight: f64,
+    /// Per metric of the service's page: the sum of the intervals' values
+    /// and how many intervals carried it.
+    metrics: HashMap<String, (f64, u32)>,
+}
+
+impl HostEvidence {
+    /// Folds one interval in.
+    pub fn add(&mut self, i: &Interval) {
+        self.intervals += 1;
+        self.requests += i.requests;
+        self.errors += i.errors.min(i.requests);
+        if i.requests > 0 && i.p99_ms > 0.0 && i.p50_ms > 0.0 {
+            let w = i.requests as f64;
+            self.ln_p50 += w * i.p50_ms.ln();
+            self.ln_p99 += w * i.p99_ms.ln();
+            self.latency_weight += w;
+        }
+        self.merge_latency(&i.latency_buckets);
+        for (name, v) in &i.metrics {
+            if v.is_finite() {
+                let e = self.metrics.entry(name.clone()).or_insert((0.0, 0));
+                e.0 += v;
+                e.1 += 1;
+            }
+        }
+    }
+
+    fn merge_latency(&mut self, buckets: &[(f64, f64)]) {
+        if buckets.is_empty() || self.latency_mixed {
+            return;
+        }
+        if self.latency.is_empty() {
+            self.latency = buckets.to_vec();
+        } else if self.latency.len() == buckets.len()
+            && self.latency.iter().zip(buckets).all(|(a, b)| a.0 == b.0)
+        {
+            for (mine, theirs) in self.latency.iter_mut().zip(buckets) {
+                mine.1 += theirs.1;
+            }
+        } else {
+            self.latency_mixed = true;
+            self.latency.clear();
+        }
+    }
+
+    /// The host's `q` latency quantile (ms) over the window: from its
+    /// merged histogram, else the weighted geometric mean of its interval
+    /// quantiles (p50 or p99, whichever `q` is nearer). `None` without
+    /// latency evidence.
+    pub fn latency_ms(&self, q: f64) -> Option<f64> {
+        if let Some(v) = histogram::quantile(&self.latency, q) {
+            return Some(v);
+        }
+        if self.latency_weight <= 0.0 {
+            return None;
+        }
+        let ln = if q >= 0.75 { self.ln_p99 } else { self.ln_p50 };
+        Some((ln / self.latency_weight).exp())
+    }
+
+    /// The mean of `name` over the intervals that carried it.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        self.metrics
+            .get(name)
+            .filter(|(_, n)| *n > 0)
+            .map(|(sum, n)| sum / f64::from(*n))
+    }
+}
+
+/// Which side of the comparison a host is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Canary,
+    Baseline,
+}
+
+/// What a bake window collected so far.
+#[derive(Debug, Clone, Default)]
+pub struct Window {
+    /// The canary cohort's hosts, by name.
+    pub canary: BTreeMap<String, HostEvidence>,
+    /// The baseline's hosts, by name.
+    pub baseline: BTreeMap<String, HostEvidence>,
+    /// Canary hosts that were not ready at the last look.
+    pub canary_not_ready: Vec<String>,
+    /// Canary hosts that restarted since the step began, with the count.
+    pub canary_restarts: Vec<(String, u32)>,
+}
+
+impl Window {
+    /// Folds one heartbeat interval of `host` in.
+    pub fn add(&mut self, side: Side, host: &str, i: &Interval) {
+        let hosts = match side {
+            Side::Canary => &mut self.canary,
+            Side::Baseline => &mut self.baseline,
+        };
+        match hosts.get_mut(host) {
+            Some(e) => e.add(i),
+            None => hosts.entry(host.to_string()).or_default().add(i),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn interval(requests: u64, errors: u64, p99: f64) -> Interval {
+        Interval {
+            requests,
+            errors,
+            p50_ms: p99 / 3.0,
+            p99_ms: p99,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn counts_add_up_and_quantiles_fall_back_to_a_weighted_geometric_mean() {
+        let mut e = HostEvidence::default();
+        e.add(&interval(100, 1, 10.0));
+        e.add(&interval(300, 2, 40.0));
+        e.add(&interval(0, 0, 0.0)); // an idle interval weighs nothing
+        assert_eq!((e.intervals, e.requests, e.errors), (3, 400, 3));
+        // exp((100 ln 10 + 300 ln 40) / 400) = 10^0.25 · 40^0.75
+        let want = 10f64.powf(0.25) * 40f64.powf(0.75);
+        assert!((e.latency_ms(0.99).unwrap() - want).abs() < 1e-9);
+        assert!((e.latency_ms(0.5).unwrap() - want / 3.0).abs() < 1e-9);
+        assert_eq!(HostEvidence::default().latency_ms(0.99), None);
+    }
+
+    #[test]
+    fn histograms_merge_into_the_windows_quantile() {
+        let mut e = HostEvidence::default();
+        let buckets = |under_10: f64, under_100: f64| -> Vec<(f64, f64)> {
+            vec![
+                (10.0, under_10),
+                (100.0, under_100),
+                (f64::INFINITY, under_100),
+            ]
+        };
+        // 99 fast requests, then one interval whose every request is slow:
+        // neither interval's own p99 is the window's.
+        e.add(&Interval {
+            requests: 99,
+            latency_buckets: buckets(99.0, 99.0),
+            ..interval(99, 0, 10.0)
+        });
+        e.add(&Interval {
+            requests: 99,
+            latency_buckets: buckets(0.0, 99.0),
+            ..interval(99, 0, 99.0)
+        });
+        let p50 = e.latency_ms(0.5).unwrap();
+        assert!((p50 - 10.0).abs() < 1e-6, "{p50}");
+        let p99 = e.latency_ms(0.99).unwrap();
+        assert!(p99 > 95.0 && p99 <= 100.0, "{p99}");
+        // New bounds mid-window: the histogram is dropped, the fallback used.
+        e.add(&Interval {
+            latency_buckets: vec![(5.0, 1.0), (f64::INFINITY, 1.0)],
+            ..interval(1, 0, 5.0)
+        });
+        let fallback = e.latency_ms(0.99).unwrap();
+        assert!(fallback < 40.0, "{fallback}");
+    }
+
+    #[test]
+    fn metrics_are_means_and_hosts_are_kept_per_side() {
+        let mut w = Window::default();
+        let with = |v: f64| Interval {
+            metrics: [("queue_depth".to_string(), v)].into(),
+            ..Default::default()
+        };
+        w.add(Side::Canary, "a", &with(2.0));
+        w.add(Side::Canary, "a", &with(4.0));
+        w.add(Side::Baseline, "b", &with(1.0));
+        assert_eq!(w.canary["a"].metric("queue_depth"), Some(3.0));
+        assert_eq!(w.canary["a"].metric("other"), None);
+        assert_eq!(w.baseline["b"].intervals, 1);
+        assert!(!w.baseline.contains_key("a"));
+    }
+}
