@@ -29,7 +29,10 @@
 //! raise a false alarm with probability at most `alpha` — early looks only
 //! on overwhelming evidence, which a 3% error rate against 0.1% is within
 //! seconds. Extensions are part of the planned bake and spend from the
-//! same budget. Only the last look can pass.
+//! same budget. A look's alpha is split evenly among the metrics judged
+//! (Bonferroni), so a healthy canary is failed by any of them with
+//! probability at most `alpha` over the whole bake. Only the last look can
+//! pass.
 
 use std::collections::BTreeMap;
 
@@ -398,10 +401,14 @@ pub fn judge(a: &Analysis, w: &Window, look: Look) -> Judgement {
             metrics: Vec::new(),
         };
     }
+    // Each metric's share of the look's alpha (Bonferroni).
+    let share = Look {
+        alpha: look.alpha / a.metrics.len().max(1) as f64,
+    };
     let metrics: Vec<MetricVerdict> = a
         .metrics
         .iter()
-        .map(|m| judge_metric(m, a, w, look))
+        .map(|m| judge_metric(m, a, w, share))
         .collect();
     let first = |v: AnalysisVerdict| metrics.iter().find(|m| m.verdict() == v);
     let (verdict, reason) = if let Some(m) = first(AnalysisVerdict::Fail) {
@@ -534,6 +541,8 @@ mod tests {
         assert_eq!((m.canary_hosts, m.baseline_hosts), (1, 4));
         assert_eq!((m.canary_requests, m.baseline_requests), (400, 1280));
         assert_eq!(m.test, "exact binomial");
+        // Two metrics share the look's alpha.
+        assert_eq!(m.alpha, INTERIM.alpha / 2.0);
     }
 
     #[test]

@@ -105,6 +105,11 @@ pub struct DeployRecord {
     pub fresh_baselines: BTreeMap<usize, FreshBaseline>,
 }
 
+/// The fewest hosts a fresh baseline has (when the stage has them): a
+/// one-host canary is judged against the baseline hosts' spread, which
+/// takes a few hosts to know.
+pub const FRESH_MIN_HOSTS: usize = 3;
+
 /// A canary's fresh baseline: hosts of the stage's last batches restarted
 /// on the old release with each canary step, so both sides are equally
 /// fresh. They keep the old release until their own batch.
@@ -231,9 +236,10 @@ impl DeployRecord {
     }
 
     /// The hosts stage `stage`'s fresh baseline has once canary step
-    /// `step` begins: those it had, and as many more as the cohort has
-    /// grown, taken from the end of the stage's plan — never a canary
-    /// step's host, never one this deploy switched.
+    /// `step` begins: those it had, and more as the cohort grows (as many
+    /// as the cohort, at least [`FRESH_MIN_HOSTS`]), taken from the end of
+    /// the stage's plan — never a canary step's host, never one this
+    /// deploy switched.
     pub fn fresh_baseline_for(&self, stage: usize, step: usize) -> Vec<String> {
         let Some(batches) = self.plan.get(stage) else {
             return Vec::new();
@@ -252,7 +258,7 @@ impl DeployRecord {
             .rev()
             .filter(|h| !self.touched.contains(h) && !hosts.contains(h))
             .collect();
-        let more = cohort.saturating_sub(hosts.len());
+        let more = cohort.max(FRESH_MIN_HOSTS).saturating_sub(hosts.len());
         hosts.extend(candidates.into_iter().take(more).cloned());
         hosts
     }

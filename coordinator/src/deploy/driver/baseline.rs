@@ -147,16 +147,16 @@ pub(super) fn is_fresh(rec: &DeployRecord, stage: usize) -> bool {
 mod tests {
     use crate::deploy::record::DeployRecord;
 
-    /// A stage of two canary steps (1 host, then 1 more) and two batches.
+    /// A stage of two canary steps (1 host, then 3 more) and two batches.
     fn rec() -> DeployRecord {
         let hosts = |names: &[&str]| names.iter().map(|h| h.to_string()).collect::<Vec<_>>();
         let p = crate::deploy::testing::staged_pipeline(&["prod"]);
         let (mut rec, _) = crate::deploy::testing::record_of(&p, &[&["x"]], 0);
         rec.plan = vec![vec![
             hosts(&["c1"]),
-            hosts(&["c2"]),
-            hosts(&["h1", "h2"]),
-            hosts(&["h3", "h4"]),
+            hosts(&["c2", "c3", "c4"]),
+            hosts(&["h1", "h2", "h3"]),
+            hosts(&["h4", "h5", "h6"]),
         ]];
         rec.canary_bakes = vec![vec![1000, 1000]];
         rec
@@ -165,14 +165,17 @@ mod tests {
     #[test]
     fn a_fresh_baseline_grows_with_the_cohort_from_the_end_of_the_stage() {
         let mut r = rec();
-        assert_eq!(r.fresh_baseline_for(0, 0), ["h4"]);
-        r.fresh_baselines.entry(0).or_default().hosts = vec!["h4".into()];
-        assert_eq!(r.fresh_baseline_for(0, 1), ["h4", "h3"]);
+        // At least three hosts, for a one-host canary.
+        assert_eq!(r.fresh_baseline_for(0, 0), ["h6", "h5", "h4"]);
+        r.fresh_baselines.entry(0).or_default().hosts = r.fresh_baseline_for(0, 0);
+        // Then as many as the cohort.
+        assert_eq!(r.fresh_baseline_for(0, 1), ["h6", "h5", "h4", "h3"]);
         // Never a host the deploy switched, never a canary's.
-        r.touched = vec!["c1".into(), "c2".into(), "h3".into()];
-        assert_eq!(r.fresh_baseline_for(0, 1), ["h4", "h2"]);
+        r.touched = vec!["c1".into(), "h3".into()];
+        assert_eq!(r.fresh_baseline_for(0, 1), ["h6", "h5", "h4", "h2"]);
         // A stage too small for it gives what it has.
-        r.plan[0].truncate(2);
-        assert_eq!(r.fresh_baseline_for(0, 1), ["h4"]);
+        r.plan[0].truncate(3);
+        r.fresh_baselines.clear();
+        assert_eq!(r.fresh_baseline_for(0, 1), ["h2", "h1"]);
     }
 }
