@@ -36,9 +36,14 @@ struct Args {
     port: u16,
     #[arg(long, default_value = "v1")]
     version_label: String,
-    /// Share of `/` requests answered 503 (spread evenly, not random).
+    /// Share of `/` requests answered 503 (spread evenly, unless
+    /// --random-errors).
     #[arg(long, default_value_t = 0.0)]
     error_rate: f64,
+    /// Each `/` request is an error with probability --error-rate, drawn at
+    /// random (a real service's errors), not every 1/rate-th.
+    #[arg(long)]
+    random_errors: bool,
     /// Added to every `/` request.
     #[arg(long, default_value_t = 0)]
     latency_ms: u64,
@@ -73,6 +78,8 @@ struct App {
     args: Args,
     started: std::time::Instant,
     served: AtomicU64,
+    /// Draws for --random-errors.
+    rng: std::sync::Mutex<rand::rngs::SmallRng>,
     requests: Family<CodeLabel, Counter>,
     latency: Histogram,
     registry: Registry,
@@ -105,7 +112,12 @@ impl App {
                 }
                 let n = self.served.fetch_add(1, Ordering::Relaxed);
                 let rate = self.args.error_rate;
-                let error = ((n + 1) as f64 * rate).floor() > (n as f64 * rate).floor();
+                let error = if self.args.random_errors {
+                    use rand::RngExt;
+                    self.rng.lock().expect("rng lock").random::<f64>() < rate
+                } else {
+                    ((n + 1) as f64 * rate).floor() > (n as f64 * rate).floor()
+                };
                 let (status, body) = if error {
                     (
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -165,6 +177,7 @@ async fn main() -> anyhow::Result<()> {
         args,
         started: std::time::Instant::now(),
         served: AtomicU64::new(0),
+        rng: std::sync::Mutex::new(rand::SeedableRng::seed_from_u64(seed())),
         requests,
         latency,
         registry,
@@ -204,4 +217,12 @@ fn crash_now(limit: Option<u32>, count_file: Option<&std::path::Path>) -> bool {
         .unwrap_or(0);
     let _ = std::fs::write(path, (before + 1).to_string());
     before < limit
+}
+
+/// A seed that differs per process: the clock and the process id.
+fn seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ u64::from(std::process::id()).rotate_left(32)
 }

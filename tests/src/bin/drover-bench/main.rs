@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+mod canaries;
 mod canary;
 mod ha;
 mod judge;
@@ -85,13 +86,23 @@ enum Bench {
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         window: Duration,
     },
-    /// Detection time of a bad (3% errors) canary and the share of requests
-    /// it served, on simulated hosts.
+    /// End to end on simulated hosts: detection time of a bad canary (3%
+    /// errors; +50 ms), the share of requests it served, the coordinator's
+    /// health-check latency meanwhile (exit 1 on a missed target).
     Canary {
         #[arg(long, default_value_t = 1000)]
         hosts: usize,
         #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
         heartbeat: Duration,
+    },
+    /// Healthy canaries in a row on real agents and the sample service
+    /// (random errors on both sides): false failures against alpha (exit 1
+    /// when over it plus its margin).
+    Canaries {
+        #[arg(long, default_value_t = 100)]
+        runs: usize,
+        #[arg(long, default_value_t = 3000)]
+        bake_ms: u32,
     },
     /// The canary judge alone over many simulated bakes with random
     /// traffic: false alarms, detection, the bad canary's share, CPU.
@@ -492,7 +503,16 @@ async fn main() {
             }
         }
         Bench::Pull { size_mb } => pull(size_mb).await,
-        Bench::Canary { hosts, heartbeat } => canary::canary(hosts, heartbeat).await,
+        Bench::Canary { hosts, heartbeat } => {
+            if !canary::canary(hosts, heartbeat).await {
+                std::process::exit(1);
+            }
+        }
+        Bench::Canaries { runs, bake_ms } => {
+            if !canaries::canaries(runs, bake_ms).await {
+                std::process::exit(1);
+            }
+        }
         Bench::Judge { runs, seed } => {
             if !judge::judge_bench(runs, seed) {
                 std::process::exit(1);
