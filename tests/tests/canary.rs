@@ -22,12 +22,15 @@ fn spec(steps: &str, analysis: &str) -> String {
     )
 }
 
-/// Five hosts under 100 requests a second each, v1 (0.1% errors) on all
-/// of them through the canary pipeline (a first deploy: no canary).
+/// A healthy version's errors: 0.1%, drawn at random (noisy hosts).
+const HEALTHY: [&str; 3] = ["--error-rate", "0.001", "--random-errors"];
+
+/// Five hosts under 100 requests a second each, v1 (random 0.1% errors)
+/// on all of them through the canary pipeline (a first deploy: no canary).
 async fn fleet_on_v1(steps: &str, analysis: &str) -> SampleFleet {
     let f = SampleFleet::start(5, 100).await;
     f.apply(&spec(steps, analysis));
-    let v1 = f.push("v1", &["--error-rate", "0.001"]);
+    let v1 = f.push("v1", &HEALTHY);
     let (code, out, err) = f.deploy_through(PIPELINE, &v1);
     assert_eq!(code, 0, "v1: {out}\n{err}");
     assert!(
@@ -43,13 +46,19 @@ async fn a_bad_canary_fails_its_analysis_inside_the_first_bake_window_and_is_rol
     for (version, args, metric, test) in [
         (
             "bad",
-            vec!["--error-rate", "0.03"],
+            vec!["--error-rate", "0.03", "--random-errors"],
             "error_rate",
             "exact binomial",
         ),
         (
             "slow",
-            vec!["--error-rate", "0.001", "--latency-ms", "80"],
+            vec![
+                "--error-rate",
+                "0.001",
+                "--random-errors",
+                "--latency-ms",
+                "50",
+            ],
             "latency_p99_ms",
             "t-test across hosts",
         ),
@@ -109,7 +118,7 @@ async fn a_healthy_canary_is_promoted_through_every_step() {
         "",
     )
     .await;
-    let v2 = f.push("v2", &["--error-rate", "0.001"]);
+    let v2 = f.push("v2", &HEALTHY);
     let (code, out, err) = f.deploy_through(PIPELINE, &v2);
     assert_eq!(code, 0, "{out}\n{err}");
     let d = f.coord.latest_deploy(PIPELINE).await;
@@ -181,7 +190,7 @@ async fn too_little_traffic_is_inconclusive_and_the_policy_is_followed() {
 
 /// Starts a deploy of a healthy v2 and waits until its canary runs it.
 async fn canary_of_v2_running(f: &SampleFleet) -> String {
-    let v2 = f.push("v2", &["--error-rate", "0.001"]);
+    let v2 = f.push("v2", &HEALTHY);
     let id = f.coord.start_deploy(PIPELINE, &v2).await;
     wait_until("the canary running v2", Duration::from_secs(30), || async {
         if f.starts("v2")[0] == 1 {
@@ -220,7 +229,7 @@ async fn promote_skips_the_rest_of_a_bake() {
         "[{ count = 1, bake_ms = 1500 }]\nmanual_promotion = true",
         "",
     ));
-    let v3 = f.push("v3", &["--error-rate", "0.001"]);
+    let v3 = f.push("v3", &HEALTHY);
     let id = f.coord.start_deploy(PIPELINE, &v3).await;
     let held = f.coord.wait_phase(&id, DeployPhase::Paused).await;
     assert_eq!(held.analyses[0].verdict(), AnalysisVerdict::Pass);
@@ -285,7 +294,7 @@ async fn a_fresh_baseline_is_restarted_on_the_old_release_with_the_canary() {
         "baseline = \"BASELINE_KIND_FRESH\"",
     )
     .await;
-    let v2 = f.push("v2", &["--error-rate", "0.001"]);
+    let v2 = f.push("v2", &HEALTHY);
     let (code, out, err) = f.deploy_through(PIPELINE, &v2);
     assert_eq!(code, 0, "{out}\n{err}");
     let d = f.coord.latest_deploy(PIPELINE).await;
