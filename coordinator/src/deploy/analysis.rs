@@ -34,14 +34,12 @@
 //! probability at most `alpha` over the whole bake. Only the last look can
 //! pass.
 
-use std::collections::BTreeMap;
-
 use drover_common::proto::{
     Analysis, AnalysisVerdict, InconclusiveAction, MetricCheck, MetricDirection, MetricVerdict,
 };
 use statrs::statistics::{Data, Median};
 
-pub use super::evidence::{HostEvidence, Interval, Side, Window};
+pub use super::evidence::{HostEvidence, Interval, Side, Window, sample};
 use super::pipeline::{ERROR_RATE, LATENCY_P50, LATENCY_P99};
 use super::stats;
 
@@ -131,28 +129,6 @@ fn median(values: &[f64]) -> f64 {
 /// hosts taken to differ by at least 2% among themselves.
 const LATENCY_SPREAD_FLOOR: f64 = 0.02;
 
-/// At most `cap` of `hosts`, spread evenly over them (they are in name
-/// order, which says nothing of their figures).
-fn capped(hosts: &BTreeMap<String, HostEvidence>, cap: usize) -> Vec<&HostEvidence> {
-    if hosts.len() <= cap {
-        return hosts.values().collect();
-    }
-    let step = hosts.len() as f64 / cap as f64;
-    let mut next = 0.0;
-    hosts
-        .values()
-        .enumerate()
-        .filter(|(i, _)| {
-            let take = *i as f64 >= next;
-            if take {
-                next += step;
-            }
-            take
-        })
-        .map(|(_, h)| h)
-        .collect()
-}
-
 /// One side's evidence on one metric: the hosts that count, their
 /// intervals and requests, and one value per host (not for the error rate,
 /// which is judged on the side's counts).
@@ -212,7 +188,9 @@ fn judge_metric(check: &MetricCheck, a: &Analysis, w: &Window, look: Look) -> Me
     let c = Evidence::of(name, w.canary.values(), min_requests);
     let b = Evidence::of(
         name,
-        capped(&w.baseline, BASELINE_CAP).into_iter(),
+        sample(&w.baseline, BASELINE_CAP)
+            .into_iter()
+            .map(|(_, h)| h),
         min_requests,
     );
     let higher_is_worse = check.direction() != MetricDirection::LowerIsWorse;

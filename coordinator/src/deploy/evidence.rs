@@ -17,6 +17,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use drover_common::histogram;
+use drover_common::proto::{BakeEvidence, HostTotals};
 
 /// One host's figures for one heartbeat interval.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -31,6 +32,8 @@ pub struct Interval {
     pub latency_buckets: Vec<(f64, f64)>,
     /// Metrics of the service's page heartbeats carry on request.
     pub metrics: HashMap<String, f64>,
+    /// The scrape the figures came from (0: not said).
+    pub scrape: u64,
 }
 
 /// One host's evidence over the window so far.
@@ -53,12 +56,15 @@ pub struct HostEvidence {
     /// Per metric of the service's page: the sum of the intervals' values
     /// and how many intervals carried it.
     metrics: HashMap<String, (f64, u32)>,
+    /// The scrape the last interval came from (0: not said).
+    pub last_scrape: u64,
 }
 
 impl HostEvidence {
     /// Folds one interval in.
     pub fn add(&mut self, i: &Interval) {
         self.intervals += 1;
+        self.last_scrape = i.scrape;
         self.requests += i.requests;
         self.errors += i.errors.min(i.requests);
         if i.requests > 0 && i.p99_ms > 0.0 && i.p50_ms > 0.0 {
@@ -110,6 +116,53 @@ impl HostEvidence {
         Some((ln / self.latency_weight).exp())
     }
 
+    fn totals(&self, host: &str) -> HostTotals {
+        HostTotals {
+            host: host.to_string(),
+            intervals: self.intervals,
+            requests: self.requests,
+            errors: self.errors,
+            latency_le_ms: self.latency.iter().map(|b| b.0).collect(),
+            latency_count: self.latency.iter().map(|b| b.1).collect(),
+            latency_mixed: self.latency_mixed,
+            ln_p50: self.ln_p50,
+            ln_p99: self.ln_p99,
+            latency_weight: self.latency_weight,
+            metric_sums: self.metrics.iter().map(|(k, v)| (k.clone(), v.0)).collect(),
+            metric_counts: self.metrics.iter().map(|(k, v)| (k.clone(), v.1)).collect(),
+            last_scrape: self.last_scrape,
+        }
+    }
+
+    fn from_totals(t: &HostTotals) -> HostEvidence {
+        HostEvidence {
+            intervals: t.intervals,
+            requests: t.requests,
+            errors: t.errors,
+            latency: t
+                .latency_le_ms
+                .iter()
+                .copied()
+                .zip(t.latency_count.iter().copied())
+                .collect(),
+            latency_mixed: t.latency_mixed,
+            ln_p50: t.ln_p50,
+            ln_p99: t.ln_p99,
+            latency_weight: t.latency_weight,
+            metrics: t
+                .metric_sums
+                .iter()
+                .map(|(k, sum)| {
+                    (
+                        k.clone(),
+                        (*sum, t.metric_counts.get(k).copied().unwrap_or(0)),
+                    )
+                })
+                .collect(),
+            last_scrape: t.last_scrape,
+        }
+    }
+
     /// The mean of `name` over the intervals that carried it.
     pub fn metric(&self, name: &str) -> Option<f64> {
         self.metrics
@@ -117,6 +170,28 @@ impl HostEvidence {
             .filter(|(_, n)| *n > 0)
             .map(|(sum, n)| sum / f64::from(*n))
     }
+}
+
+/// At most `cap` of `hosts`, spread evenly over them (they are in name
+/// order, which says nothing of their figures).
+pub fn sample(hosts: &BTreeMap<String, HostEvidence>, cap: usize) -> Vec<(&String, &HostEvidence)> {
+    if hosts.len() <= cap {
+        return hosts.iter().collect();
+    }
+    let step = hosts.len() as f64 / cap as f64;
+    let mut next = 0.0;
+    hosts
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| {
+            let take = *i as f64 >= next;
+            if take {
+                next += step;
+            }
+            take
+        })
+        .map(|(_, h)| h)
+        .collect()
 }
 
 /// Which side of the comparison a host is on.
@@ -140,6 +215,34 @@ pub struct Window {
 }
 
 impl Window {
+    /// The window as stored for a new leader: every canary host, and a
+    /// uniform sample of at most `baseline_cap` baseline hosts.
+    pub fn stored(&self, baseline_cap: usize) -> BakeEvidence {
+        BakeEvidence {
+            canary: self.canary.iter().map(|(h, e)| e.totals(h)).collect(),
+            baseline: sample(&self.baseline, baseline_cap)
+                .into_iter()
+                .map(|(h, e)| e.totals(h))
+                .collect(),
+        }
+    }
+
+    /// The window a leader stored (the hosts' readiness and restarts are
+    /// the next look's to learn).
+    pub fn restored(stored: &BakeEvidence) -> Window {
+        let side = |hosts: &[HostTotals]| -> BTreeMap<String, HostEvidence> {
+            hosts
+                .iter()
+                .map(|t| (t.host.clone(), HostEvidence::from_totals(t)))
+                .collect()
+        };
+        Window {
+            canary: side(&stored.canary),
+            baseline: side(&stored.baseline),
+            ..Default::default()
+        }
+    }
+
     /// Folds one heartbeat interval of `host` in.
     pub fn add(&mut self, side: Side, host: &str, i: &Interval) {
         let hosts = match side {
@@ -214,6 +317,30 @@ mod tests {
         });
         let fallback = e.latency_ms(0.99).unwrap();
         assert!(fallback < 40.0, "{fallback}");
+    }
+
+    #[test]
+    fn a_stored_window_is_restored_as_it_was_with_the_baseline_sampled() {
+        let mut w = Window::default();
+        let buckets = vec![(10.0, 5.0), (f64::INFINITY, 6.0)];
+        for n in 0..10 {
+            let i = Interval {
+                latency_buckets: buckets.clone(),
+                metrics: [("queue_depth".to_string(), n as f64)].into(),
+                scrape: n + 1,
+                ..interval(100, n, 20.0)
+            };
+            w.add(Side::Canary, "c", &i);
+            w.add(Side::Baseline, &format!("b{n}"), &i);
+        }
+        let back = Window::restored(&w.stored(1000));
+        assert_eq!(back.canary, w.canary);
+        assert_eq!(back.baseline, w.baseline);
+        assert_eq!(back.canary["c"].last_scrape, 10);
+        // Many baseline hosts: a uniform sample of them.
+        let sampled = Window::restored(&w.stored(5));
+        let names: Vec<&String> = sampled.baseline.keys().collect();
+        assert_eq!(names, ["b0", "b2", "b4", "b6", "b8"]);
     }
 
     #[test]

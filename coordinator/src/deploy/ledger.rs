@@ -16,7 +16,7 @@
 
 use std::sync::Arc;
 
-use drover_common::proto::{AuditEvent, Environment};
+use drover_common::proto::{AuditEvent, BakeEvidence, Environment};
 use prost::Message;
 use tokio_stream::StreamExt;
 use tracing::warn;
@@ -446,6 +446,50 @@ impl Ledger {
             .map_err(|e| {
                 DeployError::Invalid(format!("stored environment {stage} is unreadable: {e}"))
             })
+    }
+
+    /// Keeps what a canary step's bake has seen so far, for a new leader
+    /// (written by `rec`'s shard leader only).
+    pub async fn save_evidence(
+        &self,
+        rec: &DeployRecord,
+        (stage, step): (usize, usize),
+        evidence: &BakeEvidence,
+    ) -> Result<(), DeployError> {
+        let shard = self.shard_of_pipeline(&rec.pipeline);
+        let key = self.keys.evidence(&rec.id, stage, step);
+        let put = Op::put(key, evidence.encode_to_vec());
+        self.guarded_txn(shard, vec![self.guard(shard)?], vec![put])
+            .await
+            .map(|_| ())
+    }
+
+    /// What an earlier leader kept of a canary step's bake, if anything
+    /// (unreadable evidence is none: the bake starts a new window).
+    pub async fn evidence(
+        &self,
+        id: &str,
+        (stage, step): (usize, usize),
+    ) -> Result<Option<BakeEvidence>, DeployError> {
+        let key = self.keys.evidence(id, stage, step);
+        Ok(self
+            .store
+            .get(&key)
+            .await?
+            .and_then(|kv| BakeEvidence::decode(kv.value.as_slice()).ok()))
+    }
+
+    /// Forgets a canary step's evidence (its verdict is in the record).
+    pub async fn drop_evidence(
+        &self,
+        rec: &DeployRecord,
+        (stage, step): (usize, usize),
+    ) -> Result<(), DeployError> {
+        let shard = self.shard_of_pipeline(&rec.pipeline);
+        let key = self.keys.evidence(&rec.id, stage, step);
+        self.guarded_txn(shard, vec![self.guard(shard)?], vec![Op::Delete(key)])
+            .await
+            .map(|_| ())
     }
 
     /// Whether `artifact` passed stage `stage` of `pipeline`.

@@ -15,6 +15,7 @@
 //! environments/<pipeline>/<stage>         an Environment: what runs there
 //! audit/<service>/<ms>-<deploy>-<n>       AuditEvent, append-only
 //! audit/<service>/<ms>-command-<uuid>     a command sent by hand
+//! evidence/<deploy>/<stage>.<step>        BakeEvidence of a canary step being baked
 //! ```
 //!
 //! Architecture Invariant: no other module spells a key's layout. Modules
@@ -115,6 +116,12 @@ impl Keys {
     /// A command sent by hand.
     pub fn audit_command(&self, service: &str, at_unix_ms: u64, id: &str) -> String {
         format!("{}{at_unix_ms:016}-command-{id}", self.audit(service))
+    }
+
+    /// The evidence of canary step `step` of stage `stage` of a deploy,
+    /// while it bakes.
+    pub fn evidence(&self, deploy: &str, stage: usize, step: usize) -> String {
+        format!("{}/evidence/{deploy}/{stage}.{step}", self.prefix)
     }
 }
 

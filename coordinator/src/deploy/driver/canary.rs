@@ -35,6 +35,14 @@ use crate::deploy::record::BakeProgress;
 const MAX_LOOK_INTERVAL: Duration = Duration::from_secs(1);
 /// The time one look's analysis may take (it runs off the async runtime).
 const ANALYSIS_BUDGET: Duration = Duration::from_secs(2);
+/// Baseline hosts whose evidence is kept for a new leader (a uniform
+/// sample of them beyond).
+const KEPT_BASELINE_HOSTS: usize = 500;
+/// The evidence of this many hosts (about 250 bytes each) is kept at
+/// every look; more, at most every [`KEPT_EVERY`] (a store's history holds
+/// every version until compaction).
+const KEPT_EVERY_LOOK_HOSTS: usize = 200;
+const KEPT_EVERY: Duration = Duration::from_secs(5);
 
 /// Judges the window on a blocking thread, within [`ANALYSIS_BUDGET`]. An
 /// analysis over its budget is inconclusive (a last look says so; an
@@ -75,6 +83,7 @@ fn interval_of(health: ServiceHealth) -> Interval {
             .map(|b| (b.le_ms, b.count as f64))
             .collect(),
         metrics: health.metrics,
+        scrape: health.scrape,
     }
 }
 
@@ -145,11 +154,26 @@ impl Driver {
             .unwrap_or(MAX_LOOK_INTERVAL)
             .min(MAX_LOOK_INTERVAL);
         let wake = self.wake_of(s.id);
-        // Shared with an analysis still running off the runtime; the next
-        // look's observations copy it only then (Arc::make_mut).
-        let mut window = Arc::new(Window::default());
-        // What was last taken per host.
-        let mut seen: HashMap<String, Taken> = HashMap::new();
+        // What an earlier leader saw of this bake, if any (rule 6 of the
+        // driver); shared with an analysis still running off the runtime,
+        // the next look's observations copy it only then (Arc::make_mut).
+        let kept = self.ledger.evidence(s.id, (s.stage, s.step)).await?;
+        let mut window = Arc::new(kept.as_ref().map(Window::restored).unwrap_or_default());
+        // What was last taken per host (an interval kept by an earlier
+        // leader is not taken again).
+        let mut seen: HashMap<String, Taken> = window
+            .canary
+            .iter()
+            .chain(&window.baseline)
+            .map(|(h, e)| {
+                let taken = Taken {
+                    heartbeat: 0,
+                    scrape: e.last_scrape,
+                };
+                (h.clone(), taken)
+            })
+            .collect();
+        let mut kept_at: Option<tokio::time::Instant> = None;
         // The false-alarm budget, spent over the planned bake (a new leader
         // starts from where the bake is).
         let extensions_planned = Spending::extensions_planned(&analysis);
@@ -168,6 +192,9 @@ impl Driver {
                 || (rec.machine.stage, rec.machine.batch) != (s.stage, s.step)
             {
                 info!(deploy = %s.id, phase = ?rec.machine.phase, "canary bake overtaken by a control");
+                if let Err(e) = self.ledger.drop_evidence(&rec, (s.stage, s.step)).await {
+                    warn!(deploy = %s.id, error = %e, "could not forget a canary step's evidence");
+                }
                 return Ok(None);
             }
             let baked_ms = self.ledger.now().saturating_sub(progress.started_unix_ms);
@@ -182,6 +209,7 @@ impl Driver {
                 }
             } else {
                 self.observe(&s, Arc::make_mut(&mut window), &mut seen, &rec);
+                self.keep_evidence(&s, &rec, &window, &mut kept_at).await?;
                 let open = baked_ms < bake_ms * u64::from(1 + progress.extensions);
                 let last = !open && progress.extensions >= extensions_planned;
                 let look = spending.look(baked_ms, last);
@@ -262,6 +290,30 @@ impl Driver {
                 .await?;
             return Ok(Some(decision.event));
         }
+    }
+
+    /// Keeps the window for a new leader: at every look while it is small,
+    /// else at most every [`KEPT_EVERY`].
+    async fn keep_evidence(
+        &self,
+        s: &Step<'_>,
+        rec: &crate::deploy::record::DeployRecord,
+        window: &Window,
+        kept_at: &mut Option<tokio::time::Instant>,
+    ) -> Result<(), DeployError> {
+        let now = tokio::time::Instant::now();
+        let hosts = window.canary.len() + window.baseline.len().min(KEPT_BASELINE_HOSTS);
+        if hosts > KEPT_EVERY_LOOK_HOSTS
+            && kept_at.is_some_and(|at| now.duration_since(at) < KEPT_EVERY)
+        {
+            return Ok(());
+        }
+        let stored = window.stored(KEPT_BASELINE_HOSTS);
+        self.ledger
+            .save_evidence(rec, (s.stage, s.step), &stored)
+            .await?;
+        *kept_at = Some(now);
+        Ok(())
     }
 
     /// Takes every heartbeat that arrived since the last look. A canary
@@ -356,7 +408,8 @@ impl Driver {
             } as i32,
         };
         info!(deploy = %s.id, stage = s.stage, step = s.step, verdict = ?d.verdict, reason = %report.reason, "canary analysis");
-        self.ledger
+        let rec = self
+            .ledger
             .update(
                 s.id,
                 |rec| {
@@ -366,7 +419,7 @@ impl Driver {
                 },
                 |rec, now| vec![audit::analysis(rec, &report, now)],
             )
-            .await
-            .map(|_| ())
+            .await?;
+        self.ledger.drop_evidence(&rec, (s.stage, s.step)).await
     }
 }

@@ -140,6 +140,7 @@ fn draw_round(
             p99_ms: iv.p99_ms,
             latency_buckets: iv.latency_buckets,
             metrics: Default::default(),
+            scrape: iv.scrape,
         };
         round.intervals.push((side, format!("h{i}"), interval));
     }
