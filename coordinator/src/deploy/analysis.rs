@@ -21,84 +21,24 @@
 //!   [`BASELINE_CAP`] hosts, so a look at any stage costs a sort of at most
 //!   that many values.
 //!
-//! Looks are sequential: the bake looks every heartbeat interval and each
-//! look may spend only its share of the false-alarm rate ([`Look::alpha`]):
-//! the O'Brien-Fleming spending of `alpha` over the planned bake (Lan and
-//! DeMets, [`stats::obrien_fleming_spent`]), each look the increment since
-//! the previous one, so by the union bound the looks of a bake together
-//! raise a false alarm with probability at most `alpha` — early looks only
-//! on overwhelming evidence, which a 3% error rate against 0.1% is within
-//! seconds. Extensions are part of the planned bake and spend from the
-//! same budget. A look's alpha is split evenly among the metrics judged
-//! (Bonferroni), so a healthy canary is failed by any of them with
-//! probability at most `alpha` over the whole bake. Only the last look can
-//! pass.
+//! Looks are sequential: each may spend only its share of the false-alarm
+//! rate ([`Look::alpha`], the O'Brien-Fleming increments of `spending.rs`),
+//! split evenly among the metrics judged (Bonferroni), so a healthy canary
+//! is failed by any of them with probability at most `alpha` over the
+//! whole bake. Only the last look can pass.
 
 use drover_common::proto::{
-    Analysis, AnalysisVerdict, InconclusiveAction, MetricCheck, MetricDirection, MetricVerdict,
+    Analysis, AnalysisVerdict, MetricCheck, MetricDirection, MetricVerdict,
 };
 use statrs::statistics::{Data, Median};
 
 pub use super::evidence::{HostEvidence, Interval, Side, Window, sample};
 use super::pipeline::{ERROR_RATE, LATENCY_P50, LATENCY_P99};
+pub use super::spending::{Look, Spending};
 use super::stats;
 
 /// Baseline hosts a look uses at most (a uniform sample of them beyond).
 pub const BASELINE_CAP: usize = 20_000;
-
-/// One look at the window.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Look {
-    /// The false-alarm rate this look may spend (its share of `alpha`).
-    pub alpha: f64,
-}
-
-/// The false-alarm budget of one bake, spent look by look: each look gets
-/// the O'Brien-Fleming increment since the previous one over the planned
-/// bake (extensions included); the last possible look gets what is left.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Spending {
-    alpha: f64,
-    /// The planned bake, extensions included (ms).
-    horizon_ms: u64,
-    /// Spent so far.
-    spent: f64,
-}
-
-impl Spending {
-    /// The budget of a bake of `bake_ms` under `a`, `baked_ms` into it (a
-    /// new leader forgoes what its predecessor's looks may have spent).
-    pub fn new(a: &Analysis, bake_ms: u64, baked_ms: u64) -> Spending {
-        let horizon_ms = (bake_ms * u64::from(1 + Self::extensions_planned(a))).max(1);
-        Spending {
-            alpha: a.alpha,
-            horizon_ms,
-            spent: stats::obrien_fleming_spent(a.alpha, baked_ms as f64 / horizon_ms as f64),
-        }
-    }
-
-    /// Extensions the budget is planned over.
-    pub fn extensions_planned(a: &Analysis) -> u32 {
-        match a.inconclusive() {
-            InconclusiveAction::Extend => a.max_extensions,
-            _ => 0,
-        }
-    }
-
-    /// The look at `baked_ms`; `last`: no look can follow it.
-    pub fn look(&mut self, baked_ms: u64, last: bool) -> Look {
-        let cumulative = if last {
-            self.alpha
-        } else {
-            stats::obrien_fleming_spent(self.alpha, baked_ms as f64 / self.horizon_ms as f64)
-        };
-        let look = Look {
-            alpha: (cumulative - self.spent).max(0.0),
-        };
-        self.spent = self.spent.max(cumulative);
-        look
-    }
-}
 
 /// The verdict of a look at a window.
 #[derive(Debug, Clone, PartialEq)]
@@ -488,23 +428,6 @@ mod tests {
             }
         }
         w
-    }
-
-    #[test]
-    fn a_bakes_looks_spend_at_most_alpha_and_early_ones_almost_nothing() {
-        let mut a = analysis();
-        a.inconclusive = InconclusiveAction::Extend as i32;
-        a.max_extensions = 1;
-        let mut spending = Spending::new(&a, 10_000, 0);
-        let looks: Vec<f64> = (1..=20)
-            .map(|k| spending.look(k * 1000, k == 20).alpha)
-            .collect();
-        assert!(looks[0] < 1e-9, "{looks:?}");
-        assert!((looks.iter().sum::<f64>() - a.alpha).abs() < 1e-12);
-        // The end of the first window (half the planned bake) has spent
-        // about a tenth of alpha, not all of it.
-        let half: f64 = looks[..10].iter().sum();
-        assert!(half < a.alpha / 5.0, "{half}");
     }
 
     #[test]

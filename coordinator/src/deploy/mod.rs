@@ -2,7 +2,7 @@
 //! deploy state machine, the judgements (batch gates, canary analysis),
 //! the ledger that stores deploys, and the driver that runs them.
 //!
-//! The pure core — `machine`, `gate`, `analysis`, `evidence`, `audit`, `start`,
+//! The pure core — `machine`, `gate`, `analysis`, `evidence`, `spending`, `audit`, `start`,
 //! `record` — does no I/O and imports nothing of `store`, `fleet` or `ha`;
 //! `ledger` (the store), `driver` (hosts, through `driver::effects`) and
 //! `deployments` (the facade the API calls) do the effects.
@@ -18,6 +18,7 @@ pub mod ledger;
 pub mod machine;
 pub mod pipeline;
 pub mod record;
+pub mod spending;
 pub mod start;
 pub mod stats;
 #[cfg(test)]
