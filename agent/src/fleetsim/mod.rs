@@ -237,7 +237,12 @@ fn simulated_sample(
         health: running
             .iter()
             .map(|(service, r)| {
-                let i = host.interval(model, &r.current, r.since.unwrap_or(started));
+                let i = host.interval_after(
+                    model,
+                    (&r.current, &r.previous),
+                    r.since.unwrap_or(started),
+                    std::time::Duration::from_millis(interval_ms.into()),
+                );
                 drover_common::proto::ServiceHealth {
                     service: service.clone(),
                     ready: true,

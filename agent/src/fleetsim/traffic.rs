@@ -102,6 +102,38 @@ impl Host {
 
     /// One interval of `artifact`, started `since` ago; counted as served.
     pub fn interval(&mut self, model: &Model, artifact: &str, since: Instant) -> Interval {
+        let i = self.draw(model, artifact, since);
+        count(model, artifact, i.requests);
+        i
+    }
+
+    /// One interval of `length` of `artifact`, started `since` ago after
+    /// `previous`: when the switch fell inside the interval, the requests
+    /// before it are counted as `previous`'s (the share of the interval
+    /// each release ran), so a release's count is what it really served.
+    pub fn interval_after(
+        &mut self,
+        model: &Model,
+        (artifact, previous): (&str, &str),
+        since: Instant,
+        length: Duration,
+    ) -> Interval {
+        let i = self.draw(model, artifact, since);
+        let ran = if length.is_zero() || previous.is_empty() {
+            1.0
+        } else {
+            (since.elapsed().as_secs_f64() / length.as_secs_f64()).min(1.0)
+        };
+        let current = (i.requests as f64 * ran).round() as u64;
+        count(model, artifact, current);
+        if current < i.requests {
+            count(model, previous, i.requests - current);
+        }
+        i
+    }
+
+    /// One interval's draws (not counted).
+    fn draw(&mut self, model: &Model, artifact: &str, since: Instant) -> Interval {
         let cold = if model.warmup.is_zero() {
             0.0
         } else {
@@ -133,12 +165,6 @@ impl Host {
         };
         let latency_buckets = self.latency_buckets(requests, p99_ms);
         self.intervals += 1;
-        *model
-            .served
-            .lock()
-            .expect("served lock")
-            .entry(artifact.to_string())
-            .or_default() += requests;
         Interval {
             requests,
             errors,
@@ -184,6 +210,18 @@ impl Host {
                 (*b, total as f64)
             })
             .collect()
+    }
+}
+
+/// Counts `requests` as served by `artifact`.
+fn count(model: &Model, artifact: &str, requests: u64) {
+    if requests > 0 {
+        *model
+            .served
+            .lock()
+            .expect("served lock")
+            .entry(artifact.to_string())
+            .or_default() += requests;
     }
 }
 
@@ -267,6 +305,23 @@ mod tests {
         assert!(slow > 2.0 * p99, "{slow} against {p99}");
         let i = h.interval(&m, "good", Instant::now());
         assert_eq!(i.scrape, 202, "one scrape per interval");
+    }
+
+    #[test]
+    fn an_interval_with_a_switch_is_counted_to_each_release_by_its_time() {
+        let m = model();
+        let mut h = Host::new(&m, 2, 0);
+        let length = Duration::from_secs(3600);
+        // Switched a quarter of an interval ago (as near as the clock is).
+        let since = Instant::now() - length / 4;
+        let i = h.interval_after(&m, ("new", "old"), since, length);
+        let served = m.served.lock().unwrap().clone();
+        let new = served["new"] as f64 / i.requests as f64;
+        assert!((0.24..0.27).contains(&new), "{served:?}");
+        assert_eq!(served["new"] + served["old"], i.requests);
+        // Long enough ago: all of it.
+        let i = h.interval_after(&m, ("new", "old"), since - length, length);
+        assert_eq!(m.served.lock().unwrap()["new"], served["new"] + i.requests);
     }
 
     #[test]

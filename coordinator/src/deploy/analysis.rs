@@ -150,8 +150,12 @@ fn judge_metric(check: &MetricCheck, a: &Analysis, w: &Window, look: Look) -> Me
         } else {
             (c.values.clone(), b.values.clone(), floor_of(name))
         };
-        let (worse, better) = if higher_is_worse { (cv, bv) } else { (bv, cv) };
-        Test::AcrossHosts(stats::hosts_greater(&worse, &better, floor))
+        // The canary stays the canary (a one-host canary is judged against
+        // the baseline hosts' spread): lower-is-worse tests the negated
+        // values.
+        let sign = if higher_is_worse { 1.0 } else { -1.0 };
+        let signed = |v: Vec<f64>| -> Vec<f64> { v.into_iter().map(|x| sign * x).collect() };
+        Test::AcrossHosts(stats::hosts_greater(&signed(cv), &signed(bv), floor))
     };
     let mut out = MetricVerdict {
         name: check.name.clone(),
@@ -175,13 +179,47 @@ fn judge_metric(check: &MetricCheck, a: &Analysis, w: &Window, look: Look) -> Me
         },
         ..Default::default()
     };
-    let (verdict, reason) = decide(check, a, look, test, &out);
+    // Limits are judged on evidence too: past a limit is a failure only
+    // when significant at this look (a noisy value is not proof).
+    let limits = if name == ERROR_RATE {
+        Limits {
+            max_p: Some(stats::binomial_above(c.errors, c.requests, check.max)),
+            ratio_p: Some(stats::binomial_excess(
+                c.errors,
+                c.requests,
+                b.errors,
+                b.requests,
+                check.max_ratio - 1.0,
+            )),
+        }
+    } else {
+        // One value per host: the absolute limit as it is (a hard limit on
+        // a host's window), the ratio only when the hosts differ
+        // significantly.
+        Limits {
+            max_p: None,
+            ratio_p: Some(match test {
+                Test::AcrossHosts(Some((p, _))) => p,
+                _ => 1.0,
+            }),
+        }
+    };
+    let (verdict, reason) = decide(check, a, look, test, limits, &out);
     if let Test::Binomial(p) | Test::AcrossHosts(Some((p, _))) = test {
         out.p_value = p;
     }
     out.verdict = verdict as i32;
     out.reason = reason;
     out
+}
+
+/// How significant passing a check's limits is: the p-value of "within
+/// the absolute limit" and of "within the ratio to the baseline" (`None`:
+/// the value is compared as it is).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Limits {
+    max_p: Option<f64>,
+    ratio_p: Option<f64>,
 }
 
 /// The test a metric is judged by, with its p-value.
@@ -201,6 +239,7 @@ fn decide(
     a: &Analysis,
     look: Look,
     test: Test,
+    limits: Limits,
     m: &MetricVerdict,
 ) -> (AnalysisVerdict, String) {
     use AnalysisVerdict::{Fail, Inconclusive, Pass};
@@ -227,9 +266,19 @@ fn decide(
     } else {
         cv < check.max
     };
-    if check.max > 0.0 && past_limit {
+    let alpha = look.alpha;
+    let proven = |p: Option<f64>| p.is_none_or(|p| p < alpha);
+    let shown_p =
+        |p: Option<f64>| p.map_or(String::new(), |p| format!(", p={p:.2e} < {alpha:.2e}"));
+    if check.max > 0.0 && past_limit && proven(limits.max_p) {
         let (v, limit) = (show(name, cv), show(name, check.max));
-        return (Fail, format!("{name} {v} is past the limit {limit}"));
+        return (
+            Fail,
+            format!(
+                "{name} {v} is past the limit {limit}{}",
+                shown_p(limits.max_p)
+            ),
+        );
     }
     if m.baseline_hosts < min_hosts {
         return (
@@ -247,12 +296,13 @@ fn decide(
     } else {
         cv * check.max_ratio < bv
     };
-    if check.max_ratio > 0.0 && past_ratio {
+    if check.max_ratio > 0.0 && past_ratio && proven(limits.ratio_p) {
         return (
             Fail,
             format!(
-                "{name} {c_shown} against the baseline's {b_shown}: past {}x",
-                check.max_ratio
+                "{name} {c_shown} against the baseline's {b_shown}: past {}x{}",
+                check.max_ratio,
+                shown_p(limits.ratio_p)
             ),
         );
     }
@@ -274,7 +324,6 @@ fn decide(
     } else {
         (bv - cv) / base
     };
-    let alpha = look.alpha;
     if p < alpha && effect > check.tolerance {
         return (
             Fail,
@@ -525,8 +574,14 @@ mod tests {
         let mut a = analysis();
         a.metrics[0].max = 0.01;
         // Over the absolute limit with no usable baseline: still a failure.
-        let w = window(obs(10, 100, 0.02, 20.0), Vec::new());
-        assert_eq!(judge(&a, &w, INTERIM).verdict, AnalysisVerdict::Fail);
+        let w = window(obs(10, 100, 0.03, 20.0), Vec::new());
+        let j = judge(&a, &w, INTERIM);
+        assert_eq!(j.verdict, AnalysisVerdict::Fail, "{j:?}");
+        assert!(j.reason.contains("past the limit 1.00%"), "{}", j.reason);
+        // A noisy value over it is not proof: 4 errors in 300 requests.
+        let w = window(obs(3, 100, 0.014, 20.0), Vec::new());
+        let j = judge(&a, &w, LAST);
+        assert_ne!(j.verdict, AnalysisVerdict::Fail, "{j:?}");
         // Lower is worse: a throughput-like metric dropping fails on ratio.
         a.metrics = vec![MetricCheck {
             name: LATENCY_P50.into(),
@@ -538,6 +593,9 @@ mod tests {
         let w = window(obs(10, 40, 0.0, 30.0), base(10, 40, 0.0, 90.0));
         let j = judge(&a, &w, LAST);
         assert_eq!(j.verdict, AnalysisVerdict::Fail, "{j:?}");
+        // One canary host against the baseline hosts' spread, as upward.
+        assert_eq!(j.metrics[0].test, "t-test across hosts", "{j:?}");
+        assert!(j.reason.contains("past 2x, p="), "{}", j.reason);
         // A metric of the service's page: judged on the values heartbeats
         // carry; none carried is inconclusive.
         a.metrics[0].name = "queue_depth".into();

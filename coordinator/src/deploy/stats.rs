@@ -184,6 +184,18 @@ pub fn binomial_excess(
     }
 }
 
+/// One-sided exact p-value that a rate of `errors` out of `requests` is
+/// above `limit`: P(X ≥ errors) for X ~ Binomial(requests, limit).
+pub fn binomial_above(errors: u64, requests: u64, limit: f64) -> f64 {
+    if errors == 0 || requests == 0 {
+        return 1.0;
+    }
+    match Binomial::new(limit.clamp(0.0, 1.0), requests) {
+        Ok(b) => b.sf(errors - 1).clamp(0.0, 1.0),
+        Err(_) => 1.0,
+    }
+}
+
 /// Hosts each side needs for the rank test across hosts.
 pub const RANK_MIN_HOSTS: usize = 5;
 /// Baseline hosts the t-test needs (to know their spread at all; with so
@@ -455,6 +467,11 @@ mod tests {
         // A 5% excess inside a 10% tolerance passes, even on huge counts.
         assert!(binomial_excess(1050, 1_000_000, 1000, 1_000_000, 0.1) > 0.5);
         assert_eq!(binomial_excess(0, 100, 5, 100, 0.1), 1.0);
+        // Against a fixed limit: 2 errors in 300 is not proof of a rate
+        // above 0.1% (0.67% seen), 30 in 1000 is proof of one above 1%.
+        assert!(binomial_above(2, 300, 0.001) > 0.03);
+        assert!(binomial_above(30, 1000, 0.01) < 1e-6);
+        assert_eq!(binomial_above(0, 1000, 0.01), 1.0);
     }
 
     #[test]
