@@ -405,29 +405,13 @@ pub fn judge(a: &Analysis, w: &Window, look: Look) -> Judgement {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::deploy::pipeline::with_defaults;
-    use drover_common::proto::{Canary, CanaryStep, Pipeline, Stage};
 
     /// An early look (a small share of the default alpha) and the last.
     const INTERIM: Look = Look { alpha: 0.005 };
     const LAST: Look = Look { alpha: 0.05 };
 
     fn analysis() -> Analysis {
-        let p = with_defaults(Pipeline {
-            stages: vec![Stage {
-                canary: Some(Canary {
-                    steps: vec![CanaryStep {
-                        percent: 10,
-                        count: 0,
-                        bake_ms: 1000,
-                    }],
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }],
-            ..Default::default()
-        });
-        p.stages[0].canary.clone().unwrap().analysis.unwrap()
+        crate::deploy::pipeline::default_analysis()
     }
 
     /// `n` intervals of `requests` each with errors spread evenly at `rate`,

@@ -61,48 +61,60 @@ pub fn with_defaults(mut p: Pipeline) -> Pipeline {
             stage.on_approval_timeout = ApprovalTimeoutOutcome::Abort as i32;
         }
         if let Some(canary) = &mut stage.canary {
-            let a = canary.analysis.get_or_insert_with(Analysis::default);
-            if a.metrics.is_empty() {
-                a.metrics = vec![
-                    MetricCheck {
-                        name: ERROR_RATE.into(),
-                        ..Default::default()
-                    },
-                    MetricCheck {
-                        name: LATENCY_P99.into(),
-                        ..Default::default()
-                    },
-                ];
-            }
-            for m in &mut a.metrics {
-                if m.direction == MetricDirection::Unspecified as i32 {
-                    m.direction = MetricDirection::HigherIsWorse as i32;
-                }
-                if m.tolerance == 0.0 {
-                    m.tolerance = 0.1;
-                }
-            }
-            if a.alpha == 0.0 {
-                a.alpha = 0.05;
-            }
-            if a.min_hosts == 0 {
-                a.min_hosts = 1;
-            }
-            if a.min_requests == 0 {
-                a.min_requests = 50;
-            }
-            if a.inconclusive == InconclusiveAction::Unspecified as i32 {
-                a.inconclusive = InconclusiveAction::Extend as i32;
-            }
-            if a.max_extensions == 0 {
-                a.max_extensions = 2;
-            }
-            if a.baseline == BaselineKind::Unspecified as i32 {
-                a.baseline = BaselineKind::Live as i32;
-            }
+            analysis_defaults(canary.analysis.get_or_insert_with(Analysis::default));
         }
     }
     p
+}
+
+/// The analysis a canary gets when its pipeline says nothing: error rate
+/// and p99, alpha 0.05, the live baseline.
+pub fn default_analysis() -> Analysis {
+    let mut a = Analysis::default();
+    analysis_defaults(&mut a);
+    a
+}
+
+/// Fills what an analysis leaves unsaid with the defaults.
+fn analysis_defaults(a: &mut Analysis) {
+    if a.metrics.is_empty() {
+        a.metrics = vec![
+            MetricCheck {
+                name: ERROR_RATE.into(),
+                ..Default::default()
+            },
+            MetricCheck {
+                name: LATENCY_P99.into(),
+                ..Default::default()
+            },
+        ];
+    }
+    for m in &mut a.metrics {
+        if m.direction == MetricDirection::Unspecified as i32 {
+            m.direction = MetricDirection::HigherIsWorse as i32;
+        }
+        if m.tolerance == 0.0 {
+            m.tolerance = 0.1;
+        }
+    }
+    if a.alpha == 0.0 {
+        a.alpha = 0.05;
+    }
+    if a.min_hosts == 0 {
+        a.min_hosts = 1;
+    }
+    if a.min_requests == 0 {
+        a.min_requests = 50;
+    }
+    if a.inconclusive == InconclusiveAction::Unspecified as i32 {
+        a.inconclusive = InconclusiveAction::Extend as i32;
+    }
+    if a.max_extensions == 0 {
+        a.max_extensions = 2;
+    }
+    if a.baseline == BaselineKind::Unspecified as i32 {
+        a.baseline = BaselineKind::Live as i32;
+    }
 }
 
 /// How long an approval is awaited unless the stage says otherwise.

@@ -73,25 +73,9 @@ impl Spending {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::deploy::pipeline::with_defaults;
-    use drover_common::proto::{Canary, CanaryStep, Pipeline, Stage};
 
     fn analysis() -> Analysis {
-        let p = with_defaults(Pipeline {
-            stages: vec![Stage {
-                canary: Some(Canary {
-                    steps: vec![CanaryStep {
-                        percent: 10,
-                        count: 0,
-                        bake_ms: 1000,
-                    }],
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }],
-            ..Default::default()
-        });
-        p.stages[0].canary.clone().unwrap().analysis.unwrap()
+        crate::deploy::pipeline::default_analysis()
     }
 
     #[test]

@@ -22,21 +22,7 @@ use drover_coordinator::deploy::analysis::{Interval, Side, Spending, Window, jud
 
 /// The default analysis a pipeline gets (error rate and p99).
 fn analysis() -> Analysis {
-    let p = drover_coordinator::deploy::pipeline::with_defaults(drover_common::proto::Pipeline {
-        stages: vec![drover_common::proto::Stage {
-            canary: Some(drover_common::proto::Canary {
-                steps: vec![drover_common::proto::CanaryStep {
-                    percent: 1,
-                    count: 0,
-                    bake_ms: 60_000,
-                }],
-                ..Default::default()
-            }),
-            ..Default::default()
-        }],
-        ..Default::default()
-    });
-    p.stages[0].canary.clone().unwrap().analysis.unwrap()
+    drover_coordinator::deploy::pipeline::default_analysis()
 }
 
 fn model(bad: Option<&str>) -> Model {
