@@ -10,6 +10,7 @@
 //! - [`ha`]: shards and leader elections (fencing epochs).
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
 //! - [`deploy`]: pipelines, the deploy state machine, its ledger, driver and analyses.
+//! - [`router`]: traffic routers (load balancers) a deploy moves traffic through.
 //! - [`auth`]: callers' identities (from certificates) and the authorization policy.
 //! - [`ctl`]: `droverctl`, the command-line client.
 //! - [`error`]: errors and their mapping to gRPC status codes.
@@ -25,5 +26,6 @@ pub mod fuzzing;
 pub mod ha;
 pub mod metrics;
 pub mod origin;
+pub mod router;
 pub mod server;
 pub mod store;

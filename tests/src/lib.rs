@@ -20,6 +20,7 @@ pub mod cluster_fleet;
 pub mod commands;
 mod daemons;
 mod etcd;
+pub mod haproxy;
 mod http;
 pub mod pki;
 mod process;

@@ -1,0 +1,78 @@
+//! Traffic routers: the load balancers a deploy moves traffic through
+//! (blue-green switches, weighted canaries, draining before a restart).
+//!
+//! A router is driven by the coordinator (the shard leader of the deploy),
+//! behind the narrow [`Router`] trait: set a server's state, set its
+//! weight, read the servers of a backend. The deploy engine decides what
+//! the traffic should be; a router only applies it, idempotently, so a new
+//! leader can re-assert the intended state after a failover.
+//!
+//! Implementations: [`haproxy::Haproxy`], HAProxy's runtime API (a unix
+//! socket or a TCP address; `set server … state|weight`, `show servers
+//! state`), which switches atomically without a reload.
+
+pub mod haproxy;
+
+/// A server's administrative state in its router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerState {
+    /// Takes new traffic (by its weight).
+    Ready,
+    /// Takes no new traffic; connections in flight finish.
+    Drain,
+    /// Out of service: no traffic at all.
+    Maint,
+}
+
+/// A server as the router sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerView {
+    pub backend: String,
+    pub server: String,
+    pub state: ServerState,
+    /// The router takes it to be running (its health checks pass, or it
+    /// has none).
+    pub up: bool,
+    /// Its weight among the backend's servers (0: no new traffic).
+    pub weight: u32,
+    /// Where it sends traffic: "address:port".
+    pub address: String,
+}
+
+/// Why a router did not do what was asked; nothing changed in any case.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouterError {
+    /// The router's control channel cannot be reached (no such socket,
+    /// connection refused, timed out).
+    #[error("router at {at} is unreachable: {why}")]
+    Unreachable { at: String, why: String },
+    #[error("the router has no backend {0:?}")]
+    UnknownBackend(String),
+    #[error("the router's backend {backend:?} has no server {server:?}")]
+    UnknownServer { backend: String, server: String },
+    /// The router answered with something else than success.
+    #[error("the router refused {command:?}: {answer}")]
+    Refused { command: String, answer: String },
+    /// A weight outside what the router accepts.
+    #[error("weight {0} is outside 0..=256")]
+    BadWeight(u32),
+}
+
+/// What the deploy engine needs of a load balancer.
+#[async_trait::async_trait]
+pub trait Router: Send + Sync {
+    /// Sets `server` of `backend` to `state`.
+    async fn set_state(
+        &self,
+        backend: &str,
+        server: &str,
+        state: ServerState,
+    ) -> Result<(), RouterError>;
+
+    /// Sets the weight of `server` of `backend` (0..=256).
+    async fn set_weight(&self, backend: &str, server: &str, weight: u32)
+    -> Result<(), RouterError>;
+
+    /// The servers of `backend`.
+    async fn servers(&self, backend: &str) -> Result<Vec<ServerView>, RouterError>;
+}

@@ -1,0 +1,72 @@
+//! A real HAProxy on loopback for router tests: one HTTP frontend on a
+//! free port, one backend of the servers given, the runtime API on a unix
+//! socket in the test's directory (`level admin`). Stopped when dropped.
+//!
+//! ```ignore
+//! let lb = HaproxyLb::start(&dir, "web", &[("blue", blue_port, 100), ("green", green_port, 0)]).await;
+//! let router = Haproxy::new(RuntimeAddr::Unix(lb.socket.clone()));
+//! let body = lb.get("/version").await;
+//! ```
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::{ChildGuard, TestDir, free_port, http_get_status, require_tool, wait_until};
+
+/// A running haproxy.
+pub struct HaproxyLb {
+    /// The runtime API's unix socket.
+    pub socket: PathBuf,
+    /// The HTTP frontend.
+    pub frontend: SocketAddr,
+    _child: ChildGuard,
+}
+
+impl HaproxyLb {
+    /// Starts haproxy with backend `backend` of `servers` (name, loopback
+    /// port, weight) and waits until its frontend and API answer.
+    pub async fn start(dir: &TestDir, backend: &str, servers: &[(&str, u16, u32)]) -> HaproxyLb {
+        let bin = require_tool("haproxy", "install Debian's haproxy package");
+        let socket = dir.path().join("haproxy-admin.sock");
+        let port = free_port();
+        let mut cfg = format!(
+            "global\n  stats socket {} level admin\n\
+             defaults\n  mode http\n  timeout connect 2s\n  timeout client 10s\n  timeout server 10s\n\
+             frontend fe\n  bind 127.0.0.1:{port}\n  default_backend {backend}\n\
+             backend {backend}\n  balance roundrobin\n",
+            socket.display()
+        );
+        for (name, port, weight) in servers {
+            cfg.push_str(&format!(
+                "  server {name} 127.0.0.1:{port} weight {weight}\n"
+            ));
+        }
+        let path = dir.path().join("haproxy.cfg");
+        std::fs::write(&path, cfg).expect("writing haproxy.cfg");
+        let mut cmd = std::process::Command::new(bin);
+        cmd.arg("-db").arg("-f").arg(&path);
+        let child = ChildGuard::spawn("haproxy", cmd, &dir.path().join("haproxy.log"));
+        let lb = HaproxyLb {
+            socket,
+            frontend: SocketAddr::from(([127, 0, 0, 1], port)),
+            _child: child,
+        };
+        wait_until("haproxy's runtime API", Duration::from_secs(20), || async {
+            match tokio::net::UnixStream::connect(&lb.socket).await {
+                Ok(_) => Ok(()),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .await;
+        lb
+    }
+
+    /// GETs `path` through the frontend: the body, or why there was none.
+    pub async fn get(&self, path: &str) -> Result<String, String> {
+        match http_get_status(self.frontend, path).await? {
+            (200, body) => Ok(body.trim().to_string()),
+            (status, body) => Err(format!("{status}: {}", body.trim())),
+        }
+    }
+}
