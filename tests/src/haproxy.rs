@@ -1,6 +1,8 @@
 //! A real HAProxy on loopback for router tests: one HTTP frontend on a
-//! free port, one backend of the servers given, the runtime API on a unix
-//! socket in the test's directory (`level admin`). Stopped when dropped.
+//! free port, one backend of the servers given (round robin, no retries:
+//! a request sent to a server that is down fails, as its client would
+//! see), the runtime API on a unix socket in the test's directory (`level
+//! admin`). Stopped when dropped.
 //!
 //! ```ignore
 //! let lb = HaproxyLb::start(&dir, "web", &[("blue", blue_port, 100), ("green", green_port, 0)]).await;
@@ -32,7 +34,7 @@ impl HaproxyLb {
         let port = free_port();
         let mut cfg = format!(
             "global\n  stats socket {} level admin\n\
-             defaults\n  mode http\n  timeout connect 2s\n  timeout client 10s\n  timeout server 10s\n\
+             defaults\n  mode http\n  retries 0\n  timeout connect 2s\n  timeout client 10s\n  timeout server 10s\n\
              frontend fe\n  bind 127.0.0.1:{port}\n  default_backend {backend}\n\
              backend {backend}\n  balance roundrobin\n",
             socket.display()

@@ -174,3 +174,119 @@ async fn bad_input_is_refused_and_traffic_stays_where_it_was() {
     assert_eq!(router.servers("web").await.unwrap(), before);
     assert_eq!(answers(&lb, 30).await, (30, 0));
 }
+
+/// A request through `lb` every 10 ms until `stop`, each on its own
+/// connection and without waiting for the one before: (answered 200,
+/// failed).
+async fn steady_load(lb: SocketAddr, stop: tokio::sync::watch::Receiver<bool>) -> (u64, u64) {
+    let mut requests = tokio::task::JoinSet::new();
+    while !*stop.borrow() {
+        requests.spawn(async move { matches!(http_get_status(lb, "/").await, Ok((200, _))) });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (mut ok, mut failed) = (0, 0);
+    while let Some(answered) = requests.join_next().await {
+        if answered.unwrap() {
+            ok += 1;
+        } else {
+            failed += 1;
+        }
+    }
+    (ok, failed)
+}
+
+/// A rolling stage over the three hosts, one at a time, through `router`
+/// (TOML, or empty).
+fn rolling(router: &str) -> String {
+    format!(
+        "name = \"hello-lb\"\nservice = \"hello\"\n\n[[stages]]\nname = \"prod\"\nselector = \"env=prod\"\n\
+         batch_size = 1\nsettle_ms = 300\nstuck_timeout_ms = 20000\n\
+         gate = {{ inconclusive = \"INCONCLUSIVE_POLICY_PASS\" }}\n{router}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_deploy_through_haproxy_drains_each_host_and_drops_no_requests() {
+    let f = drover_tests::sample_fleet::SampleFleet::start(3, 0).await;
+    let servers: Vec<(&str, u16, u32)> =
+        f.ports.iter().map(|(h, p)| (h.as_str(), *p, 100)).collect();
+    let lb = HaproxyLb::start(&f.dir, "web", &servers).await;
+    f.apply(&rolling(""));
+    let v1 = f.push("v1", &["--latency-ms", "200"]);
+    let (code, out, err) = f.deploy_through("hello-lb", &v1);
+    assert_eq!(code, 0, "{out}\n{err}");
+
+    // Under steady load through the balancer, a deploy of v2 without the
+    // router, then v3 with it.
+    let through = |router: String, version: &'static str| {
+        let f = &f;
+        let lb = lb.frontend;
+        async move {
+            f.apply(&rolling(&router));
+            // Each request takes 200 ms: some are always in flight.
+            let digest = f.push(version, &["--latency-ms", "200"]);
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let load = tokio::spawn(steady_load(lb, stop_rx));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let (code, out, err) =
+                tokio::task::block_in_place(|| f.deploy_through("hello-lb", &digest));
+            assert_eq!(code, 0, "{version}: {out}\n{err}");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let _ = stop_tx.send(true);
+            load.await.unwrap()
+        }
+    };
+    let (ok, failed) = through(String::new(), "v2").await;
+    eprintln!("without the router: {ok} answered, {failed} failed");
+    assert!(
+        failed > 0,
+        "restarts in place drop requests behind a balancer: {ok} answered, {failed} failed"
+    );
+    let router = format!(
+        "router = {{ haproxy = \"unix:{}\", backend = \"web\", drain_timeout_ms = 5000 }}",
+        lb.socket.display()
+    );
+    let (ok, failed) = through(router, "v3").await;
+    eprintln!("through the router: {ok} answered, {failed} failed");
+    assert_eq!(failed, 0, "{ok} answered");
+    assert!(ok > 100, "the load ran throughout: {ok}");
+    assert_eq!(f.versions().await, ["v3"; 3]);
+    // Every server takes traffic again.
+    let router = Haproxy::new(RuntimeAddr::Unix(lb.socket.clone()));
+    let states: Vec<ServerState> = router
+        .servers("web")
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.state)
+        .collect();
+    assert_eq!(states, [ServerState::Ready; 3]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_that_does_not_know_the_host_fails_it_and_its_process_is_not_touched() {
+    let f = drover_tests::sample_fleet::SampleFleet::start(2, 0).await;
+    // The balancer knows web-0 only.
+    let lb = HaproxyLb::start(&f.dir, "web", &[(f.ports[0].0.as_str(), f.ports[0].1, 100)]).await;
+    f.apply(&rolling(""));
+    let v1 = f.push("v1", &[]);
+    let (code, out, err) = f.deploy_through("hello-lb", &v1);
+    assert_eq!(code, 0, "{out}\n{err}");
+    f.apply(&rolling(&format!(
+        "router = {{ haproxy = \"unix:{}\", backend = \"web\" }}",
+        lb.socket.display()
+    )));
+    let v2 = f.push("v2", &[]);
+    let (code, _, _) = tokio::task::block_in_place(|| f.deploy_through("hello-lb", &v2));
+    assert_ne!(code, 0);
+    let d = f.coord.latest_deploy("hello-lb").await;
+    assert!(
+        d.reason
+            .contains("web-1: router: draining before the restart")
+            && d.reason.contains("no server \"web-1\""),
+        "{}",
+        d.reason
+    );
+    assert_eq!(f.starts("v2")[1], 0, "web-1 never ran v2");
+    assert_eq!(f.starts("v1")[1], 1, "web-1's process was not restarted");
+}

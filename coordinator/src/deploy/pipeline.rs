@@ -310,6 +310,18 @@ pub fn validate(p: &Pipeline) -> Result<(), PipelineError> {
         if let Some(c) = &s.canary {
             validate_canary(c, &at, &mut problems);
         }
+        if let Some(r) = &s.router {
+            if let Err(e) = r.haproxy.parse::<crate::router::haproxy::RuntimeAddr>() {
+                problems.push(format!("{}: {e}", at("router.haproxy")));
+            }
+            if !crate::router::valid_name(&r.backend) {
+                problems.push(format!(
+                    "{}: {:?} is not a backend name (letters, digits, '-', '_', '.', ':')",
+                    at("router.backend"),
+                    r.backend
+                ));
+            }
+        }
         if ApprovalTimeoutOutcome::try_from(s.on_approval_timeout).is_err() {
             problems.push(format!(
                 "{}: unknown outcome {}",

@@ -140,12 +140,7 @@ fn refusal(answer: &str, command: &str, backend: &str, server: &str) -> Option<R
 
 /// Rule 2: a name HAProxy's configuration could have given.
 fn check_name(kind: &str, name: &str) -> Result<(), RouterError> {
-    let fine = !name.is_empty()
-        && name.len() <= 256
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
-    if fine {
+    if super::valid_name(name) {
         Ok(())
     } else {
         Err(RouterError::Refused {
@@ -213,6 +208,33 @@ fn parse_servers_state(answer: &str) -> Result<Vec<ServerView>, String> {
         .collect()
 }
 
+/// The current sessions (`scur`) of `server` in a `show stat` answer
+/// (CSV, read by its header line).
+fn parse_in_flight(answer: &str, backend: &str, server: &str) -> Result<Option<u64>, String> {
+    let mut lines = answer.lines().filter(|l| !l.trim().is_empty());
+    let header: Vec<&str> = lines
+        .next()
+        .and_then(|h| h.strip_prefix("# "))
+        .ok_or("no header line")?
+        .split(',')
+        .collect();
+    let column = |name: &str| {
+        header
+            .iter()
+            .position(|h| *h == name)
+            .ok_or_else(|| format!("no {name} column"))
+    };
+    let (px, sv, scur) = (column("pxname")?, column("svname")?, column("scur")?);
+    for line in lines {
+        let f: Vec<&str> = line.split(',').collect();
+        if f.get(px) == Some(&backend) && f.get(sv) == Some(&server) {
+            let v = f.get(scur).ok_or(format!("short line {line:?}"))?;
+            return v.parse().map(Some).map_err(|e| format!("{line:?}: {e}"));
+        }
+    }
+    Ok(None)
+}
+
 #[async_trait::async_trait]
 impl Router for Haproxy {
     async fn set_state(
@@ -261,6 +283,25 @@ impl Router for Haproxy {
             answer: why,
         })
     }
+
+    async fn in_flight(&self, backend: &str, server: &str) -> Result<u64, RouterError> {
+        check_name("backend", backend)?;
+        check_name("server", server)?;
+        // Servers only (type 4), every proxy: filtered here by name.
+        let command = "show stat -1 4 -1".to_string();
+        let answer = self.exchange(&command).await?;
+        match parse_in_flight(&answer, backend, server) {
+            Ok(Some(n)) => Ok(n),
+            Ok(None) => Err(RouterError::UnknownServer {
+                backend: backend.to_string(),
+                server: server.to_string(),
+            }),
+            Err(why) => Err(RouterError::Refused {
+                command,
+                answer: why,
+            }),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -299,6 +340,15 @@ mod tests {
         );
         assert!(parse_servers_state("2\n# be_name\n").is_err());
         assert!(parse_servers_state("1\n# be_name srv_name\n3 web\n").is_err());
+    }
+
+    #[test]
+    fn in_flight_is_read_from_show_stat_by_its_header() {
+        let stat = "# pxname,svname,qcur,qmax,scur,smax\nweb,blue,0,0,3,9\nweb,green,0,0,0,1\n\n";
+        assert_eq!(parse_in_flight(stat, "web", "blue"), Ok(Some(3)));
+        assert_eq!(parse_in_flight(stat, "web", "green"), Ok(Some(0)));
+        assert_eq!(parse_in_flight(stat, "web", "purple"), Ok(None));
+        assert!(parse_in_flight("oops", "web", "blue").is_err());
     }
 
     #[test]

@@ -13,6 +13,17 @@
 
 pub mod haproxy;
 
+/// Whether `name` is a backend or server name a router's configuration
+/// could have given: letters, digits and `-_.:`, at most 256 characters
+/// (so no name can carry a second command).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 256
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+}
+
 /// A server's administrative state in its router.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ServerState {
@@ -75,4 +86,7 @@ pub trait Router: Send + Sync {
 
     /// The servers of `backend`.
     async fn servers(&self, backend: &str) -> Result<Vec<ServerView>, RouterError>;
+
+    /// Requests (sessions) `server` of `backend` is serving now.
+    async fn in_flight(&self, backend: &str, server: &str) -> Result<u64, RouterError>;
 }

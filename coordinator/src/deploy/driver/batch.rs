@@ -22,7 +22,7 @@ use drover_common::proto::{
     RestartCommand, command,
 };
 
-use super::{Driver, baseline};
+use super::{Driver, baseline, traffic};
 use crate::deploy::audit;
 use crate::deploy::deployments::DeployError;
 use crate::deploy::gate::{Sample, Verdict, judge};
@@ -256,12 +256,19 @@ impl Driver {
         fence: (u32, u64),
         stuck: Duration,
     ) -> Vec<(String, Result<(), String>)> {
-        let max_unavailable = rec.snapshot.stages[stage].max_unavailable.max(1) as usize;
+        let spec = &rec.snapshot.stages[stage];
+        let max_unavailable = spec.max_unavailable.max(1) as usize;
+        // The stage's load balancer, if any (traffic.rs).
+        let router = spec
+            .router
+            .as_ref()
+            .map(|t| (self.effects.router(t), t.clone()));
         let mut outcomes = Vec::new();
         for chunk in hosts.chunks(max_unavailable) {
             let mut tasks = tokio::task::JoinSet::new();
             for host in chunk {
                 let effects = self.effects.clone();
+                let router = router.clone();
                 let restart = command::Action::Restart(RestartCommand {
                     service: rec.service.clone(),
                     artifact: rec.artifact.clone(),
@@ -271,16 +278,29 @@ impl Driver {
                 let cmd = batch_command(fence, &rec.id, (stage, batch), host, "restart", restart);
                 let host = host.clone();
                 tasks.spawn(async move {
-                    let outcome = match effects.send(&host, cmd, stuck + RESULT_SLACK, stuck).await
-                    {
-                        Ok(u) if u.status() == CommandStatus::Succeeded => Ok(()),
-                        Ok(u) => Err(format!(
-                            "restart: {}{}",
-                            u.reason,
-                            last_words(&u.output_tail)
-                        )),
-                        Err(e) => Err(e),
+                    let router = match router {
+                        Some((Ok(r), t)) => Some((r, t)),
+                        Some((Err(e), _)) => return (host, Err(format!("router: {e}"))),
+                        None => None,
                     };
+                    if let Some((r, t)) = &router
+                        && let Err(e) = traffic::drain(r.as_ref(), t, &host).await
+                    {
+                        return (host, Err(e));
+                    }
+                    let mut outcome =
+                        match effects.send(&host, cmd, stuck + RESULT_SLACK, stuck).await {
+                            Ok(u) if u.status() == CommandStatus::Succeeded => Ok(()),
+                            Ok(u) => Err(format!(
+                                "restart: {}{}",
+                                u.reason,
+                                last_words(&u.output_tail)
+                            )),
+                            Err(e) => Err(e),
+                        };
+                    if let (Ok(()), Some((r, t))) = (&outcome, &router) {
+                        outcome = traffic::ready(r.as_ref(), t, &host).await;
+                    }
                     (host, outcome)
                 });
             }

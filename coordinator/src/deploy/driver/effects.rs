@@ -1,17 +1,22 @@
 //! What the driver does to the world besides the store, behind one narrow
 //! trait: send a command to a host and wait for its result, read what the
-//! fleet view knows of a host, and learn what a pull carries. The live
+//! fleet view knows of a host, learn what a pull carries, and reach the
+//! load balancer a stage names. The live
 //! implementation ([`FleetEffects`]) goes through the registry, the agents'
 //! streams and the origin; the driver's unit tests use a scripted fleet.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_common::proto::{ArtifactSignature, Command, CommandUpdate, ServiceHealth};
+use drover_common::proto::{
+    ArtifactSignature, Command, CommandUpdate, RouterTarget, ServiceHealth,
+};
 
 use crate::fleet::{PendingCommands, Registry, SendError};
 use crate::ha::leases::ShardLeases;
 use crate::origin::BlobStore;
+use crate::router::Router;
+use crate::router::haproxy::{Haproxy, RuntimeAddr};
 
 /// What the fleet view knows of one host now.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -46,6 +51,12 @@ pub trait Effects: Send + Sync {
 
     /// Where agents fetch artifacts, best first.
     fn pull_sources(&self) -> Vec<String>;
+
+    /// The load balancer a stage names (nothing is contacted until used).
+    fn router(&self, target: &RouterTarget) -> Result<Arc<dyn Router>, String> {
+        let addr: RuntimeAddr = target.haproxy.parse()?;
+        Ok(Arc::new(Haproxy::new(addr)))
+    }
 }
 
 /// The live effects: the registry, the agents' command streams, the origin.

@@ -29,6 +29,7 @@ mod batch;
 mod canary;
 pub mod effects;
 mod rollback;
+mod traffic;
 
 #[cfg(test)]
 pub(crate) mod fake;
