@@ -608,6 +608,24 @@ mod tests {
             ],
             "{problems:?}"
         );
+        // A router whose address or backend is not one.
+        let mut routed = pipeline();
+        routed.stages[0].router = Some(drover_common::proto::RouterTarget {
+            haproxy: "haproxy.sock".into(),
+            backend: "web\nshutdown".into(),
+            drain_timeout_ms: 0,
+        });
+        let PipelineError::Invalid(problems) = validate(&routed).unwrap_err() else {
+            panic!()
+        };
+        assert!(
+            problems[0].starts_with("stages[0].router.haproxy: "),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].starts_with("stages[0].router.backend: "),
+            "{problems:?}"
+        );
         let mut empty = pipeline();
         empty.stages.clear();
         assert!(
