@@ -80,27 +80,16 @@ impl Haproxy {
             at: self.addr.to_string(),
             why,
         };
+        let line = format!("{command}\n");
         let talk = async {
-            let line = format!("{command}\n");
-            let mut answer = Vec::new();
-            match &self.addr {
+            let answer = match &self.addr {
                 RuntimeAddr::Unix(path) => {
-                    let mut s = tokio::net::UnixStream::connect(path).await?;
-                    s.write_all(line.as_bytes()).await?;
-                    (&mut s)
-                        .take(MAX_ANSWER as u64)
-                        .read_to_end(&mut answer)
-                        .await?;
+                    say(tokio::net::UnixStream::connect(path).await?, &line).await?
                 }
                 RuntimeAddr::Tcp(addr) => {
-                    let mut s = tokio::net::TcpStream::connect(addr).await?;
-                    s.write_all(line.as_bytes()).await?;
-                    (&mut s)
-                        .take(MAX_ANSWER as u64)
-                        .read_to_end(&mut answer)
-                        .await?;
+                    say(tokio::net::TcpStream::connect(addr).await?, &line).await?
                 }
-            }
+            };
             Ok::<_, std::io::Error>(String::from_utf8_lossy(&answer).into_owned())
         };
         match tokio::time::timeout(EXCHANGE_TIMEOUT, talk).await {
@@ -117,6 +106,20 @@ impl Haproxy {
         let answer = self.exchange(command).await?;
         refusal(&answer, command, backend, server).map_or(Ok(()), Err)
     }
+}
+
+/// Writes `line` and reads the answer to its end (at most [`MAX_ANSWER`]).
+async fn say<S>(mut stream: S, line: &str) -> std::io::Result<Vec<u8>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    stream.write_all(line.as_bytes()).await?;
+    let mut answer = Vec::new();
+    (&mut stream)
+        .take(MAX_ANSWER as u64)
+        .read_to_end(&mut answer)
+        .await?;
+    Ok(answer)
 }
 
 /// What an answer says went wrong, if anything (rule 1).
