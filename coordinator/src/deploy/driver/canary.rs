@@ -38,11 +38,13 @@ const ANALYSIS_BUDGET: Duration = Duration::from_secs(2);
 /// Baseline hosts whose evidence is kept for a new leader (a uniform
 /// sample of them beyond).
 const KEPT_BASELINE_HOSTS: usize = 500;
-/// The evidence of this many hosts (about 250 bytes each) is kept at
-/// every look; more, at most every [`KEPT_EVERY`] (a store's history holds
-/// every version until compaction).
-const KEPT_EVERY_LOOK_HOSTS: usize = 200;
-const KEPT_EVERY: Duration = Duration::from_secs(5);
+/// How often a bake's evidence is written: the evidence of up to
+/// [`SMALL_EVIDENCE_HOSTS`] hosts (about 250 bytes each) at most every
+/// second, more at most every 5 s (a store's history holds every version
+/// until compaction, and a bake's writes grow with its time, not hosts).
+const SMALL_EVIDENCE_HOSTS: usize = 200;
+const KEPT_EVERY_SMALL: Duration = Duration::from_secs(1);
+const KEPT_EVERY_LARGE: Duration = Duration::from_secs(5);
 
 /// Judges the window on a blocking thread, within [`ANALYSIS_BUDGET`]. An
 /// analysis over its budget is inconclusive (a last look says so; an
@@ -292,8 +294,8 @@ impl Driver {
         }
     }
 
-    /// Keeps the window for a new leader: at every look while it is small,
-    /// else at most every [`KEPT_EVERY`].
+    /// Keeps the window for a new leader, at most every
+    /// [`KEPT_EVERY_SMALL`] or [`KEPT_EVERY_LARGE`] by its size.
     async fn keep_evidence(
         &self,
         s: &Step<'_>,
@@ -303,9 +305,12 @@ impl Driver {
     ) -> Result<(), DeployError> {
         let now = tokio::time::Instant::now();
         let hosts = window.canary.len() + window.baseline.len().min(KEPT_BASELINE_HOSTS);
-        if hosts > KEPT_EVERY_LOOK_HOSTS
-            && kept_at.is_some_and(|at| now.duration_since(at) < KEPT_EVERY)
-        {
+        let every = if hosts > SMALL_EVIDENCE_HOSTS {
+            KEPT_EVERY_LARGE
+        } else {
+            KEPT_EVERY_SMALL
+        };
+        if kept_at.is_some_and(|at| now.duration_since(at) < every) {
             return Ok(());
         }
         let stored = window.stored(KEPT_BASELINE_HOSTS);
