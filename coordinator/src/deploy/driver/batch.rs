@@ -4,7 +4,10 @@
 //!    (the crash-loop baseline), before anything can switch them; a batch
 //!    resumed after a failover keeps the baseline first recorded.
 //! 2. Every host downloads first (nothing goes down for a pull); only hosts
-//!    holding the verified artifact restart, `max_unavailable` at a time.
+//!    holding the verified artifact restart, `max_unavailable` at a time,
+//!    each drained in the stage's router first if it names one
+//!    ([`super::traffic`]); a canary step's fresh baseline restarts on the
+//!    old release at the same moment ([`super::baseline`]).
 //! 3. While the batch settles and is judged, the next batch downloads (for
 //!    the leader's term only).
 //! 4. Failed hosts are excluded and charged to the stage's failure budget;
