@@ -290,3 +290,41 @@ async fn a_router_that_does_not_know_the_host_fails_it_and_its_process_is_not_to
     assert_eq!(f.starts("v2")[1], 0, "web-1 never ran v2");
     assert_eq!(f.starts("v1")[1], 1, "web-1's process was not restarted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_fails_behind_haproxy_is_rolled_back_and_takes_traffic_again() {
+    let f = drover_tests::sample_fleet::SampleFleet::start(2, 0).await;
+    let servers: Vec<(&str, u16, u32)> =
+        f.ports.iter().map(|(h, p)| (h.as_str(), *p, 100)).collect();
+    let lb = HaproxyLb::start(&f.dir, "web", &servers).await;
+    let router = format!(
+        "router = {{ haproxy = \"unix:{}\", backend = \"web\" }}",
+        lb.socket.display()
+    );
+    let spec = rolling(&router).replace("stuck_timeout_ms = 20000", "stuck_timeout_ms = 3000");
+    f.apply(&spec);
+    let v1 = f.push("v1", &[]);
+    let (code, out, err) = f.deploy_through("hello-lb", &v1);
+    assert_eq!(code, 0, "{out}\n{err}");
+    // v2 never gets ready: its first host fails, is rolled back to v1, and
+    // no request meets it meanwhile.
+    let v2 = f.push("v2", &["--unready"]);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let load = tokio::spawn(steady_load(lb.frontend, stop_rx));
+    let (code, out, err) = tokio::task::block_in_place(|| f.deploy_through("hello-lb", &v2));
+    let _ = stop_tx.send(true);
+    let (ok, failed) = load.await.unwrap();
+    assert_eq!(code, 2, "rolled back: {out}\n{err}");
+    assert_eq!(failed, 0, "{ok} answered");
+    assert!(ok > 100, "{ok}");
+    assert_eq!(f.versions().await, ["v1"; 2]);
+    let router = Haproxy::new(RuntimeAddr::Unix(lb.socket.clone()));
+    let states: Vec<ServerState> = router
+        .servers("web")
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.state)
+        .collect();
+    assert_eq!(states, [ServerState::Ready; 2], "both take traffic again");
+}

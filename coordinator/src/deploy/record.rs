@@ -219,13 +219,17 @@ impl DeployRecord {
             .map_or(self.known_good.as_str(), String::as_str)
     }
 
+    /// The stage whose plan holds `host`.
+    pub fn stage_of(&self, host: &str) -> Option<usize> {
+        self.plan
+            .iter()
+            .position(|s| s.iter().flatten().any(|h| h == host))
+    }
+
     /// The release `host` returns to on rollback (that of its stage).
     pub fn rollback_target(&self, host: &str) -> &str {
-        let stage = self
-            .plan
-            .iter()
-            .position(|s| s.iter().flatten().any(|h| h == host));
-        stage.map_or(self.known_good.as_str(), |s| self.stage_rollback_target(s))
+        self.stage_of(host)
+            .map_or(self.known_good.as_str(), |s| self.stage_rollback_target(s))
     }
 
     /// Whether entry `batch` of stage `stage`'s plan is a canary step.

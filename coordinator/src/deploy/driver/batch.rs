@@ -281,17 +281,7 @@ impl Driver {
                 let cmd = batch_command(fence, &rec.id, (stage, batch), host, "restart", restart);
                 let host = host.clone();
                 tasks.spawn(async move {
-                    let router = match router {
-                        Some((Ok(r), t)) => Some((r, t)),
-                        Some((Err(e), _)) => return (host, Err(format!("router: {e}"))),
-                        None => None,
-                    };
-                    if let Some((r, t)) = &router
-                        && let Err(e) = traffic::drain(r.as_ref(), t, &host).await
-                    {
-                        return (host, Err(e));
-                    }
-                    let mut outcome =
+                    let restart = async {
                         match effects.send(&host, cmd, stuck + RESULT_SLACK, stuck).await {
                             Ok(u) if u.status() == CommandStatus::Succeeded => Ok(()),
                             Ok(u) => Err(format!(
@@ -300,10 +290,9 @@ impl Driver {
                                 last_words(&u.output_tail)
                             )),
                             Err(e) => Err(e),
-                        };
-                    if let (Ok(()), Some((r, t))) = (&outcome, &router) {
-                        outcome = traffic::ready(r.as_ref(), t, &host).await;
-                    }
+                        }
+                    };
+                    let outcome = traffic::around(router, &host, restart).await;
                     (host, outcome)
                 });
             }

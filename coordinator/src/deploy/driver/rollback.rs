@@ -4,15 +4,19 @@
 //! switched first, up to [`ROLLBACK_PARALLELISM`] at once. Nothing is
 //! downloaded: the agents still hold the release. Results are written once
 //! at the end, so writes do not grow with hosts; a crash before that write
-//! repeats the rollback, which the agents answer from their records.
+//! repeats the rollback, which the agents answer from their records. A
+//! host whose stage names a router is drained around its rollback and made
+//! ready once it is back ([`super::traffic`]), so a rollback drops no
+//! requests either and a host left drained by its failed restart takes
+//! traffic again once it runs the old release.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use drover_common::proto::{Command, CommandStatus, HostOutcome, RollbackCommand, command};
 
-use super::Driver;
 use super::batch::COMMAND_TIMEOUT;
+use super::{Driver, traffic};
 use crate::deploy::deployments::DeployError;
 use crate::deploy::machine::Event;
 
@@ -48,17 +52,25 @@ impl Driver {
                     ready_timeout_ms: 60_000,
                 })),
             };
+            let router = rec
+                .stage_of(host)
+                .and_then(|s| rec.snapshot.stages.get(s))
+                .and_then(|s| s.router.clone())
+                .map(|t| (effects.router(&t), t));
             let host = host.clone();
             tasks.spawn(async move {
                 let _permit = permit;
-                let outcome = match effects
-                    .send(&host, cmd, COMMAND_TIMEOUT, ROLLBACK_PATIENCE)
-                    .await
-                {
-                    Ok(u) if u.status() == CommandStatus::Succeeded => Ok(()),
-                    Ok(u) => Err(u.reason),
-                    Err(e) => Err(e),
+                let rollback = async {
+                    match effects
+                        .send(&host, cmd, COMMAND_TIMEOUT, ROLLBACK_PATIENCE)
+                        .await
+                    {
+                        Ok(u) if u.status() == CommandStatus::Succeeded => Ok(()),
+                        Ok(u) => Err(u.reason),
+                        Err(e) => Err(e),
+                    }
                 };
+                let outcome = traffic::around(router, &host, rollback).await;
                 (host, outcome)
             });
         }

@@ -13,6 +13,8 @@
 //! touched, its traffic stays where it was); one after it fails the host
 //! too, saying the server is still drained.
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use drover_common::proto::RouterTarget;
@@ -25,12 +27,32 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often requests in flight are asked for while draining.
 const DRAIN_POLL: Duration = Duration::from_millis(100);
 
+/// The router a stage names, as the driver got it (or why not).
+pub(super) type StageRouter = Option<(Result<Arc<dyn Router>, String>, RouterTarget)>;
+
+/// Runs `restart` of `host` within the rules when the stage names a
+/// router (rules 1, 2, then 3 = `restart`, then 4), else on its own.
+pub(super) async fn around<F>(router: StageRouter, host: &str, restart: F) -> Result<(), String>
+where
+    F: Future<Output = Result<(), String>>,
+{
+    let router = match router {
+        Some((Ok(r), t)) => Some((r, t)),
+        Some((Err(e), _)) => return Err(format!("router: {e}")),
+        None => None,
+    };
+    if let Some((r, t)) = &router {
+        drain(r.as_ref(), t, host).await?;
+    }
+    restart.await?;
+    match &router {
+        Some((r, t)) => ready(r.as_ref(), t, host).await,
+        None => Ok(()),
+    }
+}
+
 /// Rules 1 and 2 for `server`.
-pub(super) async fn drain(
-    router: &dyn Router,
-    target: &RouterTarget,
-    server: &str,
-) -> Result<(), String> {
+async fn drain(router: &dyn Router, target: &RouterTarget, server: &str) -> Result<(), String> {
     let backend = &target.backend;
     router
         .set_state(backend, server, ServerState::Drain)
@@ -65,11 +87,7 @@ pub(super) async fn drain(
 }
 
 /// Rule 4 for `server`.
-pub(super) async fn ready(
-    router: &dyn Router,
-    target: &RouterTarget,
-    server: &str,
-) -> Result<(), String> {
+async fn ready(router: &dyn Router, target: &RouterTarget, server: &str) -> Result<(), String> {
     router
         .set_state(&target.backend, server, ServerState::Ready)
         .await
