@@ -195,6 +195,13 @@ async fn steady_load(lb: SocketAddr, stop: tokio::sync::watch::Receiver<bool>) -
     (ok, failed)
 }
 
+/// The state of every server of backend "web", in order.
+async fn states(lb: &HaproxyLb) -> Vec<ServerState> {
+    let router = Haproxy::new(RuntimeAddr::Unix(lb.socket.clone()));
+    let servers = router.servers("web").await.unwrap();
+    servers.iter().map(|s| s.state).collect()
+}
+
 /// A rolling stage over the three hosts, one at a time, through `router`
 /// (TOML, or empty).
 fn rolling(router: &str) -> String {
@@ -252,15 +259,7 @@ async fn a_rolling_deploy_through_haproxy_drains_each_host_and_drops_no_requests
     assert!(ok > 100, "the load ran throughout: {ok}");
     assert_eq!(f.versions().await, ["v3"; 3]);
     // Every server takes traffic again.
-    let router = Haproxy::new(RuntimeAddr::Unix(lb.socket.clone()));
-    let states: Vec<ServerState> = router
-        .servers("web")
-        .await
-        .unwrap()
-        .iter()
-        .map(|s| s.state)
-        .collect();
-    assert_eq!(states, [ServerState::Ready; 3]);
+    assert_eq!(states(&lb).await, [ServerState::Ready; 3]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -318,13 +317,9 @@ async fn a_host_that_fails_behind_haproxy_is_rolled_back_and_takes_traffic_again
     assert_eq!(failed, 0, "{ok} answered");
     assert!(ok > 100, "{ok}");
     assert_eq!(f.versions().await, ["v1"; 2]);
-    let router = Haproxy::new(RuntimeAddr::Unix(lb.socket.clone()));
-    let states: Vec<ServerState> = router
-        .servers("web")
-        .await
-        .unwrap()
-        .iter()
-        .map(|s| s.state)
-        .collect();
-    assert_eq!(states, [ServerState::Ready; 2], "both take traffic again");
+    assert_eq!(
+        states(&lb).await,
+        [ServerState::Ready; 2],
+        "both take traffic again"
+    );
 }
