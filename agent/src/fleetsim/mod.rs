@@ -243,27 +243,7 @@ fn simulated_sample(
                     r.since.unwrap_or(started),
                     std::time::Duration::from_millis(interval_ms.into()),
                 );
-                drover_common::proto::ServiceHealth {
-                    service: service.clone(),
-                    ready: true,
-                    live: true,
-                    restarts: 0,
-                    request_count: i.requests,
-                    error_count: i.errors,
-                    latency_p50_ms: i.p50_ms,
-                    latency_p99_ms: i.p99_ms,
-                    interval_ms,
-                    metrics: Default::default(),
-                    latency_buckets: i
-                        .latency_buckets
-                        .iter()
-                        .map(|&(le_ms, n)| drover_common::proto::LatencyBucket {
-                            le_ms,
-                            count: n as u64,
-                        })
-                        .collect(),
-                    scrape: i.scrape,
-                }
+                i.health(service, interval_ms)
             })
             .collect(),
         versions: running

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use drover_common::proto::{LatencyBucket, ServiceHealth};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use statrs::distribution::{ContinuousCDF, DiscreteCDF, LogNormal, Normal, Poisson};
@@ -71,6 +72,34 @@ pub struct Interval {
     pub latency_buckets: Vec<(f64, f64)>,
     /// This host's interval count (1, 2, …): the "scrape" it is.
     pub scrape: u64,
+}
+
+impl Interval {
+    /// The interval as a heartbeat reports it for `service` (ready and
+    /// live: the simulator's services do not crash).
+    pub fn health(self, service: &str, interval_ms: u32) -> ServiceHealth {
+        ServiceHealth {
+            service: service.to_string(),
+            ready: true,
+            live: true,
+            restarts: 0,
+            request_count: self.requests,
+            error_count: self.errors,
+            latency_p50_ms: self.p50_ms,
+            latency_p99_ms: self.p99_ms,
+            interval_ms,
+            metrics: Default::default(),
+            latency_buckets: self
+                .latency_buckets
+                .iter()
+                .map(|&(le_ms, n)| LatencyBucket {
+                    le_ms,
+                    count: n as u64,
+                })
+                .collect(),
+            scrape: self.scrape,
+        }
+    }
 }
 
 /// A host's own random source and offsets.

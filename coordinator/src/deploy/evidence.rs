@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use drover_common::histogram;
-use drover_common::proto::{BakeEvidence, HostTotals};
+use drover_common::proto::{BakeEvidence, HostTotals, ServiceHealth};
 
 /// One host's figures for one heartbeat interval.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -34,6 +34,25 @@ pub struct Interval {
     pub metrics: HashMap<String, f64>,
     /// The scrape the figures came from (0: not said).
     pub scrape: u64,
+}
+
+impl From<ServiceHealth> for Interval {
+    /// What a heartbeat says of one interval, as the analysis takes it.
+    fn from(health: ServiceHealth) -> Interval {
+        Interval {
+            requests: health.request_count,
+            errors: health.error_count,
+            p50_ms: health.latency_p50_ms,
+            p99_ms: health.latency_p99_ms,
+            latency_buckets: health
+                .latency_buckets
+                .iter()
+                .map(|b| (b.le_ms, b.count as f64))
+                .collect(),
+            metrics: health.metrics,
+            scrape: health.scrape,
+        }
+    }
 }
 
 /// One host's evidence over the window so far.

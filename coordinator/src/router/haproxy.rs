@@ -153,6 +153,12 @@ fn check_name(kind: &str, name: &str) -> Result<(), RouterError> {
     }
 }
 
+/// Rule 2 for a backend and one of its servers.
+fn check_server(backend: &str, server: &str) -> Result<(), RouterError> {
+    check_name("backend", backend)?;
+    check_name("server", server)
+}
+
 /// The servers in a `show servers state` answer (rule 3).
 fn parse_servers_state(answer: &str) -> Result<Vec<ServerView>, String> {
     let mut lines = answer.lines().filter(|l| !l.trim().is_empty());
@@ -246,8 +252,7 @@ impl Router for Haproxy {
         server: &str,
         state: ServerState,
     ) -> Result<(), RouterError> {
-        check_name("backend", backend)?;
-        check_name("server", server)?;
+        check_server(backend, server)?;
         let word = match state {
             ServerState::Ready => "ready",
             ServerState::Drain => "drain",
@@ -263,8 +268,7 @@ impl Router for Haproxy {
         server: &str,
         weight: u32,
     ) -> Result<(), RouterError> {
-        check_name("backend", backend)?;
-        check_name("server", server)?;
+        check_server(backend, server)?;
         if weight > 256 {
             return Err(RouterError::BadWeight(weight));
         }
@@ -288,8 +292,7 @@ impl Router for Haproxy {
     }
 
     async fn in_flight(&self, backend: &str, server: &str) -> Result<u64, RouterError> {
-        check_name("backend", backend)?;
-        check_name("server", server)?;
+        check_server(backend, server)?;
         // Servers only (type 4), every proxy: filtered here by name.
         let command = "show stat -1 4 -1".to_string();
         let answer = self.exchange(&command).await?;

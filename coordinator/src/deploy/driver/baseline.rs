@@ -20,12 +20,9 @@ use drover_common::proto::{CommandStatus, RestartCommand, command};
 use tracing::{info, warn};
 
 use super::Driver;
-use super::batch::batch_command;
+use super::batch::{RESULT_SLACK, batch_command};
 use crate::deploy::deployments::DeployError;
 use crate::deploy::record::{DeployRecord, FreshBaseline};
-
-/// The wait on a fresh-baseline restart beyond the stage's stuck timeout.
-const RESULT_SLACK: Duration = Duration::from_secs(5);
 
 impl Driver {
     /// Rule 1: the fresh baseline of canary step `step`, recorded; the
@@ -37,24 +34,18 @@ impl Driver {
         step: usize,
     ) -> Result<(DeployRecord, Vec<String>), DeployError> {
         let (rec, _) = self.ledger.load(id).await?;
-        let before = rec
-            .fresh_baselines
-            .get(&stage)
-            .map(|f| f.hosts.clone())
-            .unwrap_or_default();
+        let before = rec.fresh_baselines.get(&stage).cloned().unwrap_or_default();
         let hosts = rec.fresh_baseline_for(stage, step);
-        if hosts == before {
+        if hosts == before.hosts {
             // Chosen already (a resumed step): restart what is not yet.
-            let added = rec.fresh_baselines.get(&stage).map_or(Vec::new(), |f| {
-                f.hosts
-                    .iter()
-                    .filter(|h| !f.restarted_at_heartbeat.contains_key(*h))
-                    .cloned()
-                    .collect()
-            });
+            let added = before
+                .hosts
+                .into_iter()
+                .filter(|h| !before.restarted_at_heartbeat.contains_key(h))
+                .collect();
             return Ok((rec, added));
         }
-        let added: Vec<String> = hosts[before.len()..].to_vec();
+        let added: Vec<String> = hosts[before.hosts.len()..].to_vec();
         info!(deploy = %id, stage, step, ?added, "fresh baseline: hosts restarted on the old release with the canary");
         let rec = self
             .ledger
@@ -107,10 +98,7 @@ impl Driver {
         while let Some(done) = tasks.join_next().await {
             let (host, ok) = done.expect("host task does not panic");
             if ok {
-                let seq = self
-                    .effects
-                    .host(&host, &rec.service)
-                    .map_or(0, |v| v.heartbeat_sequence);
+                let seq = self.heartbeat_now(&host, &rec.service);
                 restarted.insert(host, seq);
             } else {
                 failed.push(host);

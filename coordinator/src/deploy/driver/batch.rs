@@ -37,7 +37,7 @@ use crate::ha::election::Leadership;
 pub(super) const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
 /// A restart is the agent's to finish within the stage's stuck_timeout
 /// (its own deadline, hooks included); this is the network's share on top.
-const RESULT_SLACK: Duration = Duration::from_secs(5);
+pub(super) const RESULT_SLACK: Duration = Duration::from_secs(5);
 /// The end of a failed command's output kept in the host's reason.
 const LAST_WORDS_CHARS: usize = 400;
 
@@ -151,10 +151,7 @@ impl Driver {
         // Rule 4.
         let heartbeat_now: HashMap<String, u64> = outcomes
             .iter()
-            .map(|(h, _)| {
-                let seq = self.effects.host(h, &rec.service);
-                (h.clone(), seq.map_or(0, |v| v.heartbeat_sequence))
-            })
+            .map(|(h, _)| (h.clone(), self.heartbeat_now(h, &rec.service)))
             .collect();
         let rec = self
             .ledger
@@ -356,6 +353,14 @@ impl Driver {
                 },
             )
             .await
+    }
+
+    /// The last heartbeat sequence seen from `host` (0: none yet): what a
+    /// restart's evidence must come after.
+    pub(super) fn heartbeat_now(&self, host: &str, service: &str) -> u64 {
+        self.effects
+            .host(host, service)
+            .map_or(0, |v| v.heartbeat_sequence)
     }
 
     /// The service's restart count on `host` as last reported.

@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use drover_common::proto::{
     Analysis, AnalysisVerdict, BaselineKind, CanaryAnalysis, InconclusiveAction, MetricVerdict,
-    ServiceHealth,
 };
 use tracing::{info, warn};
 
@@ -69,23 +68,6 @@ async fn judge_off_runtime(
                 metrics: Vec::new(),
             }
         }
-    }
-}
-
-/// What a heartbeat says of one interval, as the analysis takes it.
-fn interval_of(health: ServiceHealth) -> Interval {
-    Interval {
-        requests: health.request_count,
-        errors: health.error_count,
-        p50_ms: health.latency_p50_ms,
-        p99_ms: health.latency_p99_ms,
-        latency_buckets: health
-            .latency_buckets
-            .iter()
-            .map(|b| (b.le_ms, b.count as f64))
-            .collect(),
-        metrics: health.metrics,
-        scrape: health.scrape,
     }
 }
 
@@ -381,7 +363,7 @@ impl Driver {
                 } else {
                     Side::Baseline
                 };
-                window.add(side, host, &interval_of(health));
+                window.add(side, host, &Interval::from(health));
             }
         }
     }
