@@ -88,6 +88,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
                 data_dir: cfg.data_dir.clone(),
             },
             env: cfg.env.clone(),
+            slot_ports: cfg.slot_ports.clone(),
             users: cfg.users.clone(),
             keep_releases: cfg.keep_releases,
             limits: cfg.limits.clone(),

@@ -43,6 +43,11 @@ pub struct Args {
     /// Environment for every service this agent runs, KEY=VALUE (PORT=8081). Repeatable.
     #[arg(long = "env", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
+    /// The ports of a service's two blue-green slots, SERVICE=BLUE,GREEN
+    /// (web=8081,8082): each slot's process gets its port as ${PORT}.
+    /// Repeatable, once per service.
+    #[arg(long = "slot-ports", value_parser = crate::unit::parse_slot_ports)]
+    pub slot_ports: Vec<(String, (u16, u16))>,
     /// The unprivileged user services run as when their manifest names none
     /// (`[start] user`). Used only when the agent runs as root.
     #[arg(long, default_value = "nobody")]
@@ -124,6 +129,8 @@ pub struct AgentConfig {
     pub backoff: Backoff,
     pub queue_capacity: usize,
     pub env: std::collections::BTreeMap<String, String>,
+    /// Blue-green slot ports per service (`--slot-ports`).
+    pub slot_ports: crate::unit::SlotPorts,
     pub users: crate::runtime::UserPolicy,
     pub disk_check_interval: Duration,
     pub runtime: RuntimeKind,
@@ -167,7 +174,14 @@ impl AgentConfig {
             args.queue_capacity > 0,
             "--queue-capacity must be at least 1"
         );
+        let mut slot_ports = std::collections::BTreeMap::new();
+        for (service, ports) in args.slot_ports {
+            if slot_ports.insert(service.clone(), ports).is_some() {
+                anyhow::bail!("--slot-ports names {service} twice");
+            }
+        }
         Ok(AgentConfig {
+            slot_ports: crate::unit::SlotPorts(slot_ports),
             coordinators: args.coordinators,
             host_id,
             labels,

@@ -92,7 +92,8 @@ struct Watched {
     has_liveness: bool,
 }
 
-/// The latest health of every service, read by the heartbeat.
+/// The latest health of every service, read by the heartbeat. Keyed by
+/// [`crate::unit::Unit::key`]: a blue-green slot has its own entry.
 pub struct HealthBoard {
     services: Mutex<HashMap<String, Watched>>,
     /// Per service, the restarts of its earlier starts: a runtime counts
@@ -155,7 +156,8 @@ impl HealthBoard {
                 metrics,
                 self.scrape_interval,
                 Extra {
-                    service: service.to_string(),
+                    // Coordinators ask for metrics per service, whatever the slot.
+                    service: crate::unit::Unit::from_key(service).service,
                     reported: self.reported.clone(),
                 },
                 figures.clone(),
@@ -236,8 +238,10 @@ impl HealthBoard {
                 let f = w.figures.lock().expect("figures lock").clone();
                 let status = self.runtime.status(name);
                 // Without a probe, running is the best evidence there is.
+                let unit = crate::unit::Unit::from_key(name);
                 ServiceHealth {
-                    service: name.clone(),
+                    service: unit.service,
+                    slot: unit.slot as i32,
                     ready: status.running && (f.ready || !w.has_readiness),
                     live: status.running && (f.live || !w.has_liveness),
                     restarts: self.restarts(name, status.restarts),
@@ -259,7 +263,7 @@ impl HealthBoard {
                 }
             })
             .collect();
-        out.sort_by(|a, b| a.service.cmp(&b.service));
+        out.sort_by(|a, b| (&a.service, a.slot).cmp(&(&b.service, b.slot)));
         out
     }
 }

@@ -11,6 +11,7 @@
 //! - [`pull`]: resumable, verified downloads and unpacking into releases.
 //! - [`releases`]: the on-disk layout of releases and the `current` switch.
 //! - [`state`]: the local state journal (atomic writes).
+//! - [`unit`]: a service's process or one of its blue-green slots, and the slots' ports.
 //! - [`runtime`]: running services: supervised processes or systemd units.
 //! - [`health`]: probes and Prometheus scrapes of running services.
 //! - [`host_metrics`]: CPU, memory and disk figures of the host.
@@ -33,3 +34,4 @@ pub mod pull;
 pub mod releases;
 pub mod runtime;
 pub mod state;
+pub mod unit;

@@ -7,6 +7,7 @@
 //! <data>/services/<service>/releases/<sha256>.tree   what each holds (checked before it starts)
 //! <data>/services/<service>/current -> releases/<sha256>   switched atomically
 //! <data>/services/<service>/logs/   the service's output (process runtime)
+//! <data>/services/<service>/slots/<blue|green>/{current,logs}   a blue-green slot's
 //! ```
 //!
 //! Permissions: services run as unprivileged users and must reach their
@@ -18,6 +19,8 @@
 use std::path::{Path, PathBuf};
 
 use drover_common::artifact::Digest;
+
+use crate::unit::{Unit, slot_name};
 
 /// Creates `dir` (and its parents) and makes it the agent's alone (0700).
 pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
@@ -71,23 +74,38 @@ impl Layout {
             .join(format!("{}.tree", digest.hex()))
     }
 
-    pub fn current_link(&self, service: &str) -> PathBuf {
-        self.service_dir(service).join("current")
+    /// Where a unit keeps its `current` link and its logs: the service's
+    /// directory, or `slots/<slot>` in it.
+    pub fn unit_dir(&self, unit: &Unit) -> PathBuf {
+        match slot_name(unit.slot) {
+            None => self.service_dir(&unit.service),
+            Some(slot) => self.service_dir(&unit.service).join("slots").join(slot),
+        }
     }
 
-    pub fn log_dir(&self, service: &str) -> PathBuf {
-        self.service_dir(service).join("logs")
+    pub fn current_link(&self, unit: &Unit) -> PathBuf {
+        self.unit_dir(unit).join("current")
     }
 
-    /// Points `current` at the release atomically: a new symlink under a
-    /// temp name, renamed over the old one.
-    pub fn switch_current(&self, service: &str, digest: &Digest) -> std::io::Result<()> {
-        let link = self.current_link(service);
-        let tmp = self.service_dir(service).join(".current.tmp");
+    pub fn log_dir(&self, unit: &Unit) -> PathBuf {
+        self.unit_dir(unit).join("logs")
+    }
+
+    /// Points the unit's `current` at the release atomically: a new
+    /// symlink under a temp name, renamed over the old one.
+    pub fn switch_current(&self, unit: &Unit, digest: &Digest) -> std::io::Result<()> {
+        let dir = self.unit_dir(unit);
+        std::fs::create_dir_all(&dir)?;
+        let link = self.current_link(unit);
+        let tmp = dir.join(".current.tmp");
         let _ = std::fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(Path::new("releases").join(digest.hex()), &tmp)?;
+        let releases = match unit.slot {
+            drover_common::proto::Slot::None => PathBuf::from("releases"),
+            _ => Path::new("../..").join("releases"),
+        };
+        std::os::unix::fs::symlink(releases.join(digest.hex()), &tmp)?;
         std::fs::rename(&tmp, &link)?;
-        std::fs::File::open(self.service_dir(service))?.sync_all()
+        std::fs::File::open(dir)?.sync_all()
     }
 
     /// Removes releases (and their cached archives) beyond the newest
@@ -154,10 +172,24 @@ mod tests {
         for d in [&d1, &d2] {
             std::fs::create_dir_all(layout.release("web", d)).unwrap();
         }
-        layout.switch_current("web", &d1).unwrap();
-        layout.switch_current("web", &d2).unwrap();
-        let target = std::fs::read_link(layout.current_link("web")).unwrap();
+        let web = Unit::plain("web");
+        layout.switch_current(&web, &d1).unwrap();
+        layout.switch_current(&web, &d2).unwrap();
+        let target = std::fs::read_link(layout.current_link(&web)).unwrap();
         assert_eq!(target, Path::new("releases").join(d2.hex()));
-        assert!(layout.current_link("web").join(".").exists());
+        assert!(layout.current_link(&web).join(".").exists());
+        // A slot's link lives in its own directory and reaches the same releases.
+        let green = Unit::new("web", drover_common::proto::Slot::Green);
+        layout.switch_current(&green, &d1).unwrap();
+        assert!(layout.current_link(&green).join(".").exists());
+        assert_eq!(
+            std::fs::canonicalize(layout.current_link(&green)).unwrap(),
+            std::fs::canonicalize(layout.release("web", &d1)).unwrap()
+        );
+        assert_eq!(
+            std::fs::read_link(layout.current_link(&web)).unwrap(),
+            Path::new("releases").join(d2.hex()),
+            "the plain process's link is untouched"
+        );
     }
 }

@@ -25,6 +25,7 @@ fn executor(data: &std::path::Path) -> Arc<Executor> {
                 data_dir: data.to_path_buf(),
             },
             env: Default::default(),
+            slot_ports: Default::default(),
             users: Default::default(),
             keep_releases: 3,
             limits: PullLimits {

@@ -1,8 +1,8 @@
 //! Building commands and sending them through a coordinator's SendCommand.
 
 use drover_common::proto::{
-    Command, CommandUpdate, PullCommand, RestartCommand, RollbackCommand, SendCommandRequest,
-    VerifyCommand, command,
+    Command, CommandUpdate, PullCommand, RestartCommand, RollbackCommand, SendCommandRequest, Slot,
+    StopCommand, VerifyCommand, command,
 };
 
 use crate::Coordinator;
@@ -44,6 +44,26 @@ pub fn restart(service: &str, digest: &str) -> command::Action {
         artifact: digest.into(),
         ready_timeout_ms: 20_000,
         anew: false,
+        slot: 0,
+    })
+}
+
+/// Restart into a blue-green slot.
+pub fn restart_slot(service: &str, digest: &str, slot: Slot) -> command::Action {
+    command::Action::Restart(RestartCommand {
+        service: service.into(),
+        artifact: digest.into(),
+        ready_timeout_ms: 20_000,
+        anew: false,
+        slot: slot as i32,
+    })
+}
+
+/// Stop a blue-green slot.
+pub fn stop(service: &str, slot: Slot) -> command::Action {
+    command::Action::Stop(StopCommand {
+        service: service.into(),
+        slot: slot as i32,
     })
 }
 

@@ -16,7 +16,12 @@
 //!    in parallel.
 //! 4. Restart to the release already active and ready is a no-op success,
 //!    unless it asks to start it anew (a canary's fresh baseline);
-//!    Rollback never downloads.
+//!    Rollback never downloads; Stop of a stopped slot succeeds.
+//! 6. Blue-green slots (`crate::unit`): a Restart with a slot starts the
+//!    release in that slot, on the slot's port, and leaves the other slot
+//!    running; a slot whose port another process holds is refused before
+//!    anything starts. Both slots share the service's releases, which are
+//!    pruned by the service's record and never while any slot runs one.
 //! 5. With trusted signers (`--trust-signer`), a Pull accepts an artifact
 //!    only with a valid signature from one of them (checked before any
 //!    byte is fetched) and keeps it beside the cached archive; Restart and
@@ -46,7 +51,8 @@ use crate::health::{HealthBoard, probe_once};
 use crate::pull::{self, PullLimits};
 use crate::releases::{Layout, validate_service};
 use crate::runtime::{Runtime, UserPolicy};
-use crate::state::{Journal, RecordedResult, ServiceRecord};
+use crate::state::{Journal, LocalState, RecordedResult, ServiceRecord};
+use crate::unit::{Unit, port_in_use, slot_name};
 
 /// Lines of service output attached to a failure.
 const TAIL_LINES: usize = 20;
@@ -59,6 +65,8 @@ pub struct ExecutorConfig {
     pub layout: Layout,
     /// Host-level environment passed to every service (`--env`).
     pub env: BTreeMap<String, String>,
+    /// Rule 6: the ports of each service's blue-green slots.
+    pub slot_ports: crate::unit::SlotPorts,
     /// Whom services run as (`--service-user`, `--allow-root-services`).
     pub users: UserPolicy,
     pub keep_releases: usize,
@@ -142,11 +150,15 @@ impl Executor {
             .services
             .iter()
             .filter(|(_, r)| r.current.is_some())
-            .map(|(name, r)| ServiceVersion {
-                service: name.clone(),
-                current_artifact: r.current.clone().unwrap_or_default(),
-                previous_artifact: r.previous.clone().unwrap_or_default(),
-                current_since_unix_ms: r.current_since_unix_ms,
+            .map(|(key, r)| {
+                let unit = Unit::from_key(key);
+                ServiceVersion {
+                    service: unit.service,
+                    current_artifact: r.current.clone().unwrap_or_default(),
+                    previous_artifact: r.previous.clone().unwrap_or_default(),
+                    current_since_unix_ms: r.current_since_unix_ms,
+                    slot: unit.slot as i32,
+                }
             })
             .collect()
     }
@@ -176,13 +188,15 @@ impl Executor {
         }
     }
 
-    fn record(&self, service: &str) -> ServiceRecord {
+    /// The journal's record of `unit` (its key; the plain service's record
+    /// also keeps the service's releases).
+    fn record(&self, unit: &Unit) -> ServiceRecord {
         self.journal
             .lock()
             .expect("journal lock")
             .state
             .services
-            .get(service)
+            .get(&unit.key())
             .cloned()
             .unwrap_or_default()
     }
@@ -389,6 +403,7 @@ impl Executor {
             Some(command::Action::Verify(v)) => (v.service.clone(), None),
             Some(command::Action::Restart(r)) => (r.service.clone(), None),
             Some(command::Action::Rollback(r)) => (r.service.clone(), None),
+            Some(command::Action::Stop(s)) => (s.service.clone(), None),
             None => (
                 String::new(),
                 Some(Outcome::failed("the command carries no action")),
@@ -425,11 +440,12 @@ impl Executor {
             },
             command::Action::Restart(r) => match parse_digest(&r.artifact) {
                 Ok(d) => {
-                    self.activate(&r.service, &d, r.ready_timeout_ms, r.anew)
-                        .await
+                    let unit = Unit::new(&r.service, r.slot());
+                    self.activate(&unit, &d, r.ready_timeout_ms, r.anew).await
                 }
                 Err(e) => Outcome::failed(e),
             },
+            command::Action::Stop(s) => self.stop(&Unit::new(&s.service, s.slot())).await,
             command::Action::Rollback(r) => {
                 self.rollback(&r.service, &r.artifact, r.ready_timeout_ms)
                     .await
@@ -478,10 +494,7 @@ impl Executor {
                     }
                     // Pruned after every pull too: a host that pulls ahead
                     // (prefetch) never holds more than `keep` releases.
-                    let pulled = Some(digest.hex());
-                    let protect = [rec.current.clone(), rec.previous.clone(), pulled];
-                    let protect: Vec<Option<&str>> = protect.iter().map(|p| p.as_deref()).collect();
-                    removed = layout.prune(service, &mut rec.releases, keep, &protect);
+                    removed = prune_service(s, layout, service, keep, Some(digest.hex()));
                 }) {
                     return Outcome::failed(e);
                 }
@@ -511,7 +524,8 @@ impl Executor {
     }
 
     async fn rollback(&self, service: &str, artifact: &str, ready_timeout_ms: u32) -> Outcome {
-        let rec = self.record(service);
+        let unit = Unit::plain(service);
+        let rec = self.record(&unit);
         let target = if artifact.is_empty() {
             match rec.previous {
                 Some(p) => p,
@@ -533,8 +547,38 @@ impl Executor {
                 "release {digest} of {service} is not on this host; rollback never downloads"
             ));
         }
-        self.activate(service, &digest, ready_timeout_ms, false)
-            .await
+        self.activate(&unit, &digest, ready_timeout_ms, false).await
+    }
+
+    /// Stops a blue-green slot (rule 4: a stopped slot is a success). Its
+    /// release stays on disk, kept as the slot's previous.
+    async fn stop(&self, unit: &Unit) -> Outcome {
+        if unit.slot == drover_common::proto::Slot::None {
+            return Outcome::failed(
+                "Stop addresses a blue-green slot (blue or green); a rolling service is restarted, not stopped",
+            );
+        }
+        let key = unit.key();
+        let rec = self.record(unit);
+        if rec.current.is_none() && !self.runtime.status(&key).running {
+            return Outcome::ok(format!("{unit} is not running"));
+        }
+        self.board.unwatch(&key);
+        if let Err(e) = self.runtime.stop(&key).await {
+            return Outcome::failed(format!("stopping {unit}: {e}"));
+        }
+        // Recorded after the stop: a crash in between starts it again at
+        // agent start, and the coordinator's repeated Stop stops it.
+        if let Err(e) = self.save(|s| {
+            let rec = s.services.entry(key.clone()).or_default();
+            if let Some(current) = rec.current.take() {
+                rec.previous = Some(current);
+            }
+            rec.pgid = None;
+        }) {
+            return Outcome::failed(e);
+        }
+        Outcome::ok(format!("{unit} stopped"))
     }
 
     /// Checks the archive and the unpacked release of `digest`; a damaged
@@ -559,17 +603,18 @@ impl Executor {
         }
     }
 
-    /// Makes `digest` the running release of `service` (Restart and Rollback).
-    /// Switches `service` to `digest` and waits until it is ready; `anew`:
-    /// even when it already runs (rule 4).
+    /// Makes `digest` the running release of `unit` (Restart and Rollback):
+    /// switches it and waits until it is ready; `anew`: even when it
+    /// already runs (rule 4).
     async fn activate(
         &self,
-        service: &str,
+        unit: &Unit,
         digest: &Digest,
         ready_timeout_ms: u32,
         anew: bool,
     ) -> Outcome {
         let layout = &self.cfg.layout;
+        let (service, key) = (unit.service.as_str(), unit.key());
         // Never run unverified bits.
         if let Err(e) = self.ensure_release(service, digest).await {
             return Outcome::failed(format!("not activated: {e}"));
@@ -583,16 +628,16 @@ impl Executor {
             Ok(m) => m,
             Err(e) => return Outcome::failed(e),
         };
-        let (spec, watch) = match self.spec(service, digest, &manifest) {
+        let (spec, watch) = match self.spec(unit, digest, &manifest) {
             Ok(s) => s,
             Err(e) => return Outcome::failed(format!("cannot start: {e}")),
         };
-        let rec = self.record(service);
+        let rec = self.record(unit);
         let has_probe = watch.readiness.is_some();
         // Rule 4.
         if !anew
             && rec.current.as_deref() == Some(digest.hex().as_str())
-            && self.runtime.status(service).running
+            && self.runtime.status(&key).running
         {
             let ready = match &watch.readiness {
                 Some(p) => probe_once(p, &watch.launch).await.is_ok(),
@@ -601,6 +646,17 @@ impl Executor {
             if ready {
                 return Outcome::ok(format!("{digest} is already active and ready"));
             }
+        }
+        // Rule 6: a slot's port held by another process would make the
+        // start fail in a way only its log explains; refuse it first.
+        if let Ok(Some(port)) = self.cfg.slot_ports.port(unit)
+            && !self.runtime.status(&key).running
+            && port_in_use(port)
+        {
+            return Outcome::failed(format!(
+                "port {port} of {service}'s {} slot is in use by another process; nothing was started",
+                slot_name(unit.slot).unwrap_or_default()
+            ));
         }
         // One deadline for the whole restart, hooks included: the deploy
         // waits no longer than this for the host's answer.
@@ -622,41 +678,43 @@ impl Executor {
         // the truth and recovery re-points `current` to it.
         let hex = digest.hex();
         if let Err(e) = self.save(|s| {
-            let rec = s.services.entry(service.to_string()).or_default();
+            let rec = s.services.entry(key.clone()).or_default();
             if rec.current.as_deref() != Some(hex.as_str()) {
                 rec.previous = rec.current.take();
                 rec.current = Some(hex.clone());
                 rec.current_since_unix_ms = drover_common::time::now_unix_ms();
             }
-            rec.releases.retain(|r| r != &hex);
-            rec.releases.push(hex.clone());
+            // Releases are the service's, whichever unit runs them.
+            let releases = &mut s.services.entry(service.to_string()).or_default().releases;
+            releases.retain(|r| r != &hex);
+            releases.push(hex.clone());
         }) {
             return Outcome::failed(e);
         }
-        if let Err(e) = layout.switch_current(service, digest) {
+        if let Err(e) = layout.switch_current(unit, digest) {
             return Outcome::failed(format!("switching current: {e}"));
         }
         let restarts_before;
         {
-            self.board.unwatch(service);
-            self.board.before_start(service);
+            self.board.unwatch(&key);
+            self.board.before_start(&key);
             if let Err(e) = self.runtime.start(spec.clone()).await {
                 return Outcome::failed(e.to_string())
-                    .with_tail(self.runtime.output_tail(service, TAIL_LINES));
+                    .with_tail(self.runtime.output_tail(&key, TAIL_LINES));
             }
-            restarts_before = self.runtime.status(service).restarts;
-            self.board.watch(service, watch.clone());
+            restarts_before = self.runtime.status(&key).restarts;
+            self.board.watch(&key, watch.clone());
         }
         let started = Instant::now();
         let mut last_error = String::from("no probe ran yet");
         loop {
-            let status = self.runtime.status(service);
+            let status = self.runtime.status(&key);
             if status.restarts > restarts_before {
                 return Outcome::failed(format!(
-                    "{service} exited while starting ({} restarts)",
+                    "{unit} exited while starting ({} restarts)",
                     status.restarts
                 ))
-                .with_tail(self.runtime.output_tail(service, TAIL_LINES));
+                .with_tail(self.runtime.output_tail(&key, TAIL_LINES));
             }
             if status.running {
                 let ready = match &watch.readiness {
@@ -672,15 +730,15 @@ impl Executor {
                 if ready {
                     // The restart's own check is the readiness heartbeats
                     // report from now (not "unready" until the next probe).
-                    self.board.mark_ready(service);
+                    self.board.mark_ready(&key);
                     break;
                 }
             }
             if Instant::now() >= deadline.at {
                 return Outcome::failed(format!(
-                    "{service} not ready within {timeout:?} of the restart: {last_error}"
+                    "{unit} not ready within {timeout:?} of the restart: {last_error}"
                 ))
-                .with_tail(self.runtime.output_tail(service, TAIL_LINES));
+                .with_tail(self.runtime.output_tail(&key, TAIL_LINES));
             }
             let pause = watch
                 .readiness
@@ -700,15 +758,12 @@ impl Executor {
                 return o;
             }
         }
-        let pgid = self.runtime.status(service).pgid;
+        let pgid = self.runtime.status(&key).pgid;
         let keep = self.cfg.keep_releases;
         let mut removed = Vec::new();
         if let Err(e) = self.save(|s| {
-            let rec = s.services.entry(service.to_string()).or_default();
-            rec.pgid = pgid;
-            let protect = [rec.current.clone(), rec.previous.clone()];
-            let protect: Vec<Option<&str>> = protect.iter().map(|p| p.as_deref()).collect();
-            removed = layout.prune(service, &mut rec.releases, keep, &protect);
+            s.services.entry(key.clone()).or_default().pgid = pgid;
+            removed = prune_service(s, layout, service, keep, None);
         }) {
             warn!(error = %e, "could not record the started service");
         }
@@ -716,7 +771,7 @@ impl Executor {
             info!(%service, removed = ?removed, "pruned old releases");
         }
         Outcome::ok(format!(
-            "{service} runs {digest} and is ready after {} ms",
+            "{unit} runs {digest} and is ready after {} ms",
             started.elapsed().as_millis()
         ))
     }
@@ -725,4 +780,30 @@ impl Executor {
     pub async fn shutdown(&self) {
         self.runtime.stop_all().await;
     }
+}
+
+/// Prunes `service`'s releases (kept on its plain record) to the newest
+/// `keep`, never one that any of its units (the plain process, either
+/// slot) runs or ran last, nor `also` (a release just pulled). Rule 6.
+fn prune_service(
+    state: &mut LocalState,
+    layout: &Layout,
+    service: &str,
+    keep: usize,
+    also: Option<String>,
+) -> Vec<String> {
+    let mut protect: Vec<Option<String>> = vec![also];
+    for slot in [
+        drover_common::proto::Slot::None,
+        drover_common::proto::Slot::Blue,
+        drover_common::proto::Slot::Green,
+    ] {
+        if let Some(rec) = state.services.get(&Unit::new(service, slot).key()) {
+            protect.push(rec.current.clone());
+            protect.push(rec.previous.clone());
+        }
+    }
+    let protect: Vec<Option<&str>> = protect.iter().map(|p| p.as_deref()).collect();
+    let rec = state.services.entry(service.to_string()).or_default();
+    layout.prune(service, &mut rec.releases, keep, &protect)
 }

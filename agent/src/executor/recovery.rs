@@ -11,6 +11,7 @@ use drover_common::artifact::Digest;
 use super::Executor;
 use crate::pull;
 use crate::state::ServiceRecord;
+use crate::unit::Unit;
 
 impl Executor {
     /// At agent start: stop what a crashed predecessor left running, point
@@ -25,7 +26,9 @@ impl Executor {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect()
         };
-        for (service, rec) in services {
+        for (key, rec) in services {
+            let unit = Unit::from_key(&key);
+            let service = unit.service.clone();
             if self.cfg.kill_leftovers
                 && let Some(pgid) = rec.pgid
             {
@@ -44,21 +47,21 @@ impl Executor {
                 self.ensure_release(&service, &current).await?;
                 self.cfg
                     .layout
-                    .switch_current(&service, &current)
+                    .switch_current(&unit, &current)
                     .map_err(|e| e.to_string())?;
                 let manifest = pull::read_release_manifest(&release, &service)?;
-                let (spec, watch) = self.spec(&service, &current, &manifest)?;
+                let (spec, watch) = self.spec(&unit, &current, &manifest)?;
                 self.runtime.start(spec).await.map_err(|e| e.to_string())?;
-                self.board.watch(&service, watch);
+                self.board.watch(&key, watch);
                 Ok::<_, String>(())
             }
             .await;
             match started {
                 Ok(()) => {
-                    info!(%service, release = %current, "service started again after agent start")
+                    info!(%unit, release = %current, "service started again after agent start")
                 }
                 Err(e) => {
-                    warn!(%service, error = %e, "could not start the service after agent start")
+                    warn!(%unit, error = %e, "could not start the service after agent start")
                 }
             }
         }

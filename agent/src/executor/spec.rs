@@ -10,15 +10,18 @@ use drover_common::artifact::manifest::{Manifest, Probe, expand};
 use super::Executor;
 use crate::health::Watch;
 use crate::runtime::{Launch, ServiceSpec, parse_signal};
+use crate::unit::{Unit, slot_name};
 
 impl Executor {
-    /// The runtime spec and health watch of a release.
+    /// The runtime spec and health watch of a release run as `unit` (a
+    /// slot gets its port as `${PORT}`, over `--env`).
     pub(super) fn spec(
         &self,
-        service: &str,
+        unit: &Unit,
         digest: &Digest,
         manifest: &Manifest,
     ) -> Result<(ServiceSpec, Watch), String> {
+        let service = unit.service.as_str();
         let release = self.cfg.layout.release(service, digest);
         let run_as = self
             .cfg
@@ -30,6 +33,11 @@ impl Executor {
         env.insert("DROVER_SERVICE".into(), service.to_string());
         env.insert("DROVER_RELEASE".into(), digest.hex());
         env.insert("DROVER_RELEASE_DIR".into(), release.display().to_string());
+        if let Some(port) = self.cfg.slot_ports.port(unit)? {
+            env.insert("PORT".into(), port.to_string());
+            let slot = slot_name(unit.slot).unwrap_or_default();
+            env.insert("DROVER_SLOT".into(), slot.to_string());
+        }
         for (k, v) in &manifest.start.env {
             let value = expand(v, &env).map_err(|e| format!("start.env.{k}: {e}"))?;
             env.insert(k.clone(), value);
@@ -81,14 +89,14 @@ impl Executor {
             launch: launch.clone(),
         };
         let spec = ServiceSpec {
-            service: service.to_string(),
+            service: unit.key(),
             release_dir: release,
             program,
             args,
             launch,
             stop_signal: parse_signal(&manifest.start.stop_signal)?,
             stop_grace: manifest.start.stop_grace,
-            log_dir: self.cfg.layout.log_dir(service),
+            log_dir: self.cfg.layout.log_dir(unit),
         };
         Ok((spec, watch))
     }

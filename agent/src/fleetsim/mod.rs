@@ -253,6 +253,7 @@ fn simulated_sample(
                 current_artifact: r.current.clone(),
                 previous_artifact: r.previous.clone(),
                 current_since_unix_ms: 0,
+                slot: 0,
             })
             .collect(),
         problems: Vec::new(),

@@ -98,6 +98,7 @@ impl Interval {
                 })
                 .collect(),
             scrape: self.scrape,
+            slot: 0,
         }
     }
 }

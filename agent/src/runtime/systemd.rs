@@ -16,7 +16,10 @@ pub struct SystemdRuntime {
 }
 
 pub fn unit_name(service: &str) -> String {
-    format!("drover-svc-{service}.service")
+    // A blue-green slot (`web@green`) becomes `drover-svc-web.green`: `@`
+    // would make it an instance of a template unit, and `.` cannot occur
+    // in a service's name, so no two units share a name.
+    format!("drover-svc-{}.service", service.replace('@', "."))
 }
 
 /// Quotes one word for a systemd command line or Environment= assignment:

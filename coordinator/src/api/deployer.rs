@@ -13,7 +13,7 @@ use drover_common::proto::{
     GetAuditRequest, GetAuditResponse, GetHostRequest, GetPipelineRequest, Host,
     ListCoordinatorsRequest, ListCoordinatorsResponse, ListDeploysRequest, ListDeploysResponse,
     ListEnvironmentsRequest, ListEnvironmentsResponse, ListHostsRequest, ListHostsResponse,
-    ListPipelinesRequest, ListPipelinesResponse, Pipeline, SendCommandRequest, StartDeployRequest,
+    ListPipelinesRequest, ListPipelinesResponse, Pipeline, SendCommandRequest, Slot, StartDeployRequest,
     UpdatePipelineRequest, WhatWasRunningRequest, WhatWasRunningResponse, command,
 };
 use tokio_stream::{Stream, StreamExt};
@@ -142,6 +142,7 @@ fn service_of(cmd: &Command) -> &str {
         Some(command::Action::Verify(v)) => &v.service,
         Some(command::Action::Restart(r)) => &r.service,
         Some(command::Action::Rollback(r)) => &r.service,
+        Some(command::Action::Stop(s)) => &s.service,
         None => "",
     }
 }
@@ -154,7 +155,10 @@ fn validate_command(cmd: &Command) -> Result<(), ApiError> {
     }
     match &cmd.action {
         None => Err(ApiError::Invalid(
-            "command has no action (pull, verify, restart or rollback)".into(),
+            "command has no action (pull, verify, restart, rollback or stop)".into(),
+        )),
+        Some(command::Action::Stop(s)) if s.slot() == Slot::None => Err(ApiError::Invalid(
+            "stop.slot must be SLOT_BLUE or SLOT_GREEN: only a blue-green slot is stopped".into(),
         )),
         Some(command::Action::Pull(p)) if p.artifact.is_empty() => Err(ApiError::Invalid(
             "pull.artifact (a sha256) is required".into(),

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use drover_common::proto::deployer_client::DeployerClient;
 use drover_common::proto::{
-    Command, CommandStatus, PullCommand, RestartCommand, RollbackCommand, SendCommandRequest,
-    VerifyCommand, command,
+    Command, CommandStatus, PullCommand, RestartCommand, RollbackCommand, SendCommandRequest, Slot,
+    StopCommand, VerifyCommand, command,
 };
 use tonic::transport::Channel;
 
@@ -36,6 +36,16 @@ pub enum Action {
         artifact: String,
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         ready_timeout: Duration,
+        /// Start it in a blue-green slot (the other slot keeps running).
+        #[arg(long, value_enum)]
+        slot: Option<SlotArg>,
+    },
+    /// Stop a blue-green slot's process (its release stays on the host).
+    Stop {
+        #[arg(long)]
+        service: String,
+        #[arg(long, value_enum)]
+        slot: SlotArg,
     },
     /// Switch back to the previous release (or --artifact); never downloads.
     Rollback {
@@ -46,6 +56,22 @@ pub enum Action {
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         ready_timeout: Duration,
     },
+}
+
+/// A blue-green slot on the command line.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum SlotArg {
+    Blue,
+    Green,
+}
+
+impl From<SlotArg> for Slot {
+    fn from(s: SlotArg) -> Slot {
+        match s {
+            SlotArg::Blue => Slot::Blue,
+            SlotArg::Green => Slot::Green,
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -84,11 +110,17 @@ pub async fn send(
             service,
             artifact,
             ready_timeout,
+            slot,
         } => command::Action::Restart(RestartCommand {
             service,
             artifact,
             ready_timeout_ms: millis(ready_timeout),
             anew: false,
+            slot: slot.map_or(Slot::None, Slot::from) as i32,
+        }),
+        Action::Stop { service, slot } => command::Action::Stop(StopCommand {
+            service,
+            slot: Slot::from(slot) as i32,
         }),
         Action::Rollback {
             service,

@@ -338,6 +338,7 @@ pub fn command_by_hand(
         Some(command::Action::Verify(v)) => ("verify", v.artifact.as_str()),
         Some(command::Action::Restart(r)) => ("restart", r.artifact.as_str()),
         Some(command::Action::Rollback(r)) => ("rollback", r.artifact.as_str()),
+        Some(command::Action::Stop(_)) => ("stop", ""),
         None => ("none", ""),
     };
     AuditEvent {

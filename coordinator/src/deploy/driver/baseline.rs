@@ -81,6 +81,7 @@ impl Driver {
                 artifact: old.clone(),
                 ready_timeout_ms: stuck.as_millis() as u32,
                 anew: true,
+                slot: 0,
             });
             let cmd = batch_command(fence, &rec.id, (stage, step), &host, "baseline", restart);
             let effects = self.effects.clone();

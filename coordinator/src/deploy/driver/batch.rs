@@ -274,6 +274,7 @@ impl Driver {
                     artifact: rec.artifact.clone(),
                     ready_timeout_ms: stuck.as_millis() as u32,
                     anew: false,
+                    slot: 0,
                 });
                 let cmd = batch_command(fence, &rec.id, (stage, batch), host, "restart", restart);
                 let host = host.clone();
