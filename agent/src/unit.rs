@@ -146,7 +146,14 @@ mod tests {
             parse_slot_ports("web=8081,8082").unwrap(),
             ("web".to_string(), (8081, 8082))
         );
-        for bad in ["web", "web=8081", "web=0,1", "web=8081,8081", "Web=1,2", "web=a,2"] {
+        for bad in [
+            "web",
+            "web=8081",
+            "web=0,1",
+            "web=8081,8081",
+            "Web=1,2",
+            "web=a,2",
+        ] {
             assert!(parse_slot_ports(bad).is_err(), "{bad}");
         }
         let ports = SlotPorts([("web".to_string(), (8081, 8082))].into());

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use drover_coordinator::router::haproxy::{Haproxy, RuntimeAddr};
 use drover_coordinator::router::{Router, RouterError, ServerState};
-use drover_tests::haproxy::HaproxyLb;
+use drover_tests::haproxy::{HaproxyLb, steady_load};
 use drover_tests::{ChildGuard, TestDir, bins, free_port, http_get_status, wait_until};
 
 /// A sample service answering `/version` with `label`.
@@ -175,26 +175,6 @@ async fn bad_input_is_refused_and_traffic_stays_where_it_was() {
     assert_eq!(answers(&lb, 30).await, (30, 0));
 }
 
-/// A request through `lb` every 10 ms until `stop`, each on its own
-/// connection and without waiting for the one before: (answered 200,
-/// failed).
-async fn steady_load(lb: SocketAddr, stop: tokio::sync::watch::Receiver<bool>) -> (u64, u64) {
-    let mut requests = tokio::task::JoinSet::new();
-    while !*stop.borrow() {
-        requests.spawn(async move { matches!(http_get_status(lb, "/").await, Ok((200, _))) });
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let (mut ok, mut failed) = (0, 0);
-    while let Some(answered) = requests.join_next().await {
-        if answered.unwrap() {
-            ok += 1;
-        } else {
-            failed += 1;
-        }
-    }
-    (ok, failed)
-}
-
 /// The state of every server of backend "web", in order.
 async fn states(lb: &HaproxyLb) -> Vec<ServerState> {
     let router = Haproxy::new(RuntimeAddr::Unix(lb.socket.clone()));
@@ -233,14 +213,15 @@ async fn a_rolling_deploy_through_haproxy_drains_each_host_and_drops_no_requests
             // Each request takes 200 ms: some are always in flight.
             let digest = f.push(version, &["--latency-ms", "200"]);
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-            let load = tokio::spawn(steady_load(lb, stop_rx));
+            let load = tokio::spawn(steady_load(lb, "/", stop_rx));
             tokio::time::sleep(Duration::from_millis(300)).await;
             let (code, out, err) =
                 tokio::task::block_in_place(|| f.deploy_through("hello-lb", &digest));
             assert_eq!(code, 0, "{version}: {out}\n{err}");
             tokio::time::sleep(Duration::from_millis(300)).await;
             let _ = stop_tx.send(true);
-            load.await.unwrap()
+            let seen = load.await.unwrap();
+            (seen.ok(), seen.failed)
         }
     };
     let (ok, failed) = through(String::new(), "v2").await;
@@ -309,10 +290,11 @@ async fn a_host_that_fails_behind_haproxy_is_rolled_back_and_takes_traffic_again
     // no request meets it meanwhile.
     let v2 = f.push("v2", &["--unready"]);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let load = tokio::spawn(steady_load(lb.frontend, stop_rx));
+    let load = tokio::spawn(steady_load(lb.frontend, "/", stop_rx));
     let (code, out, err) = tokio::task::block_in_place(|| f.deploy_through("hello-lb", &v2));
     let _ = stop_tx.send(true);
-    let (ok, failed) = load.await.unwrap();
+    let seen = load.await.unwrap();
+    let (ok, failed) = (seen.ok(), seen.failed);
     assert_eq!(code, 2, "rolled back: {out}\n{err}");
     assert_eq!(failed, 0, "{ok} answered");
     assert!(ok > 100, "{ok}");

@@ -13,8 +13,9 @@ use drover_common::proto::{
     GetAuditRequest, GetAuditResponse, GetHostRequest, GetPipelineRequest, Host,
     ListCoordinatorsRequest, ListCoordinatorsResponse, ListDeploysRequest, ListDeploysResponse,
     ListEnvironmentsRequest, ListEnvironmentsResponse, ListHostsRequest, ListHostsResponse,
-    ListPipelinesRequest, ListPipelinesResponse, Pipeline, SendCommandRequest, Slot, StartDeployRequest,
-    UpdatePipelineRequest, WhatWasRunningRequest, WhatWasRunningResponse, command,
+    ListPipelinesRequest, ListPipelinesResponse, Pipeline, SendCommandRequest, Slot,
+    StartDeployRequest, UpdatePipelineRequest, WhatWasRunningRequest, WhatWasRunningResponse,
+    command,
 };
 use tokio_stream::{Stream, StreamExt};
 

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use drover_common::proto::{
-    AuditEvent, AuditKind, Command, EnvironmentAt, ReasonKind as ProtoReason,
+    AuditEvent, AuditKind, Command, EnvironmentAt, ReasonKind as ProtoReason, TrafficChange,
     WhatWasRunningResponse, command,
 };
 
@@ -104,6 +104,41 @@ pub fn batch_started(rec: &DeployRecord, stage: usize, batch: usize, at: u64) ->
         rec.artifact
     );
     e.hosts = hosts;
+    e
+}
+
+/// A router moved traffic in stage `stage` (`what`: "switched to green",
+/// "switched back to blue"): every server that changed, before and after.
+pub fn traffic_switched(
+    rec: &DeployRecord,
+    stage: usize,
+    what: &str,
+    hosts: Vec<String>,
+    traffic: Vec<TrafficChange>,
+    at: u64,
+) -> AuditEvent {
+    let mut e = with_stage(
+        base(rec, AuditKind::TrafficSwitched, DROVER, at),
+        rec,
+        stage,
+    );
+    let changes: Vec<String> = traffic
+        .iter()
+        .map(|c| {
+            format!(
+                "{}/{} {} w{} → {} w{}",
+                c.backend, c.server, c.state_before, c.weight_before, c.state_after, c.weight_after
+            )
+        })
+        .collect();
+    e.message = format!(
+        "stage {}: traffic {what} on {} hosts ({})",
+        e.stage,
+        hosts.len(),
+        changes.join(", ")
+    );
+    e.hosts = hosts;
+    e.traffic = traffic;
     e
 }
 

@@ -9,12 +9,13 @@ use std::sync::Arc;
 
 use drover_common::labels::Selector;
 use drover_common::proto::{
-    ArtifactSignature, AuditEvent, ConnectionState, Environment, StartDeployRequest,
+    ArtifactSignature, AuditEvent, ConnectionState, Environment, Slot, StartDeployRequest,
     WhatWasRunningResponse,
 };
 use tracing::info;
 
 use super::audit;
+use super::blue_green::Step;
 use super::clock::{Clock, SystemClock};
 use super::driver::Driver;
 use super::driver::effects::{Effects, FleetEffects};
@@ -286,11 +287,12 @@ impl Deployments {
     pub async fn promote(&self, id: &str, who: &str) -> Result<DeployRecord, DeployError> {
         let (rec, _) = self.ledger.load(id).await?;
         let (stage, step) = (rec.machine.stage, rec.machine.batch);
+        let blue_green = rec.blue_green_step(stage, step) == Some(Step::StandUp);
         if !matches!(rec.machine.phase, Phase::Rolling | Phase::Paused)
-            || !rec.is_canary_step(stage, step)
+            || !(rec.is_canary_step(stage, step) || blue_green)
         {
             return Err(DeployError::Conflict(format!(
-                "deploy {id} is {:?} at stage {stage} batch {step}, not in a canary step; nothing to promote",
+                "deploy {id} is {:?} at stage {stage} batch {step}, not in a canary step or before a blue-green switch; nothing to promote",
                 rec.machine.phase
             )));
         }
@@ -300,9 +302,11 @@ impl Deployments {
             if !r.promoted.contains(&key) {
                 r.promoted.push(key.clone());
             }
-            r.approvals.push(format!(
-                "{who} promoted canary step {step} of stage {stage_name}"
-            ));
+            r.approvals.push(if blue_green {
+                format!("{who} promoted stage {stage_name}'s new slot (traffic switches)")
+            } else {
+                format!("{who} promoted canary step {step} of stage {stage_name}")
+            });
         };
         let promoted = |r: &DeployRecord, now| vec![audit::promoted(r, stage, step, who, now)];
         let rec = if rec.machine.phase == Phase::Paused {
@@ -316,7 +320,7 @@ impl Deployments {
             self.driver.wake(id);
             rec
         };
-        info!(deploy = %id, %who, stage, step, "canary step promoted");
+        info!(deploy = %id, %who, stage, step, blue_green, "promoted");
         Ok(rec)
     }
 
@@ -369,9 +373,11 @@ impl Deployments {
         }
         let (first_stage, forced_past) = self.first_stage(&pipeline, &req, &digest).await?;
         let mut environments = Vec::new();
+        let mut live_slots = Vec::new();
         let mut hosts = Vec::new();
         for stage in &pipeline.stages {
             let running = self.ledger.environment(&pipeline.name, &stage.name).await?;
+            live_slots.push(running.as_ref().map_or(Slot::None, |e| e.live_slot()));
             environments.push(running.map(|e| e.artifact).unwrap_or_default());
             let selector = Selector::parse(&stage.selector)
                 .map_err(|e| DeployError::Invalid(e.to_string()))?;
@@ -400,6 +406,7 @@ impl Deployments {
             },
             known_good: self.ledger.known_good(&pipeline.name).await?,
             environments,
+            live_slots,
             first_stage,
             forced_past,
             requester: requester.clone(),

@@ -16,7 +16,7 @@
 
 use std::sync::Arc;
 
-use drover_common::proto::{AuditEvent, BakeEvidence, Environment};
+use drover_common::proto::{AuditEvent, BakeEvidence, Environment, Slot};
 use prost::Message;
 use tokio_stream::StreamExt;
 use tracing::warn;
@@ -303,7 +303,7 @@ impl Ledger {
         now: u64,
         compares: &mut Vec<Compare>,
     ) -> Result<Vec<Op>, DeployError> {
-        let environment = |stage: usize, artifact: &str, forced: bool| {
+        let environment = |stage: usize, artifact: &str, forced: bool, live_slot: Slot| {
             let name = rec.snapshot.stages[stage].name.clone();
             let env = Environment {
                 stage: name.clone(),
@@ -311,6 +311,7 @@ impl Ledger {
                 deploy_id: rec.id.clone(),
                 since_unix_ms: now,
                 forced,
+                live_slot: live_slot as i32,
             };
             Op::put(
                 self.keys.environment(&rec.pipeline, &name),
@@ -327,7 +328,12 @@ impl Ledger {
                     ),
                     now.to_string(),
                 ),
-                environment(*stage, &rec.artifact, !rec.forced_past.is_empty()),
+                environment(
+                    *stage,
+                    &rec.artifact,
+                    !rec.forced_past.is_empty(),
+                    rec.live_slot_after(*stage),
+                ),
             ],
             Action::MarkKnownGood => vec![Op::put(
                 self.keys.known_good(&rec.pipeline),
@@ -337,7 +343,10 @@ impl Ledger {
                 let mut ops: Vec<Op> = rec
                     .touched_stages()
                     .into_iter()
-                    .map(|s| environment(s, rec.stage_rollback_target(s), false))
+                    .map(|s| {
+                        let target = rec.stage_rollback_target(s);
+                        environment(s, target, false, rec.live_slot_before(s))
+                    })
                     .collect();
                 if !rec.known_good.is_empty() {
                     // The release returned to is the known good again (also

@@ -9,6 +9,7 @@
 
 pub mod analysis;
 pub mod audit;
+pub mod blue_green;
 pub mod clock;
 pub mod deployments;
 pub mod driver;

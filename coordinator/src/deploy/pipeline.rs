@@ -9,6 +9,7 @@ use drover_common::labels::Selector;
 use drover_common::proto::{
     Analysis, ApprovalTimeoutOutcome, BaselineKind, Canary, HealthGate, InconclusiveAction,
     InconclusivePolicy, MetricCheck, MetricDirection, Pipeline, ReportMetrics, ServiceMetrics,
+    Stage, Strategy,
 };
 use prost::Message;
 
@@ -44,15 +45,23 @@ pub fn with_defaults(mut p: Pipeline) -> Pipeline {
         if stage.max_unavailable == 0 {
             stage.max_unavailable = 1;
         }
-        let gate = stage.gate.get_or_insert_with(HealthGate::default);
-        if gate.bad_samples == 0 {
-            gate.bad_samples = 3;
-        }
-        if gate.samples == 0 {
-            gate.samples = 5;
-        }
-        if gate.inconclusive == InconclusivePolicy::Unspecified as i32 {
-            gate.inconclusive = InconclusivePolicy::Fail as i32;
+        gate_defaults(stage.gate.get_or_insert_with(HealthGate::default));
+        if let Some(bg) = &mut stage.blue_green {
+            if let Some(g) = &mut bg.pre_promotion {
+                gate_defaults(g);
+            }
+            if let Some(g) = &mut bg.post_promotion {
+                gate_defaults(g);
+            }
+            if bg.promotion_timeout_ms == 0 {
+                bg.promotion_timeout_ms = DEFAULT_APPROVAL_TIMEOUT_MS;
+            }
+            if bg.on_promotion_timeout == ApprovalTimeoutOutcome::Unspecified as i32 {
+                bg.on_promotion_timeout = ApprovalTimeoutOutcome::Abort as i32;
+            }
+            if bg.scale_down_delay_ms == 0 {
+                bg.scale_down_delay_ms = DEFAULT_SCALE_DOWN_DELAY_MS;
+            }
         }
         if stage.approval_timeout_ms == 0 {
             stage.approval_timeout_ms = DEFAULT_APPROVAL_TIMEOUT_MS;
@@ -65,6 +74,24 @@ pub fn with_defaults(mut p: Pipeline) -> Pipeline {
         }
     }
     p
+}
+
+/// How long a blue-green stage keeps the old slot running after the
+/// switch when its pipeline says nothing.
+pub const DEFAULT_SCALE_DOWN_DELAY_MS: u32 = 30_000;
+
+/// Fills what a health gate leaves unsaid: 5 samples, 3 bad in a row
+/// fail, an inconclusive gate fails.
+fn gate_defaults(gate: &mut HealthGate) {
+    if gate.bad_samples == 0 {
+        gate.bad_samples = 3;
+    }
+    if gate.samples == 0 {
+        gate.samples = 5;
+    }
+    if gate.inconclusive == InconclusivePolicy::Unspecified as i32 {
+        gate.inconclusive = InconclusivePolicy::Fail as i32;
+    }
 }
 
 /// The analysis a canary gets when its pipeline says nothing: error rate
@@ -273,39 +300,7 @@ pub fn validate(p: &Pipeline) -> Result<(), PipelineError> {
             )),
         }
         if let Some(g) = &s.gate {
-            for (name, v) in [
-                ("max_error_rate", g.max_error_rate),
-                ("max_error_rate_ratio", g.max_error_rate_ratio),
-                ("max_p99_ms", g.max_p99_ms),
-                ("max_p99_ratio", g.max_p99_ratio),
-            ] {
-                if !v.is_finite() || v < 0.0 {
-                    problems.push(format!(
-                        "{}: must be zero (no limit) or positive",
-                        at(&format!("gate.{name}"))
-                    ));
-                }
-            }
-            if g.max_error_rate > 1.0 {
-                problems.push(format!(
-                    "{}: is a share, at most 1.0",
-                    at("gate.max_error_rate")
-                ));
-            }
-            if g.bad_samples > g.samples && g.samples > 0 {
-                problems.push(format!(
-                    "{}: cannot exceed gate.samples ({})",
-                    at("gate.bad_samples"),
-                    g.samples
-                ));
-            }
-            if InconclusivePolicy::try_from(g.inconclusive).is_err() {
-                problems.push(format!(
-                    "{}: unknown policy {}",
-                    at("gate.inconclusive"),
-                    g.inconclusive
-                ));
-            }
+            validate_gate(g, "gate", &at, &mut problems);
         }
         if let Some(c) = &s.canary {
             validate_canary(c, &at, &mut problems);
@@ -321,6 +316,22 @@ pub fn validate(p: &Pipeline) -> Result<(), PipelineError> {
                     r.backend
                 ));
             }
+        }
+        match Strategy::try_from(s.strategy) {
+            Ok(Strategy::BlueGreen) => validate_blue_green(s, &at, &mut problems),
+            Ok(Strategy::Rolling) => {
+                if s.blue_green.is_some() {
+                    problems.push(format!(
+                        "{}: given, but the strategy is rolling (set strategy = \"STRATEGY_BLUE_GREEN\")",
+                        at("blue_green")
+                    ));
+                }
+            }
+            Err(_) => problems.push(format!(
+                "{}: unknown strategy {}",
+                at("strategy"),
+                s.strategy
+            )),
         }
         if ApprovalTimeoutOutcome::try_from(s.on_approval_timeout).is_err() {
             problems.push(format!(
@@ -535,6 +546,97 @@ pub fn report_metrics(pipelines: &[Pipeline]) -> ReportMetrics {
                 names: names.into_iter().map(str::to_string).collect(),
             })
             .collect(),
+    }
+}
+
+/// Checks a health gate's limits; problems are named `field.…`.
+fn validate_gate(
+    g: &HealthGate,
+    field: &str,
+    at: &dyn Fn(&str) -> String,
+    problems: &mut Vec<String>,
+) {
+    for (name, v) in [
+        ("max_error_rate", g.max_error_rate),
+        ("max_error_rate_ratio", g.max_error_rate_ratio),
+        ("max_p99_ms", g.max_p99_ms),
+        ("max_p99_ratio", g.max_p99_ratio),
+    ] {
+        if !v.is_finite() || v < 0.0 {
+            problems.push(format!(
+                "{}: must be zero (no limit) or positive",
+                at(&format!("{field}.{name}"))
+            ));
+        }
+    }
+    if g.max_error_rate > 1.0 {
+        problems.push(format!(
+            "{}: is a share, at most 1.0",
+            at(&format!("{field}.max_error_rate"))
+        ));
+    }
+    if g.bad_samples > g.samples && g.samples > 0 {
+        problems.push(format!(
+            "{}: cannot exceed {field}.samples ({})",
+            at(&format!("{field}.bad_samples")),
+            g.samples
+        ));
+    }
+    if InconclusivePolicy::try_from(g.inconclusive).is_err() {
+        problems.push(format!(
+            "{}: unknown policy {}",
+            at(&format!("{field}.inconclusive")),
+            g.inconclusive
+        ));
+    }
+}
+
+/// A blue-green stage needs a router with a backend, moves traffic, not
+/// host cohorts (no canary), and its gates are gates.
+fn validate_blue_green(s: &Stage, at: &dyn Fn(&str) -> String, problems: &mut Vec<String>) {
+    if s.router.is_none() {
+        problems.push(format!(
+            "{}: a blue-green stage needs a router (the backend whose <host>-blue and <host>-green servers it switches)",
+            at("router")
+        ));
+    }
+    if s.canary.is_some() {
+        problems.push(format!(
+            "{}: a blue-green stage has no host canary (its pre-promotion gate judges the new slot)",
+            at("canary")
+        ));
+    }
+    let Some(bg) = &s.blue_green else {
+        return;
+    };
+    if !bg.preview_backend.is_empty() && !crate::router::valid_name(&bg.preview_backend) {
+        problems.push(format!(
+            "{}: {:?} is not a backend name (letters, digits, '-', '_', '.', ':')",
+            at("blue_green.preview_backend"),
+            bg.preview_backend
+        ));
+    }
+    if s.router
+        .as_ref()
+        .is_some_and(|r| !bg.preview_backend.is_empty() && r.backend == bg.preview_backend)
+    {
+        problems.push(format!(
+            "{}: must differ from router.backend",
+            at("blue_green.preview_backend")
+        ));
+    }
+    if let Some(g) = &bg.pre_promotion {
+        validate_gate(g, "blue_green.pre_promotion", at, problems);
+    }
+    if let Some(g) = &bg.post_promotion {
+        validate_gate(g, "blue_green.post_promotion", at, problems);
+    }
+    if ApprovalTimeoutOutcome::try_from(bg.on_promotion_timeout).is_err() {
+        problems.push(format!(
+            "{}: unknown outcome {}",
+            at("blue_green.on_promotion_timeout"),
+            bg.on_promotion_timeout
+        ));
     }
 }
 

@@ -6,11 +6,12 @@ use std::collections::BTreeMap;
 
 use drover_common::labels::Selector;
 use drover_common::proto::{
-    Batch, BatchHost, Canary, CanaryAnalysis, Deploy, DeployPhase, Host, HostOutcome, Pipeline,
-    Stage,
+    Batch, BatchHost, BlueGreenStatus, Canary, CanaryAnalysis, Deploy, DeployPhase, Host,
+    HostOutcome, Pipeline, Slot, Stage,
 };
 use serde::{Deserialize, Serialize};
 
+use super::blue_green::{BlueGreenStage, Step};
 use super::machine::{Machine, Phase};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -103,6 +104,9 @@ pub struct DeployRecord {
     /// Per stage, its canary's fresh baseline (a FRESH analysis baseline).
     #[serde(default)]
     pub fresh_baselines: BTreeMap<usize, FreshBaseline>,
+    /// Per blue-green stage, its progress and intended traffic.
+    #[serde(default)]
+    pub blue_green: BTreeMap<usize, BlueGreenStage>,
 }
 
 /// The fewest hosts a fresh baseline has (when the stage has them): a
@@ -201,7 +205,51 @@ impl DeployRecord {
             approvals: self.approvals.clone(),
             store_writes: self.writes,
             analyses: self.analyses.clone(),
+            blue_green: self
+                .blue_green
+                .iter()
+                .map(|(stage, bg)| BlueGreenStatus {
+                    stage: *stage as u32,
+                    from_slot: bg.from.slot() as i32,
+                    to_slot: bg.to.slot() as i32,
+                    switched_hosts: bg.switched.clone(),
+                    scale_down_at_unix_ms: match bg.switched_unix_ms {
+                        0 => 0,
+                        at => at + u64::from(self.scale_down_delay_ms(*stage)),
+                    },
+                    scaled_down: bg.scaled_down,
+                })
+                .collect(),
         }
+    }
+
+    /// The step entry `batch` of stage `stage` is, if the stage is blue-green.
+    pub fn blue_green_step(&self, stage: usize, batch: usize) -> Option<Step> {
+        self.blue_green.get(&stage).map(|bg| bg.step(batch))
+    }
+
+    /// How long stage `stage` keeps its old slot after the switch.
+    pub fn scale_down_delay_ms(&self, stage: usize) -> u32 {
+        self.snapshot
+            .stages
+            .get(stage)
+            .and_then(|s| s.blue_green.as_ref())
+            .map_or(0, |b| b.scale_down_delay_ms)
+    }
+
+    /// The slot stage `stage`'s environment serves from once it passed
+    /// (SLOT_NONE for a rolling stage).
+    pub fn live_slot_after(&self, stage: usize) -> Slot {
+        self.blue_green
+            .get(&stage)
+            .map_or(Slot::None, |bg| bg.live_after().slot())
+    }
+
+    /// The slot stage `stage`'s environment serves from after a rollback.
+    pub fn live_slot_before(&self, stage: usize) -> Slot {
+        self.blue_green
+            .get(&stage)
+            .map_or(Slot::None, |bg| bg.from.slot())
     }
 
     /// The wave entry `batch` of stage `stage`'s plan is, if it is one.
@@ -276,7 +324,8 @@ impl DeployRecord {
             .unwrap_or_default()
     }
 
-    /// The stages with a host this deploy switched (in stage order).
+    /// The stages with a host this deploy switched or started a slot on
+    /// (in stage order).
     pub fn touched_stages(&self) -> Vec<usize> {
         (0..self.plan.len())
             .filter(|s| {
@@ -284,6 +333,10 @@ impl DeployRecord {
                     .iter()
                     .flatten()
                     .any(|h| self.touched.contains(h))
+                    || self
+                        .blue_green
+                        .get(s)
+                        .is_some_and(|bg| !bg.restarts_before.is_empty())
             })
             .collect()
     }

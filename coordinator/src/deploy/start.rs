@@ -4,10 +4,11 @@
 //! resolved once, here, and recorded: a stage's hosts are the connected
 //! hosts its selector matches, each in its first stage only.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
-use drover_common::proto::{Host, Pipeline};
+use drover_common::proto::{Host, Pipeline, Slot, Strategy};
 
+use super::blue_green::{self, BlueGreenStage, Color};
 use super::machine::{Action, Event, Machine};
 use super::record::{DeployRecord, plan_stage};
 
@@ -24,6 +25,9 @@ pub struct NewDeploy<'a> {
     pub known_good: String,
     /// Per stage, what its environment runs now (empty: nothing yet).
     pub environments: Vec<String>,
+    /// Per stage, the slot its environment serves from (blue-green; may
+    /// be shorter than the stages: SLOT_NONE).
+    pub live_slots: Vec<Slot>,
     /// The first stage that runs; stages before it get no hosts.
     pub first_stage: usize,
     /// Stages it was started past without having passed them (forced).
@@ -41,6 +45,7 @@ pub fn new_record(d: NewDeploy<'_>) -> Option<(DeployRecord, Vec<Action>)> {
     let mut plan = Vec::new();
     let mut canary_bakes = Vec::new();
     let mut waves = Vec::new();
+    let mut blue_green = BTreeMap::new();
     for (i, (stage, hosts)) in d.pipeline.stages.iter().zip(d.hosts).enumerate() {
         let hosts: Vec<Host> = hosts
             .into_iter()
@@ -49,6 +54,22 @@ pub fn new_record(d: NewDeploy<'_>) -> Option<(DeployRecord, Vec<Action>)> {
             .collect();
         // A first deploy has no baseline to judge a canary against (and no
         // release to roll back to): its stages roll in batches.
+        if stage.strategy() == Strategy::BlueGreen {
+            // Its waves switch one after another (blue_green.rs).
+            let ids: Vec<String> = hosts.iter().map(|h| h.host_id.clone()).collect();
+            let by_wave = plan_stage(&hosts, stage, None);
+            let wave_hosts = &by_wave.entries[..by_wave.waves.len()];
+            let entries = blue_green::plan(&ids, wave_hosts);
+            if !entries.is_empty() {
+                let live = Color::live(d.live_slots.get(i).copied().unwrap_or(Slot::None));
+                let switches = entries.len() - 2;
+                blue_green.insert(i, BlueGreenStage::new(live, switches));
+            }
+            plan.push(entries);
+            canary_bakes.push(Vec::new());
+            waves.push(Vec::new());
+            continue;
+        }
         let canary = stage.canary.as_ref().filter(|_| !d.known_good.is_empty());
         let p = plan_stage(&hosts, stage, canary);
         plan.push(p.entries);
@@ -112,6 +133,7 @@ pub fn new_record(d: NewDeploy<'_>) -> Option<(DeployRecord, Vec<Action>)> {
         bakes: Default::default(),
         rollback_targets: d.environments,
         fresh_baselines: Default::default(),
+        blue_green,
     };
     Some((rec, actions))
 }
@@ -144,6 +166,7 @@ mod tests {
             git_sha: String::new(),
             known_good: "a".repeat(64),
             environments: vec!["a".repeat(64), String::new()],
+            live_slots: Vec::new(),
             first_stage,
             forced_past: Vec::new(),
             requester: "ci".into(),

@@ -67,6 +67,7 @@ pub fn record_of(p: &Pipeline, hosts: &[&[&str]], now: u64) -> (DeployRecord, Ve
         git_sha: String::new(),
         known_good: old(),
         environments: vec![old(); p.stages.len()],
+        live_slots: Vec::new(),
         first_stage: 0,
         forced_past: Vec::new(),
         requester: "ci".into(),

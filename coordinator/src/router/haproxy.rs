@@ -253,12 +253,7 @@ impl Router for Haproxy {
         state: ServerState,
     ) -> Result<(), RouterError> {
         check_server(backend, server)?;
-        let word = match state {
-            ServerState::Ready => "ready",
-            ServerState::Drain => "drain",
-            ServerState::Maint => "maint",
-        };
-        let command = format!("set server {backend}/{server} state {word}");
+        let command = format!("set server {backend}/{server} state {}", state.name());
         self.command(&command, backend, server).await
     }
 

@@ -35,6 +35,17 @@ pub enum ServerState {
     Maint,
 }
 
+impl ServerState {
+    /// As HAProxy's runtime API spells it (and the audit records it).
+    pub fn name(self) -> &'static str {
+        match self {
+            ServerState::Ready => "ready",
+            ServerState::Drain => "drain",
+            ServerState::Maint => "maint",
+        }
+    }
+}
+
 /// A server as the router sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerView {

@@ -41,6 +41,7 @@ impl Run {
             git_sha: String::new(),
             known_good: known_good.into(),
             environments: environments.iter().map(|e| e.to_string()).collect(),
+            live_slots: Vec::new(),
             first_stage: 0,
             forced_past: Vec::new(),
             requester: "ci".into(),

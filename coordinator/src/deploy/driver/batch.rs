@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use drover_common::proto::{
     Command, CommandStatus, HealthGate, HostOutcome, InconclusivePolicy, PullCommand,
-    RestartCommand, command,
+    RestartCommand, Slot, command,
 };
 
 use super::{Driver, baseline, traffic};
@@ -86,10 +86,32 @@ pub(super) fn batch_command(
     }
 }
 
+/// One host's process a health gate judges: whose health (`slot`), from
+/// which heartbeat on, and its restart count before the change.
+pub(super) struct Side {
+    pub host: String,
+    pub slot: Slot,
+    /// Only heartbeats after this sequence are evidence (None: any).
+    pub after_heartbeat: Option<u64>,
+    pub restarts_before: u32,
+}
+
+impl Side {
+    /// A baseline host: any heartbeat, restarts not judged.
+    pub fn old(host: &str, slot: Slot) -> Side {
+        Side {
+            host: host.to_string(),
+            slot,
+            after_heartbeat: None,
+            restarts_before: u32::MAX,
+        }
+    }
+}
+
 /// Why a batch's health gate did not pass: it failed, or (the pause policy
 /// for an inconclusive gate) it holds the deploy for a person to decide.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum GateStop {
+pub(super) enum GateStop {
     Failed(Why),
     Hold(Why),
 }
@@ -105,6 +127,9 @@ impl Driver {
         term: &Leadership,
     ) -> Result<Option<Event>, DeployError> {
         let (rec, _) = self.ledger.load(id).await?;
+        if rec.blue_green.contains_key(&stage) {
+            return self.run_blue_green(id, stage, batch, term).await;
+        }
         let fence = (self.ledger.shard_of_pipeline(&rec.pipeline), term.epoch);
         let spec = rec.snapshot.stages[stage].clone();
         let hosts = rec.plan[stage][batch].clone();
@@ -233,9 +258,24 @@ impl Driver {
         // A wave bakes for its own time before its gate judges it.
         let settle = rec.wave(stage, batch).map_or(spec.settle_ms, |w| w.bake_ms);
         tokio::time::sleep(Duration::from_millis(settle.into())).await;
-        let updated: Vec<String> = hosts.iter().filter(|h| !failed(h)).cloned().collect();
+        let updated: Vec<Side> = hosts
+            .iter()
+            .filter(|h| !failed(h))
+            .map(|h| Side {
+                host: h.clone(),
+                slot: Slot::None,
+                after_heartbeat: rec.switched_at_heartbeat.get(h).copied(),
+                restarts_before: rec.restarts_before.get(h).copied().unwrap_or(0),
+            })
+            .collect();
+        let baseline: Vec<Side> = baseline.iter().map(|h| Side::old(h, Slot::None)).collect();
         let verdict = self
-            .judge_batch(&spec.gate.unwrap_or_default(), &rec, &updated, &baseline)
+            .judge_batch(
+                &spec.gate.unwrap_or_default(),
+                &rec.service,
+                &updated,
+                &baseline,
+            )
             .await;
         let (text, event) = match verdict {
             Ok(()) => ("passed".to_string(), Event::BatchPassed),
@@ -375,7 +415,7 @@ impl Driver {
     /// Pulls the artifact onto `hosts` (all at once); per host, Ok or why
     /// not. Ids are those of the batch, so a prefetch and the batch's own
     /// pull are one command to the agent.
-    async fn pull_batch(
+    pub(super) async fn pull_batch(
         &self,
         rec: &DeployRecord,
         position: (usize, usize),
@@ -417,20 +457,19 @@ impl Driver {
     /// Samples the batch against the baseline once per heartbeat interval:
     /// K consecutive bad samples fail it; after `samples`, it passes (or the
     /// inconclusive policy decides when no sample was conclusive).
-    async fn judge_batch(
+    pub(super) async fn judge_batch(
         &self,
         gate: &HealthGate,
-        rec: &DeployRecord,
-        batch: &[String],
-        baseline: &[String],
+        service: &str,
+        batch: &[Side],
+        baseline: &[Side],
     ) -> Result<(), GateStop> {
         if batch.is_empty() {
             return Ok(());
         }
-        let service = &rec.service;
         let interval = batch
             .iter()
-            .filter_map(|h| self.effects.host(h, service))
+            .filter_map(|s| self.effects.host_in(&s.host, service, s.slot))
             .map(|h| h.heartbeat_interval_ms)
             .max()
             .unwrap_or(1000);
@@ -450,24 +489,26 @@ impl Driver {
             taken += 1;
             tokio::time::sleep(Duration::from_millis(interval.into())).await;
             let mut b = Sample::default();
-            for h in batch {
+            for s in batch {
                 // Only heartbeats newer than the host's restart are evidence
                 // (older ones read as not reported yet).
-                let switched = rec.switched_at_heartbeat.get(h).copied();
                 let health = self
                     .effects
-                    .host(h, service)
-                    .filter(|v| switched.is_none_or(|at| v.heartbeat_sequence > at + 1))
+                    .host_in(&s.host, service, s.slot)
+                    .filter(|v| {
+                        s.after_heartbeat
+                            .is_none_or(|at| v.heartbeat_sequence > at + 1)
+                    })
                     .and_then(|v| v.health);
-                b.add(
-                    health.as_ref(),
-                    rec.restarts_before.get(h).copied().unwrap_or(0),
-                );
+                b.add(health.as_ref(), s.restarts_before);
             }
             let mut base = Sample::default();
-            for h in baseline {
-                let health = self.effects.host(h, service).and_then(|v| v.health);
-                base.add(health.as_ref(), u32::MAX);
+            for s in baseline {
+                let health = self
+                    .effects
+                    .host_in(&s.host, service, s.slot)
+                    .and_then(|v| v.health);
+                base.add(health.as_ref(), s.restarts_before);
             }
             match judge(gate, &b, (!baseline.is_empty()).then_some(&base)) {
                 Verdict::Good => {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drover_common::proto::{
-    ArtifactSignature, Command, CommandUpdate, RouterTarget, ServiceHealth,
+    ArtifactSignature, Command, CommandUpdate, RouterTarget, ServiceHealth, Slot,
 };
 
 use crate::fleet::{PendingCommands, Registry, SendError};
@@ -42,8 +42,15 @@ pub trait Effects: Send + Sync {
         patience: Duration,
     ) -> Result<CommandUpdate, String>;
 
-    /// What the fleet view knows of `host` (None: not a known host).
-    fn host(&self, host: &str, service: &str) -> Option<HostView>;
+    /// What the fleet view knows of `host`, with the health of `service`'s
+    /// process in `slot` (None: not a known host).
+    fn host_in(&self, host: &str, service: &str, slot: Slot) -> Option<HostView>;
+
+    /// What the fleet view knows of `host`, with the health of `service`'s
+    /// one process (rolling deploys).
+    fn host(&self, host: &str, service: &str) -> Option<HostView> {
+        self.host_in(host, service, Slot::None)
+    }
 
     /// What a Pull of `artifact` carries: the signatures CI made and its
     /// size (agents check their free space first).
@@ -105,12 +112,15 @@ impl Effects for FleetEffects {
         }
     }
 
-    fn host(&self, host: &str, service: &str) -> Option<HostView> {
+    fn host_in(&self, host: &str, service: &str, slot: Slot) -> Option<HostView> {
         let h = self.registry.get(host)?;
         Some(HostView {
             heartbeat_interval_ms: h.heartbeat_interval_ms,
             heartbeat_sequence: h.heartbeat_sequence,
-            health: h.health.into_iter().find(|s| s.service == service),
+            health: h
+                .health
+                .into_iter()
+                .find(|s| s.service == service && s.slot() == slot),
         })
     }
 

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use drover_common::proto::{
-    ArtifactSignature, Command, CommandStatus, CommandUpdate, ServiceHealth, command,
+    ArtifactSignature, Command, CommandStatus, CommandUpdate, ServiceHealth, Slot, command,
 };
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -216,7 +216,7 @@ impl Effects for FakeFleet {
         Ok(update)
     }
 
-    fn host(&self, host: &str, service: &str) -> Option<HostView> {
+    fn host_in(&self, host: &str, service: &str, _slot: Slot) -> Option<HostView> {
         let hosts = self.hosts.lock().unwrap();
         let h = hosts.get(host)?;
         let beats = h.since.elapsed().as_millis() / HEARTBEAT.as_millis();

@@ -5,9 +5,9 @@
 //!    task loads the record and takes [`Machine::resume_actions`] of its
 //!    state: the effect that state calls for.
 //! 2. It runs that effect ([`Action::RunBatch`] in [`batch`], [`canary`]
-//!    for a canary step; [`Action::RollBack`] in [`rollback`]; the waits
-//!    for an approval or a person here) and turns its outcome into an
-//!    [`Event`].
+//!    for a canary step, [`blue_green`] for a blue-green stage;
+//!    [`Action::RollBack`] in [`rollback`]; the waits for an approval or a
+//!    person here) and turns its outcome into an [`Event`].
 //! 3. The ledger applies the event to the record *as it is now* (a control
 //!    may have changed it meanwhile) with a compare-and-swap that also
 //!    carries the transition's ledger writes and audit. The transition's
@@ -26,6 +26,7 @@
 
 mod baseline;
 mod batch;
+mod blue_green;
 mod canary;
 pub mod effects;
 mod rollback;
@@ -160,10 +161,7 @@ impl Driver {
                 }
                 Action::RollBack => Some(self.roll_back(id, term.epoch).await?),
                 Action::AwaitApproval { stage } => self.await_approval(id, *stage, &wake).await?,
-                Action::AwaitHuman => {
-                    wake.notified().await;
-                    None
-                }
+                Action::AwaitHuman => self.await_human(id, &wake).await?,
                 ledger => unreachable!("ledger action {ledger:?} is written, not run"),
             };
             next = match outcome {
@@ -202,6 +200,17 @@ impl Driver {
                 Ok(self.ledger.load(id).await?.0.machine.resume_actions())
             }
         }
+    }
+
+    /// Waits for a person (resume, promote, abort, rollback); a blue-green
+    /// promotion is waited for within its limit, then its stated outcome.
+    async fn await_human(&self, id: &str, wake: &Notify) -> Result<Option<Event>, DeployError> {
+        let (rec, _) = self.ledger.load(id).await?;
+        if let Some(outcome) = self.promotion_timeout(&rec, wake).await {
+            return Ok(outcome);
+        }
+        wake.notified().await;
+        Ok(None)
     }
 
     /// Waits for the approvals of `stage`: `None` when woken (the state

@@ -8,7 +8,8 @@
 //! host whose stage names a router is drained around its rollback and made
 //! ready once it is back ([`super::traffic`]), so a rollback drops no
 //! requests either and a host left drained by its failed restart takes
-//! traffic again once it runs the old release.
+//! traffic again once it runs the old release. A blue-green stage switches
+//! its traffic back instead ([`super::blue_green`], rule 5).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,6 +79,8 @@ impl Driver {
         while let Some(done) = tasks.join_next().await {
             results.push(done.expect("rollback task does not panic"));
         }
+        // Blue-green stages switch back (no restart while the old slot runs).
+        results.extend(self.roll_back_blue_green(id, epoch).await?);
         self.ledger
             .update(
                 id,

@@ -1,0 +1,372 @@
+//! Blue-green deploys end to end (issue 14): real agents run the sample
+//! service in two slots per host, a real haproxy on loopback holds a
+//! `<host>-blue` and a `<host>-green` server per host in its main backend
+//! and in a preview backend, and the coordinator moves traffic through
+//! haproxy's runtime API. Every request is real and counted.
+
+use std::time::Duration;
+
+use drover_common::proto::{
+    AuditKind, DeployPhase, GetAuditRequest, ListEnvironmentsRequest, Slot,
+};
+use drover_tests::haproxy::{HaproxyLb, LoadSeen, steady_load};
+use drover_tests::sample_fleet::SampleFleet;
+use drover_tests::{free_port, wait_until_ok};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Hosts whose two slots sit behind one haproxy.
+struct BlueGreenFleet {
+    f: SampleFleet,
+    lb: HaproxyLb,
+    /// Per host, its (blue, green) ports.
+    slots: Vec<(u16, u16)>,
+}
+
+impl BlueGreenFleet {
+    /// `n` agents (`web-0`..) with slot ports for the sample service, and
+    /// haproxy with backends "web" (frontend 0) and "web-preview"
+    /// (frontend 1) of every slot.
+    async fn start(n: usize) -> BlueGreenFleet {
+        let slots: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let flags = slots.clone();
+        let f = SampleFleet::start_with(n, 0, move |i| {
+            let (blue, green) = flags[i];
+            vec!["--slot-ports".into(), format!("hello={blue},{green}")]
+        })
+        .await;
+        let names: Vec<(String, u16)> = f
+            .ports
+            .iter()
+            .zip(&slots)
+            .flat_map(|((h, _), (blue, green))| {
+                [(format!("{h}-blue"), *blue), (format!("{h}-green"), *green)]
+            })
+            .collect();
+        let servers: Vec<(&str, u16, u32)> =
+            names.iter().map(|(n, p)| (n.as_str(), *p, 100)).collect();
+        let lb = HaproxyLb::start_backends(&f.dir, &[("web", &servers), ("web-preview", &servers)])
+            .await;
+        BlueGreenFleet { f, lb, slots }
+    }
+
+    /// Applies the blue-green pipeline with `settings` in its blue_green table.
+    fn apply(&self, settings: &str, stuck_ms: u32) {
+        self.f.apply(&format!(
+            "name = \"hello-bg\"\nservice = \"hello\"\n\n[[stages]]\nname = \"prod\"\n\
+             selector = \"env=prod\"\nbatch_size = 1\nstuck_timeout_ms = {stuck_ms}\n\
+             strategy = \"STRATEGY_BLUE_GREEN\"\n\
+             gate = {{ samples = 2, bad_samples = 1, inconclusive = \"INCONCLUSIVE_POLICY_PASS\" }}\n\
+             router = {{ haproxy = \"unix:{}\", backend = \"web\" }}\n\
+             blue_green = {{ preview_backend = \"web-preview\", {settings} }}\n",
+            self.lb.socket.display()
+        ));
+    }
+
+    /// Who answers `n` requests through frontend `fe` (0 main, 1 preview).
+    async fn answers(&self, fe: usize, n: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let r = drover_tests::http_get_status(self.lb.frontends[fe], "/version").await;
+            out.push(match r {
+                Ok((200, body)) => body.trim().to_string(),
+                other => format!("{other:?}"),
+            });
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// How many times host `i`'s `slot` started `version`.
+    fn slot_starts(&self, i: usize, slot: &str, version: &str) -> usize {
+        let log = self.f.dir.path().join(format!(
+            "agent-web-{i}/services/hello/slots/{slot}/logs/service.log"
+        ));
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .matches(&format!("drover-sample {version} listening"))
+            .count()
+    }
+
+    /// Whether anything answers on host `i`'s `blue` (or green) port.
+    async fn slot_answers(&self, i: usize, blue: bool) -> bool {
+        let port = if blue {
+            self.slots[i].0
+        } else {
+            self.slots[i].1
+        };
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        drover_tests::http_get_status(addr, "/healthz")
+            .await
+            .is_ok()
+    }
+
+    async fn live_slot(&self) -> Slot {
+        let envs = self
+            .f
+            .coord
+            .deployer()
+            .await
+            .list_environments(ListEnvironmentsRequest {
+                pipeline: "hello-bg".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .environments;
+        envs[0].live_slot()
+    }
+
+    /// Runs `during` under steady load through the main frontend.
+    async fn under_load<F: std::future::Future<Output = T>, T>(&self, during: F) -> (T, LoadSeen) {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let load = tokio::spawn(steady_load(self.lb.frontend, "/version", stop_rx));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let out = during.await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _ = stop_tx.send(true);
+        (out, load.await.unwrap())
+    }
+}
+
+fn deploy(f: &SampleFleet, digest: &str) -> (i32, String, String) {
+    tokio::task::block_in_place(|| f.deploy_through("hello-bg", digest))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blue_green_switches_every_host_at_once_and_a_rollback_is_an_instant_switch_back() {
+    let bg = BlueGreenFleet::start(2).await;
+    let f = &bg.f;
+    bg.apply("scale_down_delay_ms = 500", 20_000);
+    // A first deploy starts in green.
+    let v1 = f.push("v1", &[]);
+    let (code, out, err) = deploy(f, &v1);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(bg.answers(0, 20).await, ["v1"]);
+    assert_eq!(bg.live_slot().await, Slot::Green);
+
+    // v2 in blue under steady load: no request fails, green is stopped
+    // after the scale-down delay.
+    let v2 = f.push("v2", &[]);
+    let ((code, out, err), seen) = bg.under_load(async { deploy(f, &v2) }).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    eprintln!("v1 → v2 under load: {seen:?}");
+    assert_eq!(seen.failed, 0, "{seen:?}");
+    assert!(seen.ok() > 50, "the load ran throughout: {seen:?}");
+    assert_eq!(bg.answers(0, 20).await, ["v2"]);
+    assert_eq!(bg.live_slot().await, Slot::Blue);
+    for i in 0..2 {
+        assert!(
+            !bg.slot_answers(i, false).await,
+            "web-{i}'s green is stopped"
+        );
+        assert_eq!(bg.slot_starts(i, "blue", "v2"), 1);
+    }
+
+    // v3 in green, kept warm for a minute: a rollback during the delay
+    // switches back at once, with no process restarted.
+    bg.apply("scale_down_delay_ms = 60000", 20_000);
+    let v3 = f.push("v3", &[]);
+    let id = f.coord.start_deploy("hello-bg", &v3).await;
+    wait_until_ok("every host switched to green", WAIT, || async {
+        let d = f.coord.get_deploy(&id).await;
+        d.blue_green
+            .first()
+            .is_some_and(|s| s.switched_hosts.len() == 2)
+            && d.batch == 2
+            && d.phase() == DeployPhase::Rolling
+    })
+    .await;
+    assert_eq!(bg.answers(0, 20).await, ["v3"]);
+    for i in 0..2 {
+        assert!(
+            bg.slot_answers(i, true).await,
+            "web-{i}'s blue is kept warm"
+        );
+    }
+    let (_, seen) = bg
+        .under_load(async {
+            let (code, out, err) = f
+                .coord
+                .droverctl(&["deploy", "rollback", &id, "--reason", "bad v3"]);
+            assert_eq!(code, 0, "{out}\n{err}");
+            f.coord.wait_phase(&id, DeployPhase::RolledBack).await
+        })
+        .await;
+    eprintln!("switch back under load: {seen:?}");
+    assert_eq!(seen.failed, 0, "{seen:?}");
+    assert_eq!(bg.answers(0, 20).await, ["v2"]);
+    assert_eq!(bg.live_slot().await, Slot::Blue);
+    for i in 0..2 {
+        assert_eq!(
+            bg.slot_starts(i, "blue", "v2"),
+            1,
+            "web-{i}'s blue never restarted"
+        );
+        assert!(
+            !bg.slot_answers(i, false).await,
+            "web-{i}'s green is stopped"
+        );
+    }
+
+    // The audit has every switch, each server's state and weight before
+    // and after.
+    let events = f
+        .coord
+        .deployer()
+        .await
+        .get_audit(GetAuditRequest {
+            service: "hello".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let switches: Vec<&str> = events
+        .iter()
+        .filter(|e| e.event() == AuditKind::TrafficSwitched)
+        .map(|e| e.message.as_str())
+        .collect();
+    assert_eq!(switches.len(), 4, "{switches:#?}");
+    let back = events
+        .iter()
+        .rfind(|e| e.event() == AuditKind::TrafficSwitched)
+        .unwrap();
+    assert!(
+        back.message.contains("switched back to blue"),
+        "{}",
+        back.message
+    );
+    let blue = back
+        .traffic
+        .iter()
+        .find(|c| c.server == "web-0-blue")
+        .unwrap();
+    assert_eq!(
+        (blue.state_before.as_str(), blue.state_after.as_str()),
+        ("drain", "ready"),
+        "{back:?}"
+    );
+    assert_eq!((blue.weight_before, blue.weight_after), (100, 100));
+    let green = back
+        .traffic
+        .iter()
+        .find(|c| c.server == "web-1-green")
+        .unwrap();
+    assert_eq!(
+        (green.state_before.as_str(), green.state_after.as_str()),
+        ("ready", "drain")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_slot_that_never_gets_ready_or_cannot_bind_moves_no_traffic() {
+    let bg = BlueGreenFleet::start(2).await;
+    let f = &bg.f;
+    bg.apply("scale_down_delay_ms = 300", 3_000);
+    let v1 = f.push("v1", &[]);
+    let (code, out, err) = deploy(f, &v1);
+    assert_eq!(code, 0, "{out}\n{err}");
+
+    // v2 is never ready: the deploy fails before the switch, traffic never
+    // leaves v1 and the half-started blue slots are stopped.
+    let v2 = f.push("v2", &["--unready"]);
+    let ((code, out, err), seen) = bg.under_load(async { deploy(f, &v2) }).await;
+    assert_eq!(code, 2, "rolled back: {out}\n{err}");
+    assert_eq!(seen.failed, 0, "{seen:?}");
+    assert_eq!(seen.answered.keys().collect::<Vec<_>>(), ["v1"]);
+    let d = f.coord.latest_deploy("hello-bg").await;
+    assert!(
+        d.reason.contains("not ready in the blue slot")
+            && d.reason.contains("traffic stays on green"),
+        "{}",
+        d.reason
+    );
+    for i in 0..2 {
+        assert!(!bg.slot_answers(i, true).await, "web-{i}'s blue is stopped");
+    }
+
+    // Another process holds web-1's blue port: the deploy fails naming it.
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", bg.slots[1].0)).unwrap();
+    let v3 = f.push("v3", &[]);
+    let (code, out, err) = deploy(f, &v3);
+    assert_ne!(code, 0, "{out}\n{err}");
+    let d = f.coord.latest_deploy("hello-bg").await;
+    assert!(
+        d.reason.contains(&format!(
+            "port {} of hello's blue slot is in use",
+            bg.slots[1].0
+        )),
+        "{}",
+        d.reason
+    );
+    assert_eq!(bg.answers(0, 20).await, ["v1"]);
+    drop(squatter);
+
+    // A blue-green stage without a router is refused when applied.
+    let path = f.dir.path().join("no-router.toml");
+    std::fs::write(
+        &path,
+        "name = \"hello-bg\"\nservice = \"hello\"\n\n[[stages]]\nname = \"prod\"\n\
+         selector = \"env=prod\"\nbatch_size = 1\nstrategy = \"STRATEGY_BLUE_GREEN\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = f
+        .coord
+        .droverctl(&["pipeline", "apply", "-f", path.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("stages[0].router"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_promotion_holds_with_the_new_slot_on_the_preview_until_promoted_or_timed_out() {
+    let bg = BlueGreenFleet::start(2).await;
+    let f = &bg.f;
+    bg.apply("scale_down_delay_ms = 300", 20_000);
+    let v1 = f.push("v1", &[]);
+    let (code, out, err) = deploy(f, &v1);
+    assert_eq!(code, 0, "{out}\n{err}");
+
+    let gate = "pre_promotion = { samples = 2, bad_samples = 1, inconclusive = \"INCONCLUSIVE_POLICY_PASS\" }";
+    bg.apply(
+        &format!("scale_down_delay_ms = 300, manual_promotion = true, {gate}"),
+        20_000,
+    );
+    let v2 = f.push("v2", &[]);
+    let id = f.coord.start_deploy("hello-bg", &v2).await;
+    let held = f.coord.wait_phase(&id, DeployPhase::Paused).await;
+    assert!(
+        held.reason.contains("waiting for promote"),
+        "{}",
+        held.reason
+    );
+    // Testers see v2 on the preview; users still get v1.
+    assert_eq!(bg.answers(1, 20).await, ["v2"]);
+    assert_eq!(bg.answers(0, 20).await, ["v1"]);
+    let (code, out, err) = f.coord.droverctl(&["deploy", "promote", &id]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    f.coord.wait_phase(&id, DeployPhase::Complete).await;
+    assert_eq!(bg.answers(0, 20).await, ["v2"]);
+
+    // Nobody promotes v3 within its limit: rolled back as the pipeline
+    // says, traffic never left v2.
+    bg.apply(
+        &format!(
+            "scale_down_delay_ms = 300, manual_promotion = true, promotion_timeout_ms = 1500, \
+             on_promotion_timeout = \"APPROVAL_TIMEOUT_OUTCOME_ROLLBACK\""
+        ),
+        20_000,
+    );
+    let v3 = f.push("v3", &[]);
+    let id = f.coord.start_deploy("hello-bg", &v3).await;
+    let d = f.coord.wait_phase(&id, DeployPhase::RolledBack).await;
+    assert!(
+        d.reason.contains("nobody promoted stage prod"),
+        "{}",
+        d.reason
+    );
+    assert_eq!(bg.answers(0, 20).await, ["v2"]);
+    assert_eq!(bg.live_slot().await, Slot::Blue);
+}
