@@ -370,3 +370,50 @@ async fn manual_promotion_holds_with_the_new_slot_on_the_preview_until_promoted_
     assert_eq!(bg.answers(0, 20).await, ["v2"]);
     assert_eq!(bg.live_slot().await, Slot::Blue);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_coordinator_puts_the_recorded_traffic_back_and_finishes() {
+    use drover_coordinator::router::haproxy::{Haproxy, RuntimeAddr};
+    use drover_coordinator::router::{Router, ServerState};
+
+    let mut bg = BlueGreenFleet::start(2).await;
+    bg.apply("scale_down_delay_ms = 3000", 20_000);
+    let v1 = bg.f.push("v1", &[]);
+    let (code, out, err) = deploy(&bg.f, &v1);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let v2 = bg.f.push("v2", &[]);
+    let id = bg.f.coord.start_deploy("hello-bg", &v2).await;
+    wait_until_ok("every host switched to blue", WAIT, || async {
+        let d = bg.f.coord.get_deploy(&id).await;
+        d.blue_green.first().is_some_and(|s| s.switched_hosts.len() == 2) && d.batch == 2
+    })
+    .await;
+    assert_eq!(bg.answers(0, 20).await, ["v2"]);
+
+    // The coordinator dies during the scale-down delay, and meanwhile
+    // someone sends the traffic back to green by hand.
+    let addr = bg.f.coord.addr;
+    bg.f.coord.child.signal(nix::sys::signal::Signal::SIGKILL);
+    bg.f.coord.child.wait_exit(Duration::from_secs(5)).await;
+    let router = Haproxy::new(RuntimeAddr::Unix(bg.lb.socket.clone()));
+    for host in ["web-0", "web-1"] {
+        let green = format!("{host}-green");
+        let blue = format!("{host}-blue");
+        router.set_state("web", &green, ServerState::Ready).await.unwrap();
+        router.set_state("web", &blue, ServerState::Maint).await.unwrap();
+    }
+    assert_eq!(bg.answers(0, 20).await, ["v1"]);
+
+    // Started again, it re-asserts what the record says, then finishes.
+    bg.f.coord = drover_tests::Coordinator::start_on(&bg.f.dir, "coord", addr, &[]).await;
+    wait_until_ok("the recorded traffic re-asserted", WAIT, || async {
+        bg.answers(0, 10).await == ["v2"]
+    })
+    .await;
+    bg.f.coord.wait_phase(&id, DeployPhase::Complete).await;
+    assert_eq!(bg.answers(0, 20).await, ["v2"]);
+    assert_eq!(bg.live_slot().await, Slot::Blue);
+    for i in 0..2 {
+        assert!(!bg.slot_answers(i, false).await, "web-{i}'s green is stopped");
+    }
+}
