@@ -7,6 +7,7 @@
 //! - [`Coordinator`], [`Agent`], [`Etcd`]: start one, wait until it serves.
 //! - [`Cluster`]: etcd plus several coordinators; leaders, shares, metrics.
 //! - [`sample_fleet`]: a coordinator and agents running the sample service under load.
+//! - [`haproxy`]: a real haproxy on loopback; [`blue_green`]: slot agents behind it.
 //! - [`wait_until`]: poll a condition with a deadline; never a bare sleep.
 //! - [`bins`]: where the binaries are (built once per test process).
 //! - [`users`]: a real unprivileged user per test (`useradd`, removed on drop).
@@ -15,6 +16,7 @@
 
 pub mod artifacts;
 pub mod bins;
+pub mod blue_green;
 pub mod cluster;
 pub mod cluster_fleet;
 pub mod commands;

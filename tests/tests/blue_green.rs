@@ -6,129 +6,12 @@
 
 use std::time::Duration;
 
-use drover_common::proto::{
-    AuditKind, DeployPhase, GetAuditRequest, ListEnvironmentsRequest, Slot,
-};
-use drover_tests::haproxy::{HaproxyLb, LoadSeen, steady_load};
+use drover_common::proto::{AuditKind, DeployPhase, GetAuditRequest, Slot};
+use drover_tests::blue_green::BlueGreenFleet;
 use drover_tests::sample_fleet::SampleFleet;
-use drover_tests::{free_port, wait_until_ok};
+use drover_tests::wait_until_ok;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// Hosts whose two slots sit behind one haproxy.
-struct BlueGreenFleet {
-    f: SampleFleet,
-    lb: HaproxyLb,
-    /// Per host, its (blue, green) ports.
-    slots: Vec<(u16, u16)>,
-}
-
-impl BlueGreenFleet {
-    /// `n` agents (`web-0`..) with slot ports for the sample service, and
-    /// haproxy with backends "web" (frontend 0) and "web-preview"
-    /// (frontend 1) of every slot.
-    async fn start(n: usize) -> BlueGreenFleet {
-        let slots: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
-        let flags = slots.clone();
-        let f = SampleFleet::start_with(n, 0, move |i| {
-            let (blue, green) = flags[i];
-            vec!["--slot-ports".into(), format!("hello={blue},{green}")]
-        })
-        .await;
-        let names: Vec<(String, u16)> = f
-            .ports
-            .iter()
-            .zip(&slots)
-            .flat_map(|((h, _), (blue, green))| {
-                [(format!("{h}-blue"), *blue), (format!("{h}-green"), *green)]
-            })
-            .collect();
-        let servers: Vec<(&str, u16, u32)> =
-            names.iter().map(|(n, p)| (n.as_str(), *p, 100)).collect();
-        let lb = HaproxyLb::start_backends(&f.dir, &[("web", &servers), ("web-preview", &servers)])
-            .await;
-        BlueGreenFleet { f, lb, slots }
-    }
-
-    /// Applies the blue-green pipeline with `settings` in its blue_green table.
-    fn apply(&self, settings: &str, stuck_ms: u32) {
-        self.f.apply(&format!(
-            "name = \"hello-bg\"\nservice = \"hello\"\n\n[[stages]]\nname = \"prod\"\n\
-             selector = \"env=prod\"\nbatch_size = 1\nstuck_timeout_ms = {stuck_ms}\n\
-             strategy = \"STRATEGY_BLUE_GREEN\"\n\
-             gate = {{ samples = 2, bad_samples = 1, inconclusive = \"INCONCLUSIVE_POLICY_PASS\" }}\n\
-             router = {{ haproxy = \"unix:{}\", backend = \"web\" }}\n\
-             blue_green = {{ preview_backend = \"web-preview\", {settings} }}\n",
-            self.lb.socket.display()
-        ));
-    }
-
-    /// Who answers `n` requests through frontend `fe` (0 main, 1 preview).
-    async fn answers(&self, fe: usize, n: usize) -> Vec<String> {
-        let mut out = Vec::new();
-        for _ in 0..n {
-            let r = drover_tests::http_get_status(self.lb.frontends[fe], "/version").await;
-            out.push(match r {
-                Ok((200, body)) => body.trim().to_string(),
-                other => format!("{other:?}"),
-            });
-        }
-        out.sort();
-        out.dedup();
-        out
-    }
-
-    /// How many times host `i`'s `slot` started `version`.
-    fn slot_starts(&self, i: usize, slot: &str, version: &str) -> usize {
-        let log = self.f.dir.path().join(format!(
-            "agent-web-{i}/services/hello/slots/{slot}/logs/service.log"
-        ));
-        std::fs::read_to_string(log)
-            .unwrap_or_default()
-            .matches(&format!("drover-sample {version} listening"))
-            .count()
-    }
-
-    /// Whether anything answers on host `i`'s `blue` (or green) port.
-    async fn slot_answers(&self, i: usize, blue: bool) -> bool {
-        let port = if blue {
-            self.slots[i].0
-        } else {
-            self.slots[i].1
-        };
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        drover_tests::http_get_status(addr, "/healthz")
-            .await
-            .is_ok()
-    }
-
-    async fn live_slot(&self) -> Slot {
-        let envs = self
-            .f
-            .coord
-            .deployer()
-            .await
-            .list_environments(ListEnvironmentsRequest {
-                pipeline: "hello-bg".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .environments;
-        envs[0].live_slot()
-    }
-
-    /// Runs `during` under steady load through the main frontend.
-    async fn under_load<F: std::future::Future<Output = T>, T>(&self, during: F) -> (T, LoadSeen) {
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let load = tokio::spawn(steady_load(self.lb.frontend, "/version", stop_rx));
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let out = during.await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let _ = stop_tx.send(true);
-        (out, load.await.unwrap())
-    }
-}
 
 fn deploy(f: &SampleFleet, digest: &str) -> (i32, String, String) {
     tokio::task::block_in_place(|| f.deploy_through("hello-bg", digest))
@@ -385,7 +268,10 @@ async fn a_restarted_coordinator_puts_the_recorded_traffic_back_and_finishes() {
     let id = bg.f.coord.start_deploy("hello-bg", &v2).await;
     wait_until_ok("every host switched to blue", WAIT, || async {
         let d = bg.f.coord.get_deploy(&id).await;
-        d.blue_green.first().is_some_and(|s| s.switched_hosts.len() == 2) && d.batch == 2
+        d.blue_green
+            .first()
+            .is_some_and(|s| s.switched_hosts.len() == 2)
+            && d.batch == 2
     })
     .await;
     assert_eq!(bg.answers(0, 20).await, ["v2"]);
@@ -399,8 +285,14 @@ async fn a_restarted_coordinator_puts_the_recorded_traffic_back_and_finishes() {
     for host in ["web-0", "web-1"] {
         let green = format!("{host}-green");
         let blue = format!("{host}-blue");
-        router.set_state("web", &green, ServerState::Ready).await.unwrap();
-        router.set_state("web", &blue, ServerState::Maint).await.unwrap();
+        router
+            .set_state("web", &green, ServerState::Ready)
+            .await
+            .unwrap();
+        router
+            .set_state("web", &blue, ServerState::Maint)
+            .await
+            .unwrap();
     }
     assert_eq!(bg.answers(0, 20).await, ["v1"]);
 
@@ -414,6 +306,9 @@ async fn a_restarted_coordinator_puts_the_recorded_traffic_back_and_finishes() {
     assert_eq!(bg.answers(0, 20).await, ["v2"]);
     assert_eq!(bg.live_slot().await, Slot::Blue);
     for i in 0..2 {
-        assert!(!bg.slot_answers(i, false).await, "web-{i}'s green is stopped");
+        assert!(
+            !bg.slot_answers(i, false).await,
+            "web-{i}'s green is stopped"
+        );
     }
 }

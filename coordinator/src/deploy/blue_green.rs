@@ -7,12 +7,20 @@
 //! `<host>-blue` and `<host>-green`. One slot is *live* (its servers
 //! ready); the deploy starts the new release in the other.
 //!
+//! A weighted canary (`STRATEGY_WEIGHTED_CANARY`) is the same stage with
+//! a step per canary share before the switch: `to` takes that share of
+//! the backend's traffic through server weights, judged by the canary
+//! analysis (`to` against `from` on every host).
+//!
 //! ```text
-//! plan entries:  [StandUp: all hosts] [Switch: wave 1] … [Switch: wave n] [ScaleDown: all hosts]
+//! plan entries:  [StandUp: all hosts] [Weight: 1%] … [Weight: 25%] (weighted canary only)
+//!                [Switch: wave 1] … [Switch: wave n] [ScaleDown: all hosts]
 //!
 //! StandUp    start `to` on every host → preview backend: `to` ready →
 //!            pre-promotion gate (`to` against `from`) → promotion
 //!            (automatic, or a hold until promoted by hand / its timeout)
+//! Weight     record the share, then weights: `to` servers share%, `from`
+//!            servers the rest → bake, judged by the canary analysis
 //! Switch     record the wave's hosts as switched, then per host: `to`
 //!            ready, `from` drain → post-promotion gate on `to`
 //! ScaleDown  wait until the scale-down delay has passed since the last
@@ -79,6 +87,8 @@ pub fn server_name(host: &str, color: Color) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     StandUp,
+    /// The `n`th share of a weighted canary (0-based).
+    Weight(usize),
     /// The `n`th switch (0-based; one per wave, or one for all hosts).
     Switch(usize),
     ScaleDown,
@@ -94,6 +104,20 @@ pub struct BlueGreenStage {
     pub to: Color,
     /// Switch steps in the plan (one per wave, at least one).
     pub switches: usize,
+    /// A weighted canary's shares of the traffic (percent), in order, and
+    /// the bake of each (ms); empty for plain blue-green.
+    #[serde(default)]
+    pub shares: Vec<u32>,
+    #[serde(default)]
+    pub bakes: Vec<u32>,
+    /// The share of traffic `to` is meant to take now (0: none, or all
+    /// once switched).
+    #[serde(default)]
+    pub share: u32,
+    /// Each server's weight before the deploy changed any (read once, at
+    /// the first weighted step): what a switch or rollback restores.
+    #[serde(default)]
+    pub weights: BTreeMap<String, u32>,
     /// Hosts whose `to` slot answered ready, with the last heartbeat
     /// sequence seen then: its evidence is what comes after.
     pub started: BTreeMap<String, u64>,
@@ -118,6 +142,10 @@ impl BlueGreenStage {
             from: live,
             to: live.other(),
             switches: switches.max(1),
+            shares: Vec::new(),
+            bakes: Vec::new(),
+            share: 0,
+            weights: BTreeMap::new(),
             started: BTreeMap::new(),
             restarts_before: BTreeMap::new(),
             switched: Vec::new(),
@@ -129,28 +157,48 @@ impl BlueGreenStage {
 
     /// The step plan entry `batch` is.
     pub fn step(&self, batch: usize) -> Step {
+        let weighted = self.shares.len();
         match batch {
             0 => Step::StandUp,
-            b if b <= self.switches => Step::Switch(b - 1),
+            b if b <= weighted => Step::Weight(b - 1),
+            b if b <= weighted + self.switches => Step::Switch(b - weighted - 1),
             _ => Step::ScaleDown,
         }
     }
 
-    /// The state `host`'s two servers should be in, in the stage's main
-    /// backend: the live one ready; the other drained while it is warm
-    /// (an instant switch back), in maintenance when it is not running.
-    pub fn intended(&self, host: &str) -> [(Color, ServerState); 2] {
+    /// The state (and weight, when the deploy changes it) `host`'s two
+    /// servers should be in, in the stage's main backend: the live one
+    /// ready; the other drained while it is warm (an instant switch back),
+    /// in maintenance when it is not running. During a weighted step both
+    /// are ready, weighted by the share.
+    pub fn intended(&self, host: &str) -> [Intent; 2] {
+        let (from, to) = (server_name(host, self.from), server_name(host, self.to));
+        let weight =
+            |server: &str, percent: u32| self.weights.get(server).map(|w| scaled(*w, percent));
+        let full = |server: &str| self.weights.get(server).copied();
         if self.switched.iter().any(|h| h == host) {
             let old = if self.scaled_down {
                 ServerState::Maint
             } else {
                 ServerState::Drain
             };
-            [(self.to, ServerState::Ready), (self.from, old)]
+            [
+                Intent::new(self.to, ServerState::Ready, full(&to)),
+                Intent::new(self.from, old, full(&from)),
+            ]
+        } else if self.share > 0 {
+            [
+                Intent::new(
+                    self.from,
+                    ServerState::Ready,
+                    weight(&from, 100 - self.share),
+                ),
+                Intent::new(self.to, ServerState::Ready, weight(&to, self.share)),
+            ]
         } else {
             [
-                (self.from, ServerState::Ready),
-                (self.to, ServerState::Maint),
+                Intent::new(self.from, ServerState::Ready, full(&from)),
+                Intent::new(self.to, ServerState::Maint, full(&to)),
             ]
         }
     }
@@ -167,6 +215,7 @@ impl BlueGreenStage {
     pub fn rolled_back(&mut self) {
         self.switched.clear();
         self.scaled_down = false;
+        self.share = 0;
     }
 
     /// The slot live once the stage passed.
@@ -175,14 +224,41 @@ impl BlueGreenStage {
     }
 }
 
+/// What one of a host's servers should be: its slot's state, and its
+/// weight when the deploy sets one (None: leave it as it is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Intent {
+    pub color: Color,
+    pub state: ServerState,
+    pub weight: Option<u32>,
+}
+
+impl Intent {
+    fn new(color: Color, state: ServerState, weight: Option<u32>) -> Intent {
+        Intent {
+            color,
+            state,
+            weight,
+        }
+    }
+}
+
+/// `percent` of a server's `weight`, at least 1 so a share never starves
+/// a ready server entirely (HAProxy weights are 0..=256).
+pub fn scaled(weight: u32, percent: u32) -> u32 {
+    ((u64::from(weight) * u64::from(percent)).div_ceil(100) as u32).clamp(1, 256)
+}
+
 /// The plan of a blue-green stage over `hosts`: standing up on every host,
-/// one switch per wave (`waves`: the hosts of each, in order; none: one
-/// switch of all), scaling down on every host.
-pub fn plan(hosts: &[String], waves: &[Vec<String>]) -> Vec<Vec<String>> {
+/// a step per weighted canary share (`shares`, on every host), one switch
+/// per wave (`waves`: the hosts of each, in order; none: one switch of
+/// all), scaling down on every host.
+pub fn plan(hosts: &[String], shares: usize, waves: &[Vec<String>]) -> Vec<Vec<String>> {
     if hosts.is_empty() {
         return Vec::new();
     }
     let mut entries = vec![hosts.to_vec()];
+    entries.extend((0..shares).map(|_| hosts.to_vec()));
     let waved: Vec<&Vec<String>> = waves.iter().filter(|w| !w.is_empty()).collect();
     if waved.is_empty() {
         entries.push(hosts.to_vec());
@@ -211,10 +287,10 @@ mod tests {
     #[test]
     fn the_plan_stands_up_switches_per_wave_and_scales_down() {
         let all = hosts(4);
-        let one = plan(&all, &[]);
+        let one = plan(&all, 0, &[]);
         assert_eq!(one, vec![all.clone(), all.clone(), all.clone()]);
         let eu = vec!["web-0".to_string(), "web-1".to_string()];
-        let waved = plan(&all, &[eu.clone(), vec![]]);
+        let waved = plan(&all, 0, &[eu.clone(), vec![]]);
         assert_eq!(
             waved,
             vec![
@@ -225,7 +301,7 @@ mod tests {
             ],
             "hosts in no wave switch last"
         );
-        assert!(plan(&[], &[]).is_empty());
+        assert!(plan(&[], 0, &[]).is_empty());
         let bg = BlueGreenStage::new(Color::Blue, 2);
         let steps: Vec<Step> = (0..4).map(|b| bg.step(b)).collect();
         assert_eq!(
@@ -237,34 +313,94 @@ mod tests {
                 Step::ScaleDown
             ]
         );
+        // A weighted canary: a step per share before the switch.
+        assert_eq!(plan(&all, 3, &[]).len(), 6);
+        let mut weighted = BlueGreenStage::new(Color::Blue, 1);
+        weighted.shares = vec![1, 5, 25];
+        let steps: Vec<Step> = (0..6).map(|b| weighted.step(b)).collect();
+        assert_eq!(
+            steps,
+            [
+                Step::StandUp,
+                Step::Weight(0),
+                Step::Weight(1),
+                Step::Weight(2),
+                Step::Switch(0),
+                Step::ScaleDown
+            ]
+        );
+    }
+
+    /// (color, state, weight) of a host's two intents.
+    fn of(i: [Intent; 2]) -> [(Color, ServerState, Option<u32>); 2] {
+        i.map(|i| (i.color, i.state, i.weight))
     }
 
     #[test]
     fn the_intended_traffic_follows_the_recorded_progress() {
+        use ServerState::*;
         let mut bg = BlueGreenStage::new(Color::live(Slot::None), 1);
         assert_eq!((bg.from, bg.to), (Color::Blue, Color::Green));
-        let before = [
-            (Color::Blue, ServerState::Ready),
-            (Color::Green, ServerState::Maint),
-        ];
-        assert_eq!(bg.intended("web-0"), before);
+        let before = [(Color::Blue, Ready, None), (Color::Green, Maint, None)];
+        assert_eq!(of(bg.intended("web-0")), before);
         bg.switched.push("web-0".into());
         assert_eq!(
-            bg.intended("web-0"),
-            [
-                (Color::Green, ServerState::Ready),
-                (Color::Blue, ServerState::Drain)
-            ],
+            of(bg.intended("web-0")),
+            [(Color::Green, Ready, None), (Color::Blue, Drain, None)],
             "blue stays warm"
         );
-        assert_eq!(bg.intended("web-1"), before, "a host not yet switched");
+        assert_eq!(of(bg.intended("web-1")), before, "a host not yet switched");
         bg.scaled_down = true;
-        assert_eq!(bg.intended("web-0")[1], (Color::Blue, ServerState::Maint));
+        assert_eq!(of(bg.intended("web-0"))[1], (Color::Blue, Maint, None));
         bg.rolled_back();
-        assert_eq!(bg.intended("web-0"), before);
+        assert_eq!(of(bg.intended("web-0")), before);
         // The next deploy starts from green.
         let next = BlueGreenStage::new(Color::live(Slot::Green), 1);
         assert_eq!((next.from, next.to), (Color::Green, Color::Blue));
         assert_eq!(server_name("web-0", Color::Green), "web-0-green");
+    }
+
+    #[test]
+    fn a_weighted_step_splits_by_the_share_and_a_switch_or_rollback_restores_the_weights() {
+        use ServerState::*;
+        let mut bg = BlueGreenStage::new(Color::Blue, 1);
+        bg.shares = vec![1, 5, 25];
+        bg.weights = [
+            ("web-0-blue".to_string(), 100),
+            ("web-0-green".to_string(), 100),
+        ]
+        .into();
+        bg.share = 5;
+        assert_eq!(
+            of(bg.intended("web-0")),
+            [
+                (Color::Blue, Ready, Some(95)),
+                (Color::Green, Ready, Some(5))
+            ]
+        );
+        bg.share = 1;
+        assert_eq!(of(bg.intended("web-0"))[1], (Color::Green, Ready, Some(1)));
+        bg.switched.push("web-0".into());
+        assert_eq!(
+            of(bg.intended("web-0")),
+            [
+                (Color::Green, Ready, Some(100)),
+                (Color::Blue, Drain, Some(100))
+            ]
+        );
+        bg.rolled_back();
+        assert_eq!(
+            of(bg.intended("web-0")),
+            [
+                (Color::Blue, Ready, Some(100)),
+                (Color::Green, Maint, Some(100))
+            ],
+            "0% at once, weights as they were"
+        );
+        assert_eq!(
+            (scaled(100, 1), scaled(10, 1), scaled(256, 100)),
+            (1, 1, 256)
+        );
+        assert_eq!(scaled(200, 25), 50);
     }
 }

@@ -287,7 +287,10 @@ impl Deployments {
     pub async fn promote(&self, id: &str, who: &str) -> Result<DeployRecord, DeployError> {
         let (rec, _) = self.ledger.load(id).await?;
         let (stage, step) = (rec.machine.stage, rec.machine.batch);
-        let blue_green = rec.blue_green_step(stage, step) == Some(Step::StandUp);
+        let blue_green = matches!(
+            rec.blue_green_step(stage, step),
+            Some(Step::StandUp | Step::Weight(_))
+        );
         if !matches!(rec.machine.phase, Phase::Rolling | Phase::Paused)
             || !(rec.is_canary_step(stage, step) || blue_green)
         {

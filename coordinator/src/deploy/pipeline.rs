@@ -318,7 +318,9 @@ pub fn validate(p: &Pipeline) -> Result<(), PipelineError> {
             }
         }
         match Strategy::try_from(s.strategy) {
-            Ok(Strategy::BlueGreen) => validate_blue_green(s, &at, &mut problems),
+            Ok(Strategy::BlueGreen | Strategy::WeightedCanary) => {
+                validate_blue_green(s, &at, &mut problems)
+            }
             Ok(Strategy::Rolling) => {
                 if s.blue_green.is_some() {
                     problems.push(format!(
@@ -600,11 +602,28 @@ fn validate_blue_green(s: &Stage, at: &dyn Fn(&str) -> String, problems: &mut Ve
             at("router")
         ));
     }
-    if s.canary.is_some() {
-        problems.push(format!(
-            "{}: a blue-green stage has no host canary (its pre-promotion gate judges the new slot)",
+    match (s.strategy(), &s.canary) {
+        (Strategy::BlueGreen, Some(_)) => problems.push(format!(
+            "{}: a blue-green stage has no host canary (its pre-promotion gate judges the new slot; STRATEGY_WEIGHTED_CANARY canaries by traffic)",
             at("canary")
-        ));
+        )),
+        (Strategy::WeightedCanary, None) => problems.push(format!(
+            "{}: a weighted canary needs its steps (percent of the traffic, e.g. 1, 5, 25)",
+            at("canary")
+        )),
+        (Strategy::WeightedCanary, Some(c)) => {
+            let mut last = 0;
+            for (k, step) in c.steps.iter().enumerate() {
+                if step.count > 0 || !(1..=99).contains(&step.percent) || step.percent <= last {
+                    problems.push(format!(
+                        "{}: a weighted canary's steps are rising percents of the traffic, 1 to 99 (no count)",
+                        at(&format!("canary.steps[{k}]"))
+                    ));
+                }
+                last = step.percent;
+            }
+        }
+        _ => {}
     }
     let Some(bg) = &s.blue_green else {
         return;

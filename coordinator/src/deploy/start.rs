@@ -54,16 +54,28 @@ pub fn new_record(d: NewDeploy<'_>) -> Option<(DeployRecord, Vec<Action>)> {
             .collect();
         // A first deploy has no baseline to judge a canary against (and no
         // release to roll back to): its stages roll in batches.
-        if stage.strategy() == Strategy::BlueGreen {
-            // Its waves switch one after another (blue_green.rs).
+        if matches!(
+            stage.strategy(),
+            Strategy::BlueGreen | Strategy::WeightedCanary
+        ) {
+            // Its shares of traffic come first, then its waves switch one
+            // after another (blue_green.rs). A first deploy has no old
+            // slot to share traffic with.
             let ids: Vec<String> = hosts.iter().map(|h| h.host_id.clone()).collect();
             let by_wave = plan_stage(&hosts, stage, None);
             let wave_hosts = &by_wave.entries[..by_wave.waves.len()];
-            let entries = blue_green::plan(&ids, wave_hosts);
+            let steps = match (&stage.canary, stage.strategy()) {
+                (Some(c), Strategy::WeightedCanary) if !d.known_good.is_empty() => c.steps.clone(),
+                _ => Vec::new(),
+            };
+            let entries = blue_green::plan(&ids, steps.len(), wave_hosts);
             if !entries.is_empty() {
                 let live = Color::live(d.live_slots.get(i).copied().unwrap_or(Slot::None));
-                let switches = entries.len() - 2;
-                blue_green.insert(i, BlueGreenStage::new(live, switches));
+                let switches = entries.len() - 2 - steps.len();
+                let mut bg = BlueGreenStage::new(live, switches);
+                bg.shares = steps.iter().map(|s| s.percent).collect();
+                bg.bakes = steps.iter().map(|s| s.bake_ms).collect();
+                blue_green.insert(i, bg);
             }
             plan.push(entries);
             canary_bakes.push(Vec::new());

@@ -252,6 +252,8 @@ impl Driver {
                     baseline,
                     fresh,
                     service: rec.service.clone(),
+                    bake_ms: u64::from(rec.canary_bakes[stage][batch]),
+                    slots: None,
                 })
                 .await;
         }

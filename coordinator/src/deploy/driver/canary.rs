@@ -14,12 +14,13 @@
 //! neither lets a bad canary serve a whole bake longer nor hides a crash
 //! loop that began before it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use drover_common::proto::{
     Analysis, AnalysisVerdict, BaselineKind, CanaryAnalysis, InconclusiveAction, MetricVerdict,
+    Slot,
 };
 use tracing::{info, warn};
 
@@ -79,7 +80,7 @@ struct Taken {
 }
 
 /// The canary step being baked.
-pub(super) struct Step<'a> {
+pub(in crate::deploy::driver) struct Step<'a> {
     pub id: &'a str,
     pub stage: usize,
     pub step: usize,
@@ -91,6 +92,22 @@ pub(super) struct Step<'a> {
     /// counts only after its restart, as the canary's.
     pub fresh: bool,
     pub service: String,
+    /// How long the step bakes (before extensions).
+    pub bake_ms: u64,
+    /// A weighted canary: the canary is each host's new slot, the baseline
+    /// its old slot (the cohort and the baseline are the same hosts).
+    pub slots: Option<SlotSides>,
+}
+
+/// A weighted canary's sides: which slot is judged against which, and
+/// where the new slot's evidence and restarts count from.
+pub(in crate::deploy::driver) struct SlotSides {
+    pub canary: Slot,
+    pub baseline: Slot,
+    /// Per host, the last heartbeat sequence when the new slot answered.
+    pub started_at_heartbeat: BTreeMap<String, u64>,
+    /// Per host, the new slot's restarts before it started.
+    pub restarts_before: BTreeMap<String, u32>,
 }
 
 /// How a look ended the step.
@@ -128,7 +145,7 @@ impl Driver {
             .unwrap_or_default();
         let manual = canary.manual_promotion;
         let analysis = canary.analysis.unwrap_or_default();
-        let bake_ms = u64::from(rec.canary_bakes[s.stage][s.step]);
+        let bake_ms = s.bake_ms;
         let look_every = s
             .cohort
             .iter()
@@ -143,18 +160,18 @@ impl Driver {
         // the next look's observations copy it only then (Arc::make_mut).
         let kept = self.ledger.evidence(s.id, (s.stage, s.step)).await?;
         let mut window = Arc::new(kept.as_ref().map(Window::restored).unwrap_or_default());
-        // What was last taken per host (an interval kept by an earlier
-        // leader is not taken again).
-        let mut seen: HashMap<String, Taken> = window
-            .canary
-            .iter()
-            .chain(&window.baseline)
-            .map(|(h, e)| {
+        // What was last taken per side and host (an interval kept by an
+        // earlier leader is not taken again).
+        let canary = window.canary.iter().map(|e| (true, e));
+        let baseline = window.baseline.iter().map(|e| (false, e));
+        let mut seen: HashMap<(bool, String), Taken> = canary
+            .chain(baseline)
+            .map(|(is_canary, (h, e))| {
                 let taken = Taken {
                     heartbeat: 0,
                     scrape: e.last_scrape,
                 };
-                (h.clone(), taken)
+                ((is_canary, h.clone()), taken)
             })
             .collect();
         let mut kept_at: Option<tokio::time::Instant> = None;
@@ -311,18 +328,26 @@ impl Driver {
         &self,
         s: &Step<'_>,
         window: &mut Window,
-        seen: &mut HashMap<String, Taken>,
+        seen: &mut HashMap<(bool, String), Taken>,
         rec: &crate::deploy::record::DeployRecord,
     ) {
         window.canary_not_ready.clear();
         window.canary_restarts.clear();
         for (hosts, is_canary) in [(&s.cohort, true), (&s.baseline, false)] {
+            let slot = match &s.slots {
+                Some(sides) if is_canary => sides.canary,
+                Some(sides) => sides.baseline,
+                None => Slot::None,
+            };
             for host in hosts.iter() {
-                let Some(h) = self.effects.host(host, &s.service) else {
+                let Some(h) = self.effects.host_in(host, &s.service, slot) else {
                     continue;
                 };
                 let restarted = if is_canary {
-                    rec.switched_at_heartbeat.get(host)
+                    match &s.slots {
+                        Some(sides) => sides.started_at_heartbeat.get(host),
+                        None => rec.switched_at_heartbeat.get(host),
+                    }
                 } else if s.fresh {
                     let f = rec.fresh_baselines.get(&s.stage);
                     match f.and_then(|f| f.restarted_at_heartbeat.get(host)) {
@@ -339,7 +364,11 @@ impl Driver {
                     if !health.ready {
                         window.canary_not_ready.push(host.clone());
                     }
-                    let before = rec.restarts_before.get(host).copied().unwrap_or(0);
+                    let before = match &s.slots {
+                        Some(sides) => sides.restarts_before.get(host),
+                        None => rec.restarts_before.get(host),
+                    };
+                    let before = before.copied().unwrap_or(0);
                     if health.restarts > before {
                         window
                             .canary_restarts
@@ -351,7 +380,7 @@ impl Driver {
                     heartbeat: h.heartbeat_sequence,
                     scrape: health.scrape,
                 };
-                let before = seen.insert(host.clone(), taken);
+                let before = seen.insert((is_canary, host.clone()), taken);
                 if before.is_some_and(|b| b.heartbeat == taken.heartbeat) {
                     continue; // no new heartbeat since the last look
                 }

@@ -52,7 +52,11 @@ where
 }
 
 /// Rules 1 and 2 for `server`.
-async fn drain(router: &dyn Router, target: &RouterTarget, server: &str) -> Result<(), String> {
+pub(super) async fn drain(
+    router: &dyn Router,
+    target: &RouterTarget,
+    server: &str,
+) -> Result<(), String> {
     let backend = &target.backend;
     router
         .set_state(backend, server, ServerState::Drain)

@@ -11,44 +11,54 @@
 //!    preview backend sends its traffic to `to`, the pre-promotion gate
 //!    judges `to` against `from`, and a manual promotion holds the deploy
 //!    (its wait limit: [`Driver::await_human`](super::Driver)).
+//! 2b. Weight (a weighted canary, [`weighted`]): the servers' weights
+//!    before any change are recorded once; the share is recorded, then
+//!    the weights set (`to` share%, `from` the rest, both ready) and the
+//!    shift audited; the canary analysis bakes `to` against `from` on
+//!    every host. A failure fails the step: the rollback returns `to` to
+//!    0% at once.
 //! 3. Switch: the wave's hosts are recorded as switched before the router
 //!    is told; then every `to` server is made ready, then every `from`
-//!    server drained (for a moment both serve, never neither); the audit
+//!    server drained (for a moment both serve, never neither), both at
+//!    their weights from before a weighted canary; the audit
 //!    records each server's state and weight before and after. The
 //!    post-promotion gate judges `to` alone; its failure fails the step,
 //!    and the rollback switches back.
 //! 4. ScaleDown: waits out the scale-down delay, counted from the recorded
 //!    switch (a new leader waits only what is left), woken by controls: a
 //!    rollback meanwhile is a switch back with no restart. Then `from` is
-//!    recorded as scaled down, stopped on every host and put in
-//!    maintenance.
-//! 5. RollBack: `from` is started again (on the stage's previous release)
-//!    only where it was stopped; the switched hosts are recorded back,
-//!    then `from` made ready and `to` drained; then `to` is stopped and
-//!    put in maintenance.
+//!    recorded as scaled down, its requests in flight waited for, stopped
+//!    on every host and put in maintenance.
+//! 5. RollBack ([`rollback`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use drover_common::proto::{
     ApprovalTimeoutOutcome, CommandStatus, HostOutcome, RestartCommand, RouterTarget, Slot,
-    StopCommand, TrafficChange, command,
+    StopCommand, command,
 };
 use tracing::{info, warn};
 
-use super::Driver;
+mod rollback;
+mod routes;
+mod weighted;
+
+use routes::{apply, assert_traffic, changes};
+
 use super::batch::{GateStop, RESULT_SLACK, Side, batch_command};
+use super::{Driver, traffic};
 use crate::deploy::audit;
 use crate::deploy::blue_green::{BlueGreenStage, Color, Step, server_name};
 use crate::deploy::deployments::DeployError;
 use crate::deploy::machine::{Event, Phase, ReasonKind, Why};
 use crate::deploy::record::DeployRecord;
 use crate::ha::election::Leadership;
-use crate::router::{Router, ServerState, ServerView};
+use crate::router::Router;
 
 /// How long a host that is away gets for a blue-green command.
-const PATIENCE: Duration = Duration::from_secs(60);
+pub(super) const PATIENCE: Duration = Duration::from_secs(60);
 /// The longest sleep of the scale-down wait between looks at the record.
 const SCALE_DOWN_LOOK: Duration = Duration::from_secs(1);
 
@@ -107,6 +117,7 @@ impl Driver {
         };
         match step {
             Step::StandUp => self.stand_up(&cx).await,
+            Step::Weight(n) => self.weigh(&cx, n).await,
             Step::Switch(_) => self.switch(&cx).await,
             Step::ScaleDown => self.scale_down(&cx).await,
         }
@@ -321,7 +332,12 @@ impl Driver {
                 |_, _| Vec::new(),
             )
             .await?;
-        if let Err(e) = move_traffic(cx.router, backend, &hosts, to, from).await {
+        let bg = progress(&rec, stage);
+        let moved = async {
+            apply(cx.router, backend, bg, &hosts, to).await?;
+            apply(cx.router, backend, bg, &hosts, from).await
+        };
+        if let Err(e) = moved.await {
             let text = format!("router: switching to the {} slot: {e}", to.name());
             return self.step_failed(id, stage, batch, text).await;
         }
@@ -414,6 +430,12 @@ impl Driver {
         let bg = progress(&rec, stage);
         let from = bg.from;
         let hosts = rec.plan[stage][batch].clone();
+        for host in &hosts {
+            let server = server_name(host, from);
+            if let Err(e) = traffic::drain(cx.router, cx.target, &server).await {
+                warn!(deploy = %id, %host, error = %e, "the old slot was not drained");
+            }
+        }
         let stopped = self
             .stop_slot(&rec, &hosts, from, cx.fence, |h| {
                 batch_command_id(id, (stage, batch), h, from)
@@ -421,13 +443,16 @@ impl Driver {
             .await;
         let mut problems = Vec::new();
         for (host, outcome) in &stopped {
-            let server = server_name(host, from);
             let result = match outcome {
-                Ok(()) => cx
-                    .router
-                    .set_state(&cx.target.backend, &server, ServerState::Maint)
-                    .await
-                    .map_err(|e| format!("router: {e}")),
+                Ok(()) => apply(
+                    cx.router,
+                    &cx.target.backend,
+                    bg,
+                    std::slice::from_ref(host),
+                    from,
+                )
+                .await
+                .map_err(|e| format!("router: {e}")),
                 Err(e) => Err(e.clone()),
             };
             if let Err(e) = result {
@@ -483,188 +508,6 @@ impl Driver {
             out.push(done.expect("host task does not panic"));
         }
         out
-    }
-
-    /// Rule 5, for every blue-green stage the deploy asked to start a slot
-    /// in; per host, Ok or why not.
-    pub(super) async fn roll_back_blue_green(
-        &self,
-        id: &str,
-        epoch: u64,
-    ) -> Result<Vec<(String, Result<(), String>)>, DeployError> {
-        let (rec, _) = self.ledger.load(id).await?;
-        let fence = (self.ledger.shard_of_pipeline(&rec.pipeline), epoch);
-        let mut out = Vec::new();
-        for (&stage, bg) in &rec.blue_green {
-            // Hosts asked to start the new slot (started or not).
-            let hosts: Vec<String> = bg.restarts_before.keys().cloned().collect();
-            if hosts.is_empty() {
-                continue;
-            }
-            let spec = &rec.snapshot.stages[stage];
-            let router = match spec.router.as_ref().map(|t| (self.effects.router(t), t)) {
-                Some((Ok(r), t)) => (r, t.clone()),
-                Some((Err(e), _)) => {
-                    out.extend(
-                        hosts
-                            .iter()
-                            .map(|h| (h.clone(), Err(format!("router: {e}")))),
-                    );
-                    continue;
-                }
-                None => continue,
-            };
-            out.extend(self.roll_back_stage(&rec, stage, &router, fence).await?);
-        }
-        Ok(out)
-    }
-
-    async fn roll_back_stage(
-        &self,
-        rec: &DeployRecord,
-        stage: usize,
-        (router, target): &(Arc<dyn Router>, RouterTarget),
-        fence: (u32, u64),
-    ) -> Result<Vec<(String, Result<(), String>)>, DeployError> {
-        let id = rec.id.as_str();
-        let bg = progress(rec, stage).clone();
-        let (from, to) = (bg.from, bg.to);
-        let backend = &target.backend;
-        let mut broken: BTreeMap<String, String> = BTreeMap::new();
-        // `from` running again where the scale-down stopped it (its
-        // release is still on the host: rollback never downloads).
-        if bg.scaled_down && !bg.switched.is_empty() {
-            let mut tasks = tokio::task::JoinSet::new();
-            for host in &bg.switched {
-                let cmd = drover_common::proto::Command {
-                    command_id: format!("{id}/rollback/{host}/start-{}", from.name()),
-                    shard: fence.0,
-                    epoch: fence.1,
-                    action: Some(command::Action::Restart(RestartCommand {
-                        service: rec.service.clone(),
-                        artifact: rec.stage_rollback_target(stage).to_string(),
-                        ready_timeout_ms: PATIENCE.as_millis() as u32,
-                        anew: false,
-                        slot: from.slot() as i32,
-                    })),
-                };
-                let (effects, host) = (self.effects.clone(), host.clone());
-                tasks.spawn(async move {
-                    let outcome = match effects
-                        .send(&host, cmd, PATIENCE + RESULT_SLACK, PATIENCE)
-                        .await
-                    {
-                        Ok(u) if u.status() == CommandStatus::Succeeded => Ok(()),
-                        Ok(u) => Err(format!(
-                            "starting the {} slot again: {}",
-                            from.name(),
-                            u.reason
-                        )),
-                        Err(e) => Err(e),
-                    };
-                    (host, outcome)
-                });
-            }
-            while let Some(done) = tasks.join_next().await {
-                if let (host, Err(e)) = done.expect("host task does not panic") {
-                    broken.insert(host, e);
-                }
-            }
-        }
-        // Recorded first (rule 1 re-asserts it), then told: hosts whose
-        // old slot could not start keep their traffic where it is.
-        let back: Vec<String> = bg
-            .switched
-            .iter()
-            .filter(|h| !broken.contains_key(*h))
-            .cloned()
-            .collect();
-        let before = router.servers(backend).await.unwrap_or_default();
-        self.ledger
-            .update(
-                id,
-                |rec| {
-                    let bg = rec.blue_green.get_mut(&stage).expect("blue-green stage");
-                    bg.switched.retain(|h| broken.contains_key(h));
-                    if bg.switched.is_empty() {
-                        bg.rolled_back();
-                    }
-                },
-                |_, _| Vec::new(),
-            )
-            .await?;
-        if let Err(e) = move_traffic(router.as_ref(), backend, &back, from, to).await {
-            for h in &back {
-                broken.insert(h.clone(), format!("router: switching back: {e}"));
-            }
-        }
-        let after = router.servers(backend).await.unwrap_or_default();
-        if !back.is_empty() {
-            let traffic = changes(backend, &back, &before, &after);
-            let what = format!("switched back to {}", from.name());
-            self.ledger
-                .update(
-                    id,
-                    |_| {},
-                    |rec, now| {
-                        let t = traffic.clone();
-                        vec![audit::traffic_switched(
-                            rec,
-                            stage,
-                            &what,
-                            back.clone(),
-                            t,
-                            now,
-                        )]
-                    },
-                )
-                .await?;
-            info!(deploy = %id, stage, hosts = back.len(), to = from.name(), "traffic switched back");
-        }
-        // `to` stopped where no traffic needs it (also where it started
-        // but never got ready).
-        let idle: Vec<String> = bg
-            .restarts_before
-            .keys()
-            .filter(|h| !broken.contains_key(*h))
-            .cloned()
-            .collect();
-        let stopped = self
-            .stop_slot(rec, &idle, to, fence, |h| {
-                format!("{id}/rollback/{h}/stop-{}", to.name())
-            })
-            .await;
-        for (host, outcome) in stopped {
-            match outcome {
-                Ok(()) => {
-                    let server = server_name(&host, to);
-                    if let Err(e) = router.set_state(backend, &server, ServerState::Maint).await {
-                        warn!(deploy = %id, %host, error = %e, "the new slot's server is not in maintenance");
-                    }
-                }
-                Err(e) => warn!(deploy = %id, %host, error = %e, "the new slot did not stop"),
-            }
-        }
-        let preview = rec.snapshot.stages[stage]
-            .blue_green
-            .as_ref()
-            .map(|b| b.preview_backend.clone())
-            .unwrap_or_default();
-        if !preview.is_empty() {
-            for host in &idle {
-                for (color, state) in [(from, ServerState::Ready), (to, ServerState::Maint)] {
-                    let server = server_name(host, color);
-                    if let Err(e) = router.set_state(&preview, &server, state).await {
-                        warn!(deploy = %id, %host, error = %e, "the preview backend was not reset");
-                    }
-                }
-            }
-        }
-        Ok(bg
-            .restarts_before
-            .keys()
-            .map(|h| (h.clone(), broken.remove(h).map_or(Ok(()), Err)))
-            .collect())
     }
 
     /// The restart count of `service`'s `slot` on `host` as last reported.
@@ -755,80 +598,6 @@ fn new_sides(bg: &BlueGreenStage, hosts: &[String]) -> Vec<Side> {
             slot: bg.to.slot(),
             after_heartbeat: bg.started.get(h).copied(),
             restarts_before: bg.restarts_before.get(h).copied().unwrap_or(0),
-        })
-        .collect()
-}
-
-/// Rule 1: every host of the stage's servers as the record intends.
-async fn assert_traffic(
-    router: &dyn Router,
-    backend: &str,
-    rec: &DeployRecord,
-    stage: usize,
-) -> Result<(), String> {
-    let bg = progress(rec, stage);
-    let hosts: BTreeSet<&String> = rec.plan[stage].iter().flatten().collect();
-    for host in hosts {
-        for (color, state) in bg.intended(host) {
-            router
-                .set_state(backend, &server_name(host, color), state)
-                .await
-                .map_err(|e| format!("router: asserting the intended traffic: {e}"))?;
-        }
-    }
-    Ok(())
-}
-
-/// Moves `hosts`' traffic to `onto`: every `onto` server ready first, then
-/// every `off` server drained, so some server always answers.
-async fn move_traffic(
-    router: &dyn Router,
-    backend: &str,
-    hosts: &[String],
-    onto: Color,
-    off: Color,
-) -> Result<(), crate::router::RouterError> {
-    for host in hosts {
-        router
-            .set_state(backend, &server_name(host, onto), ServerState::Ready)
-            .await?;
-    }
-    for host in hosts {
-        router
-            .set_state(backend, &server_name(host, off), ServerState::Drain)
-            .await?;
-    }
-    Ok(())
-}
-
-/// Each server of `hosts` (both slots) in `backend`, before and after.
-fn changes(
-    backend: &str,
-    hosts: &[String],
-    before: &[ServerView],
-    after: &[ServerView],
-) -> Vec<TrafficChange> {
-    let find = |views: &[ServerView], name: &str| {
-        views
-            .iter()
-            .find(|v| v.backend == backend && v.server == name)
-            .map(|v| (v.state.name().to_string(), v.weight))
-            .unwrap_or_default()
-    };
-    hosts
-        .iter()
-        .flat_map(|h| [server_name(h, Color::Blue), server_name(h, Color::Green)])
-        .map(|server| {
-            let (state_before, weight_before) = find(before, &server);
-            let (state_after, weight_after) = find(after, &server);
-            TrafficChange {
-                backend: backend.to_string(),
-                server,
-                state_before,
-                state_after,
-                weight_before,
-                weight_after,
-            }
         })
         .collect()
 }

@@ -1,0 +1,134 @@
+//! Blue-green fleets for tests: sample-service agents with two slots per
+//! host (`--slot-ports`) behind a real haproxy whose backend "web"
+//! (frontend 0) and "web-preview" (frontend 1) hold a `<host>-blue` and a
+//! `<host>-green` server per host.
+//!
+//! ```ignore
+//! let bg = BlueGreenFleet::start(2).await;
+//! bg.apply("scale_down_delay_ms = 500", 20_000);
+//! let (out, seen) = bg.under_load(async { /* deploy */ }).await;
+//! ```
+
+use std::time::Duration;
+
+use drover_common::proto::{ListEnvironmentsRequest, Slot};
+
+use crate::free_port;
+use crate::haproxy::{HaproxyLb, LoadSeen, steady_load};
+use crate::sample_fleet::SampleFleet;
+
+/// Hosts whose two slots sit behind one haproxy.
+pub struct BlueGreenFleet {
+    pub f: SampleFleet,
+    pub lb: HaproxyLb,
+    /// Per host, its (blue, green) ports.
+    pub slots: Vec<(u16, u16)>,
+}
+
+impl BlueGreenFleet {
+    /// `n` agents (`web-0`..) with slot ports for the sample service, and
+    /// haproxy with backends "web" (frontend 0) and "web-preview"
+    /// (frontend 1) of every slot.
+    pub async fn start(n: usize) -> BlueGreenFleet {
+        let slots: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let flags = slots.clone();
+        let f = SampleFleet::start_with(n, 0, move |i| {
+            let (blue, green) = flags[i];
+            vec!["--slot-ports".into(), format!("hello={blue},{green}")]
+        })
+        .await;
+        let names: Vec<(String, u16)> = f
+            .ports
+            .iter()
+            .zip(&slots)
+            .flat_map(|((h, _), (blue, green))| {
+                [(format!("{h}-blue"), *blue), (format!("{h}-green"), *green)]
+            })
+            .collect();
+        let servers: Vec<(&str, u16, u32)> =
+            names.iter().map(|(n, p)| (n.as_str(), *p, 100)).collect();
+        let lb = HaproxyLb::start_backends(&f.dir, &[("web", &servers), ("web-preview", &servers)])
+            .await;
+        BlueGreenFleet { f, lb, slots }
+    }
+
+    /// Applies the blue-green pipeline with `settings` in its blue_green table.
+    pub fn apply(&self, settings: &str, stuck_ms: u32) {
+        self.f.apply(&format!(
+            "name = \"hello-bg\"\nservice = \"hello\"\n\n[[stages]]\nname = \"prod\"\n\
+             selector = \"env=prod\"\nbatch_size = 1\nstuck_timeout_ms = {stuck_ms}\n\
+             strategy = \"STRATEGY_BLUE_GREEN\"\n\
+             gate = {{ samples = 2, bad_samples = 1, inconclusive = \"INCONCLUSIVE_POLICY_PASS\" }}\n\
+             router = {{ haproxy = \"unix:{}\", backend = \"web\" }}\n\
+             blue_green = {{ preview_backend = \"web-preview\", {settings} }}\n",
+            self.lb.socket.display()
+        ));
+    }
+
+    /// Who answers `n` requests through frontend `fe` (0 main, 1 preview).
+    pub async fn answers(&self, fe: usize, n: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let r = crate::http_get_status(self.lb.frontends[fe], "/version").await;
+            out.push(match r {
+                Ok((200, body)) => body.trim().to_string(),
+                other => format!("{other:?}"),
+            });
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// How many times host `i`'s `slot` started `version`.
+    pub fn slot_starts(&self, i: usize, slot: &str, version: &str) -> usize {
+        let log = self.f.dir.path().join(format!(
+            "agent-web-{i}/services/hello/slots/{slot}/logs/service.log"
+        ));
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .matches(&format!("drover-sample {version} listening"))
+            .count()
+    }
+
+    /// Whether anything answers on host `i`'s `blue` (or green) port.
+    pub async fn slot_answers(&self, i: usize, blue: bool) -> bool {
+        let port = if blue {
+            self.slots[i].0
+        } else {
+            self.slots[i].1
+        };
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        crate::http_get_status(addr, "/healthz").await.is_ok()
+    }
+
+    pub async fn live_slot(&self) -> Slot {
+        let envs = self
+            .f
+            .coord
+            .deployer()
+            .await
+            .list_environments(ListEnvironmentsRequest {
+                pipeline: "hello-bg".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .environments;
+        envs[0].live_slot()
+    }
+
+    /// Runs `during` under steady load through the main frontend.
+    pub async fn under_load<F: std::future::Future<Output = T>, T>(
+        &self,
+        during: F,
+    ) -> (T, LoadSeen) {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let load = tokio::spawn(steady_load(self.lb.frontend, "/version", stop_rx));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let out = during.await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _ = stop_tx.send(true);
+        (out, load.await.unwrap())
+    }
+}
