@@ -1,5 +1,6 @@
 //! Coordinator settings: clap flags over an optional TOML file over defaults.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -8,6 +9,8 @@ use anyhow::Context;
 use clap::Parser;
 use drover_common::logging::LogFormat;
 use serde::Deserialize;
+
+use crate::router::RouterConfig;
 
 /// Default API port of a coordinator.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
@@ -147,6 +150,9 @@ struct FileConfig {
     policy: Option<PathBuf>,
     #[serde(default)]
     insecure: bool,
+    /// Routers pipelines may name (`[routers.NAME]`), file only.
+    #[serde(default)]
+    routers: BTreeMap<String, RouterConfig>,
 }
 
 /// The backend of the coordinator's state.
@@ -208,6 +214,8 @@ pub struct Config {
     /// See `--fault-ignore-lease-loss` (only with the `fault-injection`
     /// cargo feature; always false in release builds).
     pub fault_ignore_lease_loss: bool,
+    /// Routers pipelines may name (`[routers.NAME]` in the config file).
+    pub routers: BTreeMap<String, RouterConfig>,
 }
 
 impl Config {
@@ -236,6 +244,7 @@ impl Config {
             policy: None,
             insecure: false,
             fault_ignore_lease_loss: false,
+            routers: BTreeMap::new(),
         }
     }
 
@@ -254,6 +263,16 @@ impl Config {
             .or(file.data_dir)
             .context("--data-dir (or data_dir in the config file) is required")?;
         let mut cfg = Config::new(listen, data_dir);
+        for (name, router) in &file.routers {
+            anyhow::ensure!(
+                crate::router::valid_name(name),
+                "routers.{name}: not a router name (letters, digits, '-', '_', '.', ':')"
+            );
+            if let Some(problem) = router.problem() {
+                anyhow::bail!("routers.{name}.{problem}");
+            }
+        }
+        cfg.routers = file.routers.clone();
         if let Some(id) = args.id.or(file.id) {
             cfg.id = id;
         }

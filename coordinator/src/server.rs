@@ -171,6 +171,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         key_prefix: cfg.key_prefix.clone(),
         leases: leases.clone(),
         metrics: metrics.clone(),
+        routers: cfg.routers.clone(),
     });
     let deployer = DeployerService {
         registry: registry.clone(),

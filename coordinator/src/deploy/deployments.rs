@@ -62,6 +62,8 @@ pub struct Parts {
     pub key_prefix: String,
     pub leases: Arc<ShardLeases>,
     pub metrics: Metrics,
+    /// Routers the configuration declares, by name (`[routers.NAME]`).
+    pub routers: std::collections::BTreeMap<String, crate::router::RouterConfig>,
 }
 
 pub struct Deployments {
@@ -90,6 +92,7 @@ impl Deployments {
             blobs: parts.blobs.clone(),
             origin: parts.origin,
             leases: parts.leases,
+            routers: Arc::new(parts.routers),
         });
         Arc::new(Deployments {
             driver: Driver::new(ledger.clone(), effects),

@@ -306,8 +306,21 @@ pub fn validate(p: &Pipeline) -> Result<(), PipelineError> {
             validate_canary(c, &at, &mut problems);
         }
         if let Some(r) = &s.router {
-            if let Err(e) = r.haproxy.parse::<crate::router::haproxy::RuntimeAddr>() {
-                problems.push(format!("{}: {e}", at("router.haproxy")));
+            match (r.haproxy.is_empty(), r.name.is_empty()) {
+                (false, false) => {
+                    problems.push(format!("{}: give haproxy or name, not both", at("router")))
+                }
+                (true, false) if !crate::router::valid_name(&r.name) => problems.push(format!(
+                    "{}: {:?} is not a router name (letters, digits, '-', '_', '.', ':')",
+                    at("router.name"),
+                    r.name
+                )),
+                (true, false) => {}
+                _ => {
+                    if let Err(e) = r.haproxy.parse::<crate::router::haproxy::RuntimeAddr>() {
+                        problems.push(format!("{}: {e}", at("router.haproxy")));
+                    }
+                }
             }
             if !crate::router::valid_name(&r.backend) {
                 problems.push(format!(
@@ -612,15 +625,14 @@ fn validate_blue_green(s: &Stage, at: &dyn Fn(&str) -> String, problems: &mut Ve
             at("canary")
         )),
         (Strategy::WeightedCanary, Some(c)) => {
-            let mut last = 0;
+            // Percents are checked as for any canary (validate_canary).
             for (k, step) in c.steps.iter().enumerate() {
-                if step.count > 0 || !(1..=99).contains(&step.percent) || step.percent <= last {
+                if step.count > 0 {
                     problems.push(format!(
-                        "{}: a weighted canary's steps are rising percents of the traffic, 1 to 99 (no count)",
-                        at(&format!("canary.steps[{k}]"))
+                        "{}: a weighted canary's steps give a percent of the traffic, not a count of hosts",
+                        at(&format!("canary.steps[{k}].count"))
                     ));
                 }
-                last = step.percent;
             }
         }
         _ => {}
@@ -734,7 +746,7 @@ mod tests {
         routed.stages[0].router = Some(drover_common::proto::RouterTarget {
             haproxy: "haproxy.sock".into(),
             backend: "web\nshutdown".into(),
-            drain_timeout_ms: 0,
+            ..Default::default()
         });
         let PipelineError::Invalid(problems) = validate(&routed).unwrap_err() else {
             panic!()
@@ -747,6 +759,76 @@ mod tests {
             problems[1].starts_with("stages[0].router.backend: "),
             "{problems:?}"
         );
+        let problems_of = |p: &Pipeline| match validate(p) {
+            Err(PipelineError::Invalid(problems)) => problems,
+            other => panic!("{other:?}"),
+        };
+        // Blue-green without a router, with a host canary, a preview that
+        // is the live backend, a router named twice over.
+        let mut bg = pipeline();
+        bg.stages[0].strategy = Strategy::BlueGreen as i32;
+        assert_eq!(
+            problems_of(&bg)[0].split(':').next(),
+            Some("stages[0].router"),
+            "{:?}",
+            problems_of(&bg)
+        );
+        bg.stages[0].router = Some(drover_common::proto::RouterTarget {
+            haproxy: "unix:/run/haproxy.sock".into(),
+            backend: "web".into(),
+            name: "edge".into(),
+            ..Default::default()
+        });
+        bg.stages[0].canary = Some(Canary::default());
+        bg.stages[0].blue_green = Some(drover_common::proto::BlueGreen {
+            preview_backend: "web".into(),
+            ..Default::default()
+        });
+        let problems = problems_of(&bg);
+        for field in [
+            "stages[0].router: give haproxy or name",
+            "stages[0].canary: a blue-green stage has no host canary",
+            "stages[0].blue_green.preview_backend: must differ",
+        ] {
+            assert!(problems.iter().any(|p| p.starts_with(field)), "{field}: {problems:?}");
+        }
+        // A weighted canary's steps are rising percents, never counts.
+        let mut weighted = pipeline();
+        weighted.stages[0].strategy = Strategy::WeightedCanary as i32;
+        weighted.stages[0].router = Some(drover_common::proto::RouterTarget {
+            name: "edge".into(),
+            backend: "web".into(),
+            ..Default::default()
+        });
+        let step = |percent, count| drover_common::proto::CanaryStep {
+            percent,
+            count,
+            bake_ms: 1000,
+        };
+        weighted.stages[0].canary = Some(Canary {
+            steps: vec![step(5, 0), step(5, 0), step(0, 2), step(100, 0)],
+            ..Default::default()
+        });
+        let problems = problems_of(&weighted);
+        let bad: Vec<&str> = problems.iter().map(|p| p.split(':').next().unwrap()).collect();
+        assert_eq!(
+            bad,
+            [
+                "stages[0].canary.steps[1].percent",
+                "stages[0].canary.steps[3].percent",
+                "stages[0].canary.steps[2].count",
+            ],
+            "{problems:?}"
+        );
+        weighted.stages[0].canary = Some(Canary {
+            steps: vec![step(1, 0), step(5, 0), step(25, 0)],
+            ..Default::default()
+        });
+        assert!(validate(&weighted).is_ok(), "{:?}", validate(&weighted));
+        // A strategy this coordinator does not know.
+        let mut unknown = pipeline();
+        unknown.stages[0].strategy = 7;
+        assert!(problems_of(&unknown)[0].starts_with("stages[0].strategy: unknown strategy 7"));
         let mut empty = pipeline();
         empty.stages.clear();
         assert!(

@@ -9,9 +9,15 @@
 //!
 //! Implementations: [`haproxy::Haproxy`], HAProxy's runtime API (a unix
 //! socket or a TCP address; `set server … state|weight`, `show servers
-//! state`), which switches atomically without a reload.
+//! state`), which switches atomically without a reload; [`nginx::Nginx`],
+//! an upstream file rewritten and nginx reloaded (gracefully: old workers
+//! finish their requests); [`exec::ExecHook`], a command the operator
+//! configured, for anything else. The last two are declared in the
+//! coordinator's configuration ([`RouterConfig`]) and named by pipelines.
 
+pub mod exec;
 pub mod haproxy;
+pub mod nginx;
 
 /// Whether `name` is a backend or server name a router's configuration
 /// could have given: letters, digits and `-_.:`, at most 256 characters
@@ -100,4 +106,65 @@ pub trait Router: Send + Sync {
 
     /// Requests (sessions) `server` of `backend` is serving now.
     async fn in_flight(&self, backend: &str, server: &str) -> Result<u64, RouterError>;
+}
+
+/// A router named in the coordinator's configuration file
+/// (`[routers.NAME]`), which pipelines name (`router.name`). Only the
+/// coordinator's operator decides which file is rewritten or which
+/// command runs; a pipeline only picks one by name.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RouterConfig {
+    /// nginx: the coordinator rewrites `upstream_file` (see `nginx.rs`)
+    /// and runs `reload` (e.g. `["nginx", "-s", "reload"]`).
+    Nginx {
+        upstream_file: std::path::PathBuf,
+        reload: Vec<String>,
+    },
+    /// Anything else: `command` is run with the operation as arguments
+    /// (see `exec.rs`).
+    Exec { command: Vec<String> },
+}
+
+impl RouterConfig {
+    /// What is wrong with it, if anything (checked when the file is read).
+    pub fn problem(&self) -> Option<String> {
+        match self {
+            RouterConfig::Nginx { reload, .. } if reload.is_empty() => {
+                Some("reload: the command that reloads nginx is required".into())
+            }
+            RouterConfig::Exec { command } if command.is_empty() => {
+                Some("command: the hook to run is required".into())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The router a stage's target names: HAProxy by its runtime address, or
+/// one of `configured` by name.
+pub fn build(
+    target: &drover_common::proto::RouterTarget,
+    configured: &std::collections::BTreeMap<String, RouterConfig>,
+) -> Result<std::sync::Arc<dyn Router>, String> {
+    if !target.name.is_empty() {
+        return match configured.get(&target.name) {
+            Some(RouterConfig::Nginx {
+                upstream_file,
+                reload,
+            }) => Ok(std::sync::Arc::new(nginx::Nginx::new(
+                upstream_file.clone(),
+                reload.clone(),
+            ))),
+            Some(RouterConfig::Exec { command }) => {
+                Ok(std::sync::Arc::new(exec::ExecHook::new(command.clone())))
+            }
+            None => Err(format!(
+                "no router named {:?} in this coordinator's configuration ([routers.{}] in its --config file)",
+                target.name, target.name
+            )),
+        };
+    }
+    let addr: haproxy::RuntimeAddr = target.haproxy.parse()?;
+    Ok(std::sync::Arc::new(haproxy::Haproxy::new(addr)))
 }

@@ -5,6 +5,7 @@
 //! implementation ([`FleetEffects`]) goes through the registry, the agents'
 //! streams and the origin; the driver's unit tests use a scripted fleet.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,8 +16,7 @@ use drover_common::proto::{
 use crate::fleet::{PendingCommands, Registry, SendError};
 use crate::ha::leases::ShardLeases;
 use crate::origin::BlobStore;
-use crate::router::Router;
-use crate::router::haproxy::{Haproxy, RuntimeAddr};
+use crate::router::{Router, RouterConfig};
 
 /// What the fleet view knows of one host now.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -59,10 +59,11 @@ pub trait Effects: Send + Sync {
     /// Where agents fetch artifacts, best first.
     fn pull_sources(&self) -> Vec<String>;
 
-    /// The load balancer a stage names (nothing is contacted until used).
+    /// The load balancer a stage names (nothing is contacted until used):
+    /// HAProxy by address (routers named in a configuration: the live
+    /// effects).
     fn router(&self, target: &RouterTarget) -> Result<Arc<dyn Router>, String> {
-        let addr: RuntimeAddr = target.haproxy.parse()?;
-        Ok(Arc::new(Haproxy::new(addr)))
+        crate::router::build(target, &BTreeMap::new())
     }
 }
 
@@ -75,6 +76,8 @@ pub struct FleetEffects {
     pub origin: String,
     /// The other live coordinators (further pull sources).
     pub leases: Arc<ShardLeases>,
+    /// Routers the configuration declares, by name.
+    pub routers: Arc<BTreeMap<String, RouterConfig>>,
 }
 
 #[async_trait::async_trait]
@@ -122,6 +125,10 @@ impl Effects for FleetEffects {
                 .into_iter()
                 .find(|s| s.service == service && s.slot() == slot),
         })
+    }
+
+    fn router(&self, target: &RouterTarget) -> Result<Arc<dyn Router>, String> {
+        crate::router::build(target, &self.routers)
     }
 
     async fn pull_facts(&self, artifact: &str) -> (Vec<ArtifactSignature>, u64) {
