@@ -22,6 +22,7 @@ ensure_test_deps() {
   command -v protoc >/dev/null || missing+=(protobuf-compiler)
   command -v etcd >/dev/null || missing+=(etcd-server)
   command -v haproxy >/dev/null || missing+=(haproxy)
+  command -v nginx >/dev/null || missing+=(nginx-light)
   command -v systemd-analyze >/dev/null || missing+=(systemd)
   command -v python3 >/dev/null || missing+=(python3 python3-pip)
   command -v openssl >/dev/null || missing+=(openssl)

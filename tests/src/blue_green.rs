@@ -30,13 +30,19 @@ impl BlueGreenFleet {
     /// haproxy with backends "web" (frontend 0) and "web-preview"
     /// (frontend 1) of every slot.
     pub async fn start(n: usize) -> BlueGreenFleet {
+        Self::start_configured(n, &[]).await
+    }
+
+    /// Like [`BlueGreenFleet::start`], the coordinator started with
+    /// `coordinator` flags too (a `--config` declaring routers).
+    pub async fn start_configured(n: usize, coordinator: &[&str]) -> BlueGreenFleet {
         let slots: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let flags = slots.clone();
-        let f = SampleFleet::start_with(n, 0, move |i| {
+        let extra = move |i: usize| {
             let (blue, green) = flags[i];
             vec!["--slot-ports".into(), format!("hello={blue},{green}")]
-        })
-        .await;
+        };
+        let f = SampleFleet::start_configured(n, 0, extra, coordinator).await;
         let names: Vec<(String, u16)> = f
             .ports
             .iter()
@@ -52,16 +58,26 @@ impl BlueGreenFleet {
         BlueGreenFleet { f, lb, slots }
     }
 
-    /// Applies the blue-green pipeline with `settings` in its blue_green table.
+    /// Applies the blue-green pipeline with `settings` in its blue_green
+    /// table, through this fleet's haproxy (preview backend "web-preview").
     pub fn apply(&self, settings: &str, stuck_ms: u32) {
+        let router = format!(
+            "{{ haproxy = \"unix:{}\", backend = \"web\" }}",
+            self.lb.socket.display()
+        );
+        let settings = format!("preview_backend = \"web-preview\", {settings}");
+        self.apply_through(&router, &settings, stuck_ms);
+    }
+
+    /// Applies the blue-green pipeline through `router` (a TOML table).
+    pub fn apply_through(&self, router: &str, settings: &str, stuck_ms: u32) {
         self.f.apply(&format!(
             "name = \"hello-bg\"\nservice = \"hello\"\n\n[[stages]]\nname = \"prod\"\n\
              selector = \"env=prod\"\nbatch_size = 1\nstuck_timeout_ms = {stuck_ms}\n\
              strategy = \"STRATEGY_BLUE_GREEN\"\n\
              gate = {{ samples = 2, bad_samples = 1, inconclusive = \"INCONCLUSIVE_POLICY_PASS\" }}\n\
-             router = {{ haproxy = \"unix:{}\", backend = \"web\" }}\n\
-             blue_green = {{ preview_backend = \"web-preview\", {settings} }}\n",
-            self.lb.socket.display()
+             router = {router}\n\
+             blue_green = {{ {settings} }}\n"
         ));
     }
 

@@ -7,7 +7,7 @@
 //! - [`Coordinator`], [`Agent`], [`Etcd`]: start one, wait until it serves.
 //! - [`Cluster`]: etcd plus several coordinators; leaders, shares, metrics.
 //! - [`sample_fleet`]: a coordinator and agents running the sample service under load.
-//! - [`haproxy`]: a real haproxy on loopback; [`blue_green`]: slot agents behind it.
+//! - [`haproxy`], [`nginx`]: real load balancers on loopback; [`blue_green`]: slot agents behind haproxy.
 //! - [`wait_until`]: poll a condition with a deadline; never a bare sleep.
 //! - [`bins`]: where the binaries are (built once per test process).
 //! - [`users`]: a real unprivileged user per test (`useradd`, removed on drop).
@@ -24,6 +24,7 @@ mod daemons;
 mod etcd;
 pub mod haproxy;
 mod http;
+pub mod nginx;
 pub mod pki;
 mod process;
 pub mod procstat;

@@ -35,7 +35,18 @@ impl SampleFleet {
         rps: u32,
         extra: impl Fn(usize) -> Vec<String>,
     ) -> SampleFleet {
-        Self::start_inner(n, rps, extra, None).await
+        Self::start_inner(n, rps, extra, None, &[]).await
+    }
+
+    /// Like [`SampleFleet::start_with`], the coordinator started with
+    /// `coordinator` flags too (a `--config` file).
+    pub async fn start_configured(
+        n: usize,
+        rps: u32,
+        extra: impl Fn(usize) -> Vec<String>,
+        coordinator: &[&str],
+    ) -> SampleFleet {
+        Self::start_inner(n, rps, extra, None, coordinator).await
     }
 
     /// Like [`SampleFleet::start_with`], every connection mutual TLS with
@@ -47,7 +58,7 @@ impl SampleFleet {
         extra: impl Fn(usize) -> Vec<String>,
         coordinator: &[&str],
     ) -> SampleFleet {
-        Self::start_inner(n, rps, extra, Some(coordinator)).await
+        Self::start_inner(n, rps, extra, Some(coordinator), &[]).await
     }
 
     async fn start_inner(
@@ -55,12 +66,13 @@ impl SampleFleet {
         rps: u32,
         extra: impl Fn(usize) -> Vec<String>,
         tls: Option<&[&str]>,
+        plain_flags: &[&str],
     ) -> SampleFleet {
         let dir = TestDir::new();
         let pki = tls.map(|_| crate::pki::Pki::new(&dir));
         let coord = match (&pki, tls) {
             (Some(pki), Some(flags)) => Coordinator::start_tls(&dir, "coord", pki, flags).await,
-            _ => Coordinator::start(&dir, "coord", &[]).await,
+            _ => Coordinator::start(&dir, "coord", plain_flags).await,
         };
         let mut agents = Vec::new();
         let mut load = Vec::new();

@@ -790,7 +790,10 @@ mod tests {
             "stages[0].canary: a blue-green stage has no host canary",
             "stages[0].blue_green.preview_backend: must differ",
         ] {
-            assert!(problems.iter().any(|p| p.starts_with(field)), "{field}: {problems:?}");
+            assert!(
+                problems.iter().any(|p| p.starts_with(field)),
+                "{field}: {problems:?}"
+            );
         }
         // A weighted canary's steps are rising percents, never counts.
         let mut weighted = pipeline();
@@ -810,7 +813,10 @@ mod tests {
             ..Default::default()
         });
         let problems = problems_of(&weighted);
-        let bad: Vec<&str> = problems.iter().map(|p| p.split(':').next().unwrap()).collect();
+        let bad: Vec<&str> = problems
+            .iter()
+            .map(|p| p.split(':').next().unwrap())
+            .collect();
         assert_eq!(
             bad,
             [
