@@ -312,3 +312,112 @@ async fn a_restarted_coordinator_puts_the_recorded_traffic_back_and_finishes() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_post_promotion_gate_switches_back_by_itself() {
+    let bg = BlueGreenFleet::start(2).await;
+    let f = &bg.f;
+    bg.apply("scale_down_delay_ms = 300", 20_000);
+    let v1 = f.push("v1", &[]);
+    let (code, out, err) = deploy(f, &v1);
+    assert_eq!(code, 0, "{out}\n{err}");
+    // The post-promotion gate judges the new slot on real traffic: at
+    // most 5% errors, 2 bad samples fail it; blue would stay warm for 30 s.
+    bg.apply(
+        "scale_down_delay_ms = 30000, post_promotion = { max_error_rate = 0.05, samples = 4, \
+         bad_samples = 2, min_requests = 1, inconclusive = \"INCONCLUSIVE_POLICY_PASS\" }",
+        20_000,
+    );
+    // v2 is ready, but half its answers to `/` are errors: nobody sees
+    // that until traffic reaches it.
+    let _errors = drover_tests::sample_fleet::start_load(&f.dir, "lb", bg.lb.frontend.port(), 100);
+    let v2 = f.push("v2", &["--error-rate", "0.5"]);
+    let ((code, out, err), seen) = bg.under_load(async { deploy(f, &v2) }).await;
+    assert_eq!(code, 2, "rolled back: {out}\n{err}");
+    let d = f.coord.latest_deploy("hello-bg").await;
+    assert!(
+        d.reason.contains("post-promotion gate") && d.reason.contains("switching back to green"),
+        "{}",
+        d.reason
+    );
+    eprintln!("a bad v2 switched in and back: {seen:?}");
+    assert!(seen.answered.contains_key("v1"), "{seen:?}");
+    assert_eq!(bg.answers(0, 40).await, ["v1"], "every request back on v1");
+    assert_eq!(bg.live_slot().await, Slot::Green);
+    for i in 0..2 {
+        assert_eq!(
+            bg.slot_starts(i, "green", "v1"),
+            1,
+            "web-{i}'s v1 never restarted"
+        );
+        assert!(!bg.slot_answers(i, true).await, "web-{i}'s blue is stopped");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waves_switch_region_by_region_and_a_missing_router_moves_nothing() {
+    let bg = BlueGreenFleet::start(2).await;
+    let f = &bg.f;
+    // Two waves: web-0 (idx=0) first, then web-1.
+    let router = format!(
+        "{{ haproxy = \"unix:{}\", backend = \"web\" }}\n\
+         waves = [{{ name = \"first\", selectors = [\"idx=0\"] }}, {{ name = \"second\", selectors = [\"idx=1\"] }}]",
+        bg.lb.socket.display()
+    );
+    bg.apply_through(&router, "scale_down_delay_ms = 300", 20_000);
+    let v1 = f.push("v1", &[]);
+    let (code, out, err) = deploy(f, &v1);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let d = f.coord.latest_deploy("hello-bg").await;
+    let sizes: Vec<usize> = d.batches.iter().map(|b| b.hosts.len()).collect();
+    assert_eq!(
+        sizes,
+        [2, 1, 1, 2],
+        "stand up, a switch per wave, scale down"
+    );
+    let events = f
+        .coord
+        .deployer()
+        .await
+        .get_audit(GetAuditRequest {
+            service: "hello".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let switched: Vec<Vec<String>> = events
+        .iter()
+        .filter(|e| e.event() == AuditKind::TrafficSwitched)
+        .map(|e| e.hosts.clone())
+        .collect();
+    assert_eq!(
+        switched,
+        [vec!["web-0".to_string()], vec!["web-1".to_string()]]
+    );
+    assert_eq!(bg.answers(0, 20).await, ["v1"]);
+
+    // A router socket that does not exist: the deploy fails before any
+    // slot starts, traffic stays on v1.
+    let missing = bg.f.dir.path().join("no-such.sock");
+    bg.apply_through(
+        &format!(
+            "{{ haproxy = \"unix:{}\", backend = \"web\" }}",
+            missing.display()
+        ),
+        "scale_down_delay_ms = 300",
+        20_000,
+    );
+    let v2 = f.push("v2", &[]);
+    let (code, _, _) = deploy(f, &v2);
+    assert_ne!(code, 0);
+    let d = f.coord.latest_deploy("hello-bg").await;
+    assert!(
+        d.reason.contains("unreachable") && d.reason.contains("no-such.sock"),
+        "{}",
+        d.reason
+    );
+    assert_eq!(bg.slot_starts(0, "blue", "v2"), 0, "no slot started");
+    assert_eq!(bg.answers(0, 20).await, ["v1"]);
+}
