@@ -60,15 +60,15 @@ pub fn phase_name(p: DeployPhase) -> &'static str {
     }
 }
 
+/// (hosts updated, hosts): each host once, though a blue-green stage
+/// lists its hosts in each of its steps.
 fn updated(d: &Deploy) -> (u64, u64) {
-    let all = d.batches.iter().flat_map(|b| &b.hosts).count() as u64;
-    let done = d
-        .batches
-        .iter()
-        .flat_map(|b| &b.hosts)
-        .filter(|h| h.outcome() == HostOutcome::Updated)
-        .count() as u64;
-    (done, all)
+    let mut hosts = std::collections::BTreeMap::new();
+    for h in d.batches.iter().flat_map(|b| &b.hosts) {
+        hosts.insert(h.host_id.as_str(), h.outcome() == HostOutcome::Updated);
+    }
+    let done = hosts.values().filter(|u| **u).count() as u64;
+    (done, hosts.len() as u64)
 }
 
 fn summary(d: &Deploy) -> String {
@@ -237,9 +237,50 @@ pub async fn status(
         ]);
     }
     writeln!(out, "{table}")?;
+    for b in &d.blue_green {
+        write_blue_green(out, b)?;
+    }
     for a in &d.analyses {
         write_analysis(out, a)?;
     }
+    Ok(())
+}
+
+/// "blue", "green".
+fn slot_name(s: drover_common::proto::Slot) -> String {
+    s.as_str_name().trim_start_matches("SLOT_").to_lowercase()
+}
+
+/// Where a blue-green stage's traffic is, and its old slot.
+fn write_blue_green(
+    out: &mut impl Write,
+    b: &drover_common::proto::BlueGreenStatus,
+) -> anyhow::Result<()> {
+    let (from, to) = (slot_name(b.from_slot()), slot_name(b.to_slot()));
+    let old = if b.scaled_down {
+        format!("{from} stopped")
+    } else if b.scale_down_at_unix_ms > 0 {
+        let left = b
+            .scale_down_at_unix_ms
+            .saturating_sub(drover_common::time::now_unix_ms());
+        format!(
+            "{from} kept warm for {} more (rollback switches back at once)",
+            humantime::format_duration(std::time::Duration::from_secs(left.div_ceil(1000)))
+        )
+    } else {
+        format!("{from} serving")
+    };
+    writeln!(
+        out,
+        "blue-green stage {}: {from} → {to}; traffic on {to} for {} hosts{}; {old}",
+        b.stage,
+        b.switched_hosts.len(),
+        if b.switched_hosts.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", b.switched_hosts.join(","))
+        },
+    )?;
     Ok(())
 }
 
