@@ -69,7 +69,10 @@ async fn blue_green_switches_every_host_at_once_and_a_rollback_is_an_instant_swi
         );
     }
     let (_, status, _) = f.coord.droverctl(&["deploy", "status", &id]);
-    assert!(status.contains("(2/2 hosts updated)"), "each host once: {status}");
+    assert!(
+        status.contains("(2/2 hosts updated)"),
+        "each host once: {status}"
+    );
     assert!(
         status.contains("blue-green stage 0: blue → green; traffic on green for 2 hosts")
             && status.contains("blue kept warm for"),
