@@ -17,6 +17,9 @@ use std::time::Duration;
 
 use crate::{ChildGuard, TestDir, free_port, http_get_status, require_tool, wait_until};
 
+/// A backend server: name, loopback port, weight.
+pub type Server<'a> = (&'a str, u16, u32);
+
 /// A running haproxy.
 pub struct HaproxyLb {
     /// The runtime API's unix socket.
@@ -37,10 +40,7 @@ impl HaproxyLb {
 
     /// Starts haproxy with several backends (name, servers), each behind
     /// its own frontend (`frontends`, in order).
-    pub async fn start_backends(
-        dir: &TestDir,
-        backends: &[(&str, &[(&str, u16, u32)])],
-    ) -> HaproxyLb {
+    pub async fn start_backends(dir: &TestDir, backends: &[(&str, &[Server<'_>])]) -> HaproxyLb {
         let bin = require_tool("haproxy", "install Debian's haproxy package");
         let socket = dir.path().join("haproxy-admin.sock");
         let mut cfg = format!(

@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use crate::{ChildGuard, TestDir, free_port, http_get_status, require_tool, wait_until};
 
+/// An upstream server: name, loopback port, ready (else `down`).
+pub type Server<'a> = (&'a str, u16, bool);
+
 pub struct NginxLb {
     /// The upstream file the router rewrites.
     pub upstream_file: PathBuf,
@@ -24,7 +27,7 @@ pub struct NginxLb {
 impl NginxLb {
     /// Starts nginx in `dir/nginx` with `upstreams` (name, servers: name,
     /// loopback port, ready) and waits until every frontend answers.
-    pub async fn start(dir: &TestDir, upstreams: &[(&str, &[(&str, u16, bool)])]) -> NginxLb {
+    pub async fn start(dir: &TestDir, upstreams: &[(&str, &[Server<'_>])]) -> NginxLb {
         let bin = require_tool("nginx", "install Debian's nginx-light package");
         let prefix = dir.sub("nginx");
         let upstream_file = prefix.join("upstreams.conf");

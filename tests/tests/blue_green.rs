@@ -246,10 +246,8 @@ async fn manual_promotion_holds_with_the_new_slot_on_the_preview_until_promoted_
     // Nobody promotes v3 within its limit: rolled back as the pipeline
     // says, traffic never left v2.
     bg.apply(
-        &format!(
-            "scale_down_delay_ms = 300, manual_promotion = true, promotion_timeout_ms = 1500, \
-             on_promotion_timeout = \"APPROVAL_TIMEOUT_OUTCOME_ROLLBACK\""
-        ),
+        "scale_down_delay_ms = 300, manual_promotion = true, promotion_timeout_ms = 1500, \
+         on_promotion_timeout = \"APPROVAL_TIMEOUT_OUTCOME_ROLLBACK\"",
         20_000,
     );
     let v3 = f.push("v3", &[]);

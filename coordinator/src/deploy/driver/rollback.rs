@@ -9,7 +9,7 @@
 //! ready once it is back ([`super::traffic`]), so a rollback drops no
 //! requests either and a host left drained by its failed restart takes
 //! traffic again once it runs the old release. A blue-green stage switches
-//! its traffic back instead ([`super::blue_green`], rule 5).
+//! its traffic back instead ([`super::blue_green`], rule 6).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -11,25 +11,25 @@
 //!    preview backend sends its traffic to `to`, the pre-promotion gate
 //!    judges `to` against `from`, and a manual promotion holds the deploy
 //!    (its wait limit: [`Driver::await_human`](super::Driver)).
-//! 2b. Weight (a weighted canary, [`weighted`]): the servers' weights
+//! 3. Weight (a weighted canary, [`weighted`]): the servers' weights
 //!    before any change are recorded once; the share is recorded, then
 //!    the weights set (`to` share%, `from` the rest, both ready) and the
 //!    shift audited; the canary analysis bakes `to` against `from` on
 //!    every host. A failure fails the step: the rollback returns `to` to
 //!    0% at once.
-//! 3. Switch: the wave's hosts are recorded as switched before the router
+//! 4. Switch: the wave's hosts are recorded as switched before the router
 //!    is told; then every `to` server is made ready, then every `from`
 //!    server drained (for a moment both serve, never neither), both at
 //!    their weights from before a weighted canary; the audit
 //!    records each server's state and weight before and after. The
 //!    post-promotion gate judges `to` alone; its failure fails the step,
 //!    and the rollback switches back.
-//! 4. ScaleDown: waits out the scale-down delay, counted from the recorded
+//! 5. ScaleDown: waits out the scale-down delay, counted from the recorded
 //!    switch (a new leader waits only what is left), woken by controls: a
 //!    rollback meanwhile is a switch back with no restart. Then `from` is
 //!    recorded as scaled down, its requests in flight waited for, stopped
 //!    on every host and put in maintenance.
-//! 5. RollBack ([`rollback`]).
+//! 6. RollBack ([`rollback`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -301,7 +301,7 @@ impl Driver {
         Ok(Some(Event::BatchPassed))
     }
 
-    /// Rule 3.
+    /// Rule 4.
     async fn switch(&self, cx: &StepContext<'_>) -> Result<Option<Event>, DeployError> {
         let (id, stage, batch) = (cx.id, cx.stage, cx.batch);
         let (rec, _) = self.ledger.load(id).await?;
@@ -389,7 +389,7 @@ impl Driver {
         }
     }
 
-    /// Rule 4.
+    /// Rule 5.
     async fn scale_down(&self, cx: &StepContext<'_>) -> Result<Option<Event>, DeployError> {
         let (id, stage, batch) = (cx.id, cx.stage, cx.batch);
         let wake = self.wake_of(id);

@@ -1,4 +1,4 @@
-//! Rule 5: a blue-green stage's part of the rollback. `from` is started
+//! Rule 6: a blue-green stage's part of the rollback. `from` is started
 //! again (on the stage's previous release) only where the scale-down
 //! stopped it; the record says traffic is back on `from` (share 0, no
 //! host switched); then every `from` server gets its intended state and
@@ -26,7 +26,7 @@ use crate::router::{Router, ServerState};
 type HostOutcomes = Vec<(String, Result<(), String>)>;
 
 impl Driver {
-    /// Rule 5 for every blue-green stage the deploy asked to start a slot
+    /// Rule 6 for every blue-green stage the deploy asked to start a slot
     /// in.
     pub(in crate::deploy::driver) async fn roll_back_blue_green(
         &self,

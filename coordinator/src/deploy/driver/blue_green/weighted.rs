@@ -1,4 +1,4 @@
-//! Rule 2b: a weighted canary's step. The new slot takes the step's share
+//! Rule 3: a weighted canary's step. The new slot takes the step's share
 //! of the backend's traffic through server weights and is judged by the
 //! canary analysis, its own slot against the old slot on every host.
 
