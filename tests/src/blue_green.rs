@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use drover_common::proto::{ListEnvironmentsRequest, Slot};
 
-use crate::free_port;
+use crate::free_service_port;
 use crate::haproxy::{HaproxyLb, LoadSeen, steady_load};
 use crate::sample_fleet::SampleFleet;
 
@@ -36,7 +36,9 @@ impl BlueGreenFleet {
     /// Like [`BlueGreenFleet::start`], the coordinator started with
     /// `coordinator` flags too (a `--config` declaring routers).
     pub async fn start_configured(n: usize, coordinator: &[&str]) -> BlueGreenFleet {
-        let slots: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let slots: Vec<(u16, u16)> = (0..n)
+            .map(|_| (free_service_port(), free_service_port()))
+            .collect();
         let flags = slots.clone();
         let extra = move |i: usize| {
             let (blue, green) = flags[i];

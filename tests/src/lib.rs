@@ -55,12 +55,30 @@ pub fn sample_starts(dir: &TestDir, host: &str, version: &str) -> usize {
         .count()
 }
 
-/// A loopback port free right now, for a service an agent will start.
+/// A loopback port free right now, for a listener started at once.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("binding a free port")
         .port()
+}
+
+/// A port for a service an agent starts later (a sample service, a
+/// blue-green slot): free now, and below the kernel's ephemeral range
+/// (32768-60999 by default), so the local ports of a test's outgoing
+/// connections (a load generator makes thousands), which come from that
+/// range, cannot take it first.
+pub fn free_service_port() -> u16 {
+    use std::hash::BuildHasher;
+    for attempt in 0u32..1000 {
+        let draw = std::collections::hash_map::RandomState::new().hash_one(attempt);
+        let port = 20_000 + (draw % 12_000) as u16;
+        let free = |host: &str| std::net::TcpListener::bind((host, port)).is_ok();
+        if free("127.0.0.1") && free("0.0.0.0") {
+            return port;
+        }
+    }
+    panic!("no free port between 20000 and 31999");
 }
 
 /// Finds a tool on PATH, or fails the test saying how to install it.

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use crate::artifacts::sample_artifact;
 use crate::{
-    Agent, ChildGuard, Coordinator, TestDir, bins, free_port, http_get_status, wait_until_ok,
+    Agent, ChildGuard, Coordinator, TestDir, bins, free_service_port, http_get_status,
+    wait_until_ok,
 };
 
 pub struct SampleFleet {
@@ -79,7 +80,7 @@ impl SampleFleet {
         let mut ports = Vec::new();
         for i in 0..n {
             let host = format!("web-{i}");
-            let port = free_port();
+            let port = free_service_port();
             let idx = format!("idx={i}");
             let mut more = extra(i);
             if let Some(pki) = &pki {

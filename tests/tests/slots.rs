@@ -10,7 +10,9 @@ use std::time::Duration;
 use drover_common::proto::{CommandStatus, CommandUpdate, Slot};
 use drover_tests::artifacts::sample_artifact;
 use drover_tests::commands::{cmd, pull, restart_slot, stop};
-use drover_tests::{Agent, Coordinator, TestDir, free_port, http_get_status, wait_until_ok};
+use drover_tests::{
+    Agent, Coordinator, TestDir, free_service_port, http_get_status, wait_until_ok,
+};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -30,13 +32,13 @@ async fn version_on(port: u16) -> Option<String> {
 async fn two_slots_run_side_by_side_and_stop_one_at_a_time() {
     let dir = TestDir::new();
     let coord = Coordinator::start(&dir, "coord", &[]).await;
-    let (blue, green) = (free_port(), free_port());
+    let (blue, green) = (free_service_port(), free_service_port());
     let slots = format!("hello={blue},{green}");
     let _agent = Agent::start_sample(
         &dir,
         "web-0",
         &[&coord],
-        free_port(),
+        free_service_port(),
         &["--slot-ports", &slots],
     );
     wait_until_ok("the agent connected", WAIT, || async {
