@@ -16,7 +16,7 @@
 //!    in parallel.
 //! 4. Restart to the release already active and ready is a no-op success,
 //!    unless it asks to start it anew (a canary's fresh baseline);
-//!    Rollback never downloads; Stop of a stopped slot succeeds.
+//!    Rollback never downloads; Stop of a stopped unit succeeds.
 //! 6. Blue-green slots (`crate::unit`): a Restart with a slot starts the
 //!    release in that slot, on the slot's port, and leaves the other slot
 //!    running; a slot whose port another process holds is refused before
@@ -550,14 +550,11 @@ impl Executor {
         self.activate(&unit, &digest, ready_timeout_ms, false).await
     }
 
-    /// Stops a blue-green slot (rule 4: a stopped slot is a success). Its
-    /// release stays on disk, kept as the slot's previous.
+    /// Stops a unit: a blue-green slot, or a service's one process (the
+    /// old group of a blue-green deploy across host groups). Rule 4: a
+    /// stopped unit is a success. Its release stays on disk, kept as the
+    /// unit's previous; a later Restart (or Rollback) starts it again.
     async fn stop(&self, unit: &Unit) -> Outcome {
-        if unit.slot == drover_common::proto::Slot::None {
-            return Outcome::failed(
-                "Stop addresses a blue-green slot (blue or green); a rolling service is restarted, not stopped",
-            );
-        }
         let key = unit.key();
         let rec = self.record(unit);
         if rec.current.is_none() && !self.runtime.status(&key).running {

@@ -13,9 +13,8 @@ use drover_common::proto::{
     GetAuditRequest, GetAuditResponse, GetHostRequest, GetPipelineRequest, Host,
     ListCoordinatorsRequest, ListCoordinatorsResponse, ListDeploysRequest, ListDeploysResponse,
     ListEnvironmentsRequest, ListEnvironmentsResponse, ListHostsRequest, ListHostsResponse,
-    ListPipelinesRequest, ListPipelinesResponse, Pipeline, SendCommandRequest, Slot,
-    StartDeployRequest, UpdatePipelineRequest, WhatWasRunningRequest, WhatWasRunningResponse,
-    command,
+    ListPipelinesRequest, ListPipelinesResponse, Pipeline, SendCommandRequest, StartDeployRequest,
+    UpdatePipelineRequest, WhatWasRunningRequest, WhatWasRunningResponse, command,
 };
 use tokio_stream::{Stream, StreamExt};
 
@@ -157,9 +156,6 @@ fn validate_command(cmd: &Command) -> Result<(), ApiError> {
     match &cmd.action {
         None => Err(ApiError::Invalid(
             "command has no action (pull, verify, restart, rollback or stop)".into(),
-        )),
-        Some(command::Action::Stop(s)) if s.slot() == Slot::None => Err(ApiError::Invalid(
-            "stop.slot must be SLOT_BLUE or SLOT_GREEN: only a blue-green slot is stopped".into(),
         )),
         Some(command::Action::Pull(p)) if p.artifact.is_empty() => Err(ApiError::Invalid(
             "pull.artifact (a sha256) is required".into(),

@@ -40,12 +40,13 @@ pub enum Action {
         #[arg(long, value_enum)]
         slot: Option<SlotArg>,
     },
-    /// Stop a blue-green slot's process (its release stays on the host).
+    /// Stop the service's process, or one blue-green slot's (its release
+    /// stays on the host; a restart starts it again).
     Stop {
         #[arg(long)]
         service: String,
         #[arg(long, value_enum)]
-        slot: SlotArg,
+        slot: Option<SlotArg>,
     },
     /// Switch back to the previous release (or --artifact); never downloads.
     Rollback {
@@ -120,7 +121,7 @@ pub async fn send(
         }),
         Action::Stop { service, slot } => command::Action::Stop(StopCommand {
             service,
-            slot: Slot::from(slot) as i32,
+            slot: slot.map_or(Slot::None, Slot::from) as i32,
         }),
         Action::Rollback {
             service,

@@ -83,6 +83,24 @@ pub fn server_name(host: &str, color: Color) -> String {
     format!("{host}-{}", color.name())
 }
 
+/// Blue-green across host groups (a replacement fleet): the stage's hosts
+/// matching `green_selector` are the green group, the rest blue; each host
+/// runs the service's one process and is its own router server.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Groups {
+    pub blue: Vec<String>,
+    pub green: Vec<String>,
+}
+
+impl Groups {
+    pub fn of(&self, color: Color) -> &[String] {
+        match color {
+            Color::Blue => &self.blue,
+            Color::Green => &self.green,
+        }
+    }
+}
+
 /// What an entry of a blue-green stage's plan does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -134,6 +152,9 @@ pub struct BlueGreenStage {
     pub promotion_asked_unix_ms: u64,
     /// The old slot was stopped after the scale-down delay.
     pub scaled_down: bool,
+    /// Blue-green across host groups (None: two slots on every host).
+    #[serde(default)]
+    pub groups: Option<Groups>,
 }
 
 impl BlueGreenStage {
@@ -152,7 +173,58 @@ impl BlueGreenStage {
             switched_unix_ms: 0,
             promotion_asked_unix_ms: 0,
             scaled_down: false,
+            groups: None,
         }
+    }
+
+    /// The router server of `host`'s `color`: the host itself across
+    /// groups, else its slot's server.
+    pub fn server(&self, host: &str, color: Color) -> String {
+        match self.groups {
+            Some(_) => host.to_string(),
+            None => server_name(host, color),
+        }
+    }
+
+    /// The process `color` is on a host: its one process across groups,
+    /// else the slot.
+    pub fn slot(&self, color: Color) -> Slot {
+        match self.groups {
+            Some(_) => Slot::None,
+            None => color.slot(),
+        }
+    }
+
+    /// Whether `host` runs `color` (every host runs both slots; across
+    /// groups, a host is of one color).
+    pub fn runs(&self, host: &str, color: Color) -> bool {
+        match &self.groups {
+            Some(g) => g.of(color).iter().any(|h| h == host),
+            None => true,
+        }
+    }
+
+    /// Those of `hosts` that run `color`.
+    pub fn running(&self, hosts: &[String], color: Color) -> Vec<String> {
+        hosts
+            .iter()
+            .filter(|h| self.runs(h, color))
+            .cloned()
+            .collect()
+    }
+
+    /// The router servers of `hosts` (each host's one or two).
+    pub fn servers_of(&self, hosts: &[String]) -> Vec<String> {
+        let mut out = Vec::new();
+        for h in hosts {
+            for color in [Color::Blue, Color::Green] {
+                let server = self.server(h, color);
+                if self.runs(h, color) && !out.contains(&server) {
+                    out.push(server);
+                }
+            }
+        }
+        out
     }
 
     /// The step plan entry `batch` is.
@@ -171,44 +243,54 @@ impl BlueGreenStage {
     /// ready; the other drained while it is warm (an instant switch back),
     /// in maintenance when it is not running. During a weighted step both
     /// are ready, weighted by the share.
-    pub fn intended(&self, host: &str) -> [Intent; 2] {
-        let (from, to) = (server_name(host, self.from), server_name(host, self.to));
+    pub fn intended(&self, host: &str) -> Vec<Intent> {
+        let (from, to) = (self.server(host, self.from), self.server(host, self.to));
         let weight =
             |server: &str, percent: u32| self.weights.get(server).map(|w| scaled(*w, percent));
         let full = |server: &str| self.weights.get(server).copied();
-        if self.switched.iter().any(|h| h == host) {
+        let both = if self.switched.iter().any(|h| h == host) {
             let old = if self.scaled_down {
                 ServerState::Maint
             } else {
                 ServerState::Drain
             };
             [
-                Intent::new(self.to, ServerState::Ready, full(&to)),
-                Intent::new(self.from, old, full(&from)),
+                Intent::new(self.to, to.clone(), ServerState::Ready, full(&to)),
+                Intent::new(self.from, from.clone(), old, full(&from)),
             ]
         } else if self.share > 0 {
+            let kept = weight(&from, 100 - self.share);
             [
+                Intent::new(self.from, from.clone(), ServerState::Ready, kept),
                 Intent::new(
-                    self.from,
+                    self.to,
+                    to.clone(),
                     ServerState::Ready,
-                    weight(&from, 100 - self.share),
+                    weight(&to, self.share),
                 ),
-                Intent::new(self.to, ServerState::Ready, weight(&to, self.share)),
             ]
         } else {
             [
-                Intent::new(self.from, ServerState::Ready, full(&from)),
-                Intent::new(self.to, ServerState::Maint, full(&to)),
+                Intent::new(self.from, from.clone(), ServerState::Ready, full(&from)),
+                Intent::new(self.to, to.clone(), ServerState::Maint, full(&to)),
             ]
-        }
+        };
+        both.into_iter()
+            .filter(|i| self.runs(host, i.color))
+            .collect()
     }
 
-    /// In the preview backend the new slot is the one that answers.
-    pub fn preview(&self) -> [(Color, ServerState); 2] {
+    /// In the preview backend the new slot is the one that answers:
+    /// `host`'s servers and their states.
+    pub fn preview(&self, host: &str) -> Vec<(String, ServerState)> {
         [
             (self.to, ServerState::Ready),
             (self.from, ServerState::Maint),
         ]
+        .into_iter()
+        .filter(|(c, _)| self.runs(host, *c))
+        .map(|(c, state)| (self.server(host, c), state))
+        .collect()
     }
 
     /// Rolled back: every host's traffic is on `from` again, `to` stopped.
@@ -226,17 +308,19 @@ impl BlueGreenStage {
 
 /// What one of a host's servers should be: its slot's state, and its
 /// weight when the deploy sets one (None: leave it as it is).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Intent {
     pub color: Color,
+    pub server: String,
     pub state: ServerState,
     pub weight: Option<u32>,
 }
 
 impl Intent {
-    fn new(color: Color, state: ServerState, weight: Option<u32>) -> Intent {
+    fn new(color: Color, server: String, state: ServerState, weight: Option<u32>) -> Intent {
         Intent {
             color,
+            server,
             state,
             weight,
         }
@@ -273,6 +357,23 @@ pub fn plan(hosts: &[String], shares: usize, waves: &[Vec<String>]) -> Vec<Vec<S
         }
     }
     entries.push(hosts.to_vec());
+    entries
+}
+
+/// The plan of a blue-green stage across host groups: standing up on the
+/// idle group (the one not `live`), a step per weighted share and one
+/// switch on every host, scaling down on the live group. Empty when the
+/// idle group has no host.
+pub fn plan_groups(groups: &Groups, live: Color, shares: usize) -> Vec<Vec<String>> {
+    let (idle, old) = (groups.of(live.other()), groups.of(live));
+    if idle.is_empty() {
+        return Vec::new();
+    }
+    let all: Vec<String> = groups.blue.iter().chain(&groups.green).cloned().collect();
+    let mut entries = vec![idle.to_vec()];
+    entries.extend((0..shares).map(|_| all.clone()));
+    entries.push(all);
+    entries.push(old.to_vec());
     entries
 }
 
@@ -332,8 +433,10 @@ mod tests {
     }
 
     /// (color, state, weight) of a host's two intents.
-    fn of(i: [Intent; 2]) -> [(Color, ServerState, Option<u32>); 2] {
-        i.map(|i| (i.color, i.state, i.weight))
+    fn of(i: Vec<Intent>) -> Vec<(Color, ServerState, Option<u32>)> {
+        i.into_iter()
+            .map(|i| (i.color, i.state, i.weight))
+            .collect()
     }
 
     #[test]

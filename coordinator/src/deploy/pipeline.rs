@@ -659,6 +659,17 @@ fn validate_blue_green(s: &Stage, at: &dyn Fn(&str) -> String, problems: &mut Ve
     if let Some(g) = &bg.pre_promotion {
         validate_gate(g, "blue_green.pre_promotion", at, problems);
     }
+    if !bg.green_selector.is_empty() {
+        if let Err(e) = drover_common::labels::Selector::parse(&bg.green_selector) {
+            problems.push(format!("{}: {e}", at("blue_green.green_selector")));
+        }
+        if !s.waves.is_empty() {
+            problems.push(format!(
+                "{}: host groups switch all at once; waves are for slots",
+                at("blue_green.green_selector")
+            ));
+        }
+    }
     if let Some(g) = &bg.post_promotion {
         validate_gate(g, "blue_green.post_promotion", at, problems);
     }

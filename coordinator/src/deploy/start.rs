@@ -8,6 +8,8 @@ use std::collections::{BTreeMap, HashSet};
 
 use drover_common::proto::{Host, Pipeline, Slot, Strategy};
 
+use drover_common::labels::Selector;
+
 use super::blue_green::{self, BlueGreenStage, Color};
 use super::machine::{Action, Event, Machine};
 use super::record::{DeployRecord, plan_stage};
@@ -68,11 +70,35 @@ pub fn new_record(d: NewDeploy<'_>) -> Option<(DeployRecord, Vec<Action>)> {
                 (Some(c), Strategy::WeightedCanary) if !d.known_good.is_empty() => c.steps.clone(),
                 _ => Vec::new(),
             };
-            let entries = blue_green::plan(&ids, steps.len(), wave_hosts);
+            let live = Color::live(d.live_slots.get(i).copied().unwrap_or(Slot::None));
+            let groups = stage
+                .blue_green
+                .as_ref()
+                .and_then(|b| {
+                    Selector::parse(&b.green_selector)
+                        .ok()
+                        .filter(|_| !b.green_selector.is_empty())
+                })
+                .map(|green| blue_green::Groups {
+                    blue: hosts
+                        .iter()
+                        .filter(|h| !green.matches(&h.labels))
+                        .map(|h| h.host_id.clone())
+                        .collect(),
+                    green: hosts
+                        .iter()
+                        .filter(|h| green.matches(&h.labels))
+                        .map(|h| h.host_id.clone())
+                        .collect(),
+                });
+            let entries = match &groups {
+                Some(g) => blue_green::plan_groups(g, live, steps.len()),
+                None => blue_green::plan(&ids, steps.len(), wave_hosts),
+            };
             if !entries.is_empty() {
-                let live = Color::live(d.live_slots.get(i).copied().unwrap_or(Slot::None));
                 let switches = entries.len() - 2 - steps.len();
                 let mut bg = BlueGreenStage::new(live, switches);
+                bg.groups = groups;
                 bg.shares = steps.iter().map(|s| s.percent).collect();
                 bg.bakes = steps.iter().map(|s| s.bake_ms).collect();
                 blue_green.insert(i, bg);

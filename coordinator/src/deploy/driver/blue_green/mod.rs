@@ -50,7 +50,7 @@ use routes::{apply, assert_traffic, changes};
 use super::batch::{GateStop, RESULT_SLACK, Side, batch_command};
 use super::{Driver, traffic};
 use crate::deploy::audit;
-use crate::deploy::blue_green::{BlueGreenStage, Color, Step, server_name};
+use crate::deploy::blue_green::{BlueGreenStage, Color, Step};
 use crate::deploy::deployments::DeployError;
 use crate::deploy::machine::{Event, Phase, ReasonKind, Why};
 use crate::deploy::record::DeployRecord;
@@ -148,7 +148,7 @@ impl Driver {
         let (from, to) = (bg.from, bg.to);
         let restarts: BTreeMap<String, u32> = hosts
             .iter()
-            .map(|h| (h.clone(), self.slot_restarts(h, &rec.service, to.slot())))
+            .map(|h| (h.clone(), self.slot_restarts(h, &rec.service, bg.slot(to))))
             .collect();
         let first = bg.restarts_before.is_empty();
         let (stage, id) = (cx.stage, cx.id);
@@ -186,7 +186,7 @@ impl Driver {
                 artifact: rec.artifact.clone(),
                 ready_timeout_ms: cx.stuck.as_millis() as u32,
                 anew: false,
-                slot: to.slot() as i32,
+                slot: bg.slot(to) as i32,
             });
             let verb = format!("start-{}", to.name());
             let cmd = batch_command(cx.fence, id, (stage, 0), host, &verb, start);
@@ -242,8 +242,7 @@ impl Driver {
         }
         if !settings.preview_backend.is_empty() {
             for host in &hosts {
-                for (color, state) in progress(&rec, stage).preview() {
-                    let server = server_name(host, color);
+                for (server, state) in progress(&rec, stage).preview(host) {
                     if let Err(e) = cx
                         .router
                         .set_state(&settings.preview_backend, &server, state)
@@ -258,7 +257,11 @@ impl Driver {
         let bg = progress(&rec, stage);
         if let Some(gate) = &settings.pre_promotion {
             let new = new_sides(bg, &hosts);
-            let old: Vec<Side> = hosts.iter().map(|h| Side::old(h, from.slot())).collect();
+            let old: Vec<Side> = bg
+                .running(&all_hosts(&rec, stage), from)
+                .iter()
+                .map(|h| Side::old(h, bg.slot(from)))
+                .collect();
             match self.judge_batch(gate, &rec.service, &new, &old).await {
                 Ok(()) => {}
                 Err(GateStop::Failed(why)) => {
@@ -307,6 +310,7 @@ impl Driver {
         let (rec, _) = self.ledger.load(id).await?;
         let hosts = rec.plan[stage][batch].clone();
         let (from, to) = (progress(&rec, stage).from, progress(&rec, stage).to);
+        let updated = progress(&rec, stage).running(&hosts, to);
         let backend = &cx.target.backend;
         let before = cx.router.servers(backend).await.unwrap_or_default();
         let now = self.ledger.now();
@@ -324,7 +328,7 @@ impl Driver {
                     if bg.switched_unix_ms < now {
                         bg.switched_unix_ms = now;
                     }
-                    for h in &hosts {
+                    for h in &updated {
                         let note = format!("serving from the {} slot", to.name());
                         rec.set_result(h, HostOutcome::Updated, note);
                     }
@@ -342,7 +346,8 @@ impl Driver {
             return self.step_failed(id, stage, batch, text).await;
         }
         let after = cx.router.servers(backend).await.unwrap_or_default();
-        let traffic = changes(backend, &hosts, &before, &after);
+        let servers = bg.servers_of(&hosts);
+        let traffic = changes(backend, &servers, &before, &after);
         let what = format!("switched to {}", to.name());
         self.ledger
             .update(
@@ -431,13 +436,13 @@ impl Driver {
         let from = bg.from;
         let hosts = rec.plan[stage][batch].clone();
         for host in &hosts {
-            let server = server_name(host, from);
+            let server = bg.server(host, from);
             if let Err(e) = traffic::drain(cx.router, cx.target, &server).await {
                 warn!(deploy = %id, %host, error = %e, "the old slot was not drained");
             }
         }
         let stopped = self
-            .stop_slot(&rec, &hosts, from, cx.fence, |h| {
+            .stop_slot(&rec, &hosts, (from, bg.slot(from)), cx.fence, |h| {
                 batch_command_id(id, (stage, batch), h, from)
             })
             .await;
@@ -478,7 +483,7 @@ impl Driver {
         &self,
         rec: &DeployRecord,
         hosts: &[String],
-        color: Color,
+        (color, slot): (Color, Slot),
         fence: (u32, u64),
         command_id: impl Fn(&str) -> String,
     ) -> Vec<(String, Result<(), String>)> {
@@ -490,7 +495,7 @@ impl Driver {
                 epoch: fence.1,
                 action: Some(command::Action::Stop(StopCommand {
                     service: rec.service.clone(),
-                    slot: color.slot() as i32,
+                    slot: slot as i32,
                 })),
             };
             let (effects, host) = (self.effects.clone(), host.clone());
@@ -589,13 +594,19 @@ fn batch_command_id(id: &str, (stage, batch): (usize, usize), host: &str, color:
     format!("{id}/{stage}.{batch}/{host}/stop-{}", color.name())
 }
 
+/// Every host of stage `stage` (each once).
+fn all_hosts(rec: &DeployRecord, stage: usize) -> Vec<String> {
+    let hosts: std::collections::BTreeSet<&String> = rec.plan[stage].iter().flatten().collect();
+    hosts.into_iter().cloned().collect()
+}
+
 /// The new slot's side of a gate on `hosts`: evidence after it started.
 fn new_sides(bg: &BlueGreenStage, hosts: &[String]) -> Vec<Side> {
-    hosts
+    bg.running(hosts, bg.to)
         .iter()
         .map(|h| Side {
             host: h.clone(),
-            slot: bg.to.slot(),
+            slot: bg.slot(bg.to),
             after_heartbeat: bg.started.get(h).copied(),
             restarts_before: bg.restarts_before.get(h).copied().unwrap_or(0),
         })

@@ -9,13 +9,13 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use drover_common::proto::{CommandStatus, RestartCommand, RouterTarget, command};
+use drover_common::proto::{CommandStatus, RestartCommand, RouterTarget, Slot, command};
 use tracing::{info, warn};
 
 use super::routes::{apply, changes};
-use super::{PATIENCE, progress};
+use super::{PATIENCE, all_hosts, progress};
 use crate::deploy::audit;
-use crate::deploy::blue_green::{Color, server_name};
+use crate::deploy::blue_green::Color;
 use crate::deploy::deployments::DeployError;
 use crate::deploy::driver::batch::RESULT_SLACK;
 use crate::deploy::driver::{Driver, traffic};
@@ -68,21 +68,23 @@ impl Driver {
         let bg = progress(rec, stage).clone();
         let (from, to) = (bg.from, bg.to);
         let backend = &target.backend;
+        let all = all_hosts(rec, stage);
+        // `from` running again where the scale-down stopped it: the
+        // switched hosts' old slot, or the whole old group.
         let mut broken = if bg.scaled_down {
-            self.start_again(rec, stage, &bg.switched, from, fence)
+            let again = match bg.groups {
+                Some(_) => bg.running(&all, from),
+                None => bg.switched.clone(),
+            };
+            self.start_again(rec, stage, &again, (from, bg.slot(from)), fence)
                 .await
         } else {
             BTreeMap::new()
         };
-        let hosts: Vec<String> = bg
-            .restarts_before
-            .keys()
-            .filter(|h| !broken.contains_key(*h))
-            .cloned()
-            .collect();
         let moved = !bg.switched.is_empty() || bg.share > 0;
         let before = router.servers(backend).await.unwrap_or_default();
-        // Recorded first (rule 1 re-asserts it), then told.
+        // Recorded first (rule 1 re-asserts it), then told: hosts whose
+        // old process could not start keep their traffic where it is.
         let rec = self
             .ledger
             .update(
@@ -99,22 +101,35 @@ impl Driver {
             )
             .await?;
         let now = progress(&rec, stage);
-        if let Err(e) = apply(router.as_ref(), backend, now, &hosts, from).await {
-            for h in &hosts {
+        let back: Vec<String> = all
+            .iter()
+            .filter(|h| !broken.contains_key(*h))
+            .cloned()
+            .collect();
+        if let Err(e) = apply(router.as_ref(), backend, now, &back, from).await {
+            for h in &back {
                 broken.insert(h.clone(), format!("router: switching back: {e}"));
             }
         }
-        for host in &hosts {
-            // Drained (0% new traffic at once), its requests in flight waited for.
-            if let Err(e) = traffic::drain(router.as_ref(), target, &server_name(host, to)).await {
-                warn!(deploy = %id, %host, error = %e, "the new slot was not drained");
+        // Every host asked to start the new release: its server drained
+        // (0% new traffic at once) and its requests in flight waited for.
+        let news: Vec<String> = bg
+            .restarts_before
+            .keys()
+            .filter(|h| !broken.contains_key(*h))
+            .cloned()
+            .collect();
+        for host in &news {
+            let server = now.server(host, to);
+            if let Err(e) = traffic::drain(router.as_ref(), target, &server).await {
+                warn!(deploy = %id, %host, error = %e, "the new release's server was not drained");
             }
         }
         let after = router.servers(backend).await.unwrap_or_default();
         if moved {
-            let traffic = changes(backend, &hosts, &before, &after);
+            let traffic = changes(backend, &now.servers_of(&back), &before, &after);
             let what = format!("switched back to {}", from.name());
-            let back = hosts.clone();
+            let hosts = back.clone();
             self.ledger
                 .update(
                     id,
@@ -125,48 +140,48 @@ impl Driver {
                             rec,
                             stage,
                             &what,
-                            back.clone(),
+                            hosts.clone(),
                             t,
                             now,
                         )]
                     },
                 )
                 .await?;
-            info!(deploy = %id, stage, hosts = hosts.len(), to = from.name(), "traffic switched back");
+            info!(deploy = %id, stage, hosts = back.len(), to = from.name(), "traffic switched back");
         }
-        let idle: Vec<String> = hosts
-            .iter()
-            .filter(|h| !broken.contains_key(*h))
-            .cloned()
-            .collect();
         let stopped = self
-            .stop_slot(&rec, &idle, to, fence, |h| {
+            .stop_slot(&rec, &news, (to, now.slot(to)), fence, |h| {
                 format!("{id}/rollback/{h}/stop-{}", to.name())
             })
             .await;
         for (host, outcome) in stopped {
+            let one = std::slice::from_ref(&host);
             let done = match outcome {
-                Ok(()) => apply(
-                    router.as_ref(),
-                    backend,
-                    now,
-                    std::slice::from_ref(&host),
-                    to,
-                )
-                .await
-                .map_err(|e| format!("router: {e}")),
+                Ok(()) => apply(router.as_ref(), backend, now, one, to)
+                    .await
+                    .map_err(|e| format!("router: {e}")),
                 Err(e) => Err(e),
             };
             if let Err(e) = done {
-                warn!(deploy = %id, %host, error = %e, "the new slot is not stopped and in maintenance");
+                warn!(deploy = %id, %host, error = %e, "the new release is not stopped and in maintenance");
             }
         }
-        self.reset_preview(&rec, stage, router.as_ref(), &idle)
+        self.reset_preview(&rec, stage, router.as_ref(), &back)
             .await;
-        Ok(bg
-            .restarts_before
-            .keys()
-            .map(|h| (h.clone(), broken.remove(h).map_or(Ok(()), Err)))
+        let mut reported: Vec<String> = bg.restarts_before.keys().cloned().collect();
+        reported.extend(
+            broken
+                .keys()
+                .filter(|h| !reported.contains(h))
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        Ok(reported
+            .into_iter()
+            .map(|h| {
+                let outcome = broken.remove(&h).map_or(Ok(()), Err);
+                (h, outcome)
+            })
             .collect())
     }
 
@@ -178,7 +193,7 @@ impl Driver {
         rec: &DeployRecord,
         stage: usize,
         hosts: &[String],
-        from: Color,
+        (from, slot): (Color, Slot),
         fence: (u32, u64),
     ) -> BTreeMap<String, String> {
         let id = rec.id.as_str();
@@ -193,7 +208,7 @@ impl Driver {
                     artifact: rec.stage_rollback_target(stage).to_string(),
                     ready_timeout_ms: PATIENCE.as_millis() as u32,
                     anew: false,
-                    slot: from.slot() as i32,
+                    slot: slot as i32,
                 })),
             };
             let (effects, host) = (self.effects.clone(), host.clone());
@@ -241,7 +256,10 @@ impl Driver {
         }
         for host in hosts {
             for (color, state) in [(bg.from, ServerState::Ready), (bg.to, ServerState::Maint)] {
-                let server = server_name(host, color);
+                if !bg.runs(host, color) {
+                    continue;
+                }
+                let server = bg.server(host, color);
                 if let Err(e) = router.set_state(&preview, &server, state).await {
                     warn!(deploy = %rec.id, %host, error = %e, "the preview backend was not reset");
                 }

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use drover_common::proto::TrafficChange;
 
-use crate::deploy::blue_green::{BlueGreenStage, Color, server_name};
+use crate::deploy::blue_green::{BlueGreenStage, Color};
 use crate::deploy::record::DeployRecord;
 use crate::router::{Router, RouterError, ServerView};
 
@@ -54,19 +54,20 @@ async fn apply_one(
     color: Color,
 ) -> Result<(), RouterError> {
     let Some(intent) = bg.intended(host).into_iter().find(|i| i.color == color) else {
-        return Ok(());
+        return Ok(()); // the host does not run that color (host groups)
     };
-    let server = server_name(host, color);
     if let Some(weight) = intent.weight {
-        router.set_weight(backend, &server, weight).await?;
+        router.set_weight(backend, &intent.server, weight).await?;
     }
-    router.set_state(backend, &server, intent.state).await
+    router
+        .set_state(backend, &intent.server, intent.state)
+        .await
 }
 
-/// Each server of `hosts` (both slots) in `backend`, before and after.
+/// Each of `servers` in `backend`, before and after.
 pub(super) fn changes(
     backend: &str,
-    hosts: &[String],
+    servers: &[String],
     before: &[ServerView],
     after: &[ServerView],
 ) -> Vec<TrafficChange> {
@@ -77,9 +78,9 @@ pub(super) fn changes(
             .map(|v| (v.state.name().to_string(), v.weight))
             .unwrap_or_default()
     };
-    hosts
+    servers
         .iter()
-        .flat_map(|h| [server_name(h, Color::Blue), server_name(h, Color::Green)])
+        .cloned()
         .map(|server| {
             let (state_before, weight_before) = find(before, &server);
             let (state_after, weight_after) = find(after, &server);

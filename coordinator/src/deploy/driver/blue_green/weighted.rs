@@ -1,6 +1,7 @@
 //! Rule 3: a weighted canary's step. The new slot takes the step's share
 //! of the backend's traffic through server weights and is judged by the
-//! canary analysis, its own slot against the old slot on every host.
+//! canary analysis, its own slot against the old slot on every host (or,
+//! across host groups, the new group against the old one).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -8,9 +9,8 @@ use std::sync::Arc;
 use tracing::info;
 
 use super::routes::{apply, changes};
-use super::{StepContext, progress};
+use super::{StepContext, all_hosts, progress};
 use crate::deploy::audit;
-use crate::deploy::blue_green::{Color, server_name};
 use crate::deploy::deployments::DeployError;
 use crate::deploy::driver::Driver;
 use crate::deploy::driver::canary::{SlotSides, Step};
@@ -26,7 +26,8 @@ impl Driver {
         let (id, stage, batch) = (cx.id, cx.stage, cx.batch);
         let backend = &cx.target.backend;
         let (rec, _) = self.ledger.load(id).await?;
-        let hosts = rec.plan[stage][0].clone();
+        let hosts = all_hosts(&rec, stage);
+        let servers = progress(&rec, stage).servers_of(&hosts);
         let before = match cx.router.servers(backend).await {
             Ok(servers) => servers,
             Err(e) => {
@@ -36,12 +37,11 @@ impl Driver {
         };
         // The weights as they were before the deploy changed any: read
         // once, what the switch and a rollback restore.
-        let original: BTreeMap<String, u32> = hosts
+        let original: BTreeMap<String, u32> = servers
             .iter()
-            .flat_map(|h| [server_name(h, Color::Blue), server_name(h, Color::Green)])
             .filter_map(|server| {
-                let view = before.iter().find(|v| v.server == server)?;
-                Some((server, view.weight))
+                let view = before.iter().find(|v| &v.server == server)?;
+                Some((server.clone(), view.weight))
             })
             .collect();
         let share = progress(&rec, stage).shares[n];
@@ -70,7 +70,7 @@ impl Driver {
             return self.step_failed(id, stage, batch, text).await;
         }
         let after = cx.router.servers(backend).await.unwrap_or_default();
-        let traffic = changes(backend, &hosts, &before, &after);
+        let traffic = changes(backend, &servers, &before, &after);
         let what = format!("shifted: {} takes {share}%", to.name());
         self.ledger
             .update(
@@ -94,14 +94,14 @@ impl Driver {
             id,
             stage,
             step: batch,
-            cohort: hosts.clone(),
-            baseline: hosts.clone(),
+            cohort: bg.running(&hosts, to),
+            baseline: bg.running(&hosts, from),
             fresh: false,
             service: rec.service.clone(),
             bake_ms: u64::from(bg.bakes[n]),
             slots: Some(SlotSides {
-                canary: to.slot(),
-                baseline: from.slot(),
+                canary: bg.slot(to),
+                baseline: bg.slot(from),
                 started_at_heartbeat: bg.started.clone(),
                 restarts_before: bg.restarts_before.clone(),
             }),
