@@ -464,6 +464,48 @@ mod tests {
     }
 
     #[test]
+    fn across_host_groups_each_host_is_one_server_of_its_groups_color() {
+        use ServerState::*;
+        let groups = Groups {
+            blue: vec!["b0".into(), "b1".into()],
+            green: vec!["g0".into()],
+        };
+        // Blue live: green stands up, all switch, blue scales down.
+        assert_eq!(
+            plan_groups(&groups, Color::Blue, 1),
+            vec![
+                vec!["g0".to_string()],
+                vec!["b0".to_string(), "b1".to_string(), "g0".to_string()],
+                vec!["b0".to_string(), "b1".to_string(), "g0".to_string()],
+                vec!["b0".to_string(), "b1".to_string()],
+            ]
+        );
+        let mut bg = BlueGreenStage::new(Color::Blue, 1);
+        bg.groups = Some(groups.clone());
+        assert_eq!(
+            (bg.server("g0", Color::Green), bg.slot(Color::Green)),
+            ("g0".to_string(), Slot::None)
+        );
+        assert_eq!(of(bg.intended("b0")), [(Color::Blue, Ready, None)]);
+        assert_eq!(of(bg.intended("g0")), [(Color::Green, Maint, None)]);
+        assert_eq!(bg.preview("g0"), [("g0".to_string(), Ready)]);
+        bg.switched = vec!["b0".into(), "b1".into(), "g0".into()];
+        assert_eq!(of(bg.intended("b0")), [(Color::Blue, Drain, None)]);
+        assert_eq!(of(bg.intended("g0")), [(Color::Green, Ready, None)]);
+        assert_eq!(bg.servers_of(&["b0".into(), "g0".into()]), ["b0", "g0"]);
+        assert_eq!(
+            bg.running(&["b0".into(), "g0".into()], Color::Green),
+            ["g0"]
+        );
+        // No idle host: nothing to deploy.
+        let lonely = Groups {
+            blue: vec!["b0".into()],
+            green: Vec::new(),
+        };
+        assert!(plan_groups(&lonely, Color::Blue, 0).is_empty());
+    }
+
+    #[test]
     fn a_weighted_step_splits_by_the_share_and_a_switch_or_rollback_restores_the_weights() {
         use ServerState::*;
         let mut bg = BlueGreenStage::new(Color::Blue, 1);

@@ -842,6 +842,25 @@ mod tests {
             ..Default::default()
         });
         assert!(validate(&weighted).is_ok(), "{:?}", validate(&weighted));
+        // Host groups: a selector that is one, and no waves.
+        let mut groups = weighted.clone();
+        groups.stages[0].blue_green = Some(drover_common::proto::BlueGreen {
+            green_selector: "fleet=".into(),
+            ..Default::default()
+        });
+        groups.stages[0].waves = vec![drover_common::proto::Wave {
+            name: "eu".into(),
+            selectors: vec!["region=eu".into()],
+            bake_ms: 0,
+        }];
+        let problems = problems_of(&groups);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems
+                .iter()
+                .all(|p| p.starts_with("stages[0].blue_green.green_selector: ")),
+            "{problems:?}"
+        );
         // A strategy this coordinator does not know.
         let mut unknown = pipeline();
         unknown.stages[0].strategy = 7;
