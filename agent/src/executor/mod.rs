@@ -28,12 +28,11 @@
 //!    Rollback check that kept signature again before anything starts. So
 //!    a coordinator alone cannot run code on a host.
 
+mod activate;
 mod hooks;
 mod recovery;
 mod signatures;
 mod spec;
-
-use hooks::Deadline;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -47,12 +46,12 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::disk::{self, DiskHealth};
-use crate::health::{HealthBoard, probe_once};
+use crate::health::HealthBoard;
 use crate::pull::{self, PullLimits};
 use crate::releases::{Layout, validate_service};
 use crate::runtime::{Runtime, UserPolicy};
 use crate::state::{Journal, LocalState, RecordedResult, ServiceRecord};
-use crate::unit::{Unit, port_in_use, slot_name};
+use crate::unit::Unit;
 
 /// Lines of service output attached to a failure.
 const TAIL_LINES: usize = 20;
@@ -576,201 +575,6 @@ impl Executor {
             return Outcome::failed(e);
         }
         Outcome::ok(format!("{unit} stopped"))
-    }
-
-    /// Checks the archive and the unpacked release of `digest`; a damaged
-    /// release is made again from the verified archive (never downloaded)
-    /// and checked again. Only then may it start.
-    async fn ensure_release(&self, service: &str, digest: &Digest) -> Result<(), String> {
-        let layout = &self.cfg.layout;
-        match pull::verify(layout, service, digest).await {
-            Ok(()) => Ok(()),
-            Err(pull::VerifyError::Release(e)) if layout.release(service, digest).is_dir() => {
-                warn!(%digest, service, reason = %e, "release damaged: unpacking it again from the verified archive");
-                let _ = std::fs::remove_dir_all(layout.release(service, digest));
-                let _ = std::fs::remove_file(layout.release_tree(service, digest));
-                pull::unpack_release(layout, service, digest, &self.cfg.limits)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                pull::verify(layout, service, digest)
-                    .await
-                    .map_err(|e| e.to_string())
-            }
-            Err(e) => Err(e.to_string()),
-        }
-    }
-
-    /// Makes `digest` the running release of `unit` (Restart and Rollback):
-    /// switches it and waits until it is ready; `anew`: even when it
-    /// already runs (rule 4).
-    async fn activate(
-        &self,
-        unit: &Unit,
-        digest: &Digest,
-        ready_timeout_ms: u32,
-        anew: bool,
-    ) -> Outcome {
-        let layout = &self.cfg.layout;
-        let (service, key) = (unit.service.as_str(), unit.key());
-        // Never run unverified bits.
-        if let Err(e) = self.ensure_release(service, digest).await {
-            return Outcome::failed(format!("not activated: {e}"));
-        }
-        if let Err(e) = self.check_signature(service, digest) {
-            warn!(%digest, service, reason = %e, "activation refused");
-            return Outcome::failed(e);
-        }
-        let release = layout.release(service, digest);
-        let manifest = match pull::read_release_manifest(&release, service) {
-            Ok(m) => m,
-            Err(e) => return Outcome::failed(e),
-        };
-        let (spec, watch) = match self.spec(unit, digest, &manifest) {
-            Ok(s) => s,
-            Err(e) => return Outcome::failed(format!("cannot start: {e}")),
-        };
-        let rec = self.record(unit);
-        let has_probe = watch.readiness.is_some();
-        // Rule 4.
-        if !anew
-            && rec.current.as_deref() == Some(digest.hex().as_str())
-            && self.runtime.status(&key).running
-        {
-            let ready = match &watch.readiness {
-                Some(p) => probe_once(p, &watch.launch).await.is_ok(),
-                None => true,
-            };
-            if ready {
-                return Outcome::ok(format!("{digest} is already active and ready"));
-            }
-        }
-        // Rule 6: a slot's port held by another process would make the
-        // start fail in a way only its log explains; refuse it first.
-        if let Ok(Some(port)) = self.cfg.slot_ports.port(unit)
-            && !self.runtime.status(&key).running
-            && port_in_use(port)
-        {
-            return Outcome::failed(format!(
-                "port {port} of {service}'s {} slot is in use by another process; nothing was started",
-                slot_name(unit.slot).unwrap_or_default()
-            ));
-        }
-        // One deadline for the whole restart, hooks included: the deploy
-        // waits no longer than this for the host's answer.
-        let timeout = if ready_timeout_ms == 0 {
-            DEFAULT_READY_TIMEOUT
-        } else {
-            Duration::from_millis(ready_timeout_ms.into())
-        };
-        let deadline = Deadline {
-            at: Instant::now() + timeout,
-            of: timeout,
-        };
-        if let Some(hook) = &manifest.hooks.pre_start
-            && let Err(o) = self.run_hook("pre_start", hook, &spec, deadline).await
-        {
-            return o;
-        }
-        // Record the switch before making it: after a crash, the journal is
-        // the truth and recovery re-points `current` to it.
-        let hex = digest.hex();
-        if let Err(e) = self.save(|s| {
-            let rec = s.services.entry(key.clone()).or_default();
-            if rec.current.as_deref() != Some(hex.as_str()) {
-                rec.previous = rec.current.take();
-                rec.current = Some(hex.clone());
-                rec.current_since_unix_ms = drover_common::time::now_unix_ms();
-            }
-            // Releases are the service's, whichever unit runs them.
-            let releases = &mut s.services.entry(service.to_string()).or_default().releases;
-            releases.retain(|r| r != &hex);
-            releases.push(hex.clone());
-        }) {
-            return Outcome::failed(e);
-        }
-        if let Err(e) = layout.switch_current(unit, digest) {
-            return Outcome::failed(format!("switching current: {e}"));
-        }
-        let restarts_before;
-        {
-            self.board.unwatch(&key);
-            self.board.before_start(&key);
-            if let Err(e) = self.runtime.start(spec.clone()).await {
-                return Outcome::failed(e.to_string())
-                    .with_tail(self.runtime.output_tail(&key, TAIL_LINES));
-            }
-            restarts_before = self.runtime.status(&key).restarts;
-            self.board.watch(&key, watch.clone());
-        }
-        let started = Instant::now();
-        let mut last_error = String::from("no probe ran yet");
-        loop {
-            let status = self.runtime.status(&key);
-            if status.restarts > restarts_before {
-                return Outcome::failed(format!(
-                    "{unit} exited while starting ({} restarts)",
-                    status.restarts
-                ))
-                .with_tail(self.runtime.output_tail(&key, TAIL_LINES));
-            }
-            if status.running {
-                let ready = match &watch.readiness {
-                    Some(p) => match probe_once(p, &watch.launch).await {
-                        Ok(()) => true,
-                        Err(e) => {
-                            last_error = e;
-                            false
-                        }
-                    },
-                    None => started.elapsed() >= READY_WITHOUT_PROBE,
-                };
-                if ready {
-                    // The restart's own check is the readiness heartbeats
-                    // report from now (not "unready" until the next probe).
-                    self.board.mark_ready(&key);
-                    break;
-                }
-            }
-            if Instant::now() >= deadline.at {
-                return Outcome::failed(format!(
-                    "{unit} not ready within {timeout:?} of the restart: {last_error}"
-                ))
-                .with_tail(self.runtime.output_tail(&key, TAIL_LINES));
-            }
-            let pause = watch
-                .readiness
-                .as_ref()
-                .map(|p| p.interval)
-                .unwrap_or(Duration::from_millis(100));
-            tokio::time::sleep(pause.min(Duration::from_millis(250))).await;
-        }
-        let _ = has_probe;
-        for (name, hook) in [
-            ("post_start", &manifest.hooks.post_start),
-            ("validate", &manifest.hooks.validate),
-        ] {
-            if let Some(hook) = hook
-                && let Err(o) = self.run_hook(name, hook, &spec, deadline).await
-            {
-                return o;
-            }
-        }
-        let pgid = self.runtime.status(&key).pgid;
-        let keep = self.cfg.keep_releases;
-        let mut removed = Vec::new();
-        if let Err(e) = self.save(|s| {
-            s.services.entry(key.clone()).or_default().pgid = pgid;
-            removed = prune_service(s, layout, service, keep, None);
-        }) {
-            warn!(error = %e, "could not record the started service");
-        }
-        if !removed.is_empty() {
-            info!(%service, removed = ?removed, "pruned old releases");
-        }
-        Outcome::ok(format!(
-            "{unit} runs {digest} and is ready after {} ms",
-            started.elapsed().as_millis()
-        ))
     }
 
     /// Stops every service (agent shutdown, process runtime).

@@ -24,7 +24,7 @@
 //!    records each server's state and weight before and after. The
 //!    post-promotion gate judges `to` alone; its failure fails the step,
 //!    and the rollback switches back.
-//! 5. ScaleDown: waits out the scale-down delay, counted from the recorded
+//! 5. ScaleDown ([`scale_down`]): waits out the scale-down delay, counted from the recorded
 //!    switch (a new leader waits only what is left), woken by controls: a
 //!    rollback meanwhile is a switch back with no restart. Then `from` is
 //!    recorded as scaled down, its requests in flight waited for, stopped
@@ -36,23 +36,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drover_common::proto::{
-    ApprovalTimeoutOutcome, CommandStatus, HostOutcome, RestartCommand, RouterTarget, Slot,
-    StopCommand, command,
+    ApprovalTimeoutOutcome, CommandStatus, HostOutcome, RestartCommand, RouterTarget, Slot, command,
 };
-use tracing::{info, warn};
+use tracing::info;
 
 mod rollback;
 mod routes;
+mod scale_down;
 mod weighted;
 
 use routes::{apply, assert_traffic, changes};
 
+use super::Driver;
 use super::batch::{GateStop, RESULT_SLACK, Side, batch_command};
-use super::{Driver, traffic};
 use crate::deploy::audit;
 use crate::deploy::blue_green::{BlueGreenStage, Color, Step};
 use crate::deploy::deployments::DeployError;
-use crate::deploy::machine::{Event, Phase, ReasonKind, Why};
+use crate::deploy::machine::{Event, ReasonKind, Why};
 use crate::deploy::record::DeployRecord;
 use crate::ha::election::Leadership;
 use crate::router::Router;
@@ -392,127 +392,6 @@ impl Driver {
                 Ok(Some(Event::Hold(why)))
             }
         }
-    }
-
-    /// Rule 5.
-    async fn scale_down(&self, cx: &StepContext<'_>) -> Result<Option<Event>, DeployError> {
-        let (id, stage, batch) = (cx.id, cx.stage, cx.batch);
-        let wake = self.wake_of(id);
-        let delay = loop {
-            let (rec, _) = self.ledger.load(id).await?;
-            if rec.machine.phase != Phase::Rolling
-                || (rec.machine.stage, rec.machine.batch) != (stage, batch)
-            {
-                info!(deploy = %id, phase = ?rec.machine.phase, "scale-down wait overtaken by a control");
-                return Ok(None);
-            }
-            let bg = progress(&rec, stage);
-            let delay = u64::from(rec.scale_down_delay_ms(stage));
-            let due = bg.switched_unix_ms + delay;
-            let now = self.ledger.now();
-            if bg.scaled_down || now >= due {
-                break delay;
-            }
-            let left = Duration::from_millis(due - now).min(SCALE_DOWN_LOOK);
-            tokio::select! {
-                _ = tokio::time::sleep(left) => {}
-                _ = wake.notified() => {}
-            }
-        };
-        let rec = self
-            .ledger
-            .update(
-                id,
-                |rec| {
-                    rec.blue_green
-                        .get_mut(&stage)
-                        .expect("blue-green stage")
-                        .scaled_down = true;
-                },
-                |_, _| Vec::new(),
-            )
-            .await?;
-        let bg = progress(&rec, stage);
-        let from = bg.from;
-        let hosts = rec.plan[stage][batch].clone();
-        for host in &hosts {
-            let server = bg.server(host, from);
-            if let Err(e) = traffic::drain(cx.router, cx.target, &server).await {
-                warn!(deploy = %id, %host, error = %e, "the old slot was not drained");
-            }
-        }
-        let stopped = self
-            .stop_slot(&rec, &hosts, (from, bg.slot(from)), cx.fence, |h| {
-                batch_command_id(id, (stage, batch), h, from)
-            })
-            .await;
-        let mut problems = Vec::new();
-        for (host, outcome) in &stopped {
-            let result = match outcome {
-                Ok(()) => apply(
-                    cx.router,
-                    &cx.target.backend,
-                    bg,
-                    std::slice::from_ref(host),
-                    from,
-                )
-                .await
-                .map_err(|e| format!("router: {e}")),
-                Err(e) => Err(e.clone()),
-            };
-            if let Err(e) = result {
-                warn!(deploy = %id, %host, error = %e, "the old slot did not stop cleanly");
-                problems.push(format!("{host}: {e}"));
-            }
-        }
-        let mut text = format!(
-            "the {} slot stopped on {} hosts after {}",
-            from.name(),
-            hosts.len() - problems.len(),
-            humantime::format_duration(Duration::from_millis(delay))
-        );
-        if !problems.is_empty() {
-            text.push_str(&format!("; not on: {}", problems.join("; ")));
-        }
-        self.set_verdict(id, stage, batch, &text).await?;
-        Ok(Some(Event::BatchPassed))
-    }
-
-    /// Stops `color` on `hosts` (at once); per host, Ok or why not.
-    async fn stop_slot(
-        &self,
-        rec: &DeployRecord,
-        hosts: &[String],
-        (color, slot): (Color, Slot),
-        fence: (u32, u64),
-        command_id: impl Fn(&str) -> String,
-    ) -> Vec<(String, Result<(), String>)> {
-        let mut tasks = tokio::task::JoinSet::new();
-        for host in hosts {
-            let cmd = drover_common::proto::Command {
-                command_id: command_id(host),
-                shard: fence.0,
-                epoch: fence.1,
-                action: Some(command::Action::Stop(StopCommand {
-                    service: rec.service.clone(),
-                    slot: slot as i32,
-                })),
-            };
-            let (effects, host) = (self.effects.clone(), host.clone());
-            tasks.spawn(async move {
-                let outcome = match effects.send(&host, cmd, PATIENCE, PATIENCE).await {
-                    Ok(u) if u.status() == CommandStatus::Succeeded => Ok(()),
-                    Ok(u) => Err(format!("stopping the {} slot: {}", color.name(), u.reason)),
-                    Err(e) => Err(e),
-                };
-                (host, outcome)
-            });
-        }
-        let mut out = Vec::new();
-        while let Some(done) = tasks.join_next().await {
-            out.push(done.expect("host task does not panic"));
-        }
-        out
     }
 
     /// The restart count of `service`'s `slot` on `host` as last reported.
