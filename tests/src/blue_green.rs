@@ -11,11 +11,46 @@
 
 use std::time::Duration;
 
-use drover_common::proto::{ListEnvironmentsRequest, Slot};
+use drover_common::proto::{AuditEvent, AuditKind, GetAuditRequest, ListEnvironmentsRequest, Slot};
 
+use crate::Coordinator;
 use crate::free_service_port;
 use crate::haproxy::{HaproxyLb, LoadSeen, steady_load};
 use crate::sample_fleet::SampleFleet;
+
+/// The slot the first stage of `pipeline` serves from (its environment).
+pub async fn live_slot(coord: &Coordinator, pipeline: &str) -> Slot {
+    let envs = coord
+        .deployer()
+        .await
+        .list_environments(ListEnvironmentsRequest {
+            pipeline: pipeline.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .environments;
+    envs[0].live_slot()
+}
+
+/// Every traffic switch the audit holds for `service`, oldest first.
+pub async fn traffic_switches(coord: &Coordinator, service: &str) -> Vec<AuditEvent> {
+    let events = coord
+        .deployer()
+        .await
+        .get_audit(GetAuditRequest {
+            service: service.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    events
+        .into_iter()
+        .filter(|e| e.event() == AuditKind::TrafficSwitched)
+        .collect()
+}
 
 /// Hosts whose two slots sit behind one haproxy.
 pub struct BlueGreenFleet {
@@ -31,6 +66,17 @@ impl BlueGreenFleet {
     /// (frontend 1) of every slot.
     pub async fn start(n: usize) -> BlueGreenFleet {
         Self::start_configured(n, &[]).await
+    }
+
+    /// [`BlueGreenFleet::start`], the pipeline applied with `settings`,
+    /// and v1 deployed through it (a first deploy: into green).
+    pub async fn on_v1(n: usize, settings: &str, stuck_ms: u32) -> BlueGreenFleet {
+        let bg = Self::start(n).await;
+        bg.apply(settings, stuck_ms);
+        let v1 = bg.f.push("v1", &[]);
+        let (code, out, err) = tokio::task::block_in_place(|| bg.f.deploy_through("hello-bg", &v1));
+        assert_eq!(code, 0, "v1: {out}\n{err}");
+        bg
     }
 
     /// Like [`BlueGreenFleet::start`], the coordinator started with
@@ -120,20 +166,9 @@ impl BlueGreenFleet {
         crate::http_get_status(addr, "/healthz").await.is_ok()
     }
 
+    /// The slot the pipeline's environment serves from.
     pub async fn live_slot(&self) -> Slot {
-        let envs = self
-            .f
-            .coord
-            .deployer()
-            .await
-            .list_environments(ListEnvironmentsRequest {
-                pipeline: "hello-bg".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .environments;
-        envs[0].live_slot()
+        live_slot(&self.f.coord, "hello-bg").await
     }
 
     /// Runs `during` under steady load through the main frontend.

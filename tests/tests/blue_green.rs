@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use drover_common::proto::{AuditKind, DeployPhase, GetAuditRequest, Slot};
-use drover_tests::blue_green::BlueGreenFleet;
+use drover_common::proto::{DeployPhase, Slot};
+use drover_tests::blue_green::{BlueGreenFleet, traffic_switches};
 use drover_tests::sample_fleet::SampleFleet;
 use drover_tests::wait_until_ok;
 
@@ -105,28 +105,10 @@ async fn blue_green_switches_every_host_at_once_and_a_rollback_is_an_instant_swi
 
     // The audit has every switch, each server's state and weight before
     // and after.
-    let events = f
-        .coord
-        .deployer()
-        .await
-        .get_audit(GetAuditRequest {
-            service: "hello".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events;
-    let switches: Vec<&str> = events
-        .iter()
-        .filter(|e| e.event() == AuditKind::TrafficSwitched)
-        .map(|e| e.message.as_str())
-        .collect();
+    let events = traffic_switches(&f.coord, "hello").await;
+    let switches: Vec<&str> = events.iter().map(|e| e.message.as_str()).collect();
     assert_eq!(switches.len(), 4, "{switches:#?}");
-    let back = events
-        .iter()
-        .rfind(|e| e.event() == AuditKind::TrafficSwitched)
-        .unwrap();
+    let back = events.last().unwrap();
     assert!(
         back.message.contains("switched back to blue"),
         "{}",
@@ -156,12 +138,8 @@ async fn blue_green_switches_every_host_at_once_and_a_rollback_is_an_instant_swi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_slot_that_never_gets_ready_or_cannot_bind_moves_no_traffic() {
-    let bg = BlueGreenFleet::start(2).await;
+    let bg = BlueGreenFleet::on_v1(2, "scale_down_delay_ms = 300", 3_000).await;
     let f = &bg.f;
-    bg.apply("scale_down_delay_ms = 300", 3_000);
-    let v1 = f.push("v1", &[]);
-    let (code, out, err) = deploy(f, &v1);
-    assert_eq!(code, 0, "{out}\n{err}");
 
     // v2 is never ready: the deploy fails before the switch, traffic never
     // leaves v1 and the half-started blue slots are stopped.
@@ -215,12 +193,8 @@ async fn a_new_slot_that_never_gets_ready_or_cannot_bind_moves_no_traffic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manual_promotion_holds_with_the_new_slot_on_the_preview_until_promoted_or_timed_out() {
-    let bg = BlueGreenFleet::start(2).await;
+    let bg = BlueGreenFleet::on_v1(2, "scale_down_delay_ms = 300", 20_000).await;
     let f = &bg.f;
-    bg.apply("scale_down_delay_ms = 300", 20_000);
-    let v1 = f.push("v1", &[]);
-    let (code, out, err) = deploy(f, &v1);
-    assert_eq!(code, 0, "{out}\n{err}");
 
     let gate = "pre_promotion = { samples = 2, bad_samples = 1, inconclusive = \"INCONCLUSIVE_POLICY_PASS\" }";
     bg.apply(
@@ -323,12 +297,8 @@ async fn a_restarted_coordinator_puts_the_recorded_traffic_back_and_finishes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_post_promotion_gate_switches_back_by_itself() {
-    let bg = BlueGreenFleet::start(2).await;
+    let bg = BlueGreenFleet::on_v1(2, "scale_down_delay_ms = 300", 20_000).await;
     let f = &bg.f;
-    bg.apply("scale_down_delay_ms = 300", 20_000);
-    let v1 = f.push("v1", &[]);
-    let (code, out, err) = deploy(f, &v1);
-    assert_eq!(code, 0, "{out}\n{err}");
     // The post-promotion gate judges the new slot on real traffic: at
     // most 5% errors, 2 bad samples fail it; blue would stay warm for 30 s.
     bg.apply(
@@ -383,23 +353,8 @@ async fn waves_switch_region_by_region_and_a_missing_router_moves_nothing() {
         [2, 1, 1, 2],
         "stand up, a switch per wave, scale down"
     );
-    let events = f
-        .coord
-        .deployer()
-        .await
-        .get_audit(GetAuditRequest {
-            service: "hello".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events;
-    let switched: Vec<Vec<String>> = events
-        .iter()
-        .filter(|e| e.event() == AuditKind::TrafficSwitched)
-        .map(|e| e.hosts.clone())
-        .collect();
+    let events = traffic_switches(&f.coord, "hello").await;
+    let switched: Vec<Vec<String>> = events.iter().map(|e| e.hosts.clone()).collect();
     assert_eq!(
         switched,
         [vec!["web-0".to_string()], vec!["web-1".to_string()]]

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use drover_common::proto::{DeployPhase, ListEnvironmentsRequest, Slot};
+use drover_common::proto::{DeployPhase, Slot};
 use drover_coordinator::router::haproxy::{Haproxy, RuntimeAddr};
 use drover_coordinator::router::{Router, ServerState};
 use drover_tests::haproxy::{HaproxyLb, steady_load};
@@ -54,20 +54,7 @@ async fn a_deploy_moves_traffic_from_one_host_group_to_the_other_and_back() {
         let f = &f;
         tokio::task::block_in_place(move || f.deploy_through("hello-bg", &digest))
     };
-    let live = || async {
-        let envs = f
-            .coord
-            .deployer()
-            .await
-            .list_environments(ListEnvironmentsRequest {
-                pipeline: "hello-bg".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .environments;
-        envs[0].live_slot()
-    };
+    let live = || drover_tests::blue_green::live_slot(&f.coord, "hello-bg");
 
     // A first deploy goes to the green group.
     let (code, out, err) = deploy(f.push("v1", &[]));

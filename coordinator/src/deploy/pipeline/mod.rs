@@ -329,7 +329,7 @@ mod tests {
         }
     }
 
-    fn pipeline() -> Pipeline {
+    pub(super) fn pipeline() -> Pipeline {
         Pipeline {
             name: "hello-prod".into(),
             service: "hello".into(),

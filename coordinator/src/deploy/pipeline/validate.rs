@@ -386,25 +386,7 @@ fn validate_blue_green(s: &Stage, at: &dyn Fn(&str) -> String, problems: &mut Ve
 #[cfg(test)]
 mod tests {
     use super::*;
-    use drover_common::proto::Stage;
-
-    fn stage(name: &str) -> Stage {
-        Stage {
-            name: name.into(),
-            selector: format!("env={name}"),
-            batch_percent: 10,
-            ..Default::default()
-        }
-    }
-
-    fn pipeline() -> Pipeline {
-        Pipeline {
-            name: "hello-prod".into(),
-            service: "hello".into(),
-            stages: vec![stage("staging"), stage("prod")],
-            ..Default::default()
-        }
-    }
+    use crate::deploy::pipeline::tests::pipeline;
 
     #[test]
     fn every_problem_names_its_field() {

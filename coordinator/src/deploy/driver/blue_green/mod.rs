@@ -123,6 +123,44 @@ impl Driver {
         }
     }
 
+    /// Changes stage `stage`'s blue-green progress in the record.
+    async fn update_progress(
+        &self,
+        id: &str,
+        stage: usize,
+        change: impl Fn(&mut BlueGreenStage),
+    ) -> Result<DeployRecord, DeployError> {
+        self.ledger
+            .update(
+                id,
+                |rec| change(rec.blue_green.get_mut(&stage).expect("blue-green stage")),
+                |_, _| Vec::new(),
+            )
+            .await
+    }
+
+    /// Audits a traffic move of stage `stage` (`what`: "switched to green").
+    async fn audit_traffic(
+        &self,
+        id: &str,
+        stage: usize,
+        what: &str,
+        hosts: &[String],
+        traffic: Vec<drover_common::proto::TrafficChange>,
+    ) -> Result<(), DeployError> {
+        self.ledger
+            .update(
+                id,
+                |_| {},
+                |rec, now| {
+                    let (h, t) = (hosts.to_vec(), traffic.clone());
+                    vec![audit::traffic_switched(rec, stage, what, h, t, now)]
+                },
+            )
+            .await
+            .map(|_| ())
+    }
+
     /// Records `text` as the step's verdict and fails it.
     async fn step_failed(
         &self,
@@ -281,18 +319,12 @@ impl Driver {
         );
         if settings.manual_promotion && !rec.promoted.contains(&format!("{stage}/0")) {
             let now = self.ledger.now();
-            self.ledger
-                .update(
-                    id,
-                    |rec| {
-                        let bg = rec.blue_green.get_mut(&stage).expect("blue-green stage");
-                        if bg.promotion_asked_unix_ms == 0 {
-                            bg.promotion_asked_unix_ms = now;
-                        }
-                    },
-                    |_, _| Vec::new(),
-                )
-                .await?;
+            self.update_progress(id, stage, |bg| {
+                if bg.promotion_asked_unix_ms == 0 {
+                    bg.promotion_asked_unix_ms = now;
+                }
+            })
+            .await?;
             let text = format!("{ready}; waiting for promote to switch traffic (manual promotion)");
             self.set_verdict(id, stage, 0, &text).await?;
             return Ok(Some(Event::Hold(Why::new(
@@ -349,16 +381,7 @@ impl Driver {
         let servers = bg.servers_of(&hosts);
         let traffic = changes(backend, &servers, &before, &after);
         let what = format!("switched to {}", to.name());
-        self.ledger
-            .update(
-                id,
-                |_| {},
-                |rec, now| {
-                    let hosts = hosts.clone();
-                    let t = traffic.clone();
-                    vec![audit::traffic_switched(rec, stage, &what, hosts, t, now)]
-                },
-            )
+        self.audit_traffic(id, stage, &what, &hosts, traffic)
             .await?;
         info!(deploy = %id, stage, hosts = hosts.len(), to = to.name(), "traffic switched");
         let spec = &rec.snapshot.stages[stage];

@@ -14,7 +14,6 @@ use tracing::{info, warn};
 
 use super::routes::{apply, changes};
 use super::{PATIENCE, all_hosts, progress};
-use crate::deploy::audit;
 use crate::deploy::blue_green::Color;
 use crate::deploy::deployments::DeployError;
 use crate::deploy::driver::batch::RESULT_SLACK;
@@ -86,19 +85,13 @@ impl Driver {
         // Recorded first (rule 1 re-asserts it), then told: hosts whose
         // old process could not start keep their traffic where it is.
         let rec = self
-            .ledger
-            .update(
-                id,
-                |rec| {
-                    let bg = rec.blue_green.get_mut(&stage).expect("blue-green stage");
-                    bg.switched.retain(|h| broken.contains_key(h));
-                    bg.share = 0;
-                    if bg.switched.is_empty() {
-                        bg.rolled_back();
-                    }
-                },
-                |_, _| Vec::new(),
-            )
+            .update_progress(id, stage, |bg| {
+                bg.switched.retain(|h| broken.contains_key(h));
+                bg.share = 0;
+                if bg.switched.is_empty() {
+                    bg.rolled_back();
+                }
+            })
             .await?;
         let now = progress(&rec, stage);
         let back: Vec<String> = all
@@ -129,24 +122,7 @@ impl Driver {
         if moved {
             let traffic = changes(backend, &now.servers_of(&back), &before, &after);
             let what = format!("switched back to {}", from.name());
-            let hosts = back.clone();
-            self.ledger
-                .update(
-                    id,
-                    |_| {},
-                    |rec, now| {
-                        let t = traffic.clone();
-                        vec![audit::traffic_switched(
-                            rec,
-                            stage,
-                            &what,
-                            hosts.clone(),
-                            t,
-                            now,
-                        )]
-                    },
-                )
-                .await?;
+            self.audit_traffic(id, stage, &what, &back, traffic).await?;
             info!(deploy = %id, stage, hosts = back.len(), to = from.name(), "traffic switched back");
         }
         let stopped = self

@@ -45,17 +45,7 @@ impl Driver {
             }
         };
         let rec = self
-            .ledger
-            .update(
-                id,
-                |rec| {
-                    rec.blue_green
-                        .get_mut(&stage)
-                        .expect("blue-green stage")
-                        .scaled_down = true;
-                },
-                |_, _| Vec::new(),
-            )
+            .update_progress(id, stage, |bg| bg.scaled_down = true)
             .await?;
         let bg = progress(&rec, stage);
         let from = bg.from;

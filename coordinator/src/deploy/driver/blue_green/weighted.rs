@@ -10,7 +10,6 @@ use tracing::info;
 
 use super::routes::{apply, changes};
 use super::{StepContext, all_hosts, progress};
-use crate::deploy::audit;
 use crate::deploy::deployments::DeployError;
 use crate::deploy::driver::Driver;
 use crate::deploy::driver::canary::{SlotSides, Step};
@@ -46,18 +45,12 @@ impl Driver {
             .collect();
         let share = progress(&rec, stage).shares[n];
         let rec = self
-            .ledger
-            .update(
-                id,
-                |rec| {
-                    let bg = rec.blue_green.get_mut(&stage).expect("blue-green stage");
-                    if bg.weights.is_empty() {
-                        bg.weights = original.clone();
-                    }
-                    bg.share = share;
-                },
-                |_, _| Vec::new(),
-            )
+            .update_progress(id, stage, |bg| {
+                if bg.weights.is_empty() {
+                    bg.weights = original.clone();
+                }
+                bg.share = share;
+            })
             .await?;
         let bg = progress(&rec, stage);
         let (from, to) = (bg.from, bg.to);
@@ -72,22 +65,7 @@ impl Driver {
         let after = cx.router.servers(backend).await.unwrap_or_default();
         let traffic = changes(backend, &servers, &before, &after);
         let what = format!("shifted: {} takes {share}%", to.name());
-        self.ledger
-            .update(
-                id,
-                |_| {},
-                |rec, now| {
-                    let t = traffic.clone();
-                    vec![audit::traffic_switched(
-                        rec,
-                        stage,
-                        &what,
-                        hosts.clone(),
-                        t,
-                        now,
-                    )]
-                },
-            )
+        self.audit_traffic(id, stage, &what, &hosts, traffic)
             .await?;
         info!(deploy = %id, stage, share, to = to.name(), "traffic shifted");
         self.bake(Step {
