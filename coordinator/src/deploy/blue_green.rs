@@ -155,6 +155,15 @@ pub struct BlueGreenStage {
     /// Blue-green across host groups (None: two slots on every host).
     #[serde(default)]
     pub groups: Option<Groups>,
+    /// Whether `from` runs the service at the start (false on a stage's
+    /// first blue-green deploy over slots: nothing is behind its servers,
+    /// so they stay in maintenance rather than take traffic).
+    #[serde(default = "serving")]
+    pub from_serving: bool,
+}
+
+fn serving() -> bool {
+    true
 }
 
 impl BlueGreenStage {
@@ -174,6 +183,7 @@ impl BlueGreenStage {
             promotion_asked_unix_ms: 0,
             scaled_down: false,
             groups: None,
+            from_serving: true,
         }
     }
 
@@ -249,7 +259,7 @@ impl BlueGreenStage {
             |server: &str, percent: u32| self.weights.get(server).map(|w| scaled(*w, percent));
         let full = |server: &str| self.weights.get(server).copied();
         let both = if self.switched.iter().any(|h| h == host) {
-            let old = if self.scaled_down {
+            let old = if self.scaled_down || !self.from_serving {
                 ServerState::Maint
             } else {
                 ServerState::Drain
@@ -270,8 +280,13 @@ impl BlueGreenStage {
                 ),
             ]
         } else {
+            let live = if self.from_serving {
+                ServerState::Ready
+            } else {
+                ServerState::Maint
+            };
             [
-                Intent::new(self.from, from.clone(), ServerState::Ready, full(&from)),
+                Intent::new(self.from, from.clone(), live, full(&from)),
                 Intent::new(self.to, to.clone(), ServerState::Maint, full(&to)),
             ]
         };
@@ -457,6 +472,18 @@ mod tests {
         assert_eq!(of(bg.intended("web-0"))[1], (Color::Blue, Maint, None));
         bg.rolled_back();
         assert_eq!(of(bg.intended("web-0")), before);
+        // A first deploy over slots: nothing behind blue's servers.
+        let mut first = BlueGreenStage::new(Color::Blue, 1);
+        first.from_serving = false;
+        assert_eq!(
+            of(first.intended("web-0")),
+            [(Color::Blue, Maint, None), (Color::Green, Maint, None)]
+        );
+        first.switched.push("web-0".into());
+        assert_eq!(
+            of(first.intended("web-0")),
+            [(Color::Green, Ready, None), (Color::Blue, Maint, None)]
+        );
         // The next deploy starts from green.
         let next = BlueGreenStage::new(Color::live(Slot::Green), 1);
         assert_eq!((next.from, next.to), (Color::Green, Color::Blue));

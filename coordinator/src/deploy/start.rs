@@ -98,6 +98,11 @@ pub fn new_record(d: NewDeploy<'_>) -> Option<(DeployRecord, Vec<Action>)> {
             if !entries.is_empty() {
                 let switches = entries.len() - 2 - steps.len();
                 let mut bg = BlueGreenStage::new(live, switches);
+                // Over slots, a stage never switched has nothing in its
+                // slots yet; a host group may run the stage's release.
+                let recorded = d.live_slots.get(i).is_some_and(|s| *s != Slot::None);
+                let ran = d.environments.get(i).is_some_and(|a| !a.is_empty());
+                bg.from_serving = recorded || (groups.is_some() && ran);
                 bg.groups = groups;
                 bg.shares = steps.iter().map(|s| s.percent).collect();
                 bg.bakes = steps.iter().map(|s| s.bake_ms).collect();
