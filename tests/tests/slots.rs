@@ -89,6 +89,14 @@ async fn two_slots_run_side_by_side_and_stop_one_at_a_time() {
     })
     .await;
 
+    let (code, shown, _) = coord.droverctl(&["host", "web-0"]);
+    assert_eq!(code, 0);
+    assert!(
+        shown.contains("service:     hello(blue) current")
+            && shown.contains("health:      hello(green) ready=true"),
+        "{shown}"
+    );
+
     // Stop blue: green keeps serving; stopping it again succeeds.
     ok(&send("stop-blue", stop("hello", Slot::Blue)).await);
     assert_eq!(version_on(blue).await, None, "blue's port is closed");

@@ -153,7 +153,7 @@ pub async fn show(
         writeln!(
             out,
             "service:     {} current {} previous {}",
-            s.service,
+            unit_name(&s.service, s.slot()),
             short(&s.current_artifact),
             short(&s.previous_artifact)
         )?;
@@ -162,7 +162,7 @@ pub async fn show(
         writeln!(
             out,
             "health:      {} ready={} live={} restarts={} requests={} errors={} p50={:.1}ms p99={:.1}ms",
-            s.service,
+            unit_name(&s.service, s.slot()),
             s.ready,
             s.live,
             s.restarts,
@@ -173,6 +173,19 @@ pub async fn show(
         )?;
     }
     Ok(())
+}
+
+/// A service's process as shown: `hello`, or `hello(green)` for a slot.
+fn unit_name(service: &str, slot: drover_common::proto::Slot) -> String {
+    match slot {
+        drover_common::proto::Slot::None => service.to_string(),
+        slot => format!(
+            "{service}({})",
+            slot.as_str_name()
+                .trim_start_matches("SLOT_")
+                .to_lowercase()
+        ),
+    }
 }
 
 fn dash() -> String {
@@ -209,7 +222,10 @@ fn services(h: &Host) -> String {
     }
     h.services
         .iter()
-        .map(|s| format!("{}@{}", s.service, short(&s.current_artifact)))
+        .map(|s| {
+            let name = unit_name(&s.service, s.slot());
+            format!("{name}@{}", short(&s.current_artifact))
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
