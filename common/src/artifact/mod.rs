@@ -2,11 +2,13 @@
 //! identified by the sha256 of the file.
 //!
 //! - [`build`]: writing archives (tools and tests).
+//! - [`chunks`]: content-defined chunks of the unpacked stream (issue 15, not wired in yet).
 //! - [`digest`]: sha256 identities and hashing while streaming.
 //! - [`manifest`]: `drover.toml`, parsed and validated.
 //! - [`unpack`]: safe extraction into a release directory.
 
 pub mod build;
+pub mod chunks;
 pub mod digest;
 pub mod manifest;
 pub mod signature;
