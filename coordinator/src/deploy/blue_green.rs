@@ -345,7 +345,8 @@ impl Intent {
 /// `percent` of a server's `weight`, at least 1 so a share never starves
 /// a ready server entirely (HAProxy weights are 0..=256).
 pub fn scaled(weight: u32, percent: u32) -> u32 {
-    ((u64::from(weight) * u64::from(percent)).div_ceil(100) as u32).clamp(1, 256)
+    let share = (u64::from(weight) * u64::from(percent)).div_ceil(100) as u32;
+    share.clamp(1, crate::router::MAX_WEIGHT)
 }
 
 /// The plan of a blue-green stage over `hosts`: standing up on every host,

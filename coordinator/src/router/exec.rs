@@ -16,7 +16,7 @@
 
 use std::time::Duration;
 
-use super::{Router, RouterError, ServerState, ServerView, valid_name};
+use super::{Router, RouterError, ServerState, ServerView, check_name, check_weight};
 
 /// How long one call of the hook may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,16 +33,13 @@ impl ExecHook {
         ExecHook { command }
     }
 
-    /// Runs the hook with `args`; its stdout on success.
+    /// Runs the hook with `args` (`OP BACKEND [SERVER …]`); its stdout on
+    /// success.
     async fn call(&self, args: &[&str]) -> Result<String, RouterError> {
         let (backend, server) = (args.get(1).copied(), args.get(2).copied());
-        for name in [backend, server].into_iter().flatten() {
-            if !valid_name(name) {
-                return Err(RouterError::Refused {
-                    command: args.join(" "),
-                    answer: format!("{name:?} is not a router name"),
-                });
-            }
+        check_name("backend", backend.unwrap_or_default())?;
+        if let Some(server) = server {
+            check_name("server", server)?;
         }
         let (program, fixed) = self
             .command
@@ -132,9 +129,7 @@ impl Router for ExecHook {
         server: &str,
         weight: u32,
     ) -> Result<(), RouterError> {
-        if weight > 256 {
-            return Err(RouterError::BadWeight(weight));
-        }
+        check_weight(weight)?;
         let weight = weight.to_string();
         self.call(&["set-weight", backend, server, &weight])
             .await

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{Router, RouterError, ServerState, ServerView};
+use super::{Router, RouterError, ServerState, ServerView, check_name, check_server, check_weight};
 
 /// How long one exchange with the runtime API may take.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -141,24 +141,6 @@ fn refusal(answer: &str, command: &str, backend: &str, server: &str) -> Option<R
     }
 }
 
-/// Rule 2: a name HAProxy's configuration could have given.
-fn check_name(kind: &str, name: &str) -> Result<(), RouterError> {
-    if super::valid_name(name) {
-        Ok(())
-    } else {
-        Err(RouterError::Refused {
-            command: format!("{kind} {name:?}"),
-            answer: format!("not a valid {kind} name (letters, digits, '-', '_', '.', ':')"),
-        })
-    }
-}
-
-/// Rule 2 for a backend and one of its servers.
-fn check_server(backend: &str, server: &str) -> Result<(), RouterError> {
-    check_name("backend", backend)?;
-    check_name("server", server)
-}
-
 /// The servers in a `show servers state` answer (rule 3).
 fn parse_servers_state(answer: &str) -> Result<Vec<ServerView>, String> {
     let mut lines = answer.lines().filter(|l| !l.trim().is_empty());
@@ -264,9 +246,7 @@ impl Router for Haproxy {
         weight: u32,
     ) -> Result<(), RouterError> {
         check_server(backend, server)?;
-        if weight > 256 {
-            return Err(RouterError::BadWeight(weight));
-        }
+        check_weight(weight)?;
         let command = format!("set server {backend}/{server} weight {weight}");
         self.command(&command, backend, server).await
     }

@@ -30,6 +30,36 @@ pub fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
 }
 
+/// Refuses a name no router configuration could have given (so no name
+/// can carry a second command, whatever the router).
+pub(crate) fn check_name(kind: &str, name: &str) -> Result<(), RouterError> {
+    if valid_name(name) {
+        Ok(())
+    } else {
+        Err(RouterError::Refused {
+            command: format!("{kind} {name:?}"),
+            answer: format!("not a valid {kind} name (letters, digits, '-', '_', '.', ':')"),
+        })
+    }
+}
+
+/// [`check_name`] for a backend and one of its servers.
+pub(crate) fn check_server(backend: &str, server: &str) -> Result<(), RouterError> {
+    check_name("backend", backend)?;
+    check_name("server", server)
+}
+
+/// The largest weight a router takes (HAProxy's; the others follow it).
+pub const MAX_WEIGHT: u32 = 256;
+
+/// Refuses a weight past [`MAX_WEIGHT`].
+pub(crate) fn check_weight(weight: u32) -> Result<(), RouterError> {
+    if weight > MAX_WEIGHT {
+        return Err(RouterError::BadWeight(weight));
+    }
+    Ok(())
+}
+
 /// A server's administrative state in its router.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ServerState {

@@ -26,11 +26,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use super::{Router, RouterError, ServerState, ServerView, valid_name};
+use super::{Router, RouterError, ServerState, ServerView, check_server, check_weight};
 
 /// How long a reload may take.
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
 
+#[derive(Clone)]
 pub struct Nginx {
     file: PathBuf,
     reload: Vec<String>,
@@ -175,14 +176,7 @@ impl Nginx {
         server: &str,
         change: impl Fn(&mut Line),
     ) -> Result<(), RouterError> {
-        for name in [backend, server] {
-            if !valid_name(name) {
-                return Err(RouterError::Refused {
-                    command: format!("change {backend}/{server}"),
-                    answer: format!("{name:?} is not a router name"),
-                });
-            }
-        }
+        check_server(backend, server)?;
         let lock = lock_of(&self.file);
         let _held = lock.lock().expect("nginx file lock");
         let before = std::fs::read_to_string(&self.file).map_err(|e| self.unreachable(e))?;
@@ -292,8 +286,7 @@ impl Router for Nginx {
         server: &str,
         state: ServerState,
     ) -> Result<(), RouterError> {
-        let this = Nginx::new(self.file.clone(), self.reload.clone());
-        let (backend, server) = (backend.to_string(), server.to_string());
+        let (this, backend, server) = (self.clone(), backend.to_string(), server.to_string());
         blocking(move || this.change(&backend, &server, |l| l.state = state)).await
     }
 
@@ -303,11 +296,8 @@ impl Router for Nginx {
         server: &str,
         weight: u32,
     ) -> Result<(), RouterError> {
-        if weight > 256 {
-            return Err(RouterError::BadWeight(weight));
-        }
-        let this = Nginx::new(self.file.clone(), self.reload.clone());
-        let (backend, server) = (backend.to_string(), server.to_string());
+        check_weight(weight)?;
+        let (this, backend, server) = (self.clone(), backend.to_string(), server.to_string());
         blocking(move || this.change(&backend, &server, |l| l.weight = weight)).await
     }
 
