@@ -74,6 +74,12 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
             drover_common::tls::client::Dialer::tls(tls)
         }
     };
+    let peer_dialer = match &cfg.tls {
+        None => drover_common::tls::client::Dialer::plaintext(),
+        Some(files) => drover_common::tls::client::Dialer::tls(
+            drover_common::tls::ClientTls::peer_client(files.clone())?,
+        ),
+    };
     let board = Arc::new(HealthBoard::new(runtime.clone(), cfg.heartbeat_interval));
     let disk = Arc::new(DiskHealth::default());
     tokio::spawn(crate::disk::watch(
@@ -82,11 +88,21 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         cfg.disk_check_interval,
         shutdown.clone(),
     ));
+    let layout = Layout {
+        data_dir: cfg.data_dir.clone(),
+    };
+    let chunks = crate::chunk_cache::ChunkCache::open(layout.clone());
+    // Serving peers before the first Hello, so it can name the address.
+    let peer_address = match &cfg.peer {
+        Some(serving) => Some(
+            crate::peer_server::spawn(serving, chunks.clone(), cfg.tls.clone(), shutdown.clone())
+                .await?,
+        ),
+        None => None,
+    };
     let executor = Executor::new(
         ExecutorConfig {
-            layout: Layout {
-                data_dir: cfg.data_dir.clone(),
-            },
+            layout,
             env: cfg.env.clone(),
             slot_ports: cfg.slot_ports.clone(),
             users: cfg.users.clone(),
@@ -94,8 +110,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
             limits: cfg.limits.clone(),
             kill_leftovers: cfg.runtime == RuntimeKind::Process,
             dialer: dialer.clone(),
+            peer_dialer,
             signers: cfg.signers.clone(),
             disk: disk.clone(),
+            chunks: chunks.clone(),
         },
         journal,
         runtime.clone(),
@@ -106,12 +124,16 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     let hello: HelloSource = {
         let cfg = cfg.clone();
         let executor = executor.clone();
+        let chunks = chunks.clone();
+        let peer_address = peer_address.clone().unwrap_or_default();
         Arc::new(move || Hello {
             host_id: cfg.host_id.clone(),
             labels: cfg.labels.clone(),
             agent_version: drover_common::VERSION.to_string(),
             services: executor.services(),
             heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u32,
+            peer_address: peer_address.clone(),
+            held_artifacts: chunks.held(),
         })
     };
     let commands: CommandSink = {
@@ -133,6 +155,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
             health: health.snapshot(),
             versions: versions.services(),
             problems: disk.problems(),
+            held_artifacts: chunks.held(),
         },
         shutdown.clone(),
     );

@@ -96,6 +96,20 @@ pub struct Args {
     /// trusts; repeatable. With any, nothing starts without a valid one.
     #[arg(long = "trust-signer")]
     pub trust_signers: Vec<PathBuf>,
+    /// Serve the chunks of artifacts this host holds to its peers on this
+    /// address (host:port; port 0 picks one). Off when absent.
+    #[arg(long)]
+    pub peer_listen: Option<std::net::SocketAddr>,
+    /// The address peers reach this host at (default: the bound address).
+    #[arg(long)]
+    pub peer_advertise: Option<String>,
+    /// Most peers served at once; more are told to go elsewhere.
+    #[arg(long, default_value_t = 4)]
+    pub peer_max_connections: usize,
+    /// Upload bandwidth given to peers, bytes per second, all peers
+    /// together (0: unlimited), so serving never starves the host's service.
+    #[arg(long, default_value_t = 50 << 20)]
+    pub peer_upload_bytes_per_sec: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -141,6 +155,8 @@ pub struct AgentConfig {
     pub tls: Option<drover_common::tls::TlsFiles>,
     /// Public keys of trusted artifact signers.
     pub signers: drover_common::artifact::signature::TrustedSigners,
+    /// Serving chunks to peers; `None`: not serving.
+    pub peer: Option<crate::peer_server::PeerServing>,
 }
 
 impl AgentConfig {
@@ -212,6 +228,14 @@ impl AgentConfig {
                 },
             },
             signers: drover_common::artifact::signature::TrustedSigners::load(&args.trust_signers)?,
+            peer: args
+                .peer_listen
+                .map(|listen| crate::peer_server::PeerServing {
+                    listen,
+                    advertise: args.peer_advertise,
+                    max_connections: args.peer_max_connections.max(1),
+                    upload_bytes_per_sec: args.peer_upload_bytes_per_sec,
+                }),
             tls: match (args.tls_cert, args.tls_key, args.tls_ca) {
                 (None, None, None) => None,
                 (Some(cert), Some(key), Some(ca)) => Some(drover_common::tls::TlsFiles {

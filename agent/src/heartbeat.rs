@@ -31,6 +31,8 @@ pub struct Sample {
     pub versions: Vec<ServiceVersion>,
     /// The host's disk and journal problems (see `disk`).
     pub problems: Vec<String>,
+    /// Artifacts held by chunks (see `chunk_cache`).
+    pub held_artifacts: Vec<String>,
 }
 
 impl<F> HealthSource for F
@@ -93,6 +95,7 @@ pub fn spawn_producer(
                 dropped_heartbeats: 0,
                 versions: sample.versions,
                 problems: sample.problems,
+                held_artifacts: sample.held_artifacts,
             };
             // No receiver (no stream up right now) is fine: the heartbeat is
             // simply not needed.

@@ -19,6 +19,7 @@
 //! - [`fleetsim`]: many virtual agents in one process, for benchmarks and tests.
 
 pub mod agent;
+pub mod chunk_cache;
 pub mod config;
 pub mod connection;
 pub mod directory;
@@ -30,6 +31,7 @@ pub mod heartbeat;
 pub mod host_metrics;
 pub mod http;
 pub mod output;
+pub mod peer_server;
 pub mod pull;
 pub mod releases;
 pub mod runtime;

@@ -3,6 +3,9 @@
 //! ```text
 //! <data>/cache/<sha256>.tar.gz      verified artifacts (Verify re-hashes these)
 //! <data>/cache/<sha256>.part        a pull in progress (resumed from its length)
+//! <data>/cache/<sha256>.tar         an artifact pulled by chunks: its unpacked tar stream
+//! <data>/cache/<sha256>.chunks      ... and its chunk index (served to peers, reused)
+//! <data>/cache/<sha256>.tar.part    a chunked pull in progress
 //! <data>/services/<service>/releases/<sha256>/   unpacked releases
 //! <data>/services/<service>/releases/<sha256>.tree   what each holds (checked before it starts)
 //! <data>/services/<service>/current -> releases/<sha256>   switched atomically
@@ -50,6 +53,38 @@ impl Layout {
     /// The trusted signature a Pull accepted for `digest` (JSON).
     pub fn signature(&self, digest: &Digest) -> PathBuf {
         self.cache_dir().join(format!("{digest}.sig"))
+    }
+
+    /// An artifact pulled by chunks: its tar stream (see `chunk_cache`).
+    pub fn cached_tar(&self, digest: &Digest) -> PathBuf {
+        self.cache_dir().join(format!("{digest}.tar"))
+    }
+
+    /// The chunk index of [`Layout::cached_tar`] (the proto, encoded).
+    pub fn chunk_index(&self, digest: &Digest) -> PathBuf {
+        self.cache_dir().join(format!("{digest}.chunks"))
+    }
+
+    pub fn partial_tar(&self, digest: &Digest) -> PathBuf {
+        self.cache_dir().join(format!("{digest}.tar.part"))
+    }
+
+    /// The artifact is on this host, as a verified file or by chunks.
+    pub fn is_cached(&self, digest: &Digest) -> bool {
+        self.cached(digest).exists()
+            || (self.cached_tar(digest).exists() && self.chunk_index(digest).exists())
+    }
+
+    /// Removes every cached form of `digest`.
+    pub fn remove_cached(&self, digest: &Digest) {
+        for path in [
+            self.cached(digest),
+            self.cached_tar(digest),
+            self.chunk_index(digest),
+            self.signature(digest),
+        ] {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     pub fn partial(&self, digest: &Digest) -> PathBuf {
@@ -133,8 +168,7 @@ impl Layout {
             if let Ok(digest) = hex.parse::<Digest>() {
                 let _ = std::fs::remove_dir_all(self.release(service, &digest));
                 let _ = std::fs::remove_file(self.release_tree(service, &digest));
-                let _ = std::fs::remove_file(self.cached(&digest));
-                let _ = std::fs::remove_file(self.signature(&digest));
+                self.remove_cached(&digest);
             }
         }
         removed

@@ -38,8 +38,12 @@ fn executor(data: &std::path::Path) -> Arc<Executor> {
             },
             kill_leftovers: false,
             dialer: drover_common::tls::client::Dialer::plaintext(),
+            peer_dialer: drover_common::tls::client::Dialer::plaintext(),
             signers: Default::default(),
             disk: Default::default(),
+            chunks: drover_agent::chunk_cache::ChunkCache::open(Layout {
+                data_dir: data.to_path_buf(),
+            }),
         },
         Journal::open(data).unwrap(),
         runtime,

@@ -85,6 +85,7 @@ pub mod proto {
                     status: status as i32,
                     reason: head(reason, MAX_UPDATE_REASON),
                     output_tail: tail(output_tail, MAX_UPDATE_TAIL),
+                    pull: None,
                     progress_percent: if status == CommandStatus::Succeeded {
                         100
                     } else {

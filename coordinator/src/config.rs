@@ -57,6 +57,15 @@ pub struct Args {
     /// Address agents use to reach this coordinator's origin (default: the bound address).
     #[arg(long)]
     pub advertise: Option<String>,
+    /// Peers (hosts holding the artifact) handed to each pull, best first
+    /// (default 4); 0: every host pulls from the origin.
+    #[arg(long)]
+    pub peers_per_pull: Option<usize>,
+    /// How agents pull: `chunks` (default: only what they lack, from peers
+    /// first, the origin for the rest) or `whole` (every agent fetches the
+    /// whole file from the origin, as before chunk indexes).
+    #[arg(long, value_enum)]
+    pub pull_mode: Option<PullMode>,
     /// A host disconnected or gone this long is dropped from the registry
     /// (default 7d).
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -130,6 +139,8 @@ struct FileConfig {
     shutdown_grace: Option<Duration>,
     max_artifact_bytes: Option<u64>,
     advertise: Option<String>,
+    peers_per_pull: Option<usize>,
+    pull_mode: Option<PullMode>,
     #[serde(default, with = "humantime_serde_opt")]
     host_retention: Option<Duration>,
     max_hosts: Option<usize>,
@@ -184,6 +195,17 @@ pub enum Tool {
     Store(crate::store::tool::StoreTool),
 }
 
+/// How agents pull artifacts (`--pull-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PullMode {
+    /// By content-defined chunks: reused, from peers, the origin for the rest.
+    #[default]
+    Chunks,
+    /// The whole file from the origin.
+    Whole,
+}
+
 /// Resolved settings of a running coordinator.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -196,6 +218,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub max_artifact_bytes: u64,
     pub advertise: Option<String>,
+    /// Peers handed to each pull (tracker; 0: origin only).
+    pub peers_per_pull: usize,
+    pub pull_mode: PullMode,
     /// What the host registry keeps.
     pub retention: crate::fleet::Retention,
     pub key_prefix: String,
@@ -231,6 +256,8 @@ impl Config {
             max_message_bytes: 1024 * 1024,
             shutdown_grace: Duration::from_secs(5),
             max_artifact_bytes: 2 << 30,
+            peers_per_pull: 4,
+            pull_mode: PullMode::Chunks,
             advertise: None,
             retention: crate::fleet::Retention::default(),
             key_prefix: "/drover".into(),
@@ -289,6 +316,13 @@ impl Config {
         }
         if let Some(t) = args.shutdown_grace.or(file.shutdown_grace) {
             cfg.shutdown_grace = t;
+        }
+        if let Some(mode) = args.pull_mode.or(file.pull_mode) {
+            cfg.pull_mode = mode;
+        }
+        if let Some(n) = args.peers_per_pull.or(file.peers_per_pull) {
+            anyhow::ensure!(n <= 32, "peers_per_pull must be at most 32");
+            cfg.peers_per_pull = n;
         }
         if let Some(n) = args.max_artifact_bytes.or(file.max_artifact_bytes) {
             cfg.max_artifact_bytes = n;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use drover_common::proto::agent_control_server::AgentControlServer;
 use drover_common::proto::artifacts_server::ArtifactsServer;
+use drover_common::proto::chunks_server::ChunksServer;
 use drover_common::proto::deployer_server::DeployerServer;
 use drover_common::proto::{
     CoordinatorMessage, FILE_DESCRIPTOR_SET, Fence, Peers, ReportMetrics, ShardEpoch,
@@ -172,6 +173,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         leases: leases.clone(),
         metrics: metrics.clone(),
         routers: cfg.routers.clone(),
+        peers_per_pull: cfg.peers_per_pull,
+        pull_mode: cfg.pull_mode,
     });
     let deployer = DeployerService {
         registry: registry.clone(),
@@ -194,7 +197,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             stop.clone(),
         ));
     }
-    let artifacts = ArtifactsService {
+    let artifacts = Arc::new(ArtifactsService {
         store: blobs.clone(),
         metrics: metrics.clone(),
         max_artifact_bytes: cfg.max_artifact_bytes,
@@ -204,7 +207,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         // The agents' default limits: what an agent with its defaults
         // would refuse is refused at push.
         unpack_limits: drover_common::artifact::Limits::default(),
-    };
+    });
 
     let serve_stop = stop.clone();
     let server = Server::builder()
@@ -226,7 +229,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         )
         .add_service(DeployerServer::new(deployer).max_decoding_message_size(cfg.max_message_bytes))
         .add_service(
-            ArtifactsServer::new(artifacts).max_decoding_message_size(cfg.max_message_bytes),
+            ArtifactsServer::from_arc(artifacts.clone())
+                .max_decoding_message_size(cfg.max_message_bytes),
+        )
+        .add_service(
+            ChunksServer::from_arc(artifacts).max_decoding_message_size(cfg.max_message_bytes),
         )
         .serve_with_incoming_shutdown(incoming, async move { serve_stop.cancelled().await });
     let mut server = tokio::spawn(server);

@@ -25,9 +25,7 @@ pub fn pull(service: &str, digest: &str) -> command::Action {
     command::Action::Pull(PullCommand {
         service: service.into(),
         artifact: digest.into(),
-        sources: vec![],
-        size_bytes: 0,
-        signatures: vec![],
+        ..Default::default()
     })
 }
 

@@ -58,6 +58,7 @@ pub fn hello(host_id: &str, labels: &[(&str, &str)]) -> AgentMessage {
             agent_version: "raw-test".into(),
             services: vec![],
             heartbeat_interval_ms: 1000,
+            ..Default::default()
         })),
     }
 }

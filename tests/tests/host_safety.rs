@@ -29,7 +29,12 @@ fn with_hook(dir: &TestDir, version: &str, script: &str) -> drover_tests::artifa
 /// A coordinator and agent `web-1` (the sample service, with `extra`
 /// flags), connected.
 async fn web1(dir: &TestDir, extra: &[&str]) -> (Coordinator, Agent) {
-    let coord = Coordinator::start(dir, "coord", &[]).await;
+    web1_pulling(dir, "chunks", extra).await
+}
+
+/// web-1, with the coordinator's `--pull-mode` set.
+async fn web1_pulling(dir: &TestDir, mode: &str, extra: &[&str]) -> (Coordinator, Agent) {
+    let coord = Coordinator::start(dir, "coord", &["--pull-mode", mode]).await;
     let agent = Agent::start_sample(dir, "web-1", &[&coord], free_port(), extra);
     coord
         .wait_state("web-1", ConnectionState::Connected, WAIT)
@@ -270,12 +275,13 @@ async fn pulls_prune_releases_and_cache_as_they_go() {
         releases, with_records,
         "the three newest pulls are kept, each with its record"
     );
+    // Pulled by chunks: each kept artifact is its tar stream and index.
     let cache = names(agent.data_dir.join("cache"));
-    assert_eq!(cache.len(), 3, "{cache:?}");
+    assert_eq!(cache.len(), 6, "{cache:?}");
     assert!(
         newest
             .iter()
-            .all(|d| cache.contains(&format!("{d}.tar.gz"))),
+            .all(|d| cache.contains(&format!("{d}.tar")) && cache.contains(&format!("{d}.chunks"))),
         "{cache:?}"
     );
 }
@@ -423,7 +429,10 @@ async fn a_full_disk_is_the_hosts_problem_and_shows_degraded() {
     let dir = TestDir::new();
     let disk_dir = dir.path().join("agent-web-1");
     let _disk = Tmpfs::mount(&disk_dir, "4m");
-    let (coord, agent) = web1(&dir, &["--disk-check-interval", "200ms"]).await;
+    // Whole files: a release that fits compressed grows past the disk while
+    // unpacking (a pull by chunks knows the unpacked size and is refused
+    // before it fetches anything: distribution.rs).
+    let (coord, agent) = web1_pulling(&dir, "whole", &["--disk-check-interval", "200ms"]).await;
     let degraded = |problem: &'static str| {
         let coord = &coord;
         async move {

@@ -78,14 +78,21 @@ pub struct ExecutorConfig {
     pub signers: drover_common::artifact::signature::TrustedSigners,
     /// Where journal and pull disk faults are reported (heartbeats).
     pub disk: Arc<DiskHealth>,
+    /// How peers are dialled: under TLS, their agent certificates of the
+    /// fleet's CA are accepted (`dialer` accepts only coordinators).
+    pub peer_dialer: drover_common::tls::client::Dialer,
+    /// Artifacts held by chunks (reused by pulls, served to peers).
+    pub chunks: Arc<crate::chunk_cache::ChunkCache>,
 }
 
 /// The final answer to a command.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
     pub status: CommandStatus,
     pub reason: String,
     pub output_tail: String,
+    /// A Pull's sources of bytes (not journaled: a repeated answer has none).
+    pub pull: Option<drover_common::proto::PullStats>,
 }
 
 impl Outcome {
@@ -94,6 +101,7 @@ impl Outcome {
             status: CommandStatus::Succeeded,
             reason: reason.into(),
             output_tail: String::new(),
+            pull: None,
         }
     }
 
@@ -102,12 +110,27 @@ impl Outcome {
             status: CommandStatus::Failed,
             reason: reason.into(),
             output_tail: String::new(),
+            pull: None,
         }
     }
 
     fn with_tail(mut self, tail: String) -> Outcome {
         self.output_tail = tail;
         self
+    }
+
+    fn with_pull(mut self, stats: drover_common::proto::PullStats) -> Outcome {
+        self.pull = Some(stats);
+        self
+    }
+
+    /// The final CommandUpdate of `cmd` saying this.
+    fn update(&self, cmd: &Command) -> drover_common::proto::AgentMessage {
+        let mut msg = cmd.update(self.status, &self.reason, &self.output_tail);
+        if let Some(drover_common::proto::agent_message::Msg::CommandUpdate(u)) = &mut msg.msg {
+            u.pull = self.pull.clone();
+        }
+        msg
     }
 }
 
@@ -350,9 +373,7 @@ impl Executor {
                 .ok()
                 .and_then(|o| o.clone());
             if let Some(o) = outcome {
-                let _ = reply
-                    .send(cmd.update(o.status, &o.reason, &o.output_tail))
-                    .await;
+                let _ = reply.send(o.update(&cmd)).await;
             }
             return;
         }
@@ -380,6 +401,7 @@ impl Executor {
                     status: CommandStatus::Failed,
                     reason: format!("{}; the result could not be recorded ({e})", outcome.reason),
                     output_tail: outcome.output_tail,
+                    pull: outcome.pull,
                 }
             }
         };
@@ -388,9 +410,7 @@ impl Executor {
             .expect("inflight lock")
             .remove(&cmd.command_id);
         let _ = tx.send(Some(outcome.clone()));
-        let _ = reply
-            .send(cmd.update(outcome.status, &outcome.reason, &outcome.output_tail))
-            .await;
+        let _ = reply.send(outcome.update(&cmd)).await;
     }
 
     async fn execute(&self, cmd: &Command) -> Outcome {
@@ -426,6 +446,7 @@ impl Executor {
                     cmd.epoch, cmd.shard
                 ),
                 output_tail: String::new(),
+                pull: None,
             };
         }
         match cmd.action.as_ref().expect("checked above") {
@@ -458,25 +479,59 @@ impl Executor {
             Ok(d) => d,
             Err(e) => return Outcome::failed(e),
         };
-        if let Err(e) = self.accept_signature(service, &digest, &p.signatures) {
+        // By chunks when the origin indexed it (and, with trusted signers,
+        // a signature vouches for the index: rule 5); else the whole file.
+        let index = match p.index_sha256.as_str() {
+            "" => None,
+            hex => match parse_digest(hex) {
+                Ok(d) => Some(d),
+                Err(e) => return Outcome::failed(format!("index_sha256: {e}")),
+            },
+        };
+        let index =
+            index.filter(|i| self.signature_covers_index(service, &digest, i, &p.signatures));
+        if let Err(e) = self.accept_signature(service, &digest, index.as_ref(), &p.signatures) {
             warn!(%digest, service, reason = %e, "pull refused: untrusted artifact");
             return Outcome::failed(e);
         }
         let layout = &self.cfg.layout;
-        if layout.release(service, &digest).is_dir() && layout.cached(&digest).exists() {
-            return Outcome::ok(format!("{digest} is already on this host"));
+        if layout.release(service, &digest).is_dir() && layout.is_cached(&digest) {
+            return Outcome::ok(format!("{digest} is already on this host"))
+                .with_pull(Default::default());
         }
-        let fetched = match pull::download(
-            layout,
-            &digest,
-            sources,
-            p.size_bytes,
-            &self.cfg.limits,
-            &self.cfg.dialer,
-        )
-        .await
-        {
-            Ok(n) => n,
+        let stats = match index {
+            Some(index) => {
+                let pull = pull::ChunkedPull {
+                    layout,
+                    cache: &self.cfg.chunks,
+                    dialer: &self.cfg.dialer,
+                    peer_dialer: &self.cfg.peer_dialer,
+                    artifact: digest,
+                    index,
+                    unpacked_bytes: p.unpacked_bytes,
+                    size_bytes: p.size_bytes,
+                    sources,
+                    peers: &p.peers,
+                    limits: &self.cfg.limits,
+                };
+                pull.run().await
+            }
+            None => pull::download(
+                layout,
+                &digest,
+                sources,
+                p.size_bytes,
+                &self.cfg.limits,
+                &self.cfg.dialer,
+            )
+            .await
+            .map(|fetched| drover_common::proto::PullStats {
+                origin_bytes: fetched,
+                ..Default::default()
+            }),
+        };
+        let stats = match stats {
+            Ok(s) => s,
             Err(e) => return self.pull_failed(e),
         };
         match pull::unpack_release(layout, service, &digest, &self.cfg.limits).await {
@@ -499,16 +554,19 @@ impl Executor {
                 }
                 if !removed.is_empty() {
                     info!(%service, removed = ?removed, "pruned old releases after a pull");
+                    self.cfg.chunks.rescan();
                 }
                 Outcome::ok(format!(
-                    "pulled {digest} ({} {}, {fetched} bytes fetched)",
-                    m.service, m.version
+                    "pulled {digest} ({} {}; {} bytes from the origin, {} from peers, {} reused)",
+                    m.service, m.version, stats.origin_bytes, stats.peer_bytes, stats.reused_bytes
                 ))
+                .with_pull(stats)
             }
             Err(e) => {
                 // The archive is fine by digest but unusable: drop it.
-                let _ = std::fs::remove_file(layout.cached(&digest));
-                self.pull_failed(e)
+                layout.remove_cached(&digest);
+                self.cfg.chunks.rescan();
+                self.pull_failed(e).with_pull(stats)
             }
         }
     }

@@ -257,6 +257,7 @@ fn simulated_sample(
             })
             .collect(),
         problems: Vec::new(),
+        held_artifacts: Vec::new(),
     }
 }
 
@@ -375,6 +376,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
                 agent_version: format!("{}-sim", drover_common::VERSION),
                 services: Vec::new(),
                 heartbeat_interval_ms: interval_ms,
+                ..Default::default()
             })
         };
         let phase = args

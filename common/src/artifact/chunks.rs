@@ -5,8 +5,9 @@
 //! itself addressed by its sha256, so it can be fetched and verified like
 //! any blob.
 //!
-//! Only the building block so far: what the origin will compute at upload
-//! and agents will use to fetch only what they lack (not wired in yet).
+//! The origin computes the index at upload (`origin/index.rs`), serves it
+//! and the chunks (`api/chunks.rs`); agents rebuild the tar stream from
+//! chunks they hold, their peers' and the origin's (`agent/src/pull/`).
 
 use std::io::Read;
 
@@ -52,6 +53,70 @@ impl ChunkIndex {
         Ok(ChunkIndex { chunks })
     }
 
+    /// Chunks everything the gzip stream `reader` decompresses to: the
+    /// index of a `tar.gz` artifact.
+    pub fn of_gzip(reader: impl Read) -> std::io::Result<ChunkIndex> {
+        ChunkIndex::of_reader(flate2::read::GzDecoder::new(reader))
+    }
+
+    /// Where each chunk starts in the stream.
+    pub fn offsets(&self) -> Vec<u64> {
+        let mut at = 0u64;
+        self.chunks
+            .iter()
+            .map(|c| {
+                let start = at;
+                at += u64::from(c.len);
+                start
+            })
+            .collect()
+    }
+
+    /// The index on the wire, for artifact `artifact`.
+    pub fn to_proto(&self, artifact: &Digest) -> crate::proto::ChunkIndex {
+        crate::proto::ChunkIndex {
+            sha256: artifact.hex(),
+            index_sha256: self.digest().hex(),
+            chunks: self
+                .chunks
+                .iter()
+                .map(|c| crate::proto::ChunkEntry {
+                    sha256: c.digest.as_bytes().to_vec(),
+                    length: c.len,
+                })
+                .collect(),
+        }
+    }
+
+    /// An index received from someone else: every entry well formed and
+    /// the whole hashing to `expected` (what the puller was told), so
+    /// nothing else about it need be trusted.
+    pub fn from_proto(
+        index: &crate::proto::ChunkIndex,
+        expected: &Digest,
+    ) -> Result<ChunkIndex, IndexError> {
+        let mut chunks = Vec::with_capacity(index.chunks.len());
+        for (i, c) in index.chunks.iter().enumerate() {
+            let digest = Digest::from_slice(&c.sha256).ok_or(IndexError::BadEntry(i))?;
+            if c.length == 0 || c.length > MAX_CHUNK {
+                return Err(IndexError::BadEntry(i));
+            }
+            chunks.push(ChunkRef {
+                digest,
+                len: c.length,
+            });
+        }
+        let index = ChunkIndex { chunks };
+        let actual = index.digest();
+        if actual != *expected {
+            return Err(IndexError::Mismatch {
+                expected: *expected,
+                actual,
+            });
+        }
+        Ok(index)
+    }
+
     /// The bytes the chunks add up to.
     pub fn total_len(&self) -> u64 {
         self.chunks.iter().map(|c| u64::from(c.len)).sum()
@@ -78,6 +143,15 @@ impl ChunkIndex {
             .map(|c| u64::from(c.len))
             .sum()
     }
+}
+
+/// Why a received index is not the one asked for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IndexError {
+    #[error("chunk {0} of the index is malformed (digest not 32 bytes, or length 0 or over 1 MiB)")]
+    BadEntry(usize),
+    #[error("the index hashes to {actual}, not the expected {expected}")]
+    Mismatch { expected: Digest, actual: Digest },
 }
 
 #[cfg(test)]
@@ -134,5 +208,32 @@ mod tests {
         // Same bytes, same index; different bytes, different identity.
         assert_eq!(ChunkIndex::of_reader(&v1[..]).unwrap(), a);
         assert_ne!(a.digest(), b.digest());
+    }
+
+    #[test]
+    fn an_index_on_the_wire_is_checked_against_its_digest() {
+        let a = ChunkIndex::of_reader(&release(3, 1)[..]).unwrap();
+        let artifact = Digest::of_reader(&b"x"[..]).unwrap().0;
+        let wire = a.to_proto(&artifact);
+        assert_eq!(ChunkIndex::from_proto(&wire, &a.digest()).unwrap(), a);
+        let offsets = a.offsets();
+        assert_eq!(offsets[0], 0);
+        assert_eq!(offsets[1], u64::from(a.chunks[0].len));
+        // A chunk dropped, a length changed, a digest cut short: refused.
+        let mut short = wire.clone();
+        short.chunks.pop();
+        assert!(matches!(
+            ChunkIndex::from_proto(&short, &a.digest()),
+            Err(IndexError::Mismatch { .. })
+        ));
+        let mut longer = wire.clone();
+        longer.chunks[0].length += 1;
+        assert!(ChunkIndex::from_proto(&longer, &a.digest()).is_err());
+        let mut cut = wire;
+        cut.chunks[2].sha256.truncate(31);
+        assert_eq!(
+            ChunkIndex::from_proto(&cut, &a.digest()),
+            Err(IndexError::BadEntry(2))
+        );
     }
 }

@@ -32,6 +32,20 @@ impl Digest {
         }
     }
 
+    /// The sha256 of `bytes`.
+    pub fn of_bytes(bytes: &[u8]) -> Digest {
+        Digest(Sha256::digest(bytes).into())
+    }
+
+    /// A digest received as 32 raw bytes; `None` for any other length.
+    pub fn from_slice(bytes: &[u8]) -> Option<Digest> {
+        <[u8; 32]>::try_from(bytes).ok().map(Digest)
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     pub fn of_file(path: &std::path::Path) -> io::Result<(Digest, u64)> {
         Digest::of_reader(std::fs::File::open(path)?)
     }

@@ -10,6 +10,11 @@
 //! 3. An agent with trusted signers accepts an artifact only with a valid
 //!    signature from one of them; without trusted signers it checks nothing
 //!    (and says so at start).
+//! 4. A signature may also name the artifact's chunk index
+//!    (`drover-artifact-v2\n<service>\n<sha256>\n<index sha256>`): an
+//!    agent that pulls by chunks never sees the tar.gz, so it needs the
+//!    signer's word for the index too; it accepts only such a signature
+//!    for a chunked pull (and fetches the whole file otherwise).
 
 use std::path::Path;
 
@@ -36,6 +41,19 @@ pub enum SignatureError {
 /// Rule 1.
 pub fn signed_message(service: &str, sha256: &str) -> Vec<u8> {
     format!("drover-artifact-v1\n{service}\n{sha256}").into_bytes()
+}
+
+/// Rule 4: what a signature that also vouches for the chunk index signs.
+pub fn signed_message_with_index(service: &str, sha256: &str, index_sha256: &str) -> Vec<u8> {
+    format!("drover-artifact-v2\n{service}\n{sha256}\n{index_sha256}").into_bytes()
+}
+
+/// What `sig` is a signature of (v1, or v2 when it names an index).
+fn message_of(service: &str, sha256: &str, sig: &ArtifactSignature) -> Vec<u8> {
+    match sig.index_sha256.as_str() {
+        "" => signed_message(service, sha256),
+        index => signed_message_with_index(service, sha256, index),
+    }
 }
 
 /// Rule 2.
@@ -99,6 +117,24 @@ impl SigningIdentity {
         ArtifactSignature {
             key_id: self.key_id(),
             signature: sig.to_bytes().to_vec(),
+            index_sha256: String::new(),
+        }
+    }
+
+    /// Rule 4: a signature over the artifact and its chunk index.
+    pub fn sign_with_index(
+        &self,
+        service: &str,
+        sha256: &str,
+        index_sha256: &str,
+    ) -> ArtifactSignature {
+        let sig = self
+            .key
+            .sign(&signed_message_with_index(service, sha256, index_sha256));
+        ArtifactSignature {
+            key_id: self.key_id(),
+            signature: sig.to_bytes().to_vec(),
+            index_sha256: index_sha256.to_string(),
         }
     }
 }
@@ -137,9 +173,30 @@ impl TrustedSigners {
         sha256: &str,
         signatures: &[ArtifactSignature],
     ) -> Result<String, SignatureError> {
-        let message = signed_message(service, sha256);
+        self.verify_for(service, sha256, None, signatures)
+    }
+
+    /// Rules 3 and 4: with `index`, only a signature over that chunk index
+    /// counts.
+    pub fn verify_for(
+        &self,
+        service: &str,
+        sha256: &str,
+        index: Option<&str>,
+        signatures: &[ArtifactSignature],
+    ) -> Result<String, SignatureError> {
         let mut detail = Vec::new();
         for sig in signatures {
+            if let Some(index) = index
+                && sig.index_sha256 != index
+            {
+                detail.push(format!(
+                    "key {}: the signature does not cover chunk index {index}",
+                    sig.key_id
+                ));
+                continue;
+            }
+            let message = message_of(service, sha256, sig);
             let Some((id, key)) = self.keys.iter().find(|(id, _)| *id == sig.key_id) else {
                 detail.push(format!("key {} is not trusted", sig.key_id));
                 continue;
@@ -230,5 +287,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("does not verify"), "{err}");
+        // Rule 4: a v1 signature does not cover an index; a v2 one does,
+        // only for its own index, and still vouches for the whole file.
+        let index = "c".repeat(64);
+        let v2 = ci.sign_with_index("hello", &digest, &index);
+        let v1 = std::slice::from_ref(&sig);
+        assert!(
+            trusted
+                .verify_for("hello", &digest, Some(&index), v1)
+                .is_err()
+        );
+        let both = [sig.clone(), v2.clone()];
+        assert_eq!(
+            trusted
+                .verify_for("hello", &digest, Some(&index), &both)
+                .unwrap(),
+            ci.key_id()
+        );
+        assert!(
+            trusted
+                .verify_for("hello", &digest, Some(&"d".repeat(64)), &both)
+                .is_err()
+        );
+        assert!(trusted.verify("hello", &digest, &[v2.clone()]).is_ok());
+        let mut moved = v2;
+        moved.index_sha256 = "d".repeat(64);
+        assert!(trusted.verify("hello", &digest, &[moved]).is_err());
     }
 }

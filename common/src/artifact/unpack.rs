@@ -57,6 +57,27 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// Why an archive of `compressed` bytes that unpacks to `unpacked` is
+    /// refused before a byte of it is fetched (a pull by chunks knows both
+    /// from the index), if it is: the ratio, or a tar stream larger than
+    /// the unpacked limit plus the most its headers can add.
+    pub fn refuses(&self, compressed: u64, unpacked: u64) -> Option<UnpackError> {
+        let headers = self.max_entries.saturating_add(2).saturating_mul(1024);
+        if unpacked > self.max_unpacked_bytes.saturating_add(headers) {
+            return Some(UnpackError::TooLarge(self.max_unpacked_bytes));
+        }
+        if self.max_ratio > 0
+            && compressed > 0
+            && unpacked > compressed.saturating_mul(self.max_ratio).max(RATIO_FLOOR)
+        {
+            return Some(UnpackError::RatioTooHigh {
+                compressed,
+                ratio: self.max_ratio,
+            });
+        }
+        None
+    }
+
     /// These limits for an archive of `compressed_bytes`.
     pub fn for_archive(self, compressed_bytes: u64) -> Limits {
         Limits {
@@ -258,6 +279,18 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Manife
     run(archive, dest, limits, Pass::Unpack)
 }
 
+/// Unpacks an uncompressed tar stream (an artifact rebuilt from its
+/// verified chunks) with exactly the same checks as [`unpack`]; there is
+/// no compression ratio to judge, the size limit still holds.
+pub fn unpack_tar(tar: impl Read, dest: &Path, limits: &Limits) -> Result<Manifest, UnpackError> {
+    let limits = Limits {
+        max_ratio: 0,
+        compressed_bytes: 0,
+        ..*limits
+    };
+    run(tar, dest, &limits, Pass::UnpackTar)
+}
+
 /// The origin's check of an upload, as it arrives: every entry goes
 /// through exactly the unpacker's checks (the same code, so the origin
 /// refuses what any agent with these limits would), into `scratch` (which
@@ -284,6 +317,8 @@ pub const MANIFEST_WITHIN_BYTES: u64 = 1 << 20;
 enum Pass {
     /// An agent making a release.
     Unpack,
+    /// The same from an uncompressed tar stream.
+    UnpackTar,
     /// The origin checking an upload.
     Inspect,
 }
@@ -314,12 +349,16 @@ fn run(
     let root = Dir::open_ambient_dir(dest, ambient_authority()).map_err(UnpackError::Io)?;
     let compressed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let decompressed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let gz = GzDecoder::new(Counting {
+    let counted = Counting {
         inner: archive,
         count: compressed.clone(),
-    });
+    };
+    let stream: Box<dyn Read> = match pass {
+        Pass::UnpackTar => Box::new(counted),
+        Pass::Unpack | Pass::Inspect => Box::new(GzDecoder::new(counted)),
+    };
     let mut tar = tar::Archive::new(Counting {
-        inner: gz,
+        inner: stream,
         count: decompressed.clone(),
     });
     let mut entries_seen = 0u64;
@@ -396,7 +435,7 @@ fn run(
                         ratio: limits.max_ratio,
                     });
                 }
-                let write_contents = pass == Pass::Unpack || is_manifest;
+                let write_contents = pass != Pass::Inspect || is_manifest;
                 if write_contents {
                     space.reserve(dest, &path, size, limits.keep_free_bytes)?;
                 }

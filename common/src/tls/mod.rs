@@ -154,7 +154,13 @@ impl TlsFiles {
     /// A client config that presents our certificate and accepts only
     /// coordinator certificates of our CA.
     pub fn client_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
-        client_config(self.load()?, &self.key)
+        client_config(self.load()?, &self.key, false)
+    }
+
+    /// A client config for an agent dialing its peers: the server may be
+    /// an agent (or a coordinator) of our CA.
+    pub fn peer_client_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
+        client_config(self.load()?, &self.key, true)
     }
 
     /// The identity our own certificate carries.
@@ -189,16 +195,22 @@ pub fn client_config_from_pem(
             deny: DenyList::default(),
         },
         what,
+        false,
     )
 }
 
-fn client_config(m: Material, key_path: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+fn client_config(
+    m: Material,
+    key_path: &Path,
+    accept_agents: bool,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = provider();
     let verifier = CoordinatorVerifier {
         roots: m.roots,
         trust_domain: m.trust_domain,
         deny: m.deny,
         algorithms: provider.signature_verification_algorithms,
+        accept_agents,
     };
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -241,6 +253,11 @@ impl Reloadable<ServerConfig> {
 impl Reloadable<ClientConfig> {
     pub fn client(files: TlsFiles) -> Result<Arc<ClientTls>, TlsError> {
         Reloadable::new(files, TlsFiles::client_config)
+    }
+
+    /// The client side of an agent dialing its peers (reloaded like the rest).
+    pub fn peer_client(files: TlsFiles) -> Result<Arc<ClientTls>, TlsError> {
+        Reloadable::new(files, TlsFiles::peer_client_config)
     }
 
     /// A client config made in memory (never reloaded).

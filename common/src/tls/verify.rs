@@ -172,13 +172,16 @@ impl ClientCertVerifier for ClientIdentityVerifier {
     }
 }
 
-/// The client side: the server must be a coordinator of our CA (rules 1–4).
+/// The client side: the server must be a coordinator of our CA (rules 1–4),
+/// or, for an agent dialing a peer's chunk service, another agent of it.
 #[derive(Debug)]
 pub struct CoordinatorVerifier {
     pub(super) roots: Arc<RootCertStore>,
     pub(super) trust_domain: Option<String>,
     pub(super) deny: DenyList,
     pub(super) algorithms: WebPkiSupportedAlgorithms,
+    /// Agents' certificates are accepted too (peers, issue 15).
+    pub(super) accept_agents: bool,
 }
 
 impl ServerCertVerifier for CoordinatorVerifier {
@@ -199,7 +202,8 @@ impl ServerCertVerifier for CoordinatorVerifier {
             self.algorithms.all,
         )?;
         let cert = check_identity(end_entity, self.trust_domain.as_deref(), &self.deny)?;
-        if cert.id.kind != Kind::Coordinator {
+        if cert.id.kind != Kind::Coordinator && !(self.accept_agents && cert.id.kind == Kind::Agent)
+        {
             return Err(refuse(format!(
                 "the server presented {}, not a coordinator certificate",
                 cert.id

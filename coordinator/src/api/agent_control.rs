@@ -65,6 +65,20 @@ pub fn validate_hello(hello: &Hello) -> Result<(), ApiError> {
             hello.agent_version.len()
         )));
     }
+    if hello.peer_address.len() > 256 || hello.peer_address.chars().any(char::is_control) {
+        return Err(ApiError::Invalid(
+            "peer_address must be at most 256 printable characters".into(),
+        ));
+    }
+    if let Some(bad) = hello
+        .held_artifacts
+        .iter()
+        .find(|a| a.parse::<drover_common::artifact::Digest>().is_err())
+    {
+        return Err(ApiError::Invalid(format!(
+            "held_artifacts: {bad:?} is not a sha256 (64 lowercase hex characters)"
+        )));
+    }
     if !HEARTBEAT_INTERVAL_RANGE_MS.contains(&hello.heartbeat_interval_ms) {
         return Err(ApiError::Invalid(format!(
             "heartbeat_interval_ms is {}; it must be between {} and {}",
@@ -311,6 +325,10 @@ impl Session {
                         self.metrics.stale_commands.inc();
                         warn!(command_id = %update.command_id, shard = update.shard, epoch = update.epoch, reason = %update.reason, "the agent rejected a stale command: a newer leader owns the shard");
                     }
+                    if let Some(pull) = &update.pull {
+                        self.registry
+                            .report_bad_peers(&self.host_id, &pull.bad_peers);
+                    }
                     self.pending.deliver(&self.host_id, update);
                 }
                 Ok(Some(other)) => {
@@ -367,6 +385,7 @@ mod tests {
             agent_version: "0.1.0".into(),
             services: vec![],
             heartbeat_interval_ms: 1000,
+            ..Default::default()
         }
     }
 

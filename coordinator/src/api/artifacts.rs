@@ -78,7 +78,11 @@ impl ArtifactsService {
     /// Copies `digest` from a peer when its metadata exists (it was
     /// uploaded to another coordinator) but its blob is not here. Requests
     /// from peers are not passed on, so a blob nobody has ends at once.
-    async fn read_through<T>(&self, digest: &Digest, request: &Request<T>) -> Result<(), Status> {
+    pub(super) async fn read_through<T>(
+        &self,
+        digest: &Digest,
+        request: &Request<T>,
+    ) -> Result<(), Status> {
         if request.metadata().contains_key(PEER_FETCH) {
             return Ok(());
         }
@@ -322,7 +326,17 @@ impl Artifacts for ArtifactsService {
             ))
             .into());
         }
+        // The chunk index (issue 15), made from the checked bytes.
+        let index = {
+            let (store, blob) = (self.store.clone(), pending.path().to_path_buf());
+            tokio::task::spawn_blocking(move || store.make_index(&blob, &digest))
+                .await
+                .map_err(|e| Status::from(ApiError::Internal(e.to_string())))?
+                .map_err(|e| io_status("indexing the upload's chunks", e))?
+        };
         let info = ArtifactInfo {
+            index_sha256: index.digest().hex(),
+            unpacked_bytes: index.total_len(),
             sha256: digest.hex(),
             service: header.service,
             version: header.version,
@@ -457,6 +471,15 @@ impl Artifacts for ArtifactsService {
                 && (req.include_lost || a.lost_at_unix_ms == 0)
         });
         Ok(Response::new(ListArtifactsResponse { artifacts }))
+    }
+
+    async fn collect_garbage(
+        &self,
+        request: Request<drover_common::proto::CollectGarbageRequest>,
+    ) -> Result<Response<drover_common::proto::CollectGarbageResponse>, Status> {
+        self.auth
+            .caller(&request, Permission::ArtifactsPush, Scope::default())?;
+        Err(Status::unimplemented("artifact gc is not built yet"))
     }
 
     async fn verify(

@@ -252,8 +252,10 @@ impl Deployer for DeployerService {
         cmd.shard = shard;
         cmd.epoch = epoch;
         if let Some(command::Action::Pull(p)) = &mut cmd.action {
-            (p.signatures, p.size_bytes) = self.deployments.pull_facts(&p.artifact).await;
-            p.sources = self.deployments.pull_sources();
+            *p = self
+                .deployments
+                .pull_command(&p.service, &p.artifact, &req.host_id)
+                .await;
         }
         tracing::info!(
             actor = %caller.actor(),

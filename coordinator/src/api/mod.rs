@@ -4,6 +4,7 @@
 
 pub mod agent_control;
 pub mod artifacts;
+pub mod chunks;
 pub mod deployer;
 pub mod forward;
 pub mod store_backup;

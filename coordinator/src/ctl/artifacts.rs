@@ -128,8 +128,22 @@ pub async fn push(
             push.file.display()
         );
     }
+    // Signed twice: the file (v1), and the file with its chunk index (v2,
+    // computed here from the file, so the signer vouches for what it
+    // read itself), which agents pulling by chunks need.
     let signatures = match push.sign_key {
-        Some(key) => vec![SigningIdentity::load(key)?.sign(push.service, &digest.hex())],
+        Some(key) => {
+            let key = SigningIdentity::load(key)?;
+            let file = std::fs::File::open(push.file)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", push.file.display()))?;
+            let index =
+                drover_common::artifact::chunks::ChunkIndex::of_gzip(std::io::BufReader::new(file))
+                    .map_err(|e| anyhow::anyhow!("{} is not a tar.gz: {e}", push.file.display()))?;
+            vec![
+                key.sign(push.service, &digest.hex()),
+                key.sign_with_index(push.service, &digest.hex(), &index.digest().hex()),
+            ]
+        }
         None => vec![],
     };
     let header = UploadHeader {

@@ -100,9 +100,7 @@ pub async fn send(
         Action::Pull { service, artifact } => command::Action::Pull(PullCommand {
             service,
             artifact,
-            sources: vec![],
-            size_bytes: 0,
-            signatures: vec![],
+            ..Default::default()
         }),
         Action::Verify { service, artifact } => {
             command::Action::Verify(VerifyCommand { service, artifact })

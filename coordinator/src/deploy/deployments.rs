@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use drover_common::labels::Selector;
 use drover_common::proto::{
-    ArtifactSignature, AuditEvent, ConnectionState, Environment, Slot, StartDeployRequest,
+    AuditEvent, ConnectionState, Environment, PullCommand, Slot, StartDeployRequest,
     WhatWasRunningResponse,
 };
 use tracing::info;
@@ -64,6 +64,10 @@ pub struct Parts {
     pub metrics: Metrics,
     /// Routers the configuration declares, by name (`[routers.NAME]`).
     pub routers: std::collections::BTreeMap<String, crate::router::RouterConfig>,
+    /// Peers handed to each pull (`--peers-per-pull`).
+    pub peers_per_pull: usize,
+    /// `--pull-mode`.
+    pub pull_mode: crate::config::PullMode,
 }
 
 pub struct Deployments {
@@ -93,6 +97,8 @@ impl Deployments {
             origin: parts.origin,
             leases: parts.leases,
             routers: Arc::new(parts.routers),
+            peers_per_pull: parts.peers_per_pull,
+            pull_mode: parts.pull_mode,
         });
         Arc::new(Deployments {
             driver: Driver::new(ledger.clone(), effects),
@@ -103,14 +109,12 @@ impl Deployments {
         })
     }
 
-    /// What a Pull of `artifact` carries: signatures and size.
-    pub async fn pull_facts(&self, artifact: &str) -> (Vec<ArtifactSignature>, u64) {
-        self.driver.effects().pull_facts(artifact).await
-    }
-
-    /// Where agents fetch artifacts, best first.
-    pub fn pull_sources(&self) -> Vec<String> {
-        self.driver.effects().pull_sources()
+    /// The Pull of `artifact` for `host`, as a deploy would send it.
+    pub async fn pull_command(&self, service: &str, artifact: &str, host: &str) -> PullCommand {
+        self.driver
+            .effects()
+            .pull_command(service, artifact, host)
+            .await
     }
 
     /// The shard `pipeline` belongs to (whose leader runs its deploys).

@@ -3,6 +3,7 @@
 
 mod commands;
 mod registry;
+pub mod tracker;
 
 pub use commands::{PendingCommands, SendError, is_final};
 pub use registry::{Departure, OutboundItem, Registry, RegistryFull, Retention, SessionHandle};

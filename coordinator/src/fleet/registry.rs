@@ -94,6 +94,10 @@ struct HostEntry {
     health: Vec<ServiceHealth>,
     /// The latest heartbeat's disk/journal problems (bounded on arrival).
     problems: Vec<String>,
+    /// Where the agent serves chunks to peers (empty: it does not).
+    chunk_address: String,
+    /// Artifacts it holds by chunks (bounded on arrival; tracker).
+    held: Vec<String>,
 }
 
 impl HostEntry {
@@ -157,6 +161,13 @@ fn bounded_problems(mut problems: Vec<String>) -> Vec<String> {
     problems
 }
 const MAX_PROBLEMS: usize = 8;
+
+/// At most [`MAX_HELD`] artifacts a host says it holds.
+fn bounded_held(mut held: Vec<String>) -> Vec<String> {
+    held.truncate(MAX_HELD);
+    held
+}
+const MAX_HELD: usize = 64;
 const MAX_PROBLEM_CHARS: usize = 512;
 
 /// How much the registry keeps (see the invariants above).
@@ -191,6 +202,8 @@ pub struct Registry {
     next_session: AtomicU64,
     metrics: Metrics,
     retention: Retention,
+    /// Peers pullers reported (tracker rule 3).
+    bad_peers: super::tracker::BadPeers,
 }
 
 impl Registry {
@@ -198,6 +211,7 @@ impl Registry {
         Registry {
             hosts: Mutex::new(BTreeMap::new()),
             next_session: AtomicU64::new(1),
+            bad_peers: Default::default(),
             metrics,
             retention,
         }
@@ -276,6 +290,8 @@ impl Registry {
             metrics: None,
             health: Vec::new(),
             problems: Vec::new(),
+            chunk_address: hello.peer_address,
+            held: bounded_held(hello.held_artifacts),
         };
         hosts.insert(hello.host_id, entry);
         self.metrics.hosts_known.set(hosts.len() as i64);
@@ -307,6 +323,9 @@ impl Registry {
         entry.metrics = hb.host;
         entry.health = hb.services;
         entry.problems = bounded_problems(hb.problems);
+        if entry.held != hb.held_artifacts {
+            entry.held = bounded_held(hb.held_artifacts);
+        }
         if entry.services != hb.versions {
             entry.services = hb.versions;
         }
@@ -395,6 +414,69 @@ impl Registry {
         (page, next)
     }
 
+    /// The tracker's answer: up to `k` peers for `puller` to fetch
+    /// `artifact`'s chunks from (rules in `tracker.rs`).
+    pub fn peers_for(
+        &self,
+        artifact: &str,
+        puller: &str,
+        k: usize,
+    ) -> Vec<drover_common::proto::PeerSource> {
+        let labels = self.labels(puller).unwrap_or_default();
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ puller
+                .bytes()
+                .fold(0u64, |h, b| h.rotate_left(5) ^ u64::from(b));
+        let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(seed);
+        super::tracker::choose(
+            self.holders(artifact, puller),
+            labels.get("zone").map(String::as_str),
+            labels.get("region").map(String::as_str),
+            k,
+            &mut rng,
+        )
+    }
+
+    /// Tracker rule 3: `reporter`'s pull dropped these peers.
+    pub fn report_bad_peers(&self, reporter: &str, bad: &[drover_common::proto::BadPeer]) {
+        let now = Instant::now();
+        for peer in bad.iter().take(16) {
+            tracing::warn!(reporter, peer = %peer.host_id, reason = %peer.reason, "a puller dropped a bad peer; it is left out of tracker answers for a while");
+            self.bad_peers.report(&peer.host_id, now);
+        }
+    }
+
+    /// Tracker rule 1: connected hosts other than `puller` that serve
+    /// chunks, hold `artifact` whole and were not reported (rule 3).
+    pub fn holders(&self, artifact: &str, puller: &str) -> Vec<super::tracker::Holder> {
+        let now = Instant::now();
+        let hosts = self.hosts.lock().expect("registry lock poisoned");
+        hosts
+            .iter()
+            .filter(|(id, e)| {
+                id.as_str() != puller
+                    && !self.bad_peers.is_bad(id, now)
+                    && e.state(now) == ConnectionState::Connected
+                    && !e.chunk_address.is_empty()
+                    && e.held.iter().any(|a| a == artifact)
+            })
+            .map(|(id, e)| super::tracker::Holder {
+                host_id: id.clone(),
+                address: e.chunk_address.clone(),
+                zone: e.labels.get("zone").cloned(),
+                region: e.labels.get("region").cloned(),
+            })
+            .collect()
+    }
+
+    /// A host's labels, if it is known.
+    pub fn labels(&self, host_id: &str) -> Option<HashMap<String, String>> {
+        let hosts = self.hosts.lock().expect("registry lock poisoned");
+        hosts.get(host_id).map(|e| e.labels.clone())
+    }
+
     pub fn get(&self, host_id: &str) -> Option<Host> {
         let hosts = self.hosts.lock().expect("registry lock poisoned");
         hosts
@@ -449,6 +531,7 @@ mod tests {
             agent_version: "test".into(),
             services: vec![],
             heartbeat_interval_ms: interval_ms,
+            ..Default::default()
         }
     }
 

@@ -39,6 +39,11 @@ impl BlobStore {
         })
     }
 
+    /// `<data-dir>/artifacts`.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         self.root.join("blobs").join(digest.hex())
     }

@@ -21,8 +21,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drover_common::proto::{
-    Command, CommandStatus, HealthGate, HostOutcome, InconclusivePolicy, PullCommand,
-    RestartCommand, Slot, command,
+    Command, CommandStatus, HealthGate, HostOutcome, InconclusivePolicy, RestartCommand, Slot,
+    command,
 };
 
 use super::{Driver, baseline, traffic};
@@ -425,18 +425,14 @@ impl Driver {
         fence: (u32, u64),
         patience: Duration,
     ) -> HashMap<String, Result<(), String>> {
-        let (signatures, size_bytes) = self.effects.pull_facts(&rec.artifact).await;
-        let sources = self.effects.pull_sources();
         let mut tasks = tokio::task::JoinSet::new();
         for host in hosts {
             let effects = self.effects.clone();
-            let pull = command::Action::Pull(PullCommand {
-                service: rec.service.clone(),
-                artifact: rec.artifact.clone(),
-                sources: sources.clone(),
-                size_bytes,
-                signatures: signatures.clone(),
-            });
+            let pull = command::Action::Pull(
+                self.effects
+                    .pull_command(&rec.service, &rec.artifact, host)
+                    .await,
+            );
             let cmd = batch_command(fence, &rec.id, position, host, "pull", pull);
             let host = host.clone();
             tasks.spawn(async move {

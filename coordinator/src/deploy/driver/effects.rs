@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drover_common::proto::{
-    ArtifactSignature, Command, CommandUpdate, RouterTarget, ServiceHealth, Slot,
+    Command, CommandUpdate, PullCommand, RouterTarget, ServiceHealth, Slot,
 };
 
 use crate::fleet::{PendingCommands, Registry, SendError};
@@ -52,12 +52,10 @@ pub trait Effects: Send + Sync {
         self.host_in(host, service, Slot::None)
     }
 
-    /// What a Pull of `artifact` carries: the signatures CI made and its
-    /// size (agents check their free space first).
-    async fn pull_facts(&self, artifact: &str) -> (Vec<ArtifactSignature>, u64);
-
-    /// Where agents fetch artifacts, best first.
-    fn pull_sources(&self) -> Vec<String>;
+    /// The Pull of `artifact` for `host`: the signatures CI made, its size
+    /// (agents check their free space first), its chunk index, the origin
+    /// (coordinators, best first) and the peers that hold it (tracker).
+    async fn pull_command(&self, service: &str, artifact: &str, host: &str) -> PullCommand;
 
     /// The load balancer a stage names (nothing is contacted until used):
     /// HAProxy by address (routers named in a configuration: the live
@@ -78,6 +76,10 @@ pub struct FleetEffects {
     pub leases: Arc<ShardLeases>,
     /// Routers the configuration declares, by name.
     pub routers: Arc<BTreeMap<String, RouterConfig>>,
+    /// Peers handed to each pull (`--peers-per-pull`; 0: origin only).
+    pub peers_per_pull: usize,
+    /// `--pull-mode`: whole files carry no chunk index.
+    pub pull_mode: crate::config::PullMode,
 }
 
 #[async_trait::async_trait]
@@ -131,16 +133,36 @@ impl Effects for FleetEffects {
         crate::router::build(target, &self.routers)
     }
 
-    async fn pull_facts(&self, artifact: &str) -> (Vec<ArtifactSignature>, u64) {
-        let Ok(digest) = artifact.parse::<drover_common::artifact::Digest>() else {
-            return (Vec::new(), 0);
+    async fn pull_command(&self, service: &str, artifact: &str, host: &str) -> PullCommand {
+        let info = match artifact.parse::<drover_common::artifact::Digest>() {
+            Ok(digest) => self.blobs.info(&digest).await.ok().flatten(),
+            Err(_) => None,
+        }
+        .unwrap_or_default();
+        let (index_sha256, unpacked_bytes) = match self.pull_mode {
+            crate::config::PullMode::Chunks => (info.index_sha256, info.unpacked_bytes),
+            crate::config::PullMode::Whole => (String::new(), 0),
         };
-        match self.blobs.info(&digest).await {
-            Ok(Some(info)) => (info.signatures, info.size_bytes),
-            _ => (Vec::new(), 0),
+        // Peers only for an artifact with a chunk index (else the agent
+        // fetches the whole file from the origin).
+        let peers = match index_sha256.is_empty() {
+            true => Vec::new(),
+            false => self.registry.peers_for(artifact, host, self.peers_per_pull),
+        };
+        PullCommand {
+            service: service.to_string(),
+            artifact: artifact.to_string(),
+            sources: self.pull_sources(),
+            size_bytes: info.size_bytes,
+            signatures: info.signatures,
+            index_sha256,
+            unpacked_bytes,
+            peers,
         }
     }
+}
 
+impl FleetEffects {
     /// This coordinator first (it fetches a blob it lacks from its peers),
     /// then every other live coordinator.
     fn pull_sources(&self) -> Vec<String> {

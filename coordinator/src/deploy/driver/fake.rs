@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use drover_common::proto::{
-    ArtifactSignature, Command, CommandStatus, CommandUpdate, ServiceHealth, Slot, command,
+    Command, CommandStatus, CommandUpdate, PullCommand, ServiceHealth, Slot, command,
 };
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -241,11 +241,13 @@ impl Effects for FakeFleet {
         })
     }
 
-    async fn pull_facts(&self, _artifact: &str) -> (Vec<ArtifactSignature>, u64) {
-        (Vec::new(), 1)
-    }
-
-    fn pull_sources(&self) -> Vec<String> {
-        vec!["http://origin".into()]
+    async fn pull_command(&self, service: &str, artifact: &str, _host: &str) -> PullCommand {
+        PullCommand {
+            service: service.to_string(),
+            artifact: artifact.to_string(),
+            sources: vec!["http://origin".into()],
+            size_bytes: 1,
+            ..Default::default()
+        }
     }
 }

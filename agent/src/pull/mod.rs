@@ -11,6 +11,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use drover_common::artifact::unpack::unpack_tar;
 use drover_common::artifact::{Digest, Hasher, Limits, Manifest, UnpackError, tree, unpack};
 use drover_common::proto::FetchRequest;
 use drover_common::proto::artifacts_client::ArtifactsClient;
@@ -19,6 +20,9 @@ use tracing::{info, warn};
 
 use crate::releases::Layout;
 use drover_common::tls::client::Dialer;
+
+mod chunked;
+pub use chunked::{ChunkedPull, MAX_CHUNKS_PER_CALL, PEER_STALL};
 
 /// Why a pull failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -44,6 +48,22 @@ const MAX_ATTEMPTS: usize = 6;
 pub struct PullLimits {
     pub max_artifact_bytes: u64,
     pub unpack: Limits,
+}
+
+/// The host's disk first: a download that cannot fit (`size_bytes` to
+/// download and at least as much to unpack) is not started.
+fn check_space(layout: &Layout, size_bytes: u64) -> Result<(), PullError> {
+    let free = crate::disk::space(&layout.cache_dir()).map(|(_, free)| free);
+    if let Some(free) = free
+        && size_bytes > 0
+        && size_bytes.saturating_mul(2) > free
+    {
+        return Err(PullError::Disk(format!(
+            "disk: {} has {free} bytes free; the artifact needs {size_bytes} for the download and at least as much to unpack; nothing was downloaded",
+            layout.cache_dir().display()
+        )));
+    }
+    Ok(())
 }
 
 /// Re-hashes what a previous attempt left in the part file.
@@ -83,17 +103,7 @@ pub async fn download(
     }
     crate::releases::create_private_dir(&layout.cache_dir())
         .map_err(|e| disk_error(&layout.cache_dir(), &e))?;
-    // The host's disk first: a download that cannot fit is not started.
-    let free = crate::disk::space(&layout.cache_dir()).map(|(_, free)| free);
-    if let Some(free) = free
-        && size_bytes > 0
-        && size_bytes.saturating_mul(2) > free
-    {
-        return Err(PullError::Disk(format!(
-            "disk: {} has {free} bytes free; the artifact needs {size_bytes} for the download and at least as much to unpack; nothing was downloaded",
-            layout.cache_dir().display()
-        )));
-    }
+    check_space(layout, size_bytes)?;
     let part = layout.partial(digest);
     let mut hasher = {
         let part2 = part.clone();
@@ -250,7 +260,11 @@ pub async fn unpack_release(
         std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&tmp);
-    let archive = layout.cached(digest);
+    // A tar.gz fetched whole, or a tar rebuilt from verified chunks.
+    let (archive, chunked) = match layout.cached(digest) {
+        gz if gz.exists() => (gz, false),
+        _ => (layout.cached_tar(digest), true),
+    };
     // The disk keeps its floor of free space while the release grows.
     let unpack_limits = Limits {
         keep_free_bytes: crate::disk::space(&releases)
@@ -263,11 +277,11 @@ pub async fn unpack_release(
         let file = std::fs::File::open(&archive)
             .map_err(|e| PullError::Other(format!("opening {}: {e}", archive.display())))?;
         let compressed = file.metadata().map(|m| m.len()).unwrap_or(0);
-        unpack(
-            std::io::BufReader::new(file),
-            &tmp2,
-            &unpack_limits.for_archive(compressed),
-        )
+        let reader = std::io::BufReader::new(file);
+        match chunked {
+            true => unpack_tar(reader, &tmp2, &unpack_limits),
+            false => unpack(reader, &tmp2, &unpack_limits.for_archive(compressed)),
+        }
         .map_err(
             |e| match (&e, e.write_error().and_then(crate::disk::Fault::of)) {
                 (_, Some(fault)) => PullError::Disk(fault.describe(&tmp2)),
@@ -390,6 +404,14 @@ pub fn read_release_manifest(release: &Path, service: &str) -> Result<Manifest, 
 /// made at unpack, and re-reads the release's manifest.
 pub async fn verify(layout: &Layout, service: &str, digest: &Digest) -> Result<(), VerifyError> {
     let cached = layout.cached(digest);
+    if !cached.exists() && layout.cached_tar(digest).exists() {
+        let (layout2, digest2) = (layout.clone(), *digest);
+        tokio::task::spawn_blocking(move || verify_chunked(&layout2, &digest2))
+            .await
+            .map_err(|e| VerifyError::Archive(e.to_string()))?
+            .map_err(VerifyError::Archive)?;
+        return verify_release(layout, service, digest).await;
+    }
     let (actual, _) = {
         let cached = cached.clone();
         tokio::task::spawn_blocking(move || Digest::of_file(&cached))
@@ -406,6 +428,47 @@ pub async fn verify(layout: &Layout, service: &str, digest: &Digest) -> Result<(
             "cached artifact is corrupt: expected {digest}, its bytes hash to {actual}"
         )));
     }
+    verify_release(layout, service, digest).await
+}
+
+/// An artifact pulled by chunks: every chunk of its tar hashes to its
+/// index entry again (blocking).
+fn verify_chunked(layout: &Layout, digest: &Digest) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let index = crate::chunk_cache::read_index(layout, digest)
+        .map_err(|e| format!("artifact {digest} is cached by chunks, but {e}"))?;
+    let path = layout.cached_tar(digest);
+    let file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if len != index.total_len() {
+        return Err(format!(
+            "cached artifact is corrupt: {} holds {len} bytes, its index {}",
+            path.display(),
+            index.total_len()
+        ));
+    }
+    let mut buf = Vec::new();
+    for (chunk, offset) in index.chunks.iter().zip(index.offsets()) {
+        buf.resize(chunk.len as usize, 0);
+        file.read_exact_at(&mut buf, offset)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if Digest::of_bytes(&buf) != chunk.digest {
+            return Err(format!(
+                "cached artifact is corrupt: the chunk at byte {offset} of {} does not hash to {}",
+                path.display(),
+                chunk.digest
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The unpacked release against its record, and its manifest.
+async fn verify_release(
+    layout: &Layout,
+    service: &str,
+    digest: &Digest,
+) -> Result<(), VerifyError> {
     let release = layout.release(service, digest);
     if !release.is_dir() {
         return Err(VerifyError::Release(format!(
