@@ -122,6 +122,12 @@ pub struct Args {
     #[cfg(feature = "fault-injection")]
     #[arg(long, hide = true)]
     pub fault_ignore_lease_loss: bool,
+    /// Fault injection, never in production: while this file exists, the
+    /// origin answers every chunk and file fetch with UNAVAILABLE (an
+    /// origin cut off from the fleet; pulls must go on from peers).
+    #[cfg(feature = "fault-injection")]
+    #[arg(long, hide = true)]
+    pub fault_origin_down_file: Option<PathBuf>,
 }
 
 /// The `--config` file.
@@ -239,6 +245,8 @@ pub struct Config {
     /// See `--fault-ignore-lease-loss` (only with the `fault-injection`
     /// cargo feature; always false in release builds).
     pub fault_ignore_lease_loss: bool,
+    /// See `--fault-origin-down-file` (only with `fault-injection`).
+    pub fault_origin_down_file: Option<PathBuf>,
     /// Routers pipelines may name (`[routers.NAME]` in the config file).
     pub routers: BTreeMap<String, RouterConfig>,
 }
@@ -271,6 +279,7 @@ impl Config {
             policy: None,
             insecure: false,
             fault_ignore_lease_loss: false,
+            fault_origin_down_file: None,
             routers: BTreeMap::new(),
         }
     }
@@ -362,6 +371,7 @@ impl Config {
         #[cfg(feature = "fault-injection")]
         {
             cfg.fault_ignore_lease_loss = args.fault_ignore_lease_loss;
+            cfg.fault_origin_down_file = args.fault_origin_down_file;
         }
         if let Some(w) = args.warmup.or(file.warmup) {
             cfg.warmup = w;

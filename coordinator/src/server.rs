@@ -207,6 +207,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         // The agents' default limits: what an agent with its defaults
         // would refuse is refused at push.
         unpack_limits: drover_common::artifact::Limits::default(),
+        fault_origin_down_file: cfg.fault_origin_down_file.clone(),
     });
 
     let serve_stop = stop.clone();

@@ -95,7 +95,13 @@ pub fn write(dir: &Path, name: &str, bytes: Vec<u8>) -> BuiltArtifact {
 /// `len` pseudo-random bytes (xorshift): data gzip cannot shrink, for
 /// artifacts of a known size.
 pub fn noise(len: usize) -> Vec<u8> {
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    noise_seeded(len, 0x4F1B_BCDC_BFA5_3E0A)
+}
+
+/// Like [`noise`], a different stream for each `seed`.
+pub fn noise_seeded(len: usize, seed: u64) -> Vec<u8> {
+    // xorshift's state must be odd; distinct seeds, distinct states.
+    let mut x = seed.wrapping_mul(2).wrapping_add(1);
     (0..len)
         .map(|_| {
             x ^= x << 13;

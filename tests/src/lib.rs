@@ -22,6 +22,7 @@ pub mod cluster_fleet;
 pub mod commands;
 mod daemons;
 mod etcd;
+pub mod fake_peer;
 pub mod haproxy;
 mod http;
 pub mod nginx;
@@ -32,6 +33,7 @@ pub mod raw;
 pub mod sample_fleet;
 pub mod specs;
 mod testdir;
+pub mod tmpfs;
 pub mod users;
 mod wait;
 

@@ -20,6 +20,9 @@ pub struct SampleFleet {
     pub ports: Vec<(String, u16)>,
     /// The CA of a fleet started with [`SampleFleet::start_tls`].
     pub pki: Option<crate::pki::Pki>,
+    /// Agents' data dirs in memory ([`SampleFleet::start_in_memory`]);
+    /// unmounted after the agents stop.
+    pub mounts: Vec<crate::tmpfs::Tmpfs>,
 }
 
 impl SampleFleet {
@@ -36,7 +39,7 @@ impl SampleFleet {
         rps: u32,
         extra: impl Fn(usize) -> Vec<String>,
     ) -> SampleFleet {
-        Self::start_inner(n, rps, extra, None, &[]).await
+        Self::start_inner(n, rps, extra, None, &[], None).await
     }
 
     /// Like [`SampleFleet::start_with`], the coordinator started with
@@ -47,7 +50,19 @@ impl SampleFleet {
         extra: impl Fn(usize) -> Vec<String>,
         coordinator: &[&str],
     ) -> SampleFleet {
-        Self::start_inner(n, rps, extra, None, coordinator).await
+        Self::start_inner(n, rps, extra, None, coordinator, None).await
+    }
+
+    /// Like [`SampleFleet::start_configured`], each agent's data dir a
+    /// tmpfs of `size` (tests that put gigabytes through many agents use
+    /// memory, not the CI machine's disk).
+    pub async fn start_in_memory(
+        n: usize,
+        extra: impl Fn(usize) -> Vec<String>,
+        coordinator: &[&str],
+        size: &str,
+    ) -> SampleFleet {
+        Self::start_inner(n, 0, extra, None, coordinator, Some(size)).await
     }
 
     /// Like [`SampleFleet::start_with`], every connection mutual TLS with
@@ -59,7 +74,7 @@ impl SampleFleet {
         extra: impl Fn(usize) -> Vec<String>,
         coordinator: &[&str],
     ) -> SampleFleet {
-        Self::start_inner(n, rps, extra, Some(coordinator), &[]).await
+        Self::start_inner(n, rps, extra, Some(coordinator), &[], None).await
     }
 
     async fn start_inner(
@@ -68,6 +83,7 @@ impl SampleFleet {
         extra: impl Fn(usize) -> Vec<String>,
         tls: Option<&[&str]>,
         plain_flags: &[&str],
+        tmpfs: Option<&str>,
     ) -> SampleFleet {
         let dir = TestDir::new();
         let pki = tls.map(|_| crate::pki::Pki::new(&dir));
@@ -78,8 +94,15 @@ impl SampleFleet {
         let mut agents = Vec::new();
         let mut load = Vec::new();
         let mut ports = Vec::new();
+        let mut mounts = Vec::new();
         for i in 0..n {
             let host = format!("web-{i}");
+            if let Some(size) = tmpfs {
+                mounts.push(crate::tmpfs::Tmpfs::mount(
+                    &dir.path().join(format!("agent-{host}")),
+                    size,
+                ));
+            }
             let port = free_service_port();
             let idx = format!("idx={i}");
             let mut more = extra(i);
@@ -105,6 +128,7 @@ impl SampleFleet {
             load,
             ports,
             pki,
+            mounts,
         }
     }
 

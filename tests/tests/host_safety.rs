@@ -7,6 +7,7 @@ use std::time::Duration;
 use drover_common::proto::{CommandStatus, ConnectionState};
 use drover_tests::artifacts::{artifact_with, sample_manifest};
 use drover_tests::commands::{cmd, pull, restart};
+use drover_tests::tmpfs::Tmpfs;
 use drover_tests::{Agent, Coordinator, TestDir, free_port, wait_until_ok};
 
 const SERVICE: &str = "hello";
@@ -167,34 +168,6 @@ async fn the_data_dir_is_private_and_one_agents_alone() {
 
 /// A small tmpfs mounted over `path` (tests run as root, as CI does), lazily
 /// unmounted on drop.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(path: &std::path::Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(path).unwrap();
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(path)
-            .output()
-            .expect("running mount");
-        assert!(
-            out.status.success(),
-            "mounting a tmpfs needs root (scripts/test and CI run as root): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Tmpfs(path.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 #[tokio::test]
 async fn a_pull_that_cannot_fit_on_the_hosts_disk_is_refused_before_a_byte() {
     let dir = TestDir::new();

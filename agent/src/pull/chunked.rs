@@ -14,8 +14,10 @@
 //!    chunk that does not match, or was never asked for, drops that peer
 //!    for the rest of the pull and reports it (`PullStats.bad_peers`), as
 //!    does a peer that says nothing for [`PEER_STALL`] or cannot be
-//!    reached. A peer that lacks a chunk is not at fault. A second and a
-//!    third round give what is still missing to the peers left, rotated.
+//!    reached. A peer that lacks a chunk is not at fault, nor is one that
+//!    is busy (RESOURCE_EXHAUSTED: serving its limit of peers). Later
+//!    rounds give what is still missing to the peers left, rotated; a
+//!    round in which only busy peers held things up waits a moment first.
 //! 4. What no peer delivered comes from the origin (back-to-source): the
 //!    coordinators in `sources`, in turn.
 //! 5. Only when every chunk is in place is the index written and the tar
@@ -49,7 +51,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Chunks asked for in one FetchChunks call.
 pub const MAX_CHUNKS_PER_CALL: usize = 4096;
 /// Rounds of asking peers (rule 3).
-const PEER_ROUNDS: usize = 3;
+const PEER_ROUNDS: usize = 8;
+/// The wait before a round after busy peers (grows with the round).
+const BUSY_WAIT: Duration = Duration::from_millis(250);
 
 /// One chunked pull's inputs.
 pub struct ChunkedPull<'a> {
@@ -81,6 +85,8 @@ struct Sink {
 enum Stop {
     /// It sent what it had (maybe nothing).
     Ended,
+    /// It is serving its limit of peers: ask again later (rule 3).
+    Busy,
     /// Rule 3: it misbehaved or was unreachable; the reason.
     Fault(String),
     /// Our own disk failed: the whole pull stops.
@@ -248,10 +254,14 @@ impl ChunkedPull<'_> {
             .filter(|p| !stats.bad_peers.iter().any(|b| b.host_id == p.host_id))
             .cloned()
             .collect();
+        let mut busy_rounds = 0u32;
         for round in 0..PEER_ROUNDS {
             let pending = sink.missing();
             if pending.is_empty() || good.is_empty() {
                 break;
+            }
+            if busy_rounds > 0 {
+                tokio::time::sleep(BUSY_WAIT * busy_rounds).await;
             }
             let mut shares: Vec<Vec<Digest>> = vec![Vec::new(); good.len()];
             for (i, d) in pending.iter().enumerate() {
@@ -281,11 +291,13 @@ impl ChunkedPull<'_> {
             }
             let before = pending.len();
             let mut disk = None;
+            let mut busy = false;
             while let Some(done) = tasks.join_next().await {
                 let (peer, bytes, stop) = done.expect("fetch task does not panic");
                 stats.peer_bytes += bytes;
                 match stop {
                     Stop::Ended => {}
+                    Stop::Busy => busy = true,
                     Stop::Fault(reason) => {
                         warn!(peer = %peer.host_id, address = %peer.address, %reason, "peer dropped");
                         good.retain(|p| p.host_id != peer.host_id);
@@ -300,8 +312,10 @@ impl ChunkedPull<'_> {
             if let Some(e) = disk {
                 return Err(e);
             }
-            if sink.missing().len() == before {
-                break; // nobody had any of what is left
+            match (sink.missing().len() == before, busy) {
+                (true, false) => break, // nobody had any of what is left
+                (_, true) => busy_rounds += 1,
+                (false, false) => busy_rounds = 0,
             }
         }
         // Rule 4.
@@ -324,6 +338,7 @@ impl ChunkedPull<'_> {
             stats.origin_bytes += bytes;
             match stop {
                 Stop::Ended => {}
+                Stop::Busy => origin_errors.push(format!("{source}: busy")),
                 Stop::Fault(reason) => origin_errors.push(format!("{source}: {reason}")),
                 Stop::Disk(e) => return Err(e),
             }
@@ -458,6 +473,9 @@ async fn fetch_chunks(
         let mut stream = match tokio::time::timeout(stall, client.fetch_chunks(request)).await {
             Ok(Ok(s)) => s.into_inner(),
             Ok(Err(s)) if s.code() == tonic::Code::NotFound => continue,
+            Ok(Err(s)) if s.code() == tonic::Code::ResourceExhausted => {
+                return (written, Stop::Busy);
+            }
             Ok(Err(s)) => {
                 return (
                     written,

@@ -39,9 +39,22 @@ pub struct ArtifactsService {
     pub auth: Arc<crate::auth::Authorizer>,
     /// The unpacker's limits uploads are inspected with (the agents' defaults).
     pub unpack_limits: drover_common::artifact::Limits,
+    /// Fault injection (`--fault-origin-down-file`; always `None` without
+    /// the `fault-injection` feature).
+    pub fault_origin_down_file: Option<std::path::PathBuf>,
 }
 
 impl ArtifactsService {
+    /// Fault injection: the origin is cut off while the file exists.
+    pub(super) fn origin_reachable(&self) -> Result<(), Status> {
+        match &self.fault_origin_down_file {
+            Some(f) if f.exists() => {
+                Err(Status::unavailable("the origin is down (fault injection)"))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// With other coordinators live, an upload is acknowledged only once
     /// two of them hold it (this one and a peer), so losing one loses no
     /// acknowledged artifact. Alone, this coordinator's fsynced copy is it.
@@ -363,6 +376,7 @@ impl Artifacts for ArtifactsService {
     async fn fetch(&self, request: Request<FetchRequest>) -> Result<Response<FetchStream>, Status> {
         self.auth
             .caller(&request, Permission::ArtifactsRead, Scope::default())?;
+        self.origin_reachable()?;
         let digest = parse_digest(&request.get_ref().sha256)?;
         self.read_through(&digest, &request).await?;
         let req = request.into_inner();

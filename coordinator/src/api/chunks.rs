@@ -31,6 +31,7 @@ impl ArtifactsService {
         hex: &str,
         request: &Request<T>,
     ) -> Result<(Digest, drover_common::artifact::chunks::ChunkIndex), Status> {
+        self.origin_reachable()?;
         let digest: Digest = hex
             .parse()
             .map_err(|e| ApiError::Invalid(format!("sha256: {e}")))?;

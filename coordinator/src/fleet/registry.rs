@@ -471,6 +471,18 @@ impl Registry {
             .collect()
     }
 
+    /// `host_id` holds `artifact` now (its pull succeeded); its next
+    /// heartbeat says so too.
+    pub fn add_held(&self, host_id: &str, artifact: &str) {
+        let mut hosts = self.hosts.lock().expect("registry lock poisoned");
+        if let Some(e) = hosts.get_mut(host_id)
+            && !e.held.iter().any(|a| a == artifact)
+            && e.held.len() < MAX_HELD
+        {
+            e.held.push(artifact.to_string());
+        }
+    }
+
     /// A host's labels, if it is known.
     pub fn labels(&self, host_id: &str) -> Option<HashMap<String, String>> {
         let hosts = self.hosts.lock().expect("registry lock poisoned");

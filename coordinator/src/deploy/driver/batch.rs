@@ -3,7 +3,8 @@
 //! 1. The batch's hosts are recorded as touched, with their restart counts
 //!    (the crash-loop baseline), before anything can switch them; a batch
 //!    resumed after a failover keeps the baseline first recorded.
-//! 2. Every host downloads first (nothing goes down for a pull); only hosts
+//! 2. Every host downloads first (nothing goes down for a pull; a stage with
+//!    `prefetch_all` first pulls onto all its hosts, [`super::prefetch`]); only hosts
 //!    holding the verified artifact restart, `max_unavailable` at a time,
 //!    each drained in the stage's router first if it names one
 //!    ([`super::traffic`]); a canary step's fresh baseline restarts on the
@@ -137,6 +138,9 @@ impl Driver {
         // Rule 1.
         let rec = self.touch(id, stage, batch, stuck).await?;
         // Rule 2.
+        if batch == 0 && spec.prefetch_all {
+            self.prefetch_stage(&rec, stage, fence, stuck).await;
+        }
         let pulls = self
             .pull_batch(&rec, (stage, batch), &hosts, fence, stuck)
             .await;
@@ -434,10 +438,13 @@ impl Driver {
                     .await,
             );
             let cmd = batch_command(fence, &rec.id, position, host, "pull", pull);
-            let host = host.clone();
+            let (host, artifact) = (host.clone(), rec.artifact.clone());
             tasks.spawn(async move {
                 let outcome = match effects.send(&host, cmd, COMMAND_TIMEOUT, patience).await {
-                    Ok(u) if u.status() == CommandStatus::Succeeded => Ok(()),
+                    Ok(u) if u.status() == CommandStatus::Succeeded => {
+                        effects.pulled(&host, &artifact);
+                        Ok(())
+                    }
                     Ok(u) => Err(format!("pull: {}", u.reason)),
                     Err(e) => Err(e),
                 };

@@ -57,6 +57,10 @@ pub trait Effects: Send + Sync {
     /// (coordinators, best first) and the peers that hold it (tracker).
     async fn pull_command(&self, service: &str, artifact: &str, host: &str) -> PullCommand;
 
+    /// `host` pulled `artifact`: the tracker may name it as a peer before
+    /// its next heartbeat says so.
+    fn pulled(&self, _host: &str, _artifact: &str) {}
+
     /// The load balancer a stage names (nothing is contacted until used):
     /// HAProxy by address (routers named in a configuration: the live
     /// effects).
@@ -131,6 +135,10 @@ impl Effects for FleetEffects {
 
     fn router(&self, target: &RouterTarget) -> Result<Arc<dyn Router>, String> {
         crate::router::build(target, &self.routers)
+    }
+
+    fn pulled(&self, host: &str, artifact: &str) {
+        self.registry.add_held(host, artifact);
     }
 
     async fn pull_command(&self, service: &str, artifact: &str, host: &str) -> PullCommand {

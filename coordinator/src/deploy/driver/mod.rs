@@ -29,6 +29,7 @@ mod batch;
 mod blue_green;
 mod canary;
 pub mod effects;
+mod prefetch;
 mod rollback;
 mod traffic;
 
