@@ -66,6 +66,16 @@ pub struct Args {
     /// whole file from the origin, as before chunk indexes).
     #[arg(long, value_enum)]
     pub pull_mode: Option<PullMode>,
+    /// Artifacts younger than this are never collected (default 90d).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub artifact_retention: Option<Duration>,
+    /// The last uploads of each service never collected (default 5).
+    #[arg(long)]
+    pub artifact_keep_last: Option<usize>,
+    /// How often the origin collects unused artifacts (default 1h; 0s:
+    /// never, only `droverctl artifact gc`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub gc_interval: Option<Duration>,
     /// A host disconnected or gone this long is dropped from the registry
     /// (default 7d).
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -148,6 +158,11 @@ struct FileConfig {
     peers_per_pull: Option<usize>,
     pull_mode: Option<PullMode>,
     #[serde(default, with = "humantime_serde_opt")]
+    artifact_retention: Option<Duration>,
+    artifact_keep_last: Option<usize>,
+    #[serde(default, with = "humantime_serde_opt")]
+    gc_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
     host_retention: Option<Duration>,
     max_hosts: Option<usize>,
     key_prefix: Option<String>,
@@ -227,6 +242,10 @@ pub struct Config {
     /// Peers handed to each pull (tracker; 0: origin only).
     pub peers_per_pull: usize,
     pub pull_mode: PullMode,
+    /// What artifact gc keeps.
+    pub retention_policy: crate::origin::retention::RetentionPolicy,
+    /// The periodic gc sweep (zero: off).
+    pub gc_interval: Duration,
     /// What the host registry keeps.
     pub retention: crate::fleet::Retention,
     pub key_prefix: String,
@@ -266,6 +285,8 @@ impl Config {
             max_artifact_bytes: 2 << 30,
             peers_per_pull: 4,
             pull_mode: PullMode::Chunks,
+            retention_policy: Default::default(),
+            gc_interval: Duration::from_secs(3600),
             advertise: None,
             retention: crate::fleet::Retention::default(),
             key_prefix: "/drover".into(),
@@ -325,6 +346,16 @@ impl Config {
         }
         if let Some(t) = args.shutdown_grace.or(file.shutdown_grace) {
             cfg.shutdown_grace = t;
+        }
+        if let Some(age) = args.artifact_retention.or(file.artifact_retention) {
+            cfg.retention_policy.max_age = age;
+        }
+        if let Some(n) = args.artifact_keep_last.or(file.artifact_keep_last) {
+            anyhow::ensure!(n >= 1, "artifact_keep_last must be at least 1");
+            cfg.retention_policy.keep_last = n;
+        }
+        if let Some(every) = args.gc_interval.or(file.gc_interval) {
+            cfg.gc_interval = every;
         }
         if let Some(mode) = args.pull_mode.or(file.pull_mode) {
             cfg.pull_mode = mode;

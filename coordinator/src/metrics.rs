@@ -40,6 +40,8 @@ pub struct Metrics {
     pub streams_replaced: Counter,
     pub streams_rejected: Family<ReasonLabel, Counter>,
     pub artifact_uploads: Counter,
+    /// Artifacts removed by gc (by hand or swept).
+    pub artifacts_collected: Counter,
     pub artifact_fetches: Counter,
     pub artifact_fetched_bytes: Counter,
     /// Shards this coordinator leads now.
@@ -86,6 +88,7 @@ impl Default for Metrics {
         let streams_replaced = Counter::default();
         let streams_rejected = Family::<ReasonLabel, Counter>::default();
         let artifact_uploads = Counter::default();
+        let artifacts_collected = Counter::default();
         let artifact_fetches = Counter::default();
         let artifact_fetched_bytes = Counter::default();
         let shards_led = Gauge::default();
@@ -136,8 +139,13 @@ impl Default for Metrics {
             artifact_uploads.clone(),
         );
         registry.register(
+            "artifacts_collected",
+            "Artifacts removed by gc (droverctl artifact gc or the periodic sweep)",
+            artifacts_collected.clone(),
+        );
+        registry.register(
             "artifact_fetches",
-            "Fetch calls served (each resume counts)",
+            "Fetch and FetchChunks calls served (each resume counts)",
             artifact_fetches.clone(),
         );
         registry.register(
@@ -182,6 +190,7 @@ impl Default for Metrics {
             streams_replaced,
             streams_rejected,
             artifact_uploads,
+            artifacts_collected,
             artifact_fetches,
             artifact_fetched_bytes,
             shards_led,

@@ -208,7 +208,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         // would refuse is refused at push.
         unpack_limits: drover_common::artifact::Limits::default(),
         fault_origin_down_file: cfg.fault_origin_down_file.clone(),
+        deployments: deployments.clone(),
+        registry: registry.clone(),
+        retention: cfg.retention_policy,
     });
+    tokio::spawn(
+        artifacts
+            .clone()
+            .sweep_forever(cfg.gc_interval, stop.clone()),
+    );
 
     let serve_stop = stop.clone();
     let server = Server::builder()

@@ -42,6 +42,11 @@ pub struct ArtifactsService {
     /// Fault injection (`--fault-origin-down-file`; always `None` without
     /// the `fault-injection` feature).
     pub fault_origin_down_file: Option<std::path::PathBuf>,
+    /// What artifact gc keeps: deploy state (environments, known good,
+    /// live deploys), hosts' releases, and the policy.
+    pub deployments: Arc<crate::deploy::deployments::Deployments>,
+    pub registry: Arc<crate::fleet::Registry>,
+    pub retention: crate::origin::retention::RetentionPolicy,
 }
 
 impl ArtifactsService {
@@ -491,9 +496,11 @@ impl Artifacts for ArtifactsService {
         &self,
         request: Request<drover_common::proto::CollectGarbageRequest>,
     ) -> Result<Response<drover_common::proto::CollectGarbageResponse>, Status> {
-        self.auth
+        let caller = self
+            .auth
             .caller(&request, Permission::ArtifactsPush, Scope::default())?;
-        Err(Status::unimplemented("artifact gc is not built yet"))
+        let dry_run = request.get_ref().dry_run;
+        Ok(Response::new(self.collect(dry_run, &caller.actor()).await?))
     }
 
     async fn verify(

@@ -3,6 +3,7 @@
 //! [`crate::error::ApiError`] (no handler picks a status code itself).
 
 pub mod agent_control;
+mod artifact_gc;
 pub mod artifacts;
 pub mod chunks;
 pub mod deployer;

@@ -214,6 +214,54 @@ pub async fn push(
 
 /// `droverctl artifact verify [SHA]`: the origin re-hashes its blobs and
 /// repairs or marks lost what it must; fails when any artifact is lost.
+/// `droverctl artifact gc [--dry-run]`.
+pub async fn gc(
+    client: &mut ArtifactsClient<Channel>,
+    dry_run: bool,
+    json: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let response = client
+        .collect_garbage(drover_common::proto::CollectGarbageRequest { dry_run })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if json {
+        return print_json(out, &response);
+    }
+    let mut table = Table::new();
+    table
+        .load_preset(presets::NOTHING)
+        .set_header(["SHA256", "SERVICE", "VERSION", "SIZE", "DECISION"]);
+    for d in &response.decisions {
+        let decision = match (d.collected, dry_run) {
+            (true, true) => "would be removed".to_string(),
+            (true, false) => "REMOVED".to_string(),
+            (false, _) => format!("kept: {}", d.kept_because),
+        };
+        table.add_row([
+            d.sha256[..12.min(d.sha256.len())].to_string(),
+            d.service.clone(),
+            d.version.clone(),
+            d.size_bytes.to_string(),
+            decision,
+        ]);
+    }
+    writeln!(out, "{table}")?;
+    let n = response.decisions.iter().filter(|d| d.collected).count();
+    writeln!(
+        out,
+        "{n} artifacts ({} bytes) {}",
+        response.collected_bytes,
+        if dry_run {
+            "would be removed (dry run)"
+        } else {
+            "removed"
+        }
+    )?;
+    Ok(())
+}
+
 pub async fn verify(
     client: &mut ArtifactsClient<Channel>,
     sha256: &str,

@@ -230,6 +230,15 @@ pub enum ArtifactCommand {
         #[arg(default_value = "")]
         sha256: String,
     },
+    /// Remove artifacts nothing runs or can roll back to, beyond each
+    /// service's last releases and older than the retention period (the
+    /// coordinator's --artifact-keep-last, --artifact-retention); every
+    /// removal is audited. Prints what is kept and why.
+    Gc {
+        /// Only list what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// List stored artifacts, newest first.
     List {
         #[arg(long, default_value = "")]
@@ -278,6 +287,9 @@ pub async fn run(cli: Cli, out: &mut impl std::io::Write) -> anyhow::Result<()> 
         }
         Command::Artifact(ArtifactCommand::Verify { sha256 }) => {
             artifacts::verify(&mut origin, &sha256, cli.json, out).await
+        }
+        Command::Artifact(ArtifactCommand::Gc { dry_run }) => {
+            artifacts::gc(&mut origin, dry_run, cli.json, out).await
         }
         Command::Artifact(ArtifactCommand::List { service }) => {
             artifacts::list(&mut origin, &service, cli.json, out).await

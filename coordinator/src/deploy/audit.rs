@@ -361,6 +361,29 @@ pub fn analysis(
 }
 
 /// A command sent to `host` by hand, with its sender.
+/// The origin removed `info` (artifact gc).
+pub fn artifact_collected(
+    info: &drover_common::proto::ArtifactInfo,
+    actor: &str,
+    why: &str,
+    at: u64,
+) -> AuditEvent {
+    AuditEvent {
+        at_unix_ms: at,
+        service: info.service.clone(),
+        event: AuditKind::ArtifactCollected as i32,
+        actor: actor.to_string(),
+        artifact: info.sha256.clone(),
+        git_sha: info.git_sha.clone(),
+        reason: why.to_string(),
+        message: format!(
+            "artifact {} ({} {}, {} bytes) collected: {why}",
+            info.sha256, info.service, info.version, info.size_bytes
+        ),
+        ..Default::default()
+    }
+}
+
 pub fn command_by_hand(
     service: &str,
     actor: &str,

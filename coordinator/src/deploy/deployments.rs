@@ -5,6 +5,7 @@
 //! itself: the state machine decides, the [`Ledger`] writes, the
 //! [`Driver`] runs the deploy.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use drover_common::labels::Selector;
@@ -120,6 +121,65 @@ impl Deployments {
     /// The shard `pipeline` belongs to (whose leader runs its deploys).
     pub fn shard_of_pipeline(&self, pipeline: &str) -> u32 {
         self.ledger.shard_of_pipeline(pipeline)
+    }
+
+    /// Every artifact something may still need, and why (the first reason
+    /// found): what an environment runs, a pipeline's known-good release,
+    /// what a live deploy rolls out or back to. Artifact gc keeps these.
+    pub async fn artifacts_in_use(&self) -> Result<BTreeMap<String, String>, DeployError> {
+        let store = self.ledger.store();
+        let keys = self.ledger.keys();
+        let mut used = BTreeMap::new();
+        let (envs, _) = store.range(&keys.environments()).await?;
+        for kv in envs {
+            let Ok(env) = <Environment as prost::Message>::decode(kv.value.as_slice()) else {
+                continue;
+            };
+            let place = kv.key.strip_prefix(&keys.environments()).unwrap_or(&kv.key);
+            used.entry(env.artifact)
+                .or_insert_with(|| format!("running in {place}"));
+        }
+        let (goods, _) = store.range(&keys.known_goods()).await?;
+        for kv in goods {
+            let pipeline = kv.key.strip_prefix(&keys.known_goods()).unwrap_or(&kv.key);
+            used.entry(String::from_utf8_lossy(&kv.value).into_owned())
+                .or_insert_with(|| format!("known-good of {pipeline}"));
+        }
+        let (actives, _) = store.range(&keys.actives()).await?;
+        for kv in actives {
+            let id = String::from_utf8_lossy(&kv.value).into_owned();
+            let Ok((rec, _)) = self.ledger.load(&id).await else {
+                continue;
+            };
+            used.entry(rec.artifact.clone())
+                .or_insert_with(|| format!("deployed by {id}"));
+            used.entry(rec.known_good.clone())
+                .or_insert_with(|| format!("rollback target of {id}"));
+        }
+        used.remove("");
+        Ok(used)
+    }
+
+    /// Removes an artifact's metadata (`meta_key`, unchanged since
+    /// `mod_revision`) and audits it, in one transaction; false when the
+    /// metadata changed or went meanwhile (another coordinator's sweep).
+    pub async fn collect_artifact(
+        &self,
+        info: &drover_common::proto::ArtifactInfo,
+        meta_key: &str,
+        mod_revision: u64,
+        actor: &str,
+        why: &str,
+    ) -> Result<bool, DeployError> {
+        use crate::store::{Compare, Op};
+        let event = audit::artifact_collected(info, actor, why, self.ledger.now());
+        self.ledger
+            .record_with(
+                &event,
+                vec![Compare::ModRevision(meta_key.to_string(), mod_revision)],
+                vec![Op::Delete(meta_key.to_string())],
+            )
+            .await
     }
 
     /// Records a command sent by hand (SendCommand) in the service's audit,

@@ -533,6 +533,33 @@ impl Ledger {
         Ok(())
     }
 
+    /// Adds `event` to its service's audit log in the same transaction as
+    /// `ops`, only if every one of `compares` holds (an artifact collected:
+    /// its metadata removed and the removal audited together, once).
+    /// Returns whether it was applied.
+    pub async fn record_with(
+        &self,
+        event: &AuditEvent,
+        compares: Vec<crate::store::Compare>,
+        mut ops: Vec<Op>,
+    ) -> Result<bool, DeployError> {
+        let key = self.keys.audit_command(
+            &event.service,
+            event.at_unix_ms,
+            &uuid::Uuid::new_v4().simple().to_string(),
+        );
+        ops.push(Op::put(key, event.encode_to_vec()));
+        let result = self
+            .store
+            .txn(Txn {
+                compares,
+                success: ops,
+                failure: vec![],
+            })
+            .await?;
+        Ok(result.succeeded)
+    }
+
     /// `service`'s audit log between `since` and `until` (0: open), in time order.
     pub async fn audit_log(
         &self,

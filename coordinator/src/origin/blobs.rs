@@ -48,7 +48,7 @@ impl BlobStore {
         self.root.join("blobs").join(digest.hex())
     }
 
-    fn meta_key(&self, digest: &Digest) -> String {
+    pub fn meta_key(&self, digest: &Digest) -> String {
         format!("{}{}", self.meta_prefix, digest.hex())
     }
 
@@ -106,6 +106,58 @@ impl BlobStore {
                 .then(a.sha256.cmp(&b.sha256))
         });
         Ok(out)
+    }
+
+    /// Every stored artifact's metadata with its store mod revision (what a
+    /// collection compares against).
+    pub async fn list_with_revisions(&self) -> io::Result<Vec<(ArtifactInfo, u64)>> {
+        let (kvs, _) = self
+            .store
+            .range(&self.meta_prefix)
+            .await
+            .map_err(store_error)?;
+        kvs.iter()
+            .map(|kv| {
+                ArtifactInfo::decode(kv.value.as_slice())
+                    .map(|i| (i, kv.mod_revision))
+                    .map_err(io::Error::other)
+            })
+            .collect()
+    }
+
+    /// Removes this coordinator's copy of a collected artifact.
+    pub async fn remove_blob(&self, digest: &Digest) {
+        let _ = tokio::fs::remove_file(self.blob_path(digest)).await;
+        self.remove_index(digest);
+    }
+
+    /// Removes blobs here whose metadata is gone (collected elsewhere)
+    /// and that are older than `min_age` (an upload writes its blob before
+    /// its metadata). Returns how many.
+    pub async fn drop_orphans(&self, min_age: std::time::Duration) -> io::Result<usize> {
+        let mut removed = 0;
+        let mut dir = tokio::fs::read_dir(self.root.join("blobs")).await?;
+        while let Some(entry) = dir.next_entry().await? {
+            let Some(digest) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<Digest>().ok())
+            else {
+                continue;
+            };
+            let old = entry
+                .metadata()
+                .await
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= min_age);
+            if old && self.info(&digest).await?.is_none() {
+                self.remove_blob(&digest).await;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// Changes to the artifact metadata (a new upload anywhere).

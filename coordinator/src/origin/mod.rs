@@ -17,6 +17,7 @@ mod blobs;
 mod index;
 mod inspect;
 mod replicate;
+pub mod retention;
 mod scrub;
 
 pub use blobs::{BlobStore, PendingBlob};

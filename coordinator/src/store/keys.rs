@@ -81,6 +81,21 @@ impl Keys {
         format!("{}{id}", self.deploys())
     }
 
+    /// Every pipeline's running deploy marker.
+    pub fn actives(&self) -> String {
+        format!("{}/active/", self.prefix)
+    }
+
+    /// Every pipeline's known-good release.
+    pub fn known_goods(&self) -> String {
+        format!("{}/known-good/", self.prefix)
+    }
+
+    /// Every environment of every pipeline.
+    pub fn environments(&self) -> String {
+        format!("{}/environments/", self.prefix)
+    }
+
     pub fn active(&self, pipeline: &str) -> String {
         format!("{}/active/{pipeline}", self.prefix)
     }
