@@ -54,6 +54,7 @@ impl Coordinator {
             "127.0.0.1:0".parse().unwrap(),
             extra,
             Some(client),
+            None,
         )
         .await
     }
@@ -71,7 +72,7 @@ impl Coordinator {
         let mut flags = own.daemon_flags();
         flags.extend(extra.iter().map(|s| s.to_string()));
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        Self::start_with(dir, name, listen, &flags, Some(admin)).await
+        Self::start_with(dir, name, listen, &flags, Some(admin), None).await
     }
 
     /// Starts a coordinator named `name` with its data in `dir/name`.
@@ -86,7 +87,21 @@ impl Coordinator {
         listen: SocketAddr,
         extra: &[&str],
     ) -> Coordinator {
-        Self::start_with(dir, name, listen, extra, None).await
+        Self::start_with(dir, name, listen, extra, None, None).await
+    }
+
+    /// A coordinator inside `host`'s network namespace, on `host`'s
+    /// address (plaintext beyond loopback: `--insecure`).
+    pub async fn start_in(
+        dir: &TestDir,
+        name: &str,
+        host: &crate::netns::Host,
+        extra: &[&str],
+    ) -> Coordinator {
+        let listen = SocketAddr::from((host.ip, 0));
+        let mut flags = vec!["--insecure"];
+        flags.extend_from_slice(extra);
+        Self::start_with(dir, name, listen, &flags, None, Some(host)).await
     }
 
     async fn start_with(
@@ -95,18 +110,23 @@ impl Coordinator {
         listen: SocketAddr,
         extra: &[&str],
         client: Option<crate::pki::Creds>,
+        netns: Option<&crate::netns::Host>,
     ) -> Coordinator {
         let data_dir = dir.sub(name);
         let addr_file = data_dir.join("listen.addr");
         let metrics_file = data_dir.join("metrics.addr");
         let _ = std::fs::remove_file(&addr_file);
         let _ = std::fs::remove_file(&metrics_file);
-        let mut cmd = Command::new(bins::bin("drover-coordinator"));
+        let mut cmd = match netns {
+            Some(host) => crate::netns::Lab::command(host, &bins::bin("drover-coordinator")),
+            None => Command::new(bins::bin("drover-coordinator")),
+        };
+        let metrics = SocketAddr::from((listen.ip(), 0)).to_string();
         cmd.arg("--listen")
             .arg(listen.to_string())
             .arg("--data-dir")
             .arg(&data_dir)
-            .args(["--metrics-listen", "127.0.0.1:0", "--id", name])
+            .args(["--metrics-listen", &metrics, "--id", name])
             .args(extra);
         let child = ChildGuard::spawn(name, cmd, &dir.path().join(format!("{name}.log")));
         let (addr, metrics_addr) = wait_until(
@@ -388,6 +408,33 @@ impl Agent {
         extra: &[&str],
     ) -> Agent {
         Self::start_with_env(dir, host_id, coordinators, extra, &[])
+    }
+
+    /// An agent inside `host`'s network namespace, connected to
+    /// `coordinator`, with `extra` flags.
+    pub fn start_in(
+        dir: &TestDir,
+        host_id: &str,
+        host: &crate::netns::Host,
+        coordinator: &str,
+        extra: &[&str],
+    ) -> Agent {
+        let data_dir = dir.sub(&format!("agent-{host_id}"));
+        let mut cmd = crate::netns::Lab::command(host, &bins::bin("drover-agent"));
+        cmd.args(["--coordinator", coordinator, "--host-id", host_id])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(extra);
+        let child = ChildGuard::spawn(
+            &format!("agent {host_id}"),
+            cmd,
+            &dir.path().join(format!("agent-{host_id}.log")),
+        );
+        Agent {
+            child,
+            host_id: host_id.to_string(),
+            data_dir,
+        }
     }
 
     /// An agent whose own environment also holds `env` (what must never

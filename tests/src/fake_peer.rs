@@ -35,6 +35,9 @@ pub enum Misbehaviour {
     Stall,
     /// Announces an address where nothing listens (a dead host).
     Dead,
+    /// Serves an index whose chunks do not add up to the artifact (one
+    /// dropped), and honest chunks.
+    WrongIndex,
 }
 
 struct Server {
@@ -51,10 +54,15 @@ impl Chunks for Server {
         &self,
         _: Request<ChunkIndexRequest>,
     ) -> Result<Response<drover_common::proto::ChunkIndex>, Status> {
-        if self.how == Misbehaviour::Stall {
-            std::future::pending::<()>().await;
+        let mut index = self.index.clone();
+        match self.how {
+            Misbehaviour::Stall => std::future::pending::<()>().await,
+            Misbehaviour::WrongIndex => {
+                index.chunks.pop();
+            }
+            _ => {}
         }
-        Ok(Response::new(self.index.clone()))
+        Ok(Response::new(index))
     }
 
     type FetchChunksStream = ChunkStream;
@@ -77,7 +85,7 @@ impl Chunks for Server {
                 Misbehaviour::Truncate => {
                     data.pop();
                 }
-                Misbehaviour::Stall | Misbehaviour::Dead => {}
+                Misbehaviour::Stall | Misbehaviour::Dead | Misbehaviour::WrongIndex => {}
             }
             out.push(Ok(ChunkData {
                 sha256: c.clone(),

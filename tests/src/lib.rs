@@ -25,6 +25,7 @@ mod etcd;
 pub mod fake_peer;
 pub mod haproxy;
 mod http;
+pub mod netns;
 pub mod nginx;
 pub mod pki;
 mod process;

@@ -277,6 +277,92 @@ async fn bad_peers_are_caught_dropped_and_reported_and_the_pull_succeeds() {
     assert_eq!(next.peer_bytes, tar.len() as u64, "{next:?}");
 }
 
+#[tokio::test]
+async fn an_index_that_does_not_add_up_is_refused_and_the_origin_serves_the_pull() {
+    let dir = TestDir::new();
+    let coord = Coordinator::start(&dir, "coord", &[]).await;
+    let _puller = Agent::start_sample(&dir, "puller", &[&coord], free_service_port(), &[]);
+    wait_until_ok("the agent", Duration::from_secs(20), || async {
+        coord.host("puller").await.is_ok()
+    })
+    .await;
+    let v1 = release(&dir, "v1", 4, (0, 0));
+    coord.push(&v1.path, SERVICE, "v1");
+    let tar = tar_of(&v1.path);
+    // The only holder the tracker knows serves an index missing a chunk.
+    let _liar = FakePeer::start(
+        &coord,
+        "liar",
+        &[],
+        Misbehaviour::WrongIndex,
+        &tar,
+        &v1.digest,
+    )
+    .await;
+    let got = stats(
+        &coord
+            .send("puller", cmd("p1", 0, pull(SERVICE, &v1.digest)))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(got.bad_peers.len(), 1, "{got:?}");
+    assert_eq!(got.bad_peers[0].host_id, "liar");
+    assert!(
+        got.bad_peers[0].reason.contains("sent a bad chunk index"),
+        "{got:?}"
+    );
+    assert_eq!(got.origin_bytes, tar.len() as u64, "{got:?}");
+    assert_eq!(got.peer_bytes, 0);
+}
+
+#[tokio::test]
+async fn peers_speak_mutual_tls_with_their_agent_certificates() {
+    let fleet = SampleFleet::start_tls(3, 0, peer_flags, &[]).await;
+    let v1 = release(&fleet.dir, "v1", 4, (0, 0));
+    let digest = fleet.coord.push(&v1.path, SERVICE, "v1");
+    let first = stats(
+        &fleet
+            .coord
+            .send("web-0", cmd("p0", 0, pull(SERVICE, &digest)))
+            .await
+            .unwrap(),
+    );
+    assert!(first.origin_bytes > 0, "{first:?}");
+    let second = stats(
+        &fleet
+            .coord
+            .send("web-1", cmd("p1", 0, pull(SERVICE, &digest)))
+            .await
+            .unwrap(),
+    );
+    assert!(second.bad_peers.is_empty(), "{second:?}");
+    assert_eq!(
+        second.origin_bytes, 0,
+        "every chunk from the peer, over mTLS: {second:?}"
+    );
+    assert_eq!(second.peer_bytes, first.origin_bytes);
+    // Someone without a certificate of the fleet's CA gets nothing.
+    let log = std::fs::read_to_string(fleet.dir.path().join("agent-web-0.log")).unwrap();
+    let peer = log
+        .lines()
+        .find_map(|l| l.split("advertise=").nth(1))
+        .map(|rest| rest.split_whitespace().next().unwrap().to_string())
+        .expect("web-0 logs where it serves peers");
+    assert!(peer.starts_with("https://"), "{peer}");
+    let plain = drover_common::tls::client::Dialer::plaintext();
+    let open = plain.connect(&peer.replace("https://", "http://")).await;
+    let refused = match open {
+        Err(_) => true,
+        Ok(channel) => drover_common::proto::chunks_client::ChunksClient::new(channel)
+            .get_chunk_index(drover_common::proto::ChunkIndexRequest {
+                sha256: digest.clone(),
+            })
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a plaintext client was served");
+}
+
 const ROLLING: &str = r#"
 name = "hello-prod"
 service = "hello"

@@ -373,19 +373,19 @@ impl ChunkedPull<'_> {
             let fault = match self.index_from(dialer, address).await {
                 Ok(wire) => match ChunkIndex::from_proto(&wire, &self.index) {
                     Ok(index) => return Ok(index),
-                    Err(e) => Some(format!("sent a bad chunk index: {e}")),
+                    Err(e) => format!("sent a bad chunk index: {e}"),
                 },
-                Err(IndexAnswer::NotHeld) => None,
-                Err(IndexAnswer::Fault(e)) => Some(e),
+                Err(IndexAnswer::NotHeld(why)) => {
+                    errors.push(format!("{address}: {why}"));
+                    continue;
+                }
+                Err(IndexAnswer::Fault(e)) => e,
             };
-            errors.push(format!(
-                "{address}: {}",
-                fault.as_deref().unwrap_or("does not hold it")
-            ));
-            if let (Some(host), Some(reason)) = (peer, fault) {
+            errors.push(format!("{address}: {fault}"));
+            if let Some(host) = peer {
                 stats.bad_peers.push(BadPeer {
                     host_id: host.clone(),
-                    reason,
+                    reason: fault,
                 });
             }
         }
@@ -400,8 +400,8 @@ impl ChunkedPull<'_> {
 
 /// Why an index was not had from a source.
 enum IndexAnswer {
-    /// It does not hold the artifact: not its fault.
-    NotHeld,
+    /// It does not hold the artifact (its words): not its fault.
+    NotHeld(String),
     Fault(String),
 }
 
@@ -428,7 +428,9 @@ impl ChunkedPull<'_> {
                 "stalled: no index within {PEER_STALL:?}"
             ))),
             Ok(Ok(r)) => Ok(r.into_inner()),
-            Ok(Err(s)) if s.code() == tonic::Code::NotFound => Err(IndexAnswer::NotHeld),
+            Ok(Err(s)) if s.code() == tonic::Code::NotFound => {
+                Err(IndexAnswer::NotHeld(s.message().to_string()))
+            }
             Ok(Err(s)) => Err(IndexAnswer::Fault(format!(
                 "{:?}: {}",
                 s.code(),

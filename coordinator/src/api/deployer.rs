@@ -274,12 +274,24 @@ impl Deployer for DeployerService {
             0 => DEFAULT_COMMAND_TIMEOUT,
             ms => Duration::from_millis(ms.into()),
         };
+        let pulled = match &cmd.action {
+            Some(command::Action::Pull(p)) => Some(p.artifact.clone()),
+            _ => None,
+        };
         match self
             .pending
             .send(&self.registry, &req.host_id, cmd, timeout)
             .await
         {
-            Ok(update) => Ok(Response::new(update)),
+            Ok(update) => {
+                // The tracker may name the host at once (tracker rule 1).
+                if let Some(artifact) = pulled
+                    && update.status() == drover_common::proto::CommandStatus::Succeeded
+                {
+                    self.registry.add_held(&req.host_id, &artifact);
+                }
+                Ok(Response::new(update))
+            }
             Err(e @ (SendError::NotConnected(_) | SendError::StreamClosed(_))) => {
                 Err(Status::from(ApiError::Unavailable(e.to_string())))
             }

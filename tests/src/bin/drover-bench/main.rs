@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 mod canaries;
 mod canary;
+mod distribute;
 mod ha;
 mod judge;
 mod trust;
@@ -111,6 +112,22 @@ enum Bench {
         runs: usize,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+    },
+    /// Artifact distribution over network namespaces with tc-capped
+    /// links: every host from the origin, then by chunks from peers, then
+    /// a one-file change (exit 1 on a missed target).
+    Distribute {
+        #[arg(long, default_value_t = 50)]
+        agents: usize,
+        /// Artifact size: this many 1 MiB incompressible files.
+        #[arg(long, default_value_t = 200)]
+        size_mb: usize,
+        /// The origin's uplink.
+        #[arg(long, default_value_t = 1000)]
+        origin_mbit: u32,
+        /// Each agent's uplink (and its --peer-upload-bytes-per-sec).
+        #[arg(long, default_value_t = 1000)]
+        agent_mbit: u32,
     },
     /// An idle agent's CPU and memory at one heartbeat a second.
     AgentIdle {
@@ -503,6 +520,16 @@ async fn main() {
             }
         }
         Bench::Pull { size_mb } => pull(size_mb).await,
+        Bench::Distribute {
+            agents,
+            size_mb,
+            origin_mbit,
+            agent_mbit,
+        } => {
+            if !distribute::distribute(agents, size_mb, origin_mbit, agent_mbit).await {
+                std::process::exit(1);
+            }
+        }
         Bench::Canary { hosts, heartbeat } => {
             if !canary::canary(hosts, heartbeat).await {
                 std::process::exit(1);
