@@ -111,3 +111,44 @@ pub fn noise_seeded(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A sample-service release of `files` files of 1 MiB of noise (issue 15's
+/// distribution tests and bench): file `changed.0` is drawn from seed
+/// `changed.1`, every other file is the same in every release.
+pub fn chunky_release(
+    dir: &Path,
+    version: &str,
+    files: usize,
+    changed: (usize, u64),
+) -> BuiltArtifact {
+    let bodies: Vec<(String, Vec<u8>)> = (0..files)
+        .map(|i| {
+            let seed = if i == changed.0 {
+                changed.1
+            } else {
+                1000 + i as u64
+            };
+            (format!("data/{i:04}.bin"), noise_seeded(1 << 20, seed))
+        })
+        .collect();
+    let refs: Vec<(&str, &[u8])> = bodies
+        .iter()
+        .map(|(p, b)| (p.as_str(), b.as_slice()))
+        .collect();
+    artifact_with(
+        dir,
+        &format!("hello-{version}.tar.gz"),
+        &sample_manifest("hello", version, &[]),
+        &refs,
+    )
+}
+
+/// Bytes the coordinator's origin has served (whole files and chunks),
+/// from its `/metrics`.
+pub async fn origin_bytes(coord: &crate::Coordinator) -> u64 {
+    let text = crate::http_get(coord.metrics_addr, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix("drover_artifact_fetched_bytes_total "))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0)
+}

@@ -419,22 +419,8 @@ impl Agent {
         coordinator: &str,
         extra: &[&str],
     ) -> Agent {
-        let data_dir = dir.sub(&format!("agent-{host_id}"));
-        let mut cmd = crate::netns::Lab::command(host, &bins::bin("drover-agent"));
-        cmd.args(["--coordinator", coordinator, "--host-id", host_id])
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .args(extra);
-        let child = ChildGuard::spawn(
-            &format!("agent {host_id}"),
-            cmd,
-            &dir.path().join(format!("agent-{host_id}.log")),
-        );
-        Agent {
-            child,
-            host_id: host_id.to_string(),
-            data_dir,
-        }
+        let cmd = crate::netns::Lab::command(host, &bins::bin("drover-agent"));
+        Self::spawn(dir, host_id, cmd, &[coordinator.to_string()], extra)
     }
 
     /// An agent whose own environment also holds `env` (what must never
@@ -446,8 +432,21 @@ impl Agent {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Agent {
-        let data_dir = dir.sub(&format!("agent-{host_id}"));
         let mut cmd = Command::new(bins::bin("drover-agent"));
+        cmd.envs(env.iter().copied());
+        Self::spawn(dir, host_id, cmd, coordinators, extra)
+    }
+
+    /// Runs `cmd` (drover-agent, maybe behind a wrapper) as host `host_id`
+    /// with its data in `dir/agent-<host_id>`.
+    fn spawn(
+        dir: &TestDir,
+        host_id: &str,
+        mut cmd: Command,
+        coordinators: &[String],
+        extra: &[&str],
+    ) -> Agent {
+        let data_dir = dir.sub(&format!("agent-{host_id}"));
         for c in coordinators {
             cmd.arg("--coordinator").arg(c);
         }
@@ -455,8 +454,7 @@ impl Agent {
             .arg(host_id)
             .arg("--data-dir")
             .arg(&data_dir)
-            .args(extra)
-            .envs(env.iter().copied());
+            .args(extra);
         let child = ChildGuard::spawn(
             &format!("agent {host_id}"),
             cmd,

@@ -15,9 +15,7 @@ use std::time::Duration;
 use drover_common::artifact::Digest;
 use drover_common::artifact::chunks::ChunkIndex;
 use drover_common::proto::chunks_server::{Chunks, ChunksServer};
-use drover_common::proto::{
-    AgentMessage, ChunkData, ChunkIndexRequest, FetchChunksRequest, Hello, agent_message,
-};
+use drover_common::proto::{ChunkData, ChunkIndexRequest, FetchChunksRequest, agent_message};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -153,21 +151,14 @@ impl FakePeer {
             }
             _ => format!("http://{addr}"),
         };
-        let hello = AgentMessage {
-            msg: Some(agent_message::Msg::Hello(Hello {
-                host_id: host_id.to_string(),
-                labels: labels
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-                agent_version: "fake-peer".into(),
-                // Never late within a test, without heartbeats.
-                heartbeat_interval_ms: 3_600_000,
-                peer_address: address,
-                held_artifacts: vec![artifact.to_string()],
-                ..Default::default()
-            })),
-        };
+        let mut hello = crate::raw::hello(host_id, labels);
+        if let Some(agent_message::Msg::Hello(h)) = &mut hello.msg {
+            h.agent_version = "fake-peer".into();
+            // Never late within a test, without heartbeats.
+            h.heartbeat_interval_ms = 3_600_000;
+            h.peer_address = address;
+            h.held_artifacts = vec![artifact.to_string()];
+        }
         let stream = RawStream::open(&coord.addr_arg(), hello, 4 << 20)
             .await
             .expect("the fake peer's stream");

@@ -679,12 +679,12 @@ async fn a_pull_resumes_from_the_bytes_it_already_has() {
         &bytes[..1_000_000],
     )
     .unwrap();
-    let served_before = fetched_bytes(&coord).await;
+    let served_before = drover_tests::artifacts::origin_bytes(&coord).await;
     ok(&coord
         .send("web-1", cmd("pull", 1, pull(SERVICE, &big.digest)))
         .await
         .unwrap());
-    let served = fetched_bytes(&coord).await - served_before;
+    let served = drover_tests::artifacts::origin_bytes(&coord).await - served_before;
     assert_eq!(
         served,
         big.size - 1_000_000,
@@ -694,14 +694,6 @@ async fn a_pull_resumes_from_the_bytes_it_already_has() {
         .send("web-1", cmd("verify", 1, verify(SERVICE, &big.digest)))
         .await
         .unwrap());
-}
-
-async fn fetched_bytes(coord: &Coordinator) -> u64 {
-    let text = http_get(coord.metrics_addr, "/metrics").await;
-    text.lines()
-        .find_map(|l| l.strip_prefix("drover_artifact_fetched_bytes_total "))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0)
 }
 
 #[tokio::test]

@@ -8,39 +8,18 @@
 use std::time::Duration;
 
 use drover_common::proto::{CommandStatus, CommandUpdate, PullStats};
-use drover_tests::artifacts::{BuiltArtifact, artifact_with, noise_seeded, sample_manifest};
+use drover_tests::artifacts::{BuiltArtifact, chunky_release, noise_seeded, origin_bytes};
 use drover_tests::commands::{cmd, pull, restart, verify};
 use drover_tests::fake_peer::{FakePeer, Misbehaviour, tar_of};
 use drover_tests::sample_fleet::SampleFleet;
-use drover_tests::{Agent, Coordinator, TestDir, free_service_port, http_get, wait_until_ok};
+use drover_tests::{Agent, Coordinator, TestDir, free_service_port, wait_until_ok};
 
 const SERVICE: &str = "hello";
 const MB: u64 = 1 << 20;
 
-/// A sample-service release with `files` files of 1 MiB of noise; file
-/// `changed.0` is drawn from seed `changed.1` (the others are the same in
-/// every release).
+/// A release of `files` 1 MiB files, file `changed.0` from seed `changed.1`.
 fn release(dir: &TestDir, version: &str, files: usize, changed: (usize, u64)) -> BuiltArtifact {
-    let bodies: Vec<(String, Vec<u8>)> = (0..files)
-        .map(|i| {
-            let seed = if i == changed.0 {
-                changed.1
-            } else {
-                1000 + i as u64
-            };
-            (format!("data/{i:03}.bin"), noise_seeded(MB as usize, seed))
-        })
-        .collect();
-    let refs: Vec<(&str, &[u8])> = bodies
-        .iter()
-        .map(|(p, b)| (p.as_str(), b.as_slice()))
-        .collect();
-    artifact_with(
-        &dir.sub("artifacts"),
-        &format!("{SERVICE}-{version}.tar.gz"),
-        &sample_manifest(SERVICE, version, &[]),
-        &refs,
-    )
+    chunky_release(&dir.sub("artifacts"), version, files, changed)
 }
 
 fn stats(update: &CommandUpdate) -> PullStats {
@@ -49,15 +28,6 @@ fn stats(update: &CommandUpdate) -> PullStats {
         .pull
         .clone()
         .expect("a pull's final update has its stats")
-}
-
-/// Bytes the origin has served (whole files and chunks).
-async fn origin_bytes(coord: &Coordinator) -> u64 {
-    let text = http_get(coord.metrics_addr, "/metrics").await;
-    text.lines()
-        .find_map(|l| l.strip_prefix("drover_artifact_fetched_bytes_total "))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0)
 }
 
 #[tokio::test]
@@ -118,7 +88,7 @@ async fn a_one_file_change_in_200_mb_moves_under_5_mb_to_a_host_that_had_the_las
         .unwrap();
     assert_eq!(started.status(), CommandStatus::Succeeded, "{started:?}");
     let data = agent.data_dir.join(format!(
-        "services/hello/releases/{}/data/077.bin",
+        "services/hello/releases/{}/data/0077.bin",
         v2.digest
     ));
     assert_eq!(std::fs::read(data).unwrap(), noise_seeded(MB as usize, 2));

@@ -19,33 +19,12 @@
 
 use std::time::{Duration, Instant};
 
-use drover_tests::artifacts::{BuiltArtifact, artifact_with, noise_seeded, sample_manifest};
+use drover_tests::artifacts::{BuiltArtifact, chunky_release};
 use drover_tests::netns::{Host, Lab};
 use drover_tests::{Agent, Coordinator, TestDir, bins, wait_until_ok};
 
-const MB: usize = 1 << 20;
-
 fn release(dir: &TestDir, version: &str, files: usize, changed_seed: u64) -> BuiltArtifact {
-    let bodies: Vec<(String, Vec<u8>)> = (0..files)
-        .map(|i| {
-            let seed = if i == 0 {
-                changed_seed
-            } else {
-                1000 + i as u64
-            };
-            (format!("data/{i:04}.bin"), noise_seeded(MB, seed))
-        })
-        .collect();
-    let refs: Vec<(&str, &[u8])> = bodies
-        .iter()
-        .map(|(p, b)| (p.as_str(), b.as_slice()))
-        .collect();
-    artifact_with(
-        &dir.sub("artifacts"),
-        &format!("hello-{version}.tar.gz"),
-        &sample_manifest("hello", version, &[]),
-        &refs,
-    )
+    chunky_release(&dir.sub("artifacts"), version, files, (0, changed_seed))
 }
 
 fn pipeline(prefetch: bool, hosts: usize) -> String {
