@@ -309,7 +309,11 @@ mod tests {
                 .verify_for("hello", &digest, Some(&"d".repeat(64)), &both)
                 .is_err()
         );
-        assert!(trusted.verify("hello", &digest, std::slice::from_ref(&v2)).is_ok());
+        assert!(
+            trusted
+                .verify("hello", &digest, std::slice::from_ref(&v2))
+                .is_ok()
+        );
         let mut moved = v2;
         moved.index_sha256 = "d".repeat(64);
         assert!(trusted.verify("hello", &digest, &[moved]).is_err());
