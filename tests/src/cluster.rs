@@ -77,6 +77,11 @@ impl Cluster {
         self.coordinators.len() - 1
     }
 
+    /// The coordinators that are running.
+    pub fn running(&self) -> impl Iterator<Item = &Coordinator> {
+        self.coordinators.iter().flatten()
+    }
+
     pub fn get(&self, i: usize) -> &Coordinator {
         self.coordinators[i]
             .as_ref()

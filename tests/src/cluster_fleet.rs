@@ -186,6 +186,34 @@ impl ClusterFleet {
     }
 
     /// Index of the coordinator leading the pipeline's shard now.
+    /// The shard's leader once the cluster has settled: every coordinator
+    /// past its warm-up and the same lease holding the shard for two
+    /// seconds (fair-share rebalancing moves shards right after a start).
+    pub async fn settled_leader(&self) -> usize {
+        let seen: std::sync::Mutex<Option<((String, u64), std::time::Instant)>> =
+            std::sync::Mutex::new(None);
+        wait_until_ok("the shards to settle", Duration::from_secs(30), || async {
+            let warm = self
+                .cluster
+                .running()
+                .all(|c| c.child.log().contains("warm-up over"));
+            let now = self.cluster.leader(self.shard()).await;
+            let mut seen = seen.lock().unwrap();
+            match (now, seen.as_ref()) {
+                (Some(now), Some((before, since))) if *before == now => {
+                    warm && since.elapsed() >= Duration::from_secs(2)
+                }
+                (Some(now), _) => {
+                    *seen = Some((now, std::time::Instant::now()));
+                    false
+                }
+                (None, _) => false,
+            }
+        })
+        .await;
+        self.leader().await
+    }
+
     pub async fn leader(&self) -> usize {
         let (id, _) = self.cluster.wait_leader(self.shard(), None).await;
         self.cluster.index_of(&id)

@@ -184,7 +184,7 @@ async fn a_frozen_leader_is_refused_by_etcd_and_by_the_agents() {
             .replace("stuck_timeout_ms = 6000", "stuck_timeout_ms = 20000"),
     );
     let v1 = f.push(f.cluster.get(0), "v1", &["--ready-after", "3"]);
-    let leader = f.leader().await;
+    let leader = f.settled_leader().await;
     let frozen = f.cluster.get(leader).name().to_string();
     let id = f.start_deploy(f.cluster.get(leader), &v1).await;
     wait_until_ok("web-0 starting v1", Duration::from_secs(30), || async {
