@@ -24,3 +24,4 @@ pub mod start;
 pub mod stats;
 #[cfg(test)]
 mod testing;
+pub mod train;
