@@ -15,9 +15,12 @@
 //!    for the rest of the pull and reports it (`PullStats.bad_peers`), as
 //!    does a peer that says nothing for [`PEER_STALL`] or cannot be
 //!    reached. A peer that lacks a chunk is not at fault, nor is one that
-//!    is busy (RESOURCE_EXHAUSTED: serving its limit of peers). Later
-//!    rounds give what is still missing to the peers left, rotated; a
-//!    round in which only busy peers held things up waits a moment first.
+//!    is busy (RESOURCE_EXHAUSTED: serving its limit of peers). Rounds go
+//!    on while they make progress, each giving what is still missing to
+//!    the peers left, rotated (so free peers take over busy ones' shares);
+//!    a round in which only busy peers held things up waits (growing, up
+//!    to 2 s) and tries again, for up to [`BUSY_PATIENCE`] in all; a round
+//!    in which nobody had anything ends the asking.
 //! 4. What no peer delivered comes from the origin (back-to-source): the
 //!    coordinators in `sources`, in turn.
 //! 5. Only when every chunk is in place is the index written and the tar
@@ -50,10 +53,10 @@ const ORIGIN_STALL: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Chunks asked for in one FetchChunks call.
 pub const MAX_CHUNKS_PER_CALL: usize = 4096;
-/// Rounds of asking peers (rule 3).
-const PEER_ROUNDS: usize = 8;
-/// The wait before a round after busy peers (grows with the round).
+/// The first wait after a round held up by busy peers (doubles, to 2 s).
 const BUSY_WAIT: Duration = Duration::from_millis(250);
+/// How long a puller waits for busy peers in all before the origin.
+pub const BUSY_PATIENCE: Duration = Duration::from_secs(120);
 
 /// One chunked pull's inputs.
 pub struct ChunkedPull<'a> {
@@ -254,14 +257,12 @@ impl ChunkedPull<'_> {
             .filter(|p| !stats.bad_peers.iter().any(|b| b.host_id == p.host_id))
             .cloned()
             .collect();
-        let mut busy_rounds = 0u32;
-        for round in 0..PEER_ROUNDS {
+        let mut waited = Duration::ZERO;
+        let mut wait = BUSY_WAIT;
+        for round in 0.. {
             let pending = sink.missing();
             if pending.is_empty() || good.is_empty() {
                 break;
-            }
-            if busy_rounds > 0 {
-                tokio::time::sleep(BUSY_WAIT * busy_rounds).await;
             }
             let mut shares: Vec<Vec<Digest>> = vec![Vec::new(); good.len()];
             for (i, d) in pending.iter().enumerate() {
@@ -312,10 +313,15 @@ impl ChunkedPull<'_> {
             if let Some(e) = disk {
                 return Err(e);
             }
-            match (sink.missing().len() == before, busy) {
-                (true, false) => break, // nobody had any of what is left
-                (_, true) => busy_rounds += 1,
-                (false, false) => busy_rounds = 0,
+            match (sink.missing().len() < before, busy) {
+                (true, _) => wait = BUSY_WAIT, // progress: ask again at once
+                (false, false) => break,       // nobody had any of what is left
+                (false, true) if waited >= BUSY_PATIENCE => break,
+                (false, true) => {
+                    tokio::time::sleep(wait).await;
+                    waited += wait;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
             }
         }
         // Rule 4.

@@ -112,9 +112,15 @@ async fn roll_out(
     .await;
     let took = started.elapsed();
     let sent = Lab::bytes(origin, true) - sent;
-    coord
-        .wait_phase(&id, drover_common::proto::DeployPhase::Complete)
-        .await;
+    // Then every host restarts; a large fleet on two cores takes a while.
+    wait_until_ok(
+        "the deploy to complete",
+        Duration::from_secs(1800),
+        || async {
+            coord.get_deploy(&id).await.phase() == drover_common::proto::DeployPhase::Complete
+        },
+    )
+    .await;
     (took, sent)
 }
 
