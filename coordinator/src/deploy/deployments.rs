@@ -112,10 +112,12 @@ impl Deployments {
 
     /// The Pull of `artifact` for `host`, as a deploy would send it.
     pub async fn pull_command(&self, service: &str, artifact: &str, host: &str) -> PullCommand {
-        self.driver
+        let mut pulls = self
+            .driver
             .effects()
-            .pull_command(service, artifact, host)
-            .await
+            .pull_commands(service, artifact, &[host.to_string()])
+            .await;
+        pulls.pop().expect("one pull per host asked")
     }
 
     /// The shard `pipeline` belongs to (whose leader runs its deploys).

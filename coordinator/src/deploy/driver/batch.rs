@@ -429,14 +429,14 @@ impl Driver {
         fence: (u32, u64),
         patience: Duration,
     ) -> HashMap<String, Result<(), String>> {
+        let pulls = self
+            .effects
+            .pull_commands(&rec.service, &rec.artifact, hosts)
+            .await;
         let mut tasks = tokio::task::JoinSet::new();
-        for host in hosts {
+        for (host, pull) in hosts.iter().zip(pulls) {
             let effects = self.effects.clone();
-            let pull = command::Action::Pull(
-                self.effects
-                    .pull_command(&rec.service, &rec.artifact, host)
-                    .await,
-            );
+            let pull = command::Action::Pull(pull);
             let cmd = batch_command(fence, &rec.id, position, host, "pull", pull);
             let (host, artifact) = (host.clone(), rec.artifact.clone());
             tasks.spawn(async move {

@@ -52,10 +52,16 @@ pub trait Effects: Send + Sync {
         self.host_in(host, service, Slot::None)
     }
 
-    /// The Pull of `artifact` for `host`: the signatures CI made, its size
-    /// (agents check their free space first), its chunk index, the origin
-    /// (coordinators, best first) and the peers that hold it (tracker).
-    async fn pull_command(&self, service: &str, artifact: &str, host: &str) -> PullCommand;
+    /// The Pull of `artifact` for each of `hosts`, in order: the signatures
+    /// CI made, its size (agents check their free space first), its chunk
+    /// index, the origin (coordinators, best first) and, per host, the
+    /// peers that hold it (tracker). The artifact's metadata is read once.
+    async fn pull_commands(
+        &self,
+        service: &str,
+        artifact: &str,
+        hosts: &[String],
+    ) -> Vec<PullCommand>;
 
     /// `host` pulled `artifact`: the tracker may name it as a peer before
     /// its next heartbeat says so.
@@ -141,7 +147,12 @@ impl Effects for FleetEffects {
         self.registry.add_held(host, artifact);
     }
 
-    async fn pull_command(&self, service: &str, artifact: &str, host: &str) -> PullCommand {
+    async fn pull_commands(
+        &self,
+        service: &str,
+        artifact: &str,
+        hosts: &[String],
+    ) -> Vec<PullCommand> {
         let info = match artifact.parse::<drover_common::artifact::Digest>() {
             Ok(digest) => self.blobs.info(&digest).await.ok().flatten(),
             Err(_) => None,
@@ -151,22 +162,25 @@ impl Effects for FleetEffects {
             crate::config::PullMode::Chunks => (info.index_sha256, info.unpacked_bytes),
             crate::config::PullMode::Whole => (String::new(), 0),
         };
-        // Peers only for an artifact with a chunk index (else the agent
-        // fetches the whole file from the origin).
-        let peers = match index_sha256.is_empty() {
-            true => Vec::new(),
-            false => self.registry.peers_for(artifact, host, self.peers_per_pull),
-        };
-        PullCommand {
-            service: service.to_string(),
-            artifact: artifact.to_string(),
-            sources: self.pull_sources(),
-            size_bytes: info.size_bytes,
-            signatures: info.signatures,
-            index_sha256,
-            unpacked_bytes,
-            peers,
-        }
+        let sources = self.pull_sources();
+        hosts
+            .iter()
+            .map(|host| PullCommand {
+                service: service.to_string(),
+                artifact: artifact.to_string(),
+                sources: sources.clone(),
+                size_bytes: info.size_bytes,
+                signatures: info.signatures.clone(),
+                index_sha256: index_sha256.clone(),
+                unpacked_bytes,
+                // Peers only for an artifact with a chunk index (else the
+                // agent fetches the whole file from the origin).
+                peers: match index_sha256.is_empty() {
+                    true => Vec::new(),
+                    false => self.registry.peers_for(artifact, host, self.peers_per_pull),
+                },
+            })
+            .collect()
     }
 }
 

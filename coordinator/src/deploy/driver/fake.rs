@@ -241,13 +241,19 @@ impl Effects for FakeFleet {
         })
     }
 
-    async fn pull_command(&self, service: &str, artifact: &str, _host: &str) -> PullCommand {
-        PullCommand {
+    async fn pull_commands(
+        &self,
+        service: &str,
+        artifact: &str,
+        hosts: &[String],
+    ) -> Vec<PullCommand> {
+        let pull = PullCommand {
             service: service.to_string(),
             artifact: artifact.to_string(),
             sources: vec!["http://origin".into()],
             size_bytes: 1,
             ..Default::default()
-        }
+        };
+        vec![pull; hosts.len()]
     }
 }
