@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "../proto/drover/v1/artifacts.proto",
         "../proto/drover/v1/pipeline.proto",
         "../proto/drover/v1/deploy.proto",
+        "../proto/drover/v1/train.proto",
     ];
     for proto in &protos {
         println!("cargo:rerun-if-changed={proto}");

@@ -24,11 +24,13 @@ use tonic::transport::Server;
 use tracing::{info, warn};
 
 use crate::api::forward::Forwarder;
+use crate::api::trains::ForwardingMembers;
 use crate::api::{AgentControlService, ArtifactsService, DeployerService};
 use crate::config::Config;
 use crate::config::StoreKind;
 use crate::deploy::deployments::{Deployments, Parts};
 use crate::deploy::pipeline::{Pipelines, report_metrics};
+use crate::deploy::trains::Trains;
 use crate::fleet::{PendingCommands, Registry};
 use crate::ha::leases::{ShardEvent, ShardLeases};
 use crate::ha::members::Member;
@@ -176,6 +178,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         peers_per_pull: cfg.peers_per_pull,
         pull_mode: cfg.pull_mode,
     });
+    let trains = Trains::new(
+        deployments.clone(),
+        Arc::new(ForwardingMembers {
+            deployments: deployments.clone(),
+            forward: Forwarder::new(leases.clone(), metrics.clone(), trust.dialer.clone()),
+        }),
+    );
     let deployer = DeployerService {
         registry: registry.clone(),
         pending,
@@ -186,6 +195,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         leases: leases.clone(),
         auth: trust.auth.clone(),
         embedded: embedded.clone(),
+        trains: trains.clone(),
     };
     // Every artifact uploaded to another coordinator is copied here too.
     let replicator = Arc::new(Replicator::new(trust.dialer.clone()));
@@ -251,13 +261,18 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     if resumed > 0 {
         info!(resumed, "resumed unfinished deploys");
     }
+    let resumed = trains.resume(None).await?;
+    if resumed > 0 {
+        info!(resumed, "resumed unfinished release trains");
+    }
     // A shard won later (a standby taking over, a rebalance): every agent
     // learns its new epoch at once, so a deposed leader's commands are
     // rejected everywhere, then its deploys resume.
     {
         let mut events = leases.subscribe();
-        let (deployments, leases, registry, metrics) = (
+        let (deployments, trains, leases, registry, metrics) = (
             deployments.clone(),
+            trains.clone(),
             leases.clone(),
             registry.clone(),
             metrics.clone(),
@@ -289,6 +304,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
                 }
                 if let Err(e) = deployments.resume_shard(shard).await {
                     tracing::warn!(shard, error = %e, "could not resume the shard's deploys");
+                }
+                if let Err(e) = trains.resume(Some(shard)).await {
+                    tracing::warn!(shard, error = %e, "could not resume the shard's release trains");
                 }
             }
         });

@@ -13,7 +13,8 @@ use drover_common::proto::{
     GetAuditRequest, GetAuditResponse, GetHostRequest, GetPipelineRequest, Host,
     ListCoordinatorsRequest, ListCoordinatorsResponse, ListDeploysRequest, ListDeploysResponse,
     ListEnvironmentsRequest, ListEnvironmentsResponse, ListHostsRequest, ListHostsResponse,
-    ListPipelinesRequest, ListPipelinesResponse, Pipeline, SendCommandRequest, StartDeployRequest,
+    ListPipelinesRequest, ListPipelinesResponse, ListTrainsRequest, ListTrainsResponse, Pipeline,
+    SendCommandRequest, StartDeployRequest, StartTrainRequest, Train, TrainRef,
     UpdatePipelineRequest, WhatWasRunningRequest, WhatWasRunningResponse, command,
 };
 use tokio_stream::{Stream, StreamExt};
@@ -49,6 +50,8 @@ pub struct DeployerService {
     pub auth: Arc<Authorizer>,
     /// The embedded store, for BackupStore (`None` with etcd).
     pub embedded: Option<crate::store::embedded::EmbeddedStore>,
+    /// Release trains.
+    pub trains: Arc<crate::deploy::trains::Trains>,
 }
 
 /// Where a deploy control applies: its shard, pipeline and current stage
@@ -117,6 +120,15 @@ impl DeployerService {
             },
         )?;
         Ok(())
+    }
+
+    fn train_api(&self) -> crate::api::trains::TrainApi<'_> {
+        crate::api::trains::TrainApi {
+            trains: &self.trains,
+            deployments: &self.deployments,
+            forward: &self.forward,
+            auth: &self.auth,
+        }
     }
 
     /// The shard that fences hand-sent commands for `service`: that of a
@@ -460,6 +472,40 @@ impl Deployer for DeployerService {
         Ok(Response::new(ListDeploysResponse {
             deploys: deploys.iter().map(|r| r.to_proto()).collect(),
         }))
+    }
+
+    async fn start_train(
+        &self,
+        request: Request<StartTrainRequest>,
+    ) -> Result<Response<Train>, Status> {
+        self.train_api().start(request).await
+    }
+
+    async fn get_train(&self, request: Request<TrainRef>) -> Result<Response<Train>, Status> {
+        self.train_api().get(request).await
+    }
+
+    async fn list_trains(
+        &self,
+        request: Request<ListTrainsRequest>,
+    ) -> Result<Response<ListTrainsResponse>, Status> {
+        self.train_api().list(request).await
+    }
+
+    type WatchTrainStream = std::pin::Pin<Box<dyn Stream<Item = Result<Train, Status>> + Send>>;
+
+    async fn watch_train(
+        &self,
+        request: Request<TrainRef>,
+    ) -> Result<Response<Self::WatchTrainStream>, Status> {
+        let rx = self.train_api().watch(request).await?;
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok),
+        )))
+    }
+
+    async fn abort_train(&self, request: Request<TrainRef>) -> Result<Response<Train>, Status> {
+        self.train_api().abort(request).await
     }
 
     type WatchDeployStream = WatchStream;

@@ -90,6 +90,20 @@ impl Forwarder {
         Ok(Route::Leader(DeployerClient::new(channel)))
     }
 
+    /// A request this coordinator sends to a leader on behalf of
+    /// `caller` (a [`crate::auth::CALLER_HEADER`] value; none without
+    /// TLS): a release train's control of a member deploy.
+    pub fn on_behalf_of<T>(&self, message: T, caller: Option<&str>) -> Request<T> {
+        let mut out = Request::new(message);
+        if let Ok(v) = self.leases.id().parse() {
+            out.metadata_mut().insert(FORWARDED_BY, v);
+        }
+        if let Some(v) = caller.and_then(|c| c.parse().ok()) {
+            out.metadata_mut().insert(crate::auth::CALLER_HEADER, v);
+        }
+        out
+    }
+
     /// The request as forwarded: the same message, marked, carrying its
     /// original caller (which the leader believes only from a coordinator
     /// certificate).

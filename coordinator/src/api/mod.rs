@@ -9,6 +9,7 @@ pub mod chunks;
 pub mod deployer;
 pub mod forward;
 pub mod store_backup;
+pub mod trains;
 
 pub use agent_control::AgentControlService;
 pub use artifacts::ArtifactsService;

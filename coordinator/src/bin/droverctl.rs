@@ -18,7 +18,10 @@ async fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e:#}");
-            match e.downcast_ref::<drover_coordinator::ctl::deploys::DeployEnded>() {
+            if let Some(ended) = e.downcast_ref::<drover_coordinator::ctl::deploys::DeployEnded>() {
+                return ExitCode::from(ended.exit_code());
+            }
+            match e.downcast_ref::<drover_coordinator::ctl::trains::TrainEnded>() {
                 Some(ended) => ExitCode::from(ended.exit_code()),
                 None => ExitCode::FAILURE,
             }

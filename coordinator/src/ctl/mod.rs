@@ -12,6 +12,7 @@ mod coordinators;
 pub mod deploys;
 mod hosts;
 mod pipelines;
+pub mod trains;
 
 use clap::{Parser, Subcommand};
 use drover_common::proto::artifacts_client::ArtifactsClient;
@@ -71,6 +72,9 @@ pub enum Command {
     /// Deploys: start (and wait), status, list, watch, pause, resume, approve, abort, rollback.
     #[command(subcommand)]
     Deploy(DeployCommand),
+    /// Release trains: several pipelines in dependency order; start (and wait), status, list, watch, abort.
+    #[command(subcommand)]
+    Train(trains::TrainCommand),
     /// The audit log of a service: every deploy, batch, approval and rollback, and why.
     Audit {
         #[arg(long)]
@@ -316,6 +320,7 @@ pub async fn run(cli: Cli, out: &mut impl std::io::Write) -> anyhow::Result<()> 
             pipelines::list(&mut deployer, cli.json, out).await
         }
         Command::Deploy(cmd) => deploy(&mut deployer, cmd, cli.json, out).await,
+        Command::Train(cmd) => trains::run(&mut deployer, cmd, cli.json, out).await,
         Command::Audit { service, since } => {
             audit::log(&mut deployer, &service, since, cli.json, out).await
         }
@@ -421,6 +426,7 @@ async fn deploy(
                 git_sha,
                 from_stage,
                 force,
+                train_id: String::new(),
             };
             deploys::start(client, req, wait, json, out).await
         }

@@ -46,6 +46,7 @@ fn base(rec: &DeployRecord, kind: AuditKind, actor: &str, at: u64) -> AuditEvent
         artifact: rec.artifact.clone(),
         git_sha: rec.git_sha.clone(),
         pipeline_version: rec.snapshot.version,
+        train_id: rec.train.as_ref().map(|t| t.id.clone()).unwrap_or_default(),
         ..Default::default()
     }
 }

@@ -23,7 +23,7 @@ use super::driver::effects::{Effects, FleetEffects};
 use super::ledger::Ledger;
 use super::machine::{Event, Phase};
 use super::pipeline::{PipelineError, Pipelines};
-use super::record::{DeployRecord, StageApproval};
+use super::record::{DeployRecord, StageApproval, TrainLink};
 use super::start::{NewDeploy, new_record};
 use crate::fleet::{PendingCommands, Registry};
 use crate::ha::leases::ShardLeases;
@@ -300,12 +300,22 @@ impl Deployments {
                     .count()
             };
             let required = stage.required_approvals.max(1) as usize;
+            // A stage its release train holds moves when the train releases
+            // it and enough people approved (if any must): the driver
+            // decides; an approval here is only recorded.
+            let held = rec.held_by_train(index);
+            if held && !stage.requires_approval {
+                return Err(DeployError::Conflict(format!(
+                    "deploy {id} waits before stage {} for its release train, not for people; nothing to approve",
+                    stage.name
+                )));
+            }
             if rec
                 .stage_approvals
                 .iter()
                 .any(|a| a.stage == stage.name && a.approver == approver)
             {
-                if given(&rec) >= required {
+                if given(&rec) >= required && !held {
                     // Approvals raced in: enough now, the stage moves.
                     return self.control(id, Event::Approve, who).await;
                 }
@@ -316,7 +326,7 @@ impl Deployments {
                 approver: approver.to_string(),
                 at_unix_ms: self.ledger.now(),
             };
-            if given(&rec) + 1 >= required {
+            if given(&rec) + 1 >= required && !held {
                 let note = |r: &mut DeployRecord| {
                     r.stage_approvals.push(approval.clone());
                     r.approvals
@@ -345,6 +355,10 @@ impl Deployments {
                     |r, now| vec![audit::approval(r, index, given(r), required, who, now)],
                 )
                 .await?;
+            if held {
+                self.driver.wake(id);
+                return Ok(rec);
+            }
             if given(&rec) >= required {
                 continue; // approvals raced in: the next round moves the stage
             }
@@ -396,16 +410,43 @@ impl Deployments {
         Ok(rec)
     }
 
-    /// Starts a deploy of `artifact` through `pipeline`.
-    pub async fn start(
+    /// The ledger (release trains write through it too).
+    pub fn ledger(&self) -> &Arc<Ledger> {
+        &self.ledger
+    }
+
+    /// The pipeline and the artifact's digest, if `artifact` may be
+    /// deployed through `pipeline`: the pipeline exists, the artifact is
+    /// on the origin and is of the pipeline's service.
+    pub async fn startable(
         &self,
-        req: StartDeployRequest,
-        started_by: &str,
-    ) -> Result<DeployRecord, DeployError> {
-        let pipeline = self.pipelines.get(&req.pipeline).await?;
-        self.ledger.check_leader(&pipeline.name)?;
-        let digest: drover_common::artifact::Digest = req
-            .artifact
+        pipeline: &str,
+        artifact: &str,
+    ) -> Result<
+        (
+            drover_common::proto::Pipeline,
+            drover_common::artifact::Digest,
+        ),
+        DeployError,
+    > {
+        let (pipeline, digest, _) = self.startable_info(pipeline, artifact).await?;
+        Ok((pipeline, digest))
+    }
+
+    async fn startable_info(
+        &self,
+        pipeline: &str,
+        artifact: &str,
+    ) -> Result<
+        (
+            drover_common::proto::Pipeline,
+            drover_common::artifact::Digest,
+            drover_common::proto::ArtifactInfo,
+        ),
+        DeployError,
+    > {
+        let pipeline = self.pipelines.get(pipeline).await?;
+        let digest: drover_common::artifact::Digest = artifact
             .parse()
             .map_err(|e| DeployError::Invalid(format!("artifact: {e}")))?;
         let info = self
@@ -424,6 +465,50 @@ impl Deployments {
                 info.service, pipeline.name, pipeline.service
             )));
         }
+        Ok((pipeline, digest, info))
+    }
+
+    /// The link of a member deploy of `pipeline` with `artifact` to its
+    /// release train: the train must name that pipeline with that
+    /// artifact and still be running.
+    async fn train_link(
+        &self,
+        train_id: &str,
+        pipeline: &str,
+        artifact: &str,
+    ) -> Result<Option<TrainLink>, DeployError> {
+        if train_id.is_empty() {
+            return Ok(None);
+        }
+        let (train, _) = super::trains::load(&self.ledger, train_id).await?;
+        let member = train
+            .member(pipeline)
+            .filter(|m| m.artifact == artifact)
+            .ok_or_else(|| {
+                DeployError::Invalid(format!(
+                    "release train {train_id} has no member {pipeline} with artifact {artifact}"
+                ))
+            })?;
+        if train.phase != super::train::TrainPhase::Running {
+            return Err(DeployError::Conflict(format!(
+                "release train {train_id} is {:?}; it starts nothing more",
+                train.phase
+            )));
+        }
+        Ok(Some(TrainLink {
+            id: train_id.to_string(),
+            holds: member.holds.clone(),
+        }))
+    }
+
+    /// Starts a deploy of `artifact` through `pipeline`.
+    pub async fn start(
+        &self,
+        req: StartDeployRequest,
+        started_by: &str,
+    ) -> Result<DeployRecord, DeployError> {
+        let (pipeline, digest, info) = self.startable_info(&req.pipeline, &req.artifact).await?;
+        self.ledger.check_leader(&pipeline.name)?;
         if req.idempotency_key.len() > 128 {
             return Err(DeployError::Invalid(
                 "idempotency_key is longer than 128 characters".into(),
@@ -443,6 +528,9 @@ impl Deployments {
                 pipeline.name
             )));
         }
+        let train = self
+            .train_link(&req.train_id, &pipeline.name, &digest.hex())
+            .await?;
         let (first_stage, forced_past) = self.first_stage(&pipeline, &req, &digest).await?;
         let mut environments = Vec::new();
         let mut live_slots = Vec::new();
@@ -484,6 +572,7 @@ impl Deployments {
             requester: requester.clone(),
             started_by: started_by.to_string(),
             idempotency_key: req.idempotency_key.clone(),
+            train,
             now: self.ledger.now(),
         };
         let Some((rec, actions)) = new_record(new) else {

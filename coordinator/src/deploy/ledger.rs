@@ -272,6 +272,22 @@ impl Ledger {
         })
     }
 
+    /// Writes `ops` with `audit` as `shard`'s leader if every one of
+    /// `compares` holds: the new revision, or `None` when a compare failed
+    /// (a release train's record: trains live on their first member's
+    /// shard).
+    pub async fn write_guarded(
+        &self,
+        shard: u32,
+        mut compares: Vec<Compare>,
+        mut ops: Vec<Op>,
+        audit: &[AuditEvent],
+    ) -> Result<Option<u64>, DeployError> {
+        compares.push(self.guard(shard)?);
+        ops.extend(self.audit_ops(audit));
+        self.guarded_txn(shard, compares, ops).await
+    }
+
     /// Runs a transaction of `shard`'s leader: the new revision, or `None`
     /// when a compare failed; refused (and counted) if another coordinator
     /// leads the shard now.

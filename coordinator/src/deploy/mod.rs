@@ -25,3 +25,4 @@ pub mod stats;
 #[cfg(test)]
 mod testing;
 pub mod train;
+pub mod trains;

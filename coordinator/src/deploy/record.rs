@@ -107,6 +107,18 @@ pub struct DeployRecord {
     /// Per blue-green stage, its progress and intended traffic.
     #[serde(default)]
     pub blue_green: BTreeMap<usize, BlueGreenStage>,
+    /// The release train this deploy is a member of, if any.
+    #[serde(default)]
+    pub train: Option<TrainLink>,
+}
+
+/// A deploy's place in a release train: the train, and the stages the
+/// deploy waits before until the train releases it (`train::holds`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrainLink {
+    pub id: String,
+    /// Per stage: wait for the train before it.
+    pub holds: Vec<bool>,
 }
 
 /// The fewest hosts a fresh baseline has (when the stage has them): a
@@ -157,6 +169,28 @@ pub fn phase_proto(p: Phase) -> DeployPhase {
 }
 
 impl DeployRecord {
+    /// Whether stage `stage` waits for the deploy's release train.
+    pub fn held_by_train(&self, stage: usize) -> bool {
+        self.train
+            .as_ref()
+            .is_some_and(|t| t.holds.get(stage).copied().unwrap_or(false))
+    }
+
+    /// The environments (stage names) this deploy has completed: every
+    /// stage once complete, the stages before the one it is at while it
+    /// goes on (or stopped there), none once rolling back.
+    pub fn completed_environments(&self) -> Vec<String> {
+        let upto = match self.machine.phase {
+            Phase::Complete => self.snapshot.stages.len(),
+            Phase::RollingBack | Phase::RolledBack | Phase::Pending => 0,
+            _ => self.machine.stage.min(self.snapshot.stages.len()),
+        };
+        self.snapshot.stages[..upto]
+            .iter()
+            .map(|s| s.name.clone())
+            .collect()
+    }
+
     pub fn to_proto(&self) -> Deploy {
         let mut batches = Vec::new();
         for (s, stage) in self.plan.iter().enumerate() {
@@ -205,6 +239,13 @@ impl DeployRecord {
             approvals: self.approvals.clone(),
             store_writes: self.writes,
             analyses: self.analyses.clone(),
+            train_id: self
+                .train
+                .as_ref()
+                .map(|t| t.id.clone())
+                .unwrap_or_default(),
+            held_by_train: self.machine.phase == Phase::AwaitingApproval
+                && self.held_by_train(self.machine.stage),
             blue_green: self
                 .blue_green
                 .iter()

@@ -12,7 +12,7 @@ use drover_common::labels::Selector;
 
 use super::blue_green::{self, BlueGreenStage, Color};
 use super::machine::{Action, Event, Machine};
-use super::record::{DeployRecord, plan_stage};
+use super::record::{DeployRecord, TrainLink, plan_stage};
 
 /// Everything a new deploy is made of.
 pub struct NewDeploy<'a> {
@@ -37,6 +37,8 @@ pub struct NewDeploy<'a> {
     pub requester: String,
     pub started_by: String,
     pub idempotency_key: String,
+    /// The release train it belongs to (its holds, one per stage).
+    pub train: Option<TrainLink>,
     pub now: u64,
 }
 
@@ -127,7 +129,13 @@ pub fn new_record(d: NewDeploy<'_>) -> Option<(DeployRecord, Vec<Action>)> {
         d.pipeline
             .stages
             .iter()
-            .map(|s| s.requires_approval)
+            .enumerate()
+            .map(|(i, s)| {
+                s.requires_approval
+                    || d.train
+                        .as_ref()
+                        .is_some_and(|t| t.holds.get(i).copied().unwrap_or(false))
+            })
             .collect(),
         !d.known_good.is_empty() && d.known_good != d.artifact,
     );
@@ -177,6 +185,7 @@ pub fn new_record(d: NewDeploy<'_>) -> Option<(DeployRecord, Vec<Action>)> {
         rollback_targets: d.environments,
         fresh_baselines: Default::default(),
         blue_green,
+        train: d.train,
     };
     Some((rec, actions))
 }
@@ -215,6 +224,7 @@ mod tests {
             requester: "ci".into(),
             started_by: "user/ci".into(),
             idempotency_key: String::new(),
+            train: None,
             now: 7,
         }
     }

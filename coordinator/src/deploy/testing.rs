@@ -73,6 +73,7 @@ pub fn record_of(p: &Pipeline, hosts: &[&[&str]], now: u64) -> (DeployRecord, Ve
         requester: "ci".into(),
         started_by: "ci".into(),
         idempotency_key: String::new(),
+        train: None,
         now,
     })
     .expect("a deploy with hosts")

@@ -16,6 +16,8 @@
 //! audit/<service>/<ms>-<deploy>-<n>       AuditEvent, append-only
 //! audit/<service>/<ms>-command-<uuid>     a command sent by hand
 //! evidence/<deploy>/<stage>.<step>        BakeEvidence of a canary step being baked
+//! trains/<id>                             a release train's record (JSON)
+//! train-keys/<key>                        the train a start key made
 //! ```
 //!
 //! Architecture Invariant: no other module spells a key's layout. Modules
@@ -135,6 +137,18 @@ impl Keys {
 
     /// The evidence of canary step `step` of stage `stage` of a deploy,
     /// while it bakes.
+    pub fn trains(&self) -> String {
+        format!("{}/trains/", self.prefix)
+    }
+
+    pub fn train(&self, id: &str) -> String {
+        format!("{}{id}", self.trains())
+    }
+
+    pub fn train_key(&self, key: &str) -> String {
+        format!("{}/train-keys/{key}", self.prefix)
+    }
+
     pub fn evidence(&self, deploy: &str, stage: usize, step: usize) -> String {
         format!("{}/evidence/{deploy}/{stage}.{step}", self.prefix)
     }

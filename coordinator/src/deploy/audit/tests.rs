@@ -47,6 +47,7 @@ impl Run {
             requester: "ci".into(),
             started_by: "ci".into(),
             idempotency_key: String::new(),
+            train: None,
             now: at,
         })
         .unwrap();

@@ -225,6 +225,26 @@ impl Driver {
     ) -> Result<Option<Event>, DeployError> {
         let (rec, _) = self.ledger.load(id).await?;
         let spec = &rec.snapshot.stages[stage];
+        if let Some(train) = rec.train.as_ref().filter(|_| rec.held_by_train(stage)) {
+            // Held by its release train: the stage moves once the train
+            // released it and, if people must approve too, they have.
+            let (t, _) = super::trains::load(&self.ledger, &train.id).await?;
+            if !t.has_released(&rec.pipeline, &spec.name) {
+                tokio::select! {
+                    _ = wake.notified() => {}
+                    _ = tokio::time::sleep(super::trains::LOOK_EVERY) => {}
+                }
+                return Ok(None);
+            }
+            let given = rec
+                .stage_approvals
+                .iter()
+                .filter(|a| a.stage == spec.name)
+                .count();
+            if !spec.requires_approval || given >= spec.required_approvals.max(1) as usize {
+                return Ok(Some(Event::Approve));
+            }
+        }
         let limit = Duration::from_millis(spec.approval_timeout_ms.into());
         let waited =
             Duration::from_millis(self.ledger.now().saturating_sub(rec.awaiting_since_unix_ms));
