@@ -304,3 +304,148 @@ async fn a_train_goes_in_dependency_order_and_a_failure_in_prod_rolls_back_depen
     assert!(status.contains("ROLLED_BACK (by the train)"), "{status}");
     assert!(status.contains("rolling back schema"), "{status}");
 }
+
+/// A single-stage pipeline `name` deploying the sample service to every
+/// host, one host per batch.
+fn everywhere(name: &str) -> String {
+    drover_tests::cluster_fleet::rolling_spec(300).replace(
+        &format!("name = \"{}\"", drover_tests::cluster_fleet::PIPELINE),
+        &format!("name = \"{name}\""),
+    )
+}
+
+async fn train_via(c: &drover_tests::Coordinator, id: &str) -> Result<Train, String> {
+    let mut api = c.deployer().await;
+    api.get_train(TrainRef {
+        id: id.into(),
+        ..Default::default()
+    })
+    .await
+    .map(|r| r.into_inner())
+    .map_err(|s| s.to_string())
+}
+
+/// Two coordinators on etcd; the train's members on shards led by
+/// different coordinators (so members are started and released through
+/// the other's API). The leader of the train's shard is killed while the
+/// second member deploys: the standby resumes the train where it was, the
+/// third member follows, and nothing is restarted twice.
+#[tokio::test]
+async fn a_train_survives_the_failover_of_its_leader() {
+    use drover_coordinator::ha::shards::shard_of;
+    use drover_tests::cluster_fleet::ClusterFleet;
+    let mut f = ClusterFleet::start(2, 3, &everywhere("unused"), 20).await;
+    f.settled_leader().await;
+    let leader_of = |name: String| {
+        let cluster = &f.cluster;
+        async move { cluster.wait_leader(shard_of(&name, 16), None).await.0 }
+    };
+    let a = "train-a".to_string();
+    let home = leader_of(a.clone()).await;
+    let mut b = None;
+    for k in 0..64 {
+        let name = format!("train-b{k}");
+        if leader_of(name.clone()).await != home {
+            b = Some(name);
+            break;
+        }
+    }
+    let b = b.expect("a pipeline name on a shard the other coordinator leads");
+    let c = "train-c".to_string();
+    for p in [&a, &b, &c] {
+        f.apply(&everywhere(p));
+    }
+    let via = f.cluster.get(0);
+    let (v2, v3, v4) = (
+        f.push(via, "v2", &[]),
+        f.push(via, "v3", &[]),
+        f.push(via, "v4", &[]),
+    );
+    // Started through the coordinator that does not lead the train's shard.
+    let home_index = f.cluster.index_of(&home);
+    let other = f.cluster.other_than(home_index);
+    let started = other
+        .deployer()
+        .await
+        .start_train(StartTrainRequest {
+            name: "failover".into(),
+            members: vec![
+                TrainMemberSpec {
+                    pipeline: a.clone(),
+                    artifact: v2,
+                    after: vec![],
+                },
+                TrainMemberSpec {
+                    pipeline: b.clone(),
+                    artifact: v3,
+                    after: vec![a.clone()],
+                },
+                TrainMemberSpec {
+                    pipeline: c.clone(),
+                    artifact: v4,
+                    after: vec![b.clone()],
+                },
+            ],
+            idempotency_key: "release-42".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let id = started.id.clone();
+    wait_until(
+        &format!("{b} to deploy"),
+        Duration::from_secs(60),
+        || async {
+            let t = train_via(other, &id).await?;
+            match t.members.iter().find(|m| m.pipeline == b) {
+                Some(m) if m.phase() == DeployPhase::Rolling => Ok(()),
+                _ => Err(format!("{t:?}")),
+            }
+        },
+    )
+    .await;
+    f.cluster.kill(home_index);
+    let survivor = f.cluster.other_than(home_index);
+    let t = wait_until("the train to complete", Duration::from_secs(90), || async {
+        let t = train_via(survivor, &id).await?;
+        if TrainPhase::Complete == t.phase() {
+            Ok(t)
+        } else {
+            Err(format!("{t:?}"))
+        }
+    })
+    .await;
+    assert!(
+        t.log
+            .iter()
+            .any(|l| l.contains(&format!("released {c} into prod"))),
+        "{:?}",
+        t.log
+    );
+    assert!(
+        survivor.child.log().contains("resuming release train"),
+        "the standby took the train over"
+    );
+    assert_eq!(f.versions().await, ["v4"; 3]);
+    for v in ["v2", "v3", "v4"] {
+        assert_eq!(f.starts(v), [1, 1, 1], "{v} started once per host");
+    }
+    // The same key returns the same train.
+    let again = survivor
+        .deployer()
+        .await
+        .start_train(StartTrainRequest {
+            members: vec![TrainMemberSpec {
+                pipeline: a.clone(),
+                artifact: started.members[0].artifact.clone(),
+                after: vec![],
+            }],
+            idempotency_key: "release-42".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.id, id);
+}
