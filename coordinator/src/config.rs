@@ -76,6 +76,10 @@ pub struct Args {
     /// never, only `droverctl artifact gc`).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub gc_interval: Option<Duration>,
+    /// Where webhook signing secrets are: a subscription's `secret` names a
+    /// file here (same directory on every coordinator).
+    #[arg(long)]
+    pub webhook_secrets: Option<PathBuf>,
     /// A host disconnected or gone this long is dropped from the registry
     /// (default 7d).
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -162,6 +166,7 @@ struct FileConfig {
     artifact_keep_last: Option<usize>,
     #[serde(default, with = "humantime_serde_opt")]
     gc_interval: Option<Duration>,
+    webhook_secrets: Option<PathBuf>,
     #[serde(default, with = "humantime_serde_opt")]
     host_retention: Option<Duration>,
     max_hosts: Option<usize>,
@@ -246,6 +251,8 @@ pub struct Config {
     pub retention_policy: crate::origin::retention::RetentionPolicy,
     /// The periodic gc sweep (zero: off).
     pub gc_interval: Duration,
+    /// Webhook signing secrets (`--webhook-secrets`).
+    pub webhook_secrets: Option<PathBuf>,
     /// What the host registry keeps.
     pub retention: crate::fleet::Retention,
     pub key_prefix: String,
@@ -287,6 +294,7 @@ impl Config {
             pull_mode: PullMode::Chunks,
             retention_policy: Default::default(),
             gc_interval: Duration::from_secs(3600),
+            webhook_secrets: None,
             advertise: None,
             retention: crate::fleet::Retention::default(),
             key_prefix: "/drover".into(),
@@ -357,6 +365,10 @@ impl Config {
         if let Some(every) = args.gc_interval.or(file.gc_interval) {
             cfg.gc_interval = every;
         }
+        cfg.webhook_secrets = args
+            .webhook_secrets
+            .clone()
+            .or(file.webhook_secrets.clone());
         if let Some(mode) = args.pull_mode.or(file.pull_mode) {
             cfg.pull_mode = mode;
         }

@@ -51,6 +51,17 @@ pub enum ApiError {
     Deploy(#[from] crate::deploy::deployments::DeployError),
 }
 
+impl From<crate::notify::NotifyError> for ApiError {
+    fn from(e: crate::notify::NotifyError) -> ApiError {
+        use crate::notify::NotifyError as N;
+        match e {
+            N::Invalid(t) => ApiError::Invalid(t),
+            N::NotFound(t) => ApiError::NotFound(t),
+            N::Store(s) => ApiError::Unavailable(format!("store: {s}")),
+        }
+    }
+}
+
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
         let msg = e.to_string();

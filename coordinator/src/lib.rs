@@ -25,6 +25,7 @@ pub mod fleet;
 pub mod fuzzing;
 pub mod ha;
 pub mod metrics;
+pub mod notify;
 pub mod origin;
 pub mod router;
 pub mod server;

@@ -185,6 +185,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             forward: Forwarder::new(leases.clone(), metrics.clone(), trust.dialer.clone()),
         }),
     );
+    let notifier = crate::notify::Notifier::new(
+        store.clone(),
+        &cfg.key_prefix,
+        leases.clone(),
+        cfg.webhook_secrets.clone(),
+    );
+    tokio::spawn(notifier.clone().run(stop.clone()));
     let deployer = DeployerService {
         registry: registry.clone(),
         pending,
@@ -196,6 +203,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         auth: trust.auth.clone(),
         embedded: embedded.clone(),
         trains: trains.clone(),
+        notifier,
     };
     // Every artifact uploaded to another coordinator is copied here too.
     let replicator = Arc::new(Replicator::new(trust.dialer.clone()));

@@ -9,12 +9,14 @@ use drover_common::ids::validate_host_id;
 use drover_common::labels::Selector;
 use drover_common::proto::deployer_server::Deployer;
 use drover_common::proto::{
-    Command, CommandUpdate, CoordinatorInfo, CreatePipelineRequest, Deploy, DeployEvent, DeployRef,
-    GetAuditRequest, GetAuditResponse, GetHostRequest, GetPipelineRequest, Host,
-    ListCoordinatorsRequest, ListCoordinatorsResponse, ListDeploysRequest, ListDeploysResponse,
-    ListEnvironmentsRequest, ListEnvironmentsResponse, ListHostsRequest, ListHostsResponse,
-    ListPipelinesRequest, ListPipelinesResponse, ListTrainsRequest, ListTrainsResponse, Pipeline,
-    SendCommandRequest, StartDeployRequest, StartTrainRequest, Train, TrainRef,
+    Command, CommandUpdate, CoordinatorInfo, CreatePipelineRequest, DeleteSubscriptionRequest,
+    Deploy, DeployEvent, DeployRef, GetAuditRequest, GetAuditResponse, GetHostRequest,
+    GetPipelineRequest, Host, ListCoordinatorsRequest, ListCoordinatorsResponse,
+    ListDeploysRequest, ListDeploysResponse, ListEnvironmentsRequest, ListEnvironmentsResponse,
+    ListHostsRequest, ListHostsResponse, ListPipelinesRequest, ListPipelinesResponse,
+    ListSubscriptionsRequest, ListSubscriptionsResponse, ListTrainsRequest, ListTrainsResponse,
+    NotificationsStatusRequest, NotificationsStatusResponse, Pipeline, PutSubscriptionRequest,
+    SendCommandRequest, StartDeployRequest, StartTrainRequest, Subscription, Train, TrainRef,
     UpdatePipelineRequest, WhatWasRunningRequest, WhatWasRunningResponse, command,
 };
 use tokio_stream::{Stream, StreamExt};
@@ -52,6 +54,8 @@ pub struct DeployerService {
     pub embedded: Option<crate::store::embedded::EmbeddedStore>,
     /// Release trains.
     pub trains: Arc<crate::deploy::trains::Trains>,
+    /// Notification subscriptions.
+    pub notifier: Arc<crate::notify::Notifier>,
 }
 
 /// Where a deploy control applies: its shard, pipeline and current stage
@@ -120,6 +124,14 @@ impl DeployerService {
             },
         )?;
         Ok(())
+    }
+
+    fn notification_api(&self) -> crate::api::notifications::NotificationApi<'_> {
+        crate::api::notifications::NotificationApi {
+            notifier: &self.notifier,
+            pipelines: &self.pipelines,
+            auth: &self.auth,
+        }
     }
 
     fn train_api(&self) -> crate::api::trains::TrainApi<'_> {
@@ -502,6 +514,34 @@ impl Deployer for DeployerService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok),
         )))
+    }
+
+    async fn put_subscription(
+        &self,
+        request: Request<PutSubscriptionRequest>,
+    ) -> Result<Response<Subscription>, Status> {
+        self.notification_api().put(request).await
+    }
+
+    async fn delete_subscription(
+        &self,
+        request: Request<DeleteSubscriptionRequest>,
+    ) -> Result<Response<Subscription>, Status> {
+        self.notification_api().delete(request).await
+    }
+
+    async fn list_subscriptions(
+        &self,
+        request: Request<ListSubscriptionsRequest>,
+    ) -> Result<Response<ListSubscriptionsResponse>, Status> {
+        self.notification_api().list(request).await
+    }
+
+    async fn notifications_status(
+        &self,
+        request: Request<NotificationsStatusRequest>,
+    ) -> Result<Response<NotificationsStatusResponse>, Status> {
+        self.notification_api().status(request).await
     }
 
     async fn abort_train(&self, request: Request<TrainRef>) -> Result<Response<Train>, Status> {

@@ -9,7 +9,7 @@ use tonic::transport::Channel;
 
 use super::{print_json, status_error};
 
-fn rfc3339(ms: u64) -> String {
+pub(crate) fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(SystemTime::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 

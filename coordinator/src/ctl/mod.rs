@@ -11,6 +11,7 @@ mod command;
 mod coordinators;
 pub mod deploys;
 mod hosts;
+mod notifications;
 mod pipelines;
 pub mod trains;
 
@@ -75,6 +76,9 @@ pub enum Command {
     /// Release trains: several pipelines in dependency order; start (and wait), status, list, watch, abort.
     #[command(subcommand)]
     Train(trains::TrainCommand),
+    /// Webhooks told about deploys and trains: subscribe, unsubscribe, list, status.
+    #[command(subcommand)]
+    Notifications(notifications::NotificationsCommand),
     /// The audit log of a service: every deploy, batch, approval and rollback, and why.
     Audit {
         #[arg(long)]
@@ -321,6 +325,7 @@ pub async fn run(cli: Cli, out: &mut impl std::io::Write) -> anyhow::Result<()> 
         }
         Command::Deploy(cmd) => deploy(&mut deployer, cmd, cli.json, out).await,
         Command::Train(cmd) => trains::run(&mut deployer, cmd, cli.json, out).await,
+        Command::Notifications(cmd) => notifications::run(&mut deployer, cmd, cli.json, out).await,
         Command::Audit { service, since } => {
             audit::log(&mut deployer, &service, since, cli.json, out).await
         }

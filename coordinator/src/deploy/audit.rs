@@ -272,12 +272,37 @@ pub fn transition(
             _ => None,
         };
         if let Some((kind, message)) = end {
-            let mut e = with_reason(base(rec, kind, actor, at), m.reason_kind, &m.reason);
+            // Where it ended (a subscription to an environment hears of it).
+            let stage = m.stage.min(rec.snapshot.stages.len().saturating_sub(1));
+            let e = with_stage(base(rec, kind, actor, at), rec, stage);
+            let mut e = with_reason(e, m.reason_kind, &m.reason);
             e.message = message;
             out.push(e);
         }
     }
+    if let Some(e) = awaiting_approval(before, rec, at) {
+        out.push(e);
+    }
     out
+}
+
+/// A deploy that has come to wait for people before a stage (not for its
+/// release train only).
+pub fn awaiting_approval(before: &Machine, rec: &DeployRecord, at: u64) -> Option<AuditEvent> {
+    let m = &rec.machine;
+    let entered = m.phase == Phase::AwaitingApproval
+        && (before.phase != Phase::AwaitingApproval || before.stage != m.stage);
+    let spec = rec.snapshot.stages.get(m.stage)?;
+    if !entered || !spec.requires_approval {
+        return None;
+    }
+    let mut e = with_stage(
+        base(rec, AuditKind::AwaitingApproval, DROVER, at),
+        rec,
+        m.stage,
+    );
+    e.message = format!("stage {} waits for approval", spec.name);
+    Some(e)
 }
 
 /// Environment `stage` now runs `to` instead of `from`.

@@ -586,8 +586,18 @@ impl Deployments {
         } else {
             &requester
         };
-        let started = audit::started(&rec, actor, rec.created_at_unix_ms);
-        if !self.ledger.create(&rec, &actions, vec![started]).await? {
+        let mut events = vec![audit::started(&rec, actor, rec.created_at_unix_ms)];
+        let pending = super::machine::Machine::new(
+            rec.machine.batches.clone(),
+            rec.machine.approvals.clone(),
+            false,
+        );
+        events.extend(audit::awaiting_approval(
+            &pending,
+            &rec,
+            rec.created_at_unix_ms,
+        ));
+        if !self.ledger.create(&rec, &actions, events).await? {
             // Lost a race with another start: answer as if we had been second.
             return Box::pin(self.start(req, started_by)).await;
         }

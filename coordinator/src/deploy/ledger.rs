@@ -262,14 +262,31 @@ impl Ledger {
     }
 
     /// The puts of a write's audit events (numbered within the write).
-    fn audit_ops<'a>(&'a self, audit: &'a [AuditEvent]) -> impl Iterator<Item = Op> + 'a {
-        audit.iter().enumerate().map(|(n, event)| {
-            Op::put(
+    /// The audit events' writes, and for each notifiable one its outbox
+    /// entry (`notify::rules` rule 1): both in the caller's transaction.
+    fn audit_ops(&self, audit: &[AuditEvent]) -> Vec<Op> {
+        let mut ops = Vec::new();
+        // A train's event is written once per member's service, and
+        // notified once.
+        let mut trains = std::collections::HashSet::new();
+        for (n, event) in audit.iter().enumerate() {
+            let bytes = event.encode_to_vec();
+            let train_wide = crate::notify::rules::train_wide(event.event())
+                && !trains.insert((event.event, event.train_id.clone()));
+            if crate::notify::rules::event_of(event.event()).is_some() && !train_wide {
+                ops.push(Op::put(
+                    self.keys
+                        .outbox_entry(event.at_unix_ms, &event.deploy_id, n),
+                    bytes.clone(),
+                ));
+            }
+            ops.push(Op::put(
                 self.keys
                     .audit_event(&event.service, event.at_unix_ms, &event.deploy_id, n),
-                event.encode_to_vec(),
-            )
-        })
+                bytes,
+            ));
+        }
+        ops
     }
 
     /// Writes `ops` with `audit` as `shard`'s leader if every one of

@@ -18,6 +18,10 @@
 //! evidence/<deploy>/<stage>.<step>        BakeEvidence of a canary step being baked
 //! trains/<id>                             a release train's record (JSON)
 //! train-keys/<key>                        the train a start key made
+//! notify/subscriptions/<name>             a webhook Subscription
+//! notify/outbox/<ms>-<deploy>-<n>         a notifiable AuditEvent, written with it
+//! notify/cursors/<name>                   how far a subscription's deliveries got (JSON)
+//! notify/heads/<name>                     its delivery being retried (JSON)
 //! ```
 //!
 //! Architecture Invariant: no other module spells a key's layout. Modules
@@ -143,6 +147,31 @@ impl Keys {
 
     pub fn train(&self, id: &str) -> String {
         format!("{}{id}", self.trains())
+    }
+
+    pub fn subscriptions(&self) -> String {
+        format!("{}/notify/subscriptions/", self.prefix)
+    }
+
+    pub fn subscription(&self, name: &str) -> String {
+        format!("{}{name}", self.subscriptions())
+    }
+
+    pub fn outbox(&self) -> String {
+        format!("{}/notify/outbox/", self.prefix)
+    }
+
+    /// The outbox entry of an audit event (named as its audit key is).
+    pub fn outbox_entry(&self, at_unix_ms: u64, deploy: &str, n: usize) -> String {
+        format!("{}{at_unix_ms:013}-{deploy}-{n}", self.outbox())
+    }
+
+    pub fn notify_cursor(&self, name: &str) -> String {
+        format!("{}/notify/cursors/{name}", self.prefix)
+    }
+
+    pub fn notify_head(&self, name: &str) -> String {
+        format!("{}/notify/heads/{name}", self.prefix)
     }
 
     pub fn train_key(&self, key: &str) -> String {
