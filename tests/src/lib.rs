@@ -37,6 +37,7 @@ mod testdir;
 pub mod tmpfs;
 pub mod users;
 mod wait;
+pub mod webhook;
 
 pub use cluster::Cluster;
 pub use daemons::{Agent, Coordinator, fleetsim, health_status};
