@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use drover_common::proto::{
-    AuditKind, DeployPhase, GetAuditRequest, ListSubscriptionsRequest, NotificationsStatusRequest,
+    DeployPhase, GetAuditRequest, ListSubscriptionsRequest, NotificationsStatusRequest,
     PutSubscriptionRequest, Subscription, WebhookFormat,
 };
 use drover_tests::sample_fleet::SampleFleet;
@@ -287,5 +287,67 @@ async fn every_event_arrives_once_in_order_even_after_the_receiver_was_down() {
         audit.contains("AWAITING_APPROVAL") || audit.contains("waits for approval"),
         "{audit}"
     );
-    let _ = AuditKind::AwaitingApproval;
+}
+
+/// Two coordinators on etcd: the one delivering (shard 0's leader) is
+/// killed while a deploy runs; the standby delivers from where it got, so
+/// the receiver gets every event of the deploy once, in order.
+#[tokio::test]
+async fn no_event_is_lost_or_repeated_across_a_failover_of_the_deliverer() {
+    use drover_tests::cluster_fleet::{ClusterFleet, rolling_spec};
+    let mut f = ClusterFleet::start(2, 3, &rolling_spec(300), 20).await;
+    f.settled_leader().await;
+    let receiver = WebhookReceiver::start().await;
+    let first = f.cluster.get(0);
+    first
+        .deployer()
+        .await
+        .put_subscription(PutSubscriptionRequest {
+            subscription: Some(Subscription {
+                name: "ops".into(),
+                url: receiver.url("hook"),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let v1 = f.push(first, "v1", &[]);
+    let id = f.start_deploy(first, &v1).await;
+    wait_until(
+        "the start to be delivered",
+        Duration::from_secs(20),
+        || async {
+            if receiver.got().is_empty() {
+                Err("nothing yet".to_string())
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
+    let (deliverer, _) = f.cluster.wait_leader(0, None).await;
+    let i = f.cluster.index_of(&deliverer);
+    f.cluster.kill(i);
+    let survivor = f.cluster.other_than(i);
+    f.cluster.wait_finished(&id, Duration::from_secs(90)).await;
+    let v2 = f.push(survivor, "v2", &["--error-rate", "0.5"]);
+    let id2 = f.start_deploy(survivor, &v2).await;
+    let d = f.cluster.wait_finished(&id2, Duration::from_secs(90)).await;
+    assert_eq!(d.phase(), DeployPhase::RolledBack);
+    let want = expected(survivor, "hello").await;
+    assert_eq!(want.len(), 4, "{want:?}");
+    wait_until(
+        "every event at the receiver",
+        Duration::from_secs(60),
+        || async {
+            let got = kinds(&receiver.got());
+            if got == want {
+                Ok(())
+            } else {
+                Err(format!("{got:?} of {want:?}"))
+            }
+        },
+    )
+    .await;
+    ids_once(&receiver.got());
 }
