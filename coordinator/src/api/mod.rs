@@ -7,6 +7,7 @@ mod artifact_gc;
 pub mod artifacts;
 pub mod chunks;
 pub mod deployer;
+pub mod deploys;
 pub mod forward;
 pub mod notifications;
 pub mod store_backup;
