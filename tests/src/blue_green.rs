@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use drover_common::proto::{AuditEvent, AuditKind, GetAuditRequest, ListEnvironmentsRequest, Slot};
+use drover_common::proto::{AuditEvent, AuditKind, ListEnvironmentsRequest, Slot};
 
 use crate::Coordinator;
 use crate::free_service_port;
@@ -35,17 +35,7 @@ pub async fn live_slot(coord: &Coordinator, pipeline: &str) -> Slot {
 
 /// Every traffic switch the audit holds for `service`, oldest first.
 pub async fn traffic_switches(coord: &Coordinator, service: &str) -> Vec<AuditEvent> {
-    let events = coord
-        .deployer()
-        .await
-        .get_audit(GetAuditRequest {
-            service: service.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events;
+    let events = coord.audit(service).await;
     events
         .into_iter()
         .filter(|e| e.event() == AuditKind::TrafficSwitched)

@@ -264,6 +264,20 @@ impl Coordinator {
             .into_inner()
     }
 
+    /// `service`'s audit log, oldest first.
+    pub async fn audit(&self, service: &str) -> Vec<drover_common::proto::AuditEvent> {
+        self.deployer()
+            .await
+            .get_audit(drover_common::proto::GetAuditRequest {
+                service: service.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|s| panic!("audit of {service}: {s}"))
+            .into_inner()
+            .events
+    }
+
     /// The newest deploy of `pipeline`.
     pub async fn latest_deploy(&self, pipeline: &str) -> Deploy {
         self.deployer()

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use drover_common::proto::artifacts_client::ArtifactsClient;
-use drover_common::proto::{AuditKind, GetAuditRequest, StatRequest};
+use drover_common::proto::{AuditKind, StatRequest};
 use drover_tests::sample_fleet::SampleFleet;
 use drover_tests::wait_until_ok;
 
@@ -41,16 +41,8 @@ async fn stored(fleet: &SampleFleet, sha256: &str) -> bool {
 async fn collected(fleet: &SampleFleet) -> Vec<(String, String)> {
     fleet
         .coord
-        .deployer()
+        .audit("hello")
         .await
-        .get_audit(GetAuditRequest {
-            service: "hello".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events
         .into_iter()
         .filter(|e| e.event() == AuditKind::ArtifactCollected)
         .map(|e| (e.artifact, e.actor))

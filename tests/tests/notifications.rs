@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use drover_common::proto::{
-    DeployPhase, GetAuditRequest, ListSubscriptionsRequest, NotificationsStatusRequest,
-    PutSubscriptionRequest, Subscription, WebhookFormat,
+    DeployPhase, ListSubscriptionsRequest, NotificationsStatusRequest, PutSubscriptionRequest,
+    Subscription, WebhookFormat,
 };
 use drover_tests::sample_fleet::SampleFleet;
 use drover_tests::wait_until;
@@ -38,16 +38,8 @@ gate = { max_error_rate = 0.05, samples = 2, bad_samples = 2, min_requests = 1, 
 /// receiver is told (`NOTIFICATION_EVENT_*`).
 async fn expected(coord: &drover_tests::Coordinator, service: &str) -> Vec<String> {
     coord
-        .deployer()
+        .audit(service)
         .await
-        .get_audit(GetAuditRequest {
-            service: service.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events
         .iter()
         .filter_map(|e| drover_coordinator::notify::rules::event_of(e.event()))
         .map(|e| e.as_str_name().to_string())

@@ -5,8 +5,8 @@
 //! dependents first; bad trains are refused and start nothing.
 
 use drover_common::proto::{
-    AuditKind, DeployPhase, GetAuditRequest, ListDeploysRequest, StartTrainRequest, Train,
-    TrainMemberSpec, TrainPhase, TrainRef,
+    AuditKind, DeployPhase, ListDeploysRequest, StartTrainRequest, Train, TrainMemberSpec,
+    TrainPhase, TrainRef,
 };
 use drover_tests::artifacts::sample_artifact;
 use drover_tests::sample_fleet::SampleFleet;
@@ -104,16 +104,8 @@ async fn train(f: &SampleFleet, id: &str) -> Train {
 /// Every audit event of `service` with its kind, in time order.
 async fn audit(f: &SampleFleet, service: &str) -> Vec<(AuditKind, u64, String)> {
     f.coord
-        .deployer()
+        .audit(service)
         .await
-        .get_audit(GetAuditRequest {
-            service: service.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events
         .into_iter()
         .map(|e| (e.event(), e.at_unix_ms, e.stage))
         .collect()

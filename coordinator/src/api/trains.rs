@@ -16,12 +16,12 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::api::forward::{Forwarder, Route};
 use crate::auth::{
-    Authorizer, Permission, Scope, actor_with_note, identity_or_note, validate_idempotency_key,
-    validate_text,
+    Authorizer, Caller, Permission, Scope, actor_with_note, identity_or_note,
+    validate_idempotency_key, validate_text,
 };
 use crate::deploy::deployments::{DeployError, Deployments};
 use crate::deploy::machine::{Event, ReasonKind, Why};
-use crate::deploy::train::Member;
+use crate::deploy::train::{Member, TrainError};
 use crate::deploy::trains::record::{MemberRecord, TrainRecord};
 use crate::deploy::trains::{MemberError, Members, Trains};
 use crate::error::ApiError;
@@ -43,34 +43,21 @@ impl TrainApi<'_> {
         validate_text("name", &r.name, 128)?;
         validate_text("requester", &r.requester, 128)?;
         validate_idempotency_key(&r.idempotency_key)?;
-        let members: Vec<Member> = r
-            .members
-            .iter()
-            .map(|m| Member {
-                pipeline: m.pipeline.clone(),
-                artifact: m.artifact.clone(),
-                after: m.after.clone(),
-            })
-            .collect();
-        // Starting a train starts each member's deploy: the caller must be
-        // allowed that for every one.
-        let mut caller = None;
+        let members: Vec<Member> = r.members.iter().map(Member::from).collect();
         for m in &r.members {
             validate_text("members.pipeline", &m.pipeline, 253)?;
-            caller = Some(self.auth.caller(
-                &request,
-                Permission::DeploysStart,
-                Scope {
-                    pipeline: Some(&m.pipeline),
-                    environment: None,
-                },
-            )?);
         }
+        // Starting a train starts each member's deploy: the caller must be
+        // allowed that for every one.
+        let caller = self.caller_for_all(
+            &request,
+            r.members.iter().map(|m| m.pipeline.as_str()),
+            Permission::DeploysStart,
+        )?;
         let shard = self.trains.shard_of(&members).map_err(ApiError::from)?;
         if let Route::Leader(mut leader) = self.forward.route(shard, &request).await? {
             return leader.start_train(self.forward.forwarded(request)).await;
         }
-        let caller = caller.expect("a train that orders has members");
         let mut req = request.into_inner();
         let started_by = identity_or_note(&caller, &req.requester);
         req.requester = actor_with_note(&caller, &req.requester);
@@ -83,27 +70,42 @@ impl TrainApi<'_> {
         Ok(Response::new(train))
     }
 
-    /// Checks `permission` on every member pipeline of train `id`.
+    /// The caller, if it has `permission` on every one of `pipelines`
+    /// (none: refused, as a train without members is).
+    fn caller_for_all<'p, T>(
+        &self,
+        request: &Request<T>,
+        pipelines: impl Iterator<Item = &'p str>,
+        permission: Permission,
+    ) -> Result<Caller, Status> {
+        let mut caller = None;
+        for pipeline in pipelines {
+            caller = Some(self.auth.caller(
+                request,
+                permission,
+                Scope {
+                    pipeline: Some(pipeline),
+                    environment: None,
+                },
+            )?);
+        }
+        caller.ok_or_else(|| Status::from(ApiError::Invalid(TrainError::Empty.to_string())))
+    }
+
+    /// Train `id` and the caller, if it has `permission` on every member.
     async fn may<T>(
         &self,
         request: &Request<T>,
         id: &str,
         permission: Permission,
-    ) -> Result<TrainRecord, Status> {
+    ) -> Result<(TrainRecord, Caller), Status> {
         let (rec, _) = self.trains.load(id).await.map_err(ApiError::from)?;
-        let mut caller = None;
-        for m in &rec.members {
-            caller = Some(self.auth.caller(
-                request,
-                permission,
-                Scope {
-                    pipeline: Some(&m.pipeline),
-                    environment: None,
-                },
-            )?);
-        }
-        let _ = caller;
-        Ok(rec)
+        let caller = self.caller_for_all(
+            request,
+            rec.members.iter().map(|m| m.pipeline.as_str()),
+            permission,
+        )?;
+        Ok((rec, caller))
     }
 
     pub async fn get(&self, request: Request<TrainRef>) -> Result<Response<Train>, Status> {
@@ -151,15 +153,7 @@ impl TrainApi<'_> {
         validate_text("requester", &r.requester, 128)?;
         validate_text("reason", &r.reason, 512)?;
         let id = r.id.clone();
-        let rec = self.may(&request, &id, Permission::DeploysControl).await?;
-        let caller = self.auth.caller(
-            &request,
-            Permission::DeploysControl,
-            Scope {
-                pipeline: Some(rec.home()),
-                environment: None,
-            },
-        )?;
+        let (rec, caller) = self.may(&request, &id, Permission::DeploysControl).await?;
         let shard = self.deployments.shard_of_pipeline(rec.home());
         if let Route::Leader(mut leader) = self.forward.route(shard, &request).await? {
             return leader.abort_train(self.forward.forwarded(request)).await;

@@ -18,10 +18,7 @@ async fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e:#}");
-            if let Some(ended) = e.downcast_ref::<drover_coordinator::ctl::deploys::DeployEnded>() {
-                return ExitCode::from(ended.exit_code());
-            }
-            match e.downcast_ref::<drover_coordinator::ctl::trains::TrainEnded>() {
+            match e.downcast_ref::<drover_coordinator::ctl::Ended>() {
                 Some(ended) => ExitCode::from(ended.exit_code()),
                 None => ExitCode::FAILURE,
             }

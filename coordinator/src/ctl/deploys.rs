@@ -13,37 +13,7 @@ use drover_common::proto::{
 use indicatif::{ProgressBar, ProgressStyle};
 use tonic::transport::Channel;
 
-use super::{print_json, status_error};
-
-/// How a finished deploy maps to droverctl's exit code.
-#[derive(Debug)]
-pub struct DeployEnded {
-    pub phase: DeployPhase,
-    pub reason: String,
-}
-
-impl std::fmt::Display for DeployEnded {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "deploy ended {}: {}",
-            phase_name(self.phase),
-            self.reason
-        )
-    }
-}
-
-impl std::error::Error for DeployEnded {}
-
-impl DeployEnded {
-    pub fn exit_code(&self) -> u8 {
-        if self.phase == DeployPhase::RolledBack {
-            2
-        } else {
-            1
-        }
-    }
-}
+use super::{Ended, print_json, status_error};
 
 pub fn phase_name(p: DeployPhase) -> &'static str {
     match p {
@@ -90,8 +60,10 @@ fn summary(d: &Deploy) -> String {
 fn outcome(d: &Deploy) -> anyhow::Result<()> {
     match d.phase() {
         DeployPhase::Complete => Ok(()),
-        phase => Err(DeployEnded {
-            phase,
+        phase => Err(Ended {
+            what: "deploy",
+            phase: phase_name(phase),
+            rolled_back: phase == DeployPhase::RolledBack,
             reason: d.reason.clone(),
         }
         .into()),

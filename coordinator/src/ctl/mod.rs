@@ -508,6 +508,32 @@ where
     .await
 }
 
+/// How a followed deploy or train (`--wait`, `watch`) ended other than
+/// complete: droverctl exits 2 when it rolled back, 1 otherwise, so CI
+/// can branch on it.
+#[derive(Debug)]
+pub struct Ended {
+    /// "deploy" or "train".
+    pub what: &'static str,
+    pub phase: &'static str,
+    pub rolled_back: bool,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ended {}: {}", self.what, self.phase, self.reason)
+    }
+}
+
+impl std::error::Error for Ended {}
+
+impl Ended {
+    pub fn exit_code(&self) -> u8 {
+        if self.rolled_back { 2 } else { 1 }
+    }
+}
+
 /// Turns a gRPC status into an error line that names the code.
 pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", status.code(), status.message())

@@ -14,7 +14,7 @@ use drover_common::proto::{
 use tonic::transport::Channel;
 
 use super::deploys::phase_name;
-use super::{print_json, status_error, through_failover};
+use super::{Ended, print_json, status_error, through_failover};
 
 #[derive(Debug, Subcommand)]
 pub enum TrainCommand {
@@ -69,36 +69,6 @@ fn pair(s: &str) -> Result<(String, String), String> {
         .map(|(a, b)| (a.to_string(), b.to_string()))
         .filter(|(a, b)| !a.is_empty() && !b.is_empty())
         .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))
-}
-
-/// How a finished train maps to droverctl's exit code.
-#[derive(Debug)]
-pub struct TrainEnded {
-    pub phase: TrainPhase,
-    pub reason: String,
-}
-
-impl std::fmt::Display for TrainEnded {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "train ended {}: {}",
-            phase_label(self.phase),
-            self.reason
-        )
-    }
-}
-
-impl std::error::Error for TrainEnded {}
-
-impl TrainEnded {
-    pub fn exit_code(&self) -> u8 {
-        if self.phase == TrainPhase::RolledBack {
-            2
-        } else {
-            1
-        }
-    }
 }
 
 pub fn phase_label(p: TrainPhase) -> &'static str {
@@ -346,8 +316,10 @@ pub async fn watch(
         last.ok_or_else(|| anyhow::anyhow!("the watch of {id} ended before it said anything"))?;
     match t.phase() {
         TrainPhase::Complete => Ok(()),
-        TrainPhase::Failed | TrainPhase::RolledBack | TrainPhase::Aborted => Err(TrainEnded {
-            phase: t.phase(),
+        TrainPhase::Failed | TrainPhase::RolledBack | TrainPhase::Aborted => Err(Ended {
+            what: "train",
+            phase: phase_label(t.phase()),
+            rolled_back: t.phase() == TrainPhase::RolledBack,
             reason: t.reason.clone(),
         }
         .into()),

@@ -42,6 +42,16 @@ pub struct Member {
     pub after: Vec<String>,
 }
 
+impl From<&drover_common::proto::TrainMemberSpec> for Member {
+    fn from(m: &drover_common::proto::TrainMemberSpec) -> Member {
+        Member {
+            pipeline: m.pipeline.clone(),
+            artifact: m.artifact.clone(),
+            after: m.after.clone(),
+        }
+    }
+}
+
 /// Why a train is refused (rule 1).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TrainError {

@@ -131,15 +131,7 @@ impl Trains {
                 req.members.len()
             )));
         }
-        let members: Vec<Member> = req
-            .members
-            .iter()
-            .map(|m| Member {
-                pipeline: m.pipeline.clone(),
-                artifact: m.artifact.clone(),
-                after: m.after.clone(),
-            })
-            .collect();
+        let members: Vec<Member> = req.members.iter().map(Member::from).collect();
         let order = train::order(&members).map_err(|e| DeployError::Invalid(e.to_string()))?;
         self.ledger.check_leader(&order[0])?;
         let mut checked = BTreeMap::new();
