@@ -152,3 +152,12 @@ pub async fn origin_bytes(coord: &crate::Coordinator) -> u64 {
         .map(|v| v.trim().parse().unwrap())
         .unwrap_or(0)
 }
+
+/// Fetch calls the origin `coord` has served (whole files or chunks).
+pub async fn origin_fetches(coord: &crate::Coordinator) -> u64 {
+    let text = crate::http_get(coord.metrics_addr, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix("drover_artifact_fetches_total "))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0)
+}

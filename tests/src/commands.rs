@@ -107,3 +107,26 @@ impl Coordinator {
         out.trim().to_string()
     }
 }
+
+/// The command succeeded.
+pub fn ok(update: &CommandUpdate) {
+    assert_eq!(
+        update.status(),
+        drover_common::proto::CommandStatus::Succeeded,
+        "{update:?}"
+    );
+}
+
+/// The command failed, saying `reason_part`.
+pub fn failed(update: &CommandUpdate, reason_part: &str) {
+    assert_eq!(
+        update.status(),
+        drover_common::proto::CommandStatus::Failed,
+        "{update:?}"
+    );
+    assert!(
+        update.reason.contains(reason_part),
+        "reason {:?} lacks {reason_part:?}",
+        update.reason
+    );
+}

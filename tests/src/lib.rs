@@ -27,6 +27,7 @@ pub mod haproxy;
 mod http;
 pub mod netns;
 pub mod nginx;
+pub mod one_agent;
 pub mod pki;
 mod process;
 pub mod procstat;

@@ -8,16 +8,12 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use drover_common::proto::{CommandStatus, CommandUpdate, ConnectionState};
+use drover_common::proto::{CommandStatus, ConnectionState};
 use drover_tests::artifacts::sample_artifact;
-use drover_tests::commands::{cmd, pull, restart, rollback, verify};
+use drover_tests::commands::{cmd, ok, pull, restart, rollback, verify};
 use drover_tests::{Agent, Coordinator, TestDir, free_port, http_get_status, wait_until};
 
 const SERVICE: &str = "hello";
-
-fn ok(update: &CommandUpdate) {
-    assert_eq!(update.status(), CommandStatus::Succeeded, "{update:?}");
-}
 
 /// What the sample service answers on /version, once it answers.
 async fn version(port: u16) -> String {

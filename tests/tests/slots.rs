@@ -7,18 +7,14 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use drover_common::proto::{CommandStatus, CommandUpdate, Slot};
+use drover_common::proto::{CommandStatus, Slot};
 use drover_tests::artifacts::sample_artifact;
-use drover_tests::commands::{cmd, pull, restart_slot, stop};
+use drover_tests::commands::{cmd, ok, pull, restart_slot, stop};
 use drover_tests::{
     Agent, Coordinator, TestDir, free_service_port, http_get_status, wait_until_ok,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn ok(u: &CommandUpdate) {
-    assert_eq!(u.status(), CommandStatus::Succeeded, "{u:?}");
-}
 
 /// What the sample service on `port` answers on /version.
 async fn version_on(port: u16) -> Option<String> {
