@@ -217,7 +217,11 @@ impl Notifier {
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut changes = None;
         loop {
-            if changes.is_none() {
+            // Only the deliverer watches the outbox.
+            let leading = self.leases.leadership(DELIVERING_SHARD).is_some();
+            if !leading {
+                changes = None;
+            } else if changes.is_none() {
                 changes = self.store.watch(&self.keys.outbox()).await.ok();
             }
             let tick = tokio::time::sleep(Duration::from_secs(1));
