@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{AgentConfig, RuntimeKind};
-use crate::connection::{CommandSink, Connection, FenceSink, HelloSource, ReportSink};
+use crate::connection::{CommandSink, Connection, FenceSink, FlagSink, HelloSource, ReportSink};
 use crate::directory::Directory;
 use crate::disk::DiskHealth;
 use crate::executor::{Executor, ExecutorConfig};
@@ -91,6 +91,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     let layout = Layout {
         data_dir: cfg.data_dir.clone(),
     };
+    let flag_files = Arc::new(crate::flags::FlagFiles::new(layout.clone()));
     let chunks = crate::chunk_cache::ChunkCache::open(layout.clone());
     // Serving peers before the first Hello, so it can name the address.
     let peer_address = match &cfg.peer {
@@ -171,6 +172,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         let board = board.clone();
         Arc::new(move |r| board.set_reported(r))
     };
+    let flags: FlagSink = Arc::new(move |f| flag_files.apply(f));
     // systemd (Type=notify): ready after the first connection attempt
     // (connected or not: a coordinator being down must not fail the boot).
     let contact = Arc::new(tokio::sync::Notify::new());
@@ -200,6 +202,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
                 cluster: cluster.clone(),
                 contact: contact.clone(),
                 report: report.clone(),
+                flags: flags.clone(),
                 directory: Some(directory.clone()),
                 dialer: dialer.clone(),
             }

@@ -13,8 +13,8 @@ use std::time::Duration;
 use backon::BackoffBuilder;
 use drover_common::proto::agent_control_client::AgentControlClient;
 use drover_common::proto::{
-    AgentMessage, CoordinatorMessage, FenceAck, Goodbye, Hello, ReportMetrics, ShardEpoch,
-    agent_message, coordinator_message,
+    AgentMessage, CoordinatorMessage, FenceAck, Goodbye, Hello, HostFlags, ReportMetrics,
+    ShardEpoch, agent_message, coordinator_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -69,6 +69,9 @@ pub type ClusterSink = Arc<dyn Fn(&str, bool) + Send + Sync>;
 /// Receives the metrics heartbeats must carry (Welcome, ReportMetrics).
 pub type ReportSink = Arc<dyn Fn(&ReportMetrics) + Send + Sync>;
 
+/// Receives the host's feature flags (HostFlags: the whole set each time).
+pub type FlagSink = Arc<dyn Fn(&HostFlags) + Send + Sync>;
+
 /// How long a leaving agent waits for the coordinator to close the stream.
 const GOODBYE_WAIT: Duration = Duration::from_secs(2);
 
@@ -87,6 +90,7 @@ pub struct Connection {
     /// (the agent is "ready" for systemd after its first attempt).
     pub contact: Arc<tokio::sync::Notify>,
     pub report: ReportSink,
+    pub flags: FlagSink,
     /// Where discovered coordinators are announced (None: only the
     /// configured ones, as drover-fleetsim does).
     pub directory: Option<Arc<Directory>>,
@@ -266,6 +270,9 @@ impl Connection {
                     }
                     Some(coordinator_message::Msg::ReportMetrics(r)) => {
                         (self.report)(&r);
+                    }
+                    Some(coordinator_message::Msg::Flags(f)) => {
+                        (self.flags)(&f);
                     }
                     Some(coordinator_message::Msg::Peers(p)) => {
                         if let Some(directory) = &self.directory {

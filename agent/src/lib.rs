@@ -25,6 +25,7 @@ pub mod connection;
 pub mod directory;
 pub mod disk;
 pub mod executor;
+pub mod flags;
 pub mod fleetsim;
 pub mod health;
 pub mod heartbeat;

@@ -11,6 +11,7 @@
 //! <data>/services/<service>/current -> releases/<sha256>   switched atomically
 //! <data>/services/<service>/logs/   the service's output (process runtime)
 //! <data>/services/<service>/slots/<blue|green>/{current,logs}   a blue-green slot's
+//! <data>/services/<service>/flags.json   its feature flags (0644: the service reads it)
 //! ```
 //!
 //! Permissions: services run as unprivileged users and must reach their
@@ -93,6 +94,11 @@ impl Layout {
 
     pub fn service_dir(&self, service: &str) -> PathBuf {
         self.data_dir.join("services").join(service)
+    }
+
+    /// The service's feature flags, kept current by the agent.
+    pub fn flags_file(&self, service: &str) -> PathBuf {
+        self.service_dir(service).join("flags.json")
     }
 
     pub fn releases_dir(&self, service: &str) -> PathBuf {

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -145,8 +145,13 @@ pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<DataDirLock> {
 }
 
 /// Replaces `path` with `bytes` atomically and durably: temp file, fsync,
-/// rename, fsync of the directory.
+/// rename, fsync of the directory; the file is the agent's alone (0600).
 pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_durably_as(path, bytes, 0o600)
+}
+
+/// [`write_durably`] with the file's permission bits.
+pub fn write_durably_as(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);
@@ -154,8 +159,10 @@ pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o600)
+        .mode(mode)
         .open(&tmp)?;
+    // The mode asked for, whatever the umask.
+    file.set_permissions(std::fs::Permissions::from_mode(mode))?;
     file.write_all(bytes)?;
     file.sync_all()?;
     drop(file);

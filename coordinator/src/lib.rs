@@ -21,6 +21,7 @@ pub mod config;
 pub mod ctl;
 pub mod deploy;
 pub mod error;
+pub mod flags;
 pub mod fleet;
 pub mod fuzzing;
 pub mod ha;

@@ -192,6 +192,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         cfg.webhook_secrets.clone(),
     );
     tokio::spawn(notifier.clone().run(stop.clone()));
+    let flags = crate::flags::Flags::new(
+        deployments.ledger().clone(),
+        pipelines.clone(),
+        registry.clone(),
+    );
+    tokio::spawn(crate::flags::push::keep_hosts_current(
+        flags.clone(),
+        stop.clone(),
+    ));
     let deployer = DeployerService {
         registry: registry.clone(),
         pending,
@@ -204,6 +213,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         embedded: embedded.clone(),
         trains: trains.clone(),
         notifier,
+        flags,
     };
     // Every artifact uploaded to another coordinator is copied here too.
     let replicator = Arc::new(Replicator::new(trust.dialer.clone()));

@@ -33,6 +33,10 @@ impl Executor {
         env.insert("DROVER_SERVICE".into(), service.to_string());
         env.insert("DROVER_RELEASE".into(), digest.hex());
         env.insert("DROVER_RELEASE_DIR".into(), release.display().to_string());
+        env.insert(
+            "DROVER_FLAGS_FILE".into(),
+            self.cfg.layout.flags_file(service).display().to_string(),
+        );
         if let Some(port) = self.cfg.slot_ports.port(unit)? {
             env.insert("PORT".into(), port.to_string());
             let slot = slot_name(unit.slot).unwrap_or_default();

@@ -452,6 +452,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
                     cluster: Arc::new(|_, _| {}),
                     contact: Arc::default(),
                     report: Arc::new(|_| {}),
+                    flags: Arc::new(|_| {}),
                     directory: None,
                     dialer: dialer.clone(),
                 }

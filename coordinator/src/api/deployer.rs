@@ -55,6 +55,8 @@ pub struct DeployerService {
     pub trains: Arc<crate::deploy::trains::Trains>,
     /// Notification subscriptions.
     pub notifier: Arc<crate::notify::Notifier>,
+    /// Feature flags.
+    pub flags: Arc<crate::flags::Flags>,
 }
 
 impl DeployerService {
@@ -81,6 +83,13 @@ impl DeployerService {
             deployments: &self.deployments,
             pipelines: &self.pipelines,
             forward: &self.forward,
+            auth: &self.auth,
+        }
+    }
+
+    fn flag_api(&self) -> crate::api::flags::FlagApi<'_> {
+        crate::api::flags::FlagApi {
+            flags: &self.flags,
             auth: &self.auth,
         }
     }
@@ -403,6 +412,27 @@ impl Deployer for DeployerService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok),
         )))
+    }
+
+    async fn set_flag(
+        &self,
+        request: Request<drover_common::proto::SetFlagRequest>,
+    ) -> Result<Response<drover_common::proto::FlagState>, Status> {
+        self.flag_api().set(request).await
+    }
+
+    async fn rollback_flag(
+        &self,
+        request: Request<drover_common::proto::FlagRef>,
+    ) -> Result<Response<drover_common::proto::FlagState>, Status> {
+        self.flag_api().rollback(request).await
+    }
+
+    async fn list_flags(
+        &self,
+        request: Request<drover_common::proto::ListFlagsRequest>,
+    ) -> Result<Response<drover_common::proto::ListFlagsResponse>, Status> {
+        self.flag_api().list(request).await
     }
 
     async fn put_subscription(

@@ -8,6 +8,7 @@ pub mod artifacts;
 pub mod chunks;
 pub mod deployer;
 pub mod deploys;
+pub mod flags;
 pub mod forward;
 pub mod notifications;
 pub mod store_backup;

@@ -10,6 +10,7 @@ mod ca;
 mod command;
 mod coordinators;
 pub mod deploys;
+mod flags;
 mod hosts;
 mod notifications;
 mod pipelines;
@@ -76,6 +77,9 @@ pub enum Command {
     /// Release trains: several pipelines in dependency order; start (and wait), status, list, watch, abort.
     #[command(subcommand)]
     Train(trains::TrainCommand),
+    /// Feature flags per environment, without a deploy: set, rollback, list.
+    #[command(subcommand)]
+    Flag(flags::FlagCommand),
     /// Webhooks told about deploys and trains: subscribe, unsubscribe, list, status.
     #[command(subcommand)]
     Notifications(notifications::NotificationsCommand),
@@ -325,6 +329,7 @@ pub async fn run(cli: Cli, out: &mut impl std::io::Write) -> anyhow::Result<()> 
         }
         Command::Deploy(cmd) => deploy(&mut deployer, cmd, cli.json, out).await,
         Command::Train(cmd) => trains::run(&mut deployer, cmd, cli.json, out).await,
+        Command::Flag(cmd) => flags::run(&mut deployer, cmd, cli.json, out).await,
         Command::Notifications(cmd) => notifications::run(&mut deployer, cmd, cli.json, out).await,
         Command::Audit { service, since } => {
             audit::log(&mut deployer, &service, since, cli.json, out).await

@@ -502,6 +502,22 @@ impl Registry {
         hosts.get(host_id).and_then(|e| e.session.clone())
     }
 
+    /// Queues `message` on `host_id`'s live stream, if it has one (a full
+    /// queue gets it as soon as it has room).
+    pub fn send_to(&self, host_id: &str, message: CoordinatorMessage) -> bool {
+        let Some(session) = self.session(host_id) else {
+            return false;
+        };
+        if let Err(mpsc::error::TrySendError::Full(item)) =
+            session.outbound.try_send(Box::new(Ok(message)))
+        {
+            tokio::spawn(async move {
+                let _ = session.outbound.send(item).await;
+            });
+        }
+        true
+    }
+
     /// Queues `message` on every live stream (a Fence after winning shards).
     /// A full queue gets it as soon as it has room; nothing is dropped.
     pub fn broadcast(&self, message: CoordinatorMessage) {

@@ -18,6 +18,7 @@
 //! evidence/<deploy>/<stage>.<step>        BakeEvidence of a canary step being baked
 //! trains/<id>                             a release train's record (JSON)
 //! train-keys/<key>                        the train a start key made
+//! flags/<pipeline>/<environment>/<name>   a feature flag's FlagState
 //! notify/subscriptions/<name>             a webhook Subscription
 //! notify/outbox/<ms>-<deploy>-<n>         a notifiable AuditEvent, written with it
 //! notify/cursors/<name>                   how far a subscription's deliveries got (JSON)
@@ -147,6 +148,14 @@ impl Keys {
 
     pub fn train(&self, id: &str) -> String {
         format!("{}{id}", self.trains())
+    }
+
+    pub fn flags(&self) -> String {
+        format!("{}/flags/", self.prefix)
+    }
+
+    pub fn flag(&self, pipeline: &str, environment: &str, name: &str) -> String {
+        format!("{}{pipeline}/{environment}/{name}", self.flags())
     }
 
     pub fn subscriptions(&self) -> String {

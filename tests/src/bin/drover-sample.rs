@@ -99,6 +99,13 @@ impl App {
             }
             "/healthz" => (StatusCode::OK, "ok\n".into()),
             "/version" => (StatusCode::OK, format!("{}\n", self.args.version_label)),
+            // Its feature flags, read as a service reads them: the file the
+            // agent keeps current ($DROVER_FLAGS_FILE).
+            "/flags" => match std::env::var_os("DROVER_FLAGS_FILE").map(std::fs::read_to_string) {
+                Some(Ok(text)) => (StatusCode::OK, text),
+                Some(Err(e)) => (StatusCode::NOT_FOUND, format!("{e}\n")),
+                None => (StatusCode::NOT_FOUND, "no DROVER_FLAGS_FILE\n".into()),
+            },
             "/metrics" => {
                 let mut out = String::new();
                 prometheus_client::encoding::text::encode(&mut out, &self.registry)

@@ -1,0 +1,271 @@
+//! Feature flags per environment, without a deploy (`assign.rs` says which
+//! hosts each is on for). A flag's state (`flags/<pipeline>/<env>/<name>`)
+//! and its audit event are written in one transaction, compared on the
+//! key's revision; every coordinator keeps its connected hosts' flags
+//! current ([`push::keep_hosts_current`]), pushing on the agent stream as
+//! soon as the store says a flag changed.
+
+pub mod assign;
+pub mod push;
+
+use std::sync::Arc;
+
+use drover_common::labels::Selector;
+use drover_common::proto::{AuditEvent, AuditKind, Flag, FlagRef, FlagState, SetFlagRequest};
+use prost::Message;
+
+use crate::deploy::deployments::DeployError;
+use crate::deploy::ledger::Ledger;
+use crate::deploy::pipeline::Pipelines;
+use crate::fleet::Registry;
+use crate::store::{Compare, Op};
+
+pub struct Flags {
+    ledger: Arc<Ledger>,
+    pipelines: Arc<Pipelines>,
+    registry: Arc<Registry>,
+}
+
+fn describe(flag: Option<&Flag>) -> String {
+    match flag {
+        None => "absent (off)".into(),
+        Some(f) if f.selector.is_empty() => format!("{}%", f.percent),
+        Some(f) => format!("{}% of {}", f.percent, f.selector),
+    }
+}
+
+impl Flags {
+    pub fn new(
+        ledger: Arc<Ledger>,
+        pipelines: Arc<Pipelines>,
+        registry: Arc<Registry>,
+    ) -> Arc<Flags> {
+        Arc::new(Flags {
+            ledger,
+            pipelines,
+            registry,
+        })
+    }
+
+    /// Sets a flag (bad input changes nothing): the setting it replaces is
+    /// what a rollback returns to.
+    pub async fn set(&self, req: SetFlagRequest, who: &str) -> Result<FlagState, DeployError> {
+        let mut flag = req
+            .flag
+            .ok_or_else(|| DeployError::Invalid("flag: missing".into()))?;
+        if let Some(why) = assign::invalid(&flag) {
+            return Err(DeployError::Invalid(why));
+        }
+        let service = self.environment(&req.pipeline, &req.environment).await?;
+        flag.updated_by = who.to_string();
+        flag.updated_at_unix_ms = self.ledger.now();
+        self.change(
+            &req.pipeline,
+            &req.environment,
+            &flag.name.clone(),
+            &service,
+            who,
+            |old| {
+                Ok(FlagState {
+                    pipeline: req.pipeline.clone(),
+                    environment: req.environment.clone(),
+                    previous: old.and_then(|o| o.flag.clone()),
+                    flag: Some(flag.clone()),
+                    ..Default::default()
+                })
+            },
+        )
+        .await
+    }
+
+    /// Returns a flag to its previous setting; one that had none is turned
+    /// off (0%). Nothing to return to: FAILED_PRECONDITION.
+    pub async fn rollback(&self, r: FlagRef, who: &str) -> Result<FlagState, DeployError> {
+        let service = self.environment(&r.pipeline, &r.environment).await?;
+        let now = self.ledger.now();
+        self.change(&r.pipeline, &r.environment, &r.name, &service, who, |old| {
+            let old = old.ok_or_else(|| {
+                DeployError::NotFound(format!(
+                    "no flag {:?} in {}/{}",
+                    r.name, r.pipeline, r.environment
+                ))
+            })?;
+            let current = old.flag.clone().unwrap_or_default();
+            let mut back = match &old.previous {
+                Some(p) => p.clone(),
+                None if current.percent > 0 => Flag {
+                    percent: 0,
+                    ..current.clone()
+                },
+                None => {
+                    return Err(DeployError::Conflict(format!(
+                        "flag {:?} in {}/{} is off and has no earlier setting to return to",
+                        r.name, r.pipeline, r.environment
+                    )));
+                }
+            };
+            back.updated_by = who.to_string();
+            back.updated_at_unix_ms = now;
+            Ok(FlagState {
+                pipeline: r.pipeline.clone(),
+                environment: r.environment.clone(),
+                flag: Some(back),
+                previous: None,
+                ..Default::default()
+            })
+        })
+        .await
+    }
+
+    /// Writes the state `next` makes of the current one, with its audit
+    /// event, if nobody changed the flag meanwhile (else again).
+    async fn change(
+        &self,
+        pipeline: &str,
+        environment: &str,
+        name: &str,
+        service: &str,
+        who: &str,
+        next: impl Fn(Option<&FlagState>) -> Result<FlagState, DeployError>,
+    ) -> Result<FlagState, DeployError> {
+        let key = self.ledger.keys().flag(pipeline, environment, name);
+        loop {
+            let current = self.ledger.store().get(&key).await?;
+            let old = current
+                .as_ref()
+                .and_then(|kv| FlagState::decode(kv.value.as_slice()).ok());
+            let new = next(old.as_ref())?;
+            let compare = match &current {
+                Some(kv) => Compare::ModRevision(key.clone(), kv.mod_revision),
+                None => Compare::Missing(key.clone()),
+            };
+            let event = AuditEvent {
+                at_unix_ms: self.ledger.now(),
+                service: service.to_string(),
+                pipeline: pipeline.to_string(),
+                stage: environment.to_string(),
+                actor: who.to_string(),
+                event: AuditKind::FlagChanged as i32,
+                message: format!(
+                    "flag {name} in {pipeline}/{environment}: {} → {}",
+                    describe(old.as_ref().and_then(|o| o.flag.as_ref())),
+                    describe(new.flag.as_ref())
+                ),
+                ..Default::default()
+            };
+            if self
+                .ledger
+                .record_with(
+                    &event,
+                    vec![compare],
+                    vec![Op::put(key.clone(), new.encode_to_vec())],
+                )
+                .await?
+            {
+                tracing::info!(%pipeline, %environment, flag = %name, %who, "flag changed");
+                return self.counted(new).await;
+            }
+        }
+    }
+
+    /// The service of `pipeline`, if `environment` is one of its stages.
+    async fn environment(&self, pipeline: &str, environment: &str) -> Result<String, DeployError> {
+        let p = self
+            .pipelines
+            .get(pipeline)
+            .await
+            .map_err(|e| DeployError::Invalid(format!("pipeline: {e}")))?;
+        if !p.stages.iter().any(|s| s.name == environment) {
+            let names: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
+            return Err(DeployError::Invalid(format!(
+                "environment: pipeline {pipeline} has no stage {environment:?} (its stages: {})",
+                names.join(", ")
+            )));
+        }
+        Ok(p.service)
+    }
+
+    /// Every flag (of `pipeline`, or all), with how many connected hosts
+    /// each is on for.
+    pub async fn list(&self, pipeline: &str) -> Result<Vec<FlagState>, DeployError> {
+        let mut states = self.all().await?;
+        states.retain(|s| pipeline.is_empty() || s.pipeline == pipeline);
+        let counts = self.assignment(&states).await?.counts;
+        for s in &mut states {
+            let name = s.flag.as_ref().map(|f| f.name.clone()).unwrap_or_default();
+            if let Some((on, eligible)) =
+                counts.get(&(s.pipeline.clone(), s.environment.clone(), name))
+            {
+                s.hosts_on = *on;
+                s.hosts_eligible = *eligible;
+            }
+        }
+        Ok(states)
+    }
+
+    async fn counted(&self, state: FlagState) -> Result<FlagState, DeployError> {
+        let key = (
+            state.pipeline.clone(),
+            state.environment.clone(),
+            state
+                .flag
+                .as_ref()
+                .map(|f| f.name.clone())
+                .unwrap_or_default(),
+        );
+        let mut state = state;
+        if let Some((on, eligible)) = self
+            .assignment(std::slice::from_ref(&state))
+            .await?
+            .counts
+            .get(&key)
+        {
+            state.hosts_on = *on;
+            state.hosts_eligible = *eligible;
+        }
+        Ok(state)
+    }
+
+    /// Every stored flag.
+    pub async fn all(&self) -> Result<Vec<FlagState>, DeployError> {
+        let (kvs, _) = self
+            .ledger
+            .store()
+            .range(&self.ledger.keys().flags())
+            .await?;
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| FlagState::decode(kv.value.as_slice()).ok())
+            .collect())
+    }
+
+    /// `states` assigned to the connected hosts (`assign::assign`).
+    pub async fn assignment(
+        &self,
+        states: &[FlagState],
+    ) -> Result<assign::Assignment, DeployError> {
+        let pipelines = self.pipelines.list().await?;
+        let hosts: Vec<_> = self
+            .registry
+            .list(&Selector::default())
+            .into_iter()
+            .filter(|h| h.state() != drover_common::proto::ConnectionState::Gone)
+            .collect();
+        let labelled: Vec<assign::HostLabels> = hosts
+            .iter()
+            .map(|h| assign::HostLabels {
+                id: &h.host_id,
+                labels: &h.labels,
+            })
+            .collect();
+        Ok(assign::assign(states, &pipelines, &labelled))
+    }
+
+    pub(crate) fn ledger(&self) -> &Arc<Ledger> {
+        &self.ledger
+    }
+
+    pub(crate) fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+}
