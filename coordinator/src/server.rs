@@ -201,6 +201,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         flags.clone(),
         stop.clone(),
     ));
+    tokio::spawn(crate::flags::judge::judge_forever(
+        flags.clone(),
+        leases.clone(),
+        stop.clone(),
+    ));
     let deployer = DeployerService {
         registry: registry.clone(),
         pending,

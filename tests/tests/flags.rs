@@ -198,3 +198,109 @@ async fn a_flag_at_30_percent_reaches_three_of_ten_hosts_within_a_heartbeat_and_
         ]
     );
 }
+
+/// Waits for the flag's verdict; returns it and its reason.
+async fn verdict(f: &SampleFleet, name: &str) -> (drover_common::proto::AnalysisVerdict, String) {
+    drover_tests::wait_until(
+        &format!("flag {name}'s verdict"),
+        Duration::from_secs(60),
+        || async {
+            let flags = f
+                .coord
+                .deployer()
+                .await
+                .list_flags(ListFlagsRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .flags;
+            match flags
+                .iter()
+                .find(|s| s.flag.as_ref().is_some_and(|x| x.name == name))
+            {
+                Some(s) if s.verdict() != drover_common::proto::AnalysisVerdict::Unspecified => {
+                    Ok((s.verdict(), s.verdict_reason.clone()))
+                }
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await
+}
+
+/// A flag judged as a canary: a harmless one passes and stays; one that
+/// makes its hosts fail half their requests is failed by the analysis
+/// (its on-hosts against its off-hosts, under real load) and turned off
+/// by itself on every host.
+#[tokio::test]
+async fn a_flag_that_breaks_its_hosts_is_judged_and_turned_off_by_itself() {
+    let f = SampleFleet::start(10, 20).await;
+    f.apply(PIPELINE);
+    let v1 = f.push("v1", &["--flag-errors", "beta=0.5", "--random-errors"]);
+    let (code, out, err) = f.deploy_through("hello", &v1);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let mut api = f.coord.deployer().await;
+    let judged = |name: &str| SetFlagRequest {
+        pipeline: "hello".into(),
+        environment: "prod".into(),
+        flag: Some(Flag {
+            name: name.into(),
+            percent: 30,
+            analysis: Some(drover_common::proto::Analysis {
+                metrics: vec![drover_common::proto::MetricCheck {
+                    name: "error_rate".into(),
+                    ..Default::default()
+                }],
+                min_requests: 20,
+                ..Default::default()
+            }),
+            bake_ms: 4000,
+            ..Default::default()
+        }),
+        requester: "sre".into(),
+    };
+    // Harmless: passes, stays at 30%.
+    api.set_flag(judged("calm")).await.unwrap();
+    let (v, why) = verdict(&f, "calm").await;
+    assert_eq!(v, drover_common::proto::AnalysisVerdict::Pass, "{why}");
+    // Harmful: fails, and is rolled back to off on every host.
+    api.set_flag(judged("beta")).await.unwrap();
+    let (v, why) = verdict(&f, "beta").await;
+    assert_eq!(v, drover_common::proto::AnalysisVerdict::Fail, "{why}");
+    until(&f, |v| v.iter().all(|b| *b == Some(false))).await;
+    let flags = api
+        .list_flags(ListFlagsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .flags;
+    let percent = |name: &str| {
+        flags.iter().find_map(|s| {
+            s.flag
+                .as_ref()
+                .filter(|x| x.name == name)
+                .map(|x| x.percent)
+        })
+    };
+    assert_eq!((percent("calm"), percent("beta")), (Some(30), Some(0)));
+    let audit: Vec<String> = f
+        .coord
+        .audit("hello")
+        .await
+        .into_iter()
+        .filter(|e| matches!(e.event(), AuditKind::FlagChanged | AuditKind::Analysis))
+        .map(|e| format!("{} by {}", e.message, e.actor))
+        .collect();
+    assert!(
+        audit
+            .iter()
+            .any(|l| l.starts_with("flag beta in hello/prod judged FAIL")),
+        "{audit:?}"
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|l| l == "flag beta in hello/prod: 30% → 0% by drover (flag analysis)"),
+        "{audit:?}"
+    );
+}

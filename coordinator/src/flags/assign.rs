@@ -46,6 +46,17 @@ pub fn invalid(flag: &Flag) -> Option<String> {
     if let Err(e) = Selector::parse(&flag.selector) {
         return Some(format!("flag.selector: {e}"));
     }
+    if let Some(a) = &flag.analysis {
+        if !(0.0..0.5).contains(&a.alpha) {
+            return Some(format!(
+                "flag.analysis.alpha: {} is outside 0 to 0.5",
+                a.alpha
+            ));
+        }
+        if flag.bake_ms > 3_600_000 {
+            return Some(format!("flag.bake_ms: {} is over an hour", flag.bake_ms));
+        }
+    }
     None
 }
 
@@ -78,8 +89,18 @@ pub type FlagKey = (String, String, String);
 pub struct Assignment {
     /// Each host's flags.
     pub per_host: BTreeMap<String, HostFlags>,
-    /// Per flag, the hosts it is on for and the eligible.
-    pub counts: BTreeMap<FlagKey, (u32, u32)>,
+    /// Per flag, its eligible hosts and whether it is on for each.
+    pub eligible: BTreeMap<FlagKey, Vec<(String, bool)>>,
+}
+
+impl Assignment {
+    /// Hosts `key` is on for, and its eligible hosts.
+    pub fn count(&self, key: &FlagKey) -> (u32, u32) {
+        self.eligible.get(key).map_or((0, 0), |hosts| {
+            let on = hosts.iter().filter(|(_, on)| *on).count();
+            (on as u32, hosts.len() as u32)
+        })
+    }
 }
 
 /// Rules 1 to 3.
@@ -89,7 +110,7 @@ pub fn assign(
     hosts: &[HostLabels<'_>],
 ) -> Assignment {
     let mut per_host: BTreeMap<String, BTreeMap<String, BTreeMap<String, bool>>> = BTreeMap::new();
-    let mut counts = BTreeMap::new();
+    let mut sides = BTreeMap::new();
     for state in states {
         let Some(flag) = &state.flag else { continue };
         let Some(pipeline) = pipelines.iter().find(|p| p.name == state.pipeline) else {
@@ -119,13 +140,16 @@ pub fn assign(
                 .or_default()
                 .insert(flag.name.clone(), on.contains(h.id));
         }
-        counts.insert(
+        sides.insert(
             (
                 state.pipeline.clone(),
                 state.environment.clone(),
                 flag.name.clone(),
             ),
-            (on.len() as u32, eligible.len() as u32),
+            eligible
+                .iter()
+                .map(|h| (h.to_string(), on.contains(h)))
+                .collect(),
         );
     }
     let per_host = per_host
@@ -141,7 +165,10 @@ pub fn assign(
             (host, HostFlags { services })
         })
         .collect();
-    Assignment { per_host, counts }
+    Assignment {
+        per_host,
+        eligible: sides,
+    }
 }
 
 #[cfg(test)]
@@ -212,14 +239,15 @@ mod tests {
             flag: Some(flag("beta", 100, "zone=z0")),
             ..Default::default()
         };
-        let Assignment { per_host, counts } = assign(&[state], &[pipeline], &hosts);
+        let assigned = assign(&[state], &[pipeline], &hosts);
+        let per_host = &assigned.per_host;
         let on = |h: &str| per_host.get(h).map(|f| f.services[0].flags["beta"]);
         assert_eq!(on("h0"), Some(true));
         assert_eq!(on("h1"), Some(false), "in prod, not eligible: off");
         assert_eq!(on("h2"), Some(true));
         assert_eq!(on("h3"), None, "not in the environment");
         assert_eq!(
-            counts[&("web".into(), "prod".into(), "beta".into())],
+            assigned.count(&("web".into(), "prod".into(), "beta".into())),
             (2, 2)
         );
         assert!(

@@ -6,6 +6,7 @@
 //! soon as the store says a flag changed.
 
 pub mod assign;
+pub mod judge;
 pub mod push;
 
 use std::sync::Arc;
@@ -24,6 +25,15 @@ pub struct Flags {
     ledger: Arc<Ledger>,
     pipelines: Arc<Pipelines>,
     registry: Arc<Registry>,
+}
+
+/// Where a flag is: (pipeline, environment, name).
+pub fn key_of(s: &FlagState) -> assign::FlagKey {
+    (
+        s.pipeline.clone(),
+        s.environment.clone(),
+        s.flag.as_ref().map(|f| f.name.clone()).unwrap_or_default(),
+    )
 }
 
 fn describe(flag: Option<&Flag>) -> String {
@@ -190,40 +200,83 @@ impl Flags {
     pub async fn list(&self, pipeline: &str) -> Result<Vec<FlagState>, DeployError> {
         let mut states = self.all().await?;
         states.retain(|s| pipeline.is_empty() || s.pipeline == pipeline);
-        let counts = self.assignment(&states).await?.counts;
+        let assigned = self.assignment(&states).await?;
         for s in &mut states {
-            let name = s.flag.as_ref().map(|f| f.name.clone()).unwrap_or_default();
-            if let Some((on, eligible)) =
-                counts.get(&(s.pipeline.clone(), s.environment.clone(), name))
-            {
-                s.hosts_on = *on;
-                s.hosts_eligible = *eligible;
-            }
+            (s.hosts_on, s.hosts_eligible) = assigned.count(&key_of(s));
         }
         Ok(states)
     }
 
-    async fn counted(&self, state: FlagState) -> Result<FlagState, DeployError> {
-        let key = (
-            state.pipeline.clone(),
-            state.environment.clone(),
-            state
-                .flag
-                .as_ref()
-                .map(|f| f.name.clone())
-                .unwrap_or_default(),
-        );
-        let mut state = state;
-        if let Some((on, eligible)) = self
-            .assignment(std::slice::from_ref(&state))
-            .await?
-            .counts
-            .get(&key)
-        {
-            state.hosts_on = *on;
-            state.hosts_eligible = *eligible;
-        }
+    async fn counted(&self, mut state: FlagState) -> Result<FlagState, DeployError> {
+        let assigned = self.assignment(std::slice::from_ref(&state)).await?;
+        (state.hosts_on, state.hosts_eligible) = assigned.count(&key_of(&state));
         Ok(state)
+    }
+
+    /// The stored state of the flag at `key`.
+    pub async fn get(&self, key: &assign::FlagKey) -> Result<Option<FlagState>, DeployError> {
+        let (pipeline, environment, name) = key;
+        Ok(self
+            .ledger
+            .store()
+            .get(&self.ledger.keys().flag(pipeline, environment, name))
+            .await?
+            .and_then(|kv| FlagState::decode(kv.value.as_slice()).ok()))
+    }
+
+    /// The service `pipeline` deploys.
+    pub async fn service_of(&self, pipeline: &str) -> Result<String, DeployError> {
+        Ok(self.pipelines.get(pipeline).await?.service)
+    }
+
+    /// Records the judgement of the setting `judged` (only if it is still
+    /// the flag's setting), with an ANALYSIS audit event; whether it was.
+    pub async fn judged(
+        &self,
+        judged: &FlagState,
+        verdict: drover_common::proto::AnalysisVerdict,
+        reason: &str,
+    ) -> Result<bool, DeployError> {
+        let key = key_of(judged);
+        let store_key = self.ledger.keys().flag(&key.0, &key.1, &key.2);
+        let Some(kv) = self.ledger.store().get(&store_key).await? else {
+            return Ok(false);
+        };
+        let Ok(mut now) = FlagState::decode(kv.value.as_slice()) else {
+            return Ok(false);
+        };
+        let at = |s: &FlagState| s.flag.as_ref().map(|f| f.updated_at_unix_ms);
+        if at(&now) != at(judged) {
+            return Ok(false);
+        }
+        now.verdict = verdict as i32;
+        now.verdict_reason = reason.to_string();
+        let event = AuditEvent {
+            at_unix_ms: self.ledger.now(),
+            service: self.service_of(&key.0).await?,
+            pipeline: key.0.clone(),
+            stage: key.1.clone(),
+            actor: judge::JUDGE.to_string(),
+            event: AuditKind::Analysis as i32,
+            reason: reason.to_string(),
+            message: format!(
+                "flag {} in {}/{} judged {}: {reason}",
+                key.2,
+                key.0,
+                key.1,
+                verdict
+                    .as_str_name()
+                    .trim_start_matches("ANALYSIS_VERDICT_")
+            ),
+            ..Default::default()
+        };
+        self.ledger
+            .record_with(
+                &event,
+                vec![Compare::ModRevision(store_key.clone(), kv.mod_revision)],
+                vec![Op::put(store_key, now.encode_to_vec())],
+            )
+            .await
     }
 
     /// Every stored flag.

@@ -67,6 +67,25 @@ struct Args {
     /// /healthz answers 503 for this many seconds after start.
     #[arg(long)]
     ready_after: Option<f64>,
+    /// NAME=RATE: while feature flag NAME is on ($DROVER_FLAGS_FILE, read
+    /// at each request), RATE of `/` requests are errors instead of
+    /// --error-rate (a feature that breaks the service when turned on).
+    #[arg(long, value_parser = flag_errors)]
+    flag_errors: Option<(String, f64)>,
+}
+
+fn flag_errors(s: &str) -> Result<(String, f64), String> {
+    let (name, rate) = s.split_once('=').ok_or("not NAME=RATE")?;
+    Ok((name.to_string(), rate.parse().map_err(|e| format!("{e}"))?))
+}
+
+/// Whether feature flag `name` is on in the agent's flags file.
+fn flag_on(name: &str) -> bool {
+    std::env::var_os("DROVER_FLAGS_FILE")
+        .and_then(|path| std::fs::read(path).ok())
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+        .and_then(|v| v["flags"][name].as_bool())
+        .unwrap_or(false)
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -118,7 +137,10 @@ impl App {
                     tokio::time::sleep(Duration::from_millis(self.args.latency_ms)).await;
                 }
                 let n = self.served.fetch_add(1, Ordering::Relaxed);
-                let rate = self.args.error_rate;
+                let rate = match &self.args.flag_errors {
+                    Some((name, rate)) if flag_on(name) => *rate,
+                    _ => self.args.error_rate,
+                };
                 let error = if self.args.random_errors {
                     use rand::RngExt;
                     self.rng.lock().expect("rng lock").random::<f64>() < rate

@@ -104,7 +104,7 @@ pub fn default_analysis() -> Analysis {
 }
 
 /// Fills what an analysis leaves unsaid with the defaults.
-fn analysis_defaults(a: &mut Analysis) {
+pub fn analysis_defaults(a: &mut Analysis) {
     if a.metrics.is_empty() {
         a.metrics = vec![
             MetricCheck {
