@@ -257,14 +257,16 @@ impl Ledger {
         for action in actions {
             success.extend(self.ledger_ops(rec, action, now, &mut compares).await?);
         }
-        success.extend(self.audit_ops(&audit));
+        success.extend(self.audit_ops(&audit, &format!("w{:08}", rec.writes)));
         self.guarded_txn(shard, compares, success).await
     }
 
     /// The puts of a write's audit events (numbered within the write).
     /// The audit events' writes, and for each notifiable one its outbox
     /// entry (`notify::rules` rule 1): both in the caller's transaction.
-    fn audit_ops(&self, audit: &[AuditEvent]) -> Vec<Op> {
+    /// `write` keeps the events of two writes in the same millisecond
+    /// apart (`Keys::audit_event`).
+    fn audit_ops(&self, audit: &[AuditEvent], write: &str) -> Vec<Op> {
         let mut ops = Vec::new();
         // A train's event is written once per member's service, and
         // notified once.
@@ -276,13 +278,13 @@ impl Ledger {
             if crate::notify::rules::event_of(event.event()).is_some() && !train_wide {
                 ops.push(Op::put(
                     self.keys
-                        .outbox_entry(event.at_unix_ms, &event.deploy_id, n),
+                        .outbox_entry(event.at_unix_ms, &event.deploy_id, write, n),
                     bytes.clone(),
                 ));
             }
             ops.push(Op::put(
                 self.keys
-                    .audit_event(&event.service, event.at_unix_ms, &event.deploy_id, n),
+                    .audit_event(&event.service, event.at_unix_ms, &event.deploy_id, write, n),
                 bytes,
             ));
         }
@@ -301,7 +303,8 @@ impl Ledger {
         audit: &[AuditEvent],
     ) -> Result<Option<u64>, DeployError> {
         compares.push(self.guard(shard)?);
-        ops.extend(self.audit_ops(audit));
+        let write = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        ops.extend(self.audit_ops(audit, &write));
         self.guarded_txn(shard, compares, ops).await
     }
 
@@ -429,7 +432,7 @@ impl Ledger {
                     .await?,
             );
         }
-        success.extend(self.audit_ops(&audit));
+        success.extend(self.audit_ops(&audit, &format!("w{:08}", rec.writes)));
         if !rec.idempotency_key.is_empty() {
             let key = self.keys.idempotency(&rec.pipeline, &rec.idempotency_key);
             compares.push(Compare::Missing(key.clone()));

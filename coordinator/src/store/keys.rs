@@ -13,14 +13,14 @@
 //! known-good/<pipeline>                   the last release that completed
 //! passed/<pipeline>/<stage>/<sha256>      present once the artifact passed the stage
 //! environments/<pipeline>/<stage>         an Environment: what runs there
-//! audit/<service>/<ms>-<deploy>-<n>       AuditEvent, append-only
+//! audit/<service>/<ms>-<deploy>-<write>-<n>  AuditEvent, append-only
 //! audit/<service>/<ms>-command-<uuid>     a command sent by hand
 //! evidence/<deploy>/<stage>.<step>        BakeEvidence of a canary step being baked
 //! trains/<id>                             a release train's record (JSON)
 //! train-keys/<key>                        the train a start key made
 //! flags/<pipeline>/<environment>/<name>   a feature flag's FlagState
 //! notify/subscriptions/<name>             a webhook Subscription
-//! notify/outbox/<ms>-<deploy>-<n>         a notifiable AuditEvent, written with it
+//! notify/outbox/<ms>-<deploy>-<write>-<n> a notifiable AuditEvent, written with it
 //! notify/cursors/<name>                   how far a subscription's deliveries got (JSON)
 //! notify/heads/<name>                     its delivery being retried (JSON)
 //! ```
@@ -131,8 +131,21 @@ impl Keys {
     }
 
     /// Event `n` of one write of a deploy; the zero-padded time sorts them.
-    pub fn audit_event(&self, service: &str, at_unix_ms: u64, deploy: &str, n: usize) -> String {
-        format!("{}{at_unix_ms:016}-{deploy}-{n}", self.audit(service))
+    /// An audit event: `write` tells the writes of one deploy (or train)
+    /// in the same millisecond apart (`w<record's write count>`, or
+    /// `t<random>` for a train's), `n` the events of one write.
+    pub fn audit_event(
+        &self,
+        service: &str,
+        at_unix_ms: u64,
+        deploy: &str,
+        write: &str,
+        n: usize,
+    ) -> String {
+        format!(
+            "{}{at_unix_ms:016}-{deploy}-{write}-{n}",
+            self.audit(service)
+        )
     }
 
     /// A command sent by hand.
@@ -171,8 +184,8 @@ impl Keys {
     }
 
     /// The outbox entry of an audit event (named as its audit key is).
-    pub fn outbox_entry(&self, at_unix_ms: u64, deploy: &str, n: usize) -> String {
-        format!("{}{at_unix_ms:013}-{deploy}-{n}", self.outbox())
+    pub fn outbox_entry(&self, at_unix_ms: u64, deploy: &str, write: &str, n: usize) -> String {
+        format!("{}{at_unix_ms:013}-{deploy}-{write}-{n}", self.outbox())
     }
 
     pub fn notify_cursor(&self, name: &str) -> String {
@@ -212,8 +225,8 @@ mod tests {
         assert_eq!(k.environment("p", "s"), "/drover/environments/p/s");
         assert_eq!(k.audit("svc"), "/drover/audit/svc/");
         assert_eq!(
-            k.audit_event("svc", 42, "d1", 3),
-            "/drover/audit/svc/0000000000000042-d1-3"
+            k.audit_event("svc", 42, "d1", "w00000007", 3),
+            "/drover/audit/svc/0000000000000042-d1-w00000007-3"
         );
         assert_eq!(
             k.audit_command("svc", 42, "u"),
