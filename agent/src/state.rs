@@ -34,6 +34,9 @@ pub struct RecordedResult {
     pub status: i32,
     pub reason: String,
     pub output_tail: String,
+    /// It failed at the command's deadline (a stuck step).
+    #[serde(default)]
+    pub deadline_exceeded: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,6 +198,7 @@ mod tests {
             status: 3,
             reason: String::new(),
             output_tail: String::new(),
+            deadline_exceeded: false,
         });
         j.save().unwrap();
         let again = Journal::open(dir.path()).unwrap();
@@ -243,6 +247,7 @@ mod tests {
                 status: 3,
                 reason: String::new(),
                 output_tail: String::new(),
+                deadline_exceeded: false,
             });
         }
         assert_eq!(s.results.len(), MAX_RESULTS);
@@ -252,6 +257,7 @@ mod tests {
             status: 4,
             reason: "x".into(),
             output_tail: String::new(),
+            deadline_exceeded: false,
         });
         assert_eq!(s.result("c20").unwrap().status, 4);
     }

@@ -86,6 +86,7 @@ pub mod proto {
                     reason: head(reason, MAX_UPDATE_REASON),
                     output_tail: tail(output_tail, MAX_UPDATE_TAIL),
                     pull: None,
+                    deadline_exceeded: false,
                     progress_percent: if status == CommandStatus::Succeeded {
                         100
                     } else {

@@ -365,6 +365,22 @@ async fn a_hanging_hook_fails_the_deploy_within_stuck_timeout_and_is_named() {
         "the hook's output is in the reason: {}",
         deploy.reason
     );
+    // The host is named stuck in the audit (and so to subscriptions).
+    let stuck: Vec<_> = coord
+        .audit(SERVICE)
+        .await
+        .into_iter()
+        .filter(|e| e.event() == drover_common::proto::AuditKind::HostStuck)
+        .collect();
+    assert_eq!(stuck.len(), 1, "{stuck:?}");
+    assert_eq!(stuck[0].hosts, ["web-1"]);
+    assert!(
+        stuck[0]
+            .reason
+            .contains("did not finish within the restart's deadline"),
+        "{}",
+        stuck[0].reason
+    );
     // The hook's whole process group was killed: nothing of it lingers.
     let lingering = std::process::Command::new("pgrep")
         .args(["-f", "migrating table users|^sleep 67$"])

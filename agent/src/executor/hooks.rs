@@ -35,7 +35,10 @@ impl Executor {
             spec.release_dir.join(&hook.command[0])
         };
         let left = deadline.at.saturating_duration_since(Instant::now());
-        let (limit, which) = if hook.timeout <= left {
+        // The restart's deadline, not the hook's own timeout, is what
+        // makes a host stuck.
+        let at_deadline = hook.timeout > left;
+        let (limit, which) = if !at_deadline {
             (hook.timeout, format!("its timeout of {:?}", hook.timeout))
         } else {
             (
@@ -92,10 +95,14 @@ impl Executor {
                 if let Some(pgid) = pgid {
                     let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
                 }
-                return Err(Outcome::failed(format!(
-                    "{name} hook did not finish within {which}; killed"
-                ))
-                .with_tail(tail()));
+                let failed =
+                    Outcome::failed(format!("{name} hook did not finish within {which}; killed"))
+                        .with_tail(tail());
+                return Err(if at_deadline {
+                    failed.at_deadline()
+                } else {
+                    failed
+                });
             }
             Ok(status) => status
                 .map_err(|e| Outcome::failed(format!("{name} hook {}: {e}", program.display())))?,

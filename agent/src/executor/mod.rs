@@ -94,6 +94,8 @@ pub struct Outcome {
     pub output_tail: String,
     /// A Pull's sources of bytes (not journaled: a repeated answer has none).
     pub pull: Option<drover_common::proto::PullStats>,
+    /// It failed at the command's deadline (a step hung: the host is stuck).
+    pub deadline_exceeded: bool,
 }
 
 impl Outcome {
@@ -103,6 +105,7 @@ impl Outcome {
             reason: reason.into(),
             output_tail: String::new(),
             pull: None,
+            deadline_exceeded: false,
         }
     }
 
@@ -112,11 +115,18 @@ impl Outcome {
             reason: reason.into(),
             output_tail: String::new(),
             pull: None,
+            deadline_exceeded: false,
         }
     }
 
     fn with_tail(mut self, tail: String) -> Outcome {
         self.output_tail = tail;
+        self
+    }
+
+    /// Marks it failed at the command's deadline.
+    fn at_deadline(mut self) -> Outcome {
+        self.deadline_exceeded = true;
         self
     }
 
@@ -130,6 +140,7 @@ impl Outcome {
         let mut msg = cmd.update(self.status, &self.reason, &self.output_tail);
         if let Some(drover_common::proto::agent_message::Msg::CommandUpdate(u)) = &mut msg.msg {
             u.pull = self.pull.clone();
+            u.deadline_exceeded = self.deadline_exceeded;
         }
         msg
     }
@@ -345,9 +356,13 @@ impl Executor {
             }
             Gate::Recorded(r) => {
                 let status = CommandStatus::try_from(r.status).unwrap_or(CommandStatus::Failed);
-                let _ = reply
-                    .send(cmd.update(status, &r.reason, &r.output_tail))
-                    .await;
+                let mut answer = cmd.update(status, &r.reason, &r.output_tail);
+                if let Some(drover_common::proto::agent_message::Msg::CommandUpdate(u)) =
+                    &mut answer.msg
+                {
+                    u.deadline_exceeded = r.deadline_exceeded;
+                }
+                let _ = reply.send(answer).await;
                 return;
             }
             Gate::Run => {}
@@ -390,6 +405,7 @@ impl Executor {
             status: outcome.status as i32,
             reason: outcome.reason.clone(),
             output_tail: outcome.output_tail.clone(),
+            deadline_exceeded: outcome.deadline_exceeded,
         };
         // No durable record, no success: the coordinator sends it again
         // (rule 4 makes a repeated Restart a no-op) rather than believe a
@@ -403,6 +419,7 @@ impl Executor {
                     reason: format!("{}; the result could not be recorded ({e})", outcome.reason),
                     output_tail: outcome.output_tail,
                     pull: outcome.pull,
+                    deadline_exceeded: outcome.deadline_exceeded,
                 }
             }
         };
@@ -448,6 +465,7 @@ impl Executor {
                 ),
                 output_tail: String::new(),
                 pull: None,
+                deadline_exceeded: false,
             };
         }
         match cmd.action.as_ref().expect("checked above") {

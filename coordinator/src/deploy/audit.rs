@@ -353,6 +353,21 @@ pub fn approval(
     e
 }
 
+/// `host` of stage `stage` did not finish its restart in time.
+pub fn host_stuck(
+    rec: &DeployRecord,
+    stage: usize,
+    host: &str,
+    reason: &str,
+    at: u64,
+) -> AuditEvent {
+    let mut e = with_stage(base(rec, AuditKind::HostStuck, DROVER, at), rec, stage);
+    e.hosts = vec![host.to_string()];
+    e.reason = reason.to_string();
+    e.message = format!("host {host} is stuck in stage {}: {reason}", e.stage);
+    e
+}
+
 /// A canary step promoted by hand.
 pub fn promoted(rec: &DeployRecord, stage: usize, step: usize, who: &str, at: u64) -> AuditEvent {
     let mut e = with_stage(base(rec, AuditKind::Promoted, who, at), rec, stage);

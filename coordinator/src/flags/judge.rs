@@ -12,8 +12,9 @@
 //! 3. At the end, one look with the analysis's whole alpha. FAIL, or
 //!    INCONCLUSIVE when the analysis says to fail on too little evidence:
 //!    the verdict is recorded and the flag rolled back by drover (audited
-//!    with the reason). Otherwise the verdict is recorded and the flag
-//!    stays.
+//!    with the reason; the setting it returns to keeps the verdict, so it
+//!    says why it is back and is not judged again). Otherwise the verdict
+//!    is recorded and the flag stays.
 //! 4. A newer setting ends the bake of the older; a new leader bakes from
 //!    its own first look (the evidence is not kept across a failover).
 
@@ -137,7 +138,7 @@ async fn bake(
     }
     if fail {
         flags
-            .rollback(
+            .rollback_because(
                 FlagRef {
                     pipeline: state.pipeline.clone(),
                     environment: state.environment.clone(),
@@ -145,6 +146,7 @@ async fn bake(
                     requester: String::new(),
                 },
                 JUDGE,
+                Some((judgement.verdict, judgement.reason.clone())),
             )
             .await?;
     }

@@ -91,6 +91,17 @@ impl Flags {
     /// Returns a flag to its previous setting; one that had none is turned
     /// off (0%). Nothing to return to: FAILED_PRECONDITION.
     pub async fn rollback(&self, r: FlagRef, who: &str) -> Result<FlagState, DeployError> {
+        self.rollback_because(r, who, None).await
+    }
+
+    /// [`Flags::rollback`] because of a judgement, which the state it
+    /// returns to keeps (so `list` says why the flag went back).
+    pub async fn rollback_because(
+        &self,
+        r: FlagRef,
+        who: &str,
+        judged: Option<(drover_common::proto::AnalysisVerdict, String)>,
+    ) -> Result<FlagState, DeployError> {
         let service = self.environment(&r.pipeline, &r.environment).await?;
         let now = self.ledger.now();
         self.change(&r.pipeline, &r.environment, &r.name, &service, who, |old| {
@@ -116,11 +127,14 @@ impl Flags {
             };
             back.updated_by = who.to_string();
             back.updated_at_unix_ms = now;
+            let (verdict, verdict_reason) = judged.clone().unwrap_or_default();
             Ok(FlagState {
                 pipeline: r.pipeline.clone(),
                 environment: r.environment.clone(),
                 flag: Some(back),
                 previous: None,
+                verdict: verdict as i32,
+                verdict_reason,
                 ..Default::default()
             })
         })

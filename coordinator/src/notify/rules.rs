@@ -22,6 +22,7 @@ pub fn event_of(kind: AuditKind) -> Option<NotificationEvent> {
         AuditKind::Failed | AuditKind::TrainFailed => NotificationEvent::Failed,
         AuditKind::RolledBack | AuditKind::TrainRolledBack => NotificationEvent::RolledBack,
         AuditKind::Complete | AuditKind::TrainComplete => NotificationEvent::Complete,
+        AuditKind::HostStuck => NotificationEvent::StuckHost,
         _ => return None,
     })
 }
@@ -154,6 +155,11 @@ mod tests {
             &train
         ));
         assert!(!matches(&sub("", "train-2", "", &[]), &train));
+        let stuck = event(AuditKind::HostStuck, "api", "", "prod");
+        assert!(matches(
+            &sub("", "", "prod", &[NotificationEvent::StuckHost]),
+            &stuck
+        ));
         // Not notifiable at all.
         assert!(!matches(
             &sub("", "", "", &[]),

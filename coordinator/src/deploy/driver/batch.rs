@@ -163,7 +163,7 @@ impl Driver {
                 .await
         };
         let restarts = self.restart_hosts(&rec, (stage, batch), &ready, fence, stuck);
-        let (fresh_done, restarted) = tokio::join!(fresh_restarts, restarts);
+        let (fresh_done, (restarted, stuck_hosts)) = tokio::join!(fresh_restarts, restarts);
         fresh_done?;
         outcomes.extend(restarted);
         // Rule 3.
@@ -199,7 +199,12 @@ impl Driver {
                         }
                     }
                 },
-                |_, _| Vec::new(),
+                |rec, now| {
+                    stuck_hosts
+                        .iter()
+                        .map(|(host, why)| audit::host_stuck(rec, stage, host, why, now))
+                        .collect()
+                },
             )
             .await?;
         let failed = |h: &String| {
@@ -293,7 +298,9 @@ impl Driver {
     }
 
     /// Rule 2's restarts: `hosts` onto the deploy's release,
-    /// `max_unavailable` at a time; per host, Ok or why not.
+    /// `max_unavailable` at a time; per host, Ok or why not, and the hosts
+    /// that were stuck (no result in time, or a step that hung until the
+    /// restart's deadline) with why.
     async fn restart_hosts(
         &self,
         rec: &DeployRecord,
@@ -301,7 +308,7 @@ impl Driver {
         hosts: &[String],
         fence: (u32, u64),
         stuck: Duration,
-    ) -> Vec<(String, Result<(), String>)> {
+    ) -> (Vec<(String, Result<(), String>)>, Vec<(String, String)>) {
         let spec = &rec.snapshot.stages[stage];
         let max_unavailable = spec.max_unavailable.max(1) as usize;
         // The stage's load balancer, if any (traffic.rs).
@@ -310,6 +317,7 @@ impl Driver {
             .as_ref()
             .map(|t| (self.effects.router(t), t.clone()));
         let mut outcomes = Vec::new();
+        let mut stuck_hosts = Vec::new();
         for chunk in hosts.chunks(max_unavailable) {
             let mut tasks = tokio::task::JoinSet::new();
             for host in chunk {
@@ -325,26 +333,37 @@ impl Driver {
                 let cmd = batch_command(fence, &rec.id, (stage, batch), host, "restart", restart);
                 let host = host.clone();
                 tasks.spawn(async move {
+                    let mut was_stuck = false;
                     let restart = async {
                         match effects.send(&host, cmd, stuck + RESULT_SLACK, stuck).await {
                             Ok(u) if u.status() == CommandStatus::Succeeded => Ok(()),
-                            Ok(u) => Err(format!(
-                                "restart: {}{}",
-                                u.reason,
-                                last_words(&u.output_tail)
-                            )),
-                            Err(e) => Err(e),
+                            Ok(u) => {
+                                was_stuck = u.deadline_exceeded;
+                                Err(format!(
+                                    "restart: {}{}",
+                                    u.reason,
+                                    last_words(&u.output_tail)
+                                ))
+                            }
+                            Err(e) => {
+                                was_stuck = true;
+                                Err(e)
+                            }
                         }
                     };
                     let outcome = traffic::around(router, &host, restart).await;
-                    (host, outcome)
+                    (host, outcome, was_stuck)
                 });
             }
             while let Some(done) = tasks.join_next().await {
-                outcomes.push(done.expect("host task does not panic"));
+                let (host, outcome, was_stuck) = done.expect("host task does not panic");
+                if was_stuck && let Err(why) = &outcome {
+                    stuck_hosts.push((host.clone(), why.clone()));
+                }
+                outcomes.push((host, outcome));
             }
         }
-        outcomes
+        (outcomes, stuck_hosts)
     }
 
     /// Rule 1: records the batch's hosts as touched, with their restart

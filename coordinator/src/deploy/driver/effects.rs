@@ -33,7 +33,8 @@ pub trait Effects: Send + Sync {
     /// Sends `cmd` to `host` and waits up to `timeout` for its result. A
     /// host that is away (or drops) gets `patience` to come back; the
     /// command is sent again then (ids are deterministic, agents answer a
-    /// repeat from their records). `Err`: why there is no result.
+    /// repeat from their records). `Err`: why there is no result (the
+    /// host gave none within its patience and timeout: it is stuck).
     async fn send(
         &self,
         host: &str,

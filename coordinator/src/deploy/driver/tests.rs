@@ -160,6 +160,17 @@ async fn a_stuck_host_fails_at_its_deadline_and_is_charged_to_the_budget() {
         waited >= Duration::from_secs(15) && waited < Duration::from_secs(20),
         "{waited:?}"
     );
+    // The audit names the stuck host (and so notifications do); h1 is not.
+    let stuck: Vec<Vec<String>> = w
+        .ledger
+        .audit_log(&rec.service, 0, 0)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.event() == drover_common::proto::AuditKind::HostStuck)
+        .map(|e| e.hosts)
+        .collect();
+    assert_eq!(stuck, [vec!["h2".to_string()]]);
 }
 
 #[tokio::test(start_paused = true)]
