@@ -122,6 +122,7 @@ impl DeployApi<'_> {
             .map_err(ApiError::from)?;
         Ok(Response::new(rec.to_proto()))
     }
+
     pub async fn get_deploy(
         &self,
         request: Request<DeployRef>,
@@ -141,6 +142,7 @@ impl DeployApi<'_> {
         )?;
         Ok(Response::new(rec.to_proto()))
     }
+
     pub async fn list_deploys(
         &self,
         request: Request<ListDeploysRequest>,
@@ -167,6 +169,7 @@ impl DeployApi<'_> {
             deploys: deploys.iter().map(|r| r.to_proto()).collect(),
         }))
     }
+
     pub async fn watch_deploy(
         &self,
         request: Request<DeployRef>,
@@ -204,6 +207,7 @@ impl DeployApi<'_> {
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
+
     pub async fn pause_deploy(
         &self,
         request: Request<DeployRef>,
@@ -222,6 +226,7 @@ impl DeployApi<'_> {
             .map_err(ApiError::from)?;
         Ok(Response::new(rec.to_proto()))
     }
+
     pub async fn resume_deploy(
         &self,
         request: Request<DeployRef>,
@@ -240,6 +245,7 @@ impl DeployApi<'_> {
             .map_err(ApiError::from)?;
         Ok(Response::new(rec.to_proto()))
     }
+
     pub async fn approve_deploy(
         &self,
         request: Request<DeployRef>,
@@ -274,6 +280,7 @@ impl DeployApi<'_> {
             .map_err(ApiError::from)?;
         Ok(Response::new(rec.to_proto()))
     }
+
     pub async fn abort_deploy(
         &self,
         request: Request<DeployRef>,
@@ -305,6 +312,7 @@ impl DeployApi<'_> {
             .map_err(ApiError::from)?;
         Ok(Response::new(rec.to_proto()))
     }
+
     pub async fn rollback_deploy(
         &self,
         request: Request<DeployRef>,
@@ -338,6 +346,7 @@ impl DeployApi<'_> {
             .map_err(ApiError::from)?;
         Ok(Response::new(rec.to_proto()))
     }
+
     pub async fn promote_deploy(
         &self,
         request: Request<DeployRef>,
@@ -356,6 +365,7 @@ impl DeployApi<'_> {
             .map_err(ApiError::from)?;
         Ok(Response::new(rec.to_proto()))
     }
+
     pub async fn list_environments(
         &self,
         request: Request<ListEnvironmentsRequest>,

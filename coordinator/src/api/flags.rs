@@ -18,21 +18,33 @@ pub struct FlagApi<'a> {
 }
 
 impl FlagApi<'_> {
+    /// Who changes a flag of `pipeline`'s `environment`, if they may
+    /// (deploys.control there); the requester's note validated.
+    fn changer<T>(
+        &self,
+        request: &Request<T>,
+        requester: &str,
+        pipeline: &str,
+        environment: &str,
+    ) -> Result<String, Status> {
+        validate_text("requester", requester, 128)?;
+        let caller = self.auth.caller(
+            request,
+            Permission::DeploysControl,
+            Scope {
+                pipeline: Some(pipeline),
+                environment: Some(environment),
+            },
+        )?;
+        Ok(actor_with_note(&caller, requester))
+    }
+
     pub async fn set(
         &self,
         request: Request<SetFlagRequest>,
     ) -> Result<Response<FlagState>, Status> {
         let r = request.get_ref();
-        validate_text("requester", &r.requester, 128)?;
-        let caller = self.auth.caller(
-            &request,
-            Permission::DeploysControl,
-            Scope {
-                pipeline: Some(&r.pipeline),
-                environment: Some(&r.environment),
-            },
-        )?;
-        let who = actor_with_note(&caller, &r.requester);
+        let who = self.changer(&request, &r.requester, &r.pipeline, &r.environment)?;
         let state = self
             .flags
             .set(request.into_inner(), &who)
@@ -43,16 +55,7 @@ impl FlagApi<'_> {
 
     pub async fn rollback(&self, request: Request<FlagRef>) -> Result<Response<FlagState>, Status> {
         let r = request.get_ref();
-        validate_text("requester", &r.requester, 128)?;
-        let caller = self.auth.caller(
-            &request,
-            Permission::DeploysControl,
-            Scope {
-                pipeline: Some(&r.pipeline),
-                environment: Some(&r.environment),
-            },
-        )?;
-        let who = actor_with_note(&caller, &r.requester);
+        let who = self.changer(&request, &r.requester, &r.pipeline, &r.environment)?;
         let state = self
             .flags
             .rollback(request.into_inner(), &who)
