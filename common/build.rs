@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "../proto/drover/v1/train.proto",
         "../proto/drover/v1/notifications.proto",
         "../proto/drover/v1/flags.proto",
+        "../proto/drover/v1/config.proto",
     ];
     for proto in &protos {
         println!("cargo:rerun-if-changed={proto}");

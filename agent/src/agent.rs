@@ -115,6 +115,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
             signers: cfg.signers.clone(),
             disk: disk.clone(),
             chunks: chunks.clone(),
+            secrets: cfg.secrets.clone(),
         },
         journal,
         runtime.clone(),

@@ -110,6 +110,14 @@ pub struct Args {
     /// together (0: unlimited), so serving never starves the host's service.
     #[arg(long, default_value_t = 50 << 20)]
     pub peer_upload_bytes_per_sec: u64,
+    /// Secrets for config bundles' `secret://NAME` references: a file of
+    /// NAME=VALUE lines, read at each use (keep it 0600, the agent's own).
+    #[arg(long)]
+    pub secrets_file: Option<PathBuf>,
+    /// Also resolve `secret://NAME` from the agent's environment variable
+    /// PREFIX+NAME (e.g. DROVER_SECRET_), after the file.
+    #[arg(long)]
+    pub secrets_env_prefix: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -157,6 +165,8 @@ pub struct AgentConfig {
     pub signers: drover_common::artifact::signature::TrustedSigners,
     /// Serving chunks to peers; `None`: not serving.
     pub peer: Option<crate::peer_server::PeerServing>,
+    /// Where config bundles' secrets come from.
+    pub secrets: crate::config_bundles::Secrets,
 }
 
 impl AgentConfig {
@@ -228,6 +238,10 @@ impl AgentConfig {
                 },
             },
             signers: drover_common::artifact::signature::TrustedSigners::load(&args.trust_signers)?,
+            secrets: crate::config_bundles::Secrets {
+                file: args.secrets_file,
+                env_prefix: args.secrets_env_prefix,
+            },
             peer: args
                 .peer_listen
                 .map(|listen| crate::peer_server::PeerServing {

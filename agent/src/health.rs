@@ -506,6 +506,13 @@ mod tests {
             Ok(())
         }
         async fn kill(&self, _: &str) {}
+        async fn signal(
+            &self,
+            _: &str,
+            _: nix::sys::signal::Signal,
+        ) -> Result<(), crate::runtime::RuntimeError> {
+            Ok(())
+        }
         fn status(&self, _: &str) -> crate::runtime::RuntimeStatus {
             crate::runtime::RuntimeStatus {
                 running: true,

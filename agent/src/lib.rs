@@ -9,6 +9,7 @@
 //! - [`heartbeat`]: the heartbeat producer and its bounded, drop-oldest queue.
 //! - [`executor`]: Pull, Verify, Restart, Rollback: fenced and idempotent.
 //! - [`pull`]: resumable, verified downloads and unpacking into releases.
+//! - [`config_bundles`]: config bundles placed per service, secrets resolved on the host.
 //! - [`releases`]: the on-disk layout of releases and the `current` switch.
 //! - [`state`]: the local state journal (atomic writes).
 //! - [`unit`]: a service's process or one of its blue-green slots, and the slots' ports.
@@ -21,6 +22,7 @@
 pub mod agent;
 pub mod chunk_cache;
 pub mod config;
+pub mod config_bundles;
 pub mod connection;
 pub mod directory;
 pub mod disk;

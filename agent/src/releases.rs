@@ -101,6 +101,18 @@ impl Layout {
         self.service_dir(service).join("flags.json")
     }
 
+    /// The service's config bundles, one directory each
+    /// (`config_bundles.rs`).
+    pub fn configs_dir(&self, service: &str) -> PathBuf {
+        self.service_dir(service).join("configs")
+    }
+
+    /// The link to the service's current config bundle
+    /// (`$DROVER_CONFIG_DIR`).
+    pub fn config_link(&self, service: &str) -> PathBuf {
+        self.service_dir(service).join("config")
+    }
+
     pub fn releases_dir(&self, service: &str) -> PathBuf {
         self.service_dir(service).join("releases")
     }

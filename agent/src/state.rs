@@ -25,6 +25,9 @@ pub struct ServiceRecord {
     /// Process group of the running service (process runtime), so an agent
     /// restarted after a crash can stop what its predecessor left running.
     pub pgid: Option<i32>,
+    /// The config bundle it runs with (digest), if any.
+    #[serde(default)]
+    pub config: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -44,6 +44,7 @@ fn executor(data: &std::path::Path) -> Arc<Executor> {
             chunks: drover_agent::chunk_cache::ChunkCache::open(Layout {
                 data_dir: data.to_path_buf(),
             }),
+            secrets: Default::default(),
         },
         Journal::open(data).unwrap(),
         runtime,

@@ -5,6 +5,7 @@
 //! - [`ids`]: validation of host ids.
 //! - [`labels`]: label rules and selectors (`region=eu,env=prod`).
 //! - [`artifact`]: the artifact format: digest, manifest, safe unpack, release records.
+//! - [`config_bundle`]: configuration bundles: digest, checks, secret references.
 //! - [`codec`]: the protobuf codec of every service, with small buffers.
 //! - [`grpc`]: client endpoints and the shutdown signal.
 //! - [`limits`]: process limits (open files).
@@ -15,6 +16,7 @@
 
 pub mod artifact;
 pub mod codec;
+pub mod config_bundle;
 pub mod fuzzing;
 pub mod grpc;
 pub mod histogram;

@@ -6,6 +6,8 @@
 use std::time::{Duration, Instant};
 
 use drover_common::artifact::Digest;
+use drover_common::artifact::manifest::Reload;
+use drover_common::config_bundle;
 use tracing::{info, warn};
 
 use super::hooks::Deadline;
@@ -13,6 +15,7 @@ use super::{
     DEFAULT_READY_TIMEOUT, Executor, Outcome, READY_WITHOUT_PROBE, TAIL_LINES, prune_service,
 };
 use crate::health::probe_once;
+use crate::config_bundles::{self, ConfigChange};
 use crate::pull;
 use crate::unit::{Unit, port_in_use, slot_name};
 
@@ -43,15 +46,16 @@ impl Executor {
         }
     }
 
-    /// Makes `digest` the running release of `unit` (Restart and Rollback):
-    /// switches it and waits until it is ready; `anew`: even when it
-    /// already runs (rule 4).
+    /// Makes `digest` the running release of `unit` (Restart and Rollback),
+    /// with the config `config` says (rule 7): switches it and waits until
+    /// it is ready; `anew`: even when it already runs (rule 4).
     pub(super) async fn activate(
         &self,
         unit: &Unit,
         digest: &Digest,
         ready_timeout_ms: u32,
         anew: bool,
+        config: ConfigChange<'_>,
     ) -> Outcome {
         let layout = &self.cfg.layout;
         let (service, key) = (unit.service.as_str(), unit.key());
@@ -74,8 +78,43 @@ impl Executor {
         };
         let rec = self.record(unit);
         let has_probe = watch.readiness.is_some();
+        // Rule 7: a new config is checked, resolved and written whole
+        // before anything the service sees changes.
+        let config = config.against(rec.config.as_deref());
+        let placed = match config {
+            None => None,
+            Some(None) => Some(None),
+            Some(Some(bundle)) => {
+                let document = manifest.config.document.clone().unwrap_or_else(|| {
+                    config_bundle::default_document_name(bundle.format()).to_string()
+                });
+                match config_bundles::prepare(
+                    layout,
+                    bundle,
+                    service,
+                    &document,
+                    &self.cfg.secrets,
+                    spec.launch.run_as.as_ref(),
+                ) {
+                    Ok(dir) => Some(Some((dir, bundle.digest.clone()))),
+                    Err(e) => return Outcome::failed(format!("{e}; nothing was changed")),
+                }
+            }
+        };
+        let running_it = rec.current.as_deref() == Some(digest.hex().as_str())
+            && self.runtime.status(&key).running;
+        if let Some(placed) = &placed
+            && running_it
+            && !anew
+            && manifest.config.reload != Reload::Restart
+        {
+            return self
+                .reload_config(unit, placed.as_ref(), &manifest, &watch, ready_timeout_ms)
+                .await;
+        }
         // Rule 4.
         if !anew
+            && placed.is_none()
             && rec.current.as_deref() == Some(digest.hex().as_str())
             && self.runtime.status(&key).running
         {
@@ -124,6 +163,9 @@ impl Executor {
                 rec.current = Some(hex.clone());
                 rec.current_since_unix_ms = drover_common::time::now_unix_ms();
             }
+            if let Some(placed) = &placed {
+                rec.config = placed.as_ref().map(|(_, d)| d.clone());
+            }
             // Releases are the service's, whichever unit runs them.
             let releases = &mut s.services.entry(service.to_string()).or_default().releases;
             releases.retain(|r| r != &hex);
@@ -133,6 +175,12 @@ impl Executor {
         }
         if let Err(e) = layout.switch_current(unit, digest) {
             return Outcome::failed(format!("switching current: {e}"));
+        }
+        if let Some(placed) = &placed
+            && let Err(e) =
+                config_bundles::switch(layout, service, placed.as_ref().map(|(d, _)| d.as_path()))
+        {
+            return Outcome::failed(format!("switching config: {e}"));
         }
         let restarts_before;
         {

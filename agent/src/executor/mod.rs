@@ -27,14 +27,24 @@
 //!    byte is fetched) and keeps it beside the cached archive; Restart and
 //!    Rollback check that kept signature again before anything starts. So
 //!    a coordinator alone cannot run code on a host.
+//! 7. A Restart or Rollback may carry a config bundle (or `no_config`):
+//!    it is checked, its secrets resolved and written whole before
+//!    anything changes (`crate::config_bundles`; a missing secret fails the
+//!    command by name with nothing changed), recorded in the journal, and
+//!    linked as `$DROVER_CONFIG_DIR`. A new release starts with it; for
+//!    the release already running, the manifest's `config.reload` says
+//!    how it is taken: a restart, SIGHUP (the process must stay up and
+//!    ready), or nothing. The same config again is rule 4's no-op.
 
 mod activate;
 mod hooks;
 mod pulling;
 mod recovery;
+mod reload;
 mod signatures;
 mod spec;
 
+use crate::config_bundles::ConfigChange;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -84,6 +94,8 @@ pub struct ExecutorConfig {
     pub peer_dialer: drover_common::tls::client::Dialer,
     /// Artifacts held by chunks (reused by pulls, served to peers).
     pub chunks: Arc<crate::chunk_cache::ChunkCache>,
+    /// Where config bundles' secret references are resolved from.
+    pub secrets: crate::config_bundles::Secrets,
 }
 
 /// The final answer to a command.
@@ -192,6 +204,7 @@ impl Executor {
                     previous_artifact: r.previous.clone().unwrap_or_default(),
                     current_since_unix_ms: r.current_since_unix_ms,
                     slot: unit.slot as i32,
+                    config: r.config.clone().unwrap_or_default(),
                 }
             })
             .collect()
@@ -480,19 +493,28 @@ impl Executor {
             command::Action::Restart(r) => match parse_digest(&r.artifact) {
                 Ok(d) => {
                     let unit = Unit::new(&r.service, r.slot());
-                    self.activate(&unit, &d, r.ready_timeout_ms, r.anew).await
+                    let config = ConfigChange::of(r.config.as_ref(), r.no_config);
+                    self.activate(&unit, &d, r.ready_timeout_ms, r.anew, config)
+                        .await
                 }
                 Err(e) => Outcome::failed(e),
             },
             command::Action::Stop(s) => self.stop(&Unit::new(&s.service, s.slot())).await,
             command::Action::Rollback(r) => {
-                self.rollback(&r.service, &r.artifact, r.ready_timeout_ms)
+                let config = ConfigChange::of(r.config.as_ref(), r.no_config);
+                self.rollback(&r.service, &r.artifact, r.ready_timeout_ms, config)
                     .await
             }
         }
     }
 
-    async fn rollback(&self, service: &str, artifact: &str, ready_timeout_ms: u32) -> Outcome {
+    async fn rollback(
+        &self,
+        service: &str,
+        artifact: &str,
+        ready_timeout_ms: u32,
+        config: ConfigChange<'_>,
+    ) -> Outcome {
         let unit = Unit::plain(service);
         let rec = self.record(&unit);
         let target = if artifact.is_empty() {
@@ -516,7 +538,8 @@ impl Executor {
                 "release {digest} of {service} is not on this host; rollback never downloads"
             ));
         }
-        self.activate(&unit, &digest, ready_timeout_ms, false).await
+        self.activate(&unit, &digest, ready_timeout_ms, false, config)
+            .await
     }
 
     /// Stops a unit: a blue-green slot, or a service's one process (the

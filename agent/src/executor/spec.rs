@@ -34,6 +34,10 @@ impl Executor {
         env.insert("DROVER_RELEASE".into(), digest.hex());
         env.insert("DROVER_RELEASE_DIR".into(), release.display().to_string());
         env.insert(
+            "DROVER_CONFIG_DIR".into(),
+            self.cfg.layout.config_link(service).display().to_string(),
+        );
+        env.insert(
             "DROVER_FLAGS_FILE".into(),
             self.cfg.layout.flags_file(service).display().to_string(),
         );

@@ -254,6 +254,7 @@ fn simulated_sample(
                 previous_artifact: r.previous.clone(),
                 current_since_unix_ms: 0,
                 slot: 0,
+                config: String::new(),
             })
             .collect(),
         problems: Vec::new(),

@@ -54,6 +54,9 @@ pub trait Runtime: Send + Sync {
     async fn stop(&self, service: &str) -> Result<(), RuntimeError>;
     /// Kills the running process so supervision starts it again (liveness).
     async fn kill(&self, service: &str);
+    /// Sends the service's main process `signal` (a config reload's
+    /// SIGHUP). An error when it is not running.
+    async fn signal(&self, service: &str, signal: Signal) -> Result<(), RuntimeError>;
     fn status(&self, service: &str) -> RuntimeStatus;
     /// The last lines the service wrote, for failure reports.
     fn output_tail(&self, service: &str, lines: usize) -> String;

@@ -200,6 +200,15 @@ impl Runtime for ProcessRuntime {
         }
     }
 
+    async fn signal(&self, service: &str, signal: Signal) -> Result<(), RuntimeError> {
+        let pid = self.status(service).pgid.ok_or_else(|| {
+            RuntimeError::Other(format!("{service} is not running; nothing to signal"))
+        })?;
+        // The group's leader is the service's main process.
+        nix::sys::signal::kill(Pid::from_raw(pid), signal)
+            .map_err(|e| RuntimeError::Other(format!("signalling {service}: {e}")))
+    }
+
     fn status(&self, service: &str) -> RuntimeStatus {
         self.services
             .lock()

@@ -6,6 +6,8 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use nix::sys::signal::Signal;
+
 use super::{Runtime, RuntimeError, RuntimeStatus, ServiceSpec};
 use crate::runtime::process::tail;
 
@@ -167,6 +169,17 @@ impl Runtime for SystemdRuntime {
         let _ =
             tokio::task::spawn_blocking(move || systemctl(&["kill", "--signal=SIGKILL", &unit]))
                 .await;
+    }
+
+    async fn signal(&self, service: &str, signal: Signal) -> Result<(), RuntimeError> {
+        let unit = unit_name(service);
+        let arg = format!("--signal={}", signal.as_str());
+        tokio::task::spawn_blocking(move || {
+            systemctl(&["kill", "--kill-whom=main", &arg, &unit]).map(|_| ())
+        })
+        .await
+        .map_err(|e| RuntimeError::Other(e.to_string()))?
+        .map_err(|e| RuntimeError::Other(format!("signalling {service}: {e}")))
     }
 
     fn status(&self, service: &str) -> RuntimeStatus {

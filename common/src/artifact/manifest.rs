@@ -27,6 +27,10 @@
 //!
 //! [hooks]
 //! pre_start = { command = ["bin/migrate"], timeout = "60s" }
+//!
+//! [config]                           # the environment's config bundle, if one is deployed
+//! document = "hello.toml"            # the document's name in $DROVER_CONFIG_DIR (default config.toml / config.json)
+//! reload = "sighup"                  # restart (default), sighup or none
 //! ```
 
 use std::collections::BTreeMap;
@@ -47,6 +51,36 @@ pub struct Manifest {
     pub metrics: Option<MetricsSpec>,
     #[serde(default)]
     pub hooks: Hooks,
+    #[serde(default)]
+    pub config: ConfigSpec,
+}
+
+/// Where a config bundle goes and how the service takes a new one. The
+/// agent places every bundle in the service's config directory (the
+/// service finds it as `$DROVER_CONFIG_DIR`, a link switched atomically
+/// to the bundle's own directory): its files by their paths, the document
+/// (secrets resolved) as `document`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigSpec {
+    /// The document's file name (default `config.toml` or `config.json`).
+    pub document: Option<String>,
+    #[serde(default)]
+    pub reload: Reload,
+}
+
+/// What the agent does once a new config is in place while the same code
+/// keeps running.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reload {
+    /// Restart the service (hooks and readiness as any restart).
+    #[default]
+    Restart,
+    /// Send the process SIGHUP; it must stay up and ready.
+    Sighup,
+    /// Nothing: the service reads its config when it wants.
+    None,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -225,6 +259,11 @@ impl Manifest {
                 "start.workdir",
                 "must be a path inside the release (relative, no '..')",
             );
+        }
+        if let Some(doc) = &self.config.document
+            && (doc.is_empty() || doc.contains('/') || doc == "." || doc == "..")
+        {
+            bad("config.document", "must be a file name (no '/')");
         }
         if !STOP_SIGNALS.contains(&self.start.stop_signal.as_str()) {
             bad(
