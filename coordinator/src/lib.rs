@@ -2,6 +2,7 @@
 //! engine, artifact origin, high availability) and `droverctl`.
 //!
 //! - [`config`]: flags, config file, defaults.
+//! - [`configs`]: config bundles per service and environment, as pushed.
 //! - [`server`]: binds the port, serves every gRPC service, shuts down cleanly.
 //! - [`api`]: the gRPC handlers (AgentControl streams, Deployer, Artifacts).
 //! - [`fleet`]: the in-memory registry of hosts, fed by agent streams.
@@ -18,6 +19,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod configs;
 pub mod ctl;
 pub mod deploy;
 pub mod error;

@@ -209,7 +209,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let deployer = DeployerService {
         registry: registry.clone(),
         pending,
-        pipelines,
+        pipelines: pipelines.clone(),
         deployments: deployments.clone(),
         origin_addr,
         forward: Forwarder::new(leases.clone(), metrics.clone(), trust.dialer.clone()),
@@ -219,6 +219,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         trains: trains.clone(),
         notifier,
         flags,
+        configs: crate::configs::Configs::new(
+            store.clone(),
+            crate::store::keys::Keys::new(&cfg.key_prefix),
+            pipelines.clone(),
+        ),
     };
     // Every artifact uploaded to another coordinator is copied here too.
     let replicator = Arc::new(Replicator::new(trust.dialer.clone()));

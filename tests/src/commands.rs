@@ -41,8 +41,7 @@ pub fn restart(service: &str, digest: &str) -> command::Action {
         service: service.into(),
         artifact: digest.into(),
         ready_timeout_ms: 20_000,
-        anew: false,
-        slot: 0,
+        ..Default::default()
     })
 }
 
@@ -52,8 +51,8 @@ pub fn restart_slot(service: &str, digest: &str, slot: Slot) -> command::Action 
         service: service.into(),
         artifact: digest.into(),
         ready_timeout_ms: 20_000,
-        anew: false,
         slot: slot as i32,
+        ..Default::default()
     })
 }
 
@@ -71,6 +70,7 @@ pub fn rollback(service: &str, digest: &str) -> command::Action {
         service: service.into(),
         artifact: digest.into(),
         ready_timeout_ms: 20_000,
+        ..Default::default()
     })
 }
 

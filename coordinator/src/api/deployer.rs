@@ -57,6 +57,8 @@ pub struct DeployerService {
     pub notifier: Arc<crate::notify::Notifier>,
     /// Feature flags.
     pub flags: Arc<crate::flags::Flags>,
+    /// Config bundles.
+    pub configs: Arc<crate::configs::Configs>,
 }
 
 impl DeployerService {
@@ -84,6 +86,14 @@ impl DeployerService {
             pipelines: &self.pipelines,
             forward: &self.forward,
             auth: &self.auth,
+        }
+    }
+
+    fn config_api(&self) -> crate::api::configs::ConfigApi<'_> {
+        crate::api::configs::ConfigApi {
+            configs: &self.configs,
+            auth: &self.auth,
+            now: self.deployments.ledger().now(),
         }
     }
 
@@ -426,6 +436,20 @@ impl Deployer for DeployerService {
         request: Request<drover_common::proto::FlagRef>,
     ) -> Result<Response<drover_common::proto::FlagState>, Status> {
         self.flag_api().rollback(request).await
+    }
+
+    async fn push_config(
+        &self,
+        request: Request<drover_common::proto::PushConfigRequest>,
+    ) -> Result<Response<drover_common::proto::ConfigVersion>, Status> {
+        self.config_api().push(request).await
+    }
+
+    async fn list_configs(
+        &self,
+        request: Request<drover_common::proto::ListConfigsRequest>,
+    ) -> Result<Response<drover_common::proto::ListConfigsResponse>, Status> {
+        self.config_api().list(request).await
     }
 
     async fn list_flags(

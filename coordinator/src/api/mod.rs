@@ -6,6 +6,7 @@ pub mod agent_control;
 mod artifact_gc;
 pub mod artifacts;
 pub mod chunks;
+pub mod configs;
 pub mod deployer;
 pub mod deploys;
 pub mod flags;

@@ -13,6 +13,15 @@ pub(crate) fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(SystemTime::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
+/// " with config DIGEST", or nothing when none was deployed.
+fn with_config(config: &str) -> String {
+    if config.is_empty() {
+        String::new()
+    } else {
+        format!(" with config {config}")
+    }
+}
+
 pub async fn log(
     client: &mut DeployerClient<Channel>,
     service: &str,
@@ -78,8 +87,9 @@ pub async fn running(
     } else {
         writeln!(
             out,
-            "{service}: {} since {} (deploy {})",
+            "{service}: {}{} since {} (deploy {})",
             r.artifact,
+            with_config(&r.config),
             rfc3339(r.since_unix_ms),
             r.deploy_id
         )?;
@@ -94,7 +104,7 @@ pub async fn running(
     for env in &r.environments {
         write!(
             out,
-            "  {}/{}: {} since {} (deploy {})",
+            "  {}/{}: {}{} since {} (deploy {})",
             env.pipeline,
             env.stage,
             if env.artifact.is_empty() {
@@ -102,6 +112,7 @@ pub async fn running(
             } else {
                 &env.artifact
             },
+            with_config(&env.config),
             rfc3339(env.since_unix_ms),
             env.deploy_id
         )?;

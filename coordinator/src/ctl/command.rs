@@ -114,8 +114,8 @@ pub async fn send(
             service,
             artifact,
             ready_timeout_ms: millis(ready_timeout),
-            anew: false,
             slot: slot.map_or(Slot::None, Slot::from) as i32,
+            ..Default::default()
         }),
         Action::Stop { service, slot } => command::Action::Stop(StopCommand {
             service,
@@ -129,6 +129,7 @@ pub async fn send(
             service,
             artifact,
             ready_timeout_ms: millis(ready_timeout),
+            ..Default::default()
         }),
     };
     let command_id = send

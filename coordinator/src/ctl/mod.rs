@@ -8,6 +8,7 @@ mod artifacts;
 mod audit;
 mod ca;
 mod command;
+mod configs;
 mod coordinators;
 pub mod deploys;
 mod flags;
@@ -77,6 +78,9 @@ pub enum Command {
     /// Release trains: several pipelines in dependency order; start (and wait), status, list, watch, abort.
     #[command(subcommand)]
     Train(trains::TrainCommand),
+    /// Config bundles per service and environment: push (prints the digest to deploy), list.
+    #[command(subcommand)]
+    Config(configs::ConfigCommand),
     /// Feature flags per environment, without a deploy: set, rollback, list.
     #[command(subcommand)]
     Flag(flags::FlagCommand),
@@ -110,9 +114,14 @@ pub enum DeployCommand {
     Start {
         #[arg(long)]
         pipeline: String,
-        /// sha256 of a pushed artifact.
-        #[arg(long)]
+        /// sha256 of a pushed artifact (with --config: the code of the
+        /// config's environment, which may be left out).
+        #[arg(long, default_value = "", required_unless_present = "config")]
         artifact: String,
+        /// A config-only deploy: the digest of a pushed config bundle
+        /// (`droverctl config push`), through its environment's stage.
+        #[arg(long, default_value = "")]
+        config: String,
         /// Retrying with the same key returns the same deploy.
         #[arg(long, default_value = "")]
         idempotency_key: String,
@@ -330,6 +339,7 @@ pub async fn run(cli: Cli, out: &mut impl std::io::Write) -> anyhow::Result<()> 
         Command::Deploy(cmd) => deploy(&mut deployer, cmd, cli.json, out).await,
         Command::Train(cmd) => trains::run(&mut deployer, cmd, cli.json, out).await,
         Command::Flag(cmd) => flags::run(&mut deployer, cmd, cli.json, out).await,
+        Command::Config(cmd) => configs::run(&mut deployer, cmd, cli.json, out).await,
         Command::Notifications(cmd) => notifications::run(&mut deployer, cmd, cli.json, out).await,
         Command::Audit { service, since } => {
             audit::log(&mut deployer, &service, since, cli.json, out).await
@@ -427,10 +437,12 @@ async fn deploy(
             wait,
             from_stage,
             force,
+            config,
         } => {
             let req = StartDeployRequest {
                 pipeline,
                 artifact,
+                config,
                 idempotency_key,
                 requester,
                 git_sha,

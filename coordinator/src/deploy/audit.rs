@@ -47,6 +47,7 @@ fn base(rec: &DeployRecord, kind: AuditKind, actor: &str, at: u64) -> AuditEvent
         git_sha: rec.git_sha.clone(),
         pipeline_version: rec.snapshot.version,
         train_id: rec.train.as_ref().map(|t| t.id.clone()).unwrap_or_default(),
+        config: rec.config.clone(),
         ..Default::default()
     }
 }
@@ -54,6 +55,7 @@ fn base(rec: &DeployRecord, kind: AuditKind, actor: &str, at: u64) -> AuditEvent
 fn with_stage(mut e: AuditEvent, rec: &DeployRecord, stage: usize) -> AuditEvent {
     if let Some(s) = rec.snapshot.stages.get(stage) {
         e.stage = s.name.clone();
+        e.config = rec.stage_config(stage).to_string();
         e.last_stage = stage + 1 == rec.snapshot.stages.len();
     }
     e
@@ -238,8 +240,11 @@ pub fn transition(
                 out.push(environment_changed(
                     rec,
                     *stage,
-                    rec.stage_rollback_target(*stage),
-                    &rec.artifact,
+                    (
+                        rec.stage_rollback_target(*stage),
+                        rec.stage_rollback_config(*stage),
+                    ),
+                    (&rec.artifact, rec.stage_config(*stage)),
                     ProtoReason::StagePassed,
                     at,
                 ));
@@ -249,8 +254,11 @@ pub fn transition(
                     out.push(environment_changed(
                         rec,
                         stage,
-                        &rec.artifact,
-                        rec.stage_rollback_target(stage),
+                        (&rec.artifact, rec.stage_config(stage)),
+                        (
+                            rec.stage_rollback_target(stage),
+                            rec.stage_rollback_config(stage),
+                        ),
                         ProtoReason::RolledBack,
                         at,
                     ));
@@ -305,12 +313,12 @@ pub fn awaiting_approval(before: &Machine, rec: &DeployRecord, at: u64) -> Optio
     Some(e)
 }
 
-/// Environment `stage` now runs `to` instead of `from`.
+/// Environment `stage` now runs `to` instead of `from` (code, config).
 fn environment_changed(
     rec: &DeployRecord,
     stage: usize,
-    from: &str,
-    to: &str,
+    (from, from_config): (&str, &str),
+    (to, to_config): (&str, &str),
     why: ProtoReason,
     at: u64,
 ) -> AuditEvent {
@@ -321,12 +329,19 @@ fn environment_changed(
     );
     e.from_artifact = from.to_string();
     e.to_artifact = to.to_string();
+    e.from_config = from_config.to_string();
+    e.to_config = to_config.to_string();
+    e.config = to_config.to_string();
     e.reason_kind = why as i32;
+    let with_config = |artifact: &str, config: &str| match config {
+        "" => or_nothing(artifact).to_string(),
+        c => format!("{artifact} with config {}", &c[..c.len().min(12)]),
+    };
     e.message = format!(
         "environment {} runs {} (was {}): {}",
         e.stage,
-        to,
-        or_nothing(from),
+        with_config(to, to_config),
+        with_config(from, from_config),
         if why == ProtoReason::RolledBack {
             "rolled back"
         } else {
@@ -491,6 +506,7 @@ pub fn what_was_running(events: &[AuditEvent], at: u64) -> WhatWasRunningRespons
             AuditKind::EnvironmentChanged => {
                 let mut x = env(&mut envs);
                 x.artifact = e.to_artifact.clone();
+                x.config = e.to_config.clone();
                 x.since_unix_ms = e.at_unix_ms;
                 x.deploy_id = e.deploy_id.clone();
                 if x.in_progress_deploy_id == e.deploy_id {
@@ -499,6 +515,7 @@ pub fn what_was_running(events: &[AuditEvent], at: u64) -> WhatWasRunningRespons
                 envs.insert(key, x);
                 if e.last_stage {
                     answer.artifact = e.to_artifact.clone();
+                    answer.config = e.to_config.clone();
                     answer.since_unix_ms = e.at_unix_ms;
                     answer.deploy_id = e.deploy_id.clone();
                 }

@@ -339,9 +339,13 @@ impl Ledger {
         now: u64,
         compares: &mut Vec<Compare>,
     ) -> Result<Vec<Op>, DeployError> {
-        let environment = |stage: usize, artifact: &str, forced: bool, live_slot: Slot| {
+        let environment = |stage: usize,
+                           (artifact, config): (&str, &str),
+                           forced: bool,
+                           live_slot: Slot| {
             let name = rec.snapshot.stages[stage].name.clone();
             let env = Environment {
+                config: config.to_string(),
                 stage: name.clone(),
                 artifact: artifact.to_string(),
                 deploy_id: rec.id.clone(),
@@ -366,11 +370,13 @@ impl Ledger {
                 ),
                 environment(
                     *stage,
-                    &rec.artifact,
+                    (&rec.artifact, rec.stage_config(*stage)),
                     !rec.forced_past.is_empty(),
                     rec.live_slot_after(*stage),
                 ),
             ],
+            // A config deploy leaves the code, and so the known good, alone.
+            Action::MarkKnownGood if rec.is_config_deploy() => Vec::new(),
             Action::MarkKnownGood => vec![Op::put(
                 self.keys.known_good(&rec.pipeline),
                 rec.artifact.clone(),
@@ -381,7 +387,8 @@ impl Ledger {
                     .into_iter()
                     .map(|s| {
                         let target = rec.stage_rollback_target(s);
-                        environment(s, target, false, rec.live_slot_before(s))
+                        let config = rec.stage_rollback_config(s);
+                        environment(s, (target, config), false, rec.live_slot_before(s))
                     })
                     .collect();
                 if !rec.known_good.is_empty() {

@@ -110,6 +110,20 @@ pub struct DeployRecord {
     /// The release train this deploy is a member of, if any.
     #[serde(default)]
     pub train: Option<TrainLink>,
+    /// A config deploy: the config bundle it rolls out (digest; its one
+    /// stage is the bundle's environment, `artifact` the code that runs
+    /// there and stays). Empty: a code deploy.
+    #[serde(default)]
+    pub config: String,
+    /// Per stage, the config bundle its hosts get with their restart
+    /// (empty: none, theirs stays): a code deploy's is what the
+    /// environment runs, a config deploy's the one it rolls out.
+    #[serde(default)]
+    pub configs: Vec<String>,
+    /// Per stage, the config bundle its hosts return to on rollback (what
+    /// the environment ran when the deploy started; empty: none).
+    #[serde(default)]
+    pub rollback_configs: Vec<String>,
 }
 
 /// A deploy's place in a release train: the train, and the stages the
@@ -169,6 +183,21 @@ pub fn phase_proto(p: Phase) -> DeployPhase {
 }
 
 impl DeployRecord {
+    /// A config deploy: a new config with the same code.
+    pub fn is_config_deploy(&self) -> bool {
+        !self.config.is_empty()
+    }
+
+    /// The config bundle stage `stage`'s hosts get (empty: none).
+    pub fn stage_config(&self, stage: usize) -> &str {
+        self.configs.get(stage).map_or("", String::as_str)
+    }
+
+    /// The config bundle stage `stage`'s hosts return to (empty: none).
+    pub fn stage_rollback_config(&self, stage: usize) -> &str {
+        self.rollback_configs.get(stage).map_or("", String::as_str)
+    }
+
     /// Whether stage `stage` waits for the deploy's release train.
     pub fn held_by_train(&self, stage: usize) -> bool {
         self.train
@@ -244,6 +273,7 @@ impl DeployRecord {
                 .as_ref()
                 .map(|t| t.id.clone())
                 .unwrap_or_default(),
+            config: self.config.clone(),
             held_by_train: self.machine.phase == Phase::AwaitingApproval
                 && self.held_by_train(self.machine.stage),
             blue_green: self
@@ -302,6 +332,10 @@ impl DeployRecord {
     /// The release stage `stage` returns to on rollback: its environment
     /// as it was at the start, else the pipeline's known good.
     pub fn stage_rollback_target(&self, stage: usize) -> &str {
+        if self.is_config_deploy() {
+            // The code stays; only the config goes back.
+            return &self.artifact;
+        }
         self.rollback_targets
             .get(stage)
             .filter(|t| !t.is_empty() && **t != self.artifact)

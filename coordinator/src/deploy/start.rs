@@ -39,6 +39,11 @@ pub struct NewDeploy<'a> {
     pub idempotency_key: String,
     /// The release train it belongs to (its holds, one per stage).
     pub train: Option<TrainLink>,
+    /// A config deploy's bundle (digest); empty: a code deploy. A config
+    /// deploy's pipeline is the one stage of the bundle's environment.
+    pub config: String,
+    /// Per stage, the config bundle its environment runs (empty: none).
+    pub environment_configs: Vec<String>,
     pub now: u64,
 }
 
@@ -115,7 +120,12 @@ pub fn new_record(d: NewDeploy<'_>) -> Option<(DeployRecord, Vec<Action>)> {
             waves.push(Vec::new());
             continue;
         }
-        let canary = stage.canary.as_ref().filter(|_| !d.known_good.is_empty());
+        // A config deploy always has a baseline: the same code with the
+        // environment's config.
+        let canary = stage
+            .canary
+            .as_ref()
+            .filter(|_| !d.known_good.is_empty() || !d.config.is_empty());
         let p = plan_stage(&hosts, stage, canary);
         plan.push(p.entries);
         canary_bakes.push(p.canary_bakes);
@@ -137,7 +147,7 @@ pub fn new_record(d: NewDeploy<'_>) -> Option<(DeployRecord, Vec<Action>)> {
                         .is_some_and(|t| t.holds.get(i).copied().unwrap_or(false))
             })
             .collect(),
-        !d.known_good.is_empty() && d.known_good != d.artifact,
+        !d.config.is_empty() || (!d.known_good.is_empty() && d.known_good != d.artifact),
     );
     let mut approvals = Vec::new();
     if !d.forced_past.is_empty() {
@@ -186,6 +196,13 @@ pub fn new_record(d: NewDeploy<'_>) -> Option<(DeployRecord, Vec<Action>)> {
         fresh_baselines: Default::default(),
         blue_green,
         train: d.train,
+        configs: if d.config.is_empty() {
+            d.environment_configs.clone()
+        } else {
+            vec![d.config.clone(); d.pipeline.stages.len()]
+        },
+        rollback_configs: d.environment_configs,
+        config: d.config,
     };
     Some((rec, actions))
 }
@@ -225,6 +242,8 @@ mod tests {
             started_by: "user/ci".into(),
             idempotency_key: String::new(),
             train: None,
+            config: String::new(),
+            environment_configs: Vec::new(),
             now: 7,
         }
     }

@@ -74,6 +74,8 @@ pub fn record_of(p: &Pipeline, hosts: &[&[&str]], now: u64) -> (DeployRecord, Ve
         started_by: "ci".into(),
         idempotency_key: String::new(),
         train: None,
+        config: String::new(),
+        environment_configs: Vec::new(),
         now,
     })
     .expect("a deploy with hosts")

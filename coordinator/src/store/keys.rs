@@ -171,6 +171,20 @@ impl Keys {
         format!("{}{pipeline}/{environment}/{name}", self.flags())
     }
 
+    /// Config bundles of `service`'s `environment` (a ConfigVersion each).
+    pub fn configs(&self, service: &str, environment: &str) -> String {
+        format!("{}/configs/{service}/{environment}/", self.prefix)
+    }
+
+    /// Every config bundle of `service`.
+    pub fn service_configs(&self, service: &str) -> String {
+        format!("{}/configs/{service}/", self.prefix)
+    }
+
+    pub fn config(&self, service: &str, environment: &str, digest: &str) -> String {
+        format!("{}{digest}", self.configs(service, environment))
+    }
+
     pub fn subscriptions(&self) -> String {
         format!("{}/notify/subscriptions/", self.prefix)
     }

@@ -8,6 +8,10 @@
 //! - `GET /version`: the version label.
 //! - `GET /metrics`: `http_requests_total{code}` and the
 //!   `http_request_duration_seconds` histogram (OpenMetrics text).
+//! - `GET /config`: what `--config` (a TOML file, the config bundle's
+//!   document) gave it: `greeting`, `error_rate` (over `--error-rate`),
+//!   whether `password` is set, how many times it was loaded, and the pid.
+//!   It is read at start and again on SIGHUP.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -72,6 +76,43 @@ struct Args {
     /// --error-rate (a feature that breaks the service when turned on).
     #[arg(long, value_parser = flag_errors)]
     flag_errors: Option<(String, f64)>,
+    /// A TOML config (`greeting`, `error_rate`, `password`), read at
+    /// start and on SIGHUP; absent or missing: the flags' values.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+}
+
+/// What `--config` says.
+#[derive(Debug, Default, Clone)]
+struct SampleConfig {
+    greeting: Option<String>,
+    error_rate: Option<f64>,
+    password_set: bool,
+    /// Times a config file was read.
+    loaded: u64,
+}
+
+impl SampleConfig {
+    /// Reads `path`; a missing file is no config, a bad one an error.
+    fn read(path: &std::path::Path, loaded: u64) -> Result<SampleConfig, String> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(SampleConfig::default());
+            }
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        let t: toml::Table = text.parse().map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(SampleConfig {
+            greeting: t.get("greeting").and_then(|v| v.as_str()).map(String::from),
+            error_rate: t.get("error_rate").and_then(|v| v.as_float()),
+            password_set: t
+                .get("password")
+                .and_then(|v| v.as_str())
+                .is_some_and(|p| !p.is_empty()),
+            loaded: loaded + 1,
+        })
+    }
 }
 
 fn flag_errors(s: &str) -> Result<(String, f64), String> {
@@ -102,6 +143,24 @@ struct App {
     requests: Family<CodeLabel, Counter>,
     latency: Histogram,
     registry: Registry,
+    config: std::sync::RwLock<SampleConfig>,
+}
+
+impl App {
+    /// (Re)reads `--config`; a bad file keeps what was loaded before.
+    fn load_config(&self) {
+        let Some(path) = &self.args.config else {
+            return;
+        };
+        let before = self.config.read().expect("config lock").loaded;
+        match SampleConfig::read(path, before) {
+            Ok(c) => {
+                eprintln!("drover-sample: config loaded ({c:?})");
+                *self.config.write().expect("config lock") = c;
+            }
+            Err(e) => eprintln!("drover-sample: config not loaded: {e}"),
+        }
+    }
 }
 
 impl App {
@@ -118,6 +177,20 @@ impl App {
             }
             "/healthz" => (StatusCode::OK, "ok\n".into()),
             "/version" => (StatusCode::OK, format!("{}\n", self.args.version_label)),
+            "/config" => {
+                let c = self.config.read().expect("config lock").clone();
+                (
+                    StatusCode::OK,
+                    format!(
+                        "greeting={}\nerror_rate={}\npassword_set={}\nloaded={}\npid={}\n",
+                        c.greeting.unwrap_or_default(),
+                        c.error_rate.unwrap_or(self.args.error_rate),
+                        c.password_set,
+                        c.loaded,
+                        std::process::id()
+                    ),
+                )
+            }
             // Its feature flags, read as a service reads them: the file the
             // agent keeps current ($DROVER_FLAGS_FILE).
             "/flags" => match std::env::var_os("DROVER_FLAGS_FILE").map(std::fs::read_to_string) {
@@ -137,9 +210,10 @@ impl App {
                     tokio::time::sleep(Duration::from_millis(self.args.latency_ms)).await;
                 }
                 let n = self.served.fetch_add(1, Ordering::Relaxed);
+                let config = self.config.read().expect("config lock").clone();
                 let rate = match &self.args.flag_errors {
                     Some((name, rate)) if flag_on(name) => *rate,
-                    _ => self.args.error_rate,
+                    _ => config.error_rate.unwrap_or(self.args.error_rate),
                 };
                 let error = if self.args.random_errors {
                     use rand::RngExt;
@@ -155,7 +229,10 @@ impl App {
                 } else {
                     (
                         StatusCode::OK,
-                        format!("hello from {}\n", self.args.version_label),
+                        match &config.greeting {
+                            Some(g) => format!("{g} from {}\n", self.args.version_label),
+                            None => format!("hello from {}\n", self.args.version_label),
+                        },
                     )
                 };
                 self.requests
@@ -210,7 +287,19 @@ async fn main() -> anyhow::Result<()> {
         requests,
         latency,
         registry,
+        config: Default::default(),
     });
+    app.load_config();
+    if app.args.config.is_some() {
+        let app = app.clone();
+        let mut hangups =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                app.load_config();
+            }
+        });
+    }
     loop {
         let (stream, _) = listener.accept().await?;
         let app = app.clone();

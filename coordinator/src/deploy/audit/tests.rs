@@ -48,6 +48,8 @@ impl Run {
             started_by: "ci".into(),
             idempotency_key: String::new(),
             train: None,
+            config: String::new(),
+            environment_configs: Vec::new(),
             now: at,
         })
         .unwrap();

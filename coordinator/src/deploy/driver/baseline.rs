@@ -74,15 +74,16 @@ impl Driver {
             return Ok(());
         }
         let old = rec.stage_rollback_target(stage).to_string();
+        let config = self.rollback_config(rec, stage).await?;
         let mut tasks = tokio::task::JoinSet::new();
         for host in hosts {
-            let restart = command::Action::Restart(RestartCommand {
+            let restart = command::Action::Restart(config.on_restart(RestartCommand {
                 service: rec.service.clone(),
                 artifact: old.clone(),
                 ready_timeout_ms: stuck.as_millis() as u32,
                 anew: true,
-                slot: 0,
-            });
+                ..Default::default()
+            }));
             let cmd = batch_command(fence, &rec.id, (stage, step), &host, "baseline", restart);
             let effects = self.effects.clone();
             tasks.spawn(async move {

@@ -26,6 +26,7 @@ use drover_common::proto::{
     command,
 };
 
+use super::configs::HostConfig;
 use super::{Driver, baseline, traffic};
 use crate::deploy::audit;
 use crate::deploy::deployments::DeployError;
@@ -162,7 +163,8 @@ impl Driver {
             self.restart_fresh_baseline(&rec, (stage, batch), added, fence, stuck)
                 .await
         };
-        let restarts = self.restart_hosts(&rec, (stage, batch), &ready, fence, stuck);
+        let config = self.target_config(&rec, stage).await?;
+        let restarts = self.restart_hosts(&rec, (stage, batch), &ready, &config, fence, stuck);
         let (fresh_done, (restarted, stuck_hosts)) = tokio::join!(fresh_restarts, restarts);
         fresh_done?;
         outcomes.extend(restarted);
@@ -306,6 +308,7 @@ impl Driver {
         rec: &DeployRecord,
         (stage, batch): (usize, usize),
         hosts: &[String],
+        config: &HostConfig,
         fence: (u32, u64),
         stuck: Duration,
     ) -> (Vec<(String, Result<(), String>)>, Vec<(String, String)>) {
@@ -323,13 +326,12 @@ impl Driver {
             for host in chunk {
                 let effects = self.effects.clone();
                 let router = router.clone();
-                let restart = command::Action::Restart(RestartCommand {
+                let restart = command::Action::Restart(config.on_restart(RestartCommand {
                     service: rec.service.clone(),
                     artifact: rec.artifact.clone(),
                     ready_timeout_ms: stuck.as_millis() as u32,
-                    anew: false,
-                    slot: 0,
-                });
+                    ..Default::default()
+                }));
                 let cmd = batch_command(fence, &rec.id, (stage, batch), host, "restart", restart);
                 let host = host.clone();
                 tasks.spawn(async move {

@@ -28,6 +28,7 @@ mod baseline;
 mod batch;
 mod blue_green;
 mod canary;
+mod configs;
 pub mod effects;
 mod prefetch;
 mod rollback;

@@ -35,6 +35,10 @@ impl Driver {
         let (rec, _) = self.ledger.load(id).await?;
         let shard = self.ledger.shard_of_pipeline(&rec.pipeline);
         let permits = Arc::new(tokio::sync::Semaphore::new(ROLLBACK_PARALLELISM));
+        let mut configs = Vec::new();
+        for stage in 0..rec.snapshot.stages.len() {
+            configs.push(self.rollback_config(&rec, stage).await?);
+        }
         let mut tasks = tokio::task::JoinSet::new();
         for host in rec.touched.iter().rev() {
             let permit = permits
@@ -47,11 +51,18 @@ impl Driver {
                 command_id: format!("{id}/rollback/{host}"),
                 shard,
                 epoch,
-                action: Some(command::Action::Rollback(RollbackCommand {
-                    service: rec.service.clone(),
-                    artifact: rec.rollback_target(host).to_string(),
-                    ready_timeout_ms: 60_000,
-                })),
+                action: Some(command::Action::Rollback(
+                    rec.stage_of(host)
+                        .and_then(|s| configs.get(s))
+                        .cloned()
+                        .unwrap_or_default()
+                        .on_rollback(RollbackCommand {
+                            service: rec.service.clone(),
+                            artifact: rec.rollback_target(host).to_string(),
+                            ready_timeout_ms: 60_000,
+                            ..Default::default()
+                        }),
+                )),
             };
             let router = rec
                 .stage_of(host)

@@ -223,8 +223,8 @@ impl Driver {
                 service: rec.service.clone(),
                 artifact: rec.artifact.clone(),
                 ready_timeout_ms: cx.stuck.as_millis() as u32,
-                anew: false,
                 slot: bg.slot(to) as i32,
+                ..Default::default()
             });
             let verb = format!("start-{}", to.name());
             let cmd = batch_command(cx.fence, id, (stage, 0), host, &verb, start);

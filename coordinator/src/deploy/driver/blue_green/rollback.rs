@@ -183,8 +183,8 @@ impl Driver {
                     service: rec.service.clone(),
                     artifact: rec.stage_rollback_target(stage).to_string(),
                     ready_timeout_ms: PATIENCE.as_millis() as u32,
-                    anew: false,
                     slot: slot as i32,
+                    ..Default::default()
                 })),
             };
             let (effects, host) = (self.effects.clone(), host.clone());

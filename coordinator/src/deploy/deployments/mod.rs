@@ -31,6 +31,8 @@ use crate::metrics::Metrics;
 use crate::origin::BlobStore;
 use crate::store::{Store, StoreError};
 
+mod config_start;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DeployError {
     #[error("{0}")]
@@ -507,7 +509,11 @@ impl Deployments {
         req: StartDeployRequest,
         started_by: &str,
     ) -> Result<DeployRecord, DeployError> {
-        let (pipeline, digest, info) = self.startable_info(&req.pipeline, &req.artifact).await?;
+        let (pipeline, digest, info) = if req.config.is_empty() {
+            self.startable_info(&req.pipeline, &req.artifact).await?
+        } else {
+            self.config_startable(&req).await?
+        };
         self.ledger.check_leader(&pipeline.name)?;
         if req.idempotency_key.len() > 128 {
             return Err(DeployError::Invalid(
@@ -533,11 +539,13 @@ impl Deployments {
             .await?;
         let (first_stage, forced_past) = self.first_stage(&pipeline, &req, &digest).await?;
         let mut environments = Vec::new();
+        let mut environment_configs = Vec::new();
         let mut live_slots = Vec::new();
         let mut hosts = Vec::new();
         for stage in &pipeline.stages {
             let running = self.ledger.environment(&pipeline.name, &stage.name).await?;
             live_slots.push(running.as_ref().map_or(Slot::None, |e| e.live_slot()));
+            environment_configs.push(running.as_ref().map(|e| e.config.clone()).unwrap_or_default());
             environments.push(running.map(|e| e.artifact).unwrap_or_default());
             let selector = Selector::parse(&stage.selector)
                 .map_err(|e| DeployError::Invalid(e.to_string()))?;
@@ -573,6 +581,8 @@ impl Deployments {
             started_by: started_by.to_string(),
             idempotency_key: req.idempotency_key.clone(),
             train,
+            config: req.config.clone(),
+            environment_configs,
             now: self.ledger.now(),
         };
         let Some((rec, actions)) = new_record(new) else {
