@@ -11,7 +11,8 @@
 //!    restarted: no service ever starts with a blank secret.
 //! 3. A bundle is placed whole in a new directory,
 //!    `services/<svc>/configs/<digest>.<n>` (0700; files 0600, owned by the
-//!    service's user when the agent runs it as another), and the service's
+//!    service's user when the agent runs it as another; `configs/` itself
+//!    is 0711: passed through, never listed), and the service's
 //!    `config` link (`$DROVER_CONFIG_DIR`) is switched to it atomically
 //!    (a new link renamed over the old), so a service reading it sees one
 //!    bundle or the other, never a mix. Secrets are only ever on the host,
@@ -19,7 +20,7 @@
 //! 4. Directories other than the linked one and the one before it are
 //!    removed after each switch.
 
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use drover_common::config_bundle::{self, ResolveError};
@@ -129,10 +130,12 @@ pub fn check(bundle: &ConfigBundle, service: &str) -> Result<(), String> {
             bundle.digest
         ));
     }
-    config_bundle::check(bundle).map(|_| ()).map_err(|problems| {
-        let list: Vec<String> = problems.iter().map(|(f, p)| format!("{f}: {p}")).collect();
-        format!("config bundle refused: {}", list.join("; "))
-    })
+    config_bundle::check(bundle)
+        .map(|_| ())
+        .map_err(|problems| {
+            let list: Vec<String> = problems.iter().map(|(f, p)| format!("{f}: {p}")).collect();
+            format!("config bundle refused: {}", list.join("; "))
+        })
 }
 
 /// Rules 1 to 3 up to the switch: the bundle checked, resolved and written
@@ -151,8 +154,10 @@ pub fn prepare(
         let root = layout.configs_dir(service);
         std::fs::DirBuilder::new()
             .recursive(true)
-            .mode(0o700)
+            .mode(0o711)
             .create(&root)?;
+        // Whatever the umask: the service's user must pass through.
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o711))?;
         let stamp = drover_common::time::now_unix_ms();
         let mut dir = root.join(format!("{}.{stamp}", bundle.digest));
         let mut n = 0;
@@ -252,7 +257,6 @@ fn prune(layout: &Layout, service: &str, current: Option<&Path>) {
 mod tests {
     use super::*;
     use drover_common::proto::{ConfigFile, ConfigFormat};
-    use std::os::unix::fs::PermissionsExt;
 
     fn bundle(doc: &str) -> ConfigBundle {
         let mut b = ConfigBundle {
@@ -290,7 +294,10 @@ mod tests {
         };
         let b = bundle("db = \"secret://DB\"\nlevel = 1\n");
         let dir = prepare(&l, &b, "web", "app.toml", &secrets, None).unwrap();
-        assert!(!l.config_link("web").exists(), "nothing seen before the switch");
+        assert!(
+            !l.config_link("web").exists(),
+            "nothing seen before the switch"
+        );
         switch(&l, "web", Some(&dir)).unwrap();
         let doc = std::fs::read_to_string(l.config_link("web").join("app.toml")).unwrap();
         assert!(doc.contains("hunter2"), "{doc}");
@@ -298,7 +305,10 @@ mod tests {
             std::fs::read(l.config_link("web").join("certs/ca.pem")).unwrap(),
             b"PEM"
         );
-        let mode = std::fs::metadata(dir.join("app.toml")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.join("app.toml"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         // Three more switches: only the linked one and the one before stay.
         let mut last = dir;

@@ -134,8 +134,7 @@ pub fn check(bundle: &ConfigBundle) -> Result<Vec<String>, Vec<(String, String)>
     if bundle.environment.is_empty() {
         problems.push(("environment".into(), "is empty".into()));
     }
-    let bytes =
-        bundle.document.len() + bundle.files.iter().map(|f| f.content.len()).sum::<usize>();
+    let bytes = bundle.document.len() + bundle.files.iter().map(|f| f.content.len()).sum::<usize>();
     if bytes > MAX_BUNDLE_BYTES {
         problems.push((
             "bundle".into(),
@@ -277,7 +276,8 @@ mod tests {
 
     #[test]
     fn check_names_every_problem_and_the_secrets() {
-        let ok = bundle("db = \"secret://DB_PASSWORD\"\n[x]\nk = [\"secret://API.key\", \"plain\"]\n");
+        let ok =
+            bundle("db = \"secret://DB_PASSWORD\"\n[x]\nk = [\"secret://API.key\", \"plain\"]\n");
         assert_eq!(check(&ok).unwrap(), vec!["API.key", "DB_PASSWORD"]);
         let mut bad = bundle("x = \"secret://no spaces\"\n");
         bad.service = "Web".into();
@@ -292,7 +292,14 @@ mod tests {
         });
         bad.digest = "00".repeat(32);
         let fields: Vec<String> = check(&bad).unwrap_err().into_iter().map(|p| p.0).collect();
-        for f in ["service", "environment", "files[../etc/passwd]", "files[b.txt]", "document", "digest"] {
+        for f in [
+            "service",
+            "environment",
+            "files[../etc/passwd]",
+            "files[b.txt]",
+            "document",
+            "digest",
+        ] {
             assert!(fields.iter().any(|x| x == f), "{f} in {fields:?}");
         }
         let unparsable = bundle("x = = 1");
@@ -335,8 +342,7 @@ mod tests {
         );
         let mut json = bundle("{\"p\": \"secret://DB\"}");
         json.format = ConfigFormat::Json as i32;
-        let v: serde_json::Value =
-            serde_json::from_slice(&resolve(&json, &both).unwrap()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&resolve(&json, &both).unwrap()).unwrap();
         assert_eq!(v["p"], "hunter2");
     }
 }

@@ -81,7 +81,11 @@ impl Configs {
     }
 
     /// Rule 1: `environment` is a stage of a pipeline of `service`.
-    async fn environment_exists(&self, service: &str, environment: &str) -> Result<(), DeployError> {
+    async fn environment_exists(
+        &self,
+        service: &str,
+        environment: &str,
+    ) -> Result<(), DeployError> {
         let pipelines: Vec<_> = self
             .pipelines
             .list()
@@ -119,7 +123,14 @@ impl Configs {
         environment: &str,
         digest: &str,
     ) -> Result<Option<ConfigBundle>, DeployError> {
-        load(self.store.as_ref(), &self.keys, service, environment, digest).await
+        load(
+            self.store.as_ref(),
+            &self.keys,
+            service,
+            environment,
+            digest,
+        )
+        .await
     }
 
     /// Versions of `service` (in `environment`, or all), newest first,
@@ -162,7 +173,10 @@ pub async fn load(
     if digest.is_empty() {
         return Ok(None);
     }
-    match store.get(&keys.config(service, environment, digest)).await? {
+    match store
+        .get(&keys.config(service, environment, digest))
+        .await?
+    {
         None => Ok(None),
         Some(kv) => Ok(decode(&kv.value)?.bundle),
     }

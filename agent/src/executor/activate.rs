@@ -14,8 +14,8 @@ use super::hooks::Deadline;
 use super::{
     DEFAULT_READY_TIMEOUT, Executor, Outcome, READY_WITHOUT_PROBE, TAIL_LINES, prune_service,
 };
-use crate::health::probe_once;
 use crate::config_bundles::{self, ConfigChange};
+use crate::health::probe_once;
 use crate::pull;
 use crate::unit::{Unit, port_in_use, slot_name};
 

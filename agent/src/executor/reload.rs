@@ -26,7 +26,8 @@ impl Executor {
     ) -> Outcome {
         let (service, key) = (unit.service.as_str(), unit.key());
         let digest = placed.map(|(_, d)| d.clone());
-        if let Err(e) = self.save(|s| s.services.entry(key.clone()).or_default().config = digest.clone())
+        if let Err(e) =
+            self.save(|s| s.services.entry(key.clone()).or_default().config = digest.clone())
         {
             return Outcome::failed(e);
         }

@@ -339,25 +339,23 @@ impl Ledger {
         now: u64,
         compares: &mut Vec<Compare>,
     ) -> Result<Vec<Op>, DeployError> {
-        let environment = |stage: usize,
-                           (artifact, config): (&str, &str),
-                           forced: bool,
-                           live_slot: Slot| {
-            let name = rec.snapshot.stages[stage].name.clone();
-            let env = Environment {
-                config: config.to_string(),
-                stage: name.clone(),
-                artifact: artifact.to_string(),
-                deploy_id: rec.id.clone(),
-                since_unix_ms: now,
-                forced,
-                live_slot: live_slot as i32,
+        let environment =
+            |stage: usize, (artifact, config): (&str, &str), forced: bool, live_slot: Slot| {
+                let name = rec.snapshot.stages[stage].name.clone();
+                let env = Environment {
+                    config: config.to_string(),
+                    stage: name.clone(),
+                    artifact: artifact.to_string(),
+                    deploy_id: rec.id.clone(),
+                    since_unix_ms: now,
+                    forced,
+                    live_slot: live_slot as i32,
+                };
+                Op::put(
+                    self.keys.environment(&rec.pipeline, &name),
+                    env.encode_to_vec(),
+                )
             };
-            Op::put(
-                self.keys.environment(&rec.pipeline, &name),
-                env.encode_to_vec(),
-            )
-        };
         Ok(match action {
             Action::PassStage { stage } => vec![
                 Op::put(

@@ -102,7 +102,9 @@ impl SampleConfig {
             }
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
-        let t: toml::Table = text.parse().map_err(|e| format!("{}: {e}", path.display()))?;
+        let t: toml::Table = text
+            .parse()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(SampleConfig {
             greeting: t.get("greeting").and_then(|v| v.as_str()).map(String::from),
             error_rate: t.get("error_rate").and_then(|v| v.as_float()),
@@ -292,8 +294,7 @@ async fn main() -> anyhow::Result<()> {
     app.load_config();
     if app.args.config.is_some() {
         let app = app.clone();
-        let mut hangups =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         tokio::spawn(async move {
             while hangups.recv().await.is_some() {
                 app.load_config();

@@ -18,7 +18,11 @@ impl Deployments {
         req: &StartDeployRequest,
     ) -> Result<(Pipeline, Digest, ArtifactInfo), DeployError> {
         let config = req.config.as_str();
-        if config.len() != 64 || !config.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+        if config.len() != 64
+            || !config
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        {
             return Err(DeployError::Invalid(format!(
                 "config: {config:?} is not a config bundle digest (64 lowercase hex)"
             )));

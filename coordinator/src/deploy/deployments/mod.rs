@@ -545,7 +545,12 @@ impl Deployments {
         for stage in &pipeline.stages {
             let running = self.ledger.environment(&pipeline.name, &stage.name).await?;
             live_slots.push(running.as_ref().map_or(Slot::None, |e| e.live_slot()));
-            environment_configs.push(running.as_ref().map(|e| e.config.clone()).unwrap_or_default());
+            environment_configs.push(
+                running
+                    .as_ref()
+                    .map(|e| e.config.clone())
+                    .unwrap_or_default(),
+            );
             environments.push(running.map(|e| e.artifact).unwrap_or_default());
             let selector = Selector::parse(&stage.selector)
                 .map_err(|e| DeployError::Invalid(e.to_string()))?;
