@@ -40,7 +40,8 @@ pub struct NewDeploy<'a> {
     /// The release train it belongs to (its holds, one per stage).
     pub train: Option<TrainLink>,
     /// A config deploy's bundle (digest); empty: a code deploy. A config
-    /// deploy's pipeline is the one stage of the bundle's environment.
+    /// deploy runs through its first stage only (the bundle's
+    /// environment): the stages after it get no hosts either.
     pub config: String,
     /// Per stage, the config bundle its environment runs (empty: none).
     pub environment_configs: Vec<String>,
@@ -60,6 +61,7 @@ pub fn new_record(d: NewDeploy<'_>) -> Option<(DeployRecord, Vec<Action>)> {
             .into_iter()
             .filter(|h| taken.insert(h.host_id.clone()))
             .filter(|_| i >= d.first_stage)
+            .filter(|_| d.config.is_empty() || i == d.first_stage)
             .collect();
         // A first deploy has no baseline to judge a canary against (and no
         // release to roll back to): its stages roll in batches.
@@ -196,11 +198,13 @@ pub fn new_record(d: NewDeploy<'_>) -> Option<(DeployRecord, Vec<Action>)> {
         fresh_baselines: Default::default(),
         blue_green,
         train: d.train,
-        configs: if d.config.is_empty() {
-            d.environment_configs.clone()
-        } else {
-            vec![d.config.clone(); d.pipeline.stages.len()]
-        },
+        configs: (0..d.pipeline.stages.len())
+            .map(|i| match d.environment_configs.get(i) {
+                _ if !d.config.is_empty() && i == d.first_stage => d.config.clone(),
+                Some(c) => c.clone(),
+                None => String::new(),
+            })
+            .collect(),
         rollback_configs: d.environment_configs,
         config: d.config,
     };
@@ -273,5 +277,54 @@ mod tests {
         assert!(rec.plan[0].is_empty());
         assert_eq!(actions, vec![Action::RunBatch { stage: 1, batch: 0 }]);
         assert!(new_record(deploy(&p, vec![vec![], vec![]], 0)).is_none());
+    }
+
+    #[test]
+    fn a_config_deploy_runs_its_environment_only_keeps_the_code_and_can_always_go_back() {
+        let mut p = crate::deploy::testing::staged_pipeline(&["staging", "prod", "dr"]);
+        p.stages[1].canary = Some(drover_common::proto::Canary {
+            steps: vec![drover_common::proto::CanaryStep {
+                percent: 50,
+                bake_ms: 1000,
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let code = "a".repeat(64);
+        let (c0, c1) = ("0".repeat(64), "1".repeat(64));
+        let hosts = vec![vec![host("s")], vec![host("a"), host("b")], vec![host("d")]];
+        // Prod runs the known good: a code deploy of it would have nothing
+        // to roll back to; a config deploy always has.
+        let mut d = deploy(&p, hosts.clone(), 1);
+        d.artifact = code.clone();
+        d.environments = vec![code.clone(); 3];
+        d.environment_configs = vec![String::new(), c0.clone(), String::new()];
+        d.config = c1.clone();
+        let (rec, actions) = new_record(d).unwrap();
+        assert!(rec.is_config_deploy());
+        assert!(rec.machine.can_roll_back);
+        assert!(
+            rec.plan[0].is_empty() && rec.plan[2].is_empty(),
+            "{:?}",
+            rec.plan
+        );
+        assert_eq!(actions, vec![Action::RunBatch { stage: 1, batch: 0 }]);
+        assert_eq!(rec.canary_bakes[1], vec![1000], "its canary runs");
+        assert_eq!(
+            (rec.stage_config(1), rec.stage_rollback_config(1)),
+            (c1.as_str(), c0.as_str())
+        );
+        assert_eq!(rec.stage_rollback_target(1), code, "the code stays");
+        assert_eq!(rec.rollback_target("a"), code);
+
+        // A code deploy carries each environment's config, both ways.
+        let mut d = deploy(&p, hosts, 0);
+        d.environment_configs = vec![c0.clone(); 3];
+        let (rec, _) = new_record(d).unwrap();
+        assert!(!rec.is_config_deploy());
+        assert_eq!(
+            (rec.stage_config(2), rec.stage_rollback_config(2)),
+            (c0.as_str(), c0.as_str())
+        );
     }
 }

@@ -32,7 +32,40 @@ struct Run {
 
 impl Run {
     fn start(id: &str, artifact: char, known_good: &str, environments: [&str; 2], at: u64) -> Run {
+        Self::start_with(id, artifact, known_good, environments, None, at)
+    }
+
+    /// A config deploy of `config` to stage `stage` (staging 0, prod 1),
+    /// whose environments run `configs`, all on release `code`.
+    fn start_config(
+        id: &str,
+        code: char,
+        stage: usize,
+        configs: [&str; 2],
+        config: &str,
+        at: u64,
+    ) -> Run {
+        let c = release(code);
+        Self::start_with(id, code, &c, [&c, &c], Some((stage, configs, config)), at)
+    }
+
+    fn start_with(
+        id: &str,
+        artifact: char,
+        known_good: &str,
+        environments: [&str; 2],
+        config: Option<(usize, [&str; 2], &str)>,
+        at: u64,
+    ) -> Run {
         let p = pipeline();
+        let (first_stage, environment_configs, config) = match config {
+            None => (0, Vec::new(), String::new()),
+            Some((stage, configs, config)) => (
+                stage,
+                configs.iter().map(|c| c.to_string()).collect(),
+                config.to_string(),
+            ),
+        };
         let (rec, _) = new_record(NewDeploy {
             id: id.into(),
             pipeline: &p,
@@ -42,14 +75,14 @@ impl Run {
             known_good: known_good.into(),
             environments: environments.iter().map(|e| e.to_string()).collect(),
             live_slots: Vec::new(),
-            first_stage: 0,
+            first_stage,
             forced_past: Vec::new(),
             requester: "ci".into(),
             started_by: "ci".into(),
             idempotency_key: String::new(),
             train: None,
-            config: String::new(),
-            environment_configs: Vec::new(),
+            config,
+            environment_configs,
             now: at,
         })
         .unwrap();
@@ -158,6 +191,68 @@ fn a_staged_rollback_returns_each_environment_to_its_own_release() {
     assert_eq!(after.artifact, a);
     // Nothing had run before the first deploy.
     assert!(what_was_running(&log, 999).artifact.is_empty());
+}
+
+#[test]
+fn what_ran_when_names_the_config_with_the_code() {
+    let (a, c1, c2) = (release('a'), release('1'), release('2'));
+    let mut d1 = Run::start("d1", 'a', "", ["", ""], 1000);
+    for _ in 0..2 {
+        d1.switch();
+        d1.apply(Event::BatchPassed);
+    }
+    // Prod takes config c1; then staging's c2 fails and goes back to none.
+    let mut d2 = Run::start_config("d2", 'a', 1, ["", ""], &c1, 2000);
+    assert!(d2.rec.plan[0].is_empty(), "prod only");
+    d2.switch();
+    d2.apply(Event::BatchPassed);
+    assert_eq!(d2.rec.machine.phase, Phase::Complete);
+    let mut d3 = Run::start_config("d3", 'a', 0, ["", &c1], &c2, 3000);
+    d3.switch();
+    let staging_switching = d3.at;
+    d3.apply(Event::BatchFailed(Why::new(ReasonKind::GateFailed, "5xx")));
+    d3.apply(Event::RollbackDone);
+    let mut log = d1.log.clone();
+    log.extend(d2.log.clone());
+    log.extend(d3.log.clone());
+    for e in &mut log {
+        e.message = "(not read)".into();
+        assert_eq!(e.artifact, a, "every event names the code");
+    }
+    let changed: Vec<(&str, &str, &str)> = log
+        .iter()
+        .filter(|e| e.event() == AuditKind::EnvironmentChanged)
+        .map(|e| {
+            (
+                e.stage.as_str(),
+                e.from_config.as_str(),
+                e.to_config.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        changed,
+        [
+            ("staging", "", ""),
+            ("prod", "", ""),
+            ("prod", "", c1.as_str()),
+            ("staging", c2.as_str(), ""),
+        ]
+    );
+    let during = what_was_running(&log, staging_switching);
+    assert_eq!(
+        (during.artifact.as_str(), during.config.as_str()),
+        (a.as_str(), c1.as_str())
+    );
+    assert_eq!(env(&during, "staging").in_progress_deploy_id, "d3");
+    let after = what_was_running(&log, u64::MAX);
+    assert_eq!(
+        (after.artifact.as_str(), after.config.as_str()),
+        (a.as_str(), c1.as_str())
+    );
+    assert_eq!(env(&after, "staging").config, "");
+    assert_eq!(env(&after, "prod").config, c1);
+    assert_eq!(what_was_running(&log, 1999).config, "", "before any config");
 }
 
 #[test]

@@ -1,8 +1,8 @@
 //! What a config-only deploy starts from (`StartDeployRequest.config`):
-//! the pushed bundle, found among the pipeline's environments; the one
-//! stage of that environment (the deploy's pipeline snapshot holds only
-//! it, so its canary, gates and rollback are the deploy's); and the code
-//! that environment runs, which stays.
+//! the pushed bundle, found among the pipeline's environments; the stage
+//! of that environment, the only one the deploy runs (its canary, gates
+//! and rollback are the deploy's); and the code that environment runs,
+//! which stays.
 
 use drover_common::artifact::Digest;
 use drover_common::proto::{ArtifactInfo, Pipeline, StartDeployRequest, Strategy};
@@ -10,13 +10,13 @@ use drover_common::proto::{ArtifactInfo, Pipeline, StartDeployRequest, Strategy}
 use super::{DeployError, Deployments};
 
 impl Deployments {
-    /// The pipeline cut to the bundle's environment, the code running
-    /// there (digest and info), for the config deploy `req` asks for; bad
-    /// input is refused naming the field.
+    /// The pipeline, the code running in the bundle's environment (digest
+    /// and info) and that environment's stage, for the config deploy `req`
+    /// asks for; bad input is refused naming the field.
     pub(super) async fn config_startable(
         &self,
         req: &StartDeployRequest,
-    ) -> Result<(Pipeline, Digest, ArtifactInfo), DeployError> {
+    ) -> Result<(Pipeline, Digest, ArtifactInfo, usize), DeployError> {
         let config = req.config.as_str();
         if config.len() != 64
             || !config
@@ -39,7 +39,7 @@ impl Deployments {
         }
         let full = self.pipelines.get(&req.pipeline).await?;
         let mut found = None;
-        for stage in &full.stages {
+        for (i, stage) in full.stages.iter().enumerate() {
             let bundle = crate::configs::load(
                 self.ledger.store().as_ref(),
                 self.ledger.keys(),
@@ -49,11 +49,11 @@ impl Deployments {
             )
             .await?;
             if bundle.is_some() {
-                found = Some(stage.clone());
+                found = Some((i, stage.clone()));
                 break;
             }
         }
-        let stage = found.ok_or_else(|| {
+        let (index, stage) = found.ok_or_else(|| {
             DeployError::Invalid(format!(
                 "config: no config bundle {config} of {} for an environment of pipeline {}; push it first (droverctl config push)",
                 full.service, full.name
@@ -86,8 +86,6 @@ impl Deployments {
             )));
         }
         let (_, digest, info) = self.startable_info(&full.name, &running.artifact).await?;
-        let mut one = full;
-        one.stages = vec![stage];
-        Ok((one, digest, info))
+        Ok((full, digest, info, index))
     }
 }

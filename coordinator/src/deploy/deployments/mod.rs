@@ -509,10 +509,14 @@ impl Deployments {
         req: StartDeployRequest,
         started_by: &str,
     ) -> Result<DeployRecord, DeployError> {
-        let (pipeline, digest, info) = if req.config.is_empty() {
-            self.startable_info(&req.pipeline, &req.artifact).await?
+        // A config deploy's first stage is its bundle's environment, and
+        // its only one.
+        let (pipeline, digest, info, config_stage) = if req.config.is_empty() {
+            let (p, d, i) = self.startable_info(&req.pipeline, &req.artifact).await?;
+            (p, d, i, None)
         } else {
-            self.config_startable(&req).await?
+            let (p, d, i, stage) = self.config_startable(&req).await?;
+            (p, d, i, Some(stage))
         };
         self.ledger.check_leader(&pipeline.name)?;
         if req.idempotency_key.len() > 128 {
@@ -537,7 +541,10 @@ impl Deployments {
         let train = self
             .train_link(&req.train_id, &pipeline.name, &digest.hex())
             .await?;
-        let (first_stage, forced_past) = self.first_stage(&pipeline, &req, &digest).await?;
+        let (first_stage, forced_past) = match config_stage {
+            Some(stage) => (stage, Vec::new()),
+            None => self.first_stage(&pipeline, &req, &digest).await?,
+        };
         let mut environments = Vec::new();
         let mut environment_configs = Vec::new();
         let mut live_slots = Vec::new();
