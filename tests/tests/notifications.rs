@@ -343,3 +343,97 @@ async fn no_event_is_lost_or_repeated_across_a_failover_of_the_deliverer() {
     .await;
     ids_once(&receiver.got());
 }
+
+/// One stage that waits for people: each start is two notifiable events
+/// (started, awaiting approval) at once, and an abort ends it.
+const APPROVAL_FIRST: &str = r#"
+name = "hello"
+service = "hello"
+
+[[stages]]
+name = "prod"
+selector = "env=prod"
+batch_size = 1
+requires_approval = true
+"#;
+
+/// Deploys started and aborted for the latency sample (two events each).
+const CYCLES: usize = 100;
+
+#[tokio::test]
+async fn delivery_latency_p99_over_two_hundred_events_is_under_a_second() {
+    let f = SampleFleet::start(1, 0).await;
+    f.apply(APPROVAL_FIRST);
+    let receiver = WebhookReceiver::start().await;
+    let mut api = f.coord.deployer().await;
+    api.put_subscription(PutSubscriptionRequest {
+        subscription: Some(Subscription {
+            name: "latency".into(),
+            url: receiver.url("hook"),
+            format: WebhookFormat::Json as i32,
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+    let v1 = f.push("v1", &[]);
+    for i in 0..CYCLES {
+        // The pipeline is free again once the abort is written.
+        let d = wait_until("the pipeline to be free", Duration::from_secs(10), || {
+            let mut api = api.clone();
+            let v1 = v1.clone();
+            async move {
+                api.start_deploy(drover_common::proto::StartDeployRequest {
+                    pipeline: "hello".into(),
+                    artifact: v1,
+                    idempotency_key: format!("latency-{i}"),
+                    requester: "bench".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|e| e.to_string())
+            }
+        })
+        .await;
+        api.abort_deploy(drover_common::proto::DeployRef {
+            id: d.id,
+            requester: "bench".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    wait_until("every event delivered", Duration::from_secs(60), || async {
+        let n = receiver.got().len();
+        if n >= 2 * CYCLES {
+            Ok(())
+        } else {
+            Err(format!("{n} of {}", 2 * CYCLES))
+        }
+    })
+    .await;
+    let got = receiver.got();
+    ids_once(&got);
+    assert_eq!(got.len(), 2 * CYCLES, "nothing more than the events");
+    assert_eq!(kinds(&got), expected(&f.coord, "hello").await, "in order");
+    let mut latency: Vec<u64> = got
+        .iter()
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            r.at_unix_ms
+                .saturating_sub(v["occurred_at_unix_ms"].as_u64().unwrap())
+        })
+        .collect();
+    latency.sort_unstable();
+    let q = |p: f64| latency[((latency.len() as f64 * p).ceil() as usize).min(latency.len()) - 1];
+    eprintln!(
+        "delivery latency over {} events (ms, event recorded → received): p50 {} p90 {} p99 {} max {}",
+        latency.len(),
+        q(0.50),
+        q(0.90),
+        q(0.99),
+        latency[latency.len() - 1]
+    );
+    assert!(q(0.99) < 1000, "p99 {} ms: {latency:?}", q(0.99));
+}

@@ -50,6 +50,9 @@ fn summary(d: &Deploy) -> String {
         d.stage,
         d.batch
     );
+    if !d.config.is_empty() {
+        line.push_str(&format!(" [config {}, code stays]", d.config));
+    }
     if !d.reason.is_empty() {
         line.push_str(&format!(": {}", d.reason));
     }
