@@ -77,7 +77,7 @@ pub struct Secrets {
 impl Secrets {
     /// Everything the file holds (empty when there is no file); an
     /// unreadable file is an error, not an empty set.
-    fn from_file(&self) -> Result<Vec<(String, String)>, String> {
+    fn in_file(&self) -> Result<Vec<(String, String)>, String> {
         let Some(path) = &self.file else {
             return Ok(Vec::new());
         };
@@ -94,7 +94,7 @@ impl Secrets {
 
     /// Rule 2: the document of `bundle` with its secrets, or why not.
     pub fn resolve(&self, bundle: &ConfigBundle) -> Result<Vec<u8>, String> {
-        let file = self.from_file()?;
+        let file = self.in_file()?;
         let lookup = |name: &str| {
             file.iter()
                 .find(|(k, _)| k == name)

@@ -156,7 +156,7 @@ impl Configs {
             }
             versions.push(v);
         }
-        versions.sort_by(|a, b| b.pushed_at_unix_ms.cmp(&a.pushed_at_unix_ms));
+        versions.sort_by_key(|v| std::cmp::Reverse(v.pushed_at_unix_ms));
         Ok(versions)
     }
 }
