@@ -50,6 +50,18 @@ fn kinds(got: &[Received]) -> Vec<String> {
     got.iter().map(|r| r.event.clone()).collect()
 }
 
+/// Per delivery, ms from its event's record (`occurred_at_unix_ms` in
+/// the body) to its arrival.
+fn latency_ms(got: &[Received]) -> Vec<u64> {
+    got.iter()
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            r.at_unix_ms
+                .saturating_sub(v["occurred_at_unix_ms"].as_u64().unwrap())
+        })
+        .collect()
+}
+
 fn ids_once(got: &[Received]) {
     let mut ids: Vec<&str> = got.iter().map(|r| r.event_id.as_str()).collect();
     let n = ids.len();
@@ -184,15 +196,7 @@ async fn every_event_arrives_once_in_order_even_after_the_receiver_was_down() {
     )
     .await;
     // Latency while the receiver is up: from the event's record to its arrival.
-    let latency: Vec<u64> = generic
-        .got()
-        .iter()
-        .map(|r| {
-            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-            r.at_unix_ms
-                .saturating_sub(v["occurred_at_unix_ms"].as_u64().unwrap())
-        })
-        .collect();
+    let latency = latency_ms(&generic.got());
     eprintln!("delivery latency (ms), receiver up: {latency:?}");
     assert!(latency.iter().all(|ms| *ms < 2000), "{latency:?}");
 
@@ -417,14 +421,7 @@ async fn delivery_latency_p99_over_two_hundred_events_is_under_a_second() {
     ids_once(&got);
     assert_eq!(got.len(), 2 * CYCLES, "nothing more than the events");
     assert_eq!(kinds(&got), expected(&f.coord, "hello").await, "in order");
-    let mut latency: Vec<u64> = got
-        .iter()
-        .map(|r| {
-            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-            r.at_unix_ms
-                .saturating_sub(v["occurred_at_unix_ms"].as_u64().unwrap())
-        })
-        .collect();
+    let mut latency = latency_ms(&got);
     latency.sort_unstable();
     let q = |p: f64| latency[((latency.len() as f64 * p).ceil() as usize).min(latency.len()) - 1];
     eprintln!(

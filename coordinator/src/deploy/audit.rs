@@ -47,7 +47,7 @@ fn base(rec: &DeployRecord, kind: AuditKind, actor: &str, at: u64) -> AuditEvent
         git_sha: rec.git_sha.clone(),
         pipeline_version: rec.snapshot.version,
         train_id: rec.train.as_ref().map(|t| t.id.clone()).unwrap_or_default(),
-        config: rec.config.clone(),
+        config: rec.current_config().to_string(),
         ..Default::default()
     }
 }

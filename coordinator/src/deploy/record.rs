@@ -193,6 +193,16 @@ impl DeployRecord {
         self.configs.get(stage).map_or("", String::as_str)
     }
 
+    /// The config bundle the deploy's hosts get where it is now: a config
+    /// deploy's own, else its current (or last) stage's.
+    pub fn current_config(&self) -> &str {
+        if self.is_config_deploy() {
+            return &self.config;
+        }
+        let last = self.snapshot.stages.len().saturating_sub(1);
+        self.stage_config(self.machine.stage.min(last))
+    }
+
     /// The config bundle stage `stage`'s hosts return to (empty: none).
     pub fn stage_rollback_config(&self, stage: usize) -> &str {
         self.rollback_configs.get(stage).map_or("", String::as_str)
