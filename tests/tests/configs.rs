@@ -5,7 +5,8 @@
 //! rolled back to the previous config while the code stays; secrets are
 //! resolved on the hosts and never reach the coordinator; a host that
 //! lacks a secret fails its command by the secret's name and nothing
-//! starts with a blank.
+//! starts with a blank; a config deploy through a canary stage is judged
+//! like code, its cohort against the hosts on the old config.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -13,8 +14,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use drover_common::proto::{
-    AuditKind, ConfigBundle, ConfigFormat, DeployPhase, ListConfigsRequest, PushConfigRequest,
-    StartDeployRequest, WhatWasRunningRequest,
+    AnalysisVerdict, AuditKind, ConfigBundle, ConfigFormat, DeployPhase, ListConfigsRequest,
+    PushConfigRequest, StartDeployRequest, WhatWasRunningRequest,
 };
 use drover_tests::artifacts::{artifact_with, sample_manifest};
 use drover_tests::http_get_status;
@@ -373,6 +374,68 @@ async fn a_host_without_the_secret_fails_its_restart_by_the_secrets_name_and_not
         !web1.join("configs").exists()
             || std::fs::read_dir(web1.join("configs")).unwrap().count() == 0
     );
+    assert!(
+        !f.dir
+            .path()
+            .join("agent-web-0/services/hello/config")
+            .exists()
+    );
+}
+
+#[tokio::test]
+async fn a_bad_config_fails_its_canary_against_the_hosts_on_the_old_config() {
+    let f = SampleFleet::start(5, 100).await;
+    f.apply(&drover_tests::specs::canary_pipeline(
+        "hello",
+        "batch_percent = 50\nsettle_ms = 0\nstuck_timeout_ms = 20000\n\
+         gate = { max_error_rate = 0.05, samples = 2, bad_samples = 2, min_requests = 1, inconclusive = \"INCONCLUSIVE_POLICY_PASS\" }",
+        "[{ count = 1, bake_ms = 20000 }]",
+        "",
+    ));
+    // Real services' noise: 0.1% errors, drawn at random.
+    let manifest = sample_manifest(
+        "hello",
+        "v1",
+        &[
+            "--error-rate",
+            "0.001",
+            "--random-errors",
+            "--config",
+            "${DROVER_CONFIG_DIR}/sample.toml",
+        ],
+    ) + "\n[config]\ndocument = \"sample.toml\"\nreload = \"sighup\"\n";
+    let a = artifact_with(f.dir.path(), "hello-v1.tar.gz", &manifest, &[]);
+    let v1 = f.coord.push(&a.path, "hello", "v1");
+    let (code, out, err) = f.deploy_through("hello", &v1);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let before = configs_served(&f).await;
+
+    // The environment's first config, and a bad one: 3% errors.
+    let (code, out, _) = push_config(&f, "bad", "prod", "error_rate = 0.03\n", None);
+    assert_eq!(code, 0, "{out}");
+    let c1 = digest_of(&out);
+    let (code, out, err) = deploy_config(&f, &c1);
+    assert_eq!(code, 2, "rolled back: {out}\n{err}");
+    let d = f.coord.latest_deploy("hello").await;
+    assert_eq!(
+        (d.config.as_str(), d.artifact.as_str()),
+        (c1.as_str(), v1.as_str())
+    );
+    let a = &d.analyses[0];
+    assert_eq!(a.verdict(), AnalysisVerdict::Fail, "{a:?}");
+    assert!(a.reason.contains("error_rate"), "{}", a.reason);
+    assert!(a.baked_ms < 20_000, "inside the first window: {a:?}");
+    assert_eq!(a.canary_hosts, ["web-0"]);
+    // Only the canary took the config (read at start, on SIGHUP with it
+    // and without it); it went back to none, and every process is the one
+    // that ran before.
+    let after = configs_served(&f).await;
+    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+        assert_eq!(a["pid"], b["pid"], "web-{i}");
+        assert_eq!(a["error_rate"], "0.001", "web-{i}: {a:?}");
+        let reloads = if i == 0 { "3" } else { "1" };
+        assert_eq!(a["loaded"], reloads, "web-{i}: {a:?}");
+    }
     assert!(
         !f.dir
             .path()

@@ -88,7 +88,7 @@ struct SampleConfig {
     greeting: Option<String>,
     error_rate: Option<f64>,
     password_set: bool,
-    /// Times a config file was read.
+    /// Times `--config` was read (at start, on each SIGHUP), found or not.
     loaded: u64,
 }
 
@@ -98,7 +98,10 @@ impl SampleConfig {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(SampleConfig::default());
+                return Ok(SampleConfig {
+                    loaded: loaded + 1,
+                    ..Default::default()
+                });
             }
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
