@@ -443,3 +443,26 @@ async fn a_bad_config_fails_its_canary_against_the_hosts_on_the_old_config() {
             .exists()
     );
 }
+
+#[tokio::test]
+async fn with_reload_none_the_files_change_and_the_process_is_left_alone() {
+    let f = SampleFleet::start(1, 0).await;
+    f.apply(PIPELINE);
+    let v1 = push_reading_config(&f, "v1", "none");
+    assert_eq!(f.deploy_through("hello", &v1).0, 0);
+    let before = configs_served(&f).await;
+    let (code, out, _) = push_config(&f, "quiet", "prod", "greeting = \"later\"\n", None);
+    assert_eq!(code, 0, "{out}");
+    let (code, out, err) = deploy_config(&f, &digest_of(&out));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let after = configs_served(&f).await;
+    assert_eq!(after, before, "not restarted, not signalled");
+    let doc = f
+        .dir
+        .path()
+        .join("agent-web-0/services/hello/config/sample.toml");
+    assert_eq!(
+        std::fs::read_to_string(doc).unwrap().trim(),
+        "greeting = \"later\""
+    );
+}
