@@ -213,6 +213,20 @@ fn write_file(dir: &Path, rel: &str, bytes: &[u8], owner: Option<&RunAs>) -> std
     chown(&path, owner)
 }
 
+/// The digest of the bundle the service's `config` link points to (what
+/// the service reads, whatever the journal says: a crash may come between
+/// the journal's write and the switch).
+pub fn linked(layout: &Layout, service: &str) -> Option<String> {
+    let target = std::fs::read_link(layout.config_link(service)).ok()?;
+    let name = target.file_name()?.to_str()?;
+    let digest = name.split('.').next()?;
+    layout
+        .configs_dir(service)
+        .join(name)
+        .is_dir()
+        .then(|| digest.to_string())
+}
+
 /// Rule 3's switch: the service's `config` link to `dir` (None: removed),
 /// then rule 4.
 pub fn switch(layout: &Layout, service: &str, dir: Option<&Path>) -> std::io::Result<()> {
@@ -324,8 +338,11 @@ mod tests {
             std::fs::canonicalize(l.config_link("web")).unwrap(),
             std::fs::canonicalize(&last).unwrap()
         );
+        let digest = last.file_name().unwrap().to_str().unwrap();
+        assert_eq!(linked(&l, "web").as_deref(), digest.split('.').next());
         switch(&l, "web", None).unwrap();
         assert!(!l.config_link("web").exists());
+        assert_eq!(linked(&l, "web"), None);
     }
 
     #[test]

@@ -79,8 +79,9 @@ impl Executor {
         let rec = self.record(unit);
         let has_probe = watch.readiness.is_some();
         // Rule 7: a new config is checked, resolved and written whole
-        // before anything the service sees changes.
-        let config = config.against(rec.config.as_deref());
+        // before anything the service sees changes. What counts as the
+        // config now is what the service's link points to.
+        let config = config.against(config_bundles::linked(layout, service).as_deref());
         let placed = match config {
             None => None,
             Some(None) => Some(None),

@@ -34,7 +34,8 @@
 //!    linked as `$DROVER_CONFIG_DIR`. A new release starts with it; for
 //!    the release already running, the manifest's `config.reload` says
 //!    how it is taken: a restart, SIGHUP (the process must stay up and
-//!    ready), or nothing. The same config again is rule 4's no-op.
+//!    ready), or nothing. The config linked already (what the service
+//!    reads, whatever the journal says) is rule 4's no-op.
 
 mod activate;
 mod hooks;
