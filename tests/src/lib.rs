@@ -73,13 +73,35 @@ pub fn free_port() -> u16 {
 /// (32768-60999 by default), so the local ports of a test's outgoing
 /// connections (a load generator makes thousands), which come from that
 /// range, cannot take it first.
+///
+/// Nothing listens on the port until its service starts, so two draws
+/// (two agents of one fleet, or two tests running side by side) could
+/// both find it free. Each port handed out is therefore also locked
+/// (`flock` on a file in the temp dir) for the life of the test process:
+/// no other draw, in this process or another, gets it meanwhile, and the
+/// kernel drops the lock when the process ends, however it ends.
 pub fn free_service_port() -> u16 {
     use std::hash::BuildHasher;
+    static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("drover-test-ports");
+    std::fs::create_dir_all(&dir).expect("creating the port lock dir");
     for attempt in 0u32..1000 {
         let draw = std::collections::hash_map::RandomState::new().hash_one(attempt);
         let port = 20_000 + (draw % 12_000) as u16;
         let free = |host: &str| std::net::TcpListener::bind((host, port)).is_ok();
-        if free("127.0.0.1") && free("0.0.0.0") {
+        if !(free("127.0.0.1") && free("0.0.0.0")) {
+            continue;
+        }
+        let Ok(lock) = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(port.to_string()))
+        else {
+            continue;
+        };
+        if lock.try_lock().is_ok() {
+            HELD.lock().expect("port locks").push(lock);
             return port;
         }
     }
