@@ -25,7 +25,9 @@
 //! rate ([`Look::alpha`], the O'Brien-Fleming increments of `spending.rs`),
 //! split evenly among the metrics judged (Bonferroni), so a healthy canary
 //! is failed by any of them with probability at most `alpha` over the
-//! whole bake. Only the last look can pass.
+//! whole bake. Only a window's end can pass; one that more windows may
+//! follow (extensions) passes only on evidence that does not suggest harm
+//! ([`settle_window_end`]).
 
 use drover_common::proto::{
     Analysis, AnalysisVerdict, MetricCheck, MetricDirection, MetricVerdict,
@@ -402,9 +404,79 @@ pub fn judge(a: &Analysis, w: &Window, look: Look) -> Judgement {
     }
 }
 
+/// A window's end that is not the bake's last look passes only if no
+/// metric's test suggests harm: each p-value at or above the metric's
+/// share of the whole `alpha`. Early looks spend a small share of alpha
+/// (O'Brien-Fleming), so a clearly bad canary seen on thin evidence can
+/// miss its look's share and would pass the window; with a p-value under
+/// the whole alpha the evidence is too strong to pass on and too thin to
+/// fail on, so the window's verdict is inconclusive and the policy
+/// extends the bake (more evidence, more of the budget). False alarms stay
+/// within `alpha`: no look fails on more than its share. The last look
+/// passes on its own share, as before.
+pub fn settle_window_end(j: Judgement, a: &Analysis, last: bool) -> Judgement {
+    if last || j.verdict != AnalysisVerdict::Pass {
+        return j;
+    }
+    let whole = a.alpha / a.metrics.len().max(1) as f64;
+    let Some(m) = j.metrics.iter().find(|m| m.p_value < whole) else {
+        return j;
+    };
+    Judgement {
+        verdict: AnalysisVerdict::Inconclusive,
+        reason: format!(
+            "{}: p = {:.2e} passes this look's share of alpha ({:.2e}) but not the whole of it ({:.2e}): more evidence before it can pass",
+            m.name, m.p_value, m.alpha, whole
+        ),
+        metrics: j.metrics,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_window_end_passes_only_on_evidence_that_does_not_suggest_harm() {
+        let a = analysis(); // alpha 0.05 over two metrics: 0.025 each
+        let metric = |name: &str, p: f64| MetricVerdict {
+            name: name.into(),
+            verdict: AnalysisVerdict::Pass as i32,
+            p_value: p,
+            alpha: 0.0001,
+            ..Default::default()
+        };
+        let pass = |ps: [f64; 2]| Judgement {
+            verdict: AnalysisVerdict::Pass,
+            reason: "passed".into(),
+            metrics: vec![metric(ERROR_RATE, ps[0]), metric(LATENCY_P99, ps[1])],
+        };
+        // 5 errors in 25 requests against a clean baseline: far under the
+        // whole alpha, over the first window's small share.
+        let suggestive = settle_window_end(pass([7.9e-6, 0.6]), &a, false);
+        assert_eq!(suggestive.verdict, AnalysisVerdict::Inconclusive);
+        assert!(
+            suggestive.reason.starts_with("error_rate: p = 7.90e-6"),
+            "{}",
+            suggestive.reason
+        );
+        assert_eq!(suggestive.metrics.len(), 2, "the evidence is kept");
+        let clean = settle_window_end(pass([0.4, 0.03]), &a, false);
+        assert_eq!(clean.verdict, AnalysisVerdict::Pass);
+        // The last look has nothing after it: its own share decides.
+        assert_eq!(
+            settle_window_end(pass([7.9e-6, 0.6]), &a, true).verdict,
+            AnalysisVerdict::Pass
+        );
+        let failed = Judgement {
+            verdict: AnalysisVerdict::Fail,
+            ..pass([1e-9, 0.6])
+        };
+        assert_eq!(
+            settle_window_end(failed, &a, false).verdict,
+            AnalysisVerdict::Fail
+        );
+    }
 
     /// An early look (a small share of the default alpha) and the last.
     const INTERIM: Look = Look { alpha: 0.005 };

@@ -215,6 +215,11 @@ impl Driver {
                 let last = !open && progress.extensions >= extensions_planned;
                 let look = spending.look(baked_ms, last);
                 let j = judge_off_runtime(&analysis, &window, look, !open).await;
+                let j = if open {
+                    j
+                } else {
+                    analysis::settle_window_end(j, &analysis, last)
+                };
                 match (j.verdict, open) {
                     (AnalysisVerdict::Fail, _) => Decision {
                         event: Event::BatchFailed(Why::new(

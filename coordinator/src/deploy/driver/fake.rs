@@ -35,8 +35,13 @@ pub struct FakeHost {
     pub rollback: Reply,
     /// The release it runs.
     pub running: String,
-    /// Releases that serve errors (half their requests).
+    /// Releases that serve errors (`bad_errors` of each heartbeat's
+    /// `requests`).
     pub bad: Vec<String>,
+    /// Requests per heartbeat (200).
+    pub requests: u64,
+    /// Errors per heartbeat of a bad release (100: half).
+    pub bad_errors: u64,
     /// Releases that crash: one restart per heartbeat while they run...
     pub crashing: Vec<String>,
     /// ...this many times at most (None: for ever).
@@ -60,6 +65,8 @@ impl FakeHost {
             rollback: Reply::Succeed,
             running: running.into(),
             bad: Vec::new(),
+            requests: 200,
+            bad_errors: 100,
             crashing: Vec::new(),
             crash_limit: None,
             since: Instant::now(),
@@ -231,8 +238,8 @@ impl Effects for FakeFleet {
                 ready: !(h.stale_first_beat && h.switched && beats <= 1),
                 live: true,
                 restarts: Self::restarts_now(h),
-                request_count: 200,
-                error_count: if bad { 100 } else { 0 },
+                request_count: h.requests,
+                error_count: if bad { h.bad_errors } else { 0 },
                 latency_p50_ms: 5.0,
                 latency_p99_ms: 20.0,
                 interval_ms: HEARTBEAT.as_millis() as u32,

@@ -402,3 +402,34 @@ async fn a_canary_is_judged_only_on_heartbeats_after_its_restart() {
     );
     assert_ne!(rec.machine.phase, Phase::RolledBack, "{rec:?}");
 }
+
+/// A canary on thin evidence that suggests harm (1 error in 50 requests
+/// a heartbeat against a clean baseline) is not passed at the end of its
+/// first window, where the look's share of alpha is small: the window is
+/// inconclusive, the bake extends, and the extension's evidence fails it.
+#[tokio::test(start_paused = true)]
+async fn suggestive_thin_evidence_at_a_window_end_extends_the_bake_instead_of_passing() {
+    let w = World::new(&["h1", "h2", "h3", "h4"]).await;
+    w.fleet.host_mut("h1", |h| {
+        h.bad = vec![new()];
+        h.requests = 50;
+        h.bad_errors = 1;
+    });
+    let mut stage = canary_stage(3_000);
+    let canary = stage.canary.as_mut().unwrap();
+    let analysis = canary.analysis.as_mut().unwrap();
+    analysis.inconclusive = InconclusiveAction::Extend as i32;
+    analysis.max_extensions = 2;
+    crate::deploy::pipeline::analysis_defaults(analysis);
+    let p = pipeline(vec![stage]);
+    let id = w.start(&p, &[&["h1", "h2", "h3", "h4"]]).await;
+    let rec = w.drive(&id).await;
+    let a = &rec.analyses[0];
+    assert_eq!(
+        a.verdict(),
+        drover_common::proto::AnalysisVerdict::Fail,
+        "{a:?}"
+    );
+    assert!(a.extensions >= 1, "decided after extending: {a:?}");
+    assert_eq!(rec.machine.phase, Phase::RolledBack, "{rec:?}");
+}
