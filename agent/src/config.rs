@@ -13,7 +13,10 @@ use crate::connection::Backoff;
 #[command(
     name = "drover-agent",
     version,
-    about = "Drover agent: runs on every server of the fleet"
+    about = "Drover agent: runs on every server of the fleet",
+    // A setting given again wins (a systemd drop-in appending to the
+    // unit's arguments); list flags such as --label still add up.
+    args_override_self = true
 )]
 pub struct Args {
     /// Coordinator address (host:port or http://host:port). Repeat it for every coordinator.
@@ -261,5 +264,35 @@ impl AgentConfig {
                 _ => anyhow::bail!("TLS needs all three of --tls-cert, --tls-key and --tls-ca"),
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_setting_given_again_wins_and_repeated_lists_add_up() {
+        let args = Args::try_parse_from([
+            "drover-agent",
+            "--coordinator",
+            "a:1",
+            "--coordinator",
+            "b:2",
+            "--data-dir",
+            "/d",
+            "--label",
+            "env=prod",
+            "--label",
+            "zone=a",
+            "--heartbeat-interval",
+            "200ms",
+            "--heartbeat-interval",
+            "1s",
+        ])
+        .unwrap();
+        assert_eq!(args.heartbeat_interval, Duration::from_secs(1));
+        assert_eq!(args.coordinators, ["a:1", "b:2"]);
+        assert_eq!(args.labels.len(), 2);
     }
 }
