@@ -26,8 +26,9 @@ impl Session {
     /// the coordinator steps down well before the lease could expire
     /// unnoticed (at worst 2/3 of the TTL after the last proof).
     ///
-    /// `ignore_loss` is fault injection for tests: a failed keep-alive is
-    /// logged and ignored, as a leader with a broken clock or a bug would.
+    /// `ignore_loss` is fault injection for tests: a failed or unanswered
+    /// keep-alive is logged and ignored, as a leader with a broken clock or
+    /// a bug would.
     pub async fn open(
         store: Arc<dyn Store>,
         ttl: Duration,
@@ -54,6 +55,14 @@ impl Session {
                     Ok(Err(e)) => {
                         warn!(lease, error = %e, "session lease lost; stepping down");
                         lost.cancel();
+                    }
+                    // A process woken from SIGSTOP finds the keep-alive it
+                    // was waiting for timed out: the same loss, ignored too.
+                    Err(_) if ignore_loss => {
+                        warn!(
+                            lease,
+                            "fault injection: ignoring an unanswered keep-alive and acting on"
+                        );
                     }
                     Err(_) => {
                         warn!(lease, "session keep-alive unanswered; stepping down");
