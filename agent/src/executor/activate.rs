@@ -15,7 +15,7 @@ use super::{
     DEFAULT_READY_TIMEOUT, Executor, Outcome, READY_WITHOUT_PROBE, TAIL_LINES, prune_service,
 };
 use crate::config_bundles::{self, ConfigChange};
-use crate::health::probe_once;
+use crate::health::{Watch, probe_once};
 use crate::pull;
 use crate::unit::{Unit, port_in_use, slot_name};
 
@@ -77,7 +77,6 @@ impl Executor {
             Err(e) => return Outcome::failed(format!("cannot start: {e}")),
         };
         let rec = self.record(unit);
-        let has_probe = watch.readiness.is_some();
         // Rule 7: a new config is checked, resolved and written whole
         // before anything the service sees changes. What counts as the
         // config now is what the service's link points to.
@@ -195,48 +194,19 @@ impl Executor {
             self.board.watch(&key, watch.clone());
         }
         let started = Instant::now();
-        let mut last_error = String::from("no probe ran yet");
-        loop {
-            let status = self.runtime.status(&key);
-            if status.restarts > restarts_before {
-                return Outcome::failed(format!(
-                    "{unit} exited while starting ({} restarts)",
-                    status.restarts
-                ))
-                .with_tail(self.runtime.output_tail(&key, TAIL_LINES));
-            }
-            if status.running {
-                let ready = match &watch.readiness {
-                    Some(p) => match probe_once(p, &watch.launch).await {
-                        Ok(()) => true,
-                        Err(e) => {
-                            last_error = e;
-                            false
-                        }
-                    },
-                    None => started.elapsed() >= READY_WITHOUT_PROBE,
-                };
-                if ready {
-                    // The restart's own check is the readiness heartbeats
-                    // report from now (not "unready" until the next probe).
-                    self.board.mark_ready(&key);
-                    break;
-                }
-            }
-            if Instant::now() >= deadline.at {
-                return Outcome::failed(format!(
-                    "{unit} not ready within {timeout:?} of the restart: {last_error}"
-                ))
-                .with_tail(self.runtime.output_tail(&key, TAIL_LINES));
-            }
-            let pause = watch
-                .readiness
-                .as_ref()
-                .map(|p| p.interval)
-                .unwrap_or(Duration::from_millis(100));
-            tokio::time::sleep(pause.min(Duration::from_millis(250))).await;
+        if let Err(o) = self
+            .wait_ready(
+                unit,
+                &watch,
+                restarts_before,
+                started + READY_WITHOUT_PROBE,
+                deadline,
+                ("while starting", "the restart"),
+            )
+            .await
+        {
+            return o;
         }
-        let _ = has_probe;
         for (name, hook) in [
             ("post_start", &manifest.hooks.post_start),
             ("validate", &manifest.hooks.validate),
@@ -263,5 +233,63 @@ impl Executor {
             "{unit} runs {digest} and is ready after {} ms",
             started.elapsed().as_millis()
         ))
+    }
+
+    /// Waits until `unit`'s process is ready: its readiness probe passes
+    /// (without one: it is up and `settled_at` has come), failing if it
+    /// restarts (it crashed) or `deadline` passes. `(exited, after)` say
+    /// what it was doing, for the reasons: "{unit} exited {exited}", "not
+    /// ready within … of {after}". Once ready, heartbeats report it ready
+    /// from now (not "unready" until the next probe).
+    pub(super) async fn wait_ready(
+        &self,
+        unit: &Unit,
+        watch: &Watch,
+        restarts_before: u32,
+        settled_at: Instant,
+        deadline: Deadline,
+        (exited, after): (&str, &str),
+    ) -> Result<(), Outcome> {
+        let key = unit.key();
+        let mut last_error = String::from("no probe ran yet");
+        loop {
+            let status = self.runtime.status(&key);
+            if status.restarts > restarts_before {
+                return Err(Outcome::failed(format!(
+                    "{unit} exited {exited} ({} restarts)",
+                    status.restarts
+                ))
+                .with_tail(self.runtime.output_tail(&key, TAIL_LINES)));
+            }
+            if status.running {
+                let ready = match &watch.readiness {
+                    Some(p) => match probe_once(p, &watch.launch).await {
+                        Ok(()) => true,
+                        Err(e) => {
+                            last_error = e;
+                            false
+                        }
+                    },
+                    None => Instant::now() >= settled_at,
+                };
+                if ready {
+                    self.board.mark_ready(&key);
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline.at {
+                return Err(Outcome::failed(format!(
+                    "{unit} not ready within {:?} of {after}: {last_error}",
+                    deadline.of
+                ))
+                .with_tail(self.runtime.output_tail(&key, TAIL_LINES)));
+            }
+            let pause = watch
+                .readiness
+                .as_ref()
+                .map(|p| p.interval)
+                .unwrap_or(Duration::from_millis(100));
+            tokio::time::sleep(pause.min(Duration::from_millis(250))).await;
+        }
     }
 }

@@ -1,16 +1,18 @@
 //! Rule 7's reload: a new config for the release a unit already runs,
 //! taken as the manifest's `config.reload` says without a restart
 //! (`sighup`: the main process is signalled and must stay up and answer
-//! its readiness probe; `none`: the files are switched and that is all).
+//! its readiness probe, checked by `Executor::wait_ready` as after a
+//! restart; `none`: the files are switched and that is all).
 
 use std::time::{Duration, Instant};
 
 use drover_common::artifact::manifest::{Manifest, Reload};
 use nix::sys::signal::Signal;
 
-use super::{DEFAULT_READY_TIMEOUT, Executor, Outcome, TAIL_LINES};
+use super::hooks::Deadline;
+use super::{DEFAULT_READY_TIMEOUT, Executor, Outcome};
 use crate::config_bundles;
-use crate::health::{Watch, probe_once};
+use crate::health::Watch;
 use crate::unit::Unit;
 
 impl Executor {
@@ -53,27 +55,24 @@ impl Executor {
             0 => DEFAULT_READY_TIMEOUT,
             ms => Duration::from_millis(ms.into()),
         };
-        let deadline = Instant::now() + timeout;
-        loop {
-            let status = self.runtime.status(&key);
-            if status.restarts > restarts_before || !status.running {
-                return Outcome::failed(format!("{unit} exited after SIGHUP with {what}"))
-                    .with_tail(self.runtime.output_tail(&key, TAIL_LINES));
-            }
-            let last_error = match &watch.readiness {
-                None => break,
-                Some(p) => match probe_once(p, &watch.launch).await {
-                    Ok(()) => break,
-                    Err(e) => e,
-                },
-            };
-            if Instant::now() >= deadline {
-                return Outcome::failed(format!(
-                    "{unit} not ready within {timeout:?} of SIGHUP with {what}: {last_error}"
-                ))
-                .with_tail(self.runtime.output_tail(&key, TAIL_LINES));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let deadline = Deadline {
+            at: Instant::now() + timeout,
+            of: timeout,
+        };
+        let during = format!("after SIGHUP with {what}");
+        let after = format!("SIGHUP with {what}");
+        if let Err(o) = self
+            .wait_ready(
+                unit,
+                watch,
+                restarts_before,
+                Instant::now(),
+                deadline,
+                (&during, &after),
+            )
+            .await
+        {
+            return o;
         }
         Outcome::ok(format!("{unit} reloaded {what} on SIGHUP"))
     }
