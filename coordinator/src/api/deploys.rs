@@ -4,11 +4,15 @@
 //! stands at; writes go to the leader of the pipeline's shard. The trait
 //! impl in `deployer.rs` calls these.
 
+use std::future::Future;
+
+use drover_common::proto::deployer_client::DeployerClient;
 use drover_common::proto::{
     Deploy, DeployEvent, DeployRef, ListDeploysRequest, ListDeploysResponse,
     ListEnvironmentsRequest, ListEnvironmentsResponse, StartDeployRequest,
 };
 use tokio_stream::{Stream, StreamExt};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::api::forward::{Forwarder, Route};
@@ -208,42 +212,57 @@ impl DeployApi<'_> {
         )))
     }
 
+    /// Pause, resume, abort and rollback: deploys.control at the deploy's
+    /// stage, then `forward` to the shard's leader when another
+    /// coordinator leads it, else the machine `event` of the request and
+    /// the one who asks, applied here.
+    async fn by_control<Fut>(
+        &self,
+        request: Request<DeployRef>,
+        forward: impl FnOnce(DeployerClient<Channel>, Request<DeployRef>) -> Fut,
+        event: impl FnOnce(&DeployRef, &str) -> Event,
+    ) -> Result<Response<Deploy>, Status>
+    where
+        Fut: Future<Output = Result<Response<Deploy>, Status>>,
+    {
+        let (at, _, who) = self
+            .control_at(&request, Permission::DeploysControl)
+            .await?;
+        if let Route::Leader(leader) = self.forward.route(at.shard, &request).await? {
+            return forward(leader, self.forward.forwarded(request)).await;
+        }
+        let r = request.into_inner();
+        let event = event(&r, &who);
+        let rec = self
+            .deployments
+            .control(&r.id, event, &who)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(rec.to_proto()))
+    }
+
     pub async fn pause_deploy(
         &self,
         request: Request<DeployRef>,
     ) -> Result<Response<Deploy>, Status> {
-        let (at, _, who) = self
-            .control_at(&request, Permission::DeploysControl)
-            .await?;
-        if let Route::Leader(mut leader) = self.forward.route(at.shard, &request).await? {
-            return leader.pause_deploy(self.forward.forwarded(request)).await;
-        }
-        let r = request.into_inner();
-        let rec = self
-            .deployments
-            .control(&r.id, Event::Pause, &who)
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(rec.to_proto()))
+        self.by_control(
+            request,
+            |mut leader, r| async move { leader.pause_deploy(r).await },
+            |_, _| Event::Pause,
+        )
+        .await
     }
 
     pub async fn resume_deploy(
         &self,
         request: Request<DeployRef>,
     ) -> Result<Response<Deploy>, Status> {
-        let (at, _, who) = self
-            .control_at(&request, Permission::DeploysControl)
-            .await?;
-        if let Route::Leader(mut leader) = self.forward.route(at.shard, &request).await? {
-            return leader.resume_deploy(self.forward.forwarded(request)).await;
-        }
-        let r = request.into_inner();
-        let rec = self
-            .deployments
-            .control(&r.id, Event::Resume, &who)
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(rec.to_proto()))
+        self.by_control(
+            request,
+            |mut leader, r| async move { leader.resume_deploy(r).await },
+            |_, _| Event::Resume,
+        )
+        .await
     }
 
     pub async fn approve_deploy(
@@ -285,66 +304,27 @@ impl DeployApi<'_> {
         &self,
         request: Request<DeployRef>,
     ) -> Result<Response<Deploy>, Status> {
-        let (at, _, who) = self
-            .control_at(&request, Permission::DeploysControl)
-            .await?;
-        if let Route::Leader(mut leader) = self.forward.route(at.shard, &request).await? {
-            return leader.abort_deploy(self.forward.forwarded(request)).await;
-        }
-        let r = request.into_inner();
-        let reason = format!(
-            "aborted by {}{}",
-            who,
-            if r.reason.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", r.reason)
-            }
-        );
-        let event = Event::Abort {
-            rollback: r.rollback,
-            why: Why::new(ReasonKind::ByHand, reason),
-        };
-        let rec = self
-            .deployments
-            .control(&r.id, event, &who)
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(rec.to_proto()))
+        self.by_control(
+            request,
+            |mut leader, r| async move { leader.abort_deploy(r).await },
+            |r, who| Event::Abort {
+                rollback: r.rollback,
+                why: by_hand("aborted", who, &r.reason),
+            },
+        )
+        .await
     }
 
     pub async fn rollback_deploy(
         &self,
         request: Request<DeployRef>,
     ) -> Result<Response<Deploy>, Status> {
-        let (at, _, who) = self
-            .control_at(&request, Permission::DeploysControl)
-            .await?;
-        if let Route::Leader(mut leader) = self.forward.route(at.shard, &request).await? {
-            return leader
-                .rollback_deploy(self.forward.forwarded(request))
-                .await;
-        }
-        let r = request.into_inner();
-        let reason = format!(
-            "rolled back by {}{}",
-            who,
-            if r.reason.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", r.reason)
-            }
-        );
-        let rec = self
-            .deployments
-            .control(
-                &r.id,
-                Event::Rollback(Why::new(ReasonKind::ByHand, reason)),
-                &who,
-            )
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(rec.to_proto()))
+        self.by_control(
+            request,
+            |mut leader, r| async move { leader.rollback_deploy(r).await },
+            |r, who| Event::Rollback(by_hand("rolled back", who, &r.reason)),
+        )
+        .await
     }
 
     pub async fn promote_deploy(
@@ -385,4 +365,15 @@ impl DeployApi<'_> {
             .map_err(ApiError::from)?;
         Ok(Response::new(ListEnvironmentsResponse { environments }))
     }
+}
+
+/// Why a deploy was aborted or rolled back by hand: "{done} by {who}",
+/// and their reason if they gave one.
+fn by_hand(done: &str, who: &str, reason: &str) -> Why {
+    let text = if reason.is_empty() {
+        format!("{done} by {who}")
+    } else {
+        format!("{done} by {who}: {reason}")
+    };
+    Why::new(ReasonKind::ByHand, text)
 }
