@@ -153,7 +153,6 @@ fn read_bundle(
     if let Some(dir) = files {
         walk(dir, dir, &mut bundle.files)?;
     }
-    bundle.files.sort_by(|a, b| a.path.cmp(&b.path));
     bundle.digest = config_bundle::digest(&bundle);
     Ok(bundle)
 }
